@@ -1,0 +1,27 @@
+# The two commands of the README's quick start. Each creates the virtual environment when it is
+# missing (nothing but Python needed), then runs.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+
+.PHONY: demo test venv proto clean
+
+$(BIN)/specpipe: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	touch $@
+
+venv: $(BIN)/specpipe
+
+demo: venv
+	$(BIN)/specpipe demo
+
+test: venv
+	$(BIN)/python -m pytest -q
+
+proto: venv
+	$(BIN)/python proto/generate.py
+
+clean:
+	rm -rf $(VENV) build *.egg-info
