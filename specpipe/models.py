@@ -1,0 +1,105 @@
+"""Model and tokenizer loading, and the draft/target tokenizer check.
+
+Loads any causal LM that `AutoModelForCausalLM.from_pretrained` accepts: a local folder always, a
+hub id where the hub is reachable. Models come back in eval mode with gradients off, on the asked
+device and dtype. This module knows nothing about caches, sockets or verification.
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+DTYPES = {
+    "float32": torch.float32,
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+}
+# How many differing vocabulary entries a mismatch error lists before it stops: enough to see the
+# pattern, short enough to read.
+MAX_LISTED_DIFFERENCES = 5
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer cannot be used: the message says which and why."""
+
+
+class TokenizerMismatchError(ModelLoadError):
+    """Draft and target tokenizers differ, so draft token ids would mean other text to the target."""
+
+
+def resolve_dtype(name: str) -> torch.dtype:
+    if name not in DTYPES:
+        raise ModelLoadError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+def resolve_device(name: str) -> torch.device:
+    """'auto' picks cuda:0 when CUDA is there, else cpu; anything else is passed to torch."""
+    if name == "auto":
+        return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available on this host")
+    return device
+
+
+def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
+    """Load a causal LM for inference. `path` is a local folder or a hub id."""
+    try:
+        model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load model {str(path)!r}: {err}") from err
+    model.to(resolve_device(device))
+    model.eval()
+    model.requires_grad_(False)
+    logger.info("loaded %s (%.1fM parameters) on %s as %s", path,
+                sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
+    return model
+
+
+def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as err:
+        raise ModelLoadError(f"cannot load tokenizer {str(path)!r}: {err}") from err
+
+
+def check_same_tokenizer(draft: PreTrainedTokenizerBase, target: PreTrainedTokenizerBase) -> None:
+    """Raise TokenizerMismatchError naming what differs: vocabulary size, the first differing
+    entries, or the special tokens. Equal vocabularies and specials mean equal token ids."""
+    draft_vocab, target_vocab = draft.get_vocab(), target.get_vocab()
+    if len(draft_vocab) != len(target_vocab):
+        raise TokenizerMismatchError(
+            f"tokenizer vocabulary sizes differ: draft has {len(draft_vocab)}, target {len(target_vocab)}")
+    differing = [token for token, token_id in target_vocab.items() if draft_vocab.get(token) != token_id]
+    if differing:
+        listed = ", ".join(
+            f"{token!r} (target id {target_vocab[token]}, draft id {draft_vocab.get(token)})"
+            for token in sorted(differing)[:MAX_LISTED_DIFFERENCES])
+        raise TokenizerMismatchError(
+            f"tokenizer vocabularies differ in {len(differing)} entries, e.g. {listed}")
+    for special in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
+        if getattr(draft, special) != getattr(target, special):
+            raise TokenizerMismatchError(
+                f"tokenizer {special} differs: draft {getattr(draft, special)}, "
+                f"target {getattr(target, special)}")
+
+
+def vocab_size(model: PreTrainedModel) -> int:
+    """Rows of the output head: the width of the logits (may exceed the tokenizer's vocabulary)."""
+    return model.get_output_embeddings().weight.shape[0]
+
+
+def context_length(model: PreTrainedModel) -> int:
+    """The longest sequence the model's positions allow."""
+    config = model.config.get_text_config(decoder=True)
+    for name in ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length"):
+        if getattr(config, name, None):
+            return int(getattr(config, name))
+    raise ModelLoadError(f"cannot tell the context length of {type(model).__name__}")
