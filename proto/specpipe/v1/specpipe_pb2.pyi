@@ -1,0 +1,130 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Mode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODE_UNSPECIFIED: _ClassVar[Mode]
+    MODE_AUTOREGRESSIVE: _ClassVar[Mode]
+    MODE_SEQUENTIAL: _ClassVar[Mode]
+    MODE_PIPELINED: _ClassVar[Mode]
+    MODE_SPECBRANCH: _ClassVar[Mode]
+MODE_UNSPECIFIED: Mode
+MODE_AUTOREGRESSIVE: Mode
+MODE_SEQUENTIAL: Mode
+MODE_PIPELINED: Mode
+MODE_SPECBRANCH: Mode
+
+class GenerateRequest(_message.Message):
+    __slots__ = ("request_id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "mode")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
+    MAX_NEW_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    STOP_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    prompt: str
+    prompt_ids: _containers.RepeatedScalarFieldContainer[int]
+    max_new_tokens: int
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    stop: _containers.RepeatedScalarFieldContainer[str]
+    mode: Mode
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+
+class RequestStats(_message.Message):
+    __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction")
+    DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    VERIFICATIONS_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_FORKED_FIELD_NUMBER: _ClassVar[int]
+    BRANCHES_HIT_FIELD_NUMBER: _ClassVar[int]
+    TIME_TO_FIRST_TOKEN_S_FIELD_NUMBER: _ClassVar[int]
+    TOKENS_PER_SECOND_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ACCEPTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MODE_FIELD_NUMBER: _ClassVar[int]
+    TARGET_BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    draft_tokens: int
+    accepted_tokens: int
+    rolled_back_tokens: int
+    verifications: int
+    branches_forked: int
+    branches_hit: int
+    time_to_first_token_s: float
+    tokens_per_second: float
+    mean_accepted_length: float
+    acceptance_rate: float
+    generated_tokens: int
+    mode: Mode
+    target_busy_fraction: float
+    def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., branches_forked: _Optional[int] = ..., branches_hit: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., target_busy_fraction: _Optional[float] = ...) -> None: ...
+
+class GenerateResponse(_message.Message):
+    __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stats")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    FINISH_REASON_FIELD_NUMBER: _ClassVar[int]
+    STATS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    text: str
+    finish_reason: str
+    stats: RequestStats
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., text: _Optional[str] = ..., finish_reason: _Optional[str] = ..., stats: _Optional[_Union[RequestStats, _Mapping]] = ...) -> None: ...
+
+class StatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class WorkerStats(_message.Message):
+    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status")
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    HEALTHY_FIELD_NUMBER: _ClassVar[int]
+    LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    role: str
+    healthy: bool
+    live_requests: int
+    live_branches: int
+    busy_fraction: float
+    status: str
+    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
+
+class StatsResponse(_message.Message):
+    __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode")
+    class FinishedEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    WORKERS_FIELD_NUMBER: _ClassVar[int]
+    TOTALS_FIELD_NUMBER: _ClassVar[int]
+    FINISHED_FIELD_NUMBER: _ClassVar[int]
+    DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    live_requests: int
+    workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
+    totals: RequestStats
+    finished: _containers.ScalarMap[str, int]
+    default_mode: Mode
+    def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...

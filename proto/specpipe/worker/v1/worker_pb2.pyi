@@ -1,0 +1,223 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class Tensor(_message.Message):
+    __slots__ = ("dtype", "shape", "frame")
+    DTYPE_FIELD_NUMBER: _ClassVar[int]
+    SHAPE_FIELD_NUMBER: _ClassVar[int]
+    FRAME_FIELD_NUMBER: _ClassVar[int]
+    dtype: str
+    shape: _containers.RepeatedScalarFieldContainer[int]
+    frame: int
+    def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frame: _Optional[int] = ...) -> None: ...
+
+class Sampling(_message.Message):
+    __slots__ = ("temperature", "top_k", "top_p", "seed")
+    TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    TOP_P_FIELD_NUMBER: _ClassVar[int]
+    SEED_FIELD_NUMBER: _ClassVar[int]
+    temperature: float
+    top_k: int
+    top_p: float
+    seed: int
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
+
+class Prefill(_message.Message):
+    __slots__ = ("request_id", "token_ids", "sampling")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    sampling: Sampling
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+
+class Draft(_message.Message):
+    __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    MAX_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
+    SEND_PROBS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    branch_ids: _containers.RepeatedScalarFieldContainer[int]
+    epoch: int
+    max_tokens: int
+    min_confidence: float
+    num_candidates: int
+    send_probs: bool
+    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., num_candidates: _Optional[int] = ..., send_probs: _Optional[bool] = ...) -> None: ...
+
+class Fork(_message.Message):
+    __slots__ = ("request_id", "parent_branch_id", "branch_id", "position", "token_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    PARENT_BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    parent_branch_id: int
+    branch_id: int
+    position: int
+    token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., parent_branch_id: _Optional[int] = ..., branch_id: _Optional[int] = ..., position: _Optional[int] = ..., token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Sync(_message.Message):
+    __slots__ = ("request_id", "branch_id", "keep_length", "append_token_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    KEEP_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    APPEND_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    branch_id: int
+    keep_length: int
+    append_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., keep_length: _Optional[int] = ..., append_token_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Cancel(_message.Message):
+    __slots__ = ("request_id", "branch_ids")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    branch_ids: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class Verify(_message.Message):
+    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "draft_probs", "emit_bonus", "want_features")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    START_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    EMIT_BONUS_FIELD_NUMBER: _ClassVar[int]
+    WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    block_id: int
+    start_length: int
+    draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
+    draft_probs: Tensor
+    emit_bonus: bool
+    want_features: bool
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[Tensor, _Mapping]] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ...) -> None: ...
+
+class Release(_message.Message):
+    __slots__ = ("request_id",)
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    def __init__(self, request_id: _Optional[str] = ...) -> None: ...
+
+class Ping(_message.Message):
+    __slots__ = ("nonce",)
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    def __init__(self, nonce: _Optional[int] = ...) -> None: ...
+
+class Command(_message.Message):
+    __slots__ = ("prefill", "draft", "fork", "sync", "cancel", "verify", "release", "ping")
+    PREFILL_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_FIELD_NUMBER: _ClassVar[int]
+    FORK_FIELD_NUMBER: _ClassVar[int]
+    SYNC_FIELD_NUMBER: _ClassVar[int]
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_FIELD_NUMBER: _ClassVar[int]
+    RELEASE_FIELD_NUMBER: _ClassVar[int]
+    PING_FIELD_NUMBER: _ClassVar[int]
+    prefill: Prefill
+    draft: Draft
+    fork: Fork
+    sync: Sync
+    cancel: Cancel
+    verify: Verify
+    release: Release
+    ping: Ping
+    def __init__(self, prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+
+class DraftToken(_message.Message):
+    __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "probs", "last", "step_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    PROB_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_PROBS_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    LAST_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    branch_id: int
+    epoch: int
+    position: int
+    token_id: int
+    prob: float
+    candidate_ids: _containers.RepeatedScalarFieldContainer[int]
+    candidate_probs: _containers.RepeatedScalarFieldContainer[float]
+    probs: Tensor
+    last: bool
+    step_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+
+class Verdict(_message.Message):
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
+    NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
+    NEXT_TOKEN_ID_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    block_id: int
+    num_accepted: int
+    next_token_id: int
+    committed_length: int
+    features: Tensor
+    verify_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ...) -> None: ...
+
+class Pong(_message.Message):
+    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds")
+    NONCE_FIELD_NUMBER: _ClassVar[int]
+    ROLE_FIELD_NUMBER: _ClassVar[int]
+    LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    LIVE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    nonce: int
+    role: str
+    live_requests: int
+    live_branches: int
+    busy_seconds: float
+    uptime_seconds: float
+    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+
+class Error(_message.Message):
+    __slots__ = ("request_id", "message", "command")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    COMMAND_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    message: str
+    command: str
+    def __init__(self, request_id: _Optional[str] = ..., message: _Optional[str] = ..., command: _Optional[str] = ...) -> None: ...
+
+class Reply(_message.Message):
+    __slots__ = ("draft_token", "verdict", "pong", "error")
+    DRAFT_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    PONG_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    draft_token: DraftToken
+    verdict: Verdict
+    pong: Pong
+    error: Error
+    def __init__(self, draft_token: _Optional[_Union[DraftToken, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

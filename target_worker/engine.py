@@ -1,0 +1,145 @@
+"""The target worker's executor: prefill, verify, release, over the target model.
+
+Per request the target holds the committed tokens, a KV cache over a prefix of them, and — after
+a block whose tokens were all accepted with no bonus asked for — the logits at the next position.
+Verify feeds the not-yet-cached committed tokens plus the block in one forward, hands the rows to
+the pure math in `verify.py`, commits the accepted tokens (plus the correction or bonus) and crops
+its cache to the accepted prefix. Verifies queue FIFO; `work()` runs one.
+
+Randomness: a verification starting at committed length L draws from a generator keyed by
+(seed, L, STREAM_TARGET), so a seeded request is reproducible however requests interleave.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from specpipe import wire
+from specpipe.kv_cache import KVCache
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.sampling import SamplingParams, logits_to_probs, make_generator
+from specpipe.target_worker.verify import rejection_sample, verify_greedy
+
+logger = logging.getLogger(__name__)
+
+STREAM_TARGET = 2
+
+
+@dataclass
+class TargetRequest:
+    tokens: list[int]
+    cache: KVCache
+    sampling: SamplingParams
+    seed: int
+    next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
+
+
+class TargetEngine:
+    def __init__(self, model, device: torch.device | str = "cpu"):
+        self.model, self.device = model, torch.device(device)
+        self.requests: dict[str, TargetRequest] = {}
+        self.queue: collections.deque = collections.deque()   # (Verify, frames)
+
+    def handle(self, command, frames):
+        kind = command.WhichOneof("kind")
+        msg = getattr(command, kind)
+        if kind == "prefill":
+            self._prefill(msg)
+        elif kind == "verify":
+            if msg.request_id not in self.requests:
+                raise KeyError(f"unknown request {msg.request_id!r}")
+            self.queue.append((msg, frames))
+        elif kind == "release":
+            self.requests.pop(msg.request_id, None)
+            self.queue = collections.deque(item for item in self.queue if item[0].request_id != msg.request_id)
+        else:
+            raise ValueError(f"the target worker does not take {kind!r}")
+        return []
+
+    def _prefill(self, msg) -> None:
+        assert len(msg.token_ids) >= 1, "prefill needs at least one token"
+        tokens = list(msg.token_ids)
+        cache = KVCache()
+        if len(tokens) > 1:
+            with torch.inference_mode():
+                cache.forward(self.model, torch.tensor([tokens[:-1]], device=self.device))
+        sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
+        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed)
+
+    def live_counts(self) -> tuple[int, int]:
+        return len(self.requests), len(self.requests)
+
+    def has_work(self) -> bool:
+        return bool(self.queue)
+
+    def work(self):
+        msg, frames = self.queue.popleft()
+        try:
+            reply, reply_frames = self._verify(msg, frames)
+        except Exception as err:
+            logger.exception("[%s] verify failed", msg.request_id)
+            error = worker_pb2.Error(request_id=msg.request_id, message=f"{type(err).__name__}: {err}",
+                                     command="verify")
+            return [(msg.request_id, worker_pb2.Reply(error=error), [])]
+        return [(msg.request_id, reply, reply_frames)]
+
+    def _verify(self, msg, frames):
+        begin = time.perf_counter()
+        state = self.requests[msg.request_id]
+        if msg.start_length != len(state.tokens):
+            raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, "
+                             f"committed length is {len(state.tokens)}")
+        draft = list(msg.draft_token_ids)
+        pending = state.tokens[state.cache.length:]
+        assert pending or state.next_logits is not None, "nothing to predict the first draft token from"
+        with torch.inference_mode():
+            out = state.cache.forward(self.model, torch.tensor([pending + draft], device=self.device),
+                                      want_hidden=msg.want_features)
+        logits = out.logits[0]                                    # [len(pending) + k, vocab]
+        if pending:
+            rows = logits[len(pending) - 1:]                      # [k + 1, vocab]
+        else:
+            rows = torch.cat([state.next_logits[None], logits])
+        num_accepted, next_token = self._decide(state, msg, frames, draft, rows)
+        all_accepted = num_accepted == len(draft)
+        if all_accepted and not msg.emit_bonus:
+            state.tokens += draft
+            state.next_logits = rows[-1]
+            next_token = -1
+        else:
+            state.tokens += draft[:num_accepted] + [next_token]
+            state.cache.rollback(msg.start_length + num_accepted)
+            state.next_logits = None
+        verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id,
+                                     num_accepted=num_accepted, next_token_id=next_token,
+                                     committed_length=len(state.tokens))
+        reply_frames: list[bytes] = []
+        if msg.want_features:
+            # The state that predicted the verdict's last token: the last fed row still valid.
+            index = min(len(pending) - 1 + num_accepted, out.hidden.shape[1] - 1) if pending else num_accepted - 1
+            wire.put_tensor(verdict.features, out.hidden[0, max(index, 0)].float(), reply_frames)
+        verdict.verify_seconds = time.perf_counter() - begin
+        return worker_pb2.Reply(verdict=verdict), reply_frames
+
+    @staticmethod
+    def _decide(state: TargetRequest, msg, frames, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
+        """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab]."""
+        draft_ids = torch.tensor([draft], dtype=torch.long)
+        if state.sampling.greedy:
+            result = verify_greedy(draft_ids, rows[None])
+        else:
+            target_probs = logits_to_probs(rows, state.sampling)[None]
+            if draft:
+                draft_probs = wire.get_tensor(msg.draft_probs, frames)[None]
+                assert draft_probs.shape[1:] == (len(draft), rows.shape[-1]), \
+                    f"draft_probs shape {tuple(draft_probs.shape)} does not match the block"
+            else:
+                draft_probs = torch.zeros(1, 0, rows.shape[-1])
+            generator = make_generator(state.seed, msg.start_length, STREAM_TARGET)
+            result = rejection_sample(draft_ids, draft_probs, target_probs, generator)
+        return int(result.num_accepted[0]), int(result.next_token_ids[0])
