@@ -48,10 +48,25 @@ def build_llama(folder: Path, tokenizer_dir: Path, *, seed: int, hidden: int, la
         shutil.copy(name, folder / name.name)
 
 
+def perturb(source: Path, folder: Path, noise: float, seed: int) -> None:
+    """A copy of the model in `source` with Gaussian noise on every weight: a draft that agrees
+    with its target often but not always (medium acceptance)."""
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(noise * param.std() * torch.randn_like(param))
+    model.save_pretrained(folder)
+    for name in source.iterdir():
+        if name.name.startswith("tokenizer") or name.name.startswith("special"):
+            shutil.copy(name, folder / name.name)
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> dict[str, Path]:
     """Folders: 'target' (Llama, 2 layers, width 64), 'draft' (a different random Llama: low
-    acceptance), 'draft_same' (identical to the target: everything accepted)."""
+    acceptance), 'draft_close' (the target plus noise: medium acceptance), 'draft_same' (identical
+    to the target: everything accepted)."""
     root = tmp_path_factory.mktemp("tiny_models")
     tok_dir = root / "tokenizer"
     tokenizer = build_tokenizer(tok_dir)
@@ -59,5 +74,6 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     build_llama(root / "target", tok_dir, seed=0, hidden=64, layers=2, vocab_size=vocab, eos_id=eos_id)
     build_llama(root / "draft", tok_dir, seed=1, hidden=32, layers=1, vocab_size=vocab, eos_id=eos_id)
     shutil.copytree(root / "target", root / "draft_same")
+    perturb(root / "target", root / "draft_close", noise=0.3, seed=2)
     return {"target": root / "target", "draft": root / "draft", "draft_same": root / "draft_same",
-            "tokenizer": tok_dir}
+            "draft_close": root / "draft_close", "tokenizer": tok_dir}

@@ -1,0 +1,203 @@
+"""The per-request schedules: which worker does what, in which order (DESIGN §2).
+
+A `RequestRun` drives one request over the draft and target workers and yields the tokens it
+commits, block by block; the servicer turns them into text, applies stop strings, EOS and the
+length limit, and closes the run when done (closing releases the request on both workers).
+
+Modes:
+- autoregressive: the target alone, one token per verification (a verify with no draft).
+- sequential: draft a block on branch 0, verify it, sync the draft to the verdict, repeat.
+- pipelined / specbranch: see coordinator/pipeline.py.
+
+All decisions are made here; workers execute. Replies for an old epoch are dropped here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+
+from specpipe.coordinator.workers import Event, WorkerClient, WorkerDown, WorkerFailed
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+ROOT_BRANCH = 0
+
+
+@dataclass(frozen=True)
+class RequestPlan:
+    """A validated request, as the schedulers see it."""
+    request_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: SamplingParams
+    seed: int
+    mode: str                        # autoregressive | sequential | pipelined | specbranch
+    num_draft_tokens: int
+    min_confidence: float = 0.0
+
+
+@dataclass
+class RunStats:
+    draft_tokens: int = 0            # drafted tokens that reached a verification
+    accepted_tokens: int = 0
+    rolled_back_tokens: int = 0      # drafted, then thrown away
+    verifications: int = 0
+    branches_forked: int = 0
+    branches_hit: int = 0
+    target_seconds: float = 0.0      # target compute spent on this request
+    committed_per_verification: list[int] = field(default_factory=list)
+
+
+@dataclass
+class Block:
+    """Draft tokens on their way to a verification."""
+    token_ids: list[int] = field(default_factory=list)
+    prob_frames: list[bytes] = field(default_factory=list)   # one [vocab] float32 q per token
+    vocab: int = 0
+    done: bool = False
+
+    def add(self, token: worker_pb2.DraftToken, frames: list[bytes]) -> None:
+        self.token_ids.append(token.token_id)
+        if token.HasField("probs"):
+            self.prob_frames.append(frames[token.probs.frame])
+            self.vocab = token.probs.shape[0]
+        self.done = token.last
+
+
+class RequestRun:
+    def __init__(self, plan: RequestPlan, draft: WorkerClient, target: WorkerClient):
+        self.plan, self.draft, self.target = plan, draft, target
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.stats = RunStats()
+        self.epoch = 0
+        self.block_id = 0
+        self.committed = len(plan.prompt_ids)
+        self.uses_draft = plan.mode != "autoregressive"
+        self.started = time.monotonic()
+        self.target.attach(plan.request_id, self.inbox)
+        if self.uses_draft:
+            self.draft.attach(plan.request_id, self.inbox)
+
+    # -- the schedules ------------------------------------------------------------------------
+    async def tokens(self):
+        """Async iterator over lists of newly committed tokens."""
+        if self.plan.mode == "autoregressive":
+            schedule = self._autoregressive()
+        elif self.plan.mode == "sequential":
+            schedule = self._sequential()
+        else:
+            from specpipe.coordinator.pipeline import pipelined
+            schedule = pipelined(self)
+        async for new_tokens in schedule:
+            yield new_tokens
+
+    async def _autoregressive(self):
+        await self.prefill()
+        while True:
+            verdict = await self.verify(Block(), emit_bonus=True)
+            yield self.commit(verdict, [])
+
+    async def _sequential(self):
+        await self.prefill()
+        while True:
+            block = Block()
+            num_draft = self.draft_budget()
+            if num_draft:
+                self.epoch += 1
+                await self.start_draft([ROOT_BRANCH], num_draft)
+                while not block.done:
+                    event = await self.next_event("draft_token")
+                    block.add(event.reply.draft_token, event.frames)
+            verdict = await self.verify(block, emit_bonus=True)
+            new_tokens = self.commit(verdict, block.token_ids)
+            await self.sync_draft(ROOT_BRANCH, keep=self.committed - 1, append=new_tokens[-1:])
+            yield new_tokens
+
+    # -- steps the schedules share ------------------------------------------------------------
+    def draft_budget(self) -> int:
+        """Draft tokens for the next block: the policy's length, never past max_new_tokens
+        (the last token of a block always comes from the target)."""
+        produced = self.committed - len(self.plan.prompt_ids)
+        return max(0, min(self.plan.num_draft_tokens, self.plan.max_new_tokens - produced - 1))
+
+    async def prefill(self) -> None:
+        sampling = worker_pb2.Sampling(temperature=self.plan.sampling.temperature, top_k=self.plan.sampling.top_k,
+                                       top_p=self.plan.sampling.top_p, seed=self.plan.seed)
+        prefill = worker_pb2.Prefill(request_id=self.plan.request_id, token_ids=self.plan.prompt_ids,
+                                     sampling=sampling)
+        await self.target.command(prefill=prefill)
+        if self.uses_draft:
+            await self.draft.command(prefill=prefill)
+
+    async def start_draft(self, branch_ids: list[int], max_tokens: int, num_candidates: int = 0) -> None:
+        await self.draft.command(draft=worker_pb2.Draft(
+            request_id=self.plan.request_id, branch_ids=branch_ids, epoch=self.epoch, max_tokens=max_tokens,
+            min_confidence=self.plan.min_confidence, num_candidates=num_candidates,
+            send_probs=not self.plan.sampling.greedy))
+
+    async def sync_draft(self, branch_id: int, keep: int, append: list[int]) -> None:
+        await self.draft.command(sync=worker_pb2.Sync(request_id=self.plan.request_id, branch_id=branch_id,
+                                                      keep_length=keep, append_token_ids=append))
+
+    async def send_verify(self, block: Block, emit_bonus: bool) -> None:
+        self.block_id += 1
+        verify = worker_pb2.Verify(request_id=self.plan.request_id, block_id=self.block_id,
+                                   start_length=self.committed, draft_token_ids=block.token_ids,
+                                   emit_bonus=emit_bonus)
+        frames = []
+        if block.prob_frames:
+            verify.draft_probs.dtype = "float32"
+            verify.draft_probs.shape[:] = [len(block.prob_frames), block.vocab]
+            verify.draft_probs.frame = 0
+            frames = [b"".join(block.prob_frames)]   # bytes only: no tensor math in the coordinator
+        await self.target.command(verify=verify, frames=frames)
+
+    async def verify(self, block: Block, emit_bonus: bool) -> worker_pb2.Verdict:
+        await self.send_verify(block, emit_bonus)
+        return (await self.next_event("verdict")).reply.verdict
+
+    def commit(self, verdict: worker_pb2.Verdict, draft_token_ids: list[int]) -> list[int]:
+        """Account for a verdict and return the tokens it commits."""
+        accepted = draft_token_ids[:verdict.num_accepted]
+        new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
+        self.stats.verifications += 1
+        self.stats.draft_tokens += len(draft_token_ids)
+        self.stats.accepted_tokens += len(accepted)
+        self.stats.rolled_back_tokens += len(draft_token_ids) - len(accepted)
+        self.stats.target_seconds += verdict.verify_seconds
+        self.stats.committed_per_verification.append(len(new_tokens))
+        self.committed += len(new_tokens)
+        assert self.committed == verdict.committed_length, \
+            f"coordinator has {self.committed} committed tokens, target {verdict.committed_length}"
+        return new_tokens
+
+    async def next_event(self, *kinds: str) -> Event:
+        """The next reply of one of `kinds`; stale draft tokens are dropped (and counted as
+        rolled back); a worker error or a dead worker raises."""
+        while True:
+            event = await self.inbox.get()
+            if event.kind == "down":
+                raise WorkerDown(f"the {event.role} worker stopped answering")
+            if event.kind == "error":
+                raise WorkerFailed(f"{event.role} worker: {event.reply.error.message}")
+            if event.kind == "draft_token" and event.reply.draft_token.epoch != self.epoch:
+                self.stats.rolled_back_tokens += 1
+                continue
+            if event.kind in kinds:
+                return event
+            logger.debug("[%s] unexpected %s while waiting for %s", self.plan.request_id, event.kind, kinds)
+
+    async def release(self) -> None:
+        """Free the request on both workers (also after a failure or a cancel)."""
+        release = worker_pb2.Release(request_id=self.plan.request_id)
+        for worker in (self.target, self.draft) if self.uses_draft else (self.target,):
+            worker.detach(self.plan.request_id)
+            try:
+                await worker.command(release=release)
+            except Exception:   # the socket may be gone at shutdown; the worker drops it on restart
+                logger.warning("[%s] could not send release to the %s worker", self.plan.request_id, worker.role)

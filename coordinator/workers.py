@@ -1,0 +1,143 @@
+"""The coordinator's connection to one worker: send commands, route replies, watch heartbeats.
+
+One DEALER socket per worker (the worker binds a ROUTER). A reader task decodes every reply and
+puts it in the inbox of the request it names; Pongs update the worker's health and counters.
+A ping goes out every `heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s` is
+declared down and every request waiting on it is told at once (its scheduler then fails the
+request instead of hanging).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import time
+from dataclasses import dataclass
+
+import zmq
+import zmq.asyncio
+
+from specpipe import wire
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+
+class WorkerDown(Exception):
+    """The worker stopped answering heartbeats (or was never reached)."""
+
+
+class WorkerFailed(Exception):
+    """The worker answered a command with an Error."""
+
+
+@dataclass
+class Event:
+    """One reply for a request, as its scheduler sees it."""
+    role: str
+    reply: worker_pb2.Reply | None    # None: the worker went down
+    frames: list[bytes]
+
+    @property
+    def kind(self) -> str:
+        return self.reply.WhichOneof("kind") if self.reply is not None else "down"
+
+
+class WorkerClient:
+    def __init__(self, role: str, address: str, context: zmq.asyncio.Context,
+                 heartbeat_interval_s: float, heartbeat_timeout_s: float):
+        self.role, self.address = role, address
+        self.socket = context.socket(zmq.DEALER)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        self.socket.connect(address)
+        self.interval, self.timeout = heartbeat_interval_s, heartbeat_timeout_s
+        self.inboxes: dict[str, asyncio.Queue] = {}
+        self.last_pong: worker_pb2.Pong | None = None
+        self.last_seen = 0.0
+        self.healthy = False
+        self._nonces = itertools.count(1)
+        self._pong_waiters: dict[int, asyncio.Future] = {}
+        self._tasks: list[asyncio.Task] = []
+
+    def start(self) -> None:
+        self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]
+
+    async def close(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.socket.close(0)
+
+    # -- requests -----------------------------------------------------------------------------
+    def attach(self, request_id: str, inbox: asyncio.Queue) -> None:
+        self.inboxes[request_id] = inbox
+
+    def detach(self, request_id: str) -> None:
+        self.inboxes.pop(request_id, None)
+
+    async def send(self, command: worker_pb2.Command, frames: list[bytes] | None = None) -> None:
+        await self.socket.send_multipart(wire.encode(command, frames))
+
+    async def command(self, **kind) -> None:
+        """send(Command(<kind>=<message>)), e.g. command(release=Release(request_id=...))."""
+        frames = kind.pop("frames", None)
+        await self.send(worker_pb2.Command(**kind), frames)
+
+    # -- replies and heartbeats ---------------------------------------------------------------
+    async def _read(self) -> None:
+        while True:
+            parts = await self.socket.recv_multipart()
+            try:
+                reply, frames = wire.decode(worker_pb2.Reply, parts)
+            except wire.WireError as err:
+                logger.warning("dropped a malformed reply from the %s worker: %s", self.role, err)
+                continue
+            kind = reply.WhichOneof("kind")
+            if kind == "pong":
+                self._on_pong(reply.pong)
+                continue
+            inbox = self.inboxes.get(getattr(reply, kind).request_id)
+            if inbox is not None:   # else: the request finished meanwhile; a late reply is dropped
+                inbox.put_nowait(Event(self.role, reply, frames))
+
+    def _on_pong(self, pong: worker_pb2.Pong) -> None:
+        self.last_pong, self.last_seen = pong, time.monotonic()
+        if not self.healthy:
+            logger.info("%s worker at %s is up", self.role, self.address)
+        self.healthy = True
+        waiter = self._pong_waiters.pop(pong.nonce, None)
+        if waiter is not None and not waiter.done():
+            waiter.set_result(pong)
+
+    async def ping(self, timeout: float) -> worker_pb2.Pong | None:
+        """A fresh Pong, or None if none came within `timeout` seconds."""
+        nonce = next(self._nonces)
+        waiter = asyncio.get_running_loop().create_future()
+        self._pong_waiters[nonce] = waiter
+        await self.command(ping=worker_pb2.Ping(nonce=nonce))
+        try:
+            return await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            return None
+        finally:
+            self._pong_waiters.pop(nonce, None)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            await self.command(ping=worker_pb2.Ping(nonce=next(self._nonces)))
+            await asyncio.sleep(self.interval)
+            if self.healthy and time.monotonic() - self.last_seen > self.timeout:
+                self.healthy = False
+                logger.error("%s worker at %s missed heartbeats for %.1fs: marked down",
+                             self.role, self.address, self.timeout)
+                for inbox in list(self.inboxes.values()):
+                    inbox.put_nowait(Event(self.role, None, []))
+
+    async def wait_healthy(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.healthy:
+            if time.monotonic() > deadline:
+                raise WorkerDown(f"{self.role} worker at {self.address} did not answer within {timeout:.0f}s")
+            await asyncio.sleep(0.05)

@@ -1,0 +1,74 @@
+"""The Python client: `from specpipe import Client`.
+
+    client = Client("127.0.0.1:50051")
+    for chunk in client.generate("def fib(", max_new_tokens=64):
+        print(chunk.text, end="", flush=True)
+    print(chunk.finish_reason, chunk.stats.tokens_per_second)
+    client.stats()
+
+`generate` yields the server's GenerateResponse messages (token_ids, text; the last one has
+finish_reason and stats). gRPC errors surface as `grpc.RpcError` with the server's status and
+message (e.g. INVALID_ARGUMENT naming the field).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import grpc
+
+from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
+
+MODES = {
+    None: specpipe_pb2.MODE_UNSPECIFIED,
+    "autoregressive": specpipe_pb2.MODE_AUTOREGRESSIVE,
+    "sequential": specpipe_pb2.MODE_SEQUENTIAL,
+    "pipelined": specpipe_pb2.MODE_PIPELINED,
+    "specbranch": specpipe_pb2.MODE_SPECBRANCH,
+}
+
+
+class Client:
+    def __init__(self, addr: str = "127.0.0.1:50051", *, token: str | None = None,
+                 root_certificates: bytes | None = None, timeout: float | None = None):
+        """`token`: bearer token when the server requires one; `root_certificates`: PEM of the CA
+        for a TLS server (plain text otherwise); `timeout`: default per-call deadline in seconds."""
+        if root_certificates is not None:
+            self.channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates))
+        else:
+            self.channel = grpc.insecure_channel(addr)
+        self.stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+
+    def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
+                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+                 seed: int | None = None, stop: list[str] | None = None, mode: str | None = None,
+                 request_id: str = "", timeout: float | None = None) -> Iterator[specpipe_pb2.GenerateResponse]:
+        request = specpipe_pb2.GenerateRequest(
+            request_id=request_id, prompt=prompt or "", prompt_ids=prompt_ids or [],
+            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+            stop=stop or [], mode=MODES[mode])
+        if seed is not None:
+            request.seed = seed
+        return self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)
+
+    def complete(self, prompt: str | None = None, **params) -> tuple[list[int], str, specpipe_pb2.GenerateResponse]:
+        """Run a whole request: (token_ids, text, last response with finish_reason and stats)."""
+        token_ids, text, last = [], [], None
+        for last in self.generate(prompt, **params):
+            token_ids += last.token_ids
+            text.append(last.text)
+        return token_ids, "".join(text), last
+
+    def stats(self, timeout: float | None = 10.0) -> specpipe_pb2.StatsResponse:
+        return self.stub.GetStats(specpipe_pb2.StatsRequest(), timeout=timeout, metadata=self.metadata)
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "Client":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

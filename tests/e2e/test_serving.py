@@ -1,0 +1,153 @@
+"""The server end to end: real `specpipe serve` processes, real gRPC and ZeroMQ on loopback, real
+tiny models. Greedy output must equal Hugging Face greedy token for token in every mode; sampling
+must follow the target's distribution; bad requests get INVALID_ARGUMENT naming the field; a
+cancelled stream frees the request on both workers."""
+
+from __future__ import annotations
+
+import concurrent.futures
+import time
+
+import grpc
+import numpy as np
+import pytest
+import torch
+from scipy import stats as scipy_stats
+from transformers import AutoModelForCausalLM
+
+from specpipe import Client
+from specpipe.sampling import SamplingParams, logits_to_probs
+
+from conftest import PROMPTS  # noqa: F401  (tests/e2e/conftest.py)
+
+MODES = ["autoregressive", "sequential"]
+MAX_NEW = 40
+
+
+@pytest.mark.parametrize("draft", ["draft", "draft_close", "draft_same"])
+@pytest.mark.parametrize("mode", MODES)
+def test_greedy_equals_hf_greedy(serve, hf_greedy, draft, mode):
+    client = Client(serve(draft).addr)
+    for prompt_ids in PROMPTS:
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=MAX_NEW, mode=mode)
+        assert token_ids == hf_greedy(prompt_ids, MAX_NEW), f"prompt {prompt_ids}, {mode}, {draft}"
+        assert last.finish_reason in ("length", "eos")
+
+
+def test_identical_draft_accepts_everything(serve, hf_greedy):
+    client = Client(serve("draft_same").addr)
+    token_ids, _, last = client.complete(prompt_ids=PROMPTS[0], max_new_tokens=MAX_NEW, mode="sequential")
+    stats = last.stats
+    assert token_ids == hf_greedy(PROMPTS[0], MAX_NEW)
+    assert stats.draft_tokens > 0 and stats.accepted_tokens == stats.draft_tokens
+    assert stats.rolled_back_tokens == 0
+    assert stats.mean_accepted_length > 4  # 4 drafted + the bonus on every full block
+
+
+def test_eight_concurrent_requests(serve, hf_greedy):
+    client = Client(serve("draft").addr)
+    jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % 2]) for i in range(8)]
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda job: client.complete(prompt_ids=job[0], max_new_tokens=MAX_NEW,
+                                                            mode=job[1])[0], jobs))
+    for (prompt_ids, _), token_ids in zip(jobs, results):
+        assert token_ids == hf_greedy(prompt_ids, MAX_NEW)
+
+
+def test_text_prompt_streams_text(serve):
+    client = Client(serve("draft").addr)
+    chunks = list(client.generate("def fib(n):", max_new_tokens=12, mode="sequential"))
+    assert chunks[-1].finish_reason in ("length", "eos")
+    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].stats.generated_tokens
+    assert chunks[-1].stats.time_to_first_token_s > 0
+
+
+def test_same_seed_same_output(serve):
+    client = Client(serve("draft").addr)
+    params = dict(prompt_ids=PROMPTS[2], max_new_tokens=24, temperature=1.0, mode="sequential")
+    first = client.complete(seed=7, **params)[0]
+    assert client.complete(seed=7, **params)[0] == first
+    assert any(client.complete(seed=seed, **params)[0] != first for seed in (8, 9, 10))
+
+
+def target_first_token_probs(tiny_models, prompt_ids, sampling: SamplingParams) -> np.ndarray:
+    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"]).eval()
+    with torch.no_grad():
+        logits = model(torch.tensor([prompt_ids])).logits[0, -1]
+    return logits_to_probs(logits, sampling).numpy()
+
+
+def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
+    """Goodness of fit, pooling categories with expected count < 5 into one."""
+    expected = probs * counts.sum()
+    big = expected >= 5
+    observed = np.append(counts[big], counts[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    return scipy_stats.chisquare(observed[keep], expected[keep]).pvalue
+
+
+@pytest.mark.parametrize("draft", ["draft", "draft_close"])
+def test_sampling_follows_target_distribution(serve, tiny_models, draft):
+    """The first generated token over 600 seeds: chi-square against the target's processed
+    distribution (temperature 1, top-k 6), through a draft far from the target (nearly every token
+    a correction) and one close to it (many accepted)."""
+    client = Client(serve(draft).addr)
+    prompt_ids, sampling = PROMPTS[0], SamplingParams(temperature=1.0, top_k=6)
+    probs = target_first_token_probs(tiny_models, prompt_ids, sampling)
+    counts = np.zeros_like(probs)
+    accepted = 0
+
+    def run(seed):
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=2, temperature=1.0, top_k=6,
+                                             seed=seed, mode="sequential")
+        return token_ids[0], last.stats.accepted_tokens
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for token_id, num_accepted in pool.map(run, range(600)):
+            counts[token_id] += 1
+            accepted += num_accepted
+    assert accepted > (100 if draft == "draft_close" else -1)
+    assert chi_square_pvalue(counts, probs) > 1e-3
+
+
+INVALID = [
+    (dict(max_new_tokens=5), "exactly one of prompt / prompt_ids"),
+    (dict(prompt="x", prompt_ids=[1], max_new_tokens=5), "exactly one of prompt / prompt_ids"),
+    (dict(prompt_ids=[1, 99999], max_new_tokens=5), "prompt_ids[1] = 99999 is outside the vocabulary"),
+    (dict(prompt_ids=[1, -3], max_new_tokens=5), "prompt_ids[1] = -3"),
+    (dict(prompt_ids=[1], max_new_tokens=0), "max_new_tokens is required"),
+    (dict(prompt_ids=[1], max_new_tokens=100000), "max_new_tokens = 100000 exceeds"),
+    (dict(prompt_ids=[1] * 500, max_new_tokens=20), "exceeds the model context of 512"),
+    (dict(prompt_ids=[1], max_new_tokens=5, temperature=-1.0), "temperature must be"),
+    (dict(prompt_ids=[1], max_new_tokens=5, temperature=float("nan")), "temperature must be"),
+    (dict(prompt_ids=[1], max_new_tokens=5, top_p=1.5), "top_p must be in [0, 1]"),
+    (dict(prompt_ids=[1], max_new_tokens=5, top_p=-0.1), "top_p must be in [0, 1]"),
+    (dict(prompt_ids=[1], max_new_tokens=5, stop=[""]), "stop[0]"),
+]
+
+
+@pytest.mark.parametrize("params, message", INVALID)
+def test_invalid_requests_name_the_field(serve, params, message):
+    client = Client(serve("draft").addr)
+    with pytest.raises(grpc.RpcError) as err:
+        client.complete(**params)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert message in err.value.details()
+    # ...and the server keeps serving.
+    assert client.complete(prompt_ids=[1, 2], max_new_tokens=3)[2].finish_reason in ("length", "eos")
+
+
+def test_cancel_frees_both_workers(serve):
+    client = Client(serve("draft").addr)
+    stream = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential")
+    next(stream), next(stream)
+    stream.cancel()
+    deadline = time.monotonic() + 1.0
+    while True:
+        stats = client.stats()
+        idle = stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
+        if idle or time.monotonic() > deadline:
+            break
+        time.sleep(0.05)
+    assert idle, stats
