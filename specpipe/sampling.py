@@ -1,0 +1,162 @@
+"""Logits processing and seeded draws, shared by the draft and the target worker.
+
+Contract: `logits_to_probs` is the ONE place where temperature, top-k and top-p are applied, so
+the draft's q and the target's p are always processed identically, in float32 (speculative
+sampling is lossless only if p and q are the distributions the two sides really sample from).
+Greedy decoding (temperature 0) is not handled here: it is its own branch, an argmax, never a tiny
+temperature, and `logits_to_probs` refuses it.
+
+Randomness enters only through an explicit `torch.Generator`. `make_generator` derives one from
+(seed, *stream) with a fixed integer hash; `sample_from_probs` and `draw_uniforms` take either one
+generator for the whole batch or one generator per row.
+
+This module knows nothing of models, requests, blocks or sockets.
+"""
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+import math
+
+import torch
+
+# splitmix64 (Steele, Lea and Flood 2014; the seeder recommended for xoshiro): a bijective,
+# well-mixing 64-bit finaliser, so nearby inputs (position 7 and position 8) give unrelated seeds.
+# These constants are part of the reproducibility contract: changing them changes every seeded output.
+_MASK64 = (1 << 64) - 1
+_SPLITMIX64_GAMMA = 0x9E3779B97F4A7C15
+_SPLITMIX64_MUL1 = 0xBF58476D1CE4E5B9
+_SPLITMIX64_MUL2 = 0x94D049BB133111EB
+
+# Stream tags for make_generator(seed, position, STREAM_...): one per consumer, so that the draft's
+# draw at a position and the target's draws for a block starting there never share a generator.
+STREAM_DRAFT = 1
+STREAM_VERIFY = 2
+
+Generators = torch.Generator | Sequence[torch.Generator]
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How a request turns logits into a token; validated here so no worker sees a bad value."""
+
+    temperature: float = 0.0  # 0 = greedy (argmax)
+    top_k: int = 0  # 0 = off; keep the top_k most likely tokens
+    top_p: float = 1.0  # 0 or 1 = off; keep the smallest set with cumulative probability >= top_p
+
+    def __post_init__(self):
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be finite and >= 0, got {self.temperature}")
+        if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not 0.0 <= self.top_p <= 1.0:  # also rejects NaN
+            raise ValueError(f"top_p must be in [0, 1], got {self.top_p}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
+    """[..., vocab] logits -> [..., vocab] float32 probabilities: temperature, then top-k, then top-p.
+
+    - temperature: softmax(logits / temperature), in float32.
+    - top-k (0 < top_k < vocab): keep the top_k highest logits.
+    - top-p (0 < top_p < 1), on the top-k-renormalised distribution: keep the smallest prefix of
+      the tokens sorted by probability whose cumulative probability is >= top_p; that is, keep a
+      token iff the mass strictly before it is < top_p (compared in float32). The most likely
+      token is always kept.
+    - Ties are broken deterministically by token id: among equal logits the lower id ranks first
+      (a stable descending sort), so top-k keeps exactly top_k tokens.
+    - Masked tokens get probability exactly 0 (their logit becomes -inf before the softmax).
+    Each row is processed on its own: two rows, or a draft and a target row, get their own masks.
+    """
+    assert not params.greedy, "greedy is its own branch (argmax), never logits_to_probs"
+    scaled = logits.float() / params.temperature  # [..., vocab]
+    vocab = scaled.shape[-1]
+    top_k = params.top_k if 0 < params.top_k < vocab else vocab
+    use_top_p = 0.0 < params.top_p < 1.0
+    if top_k == vocab and not use_top_p:
+        return torch.softmax(scaled, dim=-1)
+
+    sorted_logits, sorted_ids = torch.sort(scaled, dim=-1, descending=True, stable=True)
+    keep_sorted = torch.arange(vocab, device=scaled.device) < top_k  # [vocab], by rank
+    keep_sorted = keep_sorted.expand_as(sorted_logits)
+    if use_top_p:
+        sorted_probs = torch.softmax(sorted_logits.masked_fill(~keep_sorted, -math.inf), dim=-1)
+        cumulative = torch.cumsum(sorted_probs, dim=-1)
+        # Mass strictly before each rank, shifted rather than subtracted so it is exact at rank 0.
+        mass_before = torch.cat([torch.zeros_like(cumulative[..., :1]), cumulative[..., :-1]], -1)
+        keep_sorted = keep_sorted & (mass_before < params.top_p)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, sorted_ids, keep_sorted)  # [..., vocab]
+    return torch.softmax(scaled.masked_fill(~keep, -math.inf), dim=-1)
+
+
+def mix_seed(seed: int, *stream: int) -> int:
+    """A 64-bit seed from (seed, *stream): splitmix64 chained over the tuple (ints taken mod 2**64)."""
+    state = _splitmix64(seed & _MASK64)
+    for part in stream:
+        state = _splitmix64(state ^ (part & _MASK64))
+    return state
+
+
+def make_generator(seed: int, *stream: int, device: str | torch.device = "cpu") -> torch.Generator:
+    """A torch.Generator seeded with mix_seed(seed, *stream), e.g. (seed, position, STREAM_DRAFT).
+
+    Why key randomness by sequence position rather than keep one generator per request: a draw
+    then depends on where it lands in the sequence, not on when it happens. The draft's token at
+    position t is the same whichever block it falls in, however often a cancelled branch was
+    redrafted, and whatever other requests share the batch; nothing depends on timing. The
+    verification of a block still depends on where the block starts and how long it is (a
+    position verified as a draft token and one drawn as a bonus use different draws: that is
+    inherent to Leviathan sampling), so a seeded request is reproducible when the scheduler cuts
+    its blocks deterministically.
+
+    CPU and CUDA generators produce different streams from the same seed; keep the generator on
+    the CPU for results that must not depend on the device (the draw helpers move the uniforms).
+    """
+    generator = torch.Generator(device=device)
+    generator.manual_seed(mix_seed(seed, *stream))
+    return generator
+
+
+def draw_uniforms(generator: Generators, batch: int, count: int, device) -> torch.Tensor:
+    """[batch, count] float64 uniforms in [0, 1), drawn on the generator's device, moved to `device`.
+
+    One generator: torch.rand(batch, count) from it (row-major). A sequence of `batch` generators:
+    row i is torch.rand(count) from generator i, so a row's draws do not depend on its neighbours.
+    """
+    if isinstance(generator, torch.Generator):
+        uniforms = torch.rand(
+            batch, count, generator=generator, device=generator.device, dtype=torch.float64
+        )
+        return uniforms.to(device)
+    assert len(generator) == batch, f"{len(generator)} generators for {batch} rows"
+    rows = [
+        torch.rand(count, generator=g, device=g.device, dtype=torch.float64).to(device)
+        for g in generator
+    ]
+    return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.float64, device=device)
+
+
+def sample_from_probs(probs: torch.Tensor, generator: Generators) -> torch.Tensor:
+    """[batch, vocab] non-negative weights -> [batch] int64 token ids, one draw per row.
+
+    Inverse-CDF sampling with exactly one uniform per row (draw_uniforms(generator, batch, 1)):
+    token = the first id whose cumulative weight exceeds u * row_total, in float64. Rows need not
+    be normalised (a residual max(0, p - q) is passed as is) but must have a positive sum. A
+    token of weight exactly 0 is never drawn.
+    """
+    assert probs.dim() == 2, f"probs must be [batch, vocab], got {tuple(probs.shape)}"
+    batch, vocab = probs.shape
+    uniforms = draw_uniforms(generator, batch, 1, probs.device)  # [batch, 1]
+    cdf = torch.cumsum(probs.double(), dim=-1)  # [batch, vocab]
+    thresholds = uniforms * cdf[:, -1:]  # [batch, 1], < row total since u < 1
+    token_ids = torch.searchsorted(cdf, thresholds, right=True).squeeze(1)
+    return token_ids.clamp_(max=vocab - 1)  # guards a float edge; never hit with u < 1
+
+
+def _splitmix64(state: int) -> int:
+    state = (state + _SPLITMIX64_GAMMA) & _MASK64
+    state = ((state ^ (state >> 30)) * _SPLITMIX64_MUL1) & _MASK64
+    state = ((state ^ (state >> 27)) * _SPLITMIX64_MUL2) & _MASK64
+    return state ^ (state >> 31)
