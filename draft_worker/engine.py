@@ -7,7 +7,8 @@ forward — and streams one DraftToken per branch. Commands arriving between ste
 Fork, Release) take effect before the next step: drafting is interruptible.
 
 Randomness: the token at sequence position i is drawn from a generator keyed by (seed, i,
-STREAM_DRAFT), so what the draft proposes at a position does not depend on how blocks were cut.
+STREAM_DRAFT), so what the draft proposes at a position does not depend on timing, batch
+neighbours or redrafted branches.
 All decisions (what to draft, where to fork) are the coordinator's; this module only executes.
 """
 
@@ -22,13 +23,11 @@ import torch
 from specpipe import wire
 from specpipe.kv_cache import KVCache, forward_batch
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import SamplingParams, logits_to_probs, make_generator, sample_from_probs
+from specpipe.sampling import STREAM_DRAFT, SamplingParams, logits_to_probs, make_generator, sample_from_probs
 
 logger = logging.getLogger(__name__)
 
 # Stream key of the draft's randomness (the target uses its own), see specpipe.sampling.make_generator.
-STREAM_DRAFT = 1
-
 
 @dataclass
 class DraftJob:
@@ -37,7 +36,6 @@ class DraftJob:
     min_confidence: float
     num_candidates: int
     send_probs: bool
-
 
 @dataclass
 class Branch:
@@ -49,13 +47,11 @@ class Branch:
     def num_pending(self) -> int:
         return len(self.tokens) - self.cache.length
 
-
 @dataclass
 class DraftRequest:
     sampling: SamplingParams
     seed: int
     branches: dict[int, Branch] = field(default_factory=dict)
-
 
 class DraftEngine:
     def __init__(self, model, device: torch.device | str = "cpu"):

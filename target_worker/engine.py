@@ -7,7 +7,8 @@ the pure math in `verify.py`, commits the accepted tokens (plus the correction o
 its cache to the accepted prefix. Verifies queue FIFO; `work()` runs one.
 
 Randomness: a verification starting at committed length L draws from a generator keyed by
-(seed, L, STREAM_TARGET), so a seeded request is reproducible however requests interleave.
+(seed, L, STREAM_VERIFY), so a seeded request does not depend on what else runs (and is reproducible wherever
+the schedule cuts its blocks deterministically).
 """
 
 from __future__ import annotations
@@ -22,13 +23,10 @@ import torch
 from specpipe import wire
 from specpipe.kv_cache import KVCache
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import SamplingParams, logits_to_probs, make_generator
+from specpipe.sampling import STREAM_VERIFY, SamplingParams, logits_to_probs, make_generator
 from specpipe.target_worker.verify import rejection_sample, verify_greedy
 
 logger = logging.getLogger(__name__)
-
-STREAM_TARGET = 2
-
 
 @dataclass
 class TargetRequest:
@@ -37,7 +35,6 @@ class TargetRequest:
     sampling: SamplingParams
     seed: int
     next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
-
 
 class TargetEngine:
     def __init__(self, model, device: torch.device | str = "cpu"):
@@ -140,6 +137,6 @@ class TargetEngine:
                     f"draft_probs shape {tuple(draft_probs.shape)} does not match the block"
             else:
                 draft_probs = torch.zeros(1, 0, rows.shape[-1])
-            generator = make_generator(state.seed, msg.start_length, STREAM_TARGET)
+            generator = make_generator(state.seed, msg.start_length, STREAM_VERIFY)
             result = rejection_sample(draft_ids, draft_probs, target_probs, generator)
         return int(result.num_accepted[0]), int(result.next_token_ids[0])
