@@ -19,6 +19,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from specpipe.coordinator.policy import DraftPolicy, PolicyConfig
 from specpipe.coordinator.workers import Event, WorkerClient, WorkerDown, WorkerFailed
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import SamplingParams
@@ -37,15 +38,15 @@ class RequestPlan:
     sampling: SamplingParams
     seed: int
     mode: str                        # autoregressive | sequential | pipelined | specbranch
-    num_draft_tokens: int
-    min_confidence: float = 0.0
+    policy: PolicyConfig = PolicyConfig()
 
 
 @dataclass
 class RunStats:
     draft_tokens: int = 0            # drafted tokens that reached a verification
     accepted_tokens: int = 0
-    rolled_back_tokens: int = 0      # drafted, then thrown away
+    drafted_total: int = 0           # every token the draft produced for the request
+    rolled_back_tokens: int = 0      # drafted, then thrown away: drafted_total - accepted_tokens
     verifications: int = 0
     branches_forked: int = 0
     branches_hit: int = 0
@@ -74,6 +75,8 @@ class RequestRun:
         self.plan, self.draft, self.target = plan, draft, target
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.stats = RunStats()
+        self.policy = DraftPolicy(plan.policy, plan.mode)
+        self.vocab = 0                   # width of q, learnt from the draft's first token
         self.epoch = 0
         self.block_id = 0
         self.committed = len(plan.prompt_ids)
@@ -123,7 +126,7 @@ class RequestRun:
         """Draft tokens for the next block: the policy's length, never past max_new_tokens
         (the last token of a block always comes from the target)."""
         produced = self.committed - len(self.plan.prompt_ids)
-        return max(0, min(self.plan.num_draft_tokens, self.plan.max_new_tokens - produced - 1))
+        return max(0, min(self.policy.block_length(), self.plan.max_new_tokens - produced - 1))
 
     async def prefill(self) -> None:
         sampling = worker_pb2.Sampling(temperature=self.plan.sampling.temperature, top_k=self.plan.sampling.top_k,
@@ -137,7 +140,7 @@ class RequestRun:
     async def start_draft(self, branch_ids: list[int], max_tokens: int, num_candidates: int = 0) -> None:
         await self.draft.command(draft=worker_pb2.Draft(
             request_id=self.plan.request_id, branch_ids=branch_ids, epoch=self.epoch, max_tokens=max_tokens,
-            min_confidence=self.plan.min_confidence, num_candidates=num_candidates,
+            min_confidence=self.policy.min_confidence, num_candidates=num_candidates,
             send_probs=not self.plan.sampling.greedy))
 
     async def sync_draft(self, branch_id: int, keep: int, append: list[int]) -> None:
@@ -168,7 +171,8 @@ class RequestRun:
         self.stats.verifications += 1
         self.stats.draft_tokens += len(draft_token_ids)
         self.stats.accepted_tokens += len(accepted)
-        self.stats.rolled_back_tokens += len(draft_token_ids) - len(accepted)
+        self.stats.rolled_back_tokens = self.stats.drafted_total - self.stats.accepted_tokens
+        self.policy.observe(len(draft_token_ids), len(accepted))
         self.stats.target_seconds += verdict.verify_seconds
         self.stats.committed_per_verification.append(len(new_tokens))
         self.committed += len(new_tokens)
@@ -185,9 +189,10 @@ class RequestRun:
                 raise WorkerDown(f"the {event.role} worker stopped answering")
             if event.kind == "error":
                 raise WorkerFailed(f"{event.role} worker: {event.reply.error.message}")
-            if event.kind == "draft_token" and event.reply.draft_token.epoch != self.epoch:
-                self.stats.rolled_back_tokens += 1
-                continue
+            if event.kind == "draft_token":
+                self.stats.drafted_total += 1
+                if event.reply.draft_token.epoch != self.epoch:
+                    continue
             if event.kind in kinds:
                 return event
             logger.debug("[%s] unexpected %s while waiting for %s", self.plan.request_id, event.kind, kinds)

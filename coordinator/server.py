@@ -45,7 +45,7 @@ class Coordinator:
             vocab_size=model_config.vocab_size,
             context_length=getattr(model_config, "max_position_embeddings", None) or model_config.n_positions,
             max_new_tokens_cap=config.max_new_tokens_cap, default_mode=config.default_mode,
-            num_draft_tokens=config.num_draft_tokens, min_confidence=config.min_confidence)
+            policy=config.policy)
         self.zmq_context = zmq.asyncio.Context()
         self.draft = WorkerClient("draft", config.draft_addr, self.zmq_context,
                                   config.heartbeat_interval_s, config.heartbeat_timeout_s)

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import grpc
 
+from specpipe.coordinator.policy import PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
 from specpipe.coordinator.text import TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
@@ -49,8 +50,7 @@ class ServingLimits:
     context_length: int
     max_new_tokens_cap: int
     default_mode: str
-    num_draft_tokens: int
-    min_confidence: float
+    policy: PolicyConfig
 
 
 class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
@@ -106,7 +106,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
             sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=top_p),
             seed=request.seed if request.HasField("seed") else secrets.randbits(63), mode=mode,
-            num_draft_tokens=limits.num_draft_tokens, min_confidence=limits.min_confidence)
+            policy=limits.policy)
         return plan, list(request.stop)
 
     # -- Generate -------------------------------------------------------------------------------

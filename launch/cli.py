@@ -9,6 +9,7 @@ import os
 import sys
 
 from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, CoordinatorConfig
+from specpipe.coordinator.policy import POLICIES, PolicyConfig
 
 MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
 DEFAULT_MODE = "sequential"
@@ -30,9 +31,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per block")
-    parser.add_argument("--min-confidence", type=float, default=0.0,
-                        help="end a block early after a draft token under this probability")
+    parser.add_argument("--policy", default="confidence", choices=POLICIES,
+                        help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)")
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per block (the most)")
+    parser.add_argument("--min-confidence", type=float, default=0.4,
+                        help="end a block after a draft token less likely than this (branch point)")
+    parser.add_argument("--branch-width", type=int, default=3, help="most branches forked at a branch point")
+    parser.add_argument("--min-branch-prob", type=float, default=0.05,
+                        help="fork only candidates at least this likely under the draft")
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument("--draft-addr", default=os.environ.get("SPECPIPE_DRAFT_ADDR"),
                         help="use a draft worker already running at this ZeroMQ endpoint (tcp://host:port) "
@@ -67,7 +73,9 @@ def cmd_serve(args) -> None:
         target_model=target, draft_addr=args.draft_addr or endpoints["draft"],
         target_addr=args.target_addr or endpoints["target"], host=args.host, port=args.port,
         default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
-        num_draft_tokens=args.num_draft_tokens, min_confidence=args.min_confidence)
+        policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
+                            min_confidence=args.min_confidence, branch_width=args.branch_width,
+                            min_branch_prob=args.min_branch_prob))
     asyncio.run(serve(config, workers))
 
 

@@ -6,6 +6,8 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, field
 
+from specpipe.coordinator.policy import PolicyConfig
+
 # Loopback unless told otherwise (DESIGN §3): a worker port is not an API for the network.
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 50051
@@ -47,9 +49,8 @@ class CoordinatorConfig:
     default_mode: str = "sequential"
     # Longest generation a request may ask for; documented in the README.
     max_new_tokens_cap: int = 4096
-    # Draft-length policy defaults (coordinator/policy.py).
-    num_draft_tokens: int = 4
-    min_confidence: float = 0.0
+    # Draft-length and branch policy (coordinator/policy.py).
+    policy: PolicyConfig = PolicyConfig()
     # Heartbeat: ping each worker this often; declare it dead after this long without an answer.
     heartbeat_interval_s: float = 0.25
     heartbeat_timeout_s: float = 1.5

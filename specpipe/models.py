@@ -49,8 +49,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
+def _check_local(path: str | Path) -> None:
+    """A path that is plainly local (absolute, ./ or ../) must exist: say so, rather than let
+    transformers report it as a malformed hub id."""
+    text = str(path)
+    if text.startswith(("/", "./", "../", "~")) and not Path(text).expanduser().is_dir():
+        raise ModelLoadError(f"model folder {text!r} does not exist")
+
+
 def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") -> PreTrainedModel:
     """Load a causal LM for inference. `path` is a local folder or a hub id."""
+    _check_local(path)
     try:
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as err:
@@ -64,6 +73,7 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
 
 
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
+    _check_local(path)
     try:
         return AutoTokenizer.from_pretrained(str(path))
     except (OSError, ValueError) as err:
