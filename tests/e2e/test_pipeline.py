@@ -1,0 +1,130 @@
+"""The pipelined schedules across real processes: stale replies are dropped, sampling through
+promoted branches keeps the target's distribution, and no branch outlives its request."""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures
+import itertools
+import time
+
+import numpy as np
+import pytest
+import torch
+import zmq.asyncio
+from scipy import stats as scipy_stats
+from transformers import AutoModelForCausalLM
+
+from specpipe import Client
+from specpipe.coordinator.policy import PolicyConfig
+from specpipe.coordinator.scheduler import RequestPlan, RequestRun
+from specpipe.coordinator.workers import WorkerClient
+from specpipe.launch.local import spawn_worker, stop_process
+from specpipe.sampling import SamplingParams, logits_to_probs
+
+from conftest import PROMPTS
+
+
+def test_stale_epoch_and_cancelled_branch_replies_are_dropped(tiny_models):
+    """A real draft worker drafts 20 tokens under epoch 1 that the coordinator leaves unread;
+    then the branch is synced (epoch 2) and drafts 3 more. The scheduler must hand over exactly
+    the 3 new tokens, dropping every stale one already in its inbox."""
+    draft = spawn_worker("draft", str(tiny_models["draft"]))
+    target = spawn_worker("target", str(tiny_models["target"]))
+
+    async def scenario():
+        context = zmq.asyncio.Context()
+        clients = [WorkerClient(role, w.endpoint, context, 0.2, 2.0) for role, w in (("draft", draft), ("target", target))]
+        for client in clients:
+            client.start()
+            await client.wait_healthy(10)
+        plan = RequestPlan(request_id="stale", prompt_ids=[4, 5, 6], max_new_tokens=50,
+                           sampling=SamplingParams(), seed=0, mode="sequential", policy=PolicyConfig(kind="fixed"))
+        run = RequestRun(plan, *clients)
+        await run.prefill()
+        run.epoch = 1
+        await run.start_draft([0], 20)
+        await asyncio.sleep(1.0)                       # all 20 epoch-1 tokens now wait in the inbox
+        run.epoch = 2
+        await run.sync_draft(0, keep=3, append=[7])
+        await run.start_draft([0], 3)
+        fresh = [(await run.next_event("draft_token")).reply.draft_token for _ in range(3)]
+        dropped = run.stats.drafted_total - 3
+        await run.release()
+        for client in clients:
+            await client.close()
+        context.term()
+        return fresh, dropped
+
+    try:
+        fresh, dropped = asyncio.run(scenario())
+    finally:
+        stop_process(draft.process)
+        stop_process(target.process)
+    assert [t.epoch for t in fresh] == [2, 2, 2]
+    assert [t.position for t in fresh] == [4, 5, 6]    # after [4, 5, 6, 7]
+    assert dropped == 20
+
+
+def exact_joint(model_dir, prompt_ids, sampling: SamplingParams, length: int) -> dict[tuple, float]:
+    """The target's exact distribution over its first `length` sampled tokens, by enumeration."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    joint = {(): 1.0}
+    for _ in range(length):
+        grown = {}
+        for prefix, mass in joint.items():
+            with torch.no_grad():
+                logits = model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1]
+            probs = logits_to_probs(logits, sampling)
+            for token in torch.nonzero(probs).flatten().tolist():
+                grown[prefix + (token,)] = mass * float(probs[token])
+        joint = grown
+    return joint
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
+def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode):
+    """The joint law of the first 3 tokens (temperature 1, top-k 3: 27 outcomes) over 700 seeds,
+    with unsure tokens everywhere (min-confidence 0.9) so branches are forked and promoted."""
+    server = serve("draft_close", "--min-confidence", "0.9", "--branch-width", "2", "--num-draft-tokens", "3")
+    client = Client(server.addr)
+    prompt_ids, sampling = PROMPTS[1], SamplingParams(temperature=1.0, top_k=3)
+    joint = exact_joint(tiny_models["target"], prompt_ids, sampling, 3)
+    outcomes = list(joint)
+    counts = dict.fromkeys(outcomes, 0)
+    hits = forked = 0
+
+    def run(seed):
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=3, temperature=1.0, top_k=3,
+                                             seed=seed, mode=mode)
+        return tuple(token_ids), last.stats
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        for tokens, stats in pool.map(run, range(700)):
+            counts[tokens] += 1                         # KeyError: a sequence the target forbids
+            hits += stats.branches_hit
+            forked += stats.branches_forked
+    if mode == "specbranch":
+        assert hits > 0 and forked > hits
+    observed = np.array([counts[o] for o in outcomes], dtype=float)
+    expected = np.array([joint[o] for o in outcomes]) * observed.sum()
+    big = expected >= 5
+    observed = np.append(observed[big], observed[~big].sum())
+    expected = np.append(expected[big], expected[~big].sum())
+    keep = expected > 0
+    assert scipy_stats.chisquare(observed[keep], expected[keep]).pvalue > 1e-3
+
+
+@pytest.mark.parametrize("draft", ["draft", "draft_close", "draft_same"])
+def test_no_branch_outlives_its_request(serve, draft):
+    client = Client(serve(draft).addr)
+    for mode, prompt_ids in itertools.product(["pipelined", "specbranch"], PROMPTS[:2]):
+        client.complete(prompt_ids=prompt_ids, max_new_tokens=30, mode=mode)
+        deadline = time.monotonic() + 1.0
+        while True:
+            stats = client.stats()
+            live = [(w.live_requests, w.live_branches) for w in stats.workers]
+            if stats.live_requests == 0 and live == [(0, 0), (0, 0)] or time.monotonic() > deadline:
+                break
+            time.sleep(0.02)
+        assert stats.live_requests == 0 and live == [(0, 0), (0, 0)], (mode, live)
