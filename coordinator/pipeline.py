@@ -37,7 +37,7 @@ logger = logging.getLogger(__name__)
 class BranchView:
     """The coordinator's mirror of one draft branch."""
     tokens: list[int]                                      # full sequence, prompt included
-    probs: dict[int, bytes] = field(default_factory=dict)  # position -> [vocab] float32 q
+    epoch: int = 0                                         # epoch its unverified tokens were drafted in
     drafting: bool = False
     stopped_unsure: bool = False                           # its job ended on a low-confidence token
     candidates: list[int] = field(default_factory=list)    # next-best tokens at its last position
@@ -65,7 +65,7 @@ class Pipeline:
                 await self.maybe_send_block()
             event = await self.run.next_event("draft_token", "verdict")
             if event.kind == "draft_token":
-                await self.on_draft_token(event.reply.draft_token, event.frames)
+                await self.on_draft_token(event.reply.draft_token)
             else:
                 yield await self.on_verdict(event.reply.verdict)
 
@@ -89,16 +89,14 @@ class Pipeline:
                 self.branches[branch_id].drafting = True
             await self.run.start_draft(branch_ids, need, num_candidates=self.policy.branch_width)
 
-    async def on_draft_token(self, token: worker_pb2.DraftToken, frames: list[bytes]) -> None:
+    async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
         view = self.branches.get(token.branch_id)
         if view is None:
             return                                  # a cancelled branch's late token: dropped
         assert token.position == len(view.tokens), \
             f"branch {token.branch_id}: token at {token.position}, mirror has {len(view.tokens)}"
         view.tokens.append(token.token_id)
-        if token.HasField("probs"):
-            view.probs[token.position] = frames[token.probs.frame]
-            self.run.vocab = token.probs.shape[0]
+        view.epoch = token.epoch
         view.candidates, view.candidate_probs = list(token.candidate_ids), list(token.candidate_probs)
         if token.last:
             view.drafting = False
@@ -139,8 +137,7 @@ class Pipeline:
         if len(block_ids) < stop - start and (view.drafting or not block_ids):
             return                                  # more tokens are on their way
         self.inflight = block_ids
-        block = Block(token_ids=block_ids, prob_frames=[view.probs[p] for p in range(start, start + len(block_ids))
-                                                        if p in view.probs], vocab=self.run.vocab)
+        block = Block(token_ids=block_ids, branch_id=self.main, epoch=view.epoch)
         await self.run.send_verify(block, emit_bonus=not block_ids)
         await self.keep_drafting()
 
@@ -177,7 +174,6 @@ class Pipeline:
             self.run.epoch += 1
             view = self.branches[survivor]
             view.tokens, view.drafting, view.stopped_unsure = list(self.tokens), False, False
-            view.probs = {p: q for p, q in view.probs.items() if p < len(self.tokens) - 1}
             await self.run.sync_draft(survivor, keep=len(self.tokens) - 1, append=self.tokens[-1:])
         elif self.branches[survivor].stopped_unsure:
             await self.maybe_fork()

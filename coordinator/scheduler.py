@@ -15,6 +15,7 @@ All decisions are made here; workers execute. Replies for an old epoch are dropp
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import time
 from dataclasses import dataclass, field
@@ -27,6 +28,8 @@ from specpipe.sampling import SamplingParams
 logger = logging.getLogger(__name__)
 
 ROOT_BRANCH = 0
+# Request numbers for the data plane, unique within this coordinator's life.
+HANDLES = itertools.count(1)
 
 
 @dataclass(frozen=True)
@@ -56,18 +59,16 @@ class RunStats:
 
 @dataclass
 class Block:
-    """Draft tokens on their way to a verification."""
+    """Draft tokens on their way to a verification. Their q (sampling) travel on the data plane,
+    drafted on `branch_id` under `epoch`."""
     token_ids: list[int] = field(default_factory=list)
-    prob_frames: list[bytes] = field(default_factory=list)   # one [vocab] float32 q per token
-    vocab: int = 0
+    branch_id: int = ROOT_BRANCH
+    epoch: int = 0
     done: bool = False
 
-    def add(self, token: worker_pb2.DraftToken, frames: list[bytes]) -> None:
+    def add(self, token: worker_pb2.DraftToken) -> None:
         self.token_ids.append(token.token_id)
-        if token.HasField("probs"):
-            self.prob_frames.append(frames[token.probs.frame])
-            self.vocab = token.probs.shape[0]
-        self.done = token.last
+        self.branch_id, self.epoch, self.done = token.branch_id, token.epoch, token.last
 
 
 class RequestRun:
@@ -76,7 +77,7 @@ class RequestRun:
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.stats = RunStats()
         self.policy = DraftPolicy(plan.policy, plan.mode)
-        self.vocab = 0                   # width of q, learnt from the draft's first token
+        self.handle = next(HANDLES)
         self.epoch = 0
         self.block_id = 0
         self.committed = len(plan.prompt_ids)
@@ -115,7 +116,7 @@ class RequestRun:
                 await self.start_draft([ROOT_BRANCH], num_draft)
                 while not block.done:
                     event = await self.next_event("draft_token")
-                    block.add(event.reply.draft_token, event.frames)
+                    block.add(event.reply.draft_token)
             verdict = await self.verify(block, emit_bonus=True)
             new_tokens = self.commit(verdict, block.token_ids)
             await self.sync_draft(ROOT_BRANCH, keep=self.committed - 1, append=new_tokens[-1:])
@@ -132,7 +133,7 @@ class RequestRun:
         sampling = worker_pb2.Sampling(temperature=self.plan.sampling.temperature, top_k=self.plan.sampling.top_k,
                                        top_p=self.plan.sampling.top_p, seed=self.plan.seed)
         prefill = worker_pb2.Prefill(request_id=self.plan.request_id, token_ids=self.plan.prompt_ids,
-                                     sampling=sampling)
+                                     sampling=sampling, handle=self.handle)
         await self.target.command(prefill=prefill)
         if self.uses_draft:
             await self.draft.command(prefill=prefill)
@@ -151,14 +152,8 @@ class RequestRun:
         self.block_id += 1
         verify = worker_pb2.Verify(request_id=self.plan.request_id, block_id=self.block_id,
                                    start_length=self.committed, draft_token_ids=block.token_ids,
-                                   emit_bonus=emit_bonus)
-        frames = []
-        if block.prob_frames:
-            verify.draft_probs.dtype = "float32"
-            verify.draft_probs.shape[:] = [len(block.prob_frames), block.vocab]
-            verify.draft_probs.frame = 0
-            frames = [b"".join(block.prob_frames)]   # bytes only: no tensor math in the coordinator
-        await self.target.command(verify=verify, frames=frames)
+                                   branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus)
+        await self.target.command(verify=verify)
 
     async def verify(self, block: Block, emit_bonus: bool) -> worker_pb2.Verdict:
         await self.send_verify(block, emit_bonus)

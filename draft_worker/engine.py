@@ -20,7 +20,6 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specpipe import wire
 from specpipe.kv_cache import KVCache, forward_batch
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import STREAM_DRAFT, SamplingParams, logits_to_probs, make_generator, sample_from_probs
@@ -51,11 +50,14 @@ class Branch:
 class DraftRequest:
     sampling: SamplingParams
     seed: int
+    handle: int                      # the request's number on the data plane
     branches: dict[int, Branch] = field(default_factory=dict)
 
 class DraftEngine:
-    def __init__(self, model, device: torch.device | str = "cpu"):
+    def __init__(self, model, device: torch.device | str = "cpu", probs_sender=None):
+        """`probs_sender`: the data plane to the target (specpipe.dataplane), needed for sampling."""
         self.model, self.device = model, torch.device(device)
+        self.probs_sender = probs_sender
         self.requests: dict[str, DraftRequest] = {}
         self._turn = 0  # round-robin position over requests with work
 
@@ -68,7 +70,7 @@ class DraftEngine:
     def _on_prefill(self, msg) -> None:
         assert len(msg.token_ids) >= 1, "prefill needs at least one token"
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
-        request = DraftRequest(sampling=sampling, seed=msg.sampling.seed)
+        request = DraftRequest(sampling=sampling, seed=msg.sampling.seed, handle=msg.handle)
         tokens = list(msg.token_ids)
         cache = KVCache()
         if len(tokens) > 1:
@@ -79,6 +81,9 @@ class DraftEngine:
 
     def _on_draft(self, msg) -> None:
         request = self._request(msg.request_id)
+        if msg.send_probs and self.probs_sender is None:
+            raise ValueError("sampling needs the data plane to the target: start the draft worker with "
+                             "--target-data-addr (zmq) or under torch.distributed (--transport torch)")
         for branch_id in msg.branch_ids:
             branch = self._branch(request, msg.request_id, branch_id)
             branch.job = DraftJob(msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates,
@@ -189,12 +194,11 @@ class DraftEngine:
             pairs = [(int(t), float(p)) for t, p in zip(top.indices, top.values) if int(t) != token_id]
             msg.candidate_ids[:] = [t for t, _ in pairs[:job.num_candidates]]
             msg.candidate_probs[:] = [p for _, p in pairs[:job.num_candidates]]
-        frames: list[bytes] = []
         if job.send_probs:
-            wire.put_tensor(msg.probs, probs.float(), frames)
+            self.probs_sender.send((request.handle, branch_id, job.epoch, position), probs)
         if last:
             branch.job = None
-        return request_id, worker_pb2.Reply(draft_token=msg), frames
+        return request_id, worker_pb2.Reply(draft_token=msg), []
 
     def _ids(self, rows: list[list[int]]) -> torch.Tensor:
         return torch.tensor(rows, dtype=torch.long, device=self.device)

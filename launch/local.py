@@ -14,6 +14,7 @@ import os
 import queue
 import re
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -59,20 +60,70 @@ class WorkerProcess:
     role: str
     process: subprocess.Popen
     endpoint: str
+    data_endpoint: str = ""      # target, zmq transport
 
 
-def spawn_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
-                 dtype: str = "float32", threads: int = 1) -> WorkerProcess:
+def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
+                 dtype: str = "float32", threads: int = 1, extra: list[str] | None = None,
+                 env: dict | None = None):
+    """Start a worker process; returns a function that waits for its READY line."""
     command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
                "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
-               "--exit-with-parent"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
+               "--exit-with-parent", *(extra or [])]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
-    match = _wait_line(process, lines, re.compile(r"READY (\S+)"), WORKER_READY_TIMEOUT_S,
-                       f"the {role} worker ({model})")
-    logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
-    return WorkerProcess(role, process, match.group(1))
+
+    def ready() -> WorkerProcess:
+        try:
+            match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), WORKER_READY_TIMEOUT_S,
+                               f"the {role} worker ({model})")
+        except Exception:
+            stop_process(process)
+            raise
+        logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
+        return WorkerProcess(role, process, match.group(1), match.group(2) or "")
+    return ready
+
+
+def spawn_worker(role: str, model: str, **options) -> WorkerProcess:
+    """Start a worker process and wait until it is ready."""
+    return start_worker(role, model, **options)()
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    with socket.socket() as probe:
+        probe.bind((host, 0))
+        return probe.getsockname()[1]
+
+
+def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str, target_data_port: int = 0,
+                  target_device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
+                  threads: int = 1, target_data_addr: str = "") -> dict[str, WorkerProcess]:
+    """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
+    up first, and the draft is pointed at its data-plane endpoint. torch: both start together
+    and form a two-rank group on a free local port (target rank 0, draft rank 1)."""
+    common = dict(host=host, dtype=dtype, threads=threads)
+    waiting, workers = {}, {}
+    try:
+        if transport == "torch":
+            rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
+            for role, model, device, rank in (("target", target, target_device, 0), ("draft", draft, draft_device, 1)):
+                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch"],
+                                             env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}, **common)
+            return {role: ready() for role, ready in waiting.items()}
+        if target:
+            workers["target"] = spawn_worker("target", target, device=target_device,
+                                             extra=["--data-port", str(target_data_port)], **common)
+            target_data_addr = workers["target"].data_endpoint
+        if draft:
+            workers["draft"] = spawn_worker("draft", draft, device=draft_device,
+                                            extra=["--target-data-addr", target_data_addr], **common)
+        return workers
+    except Exception:
+        for worker in workers.values():
+            stop_process(worker.process)
+        raise
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:

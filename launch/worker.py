@@ -9,7 +9,8 @@ import os
 
 import torch
 
-from specpipe.config import DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, WorkerConfig, zmq_endpoint
+from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, WorkerConfig,
+                             zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -24,13 +25,25 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
+    parser.add_argument("--transport", default=os.environ.get("SPECPIPE_TRANSPORT", "zmq"), choices=["zmq", "torch"],
+                        help="data plane for the draft's q: zmq, or torch (torch.distributed group from "
+                             "MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, as torchrun sets)")
+    parser.add_argument("--data-port", type=int, default=DEFAULT_DATA_PORT,
+                        help="target, zmq transport: data-plane port to bind (0 = any)")
+    parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
+                        help="draft, zmq transport: the target's data-plane endpoint, tcp://HOST:PORT "
+                             "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling")
+    parser.add_argument("--dist-timeout", type=float, default=60.0,
+                        help="seconds to wait for the torch.distributed peer before failing")
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s {role}-worker %(name)s: %(message)s")
     return WorkerConfig(role=role, model=args.model, bind=zmq_endpoint(args.host, args.port),
                         device=args.device, dtype=args.dtype, num_threads=args.threads,
-                        exit_with_parent=args.exit_with_parent)
+                        exit_with_parent=args.exit_with_parent, transport=args.transport,
+                        data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
+                        dist_timeout_s=args.dist_timeout)
 
 
 def main(role: str, argv=None) -> None:
@@ -43,10 +56,34 @@ def main(role: str, argv=None) -> None:
     torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     model = load_model(config.model, device=str(device), dtype=config.dtype)
-    if role == "draft":
+    engine, data_endpoint = build_engine(config, model, device)
+    serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "")
+    if config.transport == "torch":
+        # The data-plane receiver thread is blocked in recv: tearing the group down under it
+        # would abort the process. The loop has stopped cleanly, so leave at once.
+        logging.shutdown()
+        os._exit(0)
+
+
+def build_engine(config: WorkerConfig, model, device):
+    """The role's engine wired to its data plane; returns (engine, data endpoint or "")."""
+    from specpipe import dataplane
+    from specpipe.models import vocab_size
+
+    group = None
+    if config.transport == "torch":
+        from specpipe.distributed import init_from_env
+        group = init_from_env(device, config.dist_timeout_s)
+    if config.role == "draft":
         from specpipe.draft_worker.engine import DraftEngine
-        engine = DraftEngine(model, device)
-    else:
-        from specpipe.target_worker.engine import TargetEngine
-        engine = TargetEngine(model, device)
-    serve(engine, role, config.bind)
+        if group is not None:
+            sender = dataplane.TorchSender(group.target_rank, device)
+        else:
+            sender = dataplane.ZmqSender(config.target_data_addr) if config.target_data_addr else None
+        return DraftEngine(model, device, probs_sender=sender), ""
+    from specpipe.target_worker.engine import TargetEngine
+    if group is not None:
+        receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device)
+        return TargetEngine(model, device, probs_receiver=receiver), ""
+    receiver = dataplane.ZmqReceiver(config.data_bind)
+    return TargetEngine(model, device, probs_receiver=receiver), receiver.endpoint

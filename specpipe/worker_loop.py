@@ -28,6 +28,9 @@ logger = logging.getLogger(__name__)
 
 # How long the loop sleeps on its socket when it has no work: bounds the latency of a shutdown.
 IDLE_POLL_MS = 100
+# How often the loop looks again while work waits for data that arrives without a socket to
+# wake it (the torch.distributed data plane's receiver thread).
+WAITING_POLL_MS = 1
 PR_SET_PDEATHSIG = 1
 
 
@@ -58,9 +61,14 @@ class WorkerLoop:
 
     def run(self) -> None:
         logger.info("%s worker listening on %s", self.role, self.endpoint)
+        poller = zmq.Poller()
+        poller.register(self.socket, zmq.POLLIN)
+        for socket in getattr(self.engine, "poll_sockets", list)():
+            poller.register(socket, zmq.POLLIN)
+        waiting = getattr(self.engine, "waiting", lambda: False)
         while self.running:
-            timeout = 0 if self.engine.has_work() else IDLE_POLL_MS
-            if self.socket.poll(timeout):
+            timeout = 0 if self.engine.has_work() else WAITING_POLL_MS if waiting() else IDLE_POLL_MS
+            if self.socket in dict(poller.poll(timeout)):
                 self._drain()
             if self.engine.has_work():
                 begin = time.perf_counter()
@@ -112,12 +120,11 @@ class WorkerLoop:
         self.socket.send_multipart([identity, *wire.encode(reply, frames)])
 
 
-def serve(engine, role: str, bind: str, ready_line: bool = True) -> None:
-    """Run a worker until SIGTERM/SIGINT. Prints `READY <endpoint>` once bound (the launcher
-    reads it to learn a port chosen by the OS)."""
+def serve(engine, role: str, bind: str, extra_ready: str = "") -> None:
+    """Run a worker until SIGTERM/SIGINT. Prints `READY <endpoint>[ data=<endpoint>]` once bound
+    (the launcher reads it to learn ports chosen by the OS)."""
     loop = WorkerLoop(engine, role, bind)
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
-    if ready_line:
-        print(f"READY {loop.endpoint}", flush=True)
+    print(f"READY {loop.endpoint}{extra_ready}", flush=True)
     loop.run()

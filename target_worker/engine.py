@@ -1,5 +1,9 @@
 """The target worker's executor: prefill, verify, release, over the target model.
 
+For sampling, the draft's q of a block arrive over the data plane (specpipe.dataplane), not with
+the Verify command: a queued verify runs once all of its q are in the table (the first ready one
+in the queue goes first; one that waits past DATA_TIMEOUT_S fails with an error reply).
+
 Per request the target holds the committed tokens, a KV cache over a prefix of them, and — after
 a block whose tokens were all accepted with no bonus asked for — the logits at the next position.
 Verify feeds the not-yet-cached committed tokens plus the block in one forward, hands the rows to
@@ -13,7 +17,6 @@ the schedule cuts its blocks deterministically).
 
 from __future__ import annotations
 
-import collections
 import logging
 import time
 from dataclasses import dataclass
@@ -21,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from specpipe import wire
+from specpipe.dataplane import ProbsTable
 from specpipe.kv_cache import KVCache
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import STREAM_VERIFY, SamplingParams, logits_to_probs, make_generator
@@ -28,19 +32,28 @@ from specpipe.target_worker.verify import rejection_sample, verify_greedy
 
 logger = logging.getLogger(__name__)
 
+# How long a verify may wait for its q on the data plane before it fails (the draft died, or the
+# data plane is misconfigured).
+DATA_TIMEOUT_S = 10.0
+
+
 @dataclass
 class TargetRequest:
     tokens: list[int]
     cache: KVCache
     sampling: SamplingParams
     seed: int
+    handle: int
     next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
 
 class TargetEngine:
-    def __init__(self, model, device: torch.device | str = "cpu"):
+    def __init__(self, model, device: torch.device | str = "cpu", probs_receiver=None):
+        """`probs_receiver`: the data plane from the draft (specpipe.dataplane), for sampling."""
         self.model, self.device = model, torch.device(device)
         self.requests: dict[str, TargetRequest] = {}
-        self.queue: collections.deque = collections.deque()   # (Verify, frames)
+        self.queue: list = []      # [(Verify, queued_at)] FIFO, the first ready one runs
+        self.receiver = probs_receiver
+        self.table = ProbsTable(getattr(probs_receiver, "recycle", None))
 
     def handle(self, command, frames):
         kind = command.WhichOneof("kind")
@@ -50,10 +63,12 @@ class TargetEngine:
         elif kind == "verify":
             if msg.request_id not in self.requests:
                 raise KeyError(f"unknown request {msg.request_id!r}")
-            self.queue.append((msg, frames))
+            self.queue.append((msg, time.monotonic()))
         elif kind == "release":
-            self.requests.pop(msg.request_id, None)
-            self.queue = collections.deque(item for item in self.queue if item[0].request_id != msg.request_id)
+            state = self.requests.pop(msg.request_id, None)
+            if state is not None:
+                self.table.release(state.handle)
+            self.queue = [item for item in self.queue if item[0].request_id != msg.request_id]
         else:
             raise ValueError(f"the target worker does not take {kind!r}")
         return []
@@ -66,18 +81,36 @@ class TargetEngine:
             with torch.inference_mode():
                 cache.forward(self.model, torch.tensor([tokens[:-1]], device=self.device))
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
-        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed)
+        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed, msg.handle)
 
     def live_counts(self) -> tuple[int, int]:
         return len(self.requests), len(self.requests)
 
+    def poll_sockets(self) -> list:
+        socket = getattr(self.receiver, "socket", None)
+        return [socket] if socket is not None else []
+
+    def waiting(self) -> bool:
+        """Verifies are queued but none is ready: the loop should look again soon."""
+        return bool(self.queue) and not self.has_work()
+
     def has_work(self) -> bool:
-        return bool(self.queue)
+        if self.receiver is not None:
+            self.table.add(self.receiver.drain())
+        return any(self._ready(msg, queued_at) for msg, queued_at in self.queue)
+
+    def _ready(self, msg, queued_at: float) -> bool:
+        state = self.requests[msg.request_id]
+        if state.sampling.greedy or not msg.draft_token_ids or time.monotonic() - queued_at > DATA_TIMEOUT_S:
+            return True
+        positions = range(msg.start_length, msg.start_length + len(msg.draft_token_ids))
+        return self.table.take(state.handle, msg.branch_id, msg.epoch, positions) is not None
 
     def work(self):
-        msg, frames = self.queue.popleft()
+        index = next(i for i, (msg, queued_at) in enumerate(self.queue) if self._ready(msg, queued_at))
+        msg, _ = self.queue.pop(index)
         try:
-            reply, reply_frames = self._verify(msg, frames)
+            reply, reply_frames = self._verify(msg)
         except Exception as err:
             logger.exception("[%s] verify failed", msg.request_id)
             error = worker_pb2.Error(request_id=msg.request_id, message=f"{type(err).__name__}: {err}",
@@ -85,7 +118,7 @@ class TargetEngine:
             return [(msg.request_id, worker_pb2.Reply(error=error), [])]
         return [(msg.request_id, reply, reply_frames)]
 
-    def _verify(self, msg, frames):
+    def _verify(self, msg):
         begin = time.perf_counter()
         state = self.requests[msg.request_id]
         if msg.start_length != len(state.tokens):
@@ -102,7 +135,7 @@ class TargetEngine:
             rows = logits[len(pending) - 1:]                      # [k + 1, vocab]
         else:
             rows = torch.cat([state.next_logits[None], logits])
-        num_accepted, next_token = self._decide(state, msg, frames, draft, rows)
+        num_accepted, next_token = self._decide(state, msg, draft, rows)
         all_accepted = num_accepted == len(draft)
         if all_accepted and not msg.emit_bonus:
             state.tokens += draft
@@ -112,6 +145,7 @@ class TargetEngine:
             state.tokens += draft[:num_accepted] + [next_token]
             state.cache.rollback(msg.start_length + num_accepted)
             state.next_logits = None
+        self.table.drop_below(state.handle, len(state.tokens))
         verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id,
                                      num_accepted=num_accepted, next_token_id=next_token,
                                      committed_length=len(state.tokens))
@@ -123,20 +157,31 @@ class TargetEngine:
         verdict.verify_seconds = time.perf_counter() - begin
         return worker_pb2.Reply(verdict=verdict), reply_frames
 
-    @staticmethod
-    def _decide(state: TargetRequest, msg, frames, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
+    def _decide(self, state: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
         """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab]."""
         draft_ids = torch.tensor([draft], dtype=torch.long)
         if state.sampling.greedy:
             result = verify_greedy(draft_ids, rows[None])
         else:
             target_probs = logits_to_probs(rows, state.sampling)[None]
-            if draft:
-                draft_probs = wire.get_tensor(msg.draft_probs, frames)[None]
-                assert draft_probs.shape[1:] == (len(draft), rows.shape[-1]), \
-                    f"draft_probs shape {tuple(draft_probs.shape)} does not match the block"
-            else:
-                draft_probs = torch.zeros(1, 0, rows.shape[-1])
+            draft_probs = self._draft_probs(state, msg, rows.shape[-1])
             generator = make_generator(state.seed, msg.start_length, STREAM_VERIFY)
             result = rejection_sample(draft_ids, draft_probs, target_probs, generator)
         return int(result.num_accepted[0]), int(result.next_token_ids[0])
+
+    def _draft_probs(self, state: TargetRequest, msg, vocab: int) -> torch.Tensor:
+        """[1, num_draft_tokens, vocab] q from the data plane, zero-padded to the target's
+        width when the draft's head is narrower (padding rows have no mass)."""
+        num_draft = len(msg.draft_token_ids)
+        if not num_draft:
+            return torch.zeros(1, 0, vocab)
+        positions = range(msg.start_length, msg.start_length + num_draft)
+        draft_probs = self.table.take(state.handle, msg.branch_id, msg.epoch, positions)
+        if draft_probs is None:
+            raise TimeoutError(f"the draft's q for block {msg.block_id} did not arrive on the data plane "
+                               f"within {DATA_TIMEOUT_S:.0f}s")
+        draft_probs = draft_probs.to(self.device).float()
+        if draft_probs.shape[-1] < vocab:
+            draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))
+        assert draft_probs.shape == (num_draft, vocab), f"q of shape {tuple(draft_probs.shape)} for a block of {num_draft}"
+        return draft_probs[None]

@@ -29,14 +29,16 @@ class Sampling(_message.Message):
     def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ...) -> None: ...
 
 class Prefill(_message.Message):
-    __slots__ = ("request_id", "token_ids", "sampling")
+    __slots__ = ("request_id", "token_ids", "sampling", "handle")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
     SAMPLING_FIELD_NUMBER: _ClassVar[int]
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     token_ids: _containers.RepeatedScalarFieldContainer[int]
     sampling: Sampling
-    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ...) -> None: ...
+    handle: int
+    def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., handle: _Optional[int] = ...) -> None: ...
 
 class Draft(_message.Message):
     __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs")
@@ -91,22 +93,24 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verify(_message.Message):
-    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "draft_probs", "emit_bonus", "want_features")
+    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     START_LENGTH_FIELD_NUMBER: _ClassVar[int]
     DRAFT_TOKEN_IDS_FIELD_NUMBER: _ClassVar[int]
-    DRAFT_PROBS_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
     EMIT_BONUS_FIELD_NUMBER: _ClassVar[int]
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     start_length: int
     draft_token_ids: _containers.RepeatedScalarFieldContainer[int]
-    draft_probs: Tensor
+    branch_id: int
+    epoch: int
     emit_bonus: bool
     want_features: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., draft_probs: _Optional[_Union[Tensor, _Mapping]] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("request_id",)
@@ -141,7 +145,7 @@ class Command(_message.Message):
     def __init__(self, prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
 
 class DraftToken(_message.Message):
-    __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "probs", "last", "step_seconds")
+    __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "last", "step_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -150,7 +154,6 @@ class DraftToken(_message.Message):
     PROB_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PROBS_FIELD_NUMBER: _ClassVar[int]
-    PROBS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
     STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
@@ -161,10 +164,9 @@ class DraftToken(_message.Message):
     prob: float
     candidate_ids: _containers.RepeatedScalarFieldContainer[int]
     candidate_probs: _containers.RepeatedScalarFieldContainer[float]
-    probs: Tensor
     last: bool
     step_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
     __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds")
@@ -209,6 +211,20 @@ class Error(_message.Message):
     message: str
     command: str
     def __init__(self, request_id: _Optional[str] = ..., message: _Optional[str] = ..., command: _Optional[str] = ...) -> None: ...
+
+class DraftProbs(_message.Message):
+    __slots__ = ("handle", "branch_id", "epoch", "position", "probs")
+    HANDLE_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    PROBS_FIELD_NUMBER: _ClassVar[int]
+    handle: int
+    branch_id: int
+    epoch: int
+    position: int
+    probs: Tensor
+    def __init__(self, handle: _Optional[int] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
     __slots__ = ("draft_token", "verdict", "pong", "error")

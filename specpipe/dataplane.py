@@ -1,0 +1,172 @@
+"""The data plane: the draft's q tensors go straight to the target, never through the coordinator
+(DESIGN §2: as few hops as the design allows). Two transports, chosen by `--transport`:
+
+- `zmq`: the target binds a PULL socket, the draft PUSHes one DraftProbs message (protobuf header
+  plus one raw frame) per drafted token.
+- `torch`: point-to-point `send`/`recv` over the torch.distributed group (NCCL on CUDA, gloo on
+  CPU): a fixed int64 header [handle, branch_id, epoch, position, vocab], then the float32
+  payload. The receiver posts into pre-allocated buffers from a thread and copies into a
+  recycled pool, so the steady state allocates nothing; nothing is pickled (no send_object_list).
+
+The target keeps what arrives in a `ProbsTable` keyed by (handle, branch_id, epoch, position)
+until the verify that needs it; entries below the committed length and those of released
+requests are dropped. Greedy requests never use the data plane.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+from collections import defaultdict
+
+import torch
+import zmq
+
+from specpipe import wire
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+TRANSPORTS = ("zmq", "torch")
+HEADER_FIELDS = 5      # handle, branch_id, epoch, position, vocab
+# Drafted tokens that may wait in the pipe: far more than any lookahead, so a send never blocks
+# on a live target.
+SEND_HIGH_WATER_MARK = 100_000
+
+Key = tuple[int, int, int, int]   # (handle, branch_id, epoch, position)
+
+
+class ZmqSender:
+    def __init__(self, address: str, context: zmq.Context | None = None):
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+        self.socket.connect(address)
+
+    def send(self, key: Key, probs: torch.Tensor) -> None:
+        handle, branch_id, epoch, position = key
+        message = worker_pb2.DraftProbs(handle=handle, branch_id=branch_id, epoch=epoch, position=position)
+        frames: list[bytes] = []
+        wire.put_tensor(message.probs, probs, frames)
+        self.socket.send_multipart(wire.encode(message, frames), copy=False)
+
+
+class ZmqReceiver:
+    """Target side; `socket` joins the worker loop's poller, `drain()` returns what arrived."""
+
+    def __init__(self, bind: str, context: zmq.Context | None = None):
+        self.socket = (context or zmq.Context.instance()).socket(zmq.PULL)
+        self.socket.setsockopt(zmq.LINGER, 0)
+        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        self.socket.bind(bind)
+        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+    def drain(self) -> list[tuple[Key, torch.Tensor]]:
+        arrived = []
+        while True:
+            try:
+                parts = self.socket.recv_multipart(zmq.NOBLOCK)
+            except zmq.Again:
+                return arrived
+            try:
+                message = worker_pb2.DraftProbs.FromString(parts[0])
+                probs = wire.get_tensor(message.probs, parts[1:])
+            except Exception as err:   # a wrong peer or garbage: log, drop, carry on
+                logger.warning("data plane dropped a malformed message: %s", err)
+                continue
+            arrived.append(((message.handle, message.branch_id, message.epoch, message.position), probs))
+
+
+class TorchSender:
+    def __init__(self, dst_rank: int, device: torch.device):
+        self.dst, self.device = dst_rank, device
+        self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
+
+    def send(self, key: Key, probs: torch.Tensor) -> None:
+        import torch.distributed as dist
+        self.header.copy_(torch.tensor([*key, probs.numel()], dtype=torch.int64))
+        dist.send(self.header, self.dst)
+        dist.send(probs.to(self.device, torch.float32).contiguous(), self.dst)
+
+
+class TorchReceiver:
+    """Target side: a thread blocks in recv; the worker loop calls `drain()` between steps."""
+
+    def __init__(self, src_rank: int, vocab: int, device: torch.device):
+        self.src, self.vocab, self.device = src_rank, vocab, device
+        self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
+        self.payload = torch.zeros(vocab, dtype=torch.float32, device=device)
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()     # recycled [vocab] tensors
+        self.arrived: queue.SimpleQueue = queue.SimpleQueue()
+        self.socket = None                                      # nothing to poll: see drain()
+        threading.Thread(target=self._receive, name="dataplane-recv", daemon=True).start()
+
+    def _buffer(self) -> torch.Tensor:
+        try:
+            return self.pool.get_nowait()
+        except queue.Empty:
+            return torch.empty(self.vocab, dtype=torch.float32, device=self.device)
+
+    def recycle(self, tensor: torch.Tensor) -> None:
+        if tensor.numel() == self.vocab and tensor.device == self.device:
+            self.pool.put(tensor)
+
+    def _receive(self) -> None:
+        import torch.distributed as dist
+        while True:
+            try:
+                dist.recv(self.header, self.src)
+                handle, branch_id, epoch, position, vocab = self.header.tolist()
+                payload = self.payload[:vocab]
+                dist.recv(payload, self.src)
+            except Exception as err:   # the group is gone (peer exited): stop quietly
+                logger.info("data plane receiver stopped: %s", err)
+                return
+            buffer = self._buffer()[:vocab]
+            buffer.copy_(payload)
+            self.arrived.put(((handle, branch_id, epoch, position), buffer))
+
+    def drain(self) -> list[tuple[Key, torch.Tensor]]:
+        arrived = []
+        while True:
+            try:
+                arrived.append(self.arrived.get_nowait())
+            except queue.Empty:
+                return arrived
+
+
+class ProbsTable:
+    """What the target holds of the draft's q until a verify takes it."""
+
+    def __init__(self, recycle=None):
+        self.by_handle: dict[int, dict[tuple[int, int, int], torch.Tensor]] = defaultdict(dict)
+        self.recycle = recycle
+
+    def add(self, arrived: list[tuple[Key, torch.Tensor]]) -> None:
+        for (handle, branch_id, epoch, position), probs in arrived:
+            self.by_handle[handle][(branch_id, epoch, position)] = probs
+
+    def take(self, handle: int, branch_id: int, epoch: int, positions: range) -> torch.Tensor | None:
+        """[len(positions), vocab] q, or None while some have not arrived yet."""
+        entries = self.by_handle.get(handle, {})
+        rows = [entries.get((branch_id, epoch, p)) for p in positions]
+        if any(row is None for row in rows):
+            return None
+        return torch.stack(rows) if rows else None
+
+    def drop_below(self, handle: int, length: int) -> None:
+        entries = self.by_handle.get(handle)
+        for key in [k for k in entries or () if k[2] < length]:
+            self._free(entries.pop(key))
+
+    def release(self, handle: int) -> None:
+        for tensor in self.by_handle.pop(handle, {}).values():
+            self._free(tensor)
+
+    def _free(self, tensor: torch.Tensor) -> None:
+        if self.recycle is not None:
+            self.recycle(tensor)
+
+    def __len__(self) -> int:
+        return sum(len(entries) for entries in self.by_handle.values())
