@@ -46,37 +46,70 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target-addr", default=os.environ.get("SPECPIPE_TARGET_ADDR"),
                         help="use a target worker already running at this endpoint (env SPECPIPE_TARGET_ADDR)")
     parser.add_argument("--worker-host", default="127.0.0.1", help="interface the spawned workers bind")
+    parser.add_argument("--transport", default="zmq", choices=["zmq", "torch"],
+                        help="data plane for the draft's q: zmq, or torch (torch.distributed: NCCL on GPUs, gloo on CPU)")
+    parser.add_argument("--target-data-port", type=int, default=0,
+                        help="data-plane port of the spawned target (zmq; 0 = any). Give a fixed one (e.g. 50063) "
+                             "when the draft runs elsewhere (--draft-addr): that draft needs --target-data-addr")
+    parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
+                        help="with --target-addr: the remote target's data-plane endpoint, for the spawned draft")
+
+    def at_least(low: int):
+        def parse(text: str) -> int:
+            value = int(text)
+            if value < low:
+                raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
+            return value
+        return parse
+
+    limits = parser.add_argument_group("admission (beyond the limits: RESOURCE_EXHAUSTED)")
+    limits.add_argument("--max-concurrent-requests", type=at_least(1), default=32,
+                        help="requests generating at once; more wait in the queue (default 32)")
+    limits.add_argument("--max-queued-requests", type=at_least(0), default=256,
+                        help="requests waiting (FIFO) for a slot; beyond that, refused (default 256)")
+    limits.add_argument("--max-tokens-in-flight", type=at_least(0), default=0,
+                        help="sum of prompt + max_new_tokens over running requests; a request that would "
+                             "pass it waits (default 0 = no limit)")
+    security = parser.add_argument_group("security and observability")
+    security.add_argument("--auth-token-file", default=os.environ.get("SPECPIPE_AUTH_TOKEN_FILE", ""),
+                          help="file holding the bearer token every RPC except health and reflection must carry "
+                               "(metadata 'authorization: Bearer <token>'); default: no token "
+                               "(env SPECPIPE_AUTH_TOKEN_FILE)")
+    security.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS (with --tls-key)")
+    security.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    security.add_argument("--metrics-port", type=at_least(0), default=None,
+                          help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; "
+                               "default: off)")
+    security.add_argument("--log-format", default="text", choices=["text", "json"],
+                          help="coordinator log lines: text, or one JSON object per line (default text)")
 
 
 def cmd_serve(args) -> None:
-    from specpipe.launch.local import serve, spawn_worker
+    from specpipe.launch.local import serve, spawn_workers
 
     target, draft = args.target, args.draft
     if not target or not draft:
         demo_target, demo_draft = _demo_models()
         target, draft = target or demo_target, draft or demo_draft
-    workers = []
-    try:
-        if not args.target_addr:
-            workers.append(spawn_worker("target", target, args.worker_host, 0, args.target_device, args.dtype,
-                                        args.threads))
-        if not args.draft_addr:
-            workers.append(spawn_worker("draft", draft, args.worker_host, 0, args.draft_device, args.dtype,
-                                        args.threads))
-    except Exception:
-        from specpipe.launch.local import stop_process
-        for worker in workers:
-            stop_process(worker.process)
-        raise
-    endpoints = {w.role: w.endpoint for w in workers}
+    if args.transport == "torch" and (args.draft_addr or args.target_addr):
+        raise SystemExit("--transport torch with a remote worker: start the ranks with torchrun "
+                         "(python -m specpipe.launch.torchrun), see the README")
+    workers = spawn_workers(None if args.target_addr else target, None if args.draft_addr else draft,
+                            host=args.worker_host, transport=args.transport,
+                            target_data_port=args.target_data_port, target_device=args.target_device,
+                            draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
+                            target_data_addr=args.target_data_addr)
     config = CoordinatorConfig(
-        target_model=target, draft_addr=args.draft_addr or endpoints["draft"],
-        target_addr=args.target_addr or endpoints["target"], host=args.host, port=args.port,
+        target_model=target, draft_addr=args.draft_addr or workers["draft"].endpoint,
+        target_addr=args.target_addr or workers["target"].endpoint, host=args.host, port=args.port,
         default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
-                            min_branch_prob=args.min_branch_prob))
-    asyncio.run(serve(config, workers))
+                            min_branch_prob=args.min_branch_prob),
+        max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
+        max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format)
+    asyncio.run(serve(config, list(workers.values())))
 
 
 def cmd_generate(args) -> None:

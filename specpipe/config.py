@@ -13,6 +13,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_DRAFT_PORT = 50061
 DEFAULT_TARGET_PORT = 50062
+DEFAULT_DATA_PORT = 50063      # the target's data-plane port (zmq transport)
 # Environment variables that name the workers' addresses (flags override them).
 ENV_DRAFT_ADDR = "SPECPIPE_DRAFT_ADDR"
 ENV_TARGET_ADDR = "SPECPIPE_TARGET_ADDR"
@@ -36,6 +37,10 @@ class WorkerConfig:
     dtype: str = "float32"
     num_threads: int = 1      # torch threads: one core per worker so both run in parallel
     exit_with_parent: bool = False
+    transport: str = "zmq"    # data plane for the draft's q: zmq or torch (torch.distributed)
+    data_bind: str = ""       # target, zmq: endpoint of its data-plane socket
+    target_data_addr: str = ""  # draft, zmq: the target's data-plane endpoint
+    dist_timeout_s: float = 60.0
 
 
 @dataclass(frozen=True)
@@ -54,4 +59,18 @@ class CoordinatorConfig:
     # Heartbeat: ping each worker this often; declare it dead after this long without an answer.
     heartbeat_interval_s: float = 0.25
     heartbeat_timeout_s: float = 1.5
+    # Admission (coordinator/admission.py): requests running at once, waiting in the FIFO queue
+    # beyond that (more: RESOURCE_EXHAUSTED), and the sum of prompt + max_new_tokens over running
+    # requests (0 = no limit: concurrency x context length bounds it anyway).
+    max_concurrent_requests: int = 32
+    max_queued_requests: int = 256
+    max_tokens_in_flight: int = 0
+    # Security (coordinator/auth.py): a file holding the bearer token every non-health RPC must
+    # carry (empty: no token); a PEM certificate chain and key to serve TLS (empty: plain text).
+    auth_token_file: str = ""
+    tls_cert: str = ""
+    tls_key: str = ""
+    # Prometheus endpoint on `host` (coordinator/metrics.py): None = off, 0 = any free port.
+    metrics_port: int | None = None
+    log_format: str = "text"  # text | json (one JSON object per line)
     extra: dict = field(default_factory=dict)
