@@ -10,6 +10,10 @@ Modes:
 - pipelined / specbranch: see coordinator/pipeline.py.
 
 All decisions are made here; workers execute. Replies for an old epoch are dropped here.
+
+If the draft worker goes down mid-request, the request carries on target-only from what is
+committed (the verdict of a block already in flight is still awaited and applied): lossless,
+since every committed token was the target's. If the target goes down, the request fails.
 """
 
 from __future__ import annotations
@@ -22,6 +26,10 @@ from dataclasses import dataclass, field
 
 from specpipe.coordinator.policy import DraftPolicy, PolicyConfig
 from specpipe.coordinator.workers import Event, WorkerClient, WorkerDown, WorkerFailed
+
+
+class DraftDown(WorkerDown):
+    """The draft worker stopped answering: the request falls back to target-only decoding."""
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import SamplingParams
 
@@ -80,8 +88,10 @@ class RequestRun:
         self.handle = next(HANDLES)
         self.epoch = 0
         self.block_id = 0
+        self.verify_in_flight: Block | None = None
         self.committed = len(plan.prompt_ids)
-        self.uses_draft = plan.mode != "autoregressive"
+        self.uses_draft = plan.mode != "autoregressive" and draft.healthy
+        self.fell_back = plan.mode != "autoregressive" and not draft.healthy   # degraded from the start
         self.started = time.monotonic()
         self.target.attach(plan.request_id, self.inbox)
         if self.uses_draft:
@@ -90,18 +100,35 @@ class RequestRun:
     # -- the schedules ------------------------------------------------------------------------
     async def tokens(self):
         """Async iterator over lists of newly committed tokens."""
-        if self.plan.mode == "autoregressive":
+        if self.plan.mode == "autoregressive" or self.fell_back:
             schedule = self._autoregressive()
         elif self.plan.mode == "sequential":
             schedule = self._sequential()
         else:
             from specpipe.coordinator.pipeline import pipelined
             schedule = pipelined(self)
-        async for new_tokens in schedule:
-            yield new_tokens
+        try:
+            async for new_tokens in schedule:
+                yield new_tokens
+        except DraftDown:
+            logger.warning("[%s] draft worker down: going on target-only from %d committed tokens",
+                           self.plan.request_id, self.committed)
+            self.fell_back = True
+            self.uses_draft = False
+            self.draft.detach(self.plan.request_id)
+            async for new_tokens in self._target_only():
+                yield new_tokens
 
     async def _autoregressive(self):
         await self.prefill()
+        async for new_tokens in self._target_only():
+            yield new_tokens
+
+    async def _target_only(self):
+        if self.verify_in_flight is not None:     # a block sent before the draft went down
+            block = self.verify_in_flight
+            verdict = (await self.next_event("verdict")).reply.verdict
+            yield self.commit(verdict, block.token_ids)
         while True:
             verdict = await self.verify(Block(), emit_bonus=True)
             yield self.commit(verdict, [])
@@ -154,6 +181,7 @@ class RequestRun:
                                    start_length=self.committed, draft_token_ids=block.token_ids,
                                    branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus)
         await self.target.command(verify=verify)
+        self.verify_in_flight = block
 
     async def verify(self, block: Block, emit_bonus: bool) -> worker_pb2.Verdict:
         await self.send_verify(block, emit_bonus)
@@ -161,6 +189,7 @@ class RequestRun:
 
     def commit(self, verdict: worker_pb2.Verdict, draft_token_ids: list[int]) -> list[int]:
         """Account for a verdict and return the tokens it commits."""
+        self.verify_in_flight = None
         accepted = draft_token_ids[:verdict.num_accepted]
         new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
         self.stats.verifications += 1
@@ -180,8 +209,15 @@ class RequestRun:
         rolled back); a worker error or a dead worker raises."""
         while True:
             event = await self.inbox.get()
+            if event.kind == "down" and event.role == "draft":
+                if not self.uses_draft:
+                    continue
+                raise DraftDown("the draft worker stopped answering")
             if event.kind == "down":
                 raise WorkerDown(f"the {event.role} worker stopped answering")
+            if event.kind == "error" and event.role == "draft":
+                # e.g. a draft restarted faster than the heartbeat noticed: it lost our state
+                raise DraftDown(f"draft worker: {event.reply.error.message}")
             if event.kind == "error":
                 raise WorkerFailed(f"{event.role} worker: {event.reply.error.message}")
             if event.kind == "draft_token":
@@ -195,7 +231,7 @@ class RequestRun:
     async def release(self) -> None:
         """Free the request on both workers (also after a failure or a cancel)."""
         release = worker_pb2.Release(request_id=self.plan.request_id)
-        for worker in (self.target, self.draft) if self.uses_draft else (self.target,):
+        for worker in (self.target, self.draft) if self.plan.mode != "autoregressive" else (self.target,):
             worker.detach(self.plan.request_id)
             try:
                 await worker.command(release=release)

@@ -129,11 +129,18 @@ class WorkerClient:
             await self.command(ping=worker_pb2.Ping(nonce=next(self._nonces)))
             await asyncio.sleep(self.interval)
             if self.healthy and time.monotonic() - self.last_seen > self.timeout:
-                self.healthy = False
-                logger.error("%s worker at %s missed heartbeats for %.1fs: marked down",
-                             self.role, self.address, self.timeout)
-                for inbox in list(self.inboxes.values()):
-                    inbox.put_nowait(Event(self.role, None, []))
+                self.mark_down(f"missed heartbeats for {self.timeout:.1f}s")
+
+    def mark_down(self, why: str) -> None:
+        """Declare the worker down and tell every request waiting on it at once. A pong from a
+        restarted worker marks it up again."""
+        if not self.healthy:
+            return
+        self.healthy = False
+        self.last_seen = 0.0
+        logger.error("%s worker at %s %s: marked down", self.role, self.address, why)
+        for inbox in list(self.inboxes.values()):
+            inbox.put_nowait(Event(self.role, None, []))
 
     async def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

@@ -19,7 +19,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from specpipe.config import CoordinatorConfig
 
@@ -28,6 +28,8 @@ logger = logging.getLogger(__name__)
 # A worker loads its model before it binds; a big model on a slow disk takes a while.
 WORKER_READY_TIMEOUT_S = 120.0
 SERVER_READY_TIMEOUT_S = 180.0
+# Restart back-off of a crashed worker: first delay, and the most it doubles to.
+RESTART_BACKOFF_S = (0.5, 30.0)
 READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
 
 
@@ -61,6 +63,16 @@ class WorkerProcess:
     process: subprocess.Popen
     endpoint: str
     data_endpoint: str = ""      # target, zmq transport
+    argv: list[str] = field(default_factory=list)   # how it was started (for a restart)
+    env: dict = field(default_factory=dict)
+
+    def restart_argv(self) -> list[str]:
+        """The same command, pinned to the ports it got, so peers reconnect to the restart."""
+        argv = list(self.argv)
+        for flag, endpoint in (("--port", self.endpoint), ("--data-port", self.data_endpoint)):
+            if endpoint and flag in argv:
+                argv[argv.index(flag) + 1] = endpoint.rsplit(":", 1)[1]
+        return argv
 
 
 def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
@@ -70,19 +82,23 @@ def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, 
     command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
                "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
                "--exit-with-parent", *(extra or [])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **(env or {})})
+    return _start(role, command, env or {})
+
+
+def _start(role: str, command: list[str], env: dict):
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
 
     def ready() -> WorkerProcess:
         try:
             match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), WORKER_READY_TIMEOUT_S,
-                               f"the {role} worker ({model})")
+                               f"the {role} worker ({' '.join(command[2:6])})")
         except Exception:
             stop_process(process)
             raise
         logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
-        return WorkerProcess(role, process, match.group(1), match.group(2) or "")
+        return WorkerProcess(role, process, match.group(1), match.group(2) or "", command, env)
     return ready
 
 
@@ -136,23 +152,80 @@ def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
             process.wait()
 
 
+def describe_exit(code: int) -> str:
+    return f"killed by {signal.Signals(-code).name}" if code < 0 else f"exit code {code}"
+
+
+class Supervisor:
+    """Restarts a crashed worker process on the same ports, with exponential back-off, and logs
+    why it died. The coordinator's sockets reconnect by themselves; its heartbeats re-admit the
+    worker. (Under --transport torch a lone rank cannot rejoin its group: no restart there.)"""
+
+    def __init__(self, workers: list[WorkerProcess], on_death=None):
+        """`on_death(role, why)`: told the moment a worker process is seen dead (before the
+        heartbeats would notice)."""
+        self.workers = {worker.role: worker for worker in workers}
+        self.on_death = on_death
+        self.backoff = {worker.role: RESTART_BACKOFF_S[0] for worker in workers}
+
+    async def watch(self) -> None:
+        while True:
+            for role, worker in list(self.workers.items()):
+                code = worker.process.poll()
+                if code is not None:
+                    await self._restart(role, worker, code)
+            await asyncio.sleep(0.2)
+
+    async def _restart(self, role: str, worker: WorkerProcess, code: int) -> None:
+        logger.error("%s worker (pid %d) died: %s", role, worker.process.pid, describe_exit(code))
+        if self.on_death is not None:
+            self.on_death(role, f"process {worker.process.pid} died ({describe_exit(code)})")
+        if "torch" in worker.argv:
+            logger.error("%s worker runs under --transport torch: not restarted", role)
+            del self.workers[role]
+            return
+        delay = self.backoff[role]
+        logger.warning("restarting the %s worker in %.1fs", role, delay)
+        await asyncio.sleep(delay)
+        started = time.monotonic()
+        try:
+            fresh = await asyncio.to_thread(_start(role, worker.restart_argv(), worker.env))
+        except Exception as err:
+            logger.error("restart of the %s worker failed: %s", role, err)
+            self.backoff[role] = min(delay * 2, RESTART_BACKOFF_S[1])
+            return                      # the old process still reads as dead: tried again, later
+        self.workers[role] = fresh
+        logger.warning("%s worker restarted (pid %d) at %s", role, fresh.process.pid, fresh.endpoint)
+        # A worker that crashes right after its start backs off more; one that ran a while resets.
+        uptime = time.monotonic() - started
+        self.backoff[role] = RESTART_BACKOFF_S[0] if uptime > 30 else min(delay * 2, RESTART_BACKOFF_S[1])
+
+    def stop(self) -> None:
+        for worker in self.workers.values():
+            stop_process(worker.process)
+
+
 async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None:
-    """Run the coordinator until SIGINT/SIGTERM, then stop it and the workers."""
+    """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all."""
     from specpipe.coordinator.server import Coordinator
 
     coordinator = Coordinator(config)
+    supervisor = Supervisor(workers, on_death=coordinator.worker_died)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    watcher = None
     try:
         port = await coordinator.start()
+        watcher = asyncio.create_task(supervisor.watch())
         print(f"specpipe serving on {config.host}:{port}", flush=True)
         await stop.wait()
     finally:
+        if watcher is not None:
+            watcher.cancel()
         await coordinator.stop()
-        for worker in workers:
-            stop_process(worker.process)
+        supervisor.stop()
 
 
 class ServerProcess:

@@ -14,8 +14,10 @@ A command that fails is answered with an Error reply and the loop carries on; un
 
 from __future__ import annotations
 
+from collections.abc import Callable
 import ctypes
 import logging
+import os
 import signal
 import time
 
@@ -43,8 +45,11 @@ def exit_with_parent() -> None:
 
 
 class WorkerLoop:
-    def __init__(self, engine, role: str, bind: str, context: zmq.Context | None = None):
-        self.engine, self.role = engine, role
+    def __init__(self, engine, role: str, bind: str, context: zmq.Context | None = None,
+                 should_stop: Callable[[], bool] = lambda: False):
+        """`should_stop`: asked at each idle poll; True ends the loop (a launcher's own stop signal,
+        e.g. the torchrun entry's store key)."""
+        self.engine, self.role, self.should_stop = engine, role, should_stop
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -68,6 +73,8 @@ class WorkerLoop:
         waiting = getattr(self.engine, "waiting", lambda: False)
         while self.running:
             timeout = 0 if self.engine.has_work() else WAITING_POLL_MS if waiting() else IDLE_POLL_MS
+            if timeout == IDLE_POLL_MS and self.should_stop():
+                break
             if self.socket in dict(poller.poll(timeout)):
                 self._drain()
             if self.engine.has_work():
@@ -99,7 +106,7 @@ class WorkerLoop:
             live_requests, live_branches = self.engine.live_counts()
             pong = worker_pb2.Pong(nonce=command.ping.nonce, role=self.role, live_requests=live_requests,
                                    live_branches=live_branches, busy_seconds=self.busy_seconds,
-                                   uptime_seconds=time.monotonic() - self.started)
+                                   uptime_seconds=time.monotonic() - self.started, pid=os.getpid())
             return [(worker_pb2.Reply(pong=pong), [])]
         request_id = getattr(command, kind).request_id
         if kind == "prefill":

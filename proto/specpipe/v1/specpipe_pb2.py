@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecpipe/v1/specpipe.proto\x12\x0bspecpipe.v1\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x04mode\x18\n \x01(\x0e\x32\x11.specpipe.v1.ModeB\x07\n\x05_seed\"\xe9\x02\n\x0cRequestStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x04\x12\x1a\n\x12rolled_back_tokens\x18\x03 \x01(\x04\x12\x15\n\rverifications\x18\x04 \x01(\x04\x12\x17\n\x0f\x62ranches_forked\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ranches_hit\x18\x06 \x01(\x04\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\t \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\n \x01(\x01\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12\x1f\n\x04mode\x18\x0c \x01(\x0e\x32\x11.specpipe.v1.Mode\x12\x1c\n\x14target_busy_fraction\x18\r \x01(\x01\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05stats\x18\x05 \x01(\x0b\x32\x19.specpipe.v1.RequestStats\"\x0e\n\x0cStatsRequest\"\x81\x01\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x15\n\rlive_requests\x18\x03 \x01(\r\x12\x15\n\rlive_branches\x18\x04 \x01(\r\x12\x15\n\rbusy_fraction\x18\x05 \x01(\x01\x12\x0e\n\x06status\x18\x06 \x01(\t\"\x92\x02\n\rStatsResponse\x12\x15\n\rlive_requests\x18\x01 \x01(\r\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.specpipe.v1.WorkerStats\x12)\n\x06totals\x18\x03 \x01(\x0b\x32\x19.specpipe.v1.RequestStats\x12:\n\x08\x66inished\x18\x04 \x03(\x0b\x32(.specpipe.v1.StatsResponse.FinishedEntry\x12\'\n\x0c\x64\x65\x66\x61ult_mode\x18\x05 \x01(\x0e\x32\x11.specpipe.v1.Mode\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*s\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODE_AUTOREGRESSIVE\x10\x01\x12\x13\n\x0fMODE_SEQUENTIAL\x10\x02\x12\x12\n\x0eMODE_PIPELINED\x10\x03\x12\x13\n\x0fMODE_SPECBRANCH\x10\x04\x32\x98\x01\n\x08SpecPipe\x12I\n\x08Generate\x12\x1c.specpipe.v1.GenerateRequest\x1a\x1d.specpipe.v1.GenerateResponse0\x01\x12\x41\n\x08GetStats\x12\x19.specpipe.v1.StatsRequest\x1a\x1a.specpipe.v1.StatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1aspecpipe/v1/specpipe.proto\x12\x0bspecpipe.v1\"\xdf\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12\x12\n\nprompt_ids\x18\x03 \x03(\x05\x12\x16\n\x0emax_new_tokens\x18\x04 \x01(\r\x12\x13\n\x0btemperature\x18\x05 \x01(\x02\x12\r\n\x05top_k\x18\x06 \x01(\r\x12\r\n\x05top_p\x18\x07 \x01(\x02\x12\x11\n\x04seed\x18\x08 \x01(\x04H\x00\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x1f\n\x04mode\x18\n \x01(\x0e\x32\x11.specpipe.v1.ModeB\x07\n\x05_seed\"\xe9\x02\n\x0cRequestStats\x12\x14\n\x0c\x64raft_tokens\x18\x01 \x01(\x04\x12\x17\n\x0f\x61\x63\x63\x65pted_tokens\x18\x02 \x01(\x04\x12\x1a\n\x12rolled_back_tokens\x18\x03 \x01(\x04\x12\x15\n\rverifications\x18\x04 \x01(\x04\x12\x17\n\x0f\x62ranches_forked\x18\x05 \x01(\x04\x12\x14\n\x0c\x62ranches_hit\x18\x06 \x01(\x04\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x19\n\x11tokens_per_second\x18\x08 \x01(\x01\x12\x1c\n\x14mean_accepted_length\x18\t \x01(\x01\x12\x17\n\x0f\x61\x63\x63\x65ptance_rate\x18\n \x01(\x01\x12\x18\n\x10generated_tokens\x18\x0b \x01(\x04\x12\x1f\n\x04mode\x18\x0c \x01(\x0e\x32\x11.specpipe.v1.Mode\x12\x1c\n\x14target_busy_fraction\x18\r \x01(\x01\"\x88\x01\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12\x15\n\rfinish_reason\x18\x04 \x01(\t\x12(\n\x05stats\x18\x05 \x01(\x0b\x32\x19.specpipe.v1.RequestStats\"\x0e\n\x0cStatsRequest\"\x8e\x01\n\x0bWorkerStats\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x15\n\rlive_requests\x18\x03 \x01(\r\x12\x15\n\rlive_branches\x18\x04 \x01(\r\x12\x15\n\rbusy_fraction\x18\x05 \x01(\x01\x12\x0e\n\x06status\x18\x06 \x01(\t\x12\x0b\n\x03pid\x18\x07 \x01(\r\"\xa2\x02\n\rStatsResponse\x12\x15\n\rlive_requests\x18\x01 \x01(\r\x12)\n\x07workers\x18\x02 \x03(\x0b\x32\x18.specpipe.v1.WorkerStats\x12)\n\x06totals\x18\x03 \x01(\x0b\x32\x19.specpipe.v1.RequestStats\x12:\n\x08\x66inished\x18\x04 \x03(\x0b\x32(.specpipe.v1.StatsResponse.FinishedEntry\x12\'\n\x0c\x64\x65\x66\x61ult_mode\x18\x05 \x01(\x0e\x32\x11.specpipe.v1.Mode\x12\x0e\n\x06status\x18\x06 \x01(\t\x1a/\n\rFinishedEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*s\n\x04Mode\x12\x14\n\x10MODE_UNSPECIFIED\x10\x00\x12\x17\n\x13MODE_AUTOREGRESSIVE\x10\x01\x12\x13\n\x0fMODE_SEQUENTIAL\x10\x02\x12\x12\n\x0eMODE_PIPELINED\x10\x03\x12\x13\n\x0fMODE_SPECBRANCH\x10\x04\x32\x98\x01\n\x08SpecPipe\x12I\n\x08Generate\x12\x1c.specpipe.v1.GenerateRequest\x1a\x1d.specpipe.v1.GenerateResponse0\x01\x12\x41\n\x08GetStats\x12\x19.specpipe.v1.StatsRequest\x1a\x1a.specpipe.v1.StatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -33,8 +33,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_STATSRESPONSE_FINISHEDENTRY']._loaded_options = None
   _globals['_STATSRESPONSE_FINISHEDENTRY']._serialized_options = b'8\001'
-  _globals['_MODE']._serialized_start=1197
-  _globals['_MODE']._serialized_end=1312
+  _globals['_MODE']._serialized_start=1226
+  _globals['_MODE']._serialized_end=1341
   _globals['_GENERATEREQUEST']._serialized_start=44
   _globals['_GENERATEREQUEST']._serialized_end=267
   _globals['_REQUESTSTATS']._serialized_start=270
@@ -44,11 +44,11 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_STATSREQUEST']._serialized_start=772
   _globals['_STATSREQUEST']._serialized_end=786
   _globals['_WORKERSTATS']._serialized_start=789
-  _globals['_WORKERSTATS']._serialized_end=918
-  _globals['_STATSRESPONSE']._serialized_start=921
-  _globals['_STATSRESPONSE']._serialized_end=1195
-  _globals['_STATSRESPONSE_FINISHEDENTRY']._serialized_start=1148
-  _globals['_STATSRESPONSE_FINISHEDENTRY']._serialized_end=1195
-  _globals['_SPECPIPE']._serialized_start=1315
-  _globals['_SPECPIPE']._serialized_end=1467
+  _globals['_WORKERSTATS']._serialized_end=931
+  _globals['_STATSRESPONSE']._serialized_start=934
+  _globals['_STATSRESPONSE']._serialized_end=1224
+  _globals['_STATSRESPONSE_FINISHEDENTRY']._serialized_start=1177
+  _globals['_STATSRESPONSE_FINISHEDENTRY']._serialized_end=1224
+  _globals['_SPECPIPE']._serialized_start=1344
+  _globals['_SPECPIPE']._serialized_end=1496
 # @@protoc_insertion_point(module_scope)

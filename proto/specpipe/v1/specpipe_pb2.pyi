@@ -93,23 +93,25 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status")
+    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status", "pid")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LIVE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     role: str
     healthy: bool
     live_requests: int
     live_branches: int
     busy_fraction: float
     status: str
-    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ...) -> None: ...
+    pid: int
+    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode")
+    __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode", "status")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -122,9 +124,11 @@ class StatsResponse(_message.Message):
     TOTALS_FIELD_NUMBER: _ClassVar[int]
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
     live_requests: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     totals: RequestStats
     finished: _containers.ScalarMap[str, int]
     default_mode: Mode
-    def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    status: str
+    def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., status: _Optional[str] = ...) -> None: ...

@@ -187,20 +187,22 @@ class Verdict(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds")
+    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
     LIVE_BRANCHES_FIELD_NUMBER: _ClassVar[int]
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PID_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     role: str
     live_requests: int
     live_branches: int
     busy_seconds: float
     uptime_seconds: float
-    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ...) -> None: ...
+    pid: int
+    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("request_id", "message", "command")
