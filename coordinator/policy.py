@@ -5,24 +5,44 @@ Kinds (`--policy`):
 - `fixed`: blocks of `num_draft_tokens`, no confidence stop (PEARL's fixed gamma).
 - `confidence` (implicit signal, SpecBranch's H-RAD): also end a block after a draft token whose
   probability is under `min_confidence`; in specbranch mode that token is the branch point.
-- `adaptive` (model-free): `confidence`, plus a draft length chosen from the running
-  distribution of accepted lengths (see `AcceptanceModel`).
+- `adaptive` (model-free): `confidence`, with the block length chosen by `AcceptanceModel`, which
+  fits the running distribution of accepted lengths and the measured step costs and picks the
+  length that maximises expected tokens per second.
+- `predictor` (explicit signal): `confidence`, with the next block's length set from the target's
+  acceptance-length predictor (a small model over its last hidden state, sent with each verdict)
+  when the target has one, else as `adaptive`.
 
 Branches: at a branch point, fork one branch per next-best candidate whose draft probability is
 at least `min_branch_prob`, at most `branch_width` of them.
+
+The acceptance model. Each verification of k draft tokens accepts a prefix of m; under the
+standard i.i.d. model (Leviathan et al. 2023, §3.5) m is a geometric count truncated at k with
+per-token acceptance rate a, so the maximum-likelihood estimate is
+    a = sum(m) / (sum(m) + number of verifications with m < k),
+kept with exponential forgetting and a Beta prior. Expected tokens per round:
+    sequential  E_s(k) = (1 - a^(k+1)) / (1 - a)          in  k * t_draft + T_verify(k + 1)
+    pipelined   E_p(k) = a (1 - a^k) / (1 - a) + (1 - a^k)  in  max(T_verify(k + 1), k * t_draft)
+                                                             + (1 - a^k) * t_draft
+(pipelined: no bonus token, the next block's first token is verified against the kept logits; a
+rejection costs a bubble of about one draft step before the redrafted block can go). T_verify(n)
+is a line fitted to measured verify times over n fed tokens.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-POLICIES = ("fixed", "confidence", "adaptive")
+POLICIES = ("fixed", "confidence", "adaptive", "predictor")
+# Forgetting factor of the running estimates: about the last 100 observations count.
+FORGET = 0.99
+# The Beta prior on the acceptance rate (as pseudo-counts) before anything is observed.
+PRIOR_RATE, PRIOR_WEIGHT = 0.7, 4.0
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     kind: str = "confidence"
-    num_draft_tokens: int = 4          # block length (the most for `adaptive`)
+    num_draft_tokens: int = 4          # block length (the most, for `adaptive` / `predictor`)
     min_confidence: float = 0.4        # end a block after a token less likely than this
     branch_width: int = 3              # most alternatives forked at a branch point
     min_branch_prob: float = 0.05      # skip candidates the draft itself finds unlikely
@@ -32,12 +52,72 @@ class PolicyConfig:
         assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
 
 
-class DraftPolicy:
-    """Per-request policy state. `mode` is the request's schedule."""
+class AcceptanceModel:
+    """Running estimates of the acceptance rate and of the draft and verify step costs."""
 
-    def __init__(self, config: PolicyConfig, mode: str):
+    def __init__(self):
+        self.accepted = PRIOR_RATE * PRIOR_WEIGHT
+        self.rejected = (1 - PRIOR_RATE) * PRIOR_WEIGHT
+        self.t_draft: float | None = None
+        self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
+
+    @property
+    def rate(self) -> float:
+        return self.accepted / (self.accepted + self.rejected)
+
+    def observe_block(self, num_drafted: int, num_accepted: int) -> None:
+        if num_drafted == 0:
+            return
+        self.accepted = FORGET * self.accepted + num_accepted
+        self.rejected = FORGET * self.rejected + (num_accepted < num_drafted)
+
+    def observe_draft_step(self, seconds: float) -> None:
+        self.t_draft = seconds if self.t_draft is None else 0.9 * self.t_draft + 0.1 * seconds
+
+    def observe_verify(self, num_fed: int, seconds: float) -> None:
+        sums = [FORGET * s for s in self._verify]
+        for i, value in enumerate((1.0, num_fed, num_fed * num_fed, seconds, num_fed * seconds)):
+            sums[i] += value
+        self._verify = sums
+
+    def verify_seconds(self, num_fed: int) -> float | None:
+        """The fitted line T_verify(n) = a + b n; None before any verify was seen."""
+        w, n, nn, t, nt = self._verify
+        if w == 0:
+            return None
+        variance = nn / w - (n / w) ** 2
+        slope = max(0.0, (nt / w - (n / w) * (t / w)) / variance) if variance > 1e-9 else 0.0
+        return t / w + slope * (num_fed - n / w)
+
+    def tokens_per_second(self, length: int, pipelined: bool) -> float:
+        a = min(self.rate, 0.999)
+        t_verify, t_draft = self.verify_seconds(length + 1), self.t_draft
+        if t_verify is None or t_draft is None:
+            return 0.0
+        if pipelined:
+            reject = 1 - a ** length
+            tokens = a * (1 - a ** length) / (1 - a) + reject
+            seconds = max(t_verify, length * t_draft) + reject * t_draft
+        else:
+            tokens = (1 - a ** (length + 1)) / (1 - a)
+            seconds = length * t_draft + t_verify
+        return tokens / seconds
+
+    def best_length(self, most: int, pipelined: bool) -> int:
+        """The block length in 1..most with the highest expected throughput (`most` until the
+        costs are known)."""
+        rates = [self.tokens_per_second(k, pipelined) for k in range(1, most + 1)]
+        return 1 + rates.index(max(rates)) if max(rates) > 0 else most
+
+
+class DraftPolicy:
+    """Per-request policy. `mode` is the request's schedule; `model` the server's shared
+    AcceptanceModel (a fresh one when None)."""
+
+    def __init__(self, config: PolicyConfig, mode: str, model: AcceptanceModel | None = None):
         self.config, self.mode = config, mode
-        self.accepted_lengths: list[int] = []
+        self.model = model or AcceptanceModel()
+        self.predicted_accept_length: float | None = None
 
     @property
     def min_confidence(self) -> float:
@@ -50,11 +130,24 @@ class DraftPolicy:
         return self.config.branch_width if self.mode == "specbranch" else 0
 
     def block_length(self) -> int:
-        return self.config.num_draft_tokens
+        most = self.config.num_draft_tokens
+        if self.config.kind == "predictor" and self.predicted_accept_length is not None:
+            # Draft up to the predicted break and one more: that token is the likely branch point.
+            return max(1, min(most, round(self.predicted_accept_length) + 1))
+        if self.config.kind in ("adaptive", "predictor"):
+            return self.model.best_length(most, pipelined=self.mode in ("pipelined", "specbranch"))
+        return most
 
     def branch_candidates(self, candidate_ids: list[int], candidate_probs: list[float]) -> list[int]:
         return [token_id for token_id, prob in zip(candidate_ids, candidate_probs)
                 if prob >= self.config.min_branch_prob][:self.branch_width]
 
-    def observe(self, num_drafted: int, num_accepted: int) -> None:
-        self.accepted_lengths.append(num_accepted)
+    def observe(self, num_drafted: int, num_accepted: int, verify_seconds: float,
+                predicted_accept_length: float = -1.0) -> None:
+        self.model.observe_block(num_drafted, num_accepted)
+        self.model.observe_verify(num_drafted + 1, verify_seconds)
+        if predicted_accept_length >= 0:
+            self.predicted_accept_length = predicted_accept_length
+
+    def observe_draft_step(self, seconds: float) -> None:
+        self.model.observe_draft_step(seconds)

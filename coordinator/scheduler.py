@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from specpipe.coordinator.policy import DraftPolicy, PolicyConfig
+from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
 from specpipe.coordinator.workers import Event, WorkerClient, WorkerDown, WorkerFailed
 
 
@@ -80,11 +80,13 @@ class Block:
 
 
 class RequestRun:
-    def __init__(self, plan: RequestPlan, draft: WorkerClient, target: WorkerClient):
+    def __init__(self, plan: RequestPlan, draft: WorkerClient, target: WorkerClient,
+                 acceptance: AcceptanceModel | None = None):
+        """`acceptance`: the server's shared running model of acceptance and step costs."""
         self.plan, self.draft, self.target = plan, draft, target
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.stats = RunStats()
-        self.policy = DraftPolicy(plan.policy, plan.mode)
+        self.policy = DraftPolicy(plan.policy, plan.mode, acceptance)
         self.handle = next(HANDLES)
         self.epoch = 0
         self.block_id = 0
@@ -196,7 +198,7 @@ class RequestRun:
         self.stats.draft_tokens += len(draft_token_ids)
         self.stats.accepted_tokens += len(accepted)
         self.stats.rolled_back_tokens = self.stats.drafted_total - self.stats.accepted_tokens
-        self.policy.observe(len(draft_token_ids), len(accepted))
+        self.policy.observe(len(draft_token_ids), len(accepted), verdict.verify_seconds)
         self.stats.target_seconds += verdict.verify_seconds
         self.stats.committed_per_verification.append(len(new_tokens))
         self.committed += len(new_tokens)
@@ -222,6 +224,7 @@ class RequestRun:
                 raise WorkerFailed(f"{event.role} worker: {event.reply.error.message}")
             if event.kind == "draft_token":
                 self.stats.drafted_total += 1
+                self.policy.observe_draft_step(event.reply.draft_token.step_seconds)
                 if event.reply.draft_token.epoch != self.epoch:
                     continue
             if event.kind in kinds:

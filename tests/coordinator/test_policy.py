@@ -1,0 +1,77 @@
+"""The draft-length policy: the model-free acceptance model recovers the acceptance rate from
+truncated-geometric accepted lengths, fits the verify cost line, and picks the block length that
+maximises expected throughput; each policy kind switches what it should."""
+
+import random
+
+import pytest
+
+from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
+
+
+def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed: int = 0) -> None:
+    rng = random.Random(seed)
+    for _ in range(blocks):
+        accepted = 0
+        while accepted < length and rng.random() < rate:
+            accepted += 1
+        model.observe_block(length, accepted)
+
+
+@pytest.mark.parametrize("rate", [0.3, 0.6, 0.9])
+def test_acceptance_rate_estimate_recovers_the_truth(rate):
+    model = AcceptanceModel()
+    simulate(model, rate, length=4, blocks=3000)
+    assert model.rate == pytest.approx(rate, abs=0.05)
+
+
+def test_verify_cost_line_is_fitted_exactly_on_linear_data():
+    model = AcceptanceModel()
+    for fed in [1, 2, 3, 5, 8, 2, 5]:
+        model.observe_verify(fed, 0.004 + 0.001 * fed)
+    assert model.verify_seconds(4) == pytest.approx(0.008)
+    assert model.verify_seconds(10) == pytest.approx(0.014)
+
+
+def costed_model(rate: float, t_draft: float, t_fixed: float, t_token: float) -> AcceptanceModel:
+    model = AcceptanceModel()
+    simulate(model, rate, length=4, blocks=3000)
+    for fed in range(1, 12):
+        model.observe_verify(fed, t_fixed + t_token * fed)
+    model.observe_draft_step(t_draft)
+    return model
+
+
+def test_best_length_grows_with_acceptance_and_cheap_drafting():
+    sure = costed_model(0.95, t_draft=0.001, t_fixed=0.008, t_token=0.0003)
+    unsure = costed_model(0.3, t_draft=0.001, t_fixed=0.008, t_token=0.0003)
+    assert sure.best_length(10, pipelined=False) > unsure.best_length(10, pipelined=False)
+    assert sure.best_length(10, pipelined=True) >= unsure.best_length(10, pipelined=True)
+    # Brute force agrees with the closed forms.
+    a = sure.rate
+    serial = [(1 - a ** (k + 1)) / (1 - a) / (k * 0.001 + 0.008 + 0.0003 * (k + 1)) for k in range(1, 11)]
+    assert sure.best_length(10, pipelined=False) == 1 + serial.index(max(serial))
+
+
+def test_best_length_defaults_to_the_most_until_costs_are_known():
+    assert AcceptanceModel().best_length(6, pipelined=True) == 6
+
+
+def test_policy_kinds():
+    fixed = DraftPolicy(PolicyConfig(kind="fixed", num_draft_tokens=5), "specbranch")
+    assert fixed.min_confidence == 0.0 and fixed.block_length() == 5 and fixed.branch_width == 3
+    pipelined = DraftPolicy(PolicyConfig(kind="confidence"), "pipelined")
+    assert pipelined.min_confidence == 0.0 and pipelined.branch_width == 0
+    specbranch = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "specbranch")
+    assert specbranch.min_confidence == 0.4
+    predictor = DraftPolicy(PolicyConfig(kind="predictor", num_draft_tokens=6), "specbranch")
+    predictor.observe(4, 2, 0.01, predicted_accept_length=2.4)
+    assert predictor.block_length() == 3
+    predictor.observe(4, 4, 0.01, predicted_accept_length=9.0)
+    assert predictor.block_length() == 6
+
+
+def test_branch_candidates_filter_and_cap():
+    policy = DraftPolicy(PolicyConfig(branch_width=2, min_branch_prob=0.1), "specbranch")
+    assert policy.branch_candidates([5, 6, 7, 8], [0.3, 0.05, 0.2, 0.15]) == [5, 7]
+    assert DraftPolicy(PolicyConfig(), "sequential").branch_candidates([5], [0.9]) == []
