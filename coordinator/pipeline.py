@@ -112,7 +112,7 @@ class Pipeline:
             return                                  # one outstanding fork at a time: wait
         position = len(view.tokens) - 1
         view.stopped_unsure = False
-        if self.branching:
+        if self.branching and position >= len(self.tokens):   # (a committed token needs no alternatives)
             candidates = self.policy.branch_candidates(view.candidates, view.candidate_probs)
             for token_id in candidates:
                 branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
