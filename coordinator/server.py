@@ -1,14 +1,20 @@
 """Builds and runs the coordinator: the gRPC server clients see (SpecPipe, grpc.health.v1 and
 server reflection on one port) over connections to the two workers.
 
-`build_server(config)` returns `(server, port)` already started, so tests bind port 0
-(STYLE §6). Health is SERVING while the target worker answers heartbeats.
+`Coordinator(config).start()` returns the bound port, so tests bind port 0 (STYLE §6). Health is
+SERVING while the target worker answers heartbeats. The production options of the config are
+wired here: admission limits (coordinator/admission.py), the bearer-token interceptor
+(coordinator/auth.py), TLS, the Prometheus endpoint (coordinator/metrics.py) and the log format.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
+import re
+from datetime import datetime, timezone
+from pathlib import Path
 
 import grpc
 import zmq.asyncio
@@ -17,6 +23,9 @@ from grpc_reflection.v1alpha import reflection
 from transformers import AutoConfig
 
 from specpipe.config import CoordinatorConfig
+from specpipe.coordinator.admission import Admission, AdmissionLimits
+from specpipe.coordinator.auth import BearerTokenInterceptor, read_token
+from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.servicer import ServingLimits, SpecPipeServicer
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.models import load_tokenizer
@@ -28,6 +37,52 @@ SERVICE_NAME = specpipe_pb2.DESCRIPTOR.services_by_name["SpecPipe"].full_name
 # How long start-up waits for both workers' first heartbeat before it gives up with an error
 # naming the worker and its address.
 WORKER_STARTUP_TIMEOUT_S = 60.0
+# Log lines about a request start with "[request_id] " (servicer.RequestLog, and the scheduler's
+# own lines); the JSON formatter lifts the id into its own field.
+REQUEST_PREFIX = re.compile(r"^\[([^\]\s]+)\] (.*)$", re.DOTALL)
+
+
+class JsonLogFormatter(logging.Formatter):
+    """One JSON object per line: ts (UTC, ISO 8601), level, process, logger, request_id (lines
+    about a request), message, exception (with its traceback, when there is one)."""
+
+    def __init__(self, process: str = "coordinator"):
+        super().__init__()
+        self.process = process
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = record.getMessage()
+        request_id = getattr(record, "request_id", None)
+        match = REQUEST_PREFIX.match(message)
+        if match and (request_id is None or match.group(1) == request_id):
+            request_id, message = match.group(1), match.group(2)
+        entry = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+                 "level": record.levelname, "process": self.process, "logger": record.name}
+        if request_id is not None:
+            entry["request_id"] = request_id
+        entry["message"] = message
+        if record.exc_info:
+            entry["exception"] = self.formatException(record.exc_info)
+        return json.dumps(entry, ensure_ascii=False)
+
+
+def configure_logging(log_format: str) -> None:
+    """"text" keeps the handlers as the entry module set them; "json" gives each root handler
+    (a stderr one if there is none) the JSON formatter."""
+    assert log_format in ("text", "json"), f"unknown log format {log_format!r}"
+    if log_format == "json":
+        root = logging.getLogger()
+        if not root.handlers:
+            root.addHandler(logging.StreamHandler())
+        for handler in root.handlers:
+            handler.setFormatter(JsonLogFormatter())
+
+
+def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
+    """TLS credentials from a PEM certificate chain and its private key."""
+    if not (cert_file and key_file):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
 
 
 class Coordinator:
@@ -36,9 +91,15 @@ class Coordinator:
         self.server: grpc.aio.Server | None = None
         self.port = 0
         self._tasks: list[asyncio.Task] = []
+        self.metrics: ServerMetrics | None = None
+        self.metrics_port: int | None = None
 
     async def start(self) -> int:
         config = self.config
+        configure_logging(config.log_format)
+        # Read the secrets first: a wrong path fails at once, before any worker is waited for.
+        interceptors = [BearerTokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
+        credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert or config.tls_key else None
         tokenizer = load_tokenizer(config.target_model)
         model_config = AutoConfig.from_pretrained(config.target_model).get_text_config(decoder=True)
         limits = ServingLimits(
@@ -55,21 +116,37 @@ class Coordinator:
             worker.start()
         await asyncio.gather(self.draft.wait_healthy(WORKER_STARTUP_TIMEOUT_S),
                              self.target.wait_healthy(WORKER_STARTUP_TIMEOUT_S))
-        self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target)
+        admission = Admission(AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests,
+                                              config.max_tokens_in_flight))
+        self.metrics = ServerMetrics(admission, (self.draft, self.target))
+        self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server()
+        self.server = grpc.aio.server(interceptors=interceptors)
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self.server.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        if credentials is not None:
+            self.port = self.server.add_secure_port(address, credentials)
+        else:
+            self.port = self.server.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {config.host}:{config.port}")
+            raise OSError(f"cannot bind the gRPC port {address}")
         await self.server.start()
+        if config.metrics_port is not None:
+            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
         self._tasks.append(asyncio.create_task(self._watch_health()))
-        logger.info("specpipe serving on %s:%d (default mode %s)", config.host, self.port, config.default_mode)
+        logger.info("specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
+                    config.host, self.port, config.default_mode, ", TLS" if credentials else "",
+                    ", token required" if interceptors else "", config.max_concurrent_requests,
+                    config.max_queued_requests)
         return self.port
+
+    def worker_died(self, role: str, why: str) -> None:
+        """The launcher saw a local worker process exit: act now, not at the next heartbeat."""
+        {"draft": self.draft, "target": self.target}[role].mark_down(why)
 
     async def _watch_health(self) -> None:
         serving = None
@@ -87,6 +164,8 @@ class Coordinator:
             task.cancel()
         if self.server is not None:
             await self.server.stop(grace)
+        if self.metrics is not None:
+            self.metrics.close()
         for worker in (self.draft, self.target):
             await worker.close()
         self.zmq_context.term()

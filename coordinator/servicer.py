@@ -1,12 +1,19 @@
-"""The public gRPC service (DESIGN §7): validation, tokenisation, streaming, stats.
+"""The public gRPC service (DESIGN §7): validation, admission, tokenisation, streaming, stats.
 
-The servicer holds references to the tokenizer, the two worker clients and the counters; each
-Generate call builds a RequestPlan, runs it through a RequestRun and streams what it commits.
-Errors are mapped to gRPC status codes in one place (`_abort_for`).
+The servicer holds references to the tokenizer, the two worker clients, the admission queue and
+the counters; each Generate call builds a RequestPlan, waits for admission, runs the plan
+through a RequestRun and streams what it commits. Refusals are mapped to gRPC status codes in
+one place (`_refuse`). A client that cancels, or whose deadline passes, cancels the handler's
+task: a queued request leaves the queue, a running one is released on both workers (the
+`finally` around the run), and the call is counted as cancelled or deadline_exceeded.
+
+Every log line about a request goes through `RequestLog`: `[request_id] message` in text, and the
+id as the record's `request_id` attribute for structured (JSON) logs.
 """
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import math
 import secrets
@@ -17,6 +24,8 @@ from dataclasses import dataclass
 
 import grpc
 
+from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
+from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
 from specpipe.coordinator.text import TextStream
@@ -44,6 +53,17 @@ class InvalidRequest(ValueError):
     """A request field is wrong; the message names it."""
 
 
+class RequestLog(logging.LoggerAdapter):
+    """A logger for one request: prefixes `[request_id] ` and sets `record.request_id`."""
+
+    def __init__(self, base: logging.Logger, request_id: str):
+        super().__init__(base, {"request_id": request_id})
+
+    def process(self, msg, kwargs):
+        kwargs["extra"] = {**kwargs.get("extra", {}), **self.extra}
+        return f"[{self.extra['request_id']}] {msg}", kwargs
+
+
 @dataclass(frozen=True)
 class ServingLimits:
     vocab_size: int
@@ -54,10 +74,14 @@ class ServingLimits:
 
 
 class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
-    def __init__(self, tokenizer, limits: ServingLimits, draft: WorkerClient, target: WorkerClient):
+    def __init__(self, tokenizer, limits: ServingLimits, draft: WorkerClient, target: WorkerClient,
+                 admission: Admission | None = None, metrics: ServerMetrics | None = None):
         self.tokenizer, self.limits = tokenizer, limits
         self.draft, self.target = draft, target
+        self.admission = admission or Admission(AdmissionLimits(max_concurrent_requests=32, max_queued_requests=256))
+        self.metrics = metrics or ServerMetrics(self.admission, (draft, target))
         self.live: dict[str, RequestRun] = {}
+        self.request_ids: set[str] = set()      # queued or live: a second request may not reuse one
         self.totals = RunStats()
         self.totals_generated = 0
         self.finished: Counter = Counter()
@@ -111,44 +135,95 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
 
     # -- Generate -------------------------------------------------------------------------------
     async def Generate(self, request, context):
+        # A coroutine that writes, not an async generator that yields: a cancellation (client
+        # cancel, deadline) then always lands inside it, wherever it waits, and the `finally`
+        # clauses below run at once instead of whenever the abandoned generator is collected.
+        arrived = time.monotonic()
         try:
             plan, stop = self.plan(request)
         except InvalidRequest as err:
-            self.finished["invalid_argument"] += 1
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(err))
-        if plan.request_id in self.live:
-            await context.abort(grpc.StatusCode.ALREADY_EXISTS, f"request_id {plan.request_id!r} is already running")
+            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+        log = RequestLog(logger, plan.request_id)
+        if plan.request_id in self.request_ids:
+            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS,
+                               f"request_id {plan.request_id!r} is already running")
         if not self.target.healthy:
-            await context.abort(grpc.StatusCode.UNAVAILABLE, "the target worker is unavailable")
+            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the target worker is unavailable")
+        cost = len(plan.prompt_ids) + plan.max_new_tokens
+        self.request_ids.add(plan.request_id)
+        try:
+            try:
+                queued_s = await self.admission.acquire(cost)
+            except Overloaded as err:
+                log.warning("refused: %s", err)
+                await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+            except asyncio.CancelledError:
+                self._count_gone(context, log, "while queued")
+                raise
+            try:
+                self.metrics.observe_admitted(len(plan.prompt_ids), queued_s)
+                await self._run(plan, stop, arrived, log, context)
+            finally:
+                self.admission.release(cost)
+        finally:
+            self.request_ids.discard(plan.request_id)
+
+    async def _refuse(self, context, code: grpc.StatusCode, message: str) -> None:
+        """End the call with `code` (counted in GetStats' `finished` and the metrics)."""
+        self.finished[code.name.lower()] += 1
+        self.metrics.observe_failure(code.name)
+        await context.abort(code, message)
+
+    def _count_gone(self, context, log: RequestLog, where: str) -> None:
+        """The client went away (cancelled, or its deadline passed): count which."""
+        remaining = context.time_remaining()
+        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
+            else grpc.StatusCode.CANCELLED
+        self.finished[code.name.lower()] += 1
+        self.metrics.observe_failure(code.name)
+        log.info("%s %s", code.name.lower(), where)
+
+    async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, context):
         run = RequestRun(plan, self.draft, self.target)
         self.live[plan.request_id] = run
-        logger.info("[%s] started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
-                    plan.request_id, len(plan.prompt_ids), plan.max_new_tokens, plan.mode, plan.sampling.temperature)
-        status, finish_reason = "cancelled", "cancelled"
+        log.info("started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
+                 len(plan.prompt_ids), plan.max_new_tokens, plan.mode, plan.sampling.temperature)
+        finish_reason = ""
         try:
-            async for response in self._stream(run, stop):
-                if response.finish_reason:
-                    finish_reason = status = response.finish_reason
-                yield response
+            async for response in self._stream(run, stop, arrived):
+                await context.write(response)
+                finish_reason = response.finish_reason
         except (WorkerDown, WorkerFailed) as err:
-            status = "unavailable" if isinstance(err, WorkerDown) else "internal"
-            logger.error("[%s] failed: %s", plan.request_id, err)
+            log.error("failed: %s", err)
             code = grpc.StatusCode.UNAVAILABLE if isinstance(err, WorkerDown) else grpc.StatusCode.INTERNAL
-            await context.abort(code, str(err))
+            await self._refuse(context, code, str(err))
+        except asyncio.CancelledError:
+            self._count_gone(context, log, "while running")
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as err:    # a bug: say so, as INTERNAL with the request id to find the log
+            log.exception("failed unexpectedly")
+            await self._refuse(context, grpc.StatusCode.INTERNAL,
+                               f"internal error ({type(err).__name__}) in request {plan.request_id}")
         finally:
             del self.live[plan.request_id]
             await run.release()
-            self.finished[status] += 1
-            logger.info("[%s] finished: %s", plan.request_id, finish_reason)
+            self.metrics.observe_run(run.stats)
+            if finish_reason:
+                self.finished[finish_reason] += 1
+                self.metrics.observe_success(finish_reason, time.monotonic() - arrived)
+                log.info("finished: %s", finish_reason)
 
-    async def _stream(self, run: RequestRun, stop: list[str]):
+    async def _stream(self, run: RequestRun, stop: list[str], arrived: float):
         plan = run.plan
         text = TextStream(self.tokenizer, plan.prompt_ids, stop)
         eos = self.tokenizer.eos_token_id
         generated: list[int] = []
-        first_token_at = None
+        first_token_at = last_chunk_at = None
         async for new_tokens in run.tokens():
-            first_token_at = first_token_at or time.monotonic()
+            now = time.monotonic()
+            first_token_at = first_token_at or now
             finish = ""
             new_tokens = new_tokens[:plan.max_new_tokens - len(generated)]
             if eos is not None and eos in new_tokens:
@@ -161,26 +236,30 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             if text.stopped:
                 finish = "stop"
             response = specpipe_pb2.GenerateResponse(request_id=plan.request_id, token_ids=new_tokens, text=chunk)
+            self.metrics.observe_chunk(len(new_tokens), now - arrived,
+                                       None if last_chunk_at is None else now - last_chunk_at)
+            last_chunk_at = now
             if finish:
                 response.finish_reason = finish
-                response.stats.CopyFrom(self._request_stats(run, len(generated), first_token_at))
+                response.stats.CopyFrom(self._request_stats(run, len(generated), first_token_at, arrived))
                 self._add_totals(run.stats, len(generated))
                 yield response
                 return
             yield response
 
-    def _request_stats(self, run: RequestRun, generated: int, first_token_at: float) -> specpipe_pb2.RequestStats:
+    def _request_stats(self, run: RequestRun, generated: int, first_token_at: float,
+                       arrived: float) -> specpipe_pb2.RequestStats:
         stats, now = run.stats, time.monotonic()
-        wall = max(now - run.started, 1e-9)
+        wall = max(now - arrived, 1e-9)
         return specpipe_pb2.RequestStats(
             draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
             rolled_back_tokens=stats.rolled_back_tokens, verifications=stats.verifications,
             branches_forked=stats.branches_forked, branches_hit=stats.branches_hit,
-            time_to_first_token_s=first_token_at - run.started, tokens_per_second=generated / wall,
+            time_to_first_token_s=first_token_at - arrived, tokens_per_second=generated / wall,
             mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
             acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
             generated_tokens=generated, mode=MODE_ENUMS[run.plan.mode],
-            target_busy_fraction=min(1.0, stats.target_seconds / wall))
+            target_busy_fraction=min(1.0, stats.target_seconds / max(now - run.started, 1e-9)))
 
     def _add_totals(self, stats: RunStats, generated: int) -> None:
         for name in ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications",
@@ -193,10 +272,12 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         response = specpipe_pb2.StatsResponse(live_requests=len(self.live),
                                               default_mode=MODE_ENUMS[self.limits.default_mode])
         for worker in (self.draft, self.target):
-            pong = await worker.ping(timeout=1.0) or worker.last_pong
+            # A fresh count (so "0 live" is current), unless the worker is known to be down.
+            pong = (await worker.ping(timeout=1.0) if worker.healthy else None) or worker.last_pong
             stats = response.workers.add(role=worker.role, healthy=worker.healthy,
                                          status="ok" if worker.healthy else "unavailable")
             if pong is not None:
+                stats.pid = pong.pid
                 stats.live_requests, stats.live_branches = pong.live_requests, pong.live_branches
                 stats.busy_fraction = pong.busy_seconds / max(pong.uptime_seconds, 1e-9)
         totals = self.totals
@@ -207,4 +288,12 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             generated_tokens=self.totals_generated,
             acceptance_rate=totals.accepted_tokens / totals.draft_tokens if totals.draft_tokens else 0.0))
         response.finished.update(self.finished)
+        response.status = server_status(self.draft.healthy, self.target.healthy)
         return response
+
+
+def server_status(draft_healthy: bool, target_healthy: bool) -> str:
+    """What GetStats and the metrics say about the whole server."""
+    if not target_healthy:
+        return "unavailable: target down"
+    return "ok" if draft_healthy else "degraded: draft unavailable"

@@ -1,0 +1,401 @@
+"""Production serving, end to end on a real `specpipe serve` over tiny models: admission limits,
+deadlines, bearer-token auth, TLS, Prometheus metrics and JSON logs. One server has all of them
+on (a server start costs ~20 s on two cores): every client here speaks TLS with the token.
+
+Method: to hold a request running for as long as a test needs, without depending on how fast
+the machine decodes, its client opens a channel with a tiny HTTP/2 receive window and stops
+reading after the first chunk: the server's next `write` waits on flow control, so the request
+stays admitted (and holds its slot and tokens) until the test reads on or cancels it. The
+queue's state is read from the metrics endpoint (`specpipe:num_requests_waiting`), the workers'
+from GetStats.
+"""
+
+from __future__ import annotations
+
+import datetime
+import ipaddress
+import json
+import re
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import NameOID
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+
+from specpipe import Client
+from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
+
+from conftest import PROMPTS  # noqa: F401  (tests/e2e/conftest.py)
+
+TOKEN = "s3cret-token-for-tests"
+AUTH = (("authorization", f"Bearer {TOKEN}"),)
+# A receive window this small (with BDP probing off) lets the server send only a few chunks
+# before its writes wait for the client to read.
+STALLING_CHANNEL = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+LONG = dict(prompt_ids=PROMPTS[0], max_new_tokens=480, mode="autoregressive")   # 4 + 480 = 484 tokens
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from the metrics endpoint."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def metric(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() > deadline:
+            assert value, f"timed out waiting for {what}"
+            return value
+        time.sleep(0.05)
+
+
+def idle(client: Client) -> bool:
+    stats = client.stats()
+    return stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
+
+
+class HeldRequest:
+    """A Generate call whose client reads one chunk and then stops reading (see the module doc)."""
+
+    def __init__(self, server, **params):
+        self.channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca),
+                                           options=STALLING_CHANNEL)
+        stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
+        request = specpipe_pb2.GenerateRequest(
+            prompt_ids=params["prompt_ids"], max_new_tokens=params["max_new_tokens"],
+            mode=specpipe_pb2.Mode.Value(f"MODE_{params['mode'].upper()}"))
+        self.stream = stub.Generate(request, timeout=params.get("timeout"), metadata=AUTH)
+        self.token_ids: list[int] = []
+
+    def first(self) -> "HeldRequest":
+        self.token_ids += next(self.stream).token_ids
+        return self
+
+    def rest(self) -> list[int]:
+        for response in self.stream:
+            self.token_ids += response.token_ids
+        return self.token_ids
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
+
+
+# -- a server with small limits, metrics and JSON logs --------------------------------------------
+class LoggedServer:
+    """`specpipe serve` with its stderr (coordinator and workers) kept in a file."""
+
+    def __init__(self, args: list[str], log_path):
+        self.log_path = log_path
+        self.log = open(log_path, "w")
+        command = [sys.executable, "-m", "specpipe.launch.cli", "--log-level", "INFO", "serve", "--port", "0", *args]
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
+                                        start_new_session=True)
+        found = {}
+
+        def read():
+            for line in self.process.stdout:
+                match = re.search(r"specpipe serving on (\S+):(\d+)", line)
+                if match:
+                    found["addr"] = f"{match.group(1)}:{match.group(2)}"
+
+        threading.Thread(target=read, daemon=True).start()
+        wait_for(lambda: "addr" in found or self.process.poll() is not None, 180, "specpipe serve")
+        assert "addr" in found, f"specpipe serve exited: {open(log_path).read()[-3000:]}"
+        self.addr = found["addr"]
+
+    def stop(self) -> None:
+        import os
+        import signal
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            try:
+                self.process.wait(15)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.process.pid, signal.SIGKILL)
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture(scope="module")
+def server(tiny_models, tmp_path_factory):
+    """Token and TLS required; metrics and JSON logs on; 3 running, 2 queued, 1000 tokens in
+    flight: two LONG requests (968 tokens) leave room for a third only if it is small."""
+    folder = make_certificates(tmp_path_factory.mktemp("tls"))
+    (folder / "token").write_text(TOKEN + "\n")
+    port = free_port()
+    server = LoggedServer(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]),
+                           "--auth-token-file", str(folder / "token"), "--tls-cert", str(folder / "server.pem"),
+                           "--tls-key", str(folder / "server.key"), "--metrics-port", str(port),
+                           "--max-concurrent-requests", "3", "--max-queued-requests", "2",
+                           "--max-tokens-in-flight", "1000", "--log-format", "json"], folder / "serve.log")
+    server.metrics_port, server.ca, server.folder = port, (folder / "ca.pem").read_bytes(), folder
+    yield server
+    server.stop()
+
+
+def connect(server, token: str | None = TOKEN, **kwargs) -> Client:
+    return Client(server.addr, token=token, root_certificates=server.ca, **kwargs)
+
+
+def test_queue_is_fifo_bounded_and_refuses_with_the_limit_named(server, hf_greedy):
+    client = connect(server)
+    waiting = lambda: metric(scrape(server.metrics_port), "specpipe:num_requests_waiting")  # noqa: E731
+    running = lambda: metric(scrape(server.metrics_port), "specpipe:num_requests_running")  # noqa: E731
+    holders = [HeldRequest(server, **LONG).first() for _ in range(2)]
+    small, tiny, late = [], [], []
+    try:
+        assert running() == 2
+        # 968 + 4 + 60 > 1000 tokens: waits though a slot is free.
+        small_thread = threading.Thread(target=lambda: small.append(
+            client.complete(prompt_ids=PROMPTS[1], max_new_tokens=60, mode="sequential")))
+        small_thread.start()
+        wait_for(lambda: waiting() == 1, what="the first request to queue")
+        # Would fit (968 + 2 + 20), but may not overtake the head of the queue.
+        tiny_stream = client.generate(prompt_ids=PROMPTS[1], max_new_tokens=20)
+        tiny_thread = threading.Thread(target=lambda: tiny.append(_outcome(tiny_stream)))
+        tiny_thread.start()
+        wait_for(lambda: waiting() == 2, what="the second request to queue")
+        assert running() == 2
+        # The queue is full: refused at once, naming the limit.
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete(prompt_ids=PROMPTS[1], max_new_tokens=5)
+        assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        assert "max_queued_requests 2" in err.value.details()
+        # A queued request whose client cancels leaves the queue.
+        tiny_stream.cancel()
+        tiny_thread.join(5)
+        assert tiny == [grpc.StatusCode.CANCELLED]
+        wait_for(lambda: waiting() == 1, what="the cancelled request to leave the queue")
+        # A queued request whose deadline passes leaves it too.
+        late_thread = threading.Thread(target=lambda: late.append(
+            _outcome(client.generate(prompt_ids=PROMPTS[1], max_new_tokens=5, timeout=0.5))))
+        late_thread.start()
+        late_thread.join(10)
+        assert late == [grpc.StatusCode.DEADLINE_EXCEEDED]
+        wait_for(lambda: waiting() == 1, what="the expired request to leave the queue")
+        assert small == [] and running() == 2
+    finally:
+        for holder in holders:
+            holder.cancel()
+    small_thread.join(30)
+    token_ids, _, last = small[0]
+    assert token_ids == hf_greedy(PROMPTS[1], 60) and last.finish_reason in ("length", "eos")
+    wait_for(lambda: idle(client), 2.0, "both workers to be idle")
+    samples = scrape(server.metrics_port)
+    for code in ("RESOURCE_EXHAUSTED", "CANCELLED", "DEADLINE_EXCEEDED"):
+        assert metric(samples, "specpipe:request_failure_total", code=code) >= 1, code
+    assert metric(samples, "specpipe:num_requests_running") == 0
+    assert metric(samples, "specpipe:num_tokens_in_flight") == 0
+
+
+def _outcome(stream):
+    try:
+        for _ in stream:
+            pass
+        return "ok"
+    except grpc.RpcError as err:
+        return err.code()
+
+
+def test_token_budget_makes_a_second_big_request_wait(server):
+    """One request of 504 tokens runs alone; a second would pass the 1000-token budget, so it waits
+    in the queue (with a slot free) until its deadline passes."""
+    client = connect(server)
+    big = dict(prompt_ids=PROMPTS[0], max_new_tokens=500, mode="autoregressive")
+    holder = HeldRequest(server, **big).first()
+    try:
+        with pytest.raises(grpc.RpcError) as err:
+            client.complete(**big, timeout=0.5)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert client.stats().live_requests == 1
+    finally:
+        holder.cancel()
+    wait_for(lambda: idle(client), 2.0, "both workers to be idle")
+
+
+@pytest.mark.parametrize("held", [False, True], ids=["reading", "stalled-on-write"])
+def test_deadline_mid_generation_frees_both_workers(server, held):
+    """The deadline passes while the request decodes (reading: the handler waits on a worker) or
+    while the server waits to write to a client that stopped reading (stalled)."""
+    client = connect(server)
+    received = 0
+    start = time.monotonic()
+    if held:
+        request = HeldRequest(server, **LONG, timeout=0.5).first()
+        received = len(request.token_ids)
+        with pytest.raises(grpc.RpcError) as err:
+            time.sleep(0.7)
+            request.rest()
+    else:
+        with pytest.raises(grpc.RpcError) as err:
+            for response in client.generate(**{**LONG, "mode": "sequential"}, timeout=0.3):
+                received += len(response.token_ids)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert received > 0, "the deadline should pass mid-generation"
+    assert time.monotonic() - start < 5
+    wait_for(lambda: idle(client), 1.0, "0 live requests and branches")
+
+
+def test_json_logs_carry_the_request_id(server):
+    client = connect(server)
+    client.complete(prompt_ids=[1, 2], max_new_tokens=3, request_id="json-log-probe")
+    with pytest.raises(grpc.RpcError):
+        client.complete(prompt_ids=[1], max_new_tokens=0, request_id="never-logged")
+
+    def probe_lines():
+        entries = [json.loads(line) for line in open(server.log_path) if line.startswith("{")]
+        return [e for e in entries if e.get("request_id") == "json-log-probe"]
+
+    lines = wait_for(lambda: len(probe_lines()) >= 2 and probe_lines(), what="the request's log lines")
+    messages = [line["message"] for line in lines]
+    assert any(m.startswith("started:") for m in messages) and "finished: length" in messages
+    assert all(line["process"] == "coordinator" and line["level"] and line["ts"] for line in lines)
+    assert not any("json-log-probe" in m for m in messages)   # the id is a field, not in the text
+
+
+# -- auth, TLS and metrics ----------------------------------------------------------------------
+def make_certificates(folder):
+    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost."""
+    now = datetime.datetime.now(datetime.timezone.utc)
+
+    def cert(subject, issuer, public_key, signing_key, *, ca: bool, sans=None):
+        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
+                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
+                   .not_valid_after(now + datetime.timedelta(days=1))
+                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+        if sans:
+            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
+        return builder.sign(signing_key, hashes.SHA256())
+
+    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
+    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
+    ca = cert(name("specpipe test CA"), name("specpipe test CA"), ca_key.public_key(), ca_key, ca=True)
+    server = cert(name("localhost"), ca.subject, server_key.public_key(), ca_key, ca=False,
+                  sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
+    pem = serialization.Encoding.PEM
+    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
+    (folder / "server.pem").write_bytes(server.public_bytes(pem))
+    (folder / "server.key").write_bytes(server_key.private_bytes(
+        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
+    other_key = ec.generate_private_key(ec.SECP256R1())
+    other = cert(name("another CA"), name("another CA"), other_key.public_key(), other_key, ca=True)
+    (folder / "other-ca.pem").write_bytes(other.public_bytes(pem))
+    return folder
+
+
+def test_tls_with_the_token_is_served(server, hf_greedy):
+    with connect(server, timeout=30) as client:
+        token_ids, _, last = client.complete(prompt_ids=PROMPTS[2], max_new_tokens=16)
+        assert token_ids == hf_greedy(PROMPTS[2], 16) and last.finish_reason in ("length", "eos")
+        assert client.stats().live_requests == 0
+
+
+@pytest.mark.parametrize("token", [None, "wrong-token", TOKEN + "x", ""])
+def test_missing_or_wrong_token_is_unauthenticated(server, token):
+    with connect(server, token, timeout=10) as client:
+        for call in (lambda: client.complete(prompt_ids=[1], max_new_tokens=2), client.stats):
+            with pytest.raises(grpc.RpcError) as err:
+                call()
+            assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED, err.value
+            assert "bearer token" in err.value.details()
+
+
+def test_bad_authorization_header_shapes(server):
+    channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca))
+    stub = specpipe_pb2_grpc.SpecPipeStub(channel)
+    for metadata in ((("authorization", TOKEN),), (("authorization", f"Basic {TOKEN}"),),
+                     (("x-token", TOKEN),), (("authorization", f"Bearer  {TOKEN}  "),)):
+        try:
+            stub.GetStats(specpipe_pb2.StatsRequest(), metadata=metadata, timeout=10)
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            code = err.code()
+        # Extra spaces around a right token are tolerated; a wrong scheme or key is not.
+        expected = grpc.StatusCode.OK if "Bearer" in metadata[0][1] else grpc.StatusCode.UNAUTHENTICATED
+        assert code == expected, metadata
+    # "bearer" in any case is the same scheme (RFC 7235).
+    stub.GetStats(specpipe_pb2.StatsRequest(), metadata=(("authorization", f"bearer {TOKEN}"),), timeout=10)
+    channel.close()
+
+
+def test_health_and_reflection_need_no_token(server):
+    channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca))
+    health = health_pb2_grpc.HealthStub(channel)
+    for service in ("", "specpipe.v1.SpecPipe"):
+        response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+        assert response.status == health_pb2.HealthCheckResponse.SERVING
+    reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
+    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
+                                              timeout=10)
+    names = {service.name for reply in replies for service in reply.list_services_response.service}
+    assert "specpipe.v1.SpecPipe" in names
+    channel.close()
+
+
+def test_plaintext_or_untrusted_clients_fail(server):
+    for client in (Client(server.addr, token=TOKEN, timeout=5),
+                   Client(server.addr, token=TOKEN, root_certificates=(server.folder / "other-ca.pem").read_bytes(),
+                          timeout=5)):
+        with client, pytest.raises(grpc.RpcError) as err:
+            client.stats()
+        assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_metrics_count_requests_and_speculation(server):
+    port = server.metrics_port
+    before = scrape(port)
+    with connect(server, timeout=30) as client:
+        for mode in ("sequential", "specbranch"):
+            client.complete(prompt_ids=PROMPTS[0], max_new_tokens=24, mode=mode)
+        client.complete(prompt_ids=PROMPTS[1], max_new_tokens=8, stop=["\x00never"], mode="autoregressive")
+        with pytest.raises(grpc.RpcError):
+            client.complete(prompt_ids=[1], max_new_tokens=5, temperature=-1.0)
+    after = scrape(port)
+    moved = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
+    finished = sum(moved("specpipe:request_success_total", finished_reason=r) for r in ("length", "eos", "stop"))
+    assert finished == 3
+    assert moved("specpipe:request_failure_total", code="INVALID_ARGUMENT") == 1
+    assert moved("specpipe:prompt_tokens_total") == 2 * len(PROMPTS[0]) + len(PROMPTS[1])
+    assert 3 <= moved("specpipe:generation_tokens_total") <= 24 * 2 + 8
+    assert moved("specpipe:spec_decode_num_draft_tokens_total") > 0
+    assert moved("specpipe:spec_decode_num_drafts_total") > 0
+    assert moved("specpipe:spec_decode_num_accepted_tokens_total") >= 0
+    assert moved("specpipe:spec_decode_num_rolled_back_tokens_total") >= 0
+    assert ("specpipe:spec_decode_branches_forked_total", ()) in after
+    assert ("specpipe:spec_decode_branches_hit_total", ()) in after
+    assert moved("specpipe:time_to_first_token_seconds_count") == 3
+    assert moved("specpipe:inter_token_latency_seconds_count") == moved("specpipe:generation_tokens_total") - 3
+    assert moved("specpipe:e2e_request_latency_seconds_count") == 3
+    assert metric(after, "specpipe:mean_acceptance_length") >= 1.0
+    for role in ("draft", "target"):
+        assert metric(after, "specpipe:worker_healthy", role=role) == 1.0
+        assert 0.0 < metric(after, "specpipe:worker_busy_fraction", role=role) <= 1.0
+        # From the last heartbeat (every 0.25 s): the release may not be in it yet.
+        wait_for(lambda: metric(scrape(port), "specpipe:live_branches", role=role) == 0.0, 2.0, "0 live branches")
+    assert metric(after, "specpipe:num_requests_running") == 0
+    assert metric(after, "specpipe:num_requests_waiting") == 0
