@@ -173,6 +173,11 @@ def main(argv=None) -> None:
     build.add_argument("--preset", default="full", choices=["full", "mini"])
     build.set_defaults(func=cmd_build_demo)
 
+    from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
+    bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")
+    add_bench_args(bench)
+    bench.set_defaults(func=lambda args: sys.exit(bench_main(args)))
+
     args = parser.parse_args(argv)
     level = args.log_level
     logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")

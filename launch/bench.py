@@ -1,0 +1,345 @@
+"""`specpipe bench` (DESIGN §5): every way of decoding the same prompts with the same model pair,
+side by side, in one invocation.
+
+Methods (each request decodes one prompt; a method's figure for a trial covers all prompts):
+
+- `hf_autoregressive`: Hugging Face `generate` with the target alone, in this process, one torch
+  thread. THE baseline: every speedup is tokens/s over this method's tokens/s in the same trial.
+  `hf_autoregressive_2threads`: the same with two threads (this machine's whole CPU).
+- `hf_assisted_default`: `generate(assistant_model=draft)` with the assistant's own generation
+  settings (transformers' defaults: 20 tokens, confidence threshold 0.4). `hf_assisted_best`: a
+  fixed draft length (`num_assistant_tokens_schedule="constant"`, no confidence stop), the best of
+  a grid (2, 4, 6, 8; --quick 2, 4) picked by a calibration pass before the first trial, per
+  temperature. Their drafted tokens and verifications are counted from forward calls.
+- `specpipe_<mode>` for each server mode (autoregressive, sequential, pipelined, specbranch),
+  through ONE `specpipe serve` child process, every request pinned to its mode. A mode the server
+  rejects, or runs as another mode, is recorded as that method's error; the run goes on.
+
+Temperature 0 is greedy (HF: do_sample=False); temperature 1 samples (HF: do_sample=True,
+top_k=0), seeded per (trial, prompt), the same seed for every method. Methods are interleaved:
+trial t runs every method once, in an order shuffled with a seed, so drift of a shared machine
+hits all alike; summaries are medians over trials with min/max and quartiles.
+
+Correctness: at temperature 0 every method's token ids must equal `hf_autoregressive`'s for each
+prompt (`matches_autoregressive`); a mismatch is logged as an error, flagged in results.md, and
+makes the command exit 1.
+
+The analytical bound, with a = the method's measured acceptance rate (accepted / drafted), k =
+its measured drafted tokens per verification, rounded (a confidence stop, HF's default or the
+server's policy, ends blocks before the configured length), and costs timed in this process on
+one thread with a warm KV cache (t_ar: one target step of 1 token; t_draft: one draft step;
+t_verify(k): one target forward of k + 1 tokens):
+
+    E(a, k)      = (1 - a^(k+1)) / (1 - a)          expected tokens per round (k + 1 at a = 1)
+    serial       = E * t_ar / (k * t_draft + t_verify(k))       Leviathan et al. 2023: the target
+                                                                waits while the draft drafts
+    overlapped   = E * t_ar / max(t_verify(k), k * t_draft)     pipelined: the target never waits
+    % of bound   = measured speedup / bound   (serial for HF assisted and sequential, overlapped
+                                              for pipelined and specbranch, 1 for autoregressive)
+
+accepted / drafted also counts the drafted tokens past the first rejection, so it is at most the
+per-token acceptance probability and the bound it gives can sit below the true one (a method may
+show more than 100%); the JSON also holds `a_implied`, the a whose E equals the measured tokens
+per verification. t_ar is one bare forward while the baseline's tokens/s includes HF generate's
+per-step overhead, which `specpipe_autoregressive` against its bound of 1 makes visible.
+
+Network latency axis: specpipe sequential, pipelined and specbranch (greedy) with the draft worker
+behind a link of each one-way latency: a network namespace and a veth pair with netem on both
+ends where the machine allows it (root, `ip netns`, netem in the kernel), else a userspace TCP
+relay in this process that holds each chunk for the latency (labelled simulated). One server, one
+draft worker; the link's delay is changed between requests so latencies interleave too.
+
+Outputs under --out: results.json (machine, config, every per-trial figure, summaries),
+results.md (tables for the README), speedup.png. This module talks to the server only through
+`specpipe.Client` and knows nothing of the wire protocol; tables and plots are bench_report's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import os
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from specpipe.launch.bench_link import QUIET_ENV, choose_link
+from specpipe.launch.bench_runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
+                                           specpipe_method, tune_assistant, warm_up)
+
+logger = logging.getLogger(__name__)
+
+SPECPIPE_MODES = ("autoregressive", "sequential", "pipelined", "specbranch")
+LATENCY_MODES = ("sequential", "pipelined", "specbranch")  # the modes whose draft sits behind the link
+# Defaults: the full run fits 20 minutes on 2 cores with the demo pair; --quick about two.
+FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8)}
+QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4)}
+REQUEST_TIMEOUT_S = 300.0  # a hung mode becomes that method's error, not a hung benchmark
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    target: str | None
+    draft: str | None
+    prompts_file: str | None
+    num_prompts: int
+    max_new_tokens: int
+    trials: int
+    temperatures: tuple[float, ...]
+    modes: tuple[str, ...]
+    latencies_ms: tuple[float, ...]  # empty: no latency axis
+    link: str  # auto | netns | proxy
+    num_draft_tokens: int
+    assistant_grid: tuple[int, ...]  # fixed num_assistant_tokens tried for HF's best
+    quick: bool
+    out: str
+    seed: int
+    command_line: str
+
+
+# --- flags ------------------------------------------------------------------------------------
+
+def add_bench_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--target", help="target model folder or hub id (default: the demo pair)")
+    parser.add_argument("--draft", help="draft model folder or hub id (default: the demo pair)")
+    parser.add_argument("--prompts-file", help="JSON list of strings (or of {'prompt': ...}), or a text file with "
+                                               "one prompt per line (default: the demo pair's held-out prompts)")
+    parser.add_argument("--num-prompts", type=int, help=f"first N prompts (default {FULL['num_prompts']}, "
+                                                        f"quick {QUICK['num_prompts']})")
+    parser.add_argument("--max-new-tokens", type=int, help=f"per request (default {FULL['max_new_tokens']}, "
+                                                           f"quick {QUICK['max_new_tokens']})")
+    parser.add_argument("--trials", type=int, help=f"interleaved repeats (default {FULL['trials']}, "
+                                                   f"quick {QUICK['trials']})")
+    parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy (default 0,1)")
+    parser.add_argument("--modes", default=",".join(SPECPIPE_MODES), help="specpipe modes to run (default all)")
+    parser.add_argument("--latencies", help="one-way draft link latencies in ms, comma-separated, or 'none' "
+                                            f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
+    parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
+                        help="latency link: network namespace + netem, or a simulated TCP delay relay "
+                             "(auto: netns where it works)")
+    parser.add_argument("--num-draft-tokens", type=int, default=4, help="specpipe draft tokens per block")
+    parser.add_argument("--quick", action="store_true", help="fewer prompts, trials and tokens (about 2 minutes)")
+    parser.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
+    parser.add_argument("--seed", type=int, default=0, help="method order and sampling seeds")
+
+
+def _floats(text: str) -> tuple[float, ...]:
+    if text.strip().lower() in ("", "none"):
+        return ()
+    return tuple(float(item) for item in text.split(","))
+
+
+def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig:
+    preset = QUICK if args.quick else FULL
+    modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
+    unknown = set(modes) - set(SPECPIPE_MODES)
+    if unknown:
+        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(SPECPIPE_MODES)}")
+    latencies = _floats(args.latencies if args.latencies is not None else preset["latencies"])
+    if any(value < 0 for value in latencies):
+        raise SystemExit("--latencies must be >= 0 ms")
+    return BenchConfig(
+        target=args.target, draft=args.draft, prompts_file=args.prompts_file,
+        num_prompts=args.num_prompts or preset["num_prompts"],
+        max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], trials=args.trials or preset["trials"],
+        temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, link=args.link,
+        num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick, out=args.out, seed=args.seed,
+        command_line=command_line)
+
+
+def resolve_models(config: BenchConfig) -> tuple[str, str]:
+    if config.target and config.draft:
+        return config.target, config.draft
+    from specpipe.demo_pair import demo_pair_dir
+    root = demo_pair_dir()
+    return config.target or str(root / "target"), config.draft or str(root / "draft")
+
+
+def load_prompts(config: BenchConfig) -> list[str]:
+    import json
+    if config.prompts_file is None:
+        from specpipe.demo_pair import load_heldout_prompts
+        prompts = load_heldout_prompts()
+    else:
+        text = Path(config.prompts_file).read_text()
+        if config.prompts_file.endswith(".json"):
+            prompts = [item["prompt"] if isinstance(item, dict) else item for item in json.loads(text)]
+        else:
+            prompts = [line for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise SystemExit("no prompts to run")
+    return prompts[:config.num_prompts]
+
+
+def process_cpu_s(pid: int) -> float | None:
+    """User + system CPU seconds of one process (Linux /proc), for the coordinator's CPU share."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+# --- the run -----------------------------------------------------------------------------------
+
+def server_snapshot(client, coordinator_pid: int, cpu_start: float | None) -> dict:
+    """Worker stats after the trials (live requests/branches must be 0: nothing leaked) and the
+    coordinator's CPU seconds over them."""
+    try:
+        stats = client.stats()
+    except Exception as err:
+        return {"error": describe_error(err)}
+    cpu_end = process_cpu_s(coordinator_pid)
+    workers = [{"role": w.role, "healthy": w.healthy, "live_requests": w.live_requests,
+                "live_branches": w.live_branches, "busy_fraction": w.busy_fraction} for w in stats.workers]
+    return {"workers": workers, "live_requests": stats.live_requests,
+            "leaked": stats.live_requests > 0 or any(w["live_requests"] or w["live_branches"] for w in workers),
+            "coordinator_cpu_s": None if cpu_start is None or cpu_end is None else cpu_end - cpu_start}
+
+
+def serve_and_run(config: BenchConfig, serve_flags: list[str], runner: TrialRunner, modes, jobs, seed: int,
+                  before=None) -> tuple[list[dict], dict]:
+    """Start one server, warm up a method per mode, run `jobs(server methods)` interleaved; a server
+    that does not start fails its modes (recorded), and the other jobs still run."""
+    from specpipe.client import Client
+    from specpipe.launch.local import ServerProcess
+
+    with contextlib.ExitStack() as stack:
+        client, server, error = None, None, None
+        try:
+            server = stack.enter_context(ServerProcess(serve_flags, env=QUIET_ENV))
+            client = stack.enter_context(Client(server.addr, timeout=REQUEST_TIMEOUT_S))
+        except Exception as err:
+            error = f"the server did not start: {describe_error(err)}"
+            logger.error(error)
+            runner.failed.update({f"specpipe_{mode}": error for mode in modes})
+        methods = [specpipe_method(client, mode, config.max_new_tokens, config.num_draft_tokens) for mode in modes]
+        warm_up(runner, methods)
+        cpu_start = process_cpu_s(server.process.pid) if server else None
+        records = interleaved(runner, jobs(methods), config.trials, seed, before)
+        return records, server_snapshot(client, server.process.pid, cpu_start) if client else {"error": error}
+
+
+def run_latency_axis(config: BenchConfig, serve_flags: list[str], draft: str, runner: TrialRunner,
+                     link_choice: tuple) -> dict:
+    modes = [mode for mode in LATENCY_MODES if mode in config.modes]
+    if not config.latencies_ms:
+        return {"skipped": "no latencies asked for (--latencies none)"}
+    if not modes:
+        return {"skipped": "none of sequential, pipelined, specbranch in --modes"}
+    link_class, problem = link_choice
+    result = {"link": link_class.kind, "simulated": link_class.simulated, "netns_problem": problem,
+              "latencies_ms": list(config.latencies_ms), "modes": modes}
+    try:
+        link = link_class(draft)
+    except Exception as err:
+        logger.error("latency axis: the link did not come up: %s", describe_error(err))
+        return {**result, "error": f"the link did not come up: {describe_error(err)}"}
+    try:
+        result["trials"], result["server"] = serve_and_run(
+            config, [*serve_flags, "--draft-addr", link.endpoint], runner, modes, seed=config.seed + 1,
+            jobs=lambda methods: [(m, 0.0, {"latency_ms": ms}) for ms in config.latencies_ms for m in methods],
+            before=lambda labels: link.set_delay(labels["latency_ms"]))
+    finally:
+        link.close()
+    result["errors"] = {f"specpipe_{mode}": runner.failed[f"specpipe_{mode}"] for mode in modes
+                        if f"specpipe_{mode}" in runner.failed}
+    return result
+
+
+def progress_total(config: BenchConfig, num_prompts: int) -> int:
+    """Requests the run makes: reference, calibration grid, trials, warm-ups, latency axis."""
+    latency_modes = [mode for mode in LATENCY_MODES if mode in config.modes] if config.latencies_ms else []
+    methods = 4 + len(config.modes)
+    per_prompt = (1 + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
+                  + config.trials * len(config.latencies_ms) * len(latency_modes))
+    return num_prompts * per_prompt + len(config.modes) + len(latency_modes)
+
+
+def run(config: BenchConfig) -> dict:
+    from tqdm.auto import tqdm
+
+    from specpipe.launch import bench_report
+    from specpipe.models import load_tokenizer
+
+    started = time.time()
+    link_choice = choose_link(config.link, config.latencies_ms)  # before the long part: a bad --link fails fast
+    target, draft = resolve_models(config)
+    texts = load_prompts(config)
+    tokenizer = load_tokenizer(target)
+    prompts = [tokenizer(text)["input_ids"] for text in texts]
+    hf = HFRunner(target, draft)
+    serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens)]
+    with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req",
+              dynamic_ncols=True) as bar:
+        reference = []
+        for prompt_ids in prompts:  # also warms up the in-process models
+            reference.append(hf.generate(prompt_ids, config.max_new_tokens, 0.0, 0).token_ids)
+            bar.update(1)
+        runner = TrialRunner(prompts, reference, config.seed, bar)
+        grid = tune_assistant(hf, runner, config.temperatures, config.max_new_tokens, config.assistant_grid)
+        hf_methods = hf.methods(config.max_new_tokens, grid)
+        records, server = serve_and_run(
+            config, serve_flags, runner, config.modes, seed=config.seed,
+            jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods])
+        errors = dict(runner.failed)
+        latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
+        bar.set_postfix_str("timing one step of each model")
+        context = prompts[0] + reference[0][:config.max_new_tokens // 2]  # about the mean context of a request
+        costs = measure_costs(hf, context, bench_report.needed_ks(records))
+    return {"command_line": config.command_line, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
+                                                                              time.localtime(started)),
+            "elapsed_s": time.time() - started, "machine": bench_report.machine(), "config": vars_of(config),
+            "models": {"target": target, "draft": draft, "target_params": hf.target.num_parameters(),
+                       "draft_params": hf.draft.num_parameters()},
+            "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
+            "reference_outputs": reference, "costs": costs, "hf_assisted_grid": grid, "trials": records,
+            "errors": errors, "server": server, "latency": latency}
+
+
+def vars_of(config: BenchConfig) -> dict:
+    from dataclasses import asdict
+    return {**asdict(config), "request_timeout_s": REQUEST_TIMEOUT_S}
+
+
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """`specpipe bench`. Takes the CLI's parsed namespace or an argv list; returns the exit status
+    (1 when some method's greedy output differs from autoregressive)."""
+    if isinstance(args, argparse.Namespace):
+        command_line = shlex.join(["specpipe", *sys.argv[1:]])
+    else:
+        argv = list(sys.argv[1:] if args is None else args)
+        parser = argparse.ArgumentParser(prog="specpipe bench", description="The benchmark of DESIGN §5.")
+        add_bench_args(parser)
+        args = parser.parse_args(argv)
+        command_line = shlex.join(["specpipe", "bench", *argv])
+    config = config_from_args(args, command_line)
+    import torch
+
+    from specpipe.launch import bench_report
+
+    from transformers.utils import logging as hf_logging
+
+    threads, verbosity = torch.get_num_threads(), hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # generate's advice and model-loading bars; the run has its own bar
+    hf_logging.disable_progress_bar()
+    try:
+        results = bench_report.summarize(run(config))
+    finally:
+        torch.set_num_threads(threads)
+        hf_logging.set_verbosity(verbosity)
+        hf_logging.enable_progress_bar()
+    paths = bench_report.write_outputs(results, Path(config.out))
+    print(f"wrote {', '.join(str(path) for path in paths)}")
+    if not results["correctness"]["all_match"]:
+        logger.error("MISMATCH: greedy output differs from HF autoregressive for %s",
+                     sorted({m["method"] for m in results["correctness"]["mismatches"]}))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

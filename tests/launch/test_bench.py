@@ -1,0 +1,121 @@
+"""`specpipe bench --quick` end to end on the tiny models: a real `specpipe serve` (three
+processes) and Hugging Face `generate` in this process, run once per module through
+`bench.main([...])`. The tests check the invariant (at greedy every method that ran produced
+HF autoregressive's tokens), that a method that failed says why, the documented JSON fields and
+that results.md and speedup.png exist. No timing is asserted: the machine is shared. The bound
+formulas are checked apart, on numbers worked by hand."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from specpipe.launch import bench, bench_report
+
+PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
+ALWAYS_RUN = {"hf_autoregressive", "hf_autoregressive_2threads", "hf_assisted_default", "hf_assisted_best",
+              "specpipe_autoregressive", "specpipe_sequential"}
+TOP_LEVEL = {"schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models", "prompts",
+             "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server", "summary",
+             "correctness", "latency"}
+METHOD_FIELDS = {"error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
+                 "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
+                 "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
+                 "target_busy_fraction", "generated_tokens", "draft_tokens_per_verification",
+                 "matches_autoregressive", "bound"}
+MACHINE_FIELDS = {"cpu_model", "logical_cores", "usable_cores", "load_average", "platform", "python", "torch",
+                  "transformers", "grpcio"}
+RECORD_FIELDS = {"trial", "temperature", "method", "configured_draft_tokens", "error", "tokens", "seconds",
+                 "tokens_per_second", "ttft_s", "target_busy_s", "counters", "outputs"}
+SPREAD_FIELDS = {"median", "min", "max", "q1", "q3", "n"}
+
+
+@pytest.fixture(scope="module")
+def bench_run(tiny_models, tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    prompts = out / "prompts.json"
+    prompts.write_text(json.dumps(PROMPTS))
+    status = bench.main(["--quick", "--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
+                         "--prompts-file", str(prompts), "--max-new-tokens", "12", "--trials", "2",
+                         "--latencies", "none", "--out", str(out)])
+    return status, out, json.loads((out / "results.json").read_text())
+
+
+def test_every_method_that_ran_matches_autoregressive(bench_run):
+    status, _, results = bench_run
+    greedy = results["summary"]["0"]
+    ran = {name for name, summary in greedy.items() if summary["trials"]}
+    assert ALWAYS_RUN <= ran, results["errors"]
+    for name in ran:
+        assert greedy[name]["matches_autoregressive"] is True, name
+    for record in results["trials"]:
+        if record["temperature"] == 0 and record["error"] is None:
+            assert record["outputs"] == results["reference_outputs"], record["method"]
+    assert results["correctness"] == {"reference": "hf_autoregressive, greedy", "all_match": True, "mismatches": []}
+    assert status == 0
+
+
+def test_a_method_that_did_not_run_says_why(bench_run):
+    _, _, results = bench_run
+    for summaries in results["summary"].values():
+        for name, summary in summaries.items():
+            if summary["trials"] == 0:
+                assert summary["error"] and results["errors"][name] == summary["error"]
+
+
+def test_json_has_every_documented_field(bench_run):
+    _, _, results = bench_run
+    assert set(results) == TOP_LEVEL
+    assert set(results["machine"]) == MACHINE_FIELDS
+    assert set(results["summary"]) == {"0", "1"}
+    assert len(results["prompts"]) == len(results["reference_outputs"]) == 2
+    for summaries in results["summary"].values():
+        assert ALWAYS_RUN <= set(summaries)
+        for name, summary in summaries.items():
+            assert set(summary) == METHOD_FIELDS, name
+            if summary["trials"]:
+                assert set(summary["tokens_per_second"]) == SPREAD_FIELDS
+                assert summary["tokens_per_second"]["n"] == summary["trials"] == 2
+    assert results["summary"]["0"]["hf_autoregressive"]["speedup"]["median"] == 1.0
+    assert results["summary"]["0"]["hf_autoregressive"]["bound"]["kind"] == "autoregressive"
+    for record in results["trials"]:
+        greedy_only = {"matches_autoregressive"} if record["temperature"] == 0 else set()
+        assert record["error"] or set(record) == RECORD_FIELDS | greedy_only, record["method"]
+    assert set(results["costs"]) == {"context_tokens", "repeats", "t_ar_s", "t_draft_s", "t_verify_s"}
+    assert set(results["hf_assisted_grid"]["0"]["tokens_per_second"]) == {str(k) for k in bench.QUICK["assistant_grid"]}
+    assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
+    assert results["server"]["leaked"] is False
+    assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
+    assert results["config"]["trials"] == 2 and results["command_line"].startswith("specpipe bench --quick")
+
+
+def test_markdown_and_plot_exist(bench_run):
+    _, out, results = bench_run
+    markdown = (out / "results.md").read_text()
+    for heading in ("## Greedy (temperature 0)", "## Sampling, temperature 1", "## Draft link latency",
+                    "## Costs and bounds", results["command_line"]):
+        assert heading in markdown
+    assert "MISMATCH" not in markdown
+    assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("a, k, expected", [(0.0, 4, 1.0), (0.5, 4, 1.9375), (1.0, 4, 5.0), (0.8, 1, 1.8)])
+def test_expected_tokens_per_round(a, k, expected):
+    assert bench_report.expected_tokens(a, k) == pytest.approx(expected)
+    if 0 < a < 1:
+        assert bench_report.implied_acceptance(expected, k) == pytest.approx(a, abs=1e-9)
+
+
+def test_bounds_on_hand_worked_numbers():
+    # a = 0.5, k = 4: E = 1.9375. t_ar = 10, t_draft = 1, t_verify = 12 (ms).
+    costs = {"t_ar_s": 0.010, "t_draft_s": 0.001, "t_verify_s": {"4": 0.012}}
+    summary = {"speedup": {"median": 1.0}, "acceptance_rate": 0.5, "draft_tokens_per_verification": 4.0,
+               "tokens_per_verification": 1.9375}
+    serial = bench_report.bound(summary, "serial", costs)
+    assert serial["serial"] == pytest.approx(1.9375 * 10 / (4 * 1 + 12))
+    assert serial["overlapped"] == pytest.approx(1.9375 * 10 / 12)
+    assert serial["bound"] == serial["serial"]
+    assert serial["fraction_of_bound"] == pytest.approx(1.0 / serial["serial"])
+    assert bench_report.bound(summary, "overlapped", costs)["bound"] == pytest.approx(1.9375 * 10 / 12)
+    assert bench_report.bound(summary, None, costs) is None
