@@ -9,7 +9,6 @@ from transformers import AutoModelForCausalLM
 
 from specpipe.launch.local import ServerProcess
 
-PROMPTS = [[5, 17, 42, 8], [100, 3], [250, 251, 252, 253, 254, 255, 7], [1]]
 
 
 @pytest.fixture(scope="session")

@@ -16,7 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specpipe import Client
 from specpipe.launch.local import ServerProcess
 
-from conftest import PROMPTS
+from tiny import PROMPTS
 
 LONG = 300
 

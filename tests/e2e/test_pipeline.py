@@ -22,7 +22,7 @@ from specpipe.coordinator.workers import WorkerClient
 from specpipe.launch.local import spawn_worker, stop_process
 from specpipe.sampling import SamplingParams, logits_to_probs
 
-from conftest import PROMPTS
+from tiny import PROMPTS
 
 
 def test_stale_epoch_and_cancelled_branch_replies_are_dropped(tiny_models):

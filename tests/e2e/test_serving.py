@@ -18,7 +18,7 @@ from transformers import AutoModelForCausalLM
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
-from conftest import PROMPTS  # noqa: F401  (tests/e2e/conftest.py)
+from tiny import PROMPTS
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 MAX_NEW = 40

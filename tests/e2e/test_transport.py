@@ -11,7 +11,7 @@ import time
 from specpipe import Client
 from specpipe.launch.local import free_port
 
-from conftest import PROMPTS
+from tiny import PROMPTS
 
 REQUESTS = [dict(prompt_ids=p, max_new_tokens=24, mode=m, temperature=t, seed=11)
             for p in PROMPTS[:2] for m in ("sequential", "pipelined", "specbranch") for t in (0.0, 1.0)]

@@ -5,7 +5,7 @@ import torch
 
 from specpipe.models import (ModelLoadError, TokenizerMismatchError, check_same_tokenizer, context_length,
                              load_model, load_tokenizer, vocab_size)
-from conftest import build_tokenizer
+from tiny import build_tokenizer
 
 
 def test_load_model_from_folder(tiny_models):
