@@ -19,6 +19,9 @@ from specpipe.launch.local import ServerProcess
 from tiny import PROMPTS
 
 LONG = 300
+# A restarted worker imports torch and loads its model again: seconds when the machine is idle,
+# much longer on a loaded 2-core box.
+RESTART_S = 90
 
 
 @pytest.fixture
@@ -65,7 +68,7 @@ def test_draft_killed_mid_stream_finishes_losslessly_and_recovers(server, hf_gre
     assert health(server.addr) == health_pb2.HealthCheckResponse.SERVING
     assert client.complete(prompt_ids=prompt_ids, max_new_tokens=40, mode=mode)[0] == reference[:40]
     # The restarted draft is re-admitted: speculative decoding again, no server restart.
-    wait_for(lambda: client.stats().status == "ok", 20, "the restarted draft")
+    wait_for(lambda: client.stats().status == "ok", RESTART_S, "the restarted draft")
     token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=40, mode=mode)
     assert token_ids == reference[:40] and last.stats.draft_tokens > 0
 
@@ -82,5 +85,6 @@ def test_target_killed_ends_unavailable_fast_and_recovers(server, hf_greedy):
     assert err.value.code() == grpc.StatusCode.UNAVAILABLE
     assert time.monotonic() - killed < 2.0
     wait_for(lambda: health(server.addr) == health_pb2.HealthCheckResponse.NOT_SERVING, 2, "NOT_SERVING")
-    wait_for(lambda: health(server.addr) == health_pb2.HealthCheckResponse.SERVING, 20, "the restarted target")
+    wait_for(lambda: health(server.addr) == health_pb2.HealthCheckResponse.SERVING, RESTART_S,
+             "the restarted target")
     assert client.complete(prompt_ids=PROMPTS[1], max_new_tokens=30)[0] == hf_greedy(PROMPTS[1], 30)

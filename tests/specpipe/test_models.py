@@ -22,8 +22,11 @@ def test_load_model_dtype(tiny_models):
 
 
 def test_bad_model_path_and_dtype(tmp_path):
-    with pytest.raises(ModelLoadError, match="cannot load model"):
+    with pytest.raises(ModelLoadError, match="model folder .*missing' does not exist"):
         load_model(tmp_path / "missing")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ModelLoadError, match="cannot load model"):
+        load_model(tmp_path / "empty")
     with pytest.raises(ModelLoadError, match="dtype"):
         load_model(tmp_path, dtype="float8")
 
