@@ -69,14 +69,15 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     async def intercept_service(self, continuation, handler_call_details):
         handler = await continuation(handler_call_details)
         method = handler_call_details.method
-        if handler is None or method.startswith(OPEN_SERVICES) or self.authorized(handler_call_details.invocation_metadata):
+        if method.startswith(OPEN_SERVICES) or self.authorized(handler_call_details.invocation_metadata):
             return handler
         logger.warning("refused %s: missing or wrong bearer token", method)
-        return _refusal(handler)
+        return _refusal(handler)   # also for unknown methods: no probing what exists without the token
 
 
-def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-    """A handler of the same shape as `handler` that ends the call with UNAUTHENTICATED."""
+def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:
+    """A handler of the same shape as `handler` (unary if None) that ends the call with
+    UNAUTHENTICATED."""
     message = "missing or invalid bearer token (metadata 'authorization: Bearer <token>')"
 
     async def abort_unary(request_or_iterator, context):
@@ -86,6 +87,8 @@ def _refusal(handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
         yield  # pragma: no cover  (makes this an async generator, as a streaming handler must be)
 
+    if handler is None:
+        return grpc.unary_unary_rpc_method_handler(abort_unary)
     codecs = dict(request_deserializer=handler.request_deserializer, response_serializer=handler.response_serializer)
     if handler.request_streaming and handler.response_streaming:
         return grpc.stream_stream_rpc_method_handler(abort_stream, **codecs)

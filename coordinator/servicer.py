@@ -23,6 +23,7 @@ from collections import Counter
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
@@ -47,6 +48,10 @@ MODE_ENUMS = {name: value for value, name in MODES.items()}
 MAX_REQUEST_ID_CHARS = 256
 MAX_STOP_STRINGS = 16
 MAX_STOP_CHARS = 256
+# The smallest temperature that samples: below it, logits / temperature overflows float32 for
+# logits that real models produce and the distribution turns to NaN (seen with 1e-38). vLLM's
+# sampling epsilon, rounded to float32 as the field arrives (so that 1e-5 itself passes); 0 is greedy.
+MIN_TEMPERATURE = float(np.float32(1e-5))
 
 
 class InvalidRequest(ValueError):
@@ -114,6 +119,9 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                                  f"{limits.context_length} tokens")
         if not math.isfinite(request.temperature) or request.temperature < 0:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {request.temperature}")
+        if 0 < request.temperature < MIN_TEMPERATURE:
+            raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
+                                 f"got {request.temperature:g}")
         if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
             raise InvalidRequest(f"top_p must be in [0, 1], got {request.top_p}")
         if len(request.stop) > MAX_STOP_STRINGS:

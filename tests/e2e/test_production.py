@@ -36,7 +36,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from specpipe import Client
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
-from conftest import PROMPTS  # noqa: F401  (tests/e2e/conftest.py)
+from tiny import PROMPTS
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -399,3 +399,14 @@ def test_metrics_count_requests_and_speculation(server):
         wait_for(lambda: metric(scrape(port), "specpipe:live_branches", role=role) == 0.0, 2.0, "0 live branches")
     assert metric(after, "specpipe:num_requests_running") == 0
     assert metric(after, "specpipe:num_requests_waiting") == 0
+
+
+def test_unknown_methods_are_unauthenticated_without_the_token(server):
+    channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca))
+    probe = channel.unary_unary("/specpipe.v1.SpecPipe/NoSuchMethod", request_serializer=lambda x: x,
+                                response_deserializer=lambda x: x)
+    for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED), (AUTH, grpc.StatusCode.UNIMPLEMENTED)):
+        with pytest.raises(grpc.RpcError) as err:
+            probe(b"", metadata=metadata, timeout=10)
+        assert err.value.code() == code
+    channel.close()
