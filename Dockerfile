@@ -31,8 +31,8 @@ RUN useradd --create-home --uid 1000 specpipe
 USER specpipe
 WORKDIR /home/specpipe
 
-# gRPC API, draft worker, target worker (specpipe.config's DEFAULT_*_PORT).
-EXPOSE 50051 50061 50062
+# gRPC API, draft worker, target worker, target data plane (specpipe.config's DEFAULT_*_PORT).
+EXPOSE 50051 50061 50062 50063
 
 ENTRYPOINT ["specpipe"]
 CMD ["--help"]

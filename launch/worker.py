@@ -77,13 +77,13 @@ def build_engine(config: WorkerConfig, model, device):
     if config.role == "draft":
         from specpipe.draft_worker.engine import DraftEngine
         if group is not None:
-            sender = dataplane.TorchSender(group.target_rank, device)
+            sender = dataplane.TorchSender(group.target_rank, device, group.data_group)
         else:
             sender = dataplane.ZmqSender(config.target_data_addr) if config.target_data_addr else None
         return DraftEngine(model, device, probs_sender=sender), ""
     from specpipe.target_worker.engine import TargetEngine
     if group is not None:
-        receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device)
+        receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device, group.data_group)
         return TargetEngine(model, device, probs_receiver=receiver), ""
     receiver = dataplane.ZmqReceiver(config.data_bind)
     return TargetEngine(model, device, probs_receiver=receiver), receiver.endpoint

@@ -79,22 +79,23 @@ class ZmqReceiver:
 
 
 class TorchSender:
-    def __init__(self, dst_rank: int, device: torch.device):
-        self.dst, self.device = dst_rank, device
+    def __init__(self, dst_rank: int, device: torch.device, group=None):
+        self.dst, self.device, self.group = dst_rank, device, group
         self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
 
     def send(self, key: Key, probs: torch.Tensor) -> None:
         import torch.distributed as dist
         self.header.copy_(torch.tensor([*key, probs.numel()], dtype=torch.int64))
-        dist.send(self.header, self.dst)
-        dist.send(probs.to(self.device, torch.float32).contiguous(), self.dst)
+        dist.send(self.header, self.dst, group=self.group)
+        dist.send(probs.to(self.device, torch.float32).contiguous(), self.dst, group=self.group)
 
 
 class TorchReceiver:
     """Target side: a thread blocks in recv; the worker loop calls `drain()` between steps."""
 
-    def __init__(self, src_rank: int, vocab: int, device: torch.device):
-        self.src, self.vocab, self.device = src_rank, vocab, device
+    def __init__(self, src_rank: int, vocab: int, device: torch.device, group=None):
+        """`group`: one without a timeout that an idle server would hit (distributed.init_from_env)."""
+        self.src, self.vocab, self.device, self.group = src_rank, vocab, device, group
         self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
         self.payload = torch.zeros(vocab, dtype=torch.float32, device=device)
         self.pool: queue.SimpleQueue = queue.SimpleQueue()     # recycled [vocab] tensors
@@ -116,10 +117,10 @@ class TorchReceiver:
         import torch.distributed as dist
         while True:
             try:
-                dist.recv(self.header, self.src)
+                dist.recv(self.header, self.src, group=self.group)
                 handle, branch_id, epoch, position, vocab = self.header.tolist()
                 payload = self.payload[:vocab]
-                dist.recv(payload, self.src)
+                dist.recv(payload, self.src, group=self.group)
             except Exception as err:   # the group is gone (peer exited): stop quietly
                 logger.info("data plane receiver stopped: %s", err)
                 return

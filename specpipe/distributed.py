@@ -19,6 +19,10 @@ import torch
 logger = logging.getLogger(__name__)
 
 DEFAULT_TIMEOUT_S = 60.0
+# The data plane's receiver waits in recv for as long as the server idles. On a group with the
+# set-up timeout that recv would give up (gloo raises after it, NCCL's watchdog aborts the
+# process), so the data plane gets a group of its own whose timeout is, in practice, never.
+DATA_PLANE_TIMEOUT = datetime.timedelta(days=365)
 
 
 class DistributedSetupError(RuntimeError):
@@ -33,6 +37,7 @@ class GroupInfo:
     backend: str
     target_rank: int
     draft_rank: int
+    data_group: object = None   # the data plane's process group (DATA_PLANE_TIMEOUT)
 
 
 def device_for_local_rank(local_rank: int | None = None) -> torch.device:
@@ -67,10 +72,11 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
                                 timeout=datetime.timedelta(seconds=timeout_s))
         # A first collective proves every peer is there (init alone may return before they are).
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
+        data_group = dist.new_group(list(range(world_size)), timeout=DATA_PLANE_TIMEOUT, backend=backend)
     except Exception as err:
         raise DistributedSetupError(
             f"rank {rank} of {world_size} could not form the torch.distributed {backend} group at "
             f"{addr}:{port} within {timeout_s:.0f}s (waiting for the other ranks to join): {err}") from err
     return GroupInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
                      backend=backend, target_rank=int(os.environ.get("SPECPIPE_TARGET_RANK", 0)),
-                     draft_rank=int(os.environ.get("SPECPIPE_DRAFT_RANK", 1)))
+                     draft_rank=int(os.environ.get("SPECPIPE_DRAFT_RANK", 1)), data_group=data_group)

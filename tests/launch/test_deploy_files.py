@@ -4,9 +4,10 @@ Nothing is built, applied or submitted: Docker, kubectl and Slurm need not be in
 is). Instead every number and flag in the files is compared with what the code really has:
 ports with `specpipe.config`'s defaults, each container or job-step command with the real
 argparse parsers (`add_serve_args` for `specpipe serve`, `launch.worker.parse_config` for the
-draft worker), the serve command's `--draft-addr` with the draft Service, the probes with the
-grpc.health.v1 service the coordinator registers, the model paths with the volume mount, the
-entrypoint with pyproject's console script.
+draft worker), the serve command's `--draft-addr` with the draft Service, the draft's `--target-data-addr` with
+the target's data-plane port and Service, the probes with the grpc.health.v1 service the
+coordinator registers, the model paths with the volume mount, the entrypoint with pyproject's
+console script; the torchrun job's command with torchrun's own parser and the torchrun entry's.
 """
 
 from __future__ import annotations
@@ -21,7 +22,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from specpipe.config import DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_TARGET_PORT, zmq_endpoint
+from specpipe.config import DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_TARGET_PORT, zmq_endpoint
+from specpipe.launch import torchrun as torchrun_entry
 from specpipe.launch import worker as worker_entry
 from specpipe.launch.cli import add_serve_args
 from specpipe.proto.specpipe.v1 import specpipe_pb2
@@ -29,6 +31,7 @@ from specpipe.proto.specpipe.v1 import specpipe_pb2
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "launch" / "k8s"
 SBATCH = ROOT / "launch" / "slurm" / "specpipe.sbatch"
+SBATCH_TORCHRUN = ROOT / "launch" / "slurm" / "specpipe-torchrun.sbatch"
 DOCKERFILE = ROOT / "Dockerfile"
 # The health service names the coordinator sets (coordinator/server.py: "" and the API service).
 HEALTH_SERVICES = {"", specpipe_pb2.DESCRIPTOR.services_by_name["SpecPipe"].full_name}
@@ -53,6 +56,7 @@ def _strict_argparse(monkeypatch):
     # view of argparse only; argparse itself stays untouched).
     strict = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": StrictParser})
     monkeypatch.setattr(worker_entry, "argparse", strict)
+    monkeypatch.setattr(torchrun_entry, "argparse", strict)
 
 
 def parse_serve(argv: list[str]) -> argparse.Namespace:
@@ -146,6 +150,12 @@ def service_for(objects, workload: dict) -> dict:
     return found[0]
 
 
+def service_port(service: dict, number: int) -> dict:
+    found = [port for port in service["spec"]["ports"] if port["port"] == number]
+    assert len(found) == 1, f"Service {service['metadata']['name']} has no single port {number}"
+    return found[0]
+
+
 def container_port(container: dict, target_port) -> int:
     for port in container["ports"]:
         if target_port in (port["containerPort"], port.get("name")):
@@ -201,9 +211,24 @@ def test_serve_pod_uses_the_draft_service(objects):
     assert args.target and args.draft, "serve needs both models named (no demo-pair fallback in a pod)"
 
     service = service_for(objects, workload)
-    [port] = service["spec"]["ports"]
-    assert port["port"] == DEFAULT_GRPC_PORT
+    port = service_port(service, DEFAULT_GRPC_PORT)
     assert container_port(the_container(workload), port.get("targetPort", port["port"])) == DEFAULT_GRPC_PORT
+
+
+def test_draft_reaches_the_target_data_plane(objects):
+    """The draft sends its q to tcp://<target Service>:<port>, that port leads to the container port
+    the spawned target binds (--target-data-port), on an interface the Service can reach."""
+    workload, serve_argv = workload_for(objects, "specpipe")
+    args = parse_serve(serve_argv[2:])
+    assert args.target_data_port == DEFAULT_DATA_PORT
+    assert args.worker_host == "0.0.0.0", "the target must bind the pod's interfaces for the draft pod"
+    service = service_for(objects, workload)
+    port = service_port(service, DEFAULT_DATA_PORT)
+    assert container_port(the_container(workload), port.get("targetPort", port["port"])) == args.target_data_port
+
+    _, draft_argv = workload_for(objects, "specpipe.draft_worker")
+    config = parse_draft_worker(draft_argv[3:])
+    assert config.target_data_addr == f"tcp://{service['metadata']['name']}:{port['port']}"
 
 
 def test_serve_pod_probes_are_grpc_health(objects):
@@ -251,14 +276,15 @@ def test_knobs_come_from_the_configmap(objects):
 
 # ---- Slurm --------------------------------------------------------------------------------------
 
-# What the script computes at run time (node addresses), set to fixed values for the test.
-SLURM_RUNTIME = {"DRAFT_ADDR_HOST": "10.0.0.2", "DRAFT_HOST": "10.0.0.2", "GRPC_HOST": "10.0.0.1"}
+# What the scripts compute at run time (node names and addresses), set to fixed values for the test.
+SLURM_RUNTIME = {"DRAFT_ADDR_HOST": "10.0.0.2", "DRAFT_HOST": "10.0.0.2", "GRPC_HOST": "10.0.0.1",
+                 "SERVE_ADDR_HOST": "10.0.0.1", "TARGET_HOST": "10.0.0.1", "HEAD": "node1"}
 
 
-def sbatch_command(pattern: str) -> list[str]:
+def sbatch_command(pattern: str, path: Path = SBATCH) -> list[str]:
     """The words of the script's one line matching `pattern`, as bash expands them with the
     script's own knob defaults (the block between the `# ---- knobs` and `# ----` lines)."""
-    text = SBATCH.read_text()
+    text = path.read_text()
     knobs = re.search(r"^# ---- knobs.*?\n(.*?)^# ----", text, re.S | re.M)
     assert knobs, "the knob block is gone"
     [line] = [line for line in text.splitlines() if re.search(pattern, line)]
@@ -271,13 +297,15 @@ def sbatch_command(pattern: str) -> list[str]:
     return result.stdout.split("\0")[:-1]
 
 
-def test_sbatch_is_valid_bash():
-    result = subprocess.run(["bash", "-n", str(SBATCH)], capture_output=True, text=True, timeout=5)
+@pytest.mark.parametrize("path", [SBATCH, SBATCH_TORCHRUN], ids=lambda path: path.name)
+def test_sbatch_is_valid_bash(path):
+    result = subprocess.run(["bash", "-n", str(path)], capture_output=True, text=True, timeout=5)
     assert result.returncode == 0, result.stderr
 
 
-def test_sbatch_asks_for_two_nodes_and_cleans_up():
-    text = SBATCH.read_text()
+@pytest.mark.parametrize("path", [SBATCH, SBATCH_TORCHRUN], ids=lambda path: path.name)
+def test_sbatch_asks_for_two_nodes_and_cleans_up(path):
+    text = path.read_text()
     assert re.search(r"^#SBATCH --nodes=2\b", text, re.M)
     assert "scontrol show hostnames" in text
     assert re.search(r"^trap \S+ .*EXIT", text, re.M), "no clean-up trap on exit"
@@ -289,6 +317,8 @@ def test_sbatch_draft_worker_command_parses():
     config = parse_draft_worker(argv[3:])
     # Bound to the draft node's own address, not every interface.
     assert config.bind == zmq_endpoint(SLURM_RUNTIME["DRAFT_HOST"], DEFAULT_DRAFT_PORT)
+    # Its q go to the target's data plane on the first node (the port serve gives the target).
+    assert config.target_data_addr == zmq_endpoint(SLURM_RUNTIME["SERVE_ADDR_HOST"], DEFAULT_DATA_PORT)
 
 
 def test_sbatch_serve_command_parses_and_reaches_the_draft(pyproject):
@@ -299,6 +329,27 @@ def test_sbatch_serve_command_parses_and_reaches_the_draft(pyproject):
     assert (args.host, args.port) == (SLURM_RUNTIME["GRPC_HOST"], DEFAULT_GRPC_PORT)
     assert args.draft_addr == zmq_endpoint(SLURM_RUNTIME["DRAFT_ADDR_HOST"], DEFAULT_DRAFT_PORT)
     assert args.target_addr is None and args.target and args.draft
+    # The spawned target binds the first node's address (reachable from the draft's node) with
+    # the data-plane port the draft sends to.
+    assert args.worker_host == SLURM_RUNTIME["TARGET_HOST"] == SLURM_RUNTIME["SERVE_ADDR_HOST"]
+    assert args.target_data_port == DEFAULT_DATA_PORT
+
+
+def test_sbatch_torchrun_command_parses():
+    from torch.distributed.run import get_args_parser
+
+    argv = sbatch_command(r"-m specpipe\.launch\.torchrun ", SBATCH_TORCHRUN)
+    assert argv[0] == "/home/user/specpipe/.venv/bin/torchrun"
+    launcher = get_args_parser().parse_args(argv[1:])
+    assert (launcher.nnodes, launcher.nproc_per_node) == ("2", "1")
+    assert launcher.rdzv_backend == "c10d" and launcher.rdzv_endpoint == f"{SLURM_RUNTIME['HEAD']}:29500"
+    assert launcher.module and launcher.training_script == "specpipe.launch.torchrun"
+    args = torchrun_entry.build_parser().parse_args(launcher.training_script_args)
+    assert args.port == DEFAULT_GRPC_PORT and args.target and args.draft
+    # One command for both nodes: each binds its own address, whichever becomes rank 0.
+    assert args.host == args.worker_host == torchrun_entry.AUTO_HOST
+    assert args.transport == "torch"
+    assert args.target_device is None and args.draft_device is None, "devices come from LOCAL_RANK"
 
 
 # ---- Docker -------------------------------------------------------------------------------------
@@ -312,7 +363,7 @@ def dockerfile_instructions() -> list[tuple[str, str]]:
 def test_dockerfile_exposes_the_default_ports():
     exposed = {int(port.split("/")[0]) for op, rest in dockerfile_instructions() if op == "EXPOSE"
                for port in rest.split()}
-    assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_DRAFT_PORT, DEFAULT_TARGET_PORT}
+    assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_DRAFT_PORT, DEFAULT_TARGET_PORT, DEFAULT_DATA_PORT}
 
 
 def test_dockerfile_entrypoint_and_pins(pyproject):
