@@ -35,6 +35,8 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                              "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling")
     parser.add_argument("--dist-timeout", type=float, default=60.0,
                         help="seconds to wait for the torch.distributed peer before failing")
+    parser.add_argument("--no-predictor", action="store_true",
+                        help="target: do not load the acceptance-length predictor saved beside the model")
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -43,7 +45,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         device=args.device, dtype=args.dtype, num_threads=args.threads,
                         exit_with_parent=args.exit_with_parent, transport=args.transport,
                         data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
-                        dist_timeout_s=args.dist_timeout)
+                        dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor)
 
 
 def main(role: str, argv=None) -> None:
@@ -81,9 +83,13 @@ def build_engine(config: WorkerConfig, model, device):
         else:
             sender = dataplane.ZmqSender(config.target_data_addr) if config.target_data_addr else None
         return DraftEngine(model, device, probs_sender=sender), ""
+    from specpipe.predictor import load_predictor
     from specpipe.target_worker.engine import TargetEngine
+    predictor = load_predictor(config.model) if config.use_predictor else None
+    if predictor is not None:
+        logging.getLogger(__name__).info("acceptance-length predictor loaded: %r", predictor)
     if group is not None:
         receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device, group.data_group)
-        return TargetEngine(model, device, probs_receiver=receiver), ""
+        return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), ""
     receiver = dataplane.ZmqReceiver(config.data_bind)
-    return TargetEngine(model, device, probs_receiver=receiver), receiver.endpoint
+    return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), receiver.endpoint

@@ -41,6 +41,7 @@ class WorkerConfig:
     data_bind: str = ""       # target, zmq: endpoint of its data-plane socket
     target_data_addr: str = ""  # draft, zmq: the target's data-plane endpoint
     dist_timeout_s: float = 60.0
+    use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
 
 
 @dataclass(frozen=True)

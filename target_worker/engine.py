@@ -10,6 +10,11 @@ Verify feeds the not-yet-cached committed tokens plus the block in one forward, 
 the pure math in `verify.py`, commits the accepted tokens (plus the correction or bonus) and crops
 its cache to the accepted prefix. Verifies queue FIFO; `work()` runs one.
 
+With an acceptance-length predictor (specpipe/predictor.py) loaded, every verify keeps the last
+hidden states (free: the forward computes them anyway), and a verdict asked for a prediction
+carries the predictor's expected accepted length for the next block, read from the hidden state
+of the row that predicted the last committed token (the same row `features` sends).
+
 Randomness: a verification starting at committed length L draws from a generator keyed by
 (seed, L, STREAM_VERIFY), so a seeded request does not depend on what else runs (and is reproducible wherever
 the schedule cuts its blocks deterministically).
@@ -45,11 +50,14 @@ class TargetRequest:
     seed: int
     handle: int
     next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
+    next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
 
 class TargetEngine:
-    def __init__(self, model, device: torch.device | str = "cpu", probs_receiver=None):
-        """`probs_receiver`: the data plane from the draft (specpipe.dataplane), for sampling."""
+    def __init__(self, model, device: torch.device | str = "cpu", probs_receiver=None, predictor=None):
+        """`probs_receiver`: the data plane from the draft (specpipe.dataplane), for sampling;
+        `predictor`: a specpipe.predictor.AcceptPredictor for this model, or None."""
         self.model, self.device = model, torch.device(device)
+        self.predictor = predictor.to(self.device) if predictor is not None else None
         self.requests: dict[str, TargetRequest] = {}
         self.queue: list = []      # [(Verify, queued_at)] FIFO, the first ready one runs
         self.receiver = probs_receiver
@@ -127,33 +135,45 @@ class TargetEngine:
         draft = list(msg.draft_token_ids)
         pending = state.tokens[state.cache.length:]
         assert pending or state.next_logits is not None, "nothing to predict the first draft token from"
+        want_hidden = msg.want_features or self.predictor is not None
         with torch.inference_mode():
             out = state.cache.forward(self.model, torch.tensor([pending + draft], device=self.device),
-                                      want_hidden=msg.want_features)
+                                      want_hidden=want_hidden)
         logits = out.logits[0]                                    # [len(pending) + k, vocab]
+        hidden = out.hidden[0] if want_hidden else None           # [len(pending) + k, hidden]
         if pending:
             rows = logits[len(pending) - 1:]                      # [k + 1, vocab]
+            hidden_rows = hidden[len(pending) - 1:] if want_hidden else None   # [k + 1, hidden]
         else:
             rows = torch.cat([state.next_logits[None], logits])
+            hidden_rows = (torch.cat([state.next_hidden[None], hidden])
+                           if want_hidden and state.next_hidden is not None else None)
         num_accepted, next_token = self._decide(state, msg, draft, rows)
         all_accepted = num_accepted == len(draft)
         if all_accepted and not msg.emit_bonus:
             state.tokens += draft
             state.next_logits = rows[-1]
+            state.next_hidden = hidden_rows[-1] if hidden_rows is not None else None
             next_token = -1
+            last_row = num_accepted - 1    # the row that predicted the last accepted draft token
         else:
             state.tokens += draft[:num_accepted] + [next_token]
             state.cache.rollback(msg.start_length + num_accepted)
-            state.next_logits = None
+            state.next_logits = state.next_hidden = None
+            last_row = num_accepted        # the row that predicted the correction or bonus
         self.table.drop_below(state.handle, len(state.tokens))
         verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id,
                                      num_accepted=num_accepted, next_token_id=next_token,
                                      committed_length=len(state.tokens))
         reply_frames: list[bytes] = []
-        if msg.want_features:
-            # The state that predicted the verdict's last token: the last fed row still valid.
-            index = min(len(pending) - 1 + num_accepted, out.hidden.shape[1] - 1) if pending else num_accepted - 1
-            wire.put_tensor(verdict.features, out.hidden[0, max(index, 0)].float(), reply_frames)
+        # The hidden state of the row that predicted the last committed token (absent only for an
+        # empty block without a bonus, or after a verify that kept no hidden states).
+        last_hidden = hidden_rows[last_row] if hidden_rows is not None and last_row >= 0 else None
+        if msg.want_features and last_hidden is not None:
+            wire.put_tensor(verdict.features, last_hidden.float(), reply_frames)
+        verdict.predicted_accept_length = -1.0
+        if msg.want_prediction and self.predictor is not None and last_hidden is not None:
+            verdict.predicted_accept_length = self.predictor.predict(last_hidden)
         verdict.verify_seconds = time.perf_counter() - begin
         return worker_pb2.Reply(verdict=verdict), reply_frames
 

@@ -93,7 +93,7 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verify(_message.Message):
-    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features")
+    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features", "want_prediction")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     START_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -102,6 +102,7 @@ class Verify(_message.Message):
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     EMIT_BONUS_FIELD_NUMBER: _ClassVar[int]
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    WANT_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     start_length: int
@@ -110,7 +111,8 @@ class Verify(_message.Message):
     epoch: int
     emit_bonus: bool
     want_features: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ...) -> None: ...
+    want_prediction: bool
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("request_id",)
@@ -169,7 +171,7 @@ class DraftToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds")
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -177,6 +179,7 @@ class Verdict(_message.Message):
     COMMITTED_LENGTH_FIELD_NUMBER: _ClassVar[int]
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PREDICTED_ACCEPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     num_accepted: int
@@ -184,7 +187,8 @@ class Verdict(_message.Message):
     committed_length: int
     features: Tensor
     verify_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ...) -> None: ...
+    predicted_accept_length: float
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid")
