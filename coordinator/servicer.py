@@ -27,7 +27,7 @@ import numpy as np
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
-from specpipe.coordinator.policy import PolicyConfig
+from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
 from specpipe.coordinator.text import TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
@@ -85,6 +85,8 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         self.draft, self.target = draft, target
         self.admission = admission or Admission(AdmissionLimits(max_concurrent_requests=32, max_queued_requests=256))
         self.metrics = metrics or ServerMetrics(self.admission, (draft, target))
+        # What the adaptive policy learns (acceptance rate, step costs) carries across requests.
+        self.acceptance = AcceptanceModel()
         self.live: dict[str, RequestRun] = {}
         self.request_ids: set[str] = set()      # queued or live: a second request may not reuse one
         self.totals = RunStats()
@@ -192,7 +194,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         log.info("%s %s", code.name.lower(), where)
 
     async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, context):
-        run = RequestRun(plan, self.draft, self.target)
+        run = RequestRun(plan, self.draft, self.target, self.acceptance)
         self.live[plan.request_id] = run
         log.info("started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
                  len(plan.prompt_ids), plan.max_new_tokens, plan.mode, plan.sampling.temperature)
