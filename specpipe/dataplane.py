@@ -23,7 +23,8 @@ from collections import defaultdict
 import torch
 import zmq
 
-from specpipe import wire
+from specpipe import curve, wire
+from specpipe.curve import CurveKeys
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -33,15 +34,20 @@ HEADER_FIELDS = 5      # handle, branch_id, epoch, position, vocab
 # Drafted tokens that may wait in the pipe: far more than any lookahead, so a send never blocks
 # on a live target.
 SEND_HIGH_WATER_MARK = 100_000
+# torch transport: sends in flight at once (pre-allocated slots); more than a few blocks' worth.
+SEND_RING = 64
 
 Key = tuple[int, int, int, int]   # (handle, branch_id, epoch, position)
 
 
 class ZmqSender:
-    def __init__(self, address: str, context: zmq.Context | None = None):
+    def __init__(self, address: str, context: zmq.Context | None = None, curve_keys: CurveKeys | None = None):
+        """`curve_keys`: connect as a CURVE client of the target (specpipe/curve.py)."""
         self.socket = (context or zmq.Context.instance()).socket(zmq.PUSH)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.SNDHWM, SEND_HIGH_WATER_MARK)
+        if curve_keys is not None:
+            curve.configure_client(self.socket, curve_keys)
         self.socket.connect(address)
 
     def send(self, key: Key, probs: torch.Tensor) -> None:
@@ -55,10 +61,13 @@ class ZmqSender:
 class ZmqReceiver:
     """Target side; `socket` joins the worker loop's poller, `drain()` returns what arrived."""
 
-    def __init__(self, bind: str, context: zmq.Context | None = None):
+    def __init__(self, bind: str, context: zmq.Context | None = None, curve_keys: CurveKeys | None = None):
+        """`curve_keys`: bind as a CURVE server (the context's authenticator must be running)."""
         self.socket = (context or zmq.Context.instance()).socket(zmq.PULL)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        if curve_keys is not None:
+            curve.configure_server(self.socket, curve_keys)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
 
@@ -79,15 +88,29 @@ class ZmqReceiver:
 
 
 class TorchSender:
+    """Draft side: non-blocking sends (`isend`) from a ring of pre-allocated header and payload
+    buffers, so a draft step never waits for the target to post its receive; a slot is reused
+    only once its sends have completed."""
+
     def __init__(self, dst_rank: int, device: torch.device, group=None):
         self.dst, self.device, self.group = dst_rank, device, group
-        self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
+        self.headers = torch.zeros(SEND_RING, HEADER_FIELDS, dtype=torch.int64, device=device)
+        self.payloads: torch.Tensor | None = None      # [SEND_RING, vocab], made at the first send
+        self.works: list[list] = [[] for _ in range(SEND_RING)]
+        self.slot = 0
 
     def send(self, key: Key, probs: torch.Tensor) -> None:
         import torch.distributed as dist
-        self.header.copy_(torch.tensor([*key, probs.numel()], dtype=torch.int64))
-        dist.send(self.header, self.dst, group=self.group)
-        dist.send(probs.to(self.device, torch.float32).contiguous(), self.dst, group=self.group)
+        if self.payloads is None:
+            self.payloads = torch.zeros(SEND_RING, probs.numel(), dtype=torch.float32, device=self.device)
+        slot, self.slot = self.slot, (self.slot + 1) % SEND_RING
+        for work in self.works[slot]:
+            work.wait()
+        header, payload = self.headers[slot], self.payloads[slot]
+        header.copy_(torch.tensor([*key, probs.numel()], dtype=torch.int64))
+        payload.copy_(probs)
+        self.works[slot] = [dist.isend(header, self.dst, group=self.group),
+                            dist.isend(payload, self.dst, group=self.group)]
 
 
 class TorchReceiver:
