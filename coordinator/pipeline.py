@@ -134,7 +134,8 @@ class Pipeline:
         if self.fork_position is not None and self.fork_position >= start:
             stop = min(stop, self.fork_position + 1)
         block_ids = view.tokens[start:stop]
-        if len(block_ids) < stop - start and (view.drafting or not block_ids):
+        enough = len(block_ids) >= min(stop - start, self.policy.send_length())
+        if not enough and (view.drafting or not block_ids):
             return                                  # more tokens are on their way
         self.inflight = block_ids
         block = Block(token_ids=block_ids, branch_id=self.main, epoch=view.epoch)

@@ -138,6 +138,16 @@ class DraftPolicy:
             return self.model.best_length(most, pipelined=self.mode in ("pipelined", "specbranch"))
         return most
 
+    def send_length(self) -> int:
+        """How many drafted tokens are worth sending to an idle target while the draft is still
+        drafting. Waiting for a full block leaves the target idle; sending one token wastes its
+        verify. With costs known: the serial schedule's best length (an idle target is a cold
+        start: draft, then verify); else the full block."""
+        most = self.block_length()
+        if self.config.kind in ("adaptive", "predictor"):
+            return min(most, self.model.best_length(most, pipelined=False))
+        return most
+
     def branch_candidates(self, candidate_ids: list[int], candidate_probs: list[float]) -> list[int]:
         return [token_id for token_id, prob in zip(candidate_ids, candidate_probs)
                 if prob >= self.config.min_branch_prob][:self.branch_width]
