@@ -52,6 +52,9 @@ FIT_STEPS = 1500        # about 5 s on one thread; the validation loss is flat f
 FIT_BATCH = 256
 FIT_LR = 3e-3
 FIT_WEIGHT_DECAY = 0.1
+# Bins of the expected length (fractions of max_len) in which the metrics compare the mean
+# prediction with the mean actual length: is a predicted 3 really a 3?
+CALIBRATION_EDGES = (0.0, 0.375, 0.625, 0.75, 0.875, 0.9375)
 
 
 class AcceptPredictor(torch.nn.Module):
@@ -60,18 +63,16 @@ class AcceptPredictor(torch.nn.Module):
     def __init__(self, hidden_size: int, max_len: int = MAX_LEN, num_units: int = NUM_UNITS):
         super().__init__()
         self.hidden_size, self.max_len = hidden_size, max_len
-        self.register_buffer("input_mean", torch.zeros(hidden_size))   # [hidden_size] standardisation
-        self.register_buffer("input_std", torch.ones(hidden_size))     # [hidden_size]
-        self.layer1 = torch.nn.Linear(hidden_size, num_units)
+        self.layer1 = torch.nn.Linear(hidden_size, num_units)   # input standardisation folded in (see fit)
         self.layer2 = torch.nn.Linear(num_units, max_len + 1)
+        self.register_buffer("lengths", torch.arange(max_len + 1, dtype=torch.float32), persistent=False)
 
     def __repr__(self) -> str:
         return (f"AcceptPredictor(hidden_size={self.hidden_size}, max_len={self.max_len}, "
                 f"num_units={self.layer1.out_features})")
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        inputs = (hidden.float() - self.input_mean) / self.input_std
-        return self.layer2(F.gelu(self.layer1(inputs)))
+        return self.layer2(F.gelu(self.layer1(hidden.float())))
 
     def probs(self, hidden: torch.Tensor) -> torch.Tensor:
         """[..., max_len + 1]: P(accepted length = k), the last class meaning >= max_len."""
@@ -79,8 +80,7 @@ class AcceptPredictor(torch.nn.Module):
 
     def expected_length(self, hidden: torch.Tensor) -> torch.Tensor:
         """[...]: the expected accepted length (the last class counted as max_len)."""
-        lengths = torch.arange(self.max_len + 1, dtype=torch.float32, device=hidden.device)
-        return self.probs(hidden) @ lengths
+        return self.probs(hidden) @ self.lengths
 
     @torch.inference_mode()
     def predict(self, hidden: torch.Tensor) -> float:
@@ -168,12 +168,14 @@ def corpus_tokens(tokenizer, files: list[Path], num_files: int, seed: int) -> to
 
 def fit(hidden: torch.Tensor, labels: torch.Tensor, seed: int, steps: int = FIT_STEPS,
         max_len: int = MAX_LEN) -> AcceptPredictor:
-    """Cross-entropy with AdamW (cosine schedule) on seeded minibatches of (hidden [n, d], labels [n])."""
+    """Cross-entropy with AdamW (cosine schedule) on seeded minibatches of (hidden [n, d], labels [n]),
+    standardised; the standardisation is then folded into the first layer, so that inference is
+    two small matrix-vector products (fewer ops: the cost per verify is dispatch, not arithmetic)."""
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
         model = AcceptPredictor(hidden.shape[1], max_len)
-    model.input_mean.copy_(hidden.mean(0))
-    model.input_std.copy_(hidden.std(0).nan_to_num(1.0).clamp_min(1e-6))
+    mean, std = hidden.mean(0), hidden.std(0).nan_to_num(1.0).clamp_min(1e-6)   # [d] each
+    hidden = (hidden - mean) / std
     optimizer = torch.optim.AdamW(model.parameters(), lr=FIT_LR, weight_decay=FIT_WEIGHT_DECAY)
     generator = torch.Generator().manual_seed(seed + 1)
     model.train()
@@ -185,6 +187,9 @@ def fit(hidden: torch.Tensor, labels: torch.Tensor, seed: int, steps: int = FIT_
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():   # layer1((h - mean) / std) == (W / std) h + (b - (W / std) mean)
+        model.layer1.weight.div_(std)
+        model.layer1.bias.sub_(model.layer1.weight @ mean)
     return model.eval()
 
 
@@ -193,13 +198,22 @@ def evaluate(model: AcceptPredictor, hidden: torch.Tensor, labels: torch.Tensor,
              train_labels: torch.Tensor) -> dict:
     """The model against the model-free prior fitted on train_labels: cross-entropy vs the
     label histogram, accuracy vs the majority class, MAE of the expected length vs the constant
-    mean (and vs the median, the best constant for MAE), correlation of expected length and label."""
+    mean (and vs the median, the best constant for MAE), correlation of expected length and label,
+    and the mean actual length per bin of the expected length (calibration)."""
     if not len(labels):
         return {"count": 0}
     logits, expected, target = model(hidden), model.expected_length(hidden), labels.float()
     histogram = torch.bincount(train_labels, minlength=model.max_len + 1).float() + 1.0  # add-one: no log 0
     prior_log_probs = (histogram / histogram.sum()).log()
     spread = target.std() > 0 and expected.std() > 0
+    edges = [model.max_len * f for f in CALIBRATION_EDGES] + [math.inf]
+    calibration = []
+    for low, high in zip(edges, edges[1:]):
+        rows = (expected >= low) & (expected < high)
+        if rows.any():
+            calibration.append({"predicted_from": low, "count": int(rows.sum()),
+                                "mean_predicted": expected[rows].mean().item(),
+                                "mean_actual": target[rows].mean().item()})
     return {"count": len(labels), "label_mean": target.mean().item(),
             "nll": F.cross_entropy(logits, labels).item(),
             "baseline_nll": -prior_log_probs[labels].mean().item(),
@@ -208,7 +222,8 @@ def evaluate(model: AcceptPredictor, hidden: torch.Tensor, labels: torch.Tensor,
             "mae": (expected - target).abs().mean().item(),
             "baseline_mae_mean": (target - train_labels.float().mean()).abs().mean().item(),
             "baseline_mae_median": (target - train_labels.float().median()).abs().mean().item(),
-            "correlation": torch.corrcoef(torch.stack([expected, target]))[0, 1].item() if spread else 0.0}
+            "correlation": torch.corrcoef(torch.stack([expected, target]))[0, 1].item() if spread else 0.0,
+            "calibration": calibration}
 
 
 # --- training, saving, loading ----------------------------------------------------------------
@@ -319,6 +334,8 @@ def main(argv=None) -> int:
               f"{m['nll']:.3f} (prior {m['baseline_nll']:.3f})  accuracy {m['accuracy']:.3f} (majority "
               f"{m['baseline_accuracy']:.3f})  MAE {m['mae']:.3f} (constant mean {m['baseline_mae_mean']:.3f}, "
               f"median {m['baseline_mae_median']:.3f})  corr {m['correlation']:.3f}")
+        print(" " * 17 + "predicted -> actual mean length: " + ", ".join(
+            f"{row['mean_predicted']:.2f} -> {row['mean_actual']:.2f} ({row['count']})" for row in m["calibration"]))
     print(f"saved {info['path']} in {info['seconds']:.0f} s ({info['data_seconds']:.0f} s building the data)")
     return 0
 

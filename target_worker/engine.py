@@ -10,10 +10,11 @@ Verify feeds the not-yet-cached committed tokens plus the block in one forward, 
 the pure math in `verify.py`, commits the accepted tokens (plus the correction or bonus) and crops
 its cache to the accepted prefix. Verifies queue FIFO; `work()` runs one.
 
-With an acceptance-length predictor (specpipe/predictor.py) loaded, every verify keeps the last
-hidden states (free: the forward computes them anyway), and a verdict asked for a prediction
-carries the predictor's expected accepted length for the next block, read from the hidden state
-of the row that predicted the last committed token (the same row `features` sends).
+With an acceptance-length predictor (specpipe/predictor.py) loaded, a verify asked for a
+prediction keeps the last hidden states of its forward and its verdict carries the predictor's
+expected accepted length for the next block, read from the hidden state of the row that predicted
+the last committed token (the same row `features` sends). A request that wants predictions asks
+on every verify: after a block kept without bonus, the next verify may need that block's last row.
 
 Randomness: a verification starting at committed length L draws from a generator keyed by
 (seed, L, STREAM_VERIFY), so a seeded request does not depend on what else runs (and is reproducible wherever
@@ -135,7 +136,7 @@ class TargetEngine:
         draft = list(msg.draft_token_ids)
         pending = state.tokens[state.cache.length:]
         assert pending or state.next_logits is not None, "nothing to predict the first draft token from"
-        want_hidden = msg.want_features or self.predictor is not None
+        want_hidden = msg.want_features or (msg.want_prediction and self.predictor is not None)
         with torch.inference_mode():
             out = state.cache.forward(self.model, torch.tensor([pending + draft], device=self.device),
                                       want_hidden=want_hidden)
