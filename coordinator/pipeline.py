@@ -17,6 +17,11 @@ cancelled on the draft worker, which releases its KV entries. If none agrees, th
 synced back to the committed tokens under a new epoch (its stale tokens still in flight are
 dropped) and drafting restarts.
 
+Two blocks may be in flight: the next block is queued on the target behind the one it is
+verifying, marked with the token it assumes at its start, so the target goes from one to the next
+without waiting for the coordinator. If the first is not fully accepted, the queued one is
+answered `stale` (nothing computed) and dropped here.
+
 Sampling stays exact: a promoted branch starts with exactly the token the rejection sampler
 emitted (it agrees with the committed tokens), and the q sent for its tokens are those the draft
 computed when it drafted them.
@@ -31,6 +36,17 @@ from specpipe.coordinator.scheduler import ROOT_BRANCH, Block, RequestRun
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
+
+
+# Blocks queued on the target at once: the one it verifies and the next.
+MAX_IN_FLIGHT = 2
+
+
+@dataclass
+class InFlight:
+    start: int                 # committed length the block extends
+    token_ids: list[int]
+    doomed: bool = False       # a block before it was not fully accepted: the target drops it
 
 
 @dataclass
@@ -54,26 +70,31 @@ class Pipeline:
         self.main = ROOT_BRANCH
         self.next_branch_id = ROOT_BRANCH + 1
         self.fork_position: int | None = None               # the outstanding fork, if any
-        self.inflight: list[int] | None = None               # the block being verified
+        self.queue: list[InFlight] = []                     # blocks sent to the target, oldest first
 
     async def tokens_stream(self):
         await self.run.prefill()
         self.run.epoch = 1
         await self.keep_drafting()
         while True:
-            if self.inflight is None:
-                await self.maybe_send_block()
+            await self.maybe_send_block()
             event = await self.run.next_event("draft_token", "verdict")
             if event.kind == "draft_token":
                 await self.on_draft_token(event.reply.draft_token)
             else:
-                yield await self.on_verdict(event.reply.verdict)
+                new_tokens = await self.on_verdict(event.reply.verdict)
+                if new_tokens:
+                    yield new_tokens
+
+    def live(self) -> list[InFlight]:
+        return [block for block in self.queue if not block.doomed]
 
     # -- drafting ---------------------------------------------------------------------------------
     def anchor(self) -> int:
-        """Where the next unverified block starts (assuming what is in flight is accepted), or
-        just past the outstanding fork."""
-        start = len(self.tokens) + len(self.inflight or [])
+        """Where the block after the one being verified starts (assuming that one is accepted),
+        or just past the outstanding fork: the draft keeps one block ahead of the target."""
+        live = self.live()
+        start = len(self.tokens) + (len(live[0].token_ids) if live else 0)
         return max(start, self.fork_position + 1) if self.fork_position is not None else start
 
     async def keep_drafting(self) -> None:
@@ -127,26 +148,41 @@ class Pipeline:
 
     # -- verification -----------------------------------------------------------------------------
     async def maybe_send_block(self) -> None:
-        """Send the main branch's next block when it is full, or when the main branch has
-        stopped (its last token is unsure, or the request's end is reached)."""
-        view, start = self.branches[self.main], len(self.tokens)
+        """Send the main branch's next block: to an idle target once enough is drafted (or the
+        main branch stopped: an unsure token, or the end); behind a block in flight once full."""
+        live = self.live()
+        if len(live) >= MAX_IN_FLIGHT or (live and not live[-1].token_ids):
+            return
+        view = self.branches[self.main]
+        start = len(self.tokens) + sum(len(block.token_ids) for block in live)
         stop = min(start + self.policy.block_length(), self.end)
         if self.fork_position is not None and self.fork_position >= start:
             stop = min(stop, self.fork_position + 1)
+        if stop <= start:
+            return                                  # everything up to the end is in flight
         block_ids = view.tokens[start:stop]
-        enough = len(block_ids) >= min(stop - start, self.policy.send_length())
-        if not enough and (view.drafting or not block_ids):
+        enough = len(block_ids) >= (stop - start if live else min(stop - start, self.policy.send_length()))
+        if (not enough and (view.drafting or not block_ids)) or (live and not block_ids):
             return                                  # more tokens are on their way
-        self.inflight = block_ids
+        self.queue.append(InFlight(start, block_ids))
         block = Block(token_ids=block_ids, branch_id=self.main, epoch=view.epoch)
-        await self.run.send_verify(block, emit_bonus=not block_ids)
+        await self.run.send_verify(block, emit_bonus=not block_ids, start=start,
+                                   expect_last_token=view.tokens[start - 1] if live else None)
         await self.keep_drafting()
 
     async def on_verdict(self, verdict: worker_pb2.Verdict) -> list[int]:
-        start, block_ids = len(self.tokens), self.inflight
-        self.inflight = None
-        new_tokens = self.run.commit(verdict, block_ids)
+        head = self.queue.pop(0)
+        if verdict.stale:
+            assert head.doomed, f"block at {head.start} answered stale but was expected to hold"
+            self.run.drop_stale()
+            return []
+        start = len(self.tokens)
+        assert head.start == start, f"verdict for a block at {head.start}, committed length {start}"
+        new_tokens = self.run.commit(verdict, head.token_ids)
         self.tokens += new_tokens
+        if verdict.num_accepted < len(head.token_ids):
+            for block in self.queue:
+                block.doomed = True                 # the target will answer them stale
         await self.prune(start)
         await self.keep_drafting()
         return new_tokens

@@ -90,7 +90,7 @@ class RequestRun:
         self.handle = next(HANDLES)
         self.epoch = 0
         self.block_id = 0
-        self.verify_in_flight: Block | None = None
+        self.in_flight: list[Block] = []         # blocks sent to the target, oldest first
         self.committed = len(plan.prompt_ids)
         self.uses_draft = plan.mode != "autoregressive" and draft.healthy
         self.fell_back = plan.mode != "autoregressive" and not draft.healthy   # degraded from the start
@@ -127,10 +127,12 @@ class RequestRun:
             yield new_tokens
 
     async def _target_only(self):
-        if self.verify_in_flight is not None:     # a block sent before the draft went down
-            block = self.verify_in_flight
+        while self.in_flight:                     # blocks sent before the draft went down
             verdict = (await self.next_event("verdict")).reply.verdict
-            yield self.commit(verdict, block.token_ids)
+            if verdict.stale:
+                self.in_flight.pop(0)
+            else:
+                yield self.commit(verdict, self.in_flight[0].token_ids)
         while True:
             verdict = await self.verify(Block(), emit_bonus=True)
             yield self.commit(verdict, [])
@@ -177,21 +179,30 @@ class RequestRun:
         await self.draft.command(sync=worker_pb2.Sync(request_id=self.plan.request_id, branch_id=branch_id,
                                                       keep_length=keep, append_token_ids=append))
 
-    async def send_verify(self, block: Block, emit_bonus: bool) -> None:
+    async def send_verify(self, block: Block, emit_bonus: bool, start: int | None = None,
+                          expect_last_token: int | None = None) -> None:
+        """Queue a block on the target. `start` (default: the committed length) and
+        `expect_last_token` let a block go behind one still in flight: if that one is not fully
+        accepted, the target answers this one `stale`."""
         self.block_id += 1
         verify = worker_pb2.Verify(request_id=self.plan.request_id, block_id=self.block_id,
-                                   start_length=self.committed, draft_token_ids=block.token_ids,
-                                   branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus)
+                                   start_length=self.committed if start is None else start,
+                                   draft_token_ids=block.token_ids, branch_id=block.branch_id, epoch=block.epoch,
+                                   emit_bonus=emit_bonus, expect_last_token=expect_last_token)
         await self.target.command(verify=verify)
-        self.verify_in_flight = block
+        self.in_flight.append(block)
+
+    def drop_stale(self) -> None:
+        """The oldest block in flight came back stale: nothing was committed."""
+        self.in_flight.pop(0)
 
     async def verify(self, block: Block, emit_bonus: bool) -> worker_pb2.Verdict:
         await self.send_verify(block, emit_bonus)
         return (await self.next_event("verdict")).reply.verdict
 
     def commit(self, verdict: worker_pb2.Verdict, draft_token_ids: list[int]) -> list[int]:
-        """Account for a verdict and return the tokens it commits."""
-        self.verify_in_flight = None
+        """Account for the verdict of the oldest block in flight and return the tokens it commits."""
+        self.in_flight.pop(0)
         accepted = draft_token_ids[:verdict.num_accepted]
         new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
         self.stats.verifications += 1

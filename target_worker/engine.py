@@ -106,18 +106,31 @@ class TargetEngine:
     def has_work(self) -> bool:
         if self.receiver is not None:
             self.table.add(self.receiver.drain())
-        return any(self._ready(msg, queued_at) for msg, queued_at in self.queue)
+        return self._next_ready() is not None
+
+    def _next_ready(self) -> int | None:
+        """Index of the first verify that can run: the oldest of its request (a request's blocks
+        run in order: a queued block's staleness depends on the one before) and ready."""
+        seen = set()
+        for index, (msg, queued_at) in enumerate(self.queue):
+            if msg.request_id in seen:
+                continue
+            seen.add(msg.request_id)
+            if self._ready(msg, queued_at):
+                return index
+        return None
 
     def _ready(self, msg, queued_at: float) -> bool:
         state = self.requests[msg.request_id]
         if state.sampling.greedy or not msg.draft_token_ids or time.monotonic() - queued_at > DATA_TIMEOUT_S:
             return True
+        if self._stale(state, msg):
+            return True
         positions = range(msg.start_length, msg.start_length + len(msg.draft_token_ids))
         return self.table.take(state.handle, msg.branch_id, msg.epoch, positions) is not None
 
     def work(self):
-        index = next(i for i, (msg, queued_at) in enumerate(self.queue) if self._ready(msg, queued_at))
-        msg, _ = self.queue.pop(index)
+        msg, _ = self.queue.pop(self._next_ready())
         try:
             reply, reply_frames = self._verify(msg)
         except Exception as err:
@@ -127,9 +140,19 @@ class TargetEngine:
             return [(msg.request_id, worker_pb2.Reply(error=error), [])]
         return [(msg.request_id, reply, reply_frames)]
 
+    @staticmethod
+    def _stale(state: TargetRequest, msg) -> bool:
+        """A queued block whose predecessor was not fully accepted."""
+        return msg.HasField("expect_last_token") and (msg.start_length != len(state.tokens)
+                                                      or state.tokens[-1] != msg.expect_last_token)
+
     def _verify(self, msg):
         begin = time.perf_counter()
         state = self.requests[msg.request_id]
+        if self._stale(state, msg):
+            verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id, stale=True,
+                                         next_token_id=-1, committed_length=len(state.tokens))
+            return worker_pb2.Reply(verdict=verdict), []
         if msg.start_length != len(state.tokens):
             raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, "
                              f"committed length is {len(state.tokens)}")

@@ -93,7 +93,7 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verify(_message.Message):
-    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features", "want_prediction")
+    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features", "want_prediction", "expect_last_token")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     START_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -103,6 +103,7 @@ class Verify(_message.Message):
     EMIT_BONUS_FIELD_NUMBER: _ClassVar[int]
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     WANT_PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    EXPECT_LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     start_length: int
@@ -112,7 +113,8 @@ class Verify(_message.Message):
     emit_bonus: bool
     want_features: bool
     want_prediction: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ...) -> None: ...
+    expect_last_token: int
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ..., expect_last_token: _Optional[int] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("request_id",)
@@ -171,7 +173,7 @@ class DraftToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length")
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -180,6 +182,7 @@ class Verdict(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCEPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    STALE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     num_accepted: int
@@ -188,7 +191,8 @@ class Verdict(_message.Message):
     features: Tensor
     verify_seconds: float
     predicted_accept_length: float
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ...) -> None: ...
+    stale: bool
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid")
