@@ -126,6 +126,11 @@ class DraftPolicy:
         return self.config.min_confidence
 
     @property
+    def wants_prediction(self) -> bool:
+        """Ask the target for its acceptance-length prediction with each verify."""
+        return self.config.kind == "predictor" and self.mode != "autoregressive"
+
+    @property
     def branch_width(self) -> int:
         return self.config.branch_width if self.mode == "specbranch" else 0
 

@@ -188,7 +188,8 @@ class RequestRun:
         verify = worker_pb2.Verify(request_id=self.plan.request_id, block_id=self.block_id,
                                    start_length=self.committed if start is None else start,
                                    draft_token_ids=block.token_ids, branch_id=block.branch_id, epoch=block.epoch,
-                                   emit_bonus=emit_bonus, expect_last_token=expect_last_token)
+                                   emit_bonus=emit_bonus, expect_last_token=expect_last_token,
+                                   want_prediction=self.policy.wants_prediction)
         await self.target.command(verify=verify)
         self.in_flight.append(block)
 
@@ -209,7 +210,8 @@ class RequestRun:
         self.stats.draft_tokens += len(draft_token_ids)
         self.stats.accepted_tokens += len(accepted)
         self.stats.rolled_back_tokens = self.stats.drafted_total - self.stats.accepted_tokens
-        self.policy.observe(len(draft_token_ids), len(accepted), verdict.verify_seconds)
+        self.policy.observe(len(draft_token_ids), len(accepted), verdict.verify_seconds,
+                            verdict.predicted_accept_length)
         self.stats.target_seconds += verdict.verify_seconds
         self.stats.committed_per_verification.append(len(new_tokens))
         self.committed += len(new_tokens)

@@ -151,3 +151,12 @@ def test_cancel_frees_both_workers(serve):
             break
         time.sleep(0.05)
     assert idle, stats
+
+
+@pytest.mark.parametrize("policy", ["fixed", "adaptive", "predictor"])
+def test_every_policy_is_lossless(serve, hf_greedy, policy):
+    """The policy only decides how much to draft and where to branch; output never changes."""
+    client = Client(serve("draft_close", "--policy", policy, "--num-draft-tokens", "6").addr)
+    for mode in ("sequential", "specbranch"):
+        token_ids, _, _ = client.complete(prompt_ids=PROMPTS[2], max_new_tokens=MAX_NEW, mode=mode)
+        assert token_ids == hf_greedy(PROMPTS[2], MAX_NEW), (policy, mode)
