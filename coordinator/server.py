@@ -4,7 +4,8 @@ server reflection on one port) over connections to the two workers.
 `Coordinator(config).start()` returns the bound port, so tests bind port 0 (STYLE §6). Health is
 SERVING while the target worker answers heartbeats. The production options of the config are
 wired here: admission limits (coordinator/admission.py), the bearer-token interceptor
-(coordinator/auth.py), TLS, the Prometheus endpoint (coordinator/metrics.py) and the log format.
+(coordinator/auth.py), TLS, the Prometheus endpoint (coordinator/metrics.py), the log format and
+CURVE on the worker sockets (specpipe/curve.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from specpipe.coordinator.auth import BearerTokenInterceptor, read_token
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.servicer import ServingLimits, SpecPipeServicer
 from specpipe.coordinator.workers import WorkerClient
+from specpipe.curve import load_keys
 from specpipe.models import load_tokenizer
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
@@ -100,6 +102,7 @@ class Coordinator:
         # Read the secrets first: a wrong path fails at once, before any worker is waited for.
         interceptors = [BearerTokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
         credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert or config.tls_key else None
+        curve_keys = load_keys(config.curve_keys, client=True) if config.curve_keys else None
         tokenizer = load_tokenizer(config.target_model)
         model_config = AutoConfig.from_pretrained(config.target_model).get_text_config(decoder=True)
         limits = ServingLimits(
@@ -109,9 +112,9 @@ class Coordinator:
             policy=config.policy)
         self.zmq_context = zmq.asyncio.Context()
         self.draft = WorkerClient("draft", config.draft_addr, self.zmq_context,
-                                  config.heartbeat_interval_s, config.heartbeat_timeout_s)
+                                  config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
         self.target = WorkerClient("target", config.target_addr, self.zmq_context,
-                                   config.heartbeat_interval_s, config.heartbeat_timeout_s)
+                                   config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
         for worker in (self.draft, self.target):
             worker.start()
         await asyncio.gather(self.draft.wait_healthy(WORKER_STARTUP_TIMEOUT_S),

@@ -18,7 +18,8 @@ from dataclasses import dataclass
 import zmq
 import zmq.asyncio
 
-from specpipe import wire
+from specpipe import curve, wire
+from specpipe.curve import CurveKeys
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -46,11 +47,15 @@ class Event:
 
 class WorkerClient:
     def __init__(self, role: str, address: str, context: zmq.asyncio.Context,
-                 heartbeat_interval_s: float, heartbeat_timeout_s: float):
+                 heartbeat_interval_s: float, heartbeat_timeout_s: float, curve_keys: CurveKeys | None = None):
+        """`curve_keys`: connect as a CURVE client of the worker (specpipe/curve.py)."""
         self.role, self.address = role, address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        if curve_keys is not None:
+            curve.configure_client(self.socket, curve_keys)
+        self.curve_folder = curve_keys.folder if curve_keys is not None else ""
         self.socket.connect(address)
         self.interval, self.timeout = heartbeat_interval_s, heartbeat_timeout_s
         self.inboxes: dict[str, asyncio.Queue] = {}
@@ -146,5 +151,7 @@ class WorkerClient:
         deadline = time.monotonic() + timeout
         while not self.healthy:
             if time.monotonic() > deadline:
-                raise WorkerDown(f"{self.role} worker at {self.address} did not answer within {timeout:.0f}s")
+                hint = (f" (CURVE: does it run with --curve-keys, with the key in {self.curve_folder}/client.key "
+                        f"among its clients/ and the same server key?)" if self.curve_folder else "")
+                raise WorkerDown(f"{self.role} worker at {self.address} did not answer within {timeout:.0f}s{hint}")
             await asyncio.sleep(0.05)

@@ -8,7 +8,7 @@ import logging
 import os
 import sys
 
-from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, CoordinatorConfig
+from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, ENV_CURVE_KEYS, CoordinatorConfig
 from specpipe.coordinator.policy import POLICIES, PolicyConfig
 
 MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
@@ -77,6 +77,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                                "(env SPECPIPE_AUTH_TOKEN_FILE)")
     security.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS (with --tls-key)")
     security.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
+    security.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
+                          help="secure the internal ZeroMQ sockets with CURVE, keys from DIR (specpipe curve-keygen "
+                               "DIR): the coordinator connects to the workers as a CURVE client and the spawned "
+                               f"workers get the same flag (env {ENV_CURVE_KEYS}; default: plain)")
     security.add_argument("--metrics-port", type=at_least(0), default=None,
                           help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; "
                                "default: off)")
@@ -87,6 +91,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> None:
     from specpipe.launch.local import serve, spawn_workers
 
+    curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
+    if curve_keys:   # fail before a model loads or builds (the spawned ones check their part)
+        from specpipe.curve import CurveError, load_keys
+        try:
+            load_keys(curve_keys, server=not (args.target_addr and args.draft_addr), client=True)
+        except CurveError as err:
+            raise SystemExit(str(err)) from None
     target, draft = args.target, args.draft
     if not target or not draft:
         demo_target, demo_draft = _demo_models()
@@ -98,7 +109,7 @@ def cmd_serve(args) -> None:
                             host=args.worker_host, transport=args.transport,
                             target_data_port=args.target_data_port, target_device=args.target_device,
                             draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
-                            target_data_addr=args.target_data_addr)
+                            target_data_addr=args.target_data_addr, curve_keys=curve_keys)
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or workers["draft"].endpoint,
         target_addr=args.target_addr or workers["target"].endpoint, host=args.host, port=args.port,
@@ -108,7 +119,8 @@ def cmd_serve(args) -> None:
                             min_branch_prob=args.min_branch_prob),
         max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format)
+        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
+        curve_keys=curve_keys)
     asyncio.run(serve(config, list(workers.values())))
 
 
@@ -126,6 +138,17 @@ def cmd_generate(args) -> None:
     print(f"\n[finish: {last.finish_reason}; {stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
           f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verification, "
           f"TTFT {stats.time_to_first_token_s * 1000:.0f} ms]", file=sys.stderr)
+
+
+def cmd_curve_keygen(args) -> None:
+    from specpipe.curve import CurveError, generate_keys
+    try:
+        created = generate_keys(args.dir)
+    except CurveError as err:
+        raise SystemExit(str(err)) from None
+    for path in created:
+        print(path)
+    print(f"every process: --curve-keys {args.dir} (see the README: which host needs which file)", file=sys.stderr)
 
 
 def cmd_demo(args) -> None:
@@ -161,6 +184,10 @@ def main(argv=None) -> None:
     generate.add_argument("--stop", action="append", default=[])
     generate.add_argument("--mode", choices=MODE_NAMES)
     generate.set_defaults(func=cmd_generate)
+
+    keygen = sub.add_parser("curve-keygen", help="create the CURVE keys that secure the internal sockets (--curve-keys)")
+    keygen.add_argument("dir", help="folder to create: server.key(_secret), client.key(_secret), clients/client.key")
+    keygen.set_defaults(func=cmd_curve_keygen)
 
     demo = sub.add_parser("demo", help="build the demo pair if needed, serve it, stream completions")
     demo.add_argument("--prompts", type=int, default=3)

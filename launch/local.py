@@ -115,26 +115,28 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str, target_data_port: int = 0,
                   target_device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
-                  threads: int = 1, target_data_addr: str = "") -> dict[str, WorkerProcess]:
+                  threads: int = 1, target_data_addr: str = "", curve_keys: str = "") -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint. torch: both start together
-    and form a two-rank group on a free local port (target rank 0, draft rank 1)."""
+    and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
+    passed on as --curve-keys."""
+    secure = ["--curve-keys", curve_keys] if curve_keys else []
     common = dict(host=host, dtype=dtype, threads=threads)
     waiting, workers = {}, {}
     try:
         if transport == "torch":
             rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
             for role, model, device, rank in (("target", target, target_device, 0), ("draft", draft, draft_device, 1)):
-                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch"],
+                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch", *secure],
                                              env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}, **common)
             return {role: ready() for role, ready in waiting.items()}
         if target:
             workers["target"] = spawn_worker("target", target, device=target_device,
-                                             extra=["--data-port", str(target_data_port)], **common)
+                                             extra=["--data-port", str(target_data_port), *secure], **common)
             target_data_addr = workers["target"].data_endpoint
         if draft:
             workers["draft"] = spawn_worker("draft", draft, device=draft_device,
-                                            extra=["--target-data-addr", target_data_addr], **common)
+                                            extra=["--target-data-addr", target_data_addr, *secure], **common)
         return workers
     except Exception:
         for worker in workers.values():

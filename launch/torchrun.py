@@ -190,7 +190,7 @@ def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
     import torch.distributed as dist
 
     from specpipe.distributed import device_for_local_rank
-    from specpipe.launch.worker import build_engine
+    from specpipe.launch.worker import build_engine, secure
     from specpipe.models import load_model, resolve_device
     from specpipe.worker_loop import WorkerLoop
 
@@ -198,12 +198,14 @@ def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
     device = resolve_device(named) if named else device_for_local_rank()
     config = WorkerConfig(role=role, model=target if role == "target" else draft,
                           bind=zmq_endpoint(resolve_host(args.worker_host), 0), device=str(device), dtype=args.dtype,
-                          num_threads=args.threads, transport="torch", dist_timeout_s=args.dist_timeout)
+                          num_threads=args.threads, transport="torch", dist_timeout_s=args.dist_timeout,
+                          curve_keys=args.curve_keys)
+    curve_keys, authenticator = secure(config)   # the control socket only: the data plane is the group
     torch.set_num_threads(config.num_threads)
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     engine, _ = build_engine(config, model, device)
     store, keys = dist.distributed_c10d._get_default_store(), StoreKeys()
-    loop = WorkerLoop(engine, role, config.bind)
+    loop = WorkerLoop(engine, role, config.bind, curve_keys=curve_keys)
     logger.info("%s worker on %s, control %s", role, device, loop.endpoint)
     if role == "draft":
         return run_draft(loop, store, keys)

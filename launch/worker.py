@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, WorkerConfig,
-                             zmq_endpoint)
+from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, ENV_CURVE_KEYS,
+                             WorkerConfig, zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -37,6 +37,10 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         help="seconds to wait for the torch.distributed peer before failing")
     parser.add_argument("--no-predictor", action="store_true",
                         help="target: do not load the acceptance-length predictor saved beside the model")
+    parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
+                        help="CURVE key folder (specpipe curve-keygen DIR): the control socket (and the target's "
+                             "data-plane socket) become CURVE servers that let in only the keys in DIR/clients; the "
+                             f"draft's data-plane socket a CURVE client (env {ENV_CURVE_KEYS}; default: plain)")
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -45,7 +49,8 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         device=args.device, dtype=args.dtype, num_threads=args.threads,
                         exit_with_parent=args.exit_with_parent, transport=args.transport,
                         data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
-                        dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor)
+                        dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor,
+                        curve_keys=args.curve_keys)
 
 
 def main(role: str, argv=None) -> None:
@@ -55,11 +60,15 @@ def main(role: str, argv=None) -> None:
     config = parse_config(role, argv)
     if config.exit_with_parent:
         exit_with_parent()
+    curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
     torch.set_num_threads(config.num_threads)
     device = resolve_device(config.device)
     model = load_model(config.model, device=str(device), dtype=config.dtype)
-    engine, data_endpoint = build_engine(config, model, device)
-    serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "")
+    engine, data_endpoint = build_engine(config, model, device, curve_keys)
+    serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "",
+          curve_keys=curve_keys)
+    if authenticator is not None:
+        authenticator.stop()
     if config.transport == "torch":
         # The data-plane receiver thread is blocked in recv: tearing the group down under it
         # would abort the process. The loop has stopped cleanly, so leave at once.
@@ -67,8 +76,26 @@ def main(role: str, argv=None) -> None:
         os._exit(0)
 
 
-def build_engine(config: WorkerConfig, model, device):
-    """The role's engine wired to its data plane; returns (engine, data endpoint or "")."""
+def secure(config: WorkerConfig):
+    """(CurveKeys, the running ZAP authenticator) under --curve-keys, else (None, None); call it
+    before any bind, and keep the authenticator referenced (it stops when collected). The draft is
+    also a CURVE client (its data-plane PUSH). A bad key folder exits with the reason."""
+    if not config.curve_keys:
+        return None, None
+    import zmq
+
+    from specpipe import curve
+    try:
+        keys = curve.load_keys(config.curve_keys, server=True,
+                               client=config.role == "draft" and config.transport == "zmq" and bool(config.target_data_addr))
+    except curve.CurveError as err:
+        raise SystemExit(str(err)) from None
+    return keys, curve.start_authenticator(zmq.Context.instance(), keys)
+
+
+def build_engine(config: WorkerConfig, model, device, curve_keys=None):
+    """The role's engine wired to its data plane; returns (engine, data endpoint or "").
+    `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs)."""
     from specpipe import dataplane
     from specpipe.models import vocab_size
 
@@ -81,7 +108,8 @@ def build_engine(config: WorkerConfig, model, device):
         if group is not None:
             sender = dataplane.TorchSender(group.target_rank, device, group.data_group)
         else:
-            sender = dataplane.ZmqSender(config.target_data_addr) if config.target_data_addr else None
+            sender = (dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys)
+                      if config.target_data_addr else None)
         return DraftEngine(model, device, probs_sender=sender), ""
     from specpipe.predictor import load_predictor
     from specpipe.target_worker.engine import TargetEngine
@@ -91,5 +119,5 @@ def build_engine(config: WorkerConfig, model, device):
     if group is not None:
         receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device, group.data_group)
         return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), ""
-    receiver = dataplane.ZmqReceiver(config.data_bind)
+    receiver = dataplane.ZmqReceiver(config.data_bind, curve_keys=curve_keys)
     return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), receiver.endpoint

@@ -17,6 +17,7 @@ DEFAULT_DATA_PORT = 50063      # the target's data-plane port (zmq transport)
 # Environment variables that name the workers' addresses (flags override them).
 ENV_DRAFT_ADDR = "SPECPIPE_DRAFT_ADDR"
 ENV_TARGET_ADDR = "SPECPIPE_TARGET_ADDR"
+ENV_CURVE_KEYS = "SPECPIPE_CURVE_KEYS"   # --curve-keys DIR on every process (specpipe/curve.py)
 
 
 def zmq_endpoint(host: str, port: int) -> str:
@@ -42,6 +43,7 @@ class WorkerConfig:
     target_data_addr: str = ""  # draft, zmq: the target's data-plane endpoint
     dist_timeout_s: float = 60.0
     use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
+    curve_keys: str = ""      # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
 
 
 @dataclass(frozen=True)
@@ -74,4 +76,6 @@ class CoordinatorConfig:
     # Prometheus endpoint on `host` (coordinator/metrics.py): None = off, 0 = any free port.
     metrics_port: int | None = None
     log_format: str = "text"  # text | json (one JSON object per line)
+    # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
+    curve_keys: str = ""
     extra: dict = field(default_factory=dict)

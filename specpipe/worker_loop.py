@@ -23,7 +23,8 @@ import time
 
 import zmq
 
-from specpipe import wire
+from specpipe import curve, wire
+from specpipe.curve import CurveKeys
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
@@ -46,14 +47,17 @@ def exit_with_parent() -> None:
 
 class WorkerLoop:
     def __init__(self, engine, role: str, bind: str, context: zmq.Context | None = None,
-                 should_stop: Callable[[], bool] = lambda: False):
+                 should_stop: Callable[[], bool] = lambda: False, curve_keys: CurveKeys | None = None):
         """`should_stop`: asked at each idle poll; True ends the loop (a launcher's own stop signal,
-        e.g. the torchrun entry's store key)."""
+        e.g. the torchrun entry's store key). `curve_keys`: bind as a CURVE server (the context's
+        authenticator must be running: specpipe/curve.py)."""
         self.engine, self.role, self.should_stop = engine, role, should_stop
         self.context = context or zmq.Context.instance()
         self.socket = self.context.socket(zmq.ROUTER)
         self.socket.setsockopt(zmq.LINGER, 0)
         self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
+        if curve_keys is not None:
+            curve.configure_server(self.socket, curve_keys)
         self.socket.bind(bind)
         self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
         self.owners: dict[str, bytes] = {}   # request_id -> the peer identity that started it
@@ -127,10 +131,10 @@ class WorkerLoop:
         self.socket.send_multipart([identity, *wire.encode(reply, frames)])
 
 
-def serve(engine, role: str, bind: str, extra_ready: str = "") -> None:
+def serve(engine, role: str, bind: str, extra_ready: str = "", curve_keys: CurveKeys | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT. Prints `READY <endpoint>[ data=<endpoint>]` once bound
     (the launcher reads it to learn ports chosen by the OS)."""
-    loop = WorkerLoop(engine, role, bind)
+    loop = WorkerLoop(engine, role, bind, curve_keys=curve_keys)
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     print(f"READY {loop.endpoint}{extra_ready}", flush=True)
