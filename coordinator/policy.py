@@ -7,7 +7,8 @@ Kinds (`--policy`):
   probability is under `min_confidence`; in specbranch mode that token is the branch point.
 - `adaptive` (model-free): `confidence`, with the block length chosen by `AcceptanceModel`, which
   fits the running distribution of accepted lengths and the measured step costs and picks the
-  length that maximises expected tokens per second.
+  length that maximises expected tokens per second. Pipelined modes only: it depends on timing,
+  and a seeded sequential request must stay reproducible (sequential keeps `confidence`).
 - `predictor` (explicit signal): `confidence`, with the next block's length set from the target's
   acceptance-length predictor (a small model over its last hidden state, sent with each verdict)
   when the target has one, else as `adaptive`.
@@ -41,11 +42,11 @@ PRIOR_RATE, PRIOR_WEIGHT = 0.7, 4.0
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    kind: str = "confidence"
-    num_draft_tokens: int = 4          # block length (the most, for `adaptive` / `predictor`)
-    min_confidence: float = 0.4        # end a block after a token less likely than this
-    branch_width: int = 3              # most alternatives forked at a branch point
-    min_branch_prob: float = 0.05      # skip candidates the draft itself finds unlikely
+    kind: str = "adaptive"
+    num_draft_tokens: int = 6          # block length (the most, for `adaptive` / `predictor`)
+    min_confidence: float = 0.3        # end a block after a token less likely than this
+    branch_width: int = 2              # most alternatives forked at a branch point
+    min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
@@ -139,8 +140,10 @@ class DraftPolicy:
         if self.config.kind == "predictor" and self.predicted_accept_length is not None:
             # Draft up to the predicted break and one more: that token is the likely branch point.
             return max(1, min(most, round(self.predicted_accept_length) + 1))
-        if self.config.kind in ("adaptive", "predictor"):
-            return self.model.best_length(most, pipelined=self.mode in ("pipelined", "specbranch"))
+        if self.config.kind in ("adaptive", "predictor") and self.mode in ("pipelined", "specbranch"):
+            # Timing-driven: only where block boundaries depend on timing anyway, so a seeded
+            # sequential request stays reproducible (the predictor's signal is content-only).
+            return self.model.best_length(most, pipelined=True)
         return most
 
     def send_length(self) -> int:
@@ -149,7 +152,7 @@ class DraftPolicy:
         verify. With costs known: the serial schedule's best length (an idle target is a cold
         start: draft, then verify); else the full block."""
         most = self.block_length()
-        if self.config.kind in ("adaptive", "predictor"):
+        if self.config.kind in ("adaptive", "predictor") and self.mode in ("pipelined", "specbranch"):
             return min(most, self.model.best_length(most, pipelined=False))
         return most
 

@@ -12,7 +12,7 @@ from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, ENV_CURVE_KEYS, Coo
 from specpipe.coordinator.policy import POLICIES, PolicyConfig
 
 MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
-DEFAULT_MODE = "sequential"
+DEFAULT_MODE = "specbranch"
 
 
 def _demo_models() -> tuple[str, str]:
@@ -31,13 +31,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--policy", default="confidence", choices=POLICIES,
+    parser.add_argument("--policy", default="adaptive", choices=POLICIES,
                         help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)")
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="draft tokens per block (the most)")
-    parser.add_argument("--min-confidence", type=float, default=0.4,
+    parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
+    parser.add_argument("--min-confidence", type=float, default=0.3,
                         help="end a block after a draft token less likely than this (branch point)")
-    parser.add_argument("--branch-width", type=int, default=3, help="most branches forked at a branch point")
-    parser.add_argument("--min-branch-prob", type=float, default=0.05,
+    parser.add_argument("--branch-width", type=int, default=2, help="most branches forked at a branch point")
+    parser.add_argument("--min-branch-prob", type=float, default=0.1,
                         help="fork only candidates at least this likely under the draft")
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument("--draft-addr", default=os.environ.get("SPECPIPE_DRAFT_ADDR"),

@@ -54,7 +54,7 @@ class CoordinatorConfig:
     target_addr: str          # ZeroMQ endpoint of the target worker
     host: str = DEFAULT_HOST
     port: int = DEFAULT_GRPC_PORT
-    default_mode: str = "sequential"
+    default_mode: str = "specbranch"
     # Longest generation a request may ask for; documented in the README.
     max_new_tokens_cap: int = 4096
     # Draft-length and branch policy (coordinator/policy.py).

@@ -57,9 +57,16 @@ def test_best_length_defaults_to_the_most_until_costs_are_known():
     assert AcceptanceModel().best_length(6, pipelined=True) == 6
 
 
+def test_adaptive_length_only_in_pipelined_modes():
+    model = costed_model(0.3, t_draft=0.001, t_fixed=0.008, t_token=0.0003)
+    config = PolicyConfig(kind="adaptive", num_draft_tokens=8)
+    assert DraftPolicy(config, "sequential", model).block_length() == 8
+    assert DraftPolicy(config, "pipelined", model).block_length() == model.best_length(8, pipelined=True) < 8
+
+
 def test_policy_kinds():
     fixed = DraftPolicy(PolicyConfig(kind="fixed", num_draft_tokens=5), "specbranch")
-    assert fixed.min_confidence == 0.0 and fixed.block_length() == 5 and fixed.branch_width == 3
+    assert fixed.min_confidence == 0.0 and fixed.block_length() == 5 and fixed.branch_width == 2
     pipelined = DraftPolicy(PolicyConfig(kind="confidence"), "pipelined")
     assert pipelined.min_confidence == 0.0 and pipelined.branch_width == 0
     specbranch = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "specbranch")
