@@ -233,11 +233,13 @@ async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None
 class ServerProcess:
     """`specpipe serve ...` as a child process; `addr` once ready. A context manager."""
 
-    def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING"):
+    def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING",
+                 stderr=None):
+        """`stderr`: where the server's logs go (a file object; default: this process's stderr)."""
         command = [sys.executable, "-m", "specpipe.launch.cli", "--log-level", log_level, "serve", "--port", "0",
                    *args]
         env = {**os.environ, "SPECPIPE_LOG_LEVEL": log_level, **(env or {})}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env=env,
+        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
                                         start_new_session=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(self.process.stdout, lines), daemon=True).start()

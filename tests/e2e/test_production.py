@@ -15,10 +15,7 @@ from __future__ import annotations
 import datetime
 import ipaddress
 import json
-import re
 import socket
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -34,6 +31,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from specpipe import Client
+from specpipe.launch.local import ServerProcess
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
 from tiny import PROMPTS
@@ -106,38 +104,16 @@ class HeldRequest:
 
 
 # -- a server with small limits, metrics and JSON logs --------------------------------------------
-class LoggedServer:
+class LoggedServer(ServerProcess):
     """`specpipe serve` with its stderr (coordinator and workers) kept in a file."""
 
     def __init__(self, args: list[str], log_path):
         self.log_path = log_path
         self.log = open(log_path, "w")
-        command = [sys.executable, "-m", "specpipe.launch.cli", "--log-level", "INFO", "serve", "--port", "0", *args]
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self.log, text=True,
-                                        start_new_session=True)
-        found = {}
-
-        def read():
-            for line in self.process.stdout:
-                match = re.search(r"specpipe serving on (\S+):(\d+)", line)
-                if match:
-                    found["addr"] = f"{match.group(1)}:{match.group(2)}"
-
-        threading.Thread(target=read, daemon=True).start()
-        wait_for(lambda: "addr" in found or self.process.poll() is not None, 180, "specpipe serve")
-        assert "addr" in found, f"specpipe serve exited: {open(log_path).read()[-3000:]}"
-        self.addr = found["addr"]
+        super().__init__(args, log_level="INFO", stderr=self.log)
 
     def stop(self) -> None:
-        import os
-        import signal
-        if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.process.pid, signal.SIGKILL)
-                self.process.wait()
+        super().stop()
         self.log.close()
 
 
