@@ -120,7 +120,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                         help="latency link: network namespace + netem, or a simulated TCP delay relay "
                              "(auto: netns where it works)")
-    parser.add_argument("--num-draft-tokens", type=int, default=4, help="specpipe draft tokens per block")
+    parser.add_argument("--num-draft-tokens", type=int, default=6,
+                        help="specpipe draft tokens per block, the most (default 6, as `specpipe serve`)")
     parser.add_argument("--quick", action="store_true", help="fewer prompts, trials and tokens (about 2 minutes)")
     parser.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
     parser.add_argument("--seed", type=int, default=0, help="method order and sampling seeds")
