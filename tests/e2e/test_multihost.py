@@ -28,7 +28,10 @@ pytestmark = pytest.mark.netns
 
 MODES = ["sequential", "pipelined", "specbranch"]
 MAX_NEW = 24
-SAMPLING = [dict(prompt_ids=PROMPTS[0], max_new_tokens=MAX_NEW, mode=m, temperature=1.0, seed=11) for m in MODES]
+# Seeded sampling reproduces where blocks are cut deterministically (sequential); in the pipelined
+# modes the cut depends on timing, so two runs are two exact samples rather than one.
+SAMPLING = [dict(prompt_ids=p, max_new_tokens=MAX_NEW, mode="sequential", temperature=1.0, seed=11)
+            for p in PROMPTS[:2]]
 LOOPBACK = ("draft_close", "--transport", "zmq")   # the serve fixture's key, shared with test_transport
 # The namespace is the test's own and empty: any port is free there, so the draft's is fixed and
 # serve can start (and wait for it) while the draft still loads.
