@@ -124,6 +124,19 @@ def configure_server(socket: zmq.Socket, keys: CurveKeys) -> None:
     socket.curve_server = True
 
 
+def bind_server_socket(context: zmq.Context, socket_type: int, bind: str, max_message_bytes: int,
+                       keys: CurveKeys | None = None) -> tuple[zmq.Socket, str]:
+    """A worker's listening socket, set up the one way all of them are: no linger, oversized
+    messages refused by libzmq, CURVE when keys are given; returns (socket, bound endpoint)."""
+    socket = context.socket(socket_type)
+    socket.setsockopt(zmq.LINGER, 0)
+    socket.setsockopt(zmq.MAXMSGSIZE, max_message_bytes)
+    if keys is not None:
+        configure_server(socket, keys)
+    socket.bind(bind)
+    return socket, socket.getsockopt_string(zmq.LAST_ENDPOINT)
+
+
 def configure_client(socket: zmq.Socket, keys: CurveKeys) -> None:
     """Make `socket` a CURVE client of the workers' server key; before its connect."""
     assert keys.client_secret, "configure_client without the client's secret key"

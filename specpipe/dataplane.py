@@ -63,13 +63,8 @@ class ZmqReceiver:
 
     def __init__(self, bind: str, context: zmq.Context | None = None, curve_keys: CurveKeys | None = None):
         """`curve_keys`: bind as a CURVE server (the context's authenticator must be running)."""
-        self.socket = (context or zmq.Context.instance()).socket(zmq.PULL)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
-        if curve_keys is not None:
-            curve.configure_server(self.socket, curve_keys)
-        self.socket.bind(bind)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket, self.endpoint = curve.bind_server_socket(context or zmq.Context.instance(), zmq.PULL, bind,
+                                                              wire.MAX_MESSAGE_BYTES, curve_keys)
 
     def drain(self) -> list[tuple[Key, torch.Tensor]]:
         arrived = []

@@ -53,13 +53,8 @@ class WorkerLoop:
         authenticator must be running: specpipe/curve.py)."""
         self.engine, self.role, self.should_stop = engine, role, should_stop
         self.context = context or zmq.Context.instance()
-        self.socket = self.context.socket(zmq.ROUTER)
-        self.socket.setsockopt(zmq.LINGER, 0)
-        self.socket.setsockopt(zmq.MAXMSGSIZE, wire.MAX_MESSAGE_BYTES)
-        if curve_keys is not None:
-            curve.configure_server(self.socket, curve_keys)
-        self.socket.bind(bind)
-        self.endpoint = self.socket.getsockopt_string(zmq.LAST_ENDPOINT)
+        self.socket, self.endpoint = curve.bind_server_socket(self.context, zmq.ROUTER, bind, wire.MAX_MESSAGE_BYTES,
+                                                              curve_keys)
         self.owners: dict[str, bytes] = {}   # request_id -> the peer identity that started it
         self.started = time.monotonic()
         self.busy_seconds = 0.0

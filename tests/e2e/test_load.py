@@ -34,6 +34,7 @@ import pytest
 
 from specpipe import Client
 
+from checks import wait_idle
 from tiny import PROMPTS
 
 LOAD_PROMPTS = [*PROMPTS, [42, 42, 7, 99, 250], [3, 1, 4, 1, 5, 9, 2, 6]]
@@ -106,16 +107,6 @@ def worker_rss(client: Client, server_pid: int) -> dict[str, int]:
         children = psutil.Process(server_pid).children()
         pids = {f"child{child.pid}": child.pid for child in children}
     return {role: psutil.Process(pid).memory_info().rss for role, pid in pids.items()}
-
-
-def wait_idle(client: Client, timeout: float = 2.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        stats = client.stats()
-        idle = stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
-        if idle or time.monotonic() > deadline:
-            return idle, stats
-        time.sleep(0.05)
 
 
 def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> None:

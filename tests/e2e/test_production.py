@@ -34,6 +34,7 @@ from specpipe import Client
 from specpipe.launch.local import ServerProcess
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
+from checks import is_idle
 from tiny import PROMPTS
 
 TOKEN = "s3cret-token-for-tests"
@@ -72,8 +73,7 @@ def wait_for(predicate, timeout: float = 5.0, what: str = "condition"):
 
 
 def idle(client: Client) -> bool:
-    stats = client.stats()
-    return stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
+    return is_idle(client.stats())
 
 
 class HeldRequest:

@@ -12,7 +12,6 @@ serves, and nothing is left on the workers.
 from __future__ import annotations
 
 import os
-import time
 
 import grpc
 from hypothesis import HealthCheck, event, given, settings
@@ -20,6 +19,8 @@ from hypothesis import strategies as st
 
 from specpipe import Client
 from specpipe.proto.specpipe.v1 import specpipe_pb2
+
+from checks import wait_idle
 
 # The tiny tokenizer's vocabulary is ~300 ids; ids around it probe the bound.
 VOCAB_PROBE = 320
@@ -102,13 +103,7 @@ def test_server_serves_after_the_fuzzing(serve):
     client = Client(serve("draft").addr)
     token_ids, _, last = client.complete(prompt_ids=[1, 2, 3], max_new_tokens=8, timeout=CALL_TIMEOUT_S)
     assert last.finish_reason in ("length", "eos") and token_ids
-    deadline = time.monotonic() + 2.0
-    while True:
-        stats = client.stats()
-        idle = stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    idle, stats = wait_idle(client, timeout=2.0)
     assert idle, stats
 
 

@@ -6,7 +6,6 @@ cancelled stream frees the request on both workers."""
 from __future__ import annotations
 
 import concurrent.futures
-import time
 
 import grpc
 import numpy as np
@@ -18,6 +17,7 @@ from transformers import AutoModelForCausalLM
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
+from checks import wait_idle
 from tiny import PROMPTS
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
@@ -143,13 +143,7 @@ def test_cancel_frees_both_workers(serve):
     stream = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential")
     next(stream), next(stream)
     stream.cancel()
-    deadline = time.monotonic() + 1.0
-    while True:
-        stats = client.stats()
-        idle = stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
-        if idle or time.monotonic() > deadline:
-            break
-        time.sleep(0.05)
+    idle, stats = wait_idle(client, timeout=1.0)
     assert idle, stats
 
 
