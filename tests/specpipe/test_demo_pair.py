@@ -1,6 +1,7 @@
 """The demo pair: the mini recipe built twice (both load, share a tokenizer, are bit-identical,
-record every build_info field), and the shipped pair (loads, has the promised sizes, round-trips
-UTF-8, and its build_info records c <= 0.12 and acceptance >= 0.7 for exactly these weights)."""
+record every build_info field); without shipped assets, one build into the user cache; and the
+shipped pair (loads, has the promised sizes, round-trips UTF-8, and its build_info records
+c <= 0.12 and acceptance >= 0.7 for exactly these weights)."""
 import hashlib
 import json
 
@@ -61,6 +62,25 @@ def test_mini_build_info_has_every_field(mini_builds):
     assert not missing, f"build_info.json lacks {missing}"
     assert 0.0 <= info["acceptance_rate"] <= 1.0 and info["c"] > 0
     assert 0.0 <= info["mean_accepted_len"] <= demo_pair.DRAFT_BLOCK
+
+
+def test_without_shipped_assets_the_pair_is_built_once_into_the_user_cache(tmp_path, monkeypatch):
+    monkeypatch.setattr(demo_pair, "DEMO_DIR", tmp_path / "not-shipped")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(FileNotFoundError, match="build-demo"):
+        demo_pair.demo_pair_dir(build_if_missing=False)
+    builds = []
+
+    def mini_build(out_dir, **kwargs):
+        builds.append(out_dir)
+        return build(out_dir, preset="mini", progress=False)
+    build = demo_pair.build_demo_pair
+    monkeypatch.setattr(demo_pair, "build_demo_pair", mini_build)
+    folder = demo_pair.demo_pair_dir()
+    assert folder == tmp_path / "cache" / "specpipe" / f"demo-{demo_pair.DEMO_VERSION}"
+    assert (folder / "build_info.json").is_file() and (folder / "draft" / "config.json").is_file()
+    assert demo_pair.demo_pair_dir(build_if_missing=False) == folder and len(builds) == 1
+    assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no scratch left behind
 
 
 def test_shipped_pair_loads_with_the_promised_sizes():
