@@ -1,21 +1,31 @@
 """The pipelined schedules: PEARL-style pipelining and SpecBranch branches (DESIGN §1).
 
-While the target verifies a block, the draft keeps drafting from the block's end, assuming it
-will be accepted. The coordinator mirrors every live draft branch (its tokens, and q per position
-when sampling) from the DraftToken stream, so it can cut the next block the moment the target is
-free, with no round trip to the draft.
+While the target verifies a block, the draft keeps drafting past the end of everything in flight,
+assuming it will be accepted. The coordinator mirrors every live draft branch (its tokens, and
+the alternatives worth forking at each of its unsure positions) from the DraftToken stream, so it
+can cut the next block the moment the target needs one, with no round trip to the draft.
 
-SpecBranch: when the main branch's draft token at position j is unsure (q under the policy's
-confidence threshold), the draft stops the block there and the coordinator forks alternative
-branches at j, one per next-best candidate, which the draft continues in the same batched forward
-as the main branch. Only one fork is outstanding at a time.
+Blocks are cut just in time: the next block goes to the target behind the one it verifies when it
+is full, or when the draft's next token would arrive after the target is expected to be free (the
+expected finish comes from the fitted verify-cost line); an idle target gets a block as soon as a
+few tokens are drafted. Verifying a longer block costs the target little more than a short one,
+so nothing stops a block at an unsure token: the draft keeps the target fed.
+
+SpecBranch: at each of the main branch's unverified positions where the draft is unsure (its
+token's probability under the policy's branch threshold), the coordinator forks alternative
+branches, one per next-best candidate, up to a budget of live branches. Each branch drafts a few
+tokens past its fork point, in the same batched forward as the main branch (the draft batches
+caches of unequal length), so it costs little. When a verdict rejects the main branch at such a
+position, the branch starting with the target's correction is promoted: its tokens are already
+drafted and go to the target at once, instead of the target idling while the draft redrafts.
+Rollback-aware: past its first unverified unsure position the main branch, too, drafts only the
+branch lookahead, so a likely break does not throw away a long run of drafted tokens.
 
 After every verdict the branch tree is pruned to the branches that agree with the committed
 tokens: if the main branch agrees it goes on; else a branch that starts with the target's
-correction is promoted (its tokens are already drafted: no bubble); every other branch is
-cancelled on the draft worker, which releases its KV entries. If none agrees, the main branch is
-synced back to the committed tokens under a new epoch (its stale tokens still in flight are
-dropped) and drafting restarts.
+correction is promoted; every other branch is cancelled on the draft worker, which releases its
+KV entries. If none agrees, the main branch is synced back to the committed tokens under a new
+epoch (its stale tokens still in flight are dropped) and drafting restarts.
 
 Two blocks may be in flight: the next block is queued on the target behind the one it is
 verifying, marked with the token it assumes at its start, so the target goes from one to the next
@@ -24,12 +34,13 @@ answered `stale` (nothing computed) and dropped here.
 
 Sampling stays exact: a promoted branch starts with exactly the token the rejection sampler
 emitted (it agrees with the committed tokens), and the q sent for its tokens are those the draft
-computed when it drafted them.
+computed when it drafted them, keyed by its branch and epoch.
 """
 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass, field
 
 from specpipe.coordinator.scheduler import ROOT_BRANCH, Block, RequestRun
@@ -40,12 +51,17 @@ logger = logging.getLogger(__name__)
 
 # Blocks queued on the target at once: the one it verifies and the next.
 MAX_IN_FLIGHT = 2
+# One coordinator-to-worker message, in seconds (loopback ZeroMQ): the slack of just-in-time cuts.
+HOP_S = 0.0005
+# Until costs are measured: a verify and a draft step, in seconds.
+DEFAULT_VERIFY_S, DEFAULT_DRAFT_STEP_S = 0.010, 0.001
 
 
 @dataclass
 class InFlight:
     start: int                 # committed length the block extends
     token_ids: list[int]
+    done_at: float             # when the target should be done with it (time.monotonic)
     doomed: bool = False       # a block before it was not fully accepted: the target drops it
 
 
@@ -53,11 +69,11 @@ class InFlight:
 class BranchView:
     """The coordinator's mirror of one draft branch."""
     tokens: list[int]                                      # full sequence, prompt included
+    fork_at: int | None = None                             # position of its first own token; None: main line
     epoch: int = 0                                         # epoch its unverified tokens were drafted in
-    drafting: bool = False
-    stopped_unsure: bool = False                           # its job ended on a low-confidence token
-    candidates: list[int] = field(default_factory=list)    # next-best tokens at its last position
-    candidate_probs: list[float] = field(default_factory=list)
+    job_end: int = 0                                       # length its current drafting job runs to
+    alternatives: dict[int, list[int]] = field(default_factory=dict)   # unsure position -> tokens to fork
+    forked: set[int] = field(default_factory=set)          # positions already forked (main line)
 
 
 class Pipeline:
@@ -66,10 +82,9 @@ class Pipeline:
         self.branching = self.plan.mode == "specbranch"
         self.tokens = list(self.plan.prompt_ids)            # committed
         self.end = len(self.tokens) + self.plan.max_new_tokens
-        self.branches = {ROOT_BRANCH: BranchView(list(self.tokens))}
+        self.branches = {ROOT_BRANCH: BranchView(list(self.tokens), job_end=len(self.tokens))}
         self.main = ROOT_BRANCH
         self.next_branch_id = ROOT_BRANCH + 1
-        self.fork_position: int | None = None               # the outstanding fork, if any
         self.queue: list[InFlight] = []                     # blocks sent to the target, oldest first
 
     async def tokens_stream(self):
@@ -91,24 +106,36 @@ class Pipeline:
 
     # -- drafting ---------------------------------------------------------------------------------
     def anchor(self) -> int:
-        """Where the block after the one being verified starts (assuming that one is accepted),
-        or just past the outstanding fork: the draft keeps one block ahead of the target."""
-        live = self.live()
-        start = len(self.tokens) + (len(live[0].token_ids) if live else 0)
-        return max(start, self.fork_position + 1) if self.fork_position is not None else start
+        """The end of everything in flight (assuming it is accepted): the draft keeps one block
+        past it."""
+        return len(self.tokens) + sum(len(block.token_ids) for block in self.live())
 
     async def keep_drafting(self) -> None:
-        """Give every live branch that is idle and short of the lookahead a job, in one command."""
-        horizon = min(self.end, self.anchor() + self.policy.block_length())
-        idle = [b for b, view in self.branches.items()
-                if not view.drafting and not view.stopped_unsure and len(view.tokens) < horizon]
+        """Make every live branch draft up to its horizon: the main branch a block past the
+        anchor, an alternative branch its lookahead past its fork point. A branch whose job ends
+        short of its horizon gets a longer one before it stops (a new job replaces the old), so
+        the draft never idles waiting for the coordinator."""
+        main_horizon = min(self.end, self.anchor() + self.policy.block_length())
+        if self.branching:                          # rollback-aware: hedge, do not run on, past a likely break
+            main = self.branches[self.main]
+            unsure = [p for p in main.alternatives if p >= len(self.tokens)]
+            if unsure:
+                main_horizon = min(main_horizon, max(self.anchor(), min(unsure) + 1 + self.policy.branch_lookahead))
         by_need: dict[int, list[int]] = {}
-        for branch_id in idle:
-            by_need.setdefault(horizon - len(self.branches[branch_id].tokens), []).append(branch_id)
+        for branch_id, view in self.branches.items():
+            horizon = main_horizon if view.fork_at is None else \
+                min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
+            if view.job_end < horizon and len(view.tokens) < horizon:
+                by_need.setdefault(horizon - len(view.tokens), []).append(branch_id)
         for need, branch_ids in by_need.items():
             for branch_id in branch_ids:
-                self.branches[branch_id].drafting = True
+                view = self.branches[branch_id]
+                view.job_end = len(view.tokens) + need
             await self.run.start_draft(branch_ids, need, num_candidates=self.policy.branch_width)
+
+    @staticmethod
+    def drafting(view: BranchView) -> bool:
+        return view.job_end > len(view.tokens)
 
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
         view = self.branches.get(token.branch_id)
@@ -118,55 +145,67 @@ class Pipeline:
             f"branch {token.branch_id}: token at {token.position}, mirror has {len(view.tokens)}"
         view.tokens.append(token.token_id)
         view.epoch = token.epoch
-        view.candidates, view.candidate_probs = list(token.candidate_ids), list(token.candidate_probs)
+        alternatives = self.policy.fork_candidates(token.prob, token.candidate_ids, token.candidate_probs)
+        if alternatives:
+            view.alternatives[token.position] = alternatives
         if token.last:
-            view.drafting = False
-            view.stopped_unsure = token.prob < self.policy.min_confidence
-        if token.branch_id == self.main and view.stopped_unsure:
-            await self.maybe_fork()
+            view.job_end = len(view.tokens)
+        if token.branch_id == self.main and alternatives:
+            await self.fork_where_unsure()
 
-    async def maybe_fork(self) -> None:
-        """The main branch stopped on an unsure token at position j: fork alternatives at j
-        (SpecBranch) and let the main branch go on too."""
+    async def fork_where_unsure(self) -> None:
+        """Fork the main branch's alternatives at its unverified unsure positions, nearest first,
+        while the branch budget lasts (SpecBranch)."""
         view = self.branches[self.main]
-        if self.fork_position is not None:
-            return                                  # one outstanding fork at a time: wait
-        position = len(view.tokens) - 1
-        view.stopped_unsure = False
-        if self.branching and position >= len(self.tokens):   # (a committed token needs no alternatives)
-            candidates = self.policy.branch_candidates(view.candidates, view.candidate_probs)
-            for token_id in candidates:
+        budget = self.policy.max_branches - (len(self.branches) - 1)
+        forked = False
+        for position in sorted(view.alternatives):
+            if budget <= 0:
+                break
+            if position < len(self.tokens) or position in view.forked:
+                continue
+            view.forked.add(position)
+            for token_id in view.alternatives[position][:budget]:
                 branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
                 await self.run.draft.command(fork=worker_pb2.Fork(
                     request_id=self.plan.request_id, parent_branch_id=self.main, branch_id=branch_id,
                     position=position, token_ids=[token_id]))
-                self.branches[branch_id] = BranchView(view.tokens[:position] + [token_id])
-            self.run.stats.branches_forked += len(candidates)
-            if candidates:
-                self.fork_position = position
-        await self.keep_drafting()
+                self.branches[branch_id] = BranchView(view.tokens[:position] + [token_id], fork_at=position,
+                                                      epoch=view.epoch, job_end=position + 1)
+                self.run.stats.branches_forked += 1
+                budget -= 1
+                forked = True
+        if forked:
+            await self.keep_drafting()
 
     # -- verification -----------------------------------------------------------------------------
     async def maybe_send_block(self) -> None:
-        """Send the main branch's next block: to an idle target once enough is drafted (or the
-        main branch stopped: an unsure token, or the end); behind a block in flight once full."""
+        """Send the main branch's next block: to an idle target once a few tokens are drafted (or
+        the main branch stopped); behind a block in flight once full, or just in time."""
         live = self.live()
         if len(live) >= MAX_IN_FLIGHT or (live and not live[-1].token_ids):
             return
         view = self.branches[self.main]
-        start = len(self.tokens) + sum(len(block.token_ids) for block in live)
+        start = self.anchor()
         stop = min(start + self.policy.block_length(), self.end)
-        if self.fork_position is not None and self.fork_position >= start:
-            stop = min(stop, self.fork_position + 1)
         if stop <= start:
             return                                  # everything up to the end is in flight
         block_ids = view.tokens[start:stop]
-        enough = len(block_ids) >= (stop - start if live else min(stop - start, self.policy.send_length()))
-        if (not enough and (view.drafting or not block_ids)) or (live and not block_ids):
+        if not block_ids:
             return                                  # more tokens are on their way
-        self.queue.append(InFlight(start, block_ids))
+        now = time.monotonic()
+        if len(block_ids) < stop - start and self.drafting(view):
+            if live:
+                step = self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S
+                if now + step + HOP_S < live[-1].done_at:
+                    return                          # the next token still comes in time
+            elif len(block_ids) < self.policy.send_length():
+                return
+        verify_s = self.policy.model.verify_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
+        begins = max(now + HOP_S, live[-1].done_at if live else 0.0)
+        self.queue.append(InFlight(start, block_ids, done_at=begins + verify_s))
         block = Block(token_ids=block_ids, branch_id=self.main, epoch=view.epoch)
-        await self.run.send_verify(block, emit_bonus=not block_ids, start=start,
+        await self.run.send_verify(block, emit_bonus=False, start=start,
                                    expect_last_token=view.tokens[start - 1] if live else None)
         await self.keep_drafting()
 
@@ -183,14 +222,18 @@ class Pipeline:
         if verdict.num_accepted < len(head.token_ids):
             for block in self.queue:
                 block.doomed = True                 # the target will answer them stale
+        live = self.live()
+        if live:                                    # the target is on the next block now
+            verify_s = self.policy.model.verify_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
+            live[0].done_at = time.monotonic() + verify_s
         await self.prune(start)
         await self.keep_drafting()
         return new_tokens
 
     async def prune(self, start: int) -> None:
         """Keep the branches that agree with the committed tokens; promote or resync main."""
-        committed = self.tokens[start:]
-        agree = [b for b, view in self.branches.items() if view.tokens[start:len(self.tokens)] == committed]
+        committed, length = self.tokens[start:], len(self.tokens)
+        agree = {b for b, view in self.branches.items() if view.tokens[start:length] == committed}
         if self.main in agree:
             survivor = self.main
         elif agree:
@@ -198,22 +241,23 @@ class Pipeline:
             self.run.stats.branches_hit += 1
         else:
             survivor = self.main
-        if self.fork_position is not None and (self.fork_position < len(self.tokens) or survivor not in agree):
-            agree = [survivor] if survivor in agree else []
-            self.fork_position = None
         losers = [b for b in self.branches if b != survivor and b not in agree]
         if losers:
             await self.run.draft.command(cancel=worker_pb2.Cancel(request_id=self.plan.request_id, branch_ids=losers))
             for branch_id in losers:
                 del self.branches[branch_id]
         self.main = survivor
-        if survivor not in agree:                    # nothing agrees: roll main back to the committed tokens
+        view = self.branches[survivor]
+        view.fork_at = None                         # (promoted: it is the main line now)
+        if survivor not in agree:                   # nothing agrees: roll main back to the committed tokens
             self.run.epoch += 1
-            view = self.branches[survivor]
-            view.tokens, view.drafting, view.stopped_unsure = list(self.tokens), False, False
-            await self.run.sync_draft(survivor, keep=len(self.tokens) - 1, append=self.tokens[-1:])
-        elif self.branches[survivor].stopped_unsure:
-            await self.maybe_fork()
+            view.tokens, view.job_end = list(self.tokens), length
+            view.alternatives.clear()
+            await self.run.sync_draft(survivor, keep=length - 1, append=self.tokens[-1:])
+        view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
+        view.forked = {p for p in view.forked if p >= length}
+        if self.branching:
+            await self.fork_where_unsure()
 
 
 async def pipelined(run: RequestRun):

@@ -3,8 +3,10 @@ lives here, switchable per flag so each part can be measured alone (the SpecBran
 
 Kinds (`--policy`):
 - `fixed`: blocks of `num_draft_tokens`, no confidence stop (PEARL's fixed gamma).
-- `confidence` (implicit signal, SpecBranch's H-RAD): also end a block after a draft token whose
-  probability is under `min_confidence`; in specbranch mode that token is the branch point.
+- `confidence` (implicit signal, SpecBranch's H-RAD): in sequential mode, also end a block after a
+  draft token whose probability is under `min_confidence`. (The pipelined modes never end a block
+  there: a longer block costs the target little more and the draft's time is not the target's
+  wait; specbranch branches at unsure tokens instead, see below.)
 - `adaptive` (model-free): `confidence`, with the block length chosen by `AcceptanceModel`, which
   fits the running distribution of accepted lengths and the measured step costs and picks the
   length that maximises expected tokens per second. Pipelined modes only: it depends on timing,
@@ -13,8 +15,13 @@ Kinds (`--policy`):
   acceptance-length predictor (a small model over its last hidden state, sent with each verdict)
   when the target has one, else as `adaptive`.
 
-Branches: at a branch point, fork one branch per next-best candidate whose draft probability is
-at least `min_branch_prob`, at most `branch_width` of them.
+Branches (specbranch): a draft token whose probability is under `branch_confidence` is a branch
+point; fork one branch per next-best candidate there whose draft probability is at least
+`min_branch_prob`, at most `branch_width` of them, while the request has fewer than
+`max_branches` alternatives alive; each drafts `branch_lookahead` tokens past its fork point.
+(On the demo pair at greedy, the target's token at a rejection is the draft's second choice 84%
+of the time, and a 0.8 threshold flags 71% of rejections and 13% of accepted positions.)
+An idle target gets a block once `IDLE_SEND_TOKENS` are drafted.
 
 The acceptance model. Each verification of k draft tokens accepts a prefix of m; under the
 standard i.i.d. model (Leviathan et al. 2023, §3.5) m is a geometric count truncated at k with
@@ -38,6 +45,8 @@ POLICIES = ("fixed", "confidence", "adaptive", "predictor")
 FORGET = 0.99
 # The Beta prior on the acceptance rate (as pseudo-counts) before anything is observed.
 PRIOR_RATE, PRIOR_WEIGHT = 0.7, 4.0
+# Drafted tokens an idle target waits for before it gets a block (pipelined modes).
+IDLE_SEND_TOKENS = 2
 
 
 @dataclass(frozen=True)
@@ -47,10 +56,14 @@ class PolicyConfig:
     min_confidence: float = 0.3        # end a block after a token less likely than this
     branch_width: int = 2              # most alternatives forked at a branch point
     min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
+    branch_confidence: float = 0.8     # specbranch: fork at a draft token less likely than this
+    branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
+    max_branches: int = 4              # live alternative branches per request
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
         assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
+        assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
 
 
 class AcceptanceModel:
@@ -122,9 +135,20 @@ class DraftPolicy:
 
     @property
     def min_confidence(self) -> float:
-        if self.mode in ("autoregressive", "pipelined") or self.config.kind == "fixed":
-            return 0.0   # pipelined = PEARL without branches: fixed-length blocks
+        """End a drafting job at a token less likely than this. Only the sequential schedule
+        stops there (the draft's time is the target's wait); the pipelined ones keep drafting,
+        since a longer block costs the target little more, and branch at unsure tokens instead."""
+        if self.mode != "sequential" or self.config.kind == "fixed":
+            return 0.0
         return self.config.min_confidence
+
+    @property
+    def max_branches(self) -> int:
+        return self.config.max_branches if self.mode == "specbranch" else 0
+
+    @property
+    def branch_lookahead(self) -> int:
+        return self.config.branch_lookahead
 
     @property
     def wants_prediction(self) -> bool:
@@ -148,17 +172,20 @@ class DraftPolicy:
 
     def send_length(self) -> int:
         """How many drafted tokens are worth sending to an idle target while the draft is still
-        drafting. Waiting for a full block leaves the target idle; sending one token wastes its
-        verify. With costs known: the serial schedule's best length (an idle target is a cold
-        start: draft, then verify); else the full block."""
-        most = self.block_length()
-        if self.config.kind in ("adaptive", "predictor") and self.mode in ("pipelined", "specbranch"):
-            return min(most, self.model.best_length(most, pipelined=False))
-        return most
+        drafting (pipelined modes). Waiting leaves the target idle; a short block is cheap (a
+        verify costs little more per token) and the draft fills the next one meanwhile."""
+        return min(self.block_length(), IDLE_SEND_TOKENS)
 
     def branch_candidates(self, candidate_ids: list[int], candidate_probs: list[float]) -> list[int]:
         return [token_id for token_id, prob in zip(candidate_ids, candidate_probs)
                 if prob >= self.config.min_branch_prob][:self.branch_width]
+
+    def fork_candidates(self, prob: float, candidate_ids, candidate_probs) -> list[int]:
+        """The alternatives to fork at a drafted token of probability `prob` (specbranch): its
+        next-best candidates, when the draft is unsure of it."""
+        if self.max_branches == 0 or prob >= self.config.branch_confidence:
+            return []
+        return self.branch_candidates(list(candidate_ids), list(candidate_probs))
 
     def observe(self, num_drafted: int, num_accepted: int, verify_seconds: float,
                 predicted_accept_length: float = -1.0) -> None:

@@ -2,9 +2,10 @@
 
 Each branch is a token sequence and a KV cache covering all but its pending tokens (those not yet
 fed to the model; at least the last one). A Draft command gives branches a job; `work()` runs one
-forward step for the active branches of one request — branches of equal shape batched into one
-forward — and streams one DraftToken per branch. Commands arriving between steps (Sync, Cancel,
-Fork, Release) take effect before the next step: drafting is interruptible.
+forward step for the active branches of one request — batched into one forward, caches of
+unequal length padded and masked — and streams one DraftToken per branch. Commands arriving
+between steps (Sync, Cancel, Fork, Release) take effect before the next step: drafting is
+interruptible.
 
 Randomness: the token at sequence position i is drawn from a generator keyed by (seed, i,
 STREAM_DRAFT), so what the draft proposes at a position does not depend on timing, batch
@@ -142,10 +143,10 @@ class DraftEngine:
         request_id = busy[self._turn % len(busy)]
         self._turn += 1
         request = self.requests[request_id]
-        groups: dict[tuple[int, int], list[int]] = {}
+        groups: dict[int, list[int]] = {}   # by pending tokens: caches of any length batch together
         for branch_id, branch in request.branches.items():
             if branch.job:
-                groups.setdefault((branch.cache.length, branch.num_pending), []).append(branch_id)
+                groups.setdefault(branch.num_pending, []).append(branch_id)
         replies = []
         for branch_ids in groups.values():
             try:

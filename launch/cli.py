@@ -35,10 +35,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)")
     parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
     parser.add_argument("--min-confidence", type=float, default=0.3,
-                        help="end a block after a draft token less likely than this (branch point)")
+                        help="sequential mode: end a block after a draft token less likely than this")
+    parser.add_argument("--branch-confidence", type=float, default=0.8,
+                        help="specbranch mode: fork alternatives at a draft token less likely than this")
     parser.add_argument("--branch-width", type=int, default=2, help="most branches forked at a branch point")
     parser.add_argument("--min-branch-prob", type=float, default=0.1,
                         help="fork only candidates at least this likely under the draft")
+    parser.add_argument("--branch-lookahead", type=int, default=4,
+                        help="tokens an alternative branch drafts past its fork point")
+    parser.add_argument("--max-branches", type=int, default=4, help="live alternative branches per request")
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument("--draft-addr", default=os.environ.get("SPECPIPE_DRAFT_ADDR"),
                         help="use a draft worker already running at this ZeroMQ endpoint (tcp://host:port) "
@@ -116,7 +121,8 @@ def cmd_serve(args) -> None:
         default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
-                            min_branch_prob=args.min_branch_prob),
+                            min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
+                            branch_lookahead=args.branch_lookahead, max_branches=args.max_branches),
         max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,

@@ -77,30 +77,45 @@ def _cache_of(layers: list[DynamicLayer]) -> DynamicCache:
 
 def forward_batch(model, caches: list[KVCache], input_ids: torch.Tensor,
                   want_hidden: bool = False) -> StepOutput:
-    """One forward over several sequences of equal cache length, batched.
+    """One forward over several sequences, batched; their caches may differ in length.
 
-    input_ids: [len(caches), num_tokens]. Each cache gets its own rows' KV entries appended; the
-    batched tensors are split back into per-sequence views (no copy).
+    input_ids: [len(caches), num_tokens]. Caches of unequal length are left-padded to the longest
+    for this forward (keys already carry their rotary positions, so padding after the fact is
+    harmless), the padding masked out by a 2D attention mask and each row given its own positions.
+    Each cache gets its own rows' KV entries appended; the batched tensors are split back into
+    per-sequence views with the padding dropped (no copy).
     """
     assert input_ids.dim() == 2 and input_ids.shape[0] == len(caches), "one row of input_ids per cache"
-    length = caches[0].length
-    assert all(c.length == length for c in caches), "batched forward needs equal cache lengths"
+    lengths = [c.length for c in caches]
+    longest, num_tokens, device = max(lengths), input_ids.shape[1], input_ids.device
+    pads = [longest - length for length in lengths]
     if len(caches) == 1:
         cache = caches[0].cache
-    elif length == 0:
+    elif longest == 0:
         cache = DynamicCache()
     else:
         cache = _cache_of([
-            _layer_from(torch.cat([c.cache.layers[i].keys for c in caches]),
-                        torch.cat([c.cache.layers[i].values for c in caches]))
+            _layer_from(_stack_padded([c.cache.layers[i].keys for c in caches], pads),
+                        _stack_padded([c.cache.layers[i].values for c in caches], pads))
             for i in range(len(caches[0].cache.layers))])
-    num_tokens = input_ids.shape[1]
-    position_ids = torch.arange(length, length + num_tokens, device=input_ids.device).expand(len(caches), -1)
-    out = model(input_ids=input_ids, position_ids=position_ids, cache=cache, use_cache=True,
-                output_hidden_states=want_hidden)
+    position_ids = torch.stack([torch.arange(length, length + num_tokens, device=device) for length in lengths])
+    attention_mask = None
+    if any(pads):
+        attention_mask = torch.ones(len(caches), longest + num_tokens, dtype=torch.long, device=device)
+        for row, pad in enumerate(pads):
+            attention_mask[row, :pad] = 0
+    out = model(input_ids=input_ids, position_ids=position_ids, attention_mask=attention_mask, cache=cache,
+                use_cache=True, output_hidden_states=want_hidden)
     if len(caches) > 1:
-        for row, target in enumerate(caches):
-            target.cache = _cache_of([_layer_from(layer.keys[row:row + 1], layer.values[row:row + 1])
+        for row, (target, pad) in enumerate(zip(caches, pads)):
+            target.cache = _cache_of([_layer_from(layer.keys[row:row + 1, :, pad:], layer.values[row:row + 1, :, pad:])
                                       for layer in cache.layers])
     hidden = out.hidden_states[-1] if want_hidden else None
     return StepOutput(logits=out.logits.float(), hidden=hidden)
+
+
+def _stack_padded(tensors: list[torch.Tensor], pads: list[int]) -> torch.Tensor:
+    """Concatenate [1, heads, length_i, dim] tensors along the batch, left-padding each by pads[i]."""
+    if not any(pads):
+        return torch.cat(tensors)
+    return torch.cat([torch.nn.functional.pad(t, (0, 0, pad, 0)) if pad else t for t, pad in zip(tensors, pads)])

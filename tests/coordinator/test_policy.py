@@ -70,7 +70,9 @@ def test_policy_kinds():
     pipelined = DraftPolicy(PolicyConfig(kind="confidence"), "pipelined")
     assert pipelined.min_confidence == 0.0 and pipelined.branch_width == 0
     specbranch = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "specbranch")
-    assert specbranch.min_confidence == 0.4
+    assert specbranch.min_confidence == 0.0          # pipelined modes never end a block on confidence
+    sequential = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "sequential")
+    assert sequential.min_confidence == 0.4
     predictor = DraftPolicy(PolicyConfig(kind="predictor", num_draft_tokens=6), "specbranch")
     predictor.observe(4, 2, 0.01, predicted_accept_length=2.4)
     assert predictor.block_length() == 3
@@ -82,3 +84,12 @@ def test_branch_candidates_filter_and_cap():
     policy = DraftPolicy(PolicyConfig(branch_width=2, min_branch_prob=0.1), "specbranch")
     assert policy.branch_candidates([5, 6, 7, 8], [0.3, 0.05, 0.2, 0.15]) == [5, 7]
     assert DraftPolicy(PolicyConfig(), "sequential").branch_candidates([5], [0.9]) == []
+
+
+def test_fork_candidates_only_at_unsure_tokens_in_specbranch():
+    config = PolicyConfig(branch_width=2, min_branch_prob=0.1, branch_confidence=0.8, max_branches=4)
+    policy = DraftPolicy(config, "specbranch")
+    assert policy.fork_candidates(0.6, [5, 6, 7], [0.3, 0.05, 0.2]) == [5, 7]
+    assert policy.fork_candidates(0.85, [5, 6, 7], [0.3, 0.05, 0.2]) == []     # sure enough
+    assert DraftPolicy(config, "pipelined").fork_candidates(0.2, [5], [0.5]) == []
+    assert DraftPolicy(PolicyConfig(max_branches=0), "specbranch").fork_candidates(0.2, [5], [0.5]) == []

@@ -85,8 +85,8 @@ def exact_joint(model_dir, prompt_ids, sampling: SamplingParams, length: int) ->
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
 def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode):
     """The joint law of the first 3 tokens (temperature 1, top-k 3: 27 outcomes) over 700 seeds,
-    with unsure tokens everywhere (min-confidence 0.9) so branches are forked and promoted."""
-    server = serve("draft_close", "--min-confidence", "0.9", "--branch-width", "2", "--num-draft-tokens", "3")
+    with unsure tokens everywhere (branch-confidence 0.9) so branches are forked and promoted."""
+    server = serve("draft_close", "--branch-confidence", "0.9", "--branch-width", "2", "--num-draft-tokens", "3")
     client = Client(server.addr)
     prompt_ids, sampling = PROMPTS[1], SamplingParams(temperature=1.0, top_k=3)
     joint = exact_joint(tiny_models["target"], prompt_ids, sampling, 3)
@@ -128,3 +128,19 @@ def test_no_branch_outlives_its_request(serve, draft):
                 break
             time.sleep(0.02)
         assert stats.live_requests == 0 and live == [(0, 0), (0, 0)], (mode, live)
+
+
+def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy):
+    """Greedy with a noisy draft: branches forked at many unsure positions (threshold 0.95,
+    several per block, each its own cache length, batched in one forward) are promoted when the
+    target's token is their first, and the output is still exactly Hugging Face greedy."""
+    server = serve("draft_close", "--branch-confidence", "0.95", "--branch-width", "2", "--max-branches", "6",
+                   "--min-branch-prob", "0", "--num-draft-tokens", "8")
+    client = Client(server.addr)
+    forked = hits = 0
+    for prompt_ids in PROMPTS:
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=40, mode="specbranch")
+        assert token_ids == hf_greedy(prompt_ids, 40), f"prompt {prompt_ids}"
+        forked += last.stats.branches_forked
+        hits += last.stats.branches_hit
+    assert hits > 0 and forked > hits, (forked, hits)

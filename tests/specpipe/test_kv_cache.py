@@ -88,6 +88,26 @@ def test_batched_forward_over_forks(model):
     assert root.length == 3
 
 
+def test_batched_forward_over_unequal_lengths(model):
+    """Caches of different lengths go through one forward (left-padded, masked): each row's logits,
+    over one and over several new tokens, equal a fresh forward, and each cache goes on alone."""
+    prefixes = [[7, 8, 9, 10, 11], [7, 8], [30, 31, 32, 33, 34, 35, 36, 37], [5]]
+    caches = []
+    for prefix in prefixes:
+        caches.append(KVCache())
+        step(model, caches[-1], prefix)
+    for new_tokens in ([[40], [41], [42], [43]], [[50, 51], [52, 53], [54, 55], [56, 57]]):
+        with torch.no_grad():
+            out = forward_batch(model, caches, torch.tensor(new_tokens))
+        for row, (prefix, new) in enumerate(zip(prefixes, new_tokens)):
+            prefix += new
+            torch.testing.assert_close(out.logits[row, -1], fresh_next_logits(model, prefix), atol=ATOL, rtol=0)
+            assert caches[row].length == len(prefix)
+    for cache, prefix in zip(caches, prefixes):
+        torch.testing.assert_close(step(model, cache, [60]), fresh_next_logits(model, prefix + [60]),
+                                   atol=ATOL, rtol=0)
+
+
 def test_random_operation_sequences(model):
     """Random append / rollback / fork programs; every live cache checked against a fresh forward."""
     rng = random.Random(1234)
