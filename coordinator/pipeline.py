@@ -115,12 +115,12 @@ class Pipeline:
         anchor, an alternative branch its lookahead past its fork point. A branch whose job ends
         short of its horizon gets a longer one before it stops (a new job replaces the old), so
         the draft never idles waiting for the coordinator."""
-        main_horizon = min(self.end, self.anchor() + self.policy.block_length())
+        anchor = self.anchor()
+        main_horizon = min(self.end, anchor + self.policy.block_length())
         if self.branching:                          # rollback-aware: hedge, do not run on, past a likely break
-            main = self.branches[self.main]
-            unsure = [p for p in main.alternatives if p >= len(self.tokens)]
+            unsure = [p for p in self.branches[self.main].alternatives if p >= len(self.tokens)]
             if unsure:
-                main_horizon = min(main_horizon, max(self.anchor(), min(unsure) + 1 + self.policy.branch_lookahead))
+                main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.branch_lookahead))
         by_need: dict[int, list[int]] = {}
         for branch_id, view in self.branches.items():
             horizon = main_horizon if view.fork_at is None else \
