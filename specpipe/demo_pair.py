@@ -2,8 +2,10 @@
 
 Contract (DESIGN §4). `build_demo_pair(out_dir)` trains, from nothing but the running Python's
 standard-library `.py` source (comments and docstrings stripped), a byte-level BPE tokenizer, a
-target `LlamaForCausalLM` of >= 10M parameters and a draft about ten times smaller, distilled on
-the target's own greedy argmax labels so that the two agree often. It writes
+target `LlamaForCausalLM` of >= 10M parameters and a draft about ten times smaller, distilled from
+the target on its own continuations, greedy and sampled at temperature 1: the loss is the KL
+divergence from the target's next-token distribution plus the cross-entropy on its argmax, so the
+two agree often both at greedy and when sampling. It writes
 `out_dir/{target,draft}` (each loads alone with `AutoModelForCausalLM` / `AutoTokenizer`
 `.from_pretrained`: fp16 safetensors under a float32 config, so they load as float32),
 `out_dir/heldout.json` (the prompts) and `out_dir/build_info.json`: parameter counts,
@@ -43,7 +45,7 @@ from tqdm.auto import tqdm
 
 log = logging.getLogger(__name__)
 
-DEMO_VERSION = "1"  # bump when the recipe changes: names the user-cache folder
+DEMO_VERSION = "2"  # bump when the recipe changes: names the user-cache folder
 DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
 PROMPTS_PATH = Path(__file__).resolve().parent / "assets" / "prompts" / "heldout.json"
 EOS_TOKEN = "<|endoftext|>"
@@ -80,7 +82,7 @@ class Preset:
     max_files: int | None  # None: every training file
     target: ModelSpec
     draft: ModelSpec
-    distill_rounds: int  # rounds of batched greedy generation by the target, for the draft
+    distill_rounds: int  # rounds of batched generation by the target, for the draft: greedy, then as many sampled
     distill_batch: int
     distill_prompt_len: int
     distill_gen_len: int
@@ -93,7 +95,7 @@ PRESETS = {
     # Verifying costs mostly per-layer overhead on a CPU, so the target is deep and narrow (20
     # layers: c ~ 0.1) and the draft has one layer; 640 target steps fill ~4 of the ~6.5 minutes.
     "full": Preset(8192, 128, None, target=ModelSpec(192, 20, 3, 512, False, 640, 8, 3e-3),
-                   draft=ModelSpec(128, 1, 4, 384, True, 200, 24, 3e-3),
+                   draft=ModelSpec(128, 1, 4, 384, True, 400, 24, 3e-3),
                    distill_rounds=10, distill_batch=64, distill_prompt_len=48, distill_gen_len=80,
                    eval_prompts=NUM_PROMPTS, eval_new_tokens=64, timing_repeats=60),
     "mini": Preset(320, 32, 12, target=ModelSpec(32, 2, 2, 64, False, 12, 4, 3e-3),
@@ -202,8 +204,10 @@ def make_model(spec: ModelSpec, tokenizer, seed: int):
     return LlamaForCausalLM(config)
 
 
-def train_lm(model, batches, spec: ModelSpec, bar) -> float:
-    """AdamW with warmup and cosine decay on `batches() -> (inputs, labels)`; the last loss."""
+def train_lm(model, batches, spec: ModelSpec, bar, loss_fn=None) -> float:
+    """AdamW with warmup and cosine decay on `batches() -> (inputs, labels)`; the last loss.
+    `loss_fn(logits, labels)`: cross-entropy on next-token labels unless given."""
+    loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
                                   weight_decay=0.0)
@@ -212,8 +216,8 @@ def train_lm(model, batches, spec: ModelSpec, bar) -> float:
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / spec.steps))
         for group in optimizer.param_groups:
             group["lr"] = spec.lr * (min(1.0, (step + 1) / warmup) * cosine)
-        inputs, labels = batches()  # [batch, seq_len] each
-        loss = F.cross_entropy(model(input_ids=inputs).logits.flatten(0, 1), labels.flatten())
+        inputs, labels = batches()  # [batch, seq_len] each ([batch, seq_len, vocab] logits to distill)
+        loss = loss_fn(model(input_ids=inputs).logits, labels)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -222,6 +226,15 @@ def train_lm(model, batches, spec: ModelSpec, bar) -> float:
         bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
     model.eval()
     return loss.item()
+
+
+def distill_loss(draft_logits: torch.Tensor, target_logits: torch.Tensor) -> torch.Tensor:
+    """KL(p_target || q_draft) per position, plus the cross-entropy on the target's argmax: the
+    first makes q match p where sampling goes, the second keeps greedy agreement high."""
+    log_q = F.log_softmax(draft_logits.float(), dim=-1)
+    log_p = F.log_softmax(target_logits.float(), dim=-1)
+    kl = (log_p.exp() * (log_p - log_q)).sum(-1).mean()
+    return kl + F.nll_loss(log_q.flatten(0, 1), target_logits.argmax(-1).flatten())
 
 
 def window_batches(tokens: torch.Tensor, batch: int, seq_len: int, seed: int):
@@ -235,47 +248,55 @@ def window_batches(tokens: torch.Tensor, batch: int, seq_len: int, seed: int):
     return batches
 
 
-def row_batches(inputs: torch.Tensor, labels: torch.Tensor, batch: int, seed: int):
-    """Seeded random rows of (inputs, labels), [rows, seq_len] each."""
+def distill_batches(target, inputs: torch.Tensor, batch: int, seed: int):
+    """Seeded random rows of inputs [rows, seq_len], with the target's logits over them."""
     generator = torch.Generator().manual_seed(seed)
 
     def batches():
-        rows = torch.randint(0, len(inputs), (batch,), generator=generator)
-        return inputs[rows], labels[rows]
+        rows = inputs[torch.randint(0, len(inputs), (batch,), generator=generator)]
+        with torch.no_grad():
+            return rows, target(input_ids=rows).logits
     return batches
 
 
 @torch.inference_mode()
-def greedy_continue(model, input_ids: torch.Tensor, num_new_tokens: int):
-    """Greedy decoding with a KV cache. input_ids: [batch, prompt_len] (no padding).
+def greedy_continue(model, input_ids: torch.Tensor, num_new_tokens: int, generator=None):
+    """Greedy decoding with a KV cache (sampling at temperature 1 from `generator` when given).
+    input_ids: [batch, prompt_len] (no padding).
     Returns (tokens [batch, prompt_len + num_new_tokens], prefill_argmax [batch, prompt_len])."""
     from transformers import DynamicCache
 
+    def choose(logits):  # [batch, vocab] -> [batch, 1]
+        if generator is None:
+            return logits.argmax(-1, keepdim=True)
+        return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
+
     cache = DynamicCache(config=model.config)
-    prefill_argmax = model(input_ids=input_ids, cache=cache, use_cache=True).logits.argmax(-1)
-    tokens = [input_ids, prefill_argmax[:, -1:]]
+    prefill_logits = model(input_ids=input_ids, cache=cache, use_cache=True).logits
+    tokens = [input_ids, choose(prefill_logits[:, -1])]
     for _ in range(num_new_tokens - 1):
         logits = model(input_ids=tokens[-1], cache=cache, use_cache=True).logits
-        tokens.append(logits[:, -1:].argmax(-1))
-    return torch.cat(tokens, dim=1), prefill_argmax
+        tokens.append(choose(logits[:, -1]))
+    return torch.cat(tokens, dim=1), prefill_logits.argmax(-1)
 
 
-def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar):
-    """Inputs and the target's argmax labels, [rows, prompt_len + gen_len - 1] each: random
-    corpus windows as prompts (labels from the prefill), then the target's greedy continuation
-    (whose labels are its own next tokens)."""
+def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar) -> torch.Tensor:
+    """Rows to distill on, [2 * rounds * batch, prompt_len + gen_len - 1]: random corpus windows
+    as prompts, continued by the target greedily (half the rounds) and by sampling at temperature
+    1 (the other half), so the draft learns where both kinds of decoding go."""
     prompt_len = preset.distill_prompt_len
     starts = torch.randint(0, len(tokens) - prompt_len,
-                           (preset.distill_rounds, preset.distill_batch),
+                           (2 * preset.distill_rounds, preset.distill_batch),
                            generator=torch.Generator().manual_seed(seed))
-    inputs, labels = [], []
-    for round_starts in starts.tolist():
+    sampler = torch.Generator().manual_seed(seed + 1)
+    rows = []
+    for index, round_starts in enumerate(starts.tolist()):
         prompts = torch.stack([tokens[s:s + prompt_len] for s in round_starts])
-        sequence, prefill_argmax = greedy_continue(target, prompts, preset.distill_gen_len)
-        inputs.append(sequence[:, :-1])
-        labels.append(torch.cat([prefill_argmax[:, :-1], sequence[:, prompt_len:]], dim=1))
+        generator = sampler if index >= preset.distill_rounds else None
+        sequence, _ = greedy_continue(target, prompts, preset.distill_gen_len, generator)
+        rows.append(sequence[:, :-1])
         bar.update(1)
-    return torch.cat(inputs), torch.cat(labels)
+    return torch.cat(rows)
 
 
 def save_model(model, tokenizer, folder: Path) -> None:
@@ -359,11 +380,11 @@ def _train_pair(out_dir: Path, preset: Preset, seed: int, bar) -> dict:
     target_batches = window_batches(tokens, preset.target.batch, preset.seq_len, seed + 1)
     target_loss = train_lm(target, target_batches, preset.target, bar)
     bar.set_description("distill data")
-    inputs, labels = distill_data(target, tokens, preset, seed + 2, bar)
+    inputs = distill_data(target, tokens, preset, seed + 2, bar)
     bar.set_description("draft")
     draft = make_model(preset.draft, tokenizer, seed + 3)
-    draft_batches = row_batches(inputs, labels, preset.draft.batch, seed + 4)
-    draft_loss = train_lm(draft, draft_batches, preset.draft, bar)
+    draft_batches = distill_batches(target.eval(), inputs, preset.draft.batch, seed + 4)
+    draft_loss = train_lm(draft, draft_batches, preset.draft, bar, loss_fn=distill_loss)
     for name, model in zip(MODELS, (target, draft)):
         save_model(model, tokenizer, out_dir / name)
     files_digest = hashlib.sha256()
@@ -371,7 +392,7 @@ def _train_pair(out_dir: Path, preset: Preset, seed: int, bar) -> dict:
         files_digest.update(f"{path.relative_to(root).as_posix()}\n{text}".encode())
     return {"params_target": target.num_parameters(), "params_draft": draft.num_parameters(),
             "target_final_loss": target_loss, "draft_final_loss": draft_loss,
-            "corpus_tokens": len(tokens), "distill_tokens": labels.numel(),
+            "corpus_tokens": len(tokens), "distill_tokens": inputs.numel(),
             "train_files": len(train_files), "train_files_sha256": files_digest.hexdigest(),
             "heldout_modules": [p.relative_to(root).as_posix() for p in heldout_files],
             "prompts": extract_prompts(root, heldout_files)[:preset.eval_prompts]}
@@ -426,7 +447,7 @@ def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full",
 
     recipe, out_dir = PRESETS[preset], Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    total = 3 + recipe.target.steps + recipe.distill_rounds + recipe.draft.steps
+    total = 3 + recipe.target.steps + 2 * recipe.distill_rounds + recipe.draft.steps
     start = time.perf_counter()
     with _build_settings(), tqdm(total=total, disable=not progress, unit="step") as bar:
         info = {"demo_version": DEMO_VERSION, "preset": preset, "seed": seed,
