@@ -95,6 +95,7 @@ class BenchConfig:
     num_draft_tokens: int
     assistant_grid: tuple[int, ...]  # fixed num_assistant_tokens tried for HF's best
     quick: bool
+    pin: str  # auto | none: the server's processes on their own cores
     out: str
     seed: int
     command_line: str
@@ -122,6 +123,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                              "(auto: netns where it works)")
     parser.add_argument("--num-draft-tokens", type=int, default=6,
                         help="specpipe draft tokens per block, the most (default 6, as `specpipe serve`)")
+    parser.add_argument("--pin", default="auto", choices=["auto", "none"],
+                        help="auto (default): with two or more usable cores, pin the target worker to the first "
+                             "and the draft worker and coordinator to the second (the in-process Hugging Face "
+                             "runs use one thread); none: leave placement to the OS")
     parser.add_argument("--quick", action="store_true", help="fewer prompts, trials and tokens (about 2 minutes)")
     parser.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
     parser.add_argument("--seed", type=int, default=0, help="method order and sampling seeds")
@@ -147,8 +152,18 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
         num_prompts=args.num_prompts or preset["num_prompts"],
         max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], trials=args.trials or preset["trials"],
         temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, link=args.link,
-        num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick, out=args.out, seed=args.seed,
+        num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick,
+        pin=args.pin, out=args.out, seed=args.seed,
         command_line=command_line)
+
+
+def pin_flags(pin: str) -> list[str]:
+    """`specpipe serve` flags that give the target a core of its own, the draft and the
+    coordinator another: each worker on one core, as the speed targets are stated."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if pin == "none" or len(cores) < 2:
+        return []
+    return ["--target-cpus", str(cores[0]), "--draft-cpus", str(cores[1]), "--coordinator-cpus", str(cores[1])]
 
 
 def resolve_models(config: BenchConfig) -> tuple[str, str]:
@@ -273,7 +288,8 @@ def run(config: BenchConfig) -> dict:
     tokenizer = load_tokenizer(target)
     prompts = [tokenizer(text)["input_ids"] for text in texts]
     hf = HFRunner(target, draft)
-    serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens)]
+    serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens),
+                   *pin_flags(config.pin)]
     with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req",
               dynamic_ncols=True) as bar:
         reference = []

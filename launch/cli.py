@@ -31,6 +31,11 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--target-cpus", default="", metavar="LIST",
+                        help="pin the target worker to these CPUs, e.g. 0 or 0-3 (default: not pinned)")
+    parser.add_argument("--draft-cpus", default="", metavar="LIST", help="pin the draft worker to these CPUs")
+    parser.add_argument("--coordinator-cpus", default="", metavar="LIST",
+                        help="pin the coordinator (this process) to these CPUs")
     parser.add_argument("--policy", default="adaptive", choices=POLICIES,
                         help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)")
     parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
@@ -96,6 +101,13 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 def cmd_serve(args) -> None:
     from specpipe.launch.local import serve, spawn_workers
 
+    from specpipe.config import parse_cpus, pin_cpus
+
+    for flag in ("target_cpus", "draft_cpus", "coordinator_cpus"):
+        try:
+            parse_cpus(getattr(args, flag)) if getattr(args, flag) else None
+        except ValueError as err:
+            raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
     if curve_keys:   # fail before a model loads or builds (the spawned ones check their part)
         from specpipe.curve import CurveError, load_keys
@@ -114,7 +126,12 @@ def cmd_serve(args) -> None:
                             host=args.worker_host, transport=args.transport,
                             target_data_port=args.target_data_port, target_device=args.target_device,
                             draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
-                            target_data_addr=args.target_data_addr, curve_keys=curve_keys)
+                            target_data_addr=args.target_data_addr, curve_keys=curve_keys,
+                            target_cpus=args.target_cpus, draft_cpus=args.draft_cpus)
+    try:
+        pin_cpus(args.coordinator_cpus)   # after the spawns: they must not inherit it
+    except ValueError as err:
+        raise SystemExit(f"--coordinator-cpus: {err}") from None
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or workers["draft"].endpoint,
         target_addr=args.target_addr or workers["target"].endpoint, host=args.host, port=args.port,

@@ -115,28 +115,32 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str, target_data_port: int = 0,
                   target_device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
-                  threads: int = 1, target_data_addr: str = "", curve_keys: str = "") -> dict[str, WorkerProcess]:
+                  threads: int = 1, target_data_addr: str = "", curve_keys: str = "", target_cpus: str = "",
+                  draft_cpus: str = "") -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint. torch: both start together
     and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
-    passed on as --curve-keys."""
+    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus."""
     secure = ["--curve-keys", curve_keys] if curve_keys else []
+    pins = {role: ["--cpus", cpus] if cpus else [] for role, cpus in (("target", target_cpus), ("draft", draft_cpus))}
     common = dict(host=host, dtype=dtype, threads=threads)
     waiting, workers = {}, {}
     try:
         if transport == "torch":
             rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
             for role, model, device, rank in (("target", target, target_device, 0), ("draft", draft, draft_device, 1)):
-                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch", *secure],
+                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch", *secure, *pins[role]],
                                              env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}, **common)
             return {role: ready() for role, ready in waiting.items()}
         if target:
             workers["target"] = spawn_worker("target", target, device=target_device,
-                                             extra=["--data-port", str(target_data_port), *secure], **common)
+                                             extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
+                                             **common)
             target_data_addr = workers["target"].data_endpoint
         if draft:
             workers["draft"] = spawn_worker("draft", draft, device=draft_device,
-                                            extra=["--target-data-addr", target_data_addr, *secure], **common)
+                                            extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
+                                            **common)
         return workers
     except Exception:
         for worker in workers.values():

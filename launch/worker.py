@@ -10,7 +10,7 @@ import os
 import torch
 
 from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, ENV_CURVE_KEYS,
-                             WorkerConfig, zmq_endpoint)
+                             WorkerConfig, pin_cpus, zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -24,6 +24,8 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
+    parser.add_argument("--cpus", default="", metavar="LIST",
+                        help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)")
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
     parser.add_argument("--transport", default=os.environ.get("SPECPIPE_TRANSPORT", "zmq"), choices=["zmq", "torch"],
                         help="data plane for the draft's q: zmq, or torch (torch.distributed group from "
@@ -50,7 +52,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         exit_with_parent=args.exit_with_parent, transport=args.transport,
                         data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
                         dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor,
-                        curve_keys=args.curve_keys)
+                        curve_keys=args.curve_keys, cpus=args.cpus)
 
 
 def main(role: str, argv=None) -> None:
@@ -58,6 +60,10 @@ def main(role: str, argv=None) -> None:
     from specpipe.worker_loop import exit_with_parent, serve
 
     config = parse_config(role, argv)
+    try:
+        pin_cpus(config.cpus)   # before torch starts its threads
+    except ValueError as err:
+        raise SystemExit(f"--cpus: {err}") from None
     if config.exit_with_parent:
         exit_with_parent()
     curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py

@@ -24,6 +24,32 @@ def zmq_endpoint(host: str, port: int) -> str:
     return f"tcp://{host}:{port}" if port else f"tcp://{host}:*"
 
 
+def parse_cpus(spec: str) -> set[int]:
+    """A CPU list as taskset and cgroups write it ("0", "0-3", "0,2,4-5") -> the CPU numbers."""
+    cpus: set[int] = set()
+    for part in spec.split(","):
+        first, _, last = part.strip().partition("-")
+        if not first.isdigit() or (last and not last.isdigit()) or (last and int(last) < int(first)):
+            raise ValueError(f"bad CPU list {spec!r}: want numbers and ranges such as 0 or 0-3,6")
+        cpus.update(range(int(first), int(last or first) + 1))
+    return cpus
+
+
+def pin_cpus(spec: str) -> None:
+    """Pin this process (every thread it starts from now on) to the CPUs in `spec`; "" = leave it.
+    One core per process keeps the draft, the target and the coordinator from taking turns on the
+    same core when a host has few (Linux only)."""
+    if not spec:
+        return
+    cpus = parse_cpus(spec)
+    usable = os.sched_getaffinity(0)
+    if not cpus <= usable:
+        raise ValueError(f"CPU list {spec!r} names CPUs outside this process's {sorted(usable)}")
+    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for thread in threads:        # threads started before (torch's, at import) as well
+        os.sched_setaffinity(int(thread), cpus)
+
+
 def env_or(name: str, default: str) -> str:
     return os.environ.get(name) or default
 
@@ -44,6 +70,7 @@ class WorkerConfig:
     dist_timeout_s: float = 60.0
     use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
     curve_keys: str = ""      # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
+    cpus: str = ""            # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
 
 
 @dataclass(frozen=True)

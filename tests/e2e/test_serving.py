@@ -6,6 +6,9 @@ cancelled stream frees the request on both workers."""
 from __future__ import annotations
 
 import concurrent.futures
+import os
+import subprocess
+import sys
 
 import grpc
 import numpy as np
@@ -154,3 +157,44 @@ def test_every_policy_is_lossless(serve, hf_greedy, policy):
     for mode in ("sequential", "specbranch"):
         token_ids, _, _ = client.complete(prompt_ids=PROMPTS[2], max_new_tokens=MAX_NEW, mode=mode)
         assert token_ids == hf_greedy(PROMPTS[2], MAX_NEW), (policy, mode)
+
+
+def _children(pid: int) -> list[int]:
+    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
+            for child in open(f"/proc/{pid}/task/{task}/children").read().split()]
+
+
+def _role(pid: int) -> str:
+    command = open(f"/proc/{pid}/cmdline").read()
+    return "draft" if "draft_worker" in command else "target" if "target_worker" in command else "?"
+
+
+def test_cpu_pinning_puts_each_process_on_its_cpus(serve, hf_greedy):
+    """--target-cpus / --draft-cpus / --coordinator-cpus pin every thread of each process."""
+    usable = sorted(os.sched_getaffinity(0))
+    first, last = str(usable[0]), str(usable[-1])
+    server = serve("draft", "--target-cpus", first, "--draft-cpus", last, "--coordinator-cpus", last)
+    client = Client(server.addr)
+    token_ids, _, _ = client.complete(prompt_ids=PROMPTS[1], max_new_tokens=MAX_NEW, mode="specbranch")
+    assert token_ids == hf_greedy(PROMPTS[1], MAX_NEW)
+    want = {"target": {usable[0]}, "draft": {usable[-1]}}
+    workers = {_role(pid): pid for pid in _children(server.process.pid)}
+    assert set(workers) == {"target", "draft"}
+    for pid, cpus in [(server.process.pid, {usable[-1]})] + [(workers[role], want[role]) for role in want]:
+        for thread in os.listdir(f"/proc/{pid}/task"):
+            assert os.sched_getaffinity(int(thread)) == cpus, (pid, thread)
+
+
+def test_bad_cpu_list_is_refused_with_the_flag_named(tiny_models):
+    from specpipe.config import parse_cpus
+    assert parse_cpus("0-2,5") == {0, 1, 2, 5}
+    for bad in ("x", "3-1", "1,", "-1"):
+        with pytest.raises(ValueError, match="bad CPU list"):
+            parse_cpus(bad)
+    out = subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "serve", "--target", str(tiny_models["target"]),
+                          "--draft", str(tiny_models["draft"]), "--target-cpus", "0-x"],
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--target-cpus: bad CPU list '0-x'" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "specpipe.draft_worker", "--model", str(tiny_models["draft"]),
+                          "--port", "0", "--cpus", "100000"], capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and "--cpus: CPU list '100000' names CPUs outside" in out.stderr
