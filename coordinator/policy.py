@@ -15,12 +15,16 @@ Kinds (`--policy`):
   acceptance-length predictor (a small model over its last hidden state, sent with each verdict)
   when the target has one, else as `adaptive`.
 
-Branches (specbranch): a draft token whose probability is under `branch_confidence` is a branch
+Branches (specbranch): a draft token whose probability is under the branch threshold is a branch
 point; fork one branch per next-best candidate there whose draft probability is at least
 `min_branch_prob`, at most `branch_width` of them, while the request has fewer than
 `max_branches` alternatives alive; each drafts `branch_lookahead` tokens past its fork point.
-(On the demo pair at greedy, the target's token at a rejection is the draft's second choice 84%
-of the time, and a 0.8 threshold flags 71% of rejections and 13% of accepted positions.)
+The threshold is `branch_confidence`, or by default (None: `--branch-confidence auto`) learnt: the
+BRANCH_CAPTURE quantile of the draft's probability of the tokens the target rejected lately, so
+that about that share of rejections fall on a branch point whatever the pair's calibration. (On
+the demo pair at greedy, the target's token at a rejection is the draft's second choice 82% of
+the time; the draft distilled with KL is unsure often, so a fixed 0.8 would flag 87% of accepted
+positions too, where the learnt 0.45 flags 80% of rejections and 16% of accepted positions.)
 An idle target gets a block once `IDLE_SEND_TOKENS` are drafted.
 
 The acceptance model. Each verification of k draft tokens accepts a prefix of m; under the
@@ -38,6 +42,7 @@ is a line fitted to measured verify times over n fed tokens.
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 
 POLICIES = ("fixed", "confidence", "adaptive", "predictor")
@@ -47,6 +52,9 @@ FORGET = 0.99
 PRIOR_RATE, PRIOR_WEIGHT = 0.7, 4.0
 # Drafted tokens an idle target waits for before it gets a block (pipelined modes).
 IDLE_SEND_TOKENS = 2
+# Learnt branch threshold: the share of rejections it should flag, over the draft probabilities of
+# the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
+BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
 
 
 @dataclass(frozen=True)
@@ -56,14 +64,16 @@ class PolicyConfig:
     min_confidence: float = 0.3        # end a block after a token less likely than this
     branch_width: int = 2              # most alternatives forked at a branch point
     min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
-    branch_confidence: float = 0.8     # specbranch: fork at a draft token less likely than this
+    branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
     branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
     max_branches: int = 4              # live alternative branches per request
+    main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
         assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
         assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
+        assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"
 
 
 class AcceptanceModel:
@@ -74,6 +84,7 @@ class AcceptanceModel:
         self.rejected = (1 - PRIOR_RATE) * PRIOR_WEIGHT
         self.t_draft: float | None = None
         self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
+        self.rejected_probs: deque[float] = deque(maxlen=BRANCH_WINDOW)
 
     @property
     def rate(self) -> float:
@@ -87,6 +98,18 @@ class AcceptanceModel:
 
     def observe_draft_step(self, seconds: float) -> None:
         self.t_draft = seconds if self.t_draft is None else 0.9 * self.t_draft + 0.1 * seconds
+
+    def observe_rejected_prob(self, prob: float) -> None:
+        """The draft's probability of a token the target rejected."""
+        self.rejected_probs.append(prob)
+
+    def branch_threshold(self) -> float:
+        """Just above the BRANCH_CAPTURE quantile of the recently rejected tokens' draft
+        probabilities (BRANCH_PRIOR until enough are seen)."""
+        if len(self.rejected_probs) < BRANCH_MIN_SEEN:
+            return BRANCH_PRIOR
+        ordered = sorted(self.rejected_probs)
+        return ordered[min(len(ordered) - 1, int(BRANCH_CAPTURE * len(ordered)))]
 
     def observe_verify(self, num_fed: int, seconds: float) -> None:
         sums = [FORGET * s for s in self._verify]
@@ -132,6 +155,7 @@ class DraftPolicy:
         self.config, self.mode = config, mode
         self.model = model or AcceptanceModel()
         self.predicted_accept_length: float | None = None
+        self._best_length: int | None = None     # the adaptive length, refitted at each verdict
 
     @property
     def min_confidence(self) -> float:
@@ -151,6 +175,10 @@ class DraftPolicy:
         return self.config.branch_lookahead
 
     @property
+    def main_lookahead(self) -> int | None:
+        return self.config.main_lookahead
+
+    @property
     def wants_prediction(self) -> bool:
         """Ask the target for its acceptance-length prediction with each verify."""
         return self.config.kind == "predictor" and self.mode != "autoregressive"
@@ -167,7 +195,9 @@ class DraftPolicy:
         if self.config.kind in ("adaptive", "predictor") and self.mode in ("pipelined", "specbranch"):
             # Timing-driven: only where block boundaries depend on timing anyway, so a seeded
             # sequential request stays reproducible (the predictor's signal is content-only).
-            return self.model.best_length(most, pipelined=True)
+            if self._best_length is None:
+                self._best_length = self.model.best_length(most, pipelined=True)
+            return self._best_length
         return most
 
     def send_length(self) -> int:
@@ -180,10 +210,16 @@ class DraftPolicy:
         return [token_id for token_id, prob in zip(candidate_ids, candidate_probs)
                 if prob >= self.config.min_branch_prob][:self.branch_width]
 
+    def branch_threshold(self) -> float:
+        """A drafted token less likely than this is a branch point (specbranch)."""
+        if self.config.branch_confidence is not None:
+            return self.config.branch_confidence
+        return self.model.branch_threshold()
+
     def fork_candidates(self, prob: float, candidate_ids, candidate_probs) -> list[int]:
         """The alternatives to fork at a drafted token of probability `prob` (specbranch): its
         next-best candidates, when the draft is unsure of it."""
-        if self.max_branches == 0 or prob >= self.config.branch_confidence:
+        if self.max_branches == 0 or prob >= self.branch_threshold():
             return []
         return self.branch_candidates(list(candidate_ids), list(candidate_probs))
 
@@ -191,6 +227,7 @@ class DraftPolicy:
                 predicted_accept_length: float = -1.0) -> None:
         self.model.observe_block(num_drafted, num_accepted)
         self.model.observe_verify(num_drafted + 1, verify_seconds)
+        self._best_length = None
         if predicted_accept_length >= 0:
             self.predicted_accept_length = predicted_accept_length
 

@@ -21,6 +21,19 @@ def _demo_models() -> tuple[str, str]:
     return str(root / "target"), str(root / "draft")
 
 
+def probability_or_auto(text: str) -> float | None:
+    """`auto` -> None (learnt), else a probability in [0, 1]."""
+    if text == "auto":
+        return None
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want auto or a probability, got {text!r}") from None
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model: folder or hub id (default: the demo pair)")
     parser.add_argument("--draft", help="draft model: folder or hub id (default: the demo pair)")
@@ -41,14 +54,19 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
     parser.add_argument("--min-confidence", type=float, default=0.3,
                         help="sequential mode: end a block after a draft token less likely than this")
-    parser.add_argument("--branch-confidence", type=float, default=0.8,
-                        help="specbranch mode: fork alternatives at a draft token less likely than this")
+    parser.add_argument("--branch-confidence", type=probability_or_auto, default=None, metavar="auto|P",
+                        help="specbranch mode: fork alternatives at a draft token less likely than P; auto "
+                             "(default): learnt, so that about 80%% of the target's rejections fall on a branch "
+                             "point")
     parser.add_argument("--branch-width", type=int, default=2, help="most branches forked at a branch point")
     parser.add_argument("--min-branch-prob", type=float, default=0.1,
                         help="fork only candidates at least this likely under the draft")
     parser.add_argument("--branch-lookahead", type=int, default=4,
                         help="tokens an alternative branch drafts past its fork point")
     parser.add_argument("--max-branches", type=int, default=4, help="live alternative branches per request")
+    parser.add_argument("--main-lookahead", type=int, default=None, metavar="N",
+                        help="specbranch mode, rollback-aware: the main branch drafts only N tokens past its "
+                             "first unsure token (default: no cap; fewer rolled-back tokens, but slower here)")
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument("--draft-addr", default=os.environ.get("SPECPIPE_DRAFT_ADDR"),
                         help="use a draft worker already running at this ZeroMQ endpoint (tcp://host:port) "
@@ -139,7 +157,8 @@ def cmd_serve(args) -> None:
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
                             min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
-                            branch_lookahead=args.branch_lookahead, max_branches=args.max_branches),
+                            branch_lookahead=args.branch_lookahead, max_branches=args.max_branches,
+                            main_lookahead=args.main_lookahead),
         max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,

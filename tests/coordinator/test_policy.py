@@ -6,7 +6,8 @@ import random
 
 import pytest
 
-from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
+from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, AcceptanceModel,
+                                         DraftPolicy, PolicyConfig)
 
 
 def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed: int = 0) -> None:
@@ -93,3 +94,28 @@ def test_fork_candidates_only_at_unsure_tokens_in_specbranch():
     assert policy.fork_candidates(0.85, [5, 6, 7], [0.3, 0.05, 0.2]) == []     # sure enough
     assert DraftPolicy(config, "pipelined").fork_candidates(0.2, [5], [0.5]) == []
     assert DraftPolicy(PolicyConfig(max_branches=0), "specbranch").fork_candidates(0.2, [5], [0.5]) == []
+
+
+def test_learnt_branch_threshold_flags_most_rejections():
+    """--branch-confidence auto: the prior until enough rejections are seen, then the BRANCH_CAPTURE
+    quantile of the rejected tokens' draft probabilities, over a sliding window."""
+    model = AcceptanceModel()
+    policy = DraftPolicy(PolicyConfig(branch_width=1, min_branch_prob=0.0), "specbranch", model)
+    assert policy.branch_threshold() == BRANCH_PRIOR
+    for prob in (0.1, 0.2, 0.3, 0.4)[:BRANCH_MIN_SEEN - 1]:
+        model.observe_rejected_prob(prob)
+    assert policy.branch_threshold() == BRANCH_PRIOR
+    rng = random.Random(0)
+    probs = [rng.random() * 0.5 for _ in range(BRANCH_WINDOW)]   # a draft that is unsure where it is wrong
+    for prob in probs:
+        model.observe_rejected_prob(prob)
+    threshold = policy.branch_threshold()
+    flagged = sum(prob < threshold for prob in probs) / len(probs)
+    assert abs(flagged - BRANCH_CAPTURE) <= 1 / BRANCH_WINDOW
+    assert policy.fork_candidates(threshold - 0.01, [7], [0.2]) == [7]
+    assert policy.fork_candidates(threshold + 0.01, [7], [0.2]) == []
+    for _ in range(BRANCH_WINDOW):                  # the window forgets: now the draft is confidently wrong
+        model.observe_rejected_prob(0.9)
+    assert policy.branch_threshold() == 0.9
+    fixed = DraftPolicy(PolicyConfig(branch_confidence=0.3), "specbranch", model)
+    assert fixed.branch_threshold() == 0.3           # a number on the command line wins

@@ -130,12 +130,14 @@ def test_no_branch_outlives_its_request(serve, draft):
         assert stats.live_requests == 0 and live == [(0, 0), (0, 0)], (mode, live)
 
 
-def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy):
+@pytest.mark.parametrize("rollback_aware", [[], ["--main-lookahead", "1"]], ids=["main-runs-on", "main-lookahead-1"])
+def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy, rollback_aware):
     """Greedy with a noisy draft: branches forked at many unsure positions (threshold 0.95,
     several per block, each its own cache length, batched in one forward) are promoted when the
-    target's token is their first, and the output is still exactly Hugging Face greedy."""
+    target's token is their first, and the output is still exactly Hugging Face greedy; also with
+    the main branch held to one token past its first unsure position (rollback-aware)."""
     server = serve("draft_close", "--branch-confidence", "0.95", "--branch-width", "2", "--max-branches", "6",
-                   "--min-branch-prob", "0", "--num-draft-tokens", "8")
+                   "--min-branch-prob", "0", "--num-draft-tokens", "8", *rollback_aware)
     client = Client(server.addr)
     forked = hits = 0
     for prompt_ids in PROMPTS:
