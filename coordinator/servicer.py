@@ -299,7 +299,17 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             acceptance_rate=totals.accepted_tokens / totals.draft_tokens if totals.draft_tokens else 0.0))
         response.finished.update(self.finished)
         response.status = server_status(self.draft.healthy, self.target.healthy)
+        response.policy.CopyFrom(self._policy_state())
         return response
+
+    def _policy_state(self) -> specpipe_pb2.PolicyState:
+        model, config = self.acceptance, self.limits.policy
+        learnt = config.branch_confidence is None
+        return specpipe_pb2.PolicyState(
+            acceptance_rate=model.rate, draft_step_s=model.t_draft or 0.0,
+            verify_s=model.verify_seconds(config.num_draft_tokens + 1) or 0.0,
+            branch_threshold=model.branch_threshold() if learnt else config.branch_confidence,
+            branch_threshold_learnt=learnt, rejections_seen=len(model.rejected_probs))
 
 
 def server_status(draft_healthy: bool, target_healthy: bool) -> str:

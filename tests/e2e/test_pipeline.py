@@ -16,7 +16,7 @@ from scipy import stats as scipy_stats
 from transformers import AutoModelForCausalLM
 
 from specpipe import Client
-from specpipe.coordinator.policy import PolicyConfig
+from specpipe.coordinator.policy import BRANCH_MIN_SEEN, BRANCH_PRIOR, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.launch.local import spawn_worker, stop_process
@@ -146,3 +146,21 @@ def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy, rollback_awa
         forked += last.stats.branches_forked
         hits += last.stats.branches_hit
     assert hits > 0 and forked > hits, (forked, hits)
+
+
+def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
+    """--branch-confidence auto (the default): the server learns the threshold from the draft's
+    probabilities of the tokens the target rejected, and GetStats reports what it learnt; a fixed
+    --branch-confidence is reported as such."""
+    client = Client(serve("draft").addr)
+    for prompt_ids in PROMPTS:
+        client.complete(prompt_ids=prompt_ids, max_new_tokens=40, mode="specbranch")
+    policy = client.stats().policy
+    assert policy.branch_threshold_learnt
+    assert policy.rejections_seen >= BRANCH_MIN_SEEN
+    assert 0.0 < policy.branch_threshold <= 1.0 and policy.branch_threshold != BRANCH_PRIOR
+    assert 0.0 < policy.acceptance_rate < 1.0 and policy.draft_step_s > 0 and policy.verify_s > 0
+    fixed = Client(serve("draft", "--branch-confidence", "0.9").addr)
+    fixed.complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")
+    policy = fixed.stats().policy
+    assert not policy.branch_threshold_learnt and policy.branch_threshold == pytest.approx(0.9)

@@ -111,7 +111,7 @@ class WorkerStats(_message.Message):
     def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
-    __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode", "status")
+    __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode", "status", "policy")
     class FinishedEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -125,10 +125,28 @@ class StatsResponse(_message.Message):
     FINISHED_FIELD_NUMBER: _ClassVar[int]
     DEFAULT_MODE_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
     live_requests: int
     workers: _containers.RepeatedCompositeFieldContainer[WorkerStats]
     totals: RequestStats
     finished: _containers.ScalarMap[str, int]
     default_mode: Mode
     status: str
-    def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., status: _Optional[str] = ...) -> None: ...
+    policy: PolicyState
+    def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., status: _Optional[str] = ..., policy: _Optional[_Union[PolicyState, _Mapping]] = ...) -> None: ...
+
+class PolicyState(_message.Message):
+    __slots__ = ("acceptance_rate", "draft_step_s", "verify_s", "branch_threshold", "branch_threshold_learnt", "rejections_seen")
+    ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
+    DRAFT_STEP_S_FIELD_NUMBER: _ClassVar[int]
+    VERIFY_S_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_THRESHOLD_LEARNT_FIELD_NUMBER: _ClassVar[int]
+    REJECTIONS_SEEN_FIELD_NUMBER: _ClassVar[int]
+    acceptance_rate: float
+    draft_step_s: float
+    verify_s: float
+    branch_threshold: float
+    branch_threshold_learnt: bool
+    rejections_seen: int
+    def __init__(self, acceptance_rate: _Optional[float] = ..., draft_step_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., branch_threshold: _Optional[float] = ..., branch_threshold_learnt: _Optional[bool] = ..., rejections_seen: _Optional[int] = ...) -> None: ...
