@@ -39,3 +39,28 @@ def test_no_stop_flushes_everything(tiny_models):
     ids = tokenizer("def f():\n    pass")["input_ids"]
     pieces, stream = stream_all(tokenizer, ids, stop=["zzz"], chunk=3)
     assert not stream.stopped and "".join(pieces) == "def f():\n    pass"
+
+
+class CountingTokenizer:
+    """The real tokenizer, recording how many ids each decode call gets."""
+
+    def __init__(self, tokenizer):
+        self.tokenizer, self.sizes = tokenizer, []
+
+    def decode(self, ids, **kwargs):
+        self.sizes.append(len(ids))
+        return self.tokenizer.decode(ids, **kwargs)
+
+
+def test_long_stream_decodes_short_windows_and_matches_a_full_decode(tiny_models):
+    """Each push decodes only the new tokens and a few before them (O(n) over a generation, not
+    O(n^2)), and the pieces still join to exactly the full decode, multi-byte characters included."""
+    tokenizer = AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+    text = "".join(f"def f{i}(x):\n    return x * {i}  # ünï 数 🎉\n" for i in range(60))
+    ids = tokenizer(text)["input_ids"]
+    assert len(ids) > 1000
+    for chunk in (1, 3, 7):
+        counting = CountingTokenizer(tokenizer)
+        pieces, _ = stream_all(counting, ids, chunk=chunk)
+        assert "".join(pieces) == tokenizer.decode(ids, skip_special_tokens=True, clean_up_tokenization_spaces=False)
+        assert max(counting.sizes) <= 4 * chunk + 16, max(counting.sizes)
