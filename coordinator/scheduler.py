@@ -235,6 +235,8 @@ class RequestRun:
                 raise DraftDown(f"draft worker: {event.reply.error.message}")
             if event.kind == "error":
                 raise WorkerFailed(f"{event.role} worker: {event.reply.error.message}")
+            if event.kind == "verdict":
+                self.stats.target_seconds += event.reply.verdict.prefill_seconds
             if event.kind == "draft_token":
                 self.stats.drafted_total += 1
                 self.policy.observe_draft_step(event.reply.draft_token.step_seconds)

@@ -52,6 +52,7 @@ class TargetRequest:
     handle: int
     next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
     next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
+    unreported_prefill_s: float = 0.0         # prefill time not yet sent with a verdict
 
 class TargetEngine:
     def __init__(self, model, device: torch.device | str = "cpu", probs_receiver=None, predictor=None):
@@ -86,11 +87,13 @@ class TargetEngine:
         assert len(msg.token_ids) >= 1, "prefill needs at least one token"
         tokens = list(msg.token_ids)
         cache = KVCache()
+        begin = time.perf_counter()
         if len(tokens) > 1:
             with torch.inference_mode():
                 cache.forward(self.model, torch.tensor([tokens[:-1]], device=self.device))
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
-        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed, msg.handle)
+        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed, msg.handle,
+                                                      unreported_prefill_s=time.perf_counter() - begin)
 
     def live_counts(self) -> tuple[int, int]:
         return len(self.requests), len(self.requests)
@@ -152,6 +155,7 @@ class TargetEngine:
         if self._stale(state, msg):
             verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id, stale=True,
                                          next_token_id=-1, committed_length=len(state.tokens))
+            verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
             return worker_pb2.Reply(verdict=verdict), []
         if msg.start_length != len(state.tokens):
             raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, "
@@ -199,6 +203,7 @@ class TargetEngine:
         if msg.want_prediction and self.predictor is not None and last_hidden is not None:
             verdict.predicted_accept_length = self.predictor.predict(last_hidden)
         verdict.verify_seconds = time.perf_counter() - begin
+        verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
         return worker_pb2.Reply(verdict=verdict), reply_frames
 
     def _decide(self, state: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:

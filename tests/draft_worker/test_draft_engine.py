@@ -91,7 +91,8 @@ def test_draft_tokens_follow_greedy_and_report_candidates(tiny_models):
 
 def test_target_engine_cache_after_verifies(tiny_models):
     """Random blocks through verify (with and without bonus): the target's cache and committed
-    tokens equal a fresh forward, and its commits follow the target's argmax."""
+    tokens equal a fresh forward, and its commits follow the target's argmax; the prefill time is
+    reported once."""
     model = load(tiny_models["target"])
     engine = TargetEngine(model)
     rng = random.Random(3)
@@ -105,6 +106,8 @@ def test_target_engine_cache_after_verifies(tiny_models):
                                                   draft_token_ids=draft, emit_bonus=emit_bonus)), [])
         (_, reply, _), = engine.work()
         verdict = reply.verdict
+        # the prompt's prefill time travels once, with the first verdict (target-busy accounting)
+        assert (verdict.prefill_seconds > 0) == (block_id == 0), (block_id, verdict.prefill_seconds)
         committed = state.tokens[len(before):]
         assert len(committed) == verdict.num_accepted + (verdict.next_token_id >= 0)
         for i, token in enumerate(committed):

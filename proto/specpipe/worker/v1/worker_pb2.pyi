@@ -173,7 +173,7 @@ class DraftToken(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale")
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale", "prefill_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -183,6 +183,7 @@ class Verdict(_message.Message):
     VERIFY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PREDICTED_ACCEPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
+    PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     num_accepted: int
@@ -192,7 +193,8 @@ class Verdict(_message.Message):
     verify_seconds: float
     predicted_accept_length: float
     stale: bool
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ...) -> None: ...
+    prefill_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
     __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid")
