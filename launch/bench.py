@@ -157,15 +157,6 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
         command_line=command_line)
 
 
-def pin_flags(pin: str) -> list[str]:
-    """`specpipe serve` flags that give the target a core of its own, the draft and the
-    coordinator another: each worker on one core, as the speed targets are stated."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if pin == "none" or len(cores) < 2:
-        return []
-    return ["--target-cpus", str(cores[0]), "--draft-cpus", str(cores[1]), "--coordinator-cpus", str(cores[1])]
-
-
 def resolve_models(config: BenchConfig) -> tuple[str, str]:
     if config.target and config.draft:
         return config.target, config.draft
@@ -279,6 +270,7 @@ def run(config: BenchConfig) -> dict:
     from tqdm.auto import tqdm
 
     from specpipe.launch import bench_report
+    from specpipe.launch.local import pin_flags
     from specpipe.models import load_tokenizer
 
     started = time.time()
@@ -289,7 +281,7 @@ def run(config: BenchConfig) -> dict:
     prompts = [tokenizer(text)["input_ids"] for text in texts]
     hf = HFRunner(target, draft)
     serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens),
-                   *pin_flags(config.pin)]
+                   *(pin_flags() if config.pin == "auto" else [])]
     with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req",
               dynamic_ncols=True) as bar:
         reference = []

@@ -9,7 +9,7 @@ import sys
 import time
 
 from specpipe.client import Client
-from specpipe.launch.local import ServerProcess
+from specpipe.launch.local import ServerProcess, pin_flags
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 
@@ -21,7 +21,7 @@ def run_demo(num_prompts: int = 3, max_new_tokens: int = 96, out=sys.stdout) -> 
     prompts = load_heldout_prompts()[:num_prompts]
     print(f"demo pair: {root}\nstarting specpipe serve (coordinator + draft worker + target worker)...", file=out)
     began = time.monotonic()
-    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft")]) as server:
+    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft"), *pin_flags()]) as server:
         print(f"serving on {server.addr} (up in {time.monotonic() - began:.1f}s)\n", file=out)
         client = Client(server.addr)
         for prompt in prompts:
@@ -64,6 +64,7 @@ def _compare_modes(client: Client, prompts: list[str], max_new_tokens: int, out)
         summary[mode] = {"tokens_per_second": rate, "speedup": rate / base, "same_output": same}
         acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
         print(f"{mode:<16}{rate:>8.1f}{rate / base:>8.2f}x{acceptance:>12}  {'yes' if same else 'NO'}", file=out)
-    print("\n(greedy; each worker on one CPU thread; ratios from this one run — see `specpipe bench` "
+    pinned = ", the target pinned to a core of its own" if pin_flags() else ""
+    print(f"\n(greedy; each worker on one CPU thread{pinned}; ratios from this one run — see `specpipe bench` "
           "for medians over repeated, interleaved trials)", file=out)
     return summary

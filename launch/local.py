@@ -148,6 +148,16 @@ def spawn_workers(target: str | None, draft: str | None, *, host: str, transport
         raise
 
 
+def pin_flags() -> list[str]:
+    """`specpipe serve` flags that give the target a core of its own and put the draft and the
+    coordinator on another (each worker on one core), when this process may use two or more;
+    else none. What `specpipe demo` and `specpipe bench --pin auto` run with."""
+    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
+    if len(cores) < 2:
+        return []
+    return ["--target-cpus", str(cores[0]), "--draft-cpus", str(cores[1]), "--coordinator-cpus", str(cores[1])]
+
+
 def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
     if process.poll() is None:
         process.terminate()

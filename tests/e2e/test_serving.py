@@ -170,10 +170,15 @@ def _role(pid: int) -> str:
 
 
 def test_cpu_pinning_puts_each_process_on_its_cpus(serve, hf_greedy):
-    """--target-cpus / --draft-cpus / --coordinator-cpus pin every thread of each process."""
+    """--target-cpus / --draft-cpus / --coordinator-cpus pin every thread of each process (the
+    target on the first usable CPU, the draft and the coordinator on the last: pin_flags())."""
+    from specpipe.launch.local import pin_flags
     usable = sorted(os.sched_getaffinity(0))
     first, last = str(usable[0]), str(usable[-1])
-    server = serve("draft", "--target-cpus", first, "--draft-cpus", last, "--coordinator-cpus", last)
+    flags = ["--target-cpus", first, "--draft-cpus", last, "--coordinator-cpus", last]
+    if len(usable) >= 2:      # what the demo and the bench pin with: the same layout
+        assert pin_flags() == flags
+    server = serve("draft", *flags)
     client = Client(server.addr)
     token_ids, _, _ = client.complete(prompt_ids=PROMPTS[1], max_new_tokens=MAX_NEW, mode="specbranch")
     assert token_ids == hf_greedy(PROMPTS[1], MAX_NEW)
