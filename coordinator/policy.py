@@ -85,6 +85,7 @@ class AcceptanceModel:
         self.t_draft: float | None = None
         self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
         self.rejected_probs: deque[float] = deque(maxlen=BRANCH_WINDOW)
+        self._threshold: float | None = None
 
     @property
     def rate(self) -> float:
@@ -102,14 +103,18 @@ class AcceptanceModel:
     def observe_rejected_prob(self, prob: float) -> None:
         """The draft's probability of a token the target rejected."""
         self.rejected_probs.append(prob)
+        self._threshold = None
 
     def branch_threshold(self) -> float:
-        """Just above the BRANCH_CAPTURE quantile of the recently rejected tokens' draft
-        probabilities (BRANCH_PRIOR until enough are seen)."""
+        """The BRANCH_CAPTURE quantile of the recently rejected tokens' draft probabilities
+        (BRANCH_PRIOR until enough are seen); asked at every drafted token, so kept until the
+        next rejection."""
         if len(self.rejected_probs) < BRANCH_MIN_SEEN:
             return BRANCH_PRIOR
-        ordered = sorted(self.rejected_probs)
-        return ordered[min(len(ordered) - 1, int(BRANCH_CAPTURE * len(ordered)))]
+        if self._threshold is None:
+            ordered = sorted(self.rejected_probs)
+            self._threshold = ordered[min(len(ordered) - 1, int(BRANCH_CAPTURE * len(ordered)))]
+        return self._threshold
 
     def observe_verify(self, num_fed: int, seconds: float) -> None:
         sums = [FORGET * s for s in self._verify]
