@@ -117,15 +117,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> None:
+    from specpipe.config import parse_cpus, pin_cpus
     from specpipe.launch.local import serve, spawn_workers
 
-    from specpipe.config import parse_cpus, pin_cpus
-
-    for flag in ("target_cpus", "draft_cpus", "coordinator_cpus"):
-        try:
-            parse_cpus(getattr(args, flag)) if getattr(args, flag) else None
-        except ValueError as err:
-            raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
+    for flag in ("target_cpus", "draft_cpus", "coordinator_cpus"):   # fail before anything starts
+        if getattr(args, flag):
+            try:
+                parse_cpus(getattr(args, flag))
+            except ValueError as err:
+                raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
     if curve_keys:   # fail before a model loads or builds (the spawned ones check their part)
         from specpipe.curve import CurveError, load_keys

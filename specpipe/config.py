@@ -36,9 +36,9 @@ def parse_cpus(spec: str) -> set[int]:
 
 
 def pin_cpus(spec: str) -> None:
-    """Pin this process (every thread it starts from now on) to the CPUs in `spec`; "" = leave it.
-    One core per process keeps the draft, the target and the coordinator from taking turns on the
-    same core when a host has few (Linux only)."""
+    """Pin this process (its threads so far, and so every thread it starts) to the CPUs in `spec`;
+    "" = leave it. One core per process keeps the draft, the target and the coordinator from
+    taking turns on the same core when a host has few (Linux only)."""
     if not spec:
         return
     cpus = parse_cpus(spec)
