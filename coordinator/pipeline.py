@@ -227,7 +227,7 @@ class Pipeline:
         if verdict.num_accepted < len(head.token_ids):
             rejected = self.branches[self.main].probs.get(start + verdict.num_accepted)
             if rejected is not None:                # (a promoted branch's first token has none)
-                self.policy.model.observe_rejected_prob(rejected)
+                self.policy.observe_rejected_prob(rejected)
             for block in self.queue:
                 block.doomed = True                 # the target will answer them stale
         live = self.live()
@@ -250,6 +250,11 @@ class Pipeline:
         else:
             survivor = self.main
         losers = [b for b in self.branches if b != survivor and b not in agree]
+        for branch_id in losers:                    # forks cancelled: they did not pay
+            if self.branches[branch_id].fork_at is not None:
+                self.policy.observe_fork(hit=False)
+        if survivor != self.main:
+            self.policy.observe_fork(hit=True)
         if losers:
             await self.run.draft.command(cancel=worker_pb2.Cancel(request_id=self.plan.request_id, branch_ids=losers))
             for branch_id in losers:

@@ -55,6 +55,10 @@ IDLE_SEND_TOKENS = 2
 # Learnt branch threshold: the share of rejections it should flag, over the draft probabilities of
 # the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
 BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
+# Forks that do not pay: over the last FORK_WINDOW forks that ended (promoted, or cancelled; kept
+# apart for greedy and sampled requests), a hit rate under FORK_MIN_HIT_RATE (once FORK_MIN_SEEN
+# have ended) turns forking down to one branch point in FORK_EXPLORE, which keeps the estimate fresh.
+FORK_WINDOW, FORK_MIN_SEEN, FORK_MIN_HIT_RATE, FORK_EXPLORE = 200, 40, 0.05, 50
 
 
 @dataclass(frozen=True)
@@ -84,8 +88,11 @@ class AcceptanceModel:
         self.rejected = (1 - PRIOR_RATE) * PRIOR_WEIGHT
         self.t_draft: float | None = None
         self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
-        self.rejected_probs: deque[float] = deque(maxlen=BRANCH_WINDOW)
-        self._threshold: float | None = None
+        # Kept apart for greedy (True) and sampled (False) requests: their rejections differ.
+        self.rejected_probs = {True: deque(maxlen=BRANCH_WINDOW), False: deque(maxlen=BRANCH_WINDOW)}
+        self._threshold: dict[bool, float] = {}
+        self.fork_outcomes = {True: deque(maxlen=FORK_WINDOW), False: deque(maxlen=FORK_WINDOW)}  # greedy?
+        self._unpaid_points = 0                  # branch points seen while forking does not pay
 
     @property
     def rate(self) -> float:
@@ -100,21 +107,39 @@ class AcceptanceModel:
     def observe_draft_step(self, seconds: float) -> None:
         self.t_draft = seconds if self.t_draft is None else 0.9 * self.t_draft + 0.1 * seconds
 
-    def observe_rejected_prob(self, prob: float) -> None:
+    def observe_rejected_prob(self, prob: float, greedy: bool = True) -> None:
         """The draft's probability of a token the target rejected."""
-        self.rejected_probs.append(prob)
-        self._threshold = None
+        self.rejected_probs[greedy].append(prob)
+        self._threshold.pop(greedy, None)
 
-    def branch_threshold(self) -> float:
+    def branch_threshold(self, greedy: bool = True) -> float:
         """The BRANCH_CAPTURE quantile of the recently rejected tokens' draft probabilities
         (BRANCH_PRIOR until enough are seen); asked at every drafted token, so kept until the
         next rejection."""
-        if len(self.rejected_probs) < BRANCH_MIN_SEEN:
+        seen = self.rejected_probs[greedy]
+        if len(seen) < BRANCH_MIN_SEEN:
             return BRANCH_PRIOR
-        if self._threshold is None:
-            ordered = sorted(self.rejected_probs)
-            self._threshold = ordered[min(len(ordered) - 1, int(BRANCH_CAPTURE * len(ordered)))]
-        return self._threshold
+        if greedy not in self._threshold:
+            ordered = sorted(seen)
+            self._threshold[greedy] = ordered[min(len(ordered) - 1, int(BRANCH_CAPTURE * len(ordered)))]
+        return self._threshold[greedy]
+
+    def observe_fork_outcome(self, greedy: bool, hit: bool) -> None:
+        """A fork that ended: promoted (hit), or cancelled."""
+        self.fork_outcomes[greedy].append(hit)
+
+    def fork_hit_rate(self, greedy: bool) -> float | None:
+        outcomes = self.fork_outcomes[greedy]
+        return sum(outcomes) / len(outcomes) if len(outcomes) >= FORK_MIN_SEEN else None
+
+    def forking_pays(self, greedy: bool) -> bool:
+        """Fork at this branch point? Yes while forks are hit often enough (or too few are known);
+        else only at one point in FORK_EXPLORE."""
+        rate = self.fork_hit_rate(greedy)
+        if rate is None or rate >= FORK_MIN_HIT_RATE:
+            return True
+        self._unpaid_points += 1
+        return self._unpaid_points % FORK_EXPLORE == 0
 
     def observe_verify(self, num_fed: int, seconds: float) -> None:
         sums = [FORGET * s for s in self._verify]
@@ -156,8 +181,10 @@ class DraftPolicy:
     """Per-request policy. `mode` is the request's schedule; `model` the server's shared
     AcceptanceModel (a fresh one when None)."""
 
-    def __init__(self, config: PolicyConfig, mode: str, model: AcceptanceModel | None = None):
-        self.config, self.mode = config, mode
+    def __init__(self, config: PolicyConfig, mode: str, model: AcceptanceModel | None = None,
+                 greedy: bool = True):
+        """`greedy`: the request's sampling (forks are judged apart for greedy and sampled)."""
+        self.config, self.mode, self.greedy = config, mode, greedy
         self.model = model or AcceptanceModel()
         self.predicted_accept_length: float | None = None
         self._best_length: int | None = None     # the adaptive length, refitted at each verdict
@@ -219,14 +246,22 @@ class DraftPolicy:
         """A drafted token less likely than this is a branch point (specbranch)."""
         if self.config.branch_confidence is not None:
             return self.config.branch_confidence
-        return self.model.branch_threshold()
+        return self.model.branch_threshold(self.greedy)
 
     def fork_candidates(self, prob: float, candidate_ids, candidate_probs) -> list[int]:
         """The alternatives to fork at a drafted token of probability `prob` (specbranch): its
         next-best candidates, when the draft is unsure of it."""
         if self.max_branches == 0 or prob >= self.branch_threshold():
             return []
+        if not self.model.forking_pays(self.greedy):
+            return []
         return self.branch_candidates(list(candidate_ids), list(candidate_probs))
+
+    def observe_fork(self, hit: bool) -> None:
+        self.model.observe_fork_outcome(self.greedy, hit)
+
+    def observe_rejected_prob(self, prob: float) -> None:
+        self.model.observe_rejected_prob(prob, self.greedy)
 
     def observe(self, num_drafted: int, num_accepted: int, verify_seconds: float,
                 predicted_accept_length: float = -1.0) -> None:

@@ -86,7 +86,7 @@ class RequestRun:
         self.plan, self.draft, self.target = plan, draft, target
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.stats = RunStats()
-        self.policy = DraftPolicy(plan.policy, plan.mode, acceptance)
+        self.policy = DraftPolicy(plan.policy, plan.mode, acceptance, greedy=plan.sampling.greedy)
         self.handle = next(HANDLES)
         self.epoch = 0
         self.block_id = 0

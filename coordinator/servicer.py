@@ -305,11 +305,15 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
     def _policy_state(self) -> specpipe_pb2.PolicyState:
         model, config = self.acceptance, self.limits.policy
         learnt = config.branch_confidence is None
+        hit_rates = [model.fork_hit_rate(greedy) for greedy in (True, False)]
         return specpipe_pb2.PolicyState(
             acceptance_rate=model.rate, draft_step_s=model.t_draft or 0.0,
             verify_s=model.verify_seconds(config.num_draft_tokens + 1) or 0.0,
-            branch_threshold=model.branch_threshold() if learnt else config.branch_confidence,
-            branch_threshold_learnt=learnt, rejections_seen=len(model.rejected_probs))
+            branch_threshold=model.branch_threshold(True) if learnt else config.branch_confidence,
+            sampled_branch_threshold=model.branch_threshold(False) if learnt else config.branch_confidence,
+            branch_threshold_learnt=learnt, rejections_seen=len(model.rejected_probs[True]),
+            fork_hit_rate=-1.0 if hit_rates[0] is None else hit_rates[0],
+            sampled_fork_hit_rate=-1.0 if hit_rates[1] is None else hit_rates[1])
 
 
 def server_status(draft_healthy: bool, target_healthy: bool) -> str:

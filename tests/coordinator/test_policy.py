@@ -6,8 +6,8 @@ import random
 
 import pytest
 
-from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, AcceptanceModel,
-                                         DraftPolicy, PolicyConfig)
+from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, FORK_EXPLORE,
+                                         FORK_MIN_SEEN, FORK_WINDOW, AcceptanceModel, DraftPolicy, PolicyConfig)
 
 
 def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed: int = 0) -> None:
@@ -119,3 +119,34 @@ def test_learnt_branch_threshold_flags_most_rejections():
     assert policy.branch_threshold() == 0.9
     fixed = DraftPolicy(PolicyConfig(branch_confidence=0.3), "specbranch", model)
     assert fixed.branch_threshold() == 0.3           # a number on the command line wins
+
+
+def test_forks_that_do_not_pay_are_turned_down_per_kind_of_request():
+    """Under FORK_MIN_HIT_RATE promoted forks (sampled requests, where the rejection sampler's
+    correction is rarely the draft's next-best token), specbranch forks at one branch point in
+    FORK_EXPLORE only; greedy requests, judged apart, keep forking; hits turn it back on."""
+    model = AcceptanceModel()
+    config = PolicyConfig(branch_confidence=0.9, branch_width=1, min_branch_prob=0.0)
+    sampled = DraftPolicy(config, "specbranch", model, greedy=False)
+    greedy = DraftPolicy(config, "specbranch", model, greedy=True)
+    assert sampled.fork_candidates(0.5, [7], [0.3]) == [7]          # nothing known yet: fork
+    for _ in range(FORK_MIN_SEEN):
+        sampled.observe_fork(hit=False)
+    assert model.fork_hit_rate(False) == 0.0 and model.fork_hit_rate(True) is None
+    forked = sum(bool(sampled.fork_candidates(0.5, [7], [0.3])) for _ in range(10 * FORK_EXPLORE))
+    assert forked == 10
+    assert all(greedy.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
+    for index in range(FORK_WINDOW):                                  # a fifth of forks promoted now
+        sampled.observe_fork(hit=index % 5 == 0)
+    assert model.fork_hit_rate(False) == pytest.approx(0.2)
+    assert all(sampled.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
+
+
+def test_branch_threshold_is_learnt_apart_for_greedy_and_sampled_requests():
+    model = AcceptanceModel()
+    greedy = DraftPolicy(PolicyConfig(), "specbranch", model, greedy=True)
+    sampled = DraftPolicy(PolicyConfig(), "specbranch", model, greedy=False)
+    for index in range(BRANCH_WINDOW):
+        greedy.observe_rejected_prob(0.2 + 0.001 * index)
+        sampled.observe_rejected_prob(0.9)
+    assert greedy.branch_threshold() < 0.5 < sampled.branch_threshold() == 0.9

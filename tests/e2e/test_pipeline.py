@@ -160,6 +160,8 @@ def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
     assert policy.rejections_seen >= BRANCH_MIN_SEEN
     assert 0.0 < policy.branch_threshold <= 1.0 and policy.branch_threshold != BRANCH_PRIOR
     assert 0.0 < policy.acceptance_rate < 1.0 and policy.draft_step_s > 0 and policy.verify_s > 0
+    for rate in (policy.fork_hit_rate, policy.sampled_fork_hit_rate):
+        assert rate == -1.0 or 0.0 <= rate <= 1.0
     fixed = Client(serve("draft", "--branch-confidence", "0.9").addr)
     fixed.complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")
     policy = fixed.stats().policy
