@@ -260,10 +260,9 @@ def distill_batches(target, inputs: torch.Tensor, batch: int, seed: int):
 
 
 @torch.inference_mode()
-def greedy_continue(model, input_ids: torch.Tensor, num_new_tokens: int, generator=None):
+def continue_tokens(model, input_ids: torch.Tensor, num_new_tokens: int, generator=None) -> torch.Tensor:
     """Greedy decoding with a KV cache (sampling at temperature 1 from `generator` when given).
-    input_ids: [batch, prompt_len] (no padding).
-    Returns (tokens [batch, prompt_len + num_new_tokens], prefill_argmax [batch, prompt_len])."""
+    input_ids: [batch, prompt_len] (no padding). Returns [batch, prompt_len + num_new_tokens]."""
     from transformers import DynamicCache
 
     def choose(logits):  # [batch, vocab] -> [batch, 1]
@@ -277,7 +276,7 @@ def greedy_continue(model, input_ids: torch.Tensor, num_new_tokens: int, generat
     for _ in range(num_new_tokens - 1):
         logits = model(input_ids=tokens[-1], cache=cache, use_cache=True).logits
         tokens.append(choose(logits[:, -1]))
-    return torch.cat(tokens, dim=1), prefill_logits.argmax(-1)
+    return torch.cat(tokens, dim=1)
 
 
 def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar) -> torch.Tensor:
@@ -293,7 +292,7 @@ def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar) -
     for index, round_starts in enumerate(starts.tolist()):
         prompts = torch.stack([tokens[s:s + prompt_len] for s in round_starts])
         generator = sampler if index >= preset.distill_rounds else None
-        sequence, _ = greedy_continue(target, prompts, preset.distill_gen_len, generator)
+        sequence = continue_tokens(target, prompts, preset.distill_gen_len, generator)
         rows.append(sequence[:, :-1])
         bar.update(1)
     return torch.cat(rows)
@@ -342,7 +341,7 @@ def measure_acceptance(target, draft, tokenizer, prompts: list[str], num_new_tok
     matches, accepted, sequences = [], [], []
     for prompt in prompts:
         prompt_ids = tokenizer(prompt, return_tensors="pt").input_ids
-        sequence, _ = greedy_continue(target, prompt_ids, num_new_tokens)
+        sequence = continue_tokens(target, prompt_ids, num_new_tokens)
         draft_argmax = draft(input_ids=sequence[:, :-1]).logits.argmax(-1)
         start = prompt_ids.shape[1] - 1
         agree = (draft_argmax[0, start:] == sequence[0, start + 1:]).tolist()

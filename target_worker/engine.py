@@ -141,6 +141,8 @@ class TargetEngine:
             error = worker_pb2.Error(request_id=msg.request_id, message=f"{type(err).__name__}: {err}",
                                      command="verify")
             return [(msg.request_id, worker_pb2.Reply(error=error), [])]
+        state = self.requests[msg.request_id]      # the prefill time travels once, with the first verdict
+        reply.verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
         return [(msg.request_id, reply, reply_frames)]
 
     @staticmethod
@@ -155,7 +157,6 @@ class TargetEngine:
         if self._stale(state, msg):
             verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id, stale=True,
                                          next_token_id=-1, committed_length=len(state.tokens))
-            verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
             return worker_pb2.Reply(verdict=verdict), []
         if msg.start_length != len(state.tokens):
             raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, "
@@ -203,7 +204,6 @@ class TargetEngine:
         if msg.want_prediction and self.predictor is not None and last_hidden is not None:
             verdict.predicted_accept_length = self.predictor.predict(last_hidden)
         verdict.verify_seconds = time.perf_counter() - begin
-        verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
         return worker_pb2.Reply(verdict=verdict), reply_frames
 
     def _decide(self, state: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
