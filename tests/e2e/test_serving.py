@@ -14,13 +14,13 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from scipy import stats as scipy_stats
 from transformers import AutoModelForCausalLM
 
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
 from checks import wait_idle
+from goodness import P_VALUE_THRESHOLD, chi_square_pvalue
 from tiny import PROMPTS
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
@@ -80,16 +80,6 @@ def target_first_token_probs(tiny_models, prompt_ids, sampling: SamplingParams) 
     return logits_to_probs(logits, sampling).numpy()
 
 
-def chi_square_pvalue(counts: np.ndarray, probs: np.ndarray) -> float:
-    """Goodness of fit, pooling categories with expected count < 5 into one."""
-    expected = probs * counts.sum()
-    big = expected >= 5
-    observed = np.append(counts[big], counts[~big].sum())
-    expected = np.append(expected[big], expected[~big].sum())
-    keep = expected > 0
-    return scipy_stats.chisquare(observed[keep], expected[keep]).pvalue
-
-
 @pytest.mark.parametrize("draft", ["draft", "draft_close"])
 def test_sampling_follows_target_distribution(serve, tiny_models, draft):
     """The first generated token over 600 seeds: chi-square against the target's processed
@@ -111,7 +101,7 @@ def test_sampling_follows_target_distribution(serve, tiny_models, draft):
             counts[token_id] += 1
             accepted += num_accepted
     assert accepted > (100 if draft == "draft_close" else -1)
-    assert chi_square_pvalue(counts, probs) > 1e-3
+    assert chi_square_pvalue(counts, probs) > P_VALUE_THRESHOLD
 
 
 INVALID = [

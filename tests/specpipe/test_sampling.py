@@ -10,6 +10,7 @@ import math
 import pytest
 import scipy.stats
 import torch
+from goodness import P_VALUE_THRESHOLD, chi_square_pvalue
 
 from specpipe.sampling import (
     STREAM_DRAFT,
@@ -22,7 +23,6 @@ from specpipe.sampling import (
     sample_from_probs,
 )
 
-P_VALUE_THRESHOLD = 1e-3  # a correct sampler fails a fixed-seed test with this probability
 
 
 def log_of(probs: list[float]) -> list[float]:
@@ -133,7 +133,10 @@ def test_masks_are_per_row_and_batched_over_leading_dims():
     for row in range(2):
         for position in range(3):
             alone = logits_to_probs(logits[row, position][None], params)[0]
-            assert torch.equal(probs[row, position], alone)
+            # The same mask; the same values up to rounding (a kernel may vectorise a batch
+            # differently from one row, and CPUs differ in how).
+            assert torch.equal(probs[row, position] > 0, alone > 0)
+            torch.testing.assert_close(probs[row, position], alone, atol=1e-6, rtol=0)
             masks.add(tuple((alone > 0).tolist()))
     assert len(masks) > 1, "the fixture should give rows with different masks"
 
@@ -237,14 +240,13 @@ def test_zero_weight_tokens_are_never_drawn_and_unnormalised_rows_are_fine():
     weights = torch.tensor([0.0, 2.0, 0.0, 6.0, 0.0]).expand(20000, 5)
     counts = counts_of(sample_from_probs(weights, make_generator(1)), 5)
     assert counts[[0, 2, 4]].tolist() == [0.0, 0.0, 0.0]
-    assert scipy.stats.chisquare(counts[[1, 3]], [5000.0, 15000.0]).pvalue > P_VALUE_THRESHOLD
+    assert chi_square_pvalue(counts[[1, 3]], [0.25, 0.75]) > P_VALUE_THRESHOLD
 
 
 def test_draws_follow_the_probabilities():
     probs = torch.softmax(torch.randn(10, generator=torch.Generator().manual_seed(3)), dim=-1)
     counts = counts_of(sample_from_probs(probs.expand(50000, 10), make_generator(2)), 10)
-    expected = (probs.double() * 50000).numpy()
-    assert scipy.stats.chisquare(counts.numpy(), expected / expected.sum() * 50000).pvalue > P_VALUE_THRESHOLD
+    assert chi_square_pvalue(counts, probs) > P_VALUE_THRESHOLD
 
 
 def test_one_uniform_per_row_by_inverse_cdf():

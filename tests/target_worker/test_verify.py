@@ -12,8 +12,8 @@ Method (after vLLM's tests/v1/sample/test_rejection_sampler.py):
 """
 
 import pytest
-import scipy.stats
 import torch
+from goodness import P_VALUE_THRESHOLD, chi_square_counts, chi_square_pvalue
 
 from specpipe.sampling import (
     STREAM_DRAFT,
@@ -25,7 +25,6 @@ from specpipe.sampling import (
 )
 from specpipe.target_worker.verify import VerifyResult, rejection_sample, verify_greedy
 
-P_VALUE_THRESHOLD = 1e-3  # a correct sampler fails a fixed-seed test with this probability
 POWER_THRESHOLD = 1e-6  # a biased sampler must be rejected far more decisively than that
 NUM_TRIALS = 40_000  # rows per statistical test: tight enough to catch the biased samplers
 
@@ -251,17 +250,11 @@ def test_per_row_generators_make_a_row_independent_of_its_batch():
 # Rejection sampling: the law of the output
 
 
-def chi_square_pvalue(token_ids: torch.Tensor, expected_probs: torch.Tensor) -> float:
-    """Goodness of fit of [n] token ids (or flattened cells) to [vocab] probabilities. A token of
-    probability 0 that was drawn has likelihood 0 under the hypothesis: p-value 0."""
-    expected_probs = expected_probs.double().flatten()
-    counts = torch.bincount(token_ids, minlength=len(expected_probs)).double()
-    support = expected_probs > 0
-    if counts[~support].sum() > 0:
-        return 0.0
-    expected_counts = expected_probs[support] / expected_probs[support].sum() * counts.sum()
-    assert expected_counts.min() >= 5, "too few trials for a chi-square test"
-    return float(scipy.stats.chisquare(counts[support].numpy(), expected_counts.numpy()).pvalue)
+def token_pvalue(token_ids: torch.Tensor, expected_probs: torch.Tensor) -> float:
+    """Goodness of fit of [n] token ids (or flattened cells) to [vocab] probabilities (the suite's
+    one chi-square helper, tests/goodness.py)."""
+    expected_probs = expected_probs.flatten()
+    return chi_square_pvalue(chi_square_counts(token_ids, len(expected_probs)), expected_probs)
 
 
 def draft_block(draft_probs_row: torch.Tensor, num_draft_tokens: int, batch: int, seed: int):
@@ -303,7 +296,7 @@ def test_first_token_is_distributed_as_p(law):
     if law == "different top-k/top-p masks":
         assert not torch.equal(draft_row > 0, target_row > 0), "fixture: masks should differ"
     tokens = first_tokens(rejection_sample, draft_row, target_row, seed=1)
-    assert chi_square_pvalue(tokens, target_row) > P_VALUE_THRESHOLD
+    assert token_pvalue(tokens, target_row) > P_VALUE_THRESHOLD
 
 
 def test_bonus_is_distributed_as_p_of_the_last_row():
@@ -313,7 +306,7 @@ def test_bonus_is_distributed_as_p_of_the_last_row():
     target_probs = torch.stack([block_rows, block_rows, bonus_row]).expand(NUM_TRIALS, 3, 6)
     result = rejection_sample(draft_token_ids, draft_probs, target_probs, make_generator(3, STREAM_VERIFY))
     assert (result.num_accepted == 2).all()  # p == q on the block
-    assert chi_square_pvalue(result.next_token_ids, bonus_row) > P_VALUE_THRESHOLD
+    assert token_pvalue(result.next_token_ids, bonus_row) > P_VALUE_THRESHOLD
 
 
 def context_tables(vocab: int, seed: int):
@@ -362,12 +355,12 @@ def test_first_two_tokens_are_jointly_distributed_as_p():
     draft_first, _, target_first, target_next = JOINT_TABLES
     first, second, redo = first_two_tokens(rejection_sample, seed=4)
     joint = target_first[:, None] * target_next  # [vocab, vocab]: p(a) p(b | a)
-    assert chi_square_pvalue(first * JOINT_VOCAB + second, joint) > P_VALUE_THRESHOLD
+    assert token_pvalue(first * JOINT_VOCAB + second, joint) > P_VALUE_THRESHOLD
     # Given the first draft token was accepted, the first token has law norm(min(p, q)) and the
     # second still follows p(. | first): acceptance at position 0 does not bias position 1.
     kept = ~redo
     accepted_law = torch.minimum(target_first, draft_first)[:, None] * target_next
-    assert chi_square_pvalue(first[kept] * JOINT_VOCAB + second[kept], accepted_law) > P_VALUE_THRESHOLD
+    assert token_pvalue(first[kept] * JOINT_VOCAB + second[kept], accepted_law) > P_VALUE_THRESHOLD
 
 
 # ---------------------------------------------------------------------------------------------
@@ -434,7 +427,7 @@ def test_exact_table_alone_misses_resampling_from_p(draft, draft_rows, target_ro
 def test_chi_square_rejects_biased_samplers(sampler, law):
     draft_row, target_row = LAWS[law]
     tokens = first_tokens(sampler, draft_row, target_row, seed=1)
-    assert chi_square_pvalue(tokens, target_row) < POWER_THRESHOLD
+    assert token_pvalue(tokens, target_row) < POWER_THRESHOLD
 
 
 @pytest.mark.parametrize("sampler", BIASED_SAMPLERS)
@@ -442,4 +435,4 @@ def test_joint_chi_square_rejects_biased_samplers(sampler):
     _, _, target_first, target_next = JOINT_TABLES
     first, second, _ = first_two_tokens(sampler, seed=4)
     joint = target_first[:, None] * target_next
-    assert chi_square_pvalue(first * JOINT_VOCAB + second, joint) < POWER_THRESHOLD
+    assert token_pvalue(first * JOINT_VOCAB + second, joint) < POWER_THRESHOLD
