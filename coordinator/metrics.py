@@ -91,8 +91,9 @@ class _LiveCollector(Collector):
             if pong is not None:
                 busy.add_metric([worker.role], pong.busy_seconds / max(pong.uptime_seconds, 1e-9))
                 busy_seconds.add_metric([worker.role], pong.busy_seconds)
-                live_requests.add_metric([worker.role], pong.live_requests)
-                live_branches.add_metric([worker.role], pong.live_branches)
+            requests, branches = worker.live_counts()     # 0 while down: never a phantom count
+            live_requests.add_metric([worker.role], requests)
+            live_branches.add_metric([worker.role], branches)
         yield from (healthy, busy, busy_seconds, live_requests, live_branches)
 
 

@@ -39,6 +39,10 @@ SERVICE_NAME = specpipe_pb2.DESCRIPTOR.services_by_name["SpecPipe"].full_name
 # How long start-up waits for both workers' first heartbeat before it gives up with an error
 # naming the worker and its address.
 WORKER_STARTUP_TIMEOUT_S = 60.0
+# The largest request message the gRPC server reads (gRPC's own default, made deliberate): room for
+# a prompt that fills a long context; a larger one ends RESOURCE_EXHAUSTED inside gRPC, before any
+# of our code runs. Field checks (servicer.plan) bound what is then worth tokenising.
+MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # Log lines about a request start with "[request_id] " (servicer.RequestLog, and the scheduler's
 # own lines); the JSON formatter lifts the id into its own field.
 REQUEST_PREFIX = re.compile(r"^\[([^\]\s]+)\] (.*)$", re.DOTALL)
@@ -124,7 +128,8 @@ class Coordinator:
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=interceptors)
+        self.server = grpc.aio.server(interceptors=interceptors,
+                                      options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(

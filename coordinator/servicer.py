@@ -29,7 +29,7 @@ from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloade
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
-from specpipe.coordinator.text import TextStream
+from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 from specpipe.sampling import SamplingParams
@@ -82,6 +82,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
     def __init__(self, tokenizer, limits: ServingLimits, draft: WorkerClient, target: WorkerClient,
                  admission: Admission | None = None, metrics: ServerMetrics | None = None):
         self.tokenizer, self.limits = tokenizer, limits
+        self.encoder = PromptEncoder(tokenizer, limits.context_length)
         self.draft, self.target = draft, target
         self.admission = admission or Admission(AdmissionLimits(max_concurrent_requests=32, max_queued_requests=256))
         self.metrics = metrics or ServerMetrics(self.admission, (draft, target))
@@ -94,14 +95,21 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         self.finished: Counter = Counter()
 
     # -- validation -----------------------------------------------------------------------------
-    def plan(self, request: specpipe_pb2.GenerateRequest) -> tuple[RequestPlan, list[str]]:
+    async def plan(self, request: specpipe_pb2.GenerateRequest) -> tuple[RequestPlan, list[str]]:
+        """Validate a request (cheap checks first: a prompt is bounded before it is tokenised)."""
         limits = self.limits
         if len(request.request_id) > MAX_REQUEST_ID_CHARS:
             raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
         if bool(request.prompt) == bool(request.prompt_ids):
             raise InvalidRequest("exactly one of prompt / prompt_ids must be set")
+        if len(request.prompt_ids) > limits.context_length:
+            raise InvalidRequest(f"prompt_ids has {len(request.prompt_ids)} tokens: more than the model context "
+                                 f"of {limits.context_length}")
         if request.prompt:
-            prompt_ids = self.tokenizer(request.prompt, add_special_tokens=True)["input_ids"]
+            try:
+                prompt_ids = await self.encoder.encode(request.prompt)
+            except PromptTooLong as err:
+                raise InvalidRequest(str(err)) from None
             if not prompt_ids:
                 raise InvalidRequest("prompt tokenizes to no tokens")
         else:
@@ -150,7 +158,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         # clauses below run at once instead of whenever the abandoned generator is collected.
         arrived = time.monotonic()
         try:
-            plan, stop = self.plan(request)
+            plan, stop = await self.plan(request)
         except InvalidRequest as err:
             await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
         log = RequestLog(logger, plan.request_id)
@@ -288,8 +296,8 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                                          status="ok" if worker.healthy else "unavailable")
             if pong is not None:
                 stats.pid = pong.pid
-                stats.live_requests, stats.live_branches = pong.live_requests, pong.live_branches
                 stats.busy_fraction = pong.busy_seconds / max(pong.uptime_seconds, 1e-9)
+            stats.live_requests, stats.live_branches = worker.live_counts()   # 0 while down
         totals = self.totals
         response.totals.CopyFrom(specpipe_pb2.RequestStats(
             draft_tokens=totals.draft_tokens, accepted_tokens=totals.accepted_tokens,

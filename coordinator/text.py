@@ -1,4 +1,11 @@
-"""Streaming detokenisation and stop strings for one request.
+"""Text in and out of the coordinator: bounded, off-loop tokenisation of prompts (`PromptEncoder`)
+and streaming detokenisation with stop strings for one request (`TextStream`).
+
+Prompts: nothing a request carries may stall the coordinator's event loop (it also reads the
+workers' heartbeats). A prompt longer than any that could fit the model's context is refused
+before it is tokenised, by a bound derived from the tokenizer (no token decodes to more than
+`max_token_chars` characters, so a prompt of n characters has at least n / max_token_chars
+tokens); a long prompt that may fit is tokenised on a thread of its own.
 
 Text is released only when it is final: a multi-byte character split across tokens decodes to
 U+FFFD until its last byte arrives, so text ending in U+FFFD is held back (the approach of TGI's
@@ -8,7 +15,54 @@ until it cannot. This module knows nothing about models or sockets.
 
 from __future__ import annotations
 
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
 REPLACEMENT_CHAR = "\ufffd"
+# Prompts up to this many characters are tokenised on the event loop (well under a millisecond);
+# longer ones on the encoder's thread.
+INLINE_TOKENIZE_CHARS = 4096
+# Slack on the character bound: a normaliser may drop characters (control characters, accents),
+# so a prompt is refused only when it could not fit even with half of it dropped.
+PROMPT_CHARS_SLACK = 2
+
+
+class PromptTooLong(ValueError):
+    """The prompt cannot fit the model's context; the message names the field and the bound."""
+
+
+class PromptEncoder:
+    """Tokenises prompts for one tokenizer without blocking the event loop. One thread, so the
+    tokenizer (not safe for concurrent calls that set truncation) is never used by two at once."""
+
+    def __init__(self, tokenizer, context_length: int):
+        self.tokenizer, self.context_length = tokenizer, context_length
+        self.max_chars = context_length * max_token_chars(tokenizer) * PROMPT_CHARS_SLACK
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tokenize")
+
+    def check_length(self, text: str, field: str = "prompt") -> None:
+        if len(text) > self.max_chars:
+            raise PromptTooLong(f"{field} has {len(text)} characters: more than the {self.max_chars} that could "
+                                f"fit the model context of {self.context_length} tokens")
+
+    async def encode(self, text: str, field: str = "prompt") -> list[int]:
+        self.check_length(text, field)
+        if len(text) <= INLINE_TOKENIZE_CHARS:
+            return self._encode(text)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode, text)
+
+    def _encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+
+    def close(self) -> None:
+        self._thread.shutdown(wait=False, cancel_futures=True)
+
+
+def max_token_chars(tokenizer) -> int:
+    """An upper bound on the characters one token stands for: the longest token string in the
+    vocabulary (byte-level BPE spells each byte as one character, so this bounds decoded characters
+    too; SentencePiece spells characters). At least 1."""
+    return max([1, *(len(token) for token in tokenizer.get_vocab())])
 
 
 class TextStream:

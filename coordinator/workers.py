@@ -24,6 +24,10 @@ from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
 
+# A heartbeat tick that comes later than this past its interval means the coordinator's own loop
+# was busy: only this much of the gap counts as time the worker was heard to be silent.
+MAX_COUNTED_LAG_S = 0.1
+
 
 class WorkerDown(Exception):
     """The worker stopped answering heartbeats (or was never reached)."""
@@ -130,11 +134,28 @@ class WorkerClient:
             self._pong_waiters.pop(nonce, None)
 
     async def _heartbeat(self) -> None:
+        """Ping every `interval`; declare the worker down once it has been silent for `timeout`
+        seconds *of listening*. Time this coordinator's own loop was stalled (a long tokenisation,
+        a GC pause) does not count against the worker: its pongs wait in the socket meanwhile."""
+        silent = 0.0
+        last_tick = time.monotonic()
         while True:
             await self.command(ping=worker_pb2.Ping(nonce=next(self._nonces)))
             await asyncio.sleep(self.interval)
-            if self.healthy and time.monotonic() - self.last_seen > self.timeout:
+            await asyncio.sleep(0)              # let the reader take pongs queued during a stall first
+            now = time.monotonic()
+            listened = min(now - last_tick, self.interval + MAX_COUNTED_LAG_S)
+            last_tick = now
+            silent = 0.0 if self.last_seen >= now - listened else silent + listened
+            if self.healthy and silent > self.timeout:
                 self.mark_down(f"missed heartbeats for {self.timeout:.1f}s")
+
+    def live_counts(self) -> tuple[int, int]:
+        """(requests, branches) the worker holds, from its last Pong; (0, 0) while it is down: a
+        dead worker holds nothing, and a hung one's old count would read as live work."""
+        if not self.healthy or self.last_pong is None:
+            return 0, 0
+        return self.last_pong.live_requests, self.last_pong.live_branches
 
     def mark_down(self, why: str) -> None:
         """Declare the worker down and tell every request waiting on it at once. A pong from a

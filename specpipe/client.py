@@ -9,10 +9,16 @@
 `generate` yields the server's GenerateResponse messages (token_ids, text; the last one has
 finish_reason and stats). gRPC errors surface as `grpc.RpcError` with the server's status and
 message (e.g. INVALID_ARGUMENT naming the field).
+
+Retries: a call that fails UNAVAILABLE before the server sent anything (no server listening yet,
+the target restarting) is retried by gRPC itself with exponential back-off, up to `retries` more
+times (gRPC's retry policy; 0 turns it off). A stream that has already delivered a token is never
+retried: gRPC commits a call once a response arrives, so no token is ever delivered twice.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 
 import grpc
@@ -28,15 +34,36 @@ MODES = {
 }
 
 
+# gRPC allows at most 5 attempts per call; the back-off doubles from 0.25 s (with jitter), so four
+# retries span about 4 s: a worker's restart on a small host.
+DEFAULT_RETRIES = 4
+MAX_ATTEMPTS = 5
+
+
+def retry_options(retries: int) -> list[tuple[str, object]]:
+    """Channel options for gRPC's own retry of UNAVAILABLE calls that received nothing yet."""
+    assert 0 <= retries < MAX_ATTEMPTS, f"retries must be in [0, {MAX_ATTEMPTS - 1}]"
+    if retries == 0:
+        return [("grpc.enable_retries", 0)]
+    policy = {"maxAttempts": retries + 1, "initialBackoff": "0.25s", "maxBackoff": "2s",
+              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    config = {"methodConfig": [{"name": [{"service": "specpipe.v1.SpecPipe"}], "retryPolicy": policy}]}
+    return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
+
+
 class Client:
     def __init__(self, addr: str = "127.0.0.1:50051", *, token: str | None = None,
-                 root_certificates: bytes | None = None, timeout: float | None = None):
+                 root_certificates: bytes | None = None, timeout: float | None = None,
+                 retries: int = DEFAULT_RETRIES):
         """`token`: bearer token when the server requires one; `root_certificates`: PEM of the CA
-        for a TLS server (plain text otherwise); `timeout`: default per-call deadline in seconds."""
+        for a TLS server (plain text otherwise); `timeout`: default per-call deadline in seconds;
+        `retries`: how often a call that failed UNAVAILABLE before its first response is tried
+        again (0 to 4)."""
+        options = retry_options(retries)
         if root_certificates is not None:
-            self.channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates))
+            self.channel = grpc.secure_channel(addr, grpc.ssl_channel_credentials(root_certificates), options)
         else:
-            self.channel = grpc.insecure_channel(addr)
+            self.channel = grpc.insecure_channel(addr, options)
         self.stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout

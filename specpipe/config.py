@@ -38,16 +38,33 @@ def parse_cpus(spec: str) -> set[int]:
 def pin_cpus(spec: str) -> None:
     """Pin this process (its threads so far, and so every thread it starts) to the CPUs in `spec`;
     "" = leave it. One core per process keeps the draft, the target and the coordinator from
-    taking turns on the same core when a host has few (Linux only)."""
+    taking turns on the same core when a host has few (Linux only).
+
+    The kernel decides what is allowed (the CPUs online in this process's cpuset), not the
+    affinity this process inherited: a worker restarted by a pinned coordinator inherits the
+    coordinator's CPU and must still be able to move to its own."""
     if not spec:
         return
     cpus = parse_cpus(spec)
-    usable = os.sched_getaffinity(0)
-    if not cpus <= usable:
-        raise ValueError(f"CPU list {spec!r} names CPUs outside this process's {sorted(usable)}")
     threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
-    for thread in threads:        # threads started before (torch's, at import) as well
-        os.sched_setaffinity(int(thread), cpus)
+    try:
+        for thread in threads:        # threads started before (torch's, at import) as well
+            os.sched_setaffinity(int(thread), cpus)
+    except OSError as err:
+        raise ValueError(f"CPU list {spec!r} names CPUs outside the ones this host lets it use "
+                         f"({_cpuset_text()}): {err.strerror}") from None
+
+
+def _cpuset_text() -> str:
+    """The CPUs this process may be moved to, as the cgroup writes them (best effort)."""
+    for path in ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/fs/cgroup/cpuset/cpuset.effective_cpus",
+                 "/sys/devices/system/cpu/online"):
+        try:
+            with open(path) as f:
+                return f.read().strip()
+        except OSError:
+            continue
+    return f"0-{(os.cpu_count() or 1) - 1}"
 
 
 def env_or(name: str, default: str) -> str:

@@ -68,8 +68,14 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     logger.info("rank %d/%d joining the %s group at %s:%s (timeout %.0fs)", rank, world_size, backend, addr, port,
                 timeout_s)
     try:
-        dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=rank, world_size=world_size,
-                                timeout=datetime.timedelta(seconds=timeout_s))
+        timeout = datetime.timedelta(seconds=timeout_s)
+        store, _, _ = next(dist.rendezvous(f"tcp://{addr}:{port}?rank={rank}&world_size={world_size}",
+                                           timeout=timeout))
+        # Under torchrun the agent's store outlives a restart of the ranks (--max-restarts): keys of
+        # the previous attempt (the old peers' addresses) must not be read as this one's.
+        attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+        dist.init_process_group(backend, store=dist.PrefixStore(f"specpipe/attempt_{attempt}", store), rank=rank,
+                                world_size=world_size, timeout=timeout)
         # A first collective proves every peer is there (init alone may return before they are).
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         data_group = dist.new_group(list(range(world_size)), timeout=DATA_PLANE_TIMEOUT, backend=backend)

@@ -165,18 +165,7 @@ class TargetEngine:
         pending = state.tokens[state.cache.length:]
         assert pending or state.next_logits is not None, "nothing to predict the first draft token from"
         want_hidden = msg.want_features or (msg.want_prediction and self.predictor is not None)
-        with torch.inference_mode():
-            out = state.cache.forward(self.model, torch.tensor([pending + draft], device=self.device),
-                                      want_hidden=want_hidden)
-        logits = out.logits[0]                                    # [len(pending) + k, vocab]
-        hidden = out.hidden[0] if want_hidden else None           # [len(pending) + k, hidden]
-        if pending:
-            rows = logits[len(pending) - 1:]                      # [k + 1, vocab]
-            hidden_rows = hidden[len(pending) - 1:] if want_hidden else None   # [k + 1, hidden]
-        else:
-            rows = torch.cat([state.next_logits[None], logits])
-            hidden_rows = (torch.cat([state.next_hidden[None], hidden])
-                           if want_hidden and state.next_hidden is not None else None)
+        rows, hidden_rows = self._rows(state, pending, draft, want_hidden)
         num_accepted, next_token = self._decide(state, msg, draft, rows)
         all_accepted = num_accepted == len(draft)
         if all_accepted and not msg.emit_bonus:
@@ -205,6 +194,25 @@ class TargetEngine:
             verdict.predicted_accept_length = self.predictor.predict(last_hidden)
         verdict.verify_seconds = time.perf_counter() - begin
         return worker_pb2.Reply(verdict=verdict), reply_frames
+
+    def _rows(self, state: TargetRequest, pending: list[int], draft: list[int], want_hidden: bool):
+        """The target's rows predicting each draft position and the one after: ([k + 1, vocab]
+        logits, [k + 1, hidden] or None), feeding the pending committed tokens and the draft."""
+        if not pending and not draft:
+            # Nothing to feed (target-only after a block kept without bonus): the kept logits
+            # already predict the next token; never run the model on an empty input.
+            hidden_rows = state.next_hidden[None] if want_hidden and state.next_hidden is not None else None
+            return state.next_logits[None], hidden_rows
+        with torch.inference_mode():
+            input_ids = torch.tensor([pending + draft], dtype=torch.long, device=self.device)
+            out = state.cache.forward(self.model, input_ids, want_hidden=want_hidden)
+        logits = out.logits[0]                                    # [len(pending) + k, vocab]
+        hidden = out.hidden[0] if want_hidden else None           # [len(pending) + k, hidden]
+        if pending:
+            return logits[len(pending) - 1:], hidden[len(pending) - 1:] if want_hidden else None
+        hidden_rows = (torch.cat([state.next_hidden[None], hidden])
+                       if want_hidden and state.next_hidden is not None else None)
+        return torch.cat([state.next_logits[None], logits]), hidden_rows
 
     def _decide(self, state: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
         """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab]."""

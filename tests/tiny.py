@@ -9,7 +9,7 @@ from pathlib import Path
 
 import torch
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 # Prompts as token ids of the tiny tokenizer (vocabulary 300).
 PROMPTS = [[5, 17, 42, 8], [100, 3], [250, 251, 252, 253, 254, 255, 7], [1]]
@@ -63,3 +63,21 @@ def perturb(source: Path, folder: Path, noise: float, seed: int) -> None:
     for name in source.iterdir():
         if name.name.startswith("tokenizer") or name.name.startswith("special"):
             shutil.copy(name, folder / name.name)
+
+
+def load(path) -> torch.nn.Module:
+    return AutoModelForCausalLM.from_pretrained(path).eval()
+
+
+def fresh_logits(model, tokens: list[int]) -> torch.Tensor:
+    """[vocab] next-token logits of a fresh forward over `tokens` (no cache): the reference."""
+    with torch.no_grad():
+        return model(torch.tensor([tokens])).logits[0, -1]
+
+
+def cached_logits(model, holder) -> torch.Tensor:
+    """Next-token logits from `holder.cache` (a specpipe KVCache) plus its not-yet-cached
+    `holder.tokens`, without changing the cache."""
+    probe = holder.cache.fork()
+    with torch.no_grad():
+        return probe.forward(model, torch.tensor([holder.tokens[probe.length:]])).logits[0, -1]

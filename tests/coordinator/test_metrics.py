@@ -21,8 +21,8 @@ def samples(metrics: ServerMetrics) -> dict:
 
 def make():
     pong = SimpleNamespace(busy_seconds=3.0, uptime_seconds=12.0, live_requests=2, live_branches=5)
-    workers = [SimpleNamespace(role="draft", healthy=True, last_pong=pong),
-               SimpleNamespace(role="target", healthy=False, last_pong=None)]
+    workers = [SimpleNamespace(role="draft", healthy=True, last_pong=pong, live_counts=lambda: (2, 5)),
+               SimpleNamespace(role="target", healthy=False, last_pong=None, live_counts=lambda: (0, 0))]
     admission = Admission(AdmissionLimits(4, 4))
     return ServerMetrics(admission, workers), admission
 
@@ -65,7 +65,9 @@ def test_observations_add_up():
     assert got[("specpipe:worker_healthy", (("role", "target"),))] == 0
     assert got[("specpipe:worker_busy_fraction", (("role", "draft"),))] == 0.25
     assert got[("specpipe:live_branches", (("role", "draft"),))] == 5
-    assert ("specpipe:live_branches", (("role", "target"),)) not in got   # no heartbeat yet: no figure
+    # A down worker holds nothing we know of: 0, beside worker_healthy 0 (never its old count).
+    assert got[("specpipe:live_branches", (("role", "target"),))] == 0
+    assert ("specpipe:worker_busy_fraction", (("role", "target"),)) not in got   # no heartbeat yet: no figure
 
 
 def test_two_servers_do_not_share_counters():

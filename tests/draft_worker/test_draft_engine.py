@@ -1,33 +1,16 @@
-"""The draft and target engines, driven in-process with real protobuf commands over a tiny model:
-after any mix of draft / fork / sync / cancel (draft) and verify (target), every cache equals a
-fresh forward over its surviving tokens, and released requests leave nothing behind."""
+"""The draft engine, driven in-process with real protobuf commands over a tiny model: after any
+mix of draft / fork / sync / cancel, every cache equals a fresh forward over its surviving tokens,
+and released requests leave nothing behind."""
 
 import random
 
 import torch
-from transformers import AutoModelForCausalLM
 
 from specpipe.draft_worker.engine import DraftEngine
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
-from specpipe.target_worker.engine import TargetEngine
+from tiny import cached_logits, fresh_logits, load
 
 ATOL = 1e-4
-
-
-def load(path):
-    return AutoModelForCausalLM.from_pretrained(path).eval()
-
-
-def fresh_logits(model, tokens):
-    with torch.no_grad():
-        return model(torch.tensor([tokens])).logits[0, -1]
-
-
-def cached_logits(model, branch):
-    """Next-token logits from the branch's cache plus its pending tokens, without changing it."""
-    probe = branch.cache.fork()
-    with torch.no_grad():
-        return probe.forward(model, torch.tensor([branch.tokens[probe.length:]])).logits[0, -1]
 
 
 def run_jobs(engine):
@@ -87,35 +70,3 @@ def test_draft_tokens_follow_greedy_and_report_candidates(tiny_models):
         assert token.token_id == int(torch.argmax(logits))
         assert list(token.candidate_ids) == torch.topk(logits, 3).indices[1:].tolist()
         sequence.append(token.token_id)
-
-
-def test_target_engine_cache_after_verifies(tiny_models):
-    """Random blocks through verify (with and without bonus): the target's cache and committed
-    tokens equal a fresh forward, and its commits follow the target's argmax; the prefill time is
-    reported once."""
-    model = load(tiny_models["target"])
-    engine = TargetEngine(model)
-    rng = random.Random(3)
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[1, 2, 3])), [])
-    for block_id in range(12):
-        state = engine.requests["r"]
-        before = list(state.tokens)
-        draft = [rng.randrange(200) for _ in range(rng.randint(0, 4))]
-        emit_bonus = rng.random() < 0.5 or not draft
-        engine.handle(pb.Command(verify=pb.Verify(request_id="r", block_id=block_id, start_length=len(before),
-                                                  draft_token_ids=draft, emit_bonus=emit_bonus)), [])
-        (_, reply, _), = engine.work()
-        verdict = reply.verdict
-        # the prompt's prefill time travels once, with the first verdict (target-busy accounting)
-        assert (verdict.prefill_seconds > 0) == (block_id == 0), (block_id, verdict.prefill_seconds)
-        committed = state.tokens[len(before):]
-        assert len(committed) == verdict.num_accepted + (verdict.next_token_id >= 0)
-        for i, token in enumerate(committed):
-            assert token == int(torch.argmax(fresh_logits(model, before + committed[:i])))
-        if state.next_logits is not None:
-            torch.testing.assert_close(state.next_logits, fresh_logits(model, state.tokens), atol=ATOL, rtol=0)
-        else:
-            torch.testing.assert_close(cached_logits(model, state), fresh_logits(model, state.tokens),
-                                       atol=ATOL, rtol=0)
-    engine.handle(pb.Command(release=pb.Release(request_id="r")), [])
-    assert engine.live_counts() == (0, 0)

@@ -18,3 +18,14 @@ def wait_idle(client, timeout: float = 2.0):
         if is_idle(stats) or time.monotonic() > deadline:
             return is_idle(stats), stats
         time.sleep(0.05)
+
+
+def wait_for(predicate, timeout: float, what: str):
+    """Poll `predicate` until it returns something true (returned) or fail after `timeout`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")

@@ -16,6 +16,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from specpipe import Client
 from specpipe.launch.local import ServerProcess
 
+from checks import wait_for
 from tiny import PROMPTS
 
 LONG = 300
@@ -33,16 +34,6 @@ def server(tiny_models):
 
 def worker_pid(client: Client, role: str) -> int:
     return next(w.pid for w in client.stats().workers if w.role == role)
-
-
-def wait_for(predicate, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = predicate()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def health(addr: str) -> int:

@@ -38,11 +38,11 @@ STOP_TIMEOUT_S = 10     # "within a few seconds", with room for this busy 2-core
 
 
 class Torchrun:
-    def __init__(self, args: list[str]):
+    def __init__(self, args: list[str], torchrun_args: tuple[str, ...] = ()):
         torchrun = Path(sys.executable).with_name("torchrun")
         env = {**os.environ, "SPECPIPE_LOG_LEVEL": "INFO", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
                "TRANSFORMERS_VERBOSITY": "error"}
-        self.process = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", "-m", "specpipe.launch.torchrun",
+        self.process = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", *torchrun_args, "-m", "specpipe.launch.torchrun",
                                          *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                                         env=env, start_new_session=True)
         self.lines: list[str] = []
@@ -58,7 +58,7 @@ class Torchrun:
     def wait_ready(self) -> str:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while (line := self.fresh.get(timeout=max(0.01, deadline - time.monotonic()))) is not None:
-            if match := READY_SERVER.search(line):
+            if line.startswith("specpipe serving on") and (match := READY_SERVER.search(line)):   # not the log line
                 return f"{match.group(1)}:{match.group(2)}"
         raise AssertionError(f"torchrun exited before serving:\n{self.output()[-4000:]}")
 
@@ -125,3 +125,24 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
         assert re.search(rf"rank {rank} \({role}\) exits with code 0\b", output), output[-4000:]
     assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "a process outlived torchrun"
     assert elapsed < STOP_TIMEOUT_S
+
+
+def test_draft_rank_killed_restarts_the_pair_and_serves_again(tiny_models, hf_greedy):
+    """torchrun is fail-stop (its agent stops the whole group when one rank dies, so the target
+    cannot carry on alone as under `specpipe serve`); with `--max-restarts N` the pair comes back
+    on the same gRPC port and serves exactly again (the README says so)."""
+    from specpipe.launch.local import free_port
+    port = free_port()
+    server = Torchrun(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
+                       "--port", str(port)], torchrun_args=("--max-restarts", "1"))
+    try:
+        addr = server.wait_ready()
+        client = Client(addr, timeout=60)
+        assert client.complete(prompt_ids=PROMPTS[1], max_new_tokens=MAX_NEW)[0] == hf_greedy(PROMPTS[1], MAX_NEW)
+        draft_pid = next(w.pid for w in client.stats().workers if w.role == "draft")
+        os.kill(draft_pid, signal.SIGKILL)
+        assert server.wait_ready() == addr, "the restarted pair serves on the same address"
+        assert client.complete(prompt_ids=PROMPTS[0], max_new_tokens=MAX_NEW)[0] == hf_greedy(PROMPTS[0], MAX_NEW)
+        assert next(w.pid for w in client.stats().workers if w.role == "draft") != draft_pid
+    finally:
+        server.kill()
