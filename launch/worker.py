@@ -56,7 +56,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
 
 
 def main(role: str, argv=None) -> None:
-    from specpipe.models import load_model, resolve_device
+    from specpipe.models import ModelLoadError, load_model, resolve_device
     from specpipe.worker_loop import exit_with_parent, serve
 
     config = parse_config(role, argv)
@@ -68,7 +68,10 @@ def main(role: str, argv=None) -> None:
         exit_with_parent()
     curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
     torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
+    except ModelLoadError as err:
+        raise SystemExit(f"--device: {err}") from None
     model = load_model(config.model, device=str(device), dtype=config.dtype)
     engine, data_endpoint = build_engine(config, model, device, curve_keys)
     serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "",
