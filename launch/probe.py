@@ -55,7 +55,7 @@ def ping(endpoint: str, timeout: float, curve_keys: str = "") -> worker_pb2.Pong
         context.term()
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m specpipe.launch.probe",
                                      description="Exit 0 if the specpipe worker at ENDPOINT answers a ping.")
     parser.add_argument("endpoint", nargs="?", default=zmq_endpoint("127.0.0.1", DEFAULT_DRAFT_PORT),
@@ -63,7 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the answer")
     parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
                         help=f"connect as a CURVE client with the keys in DIR (env {ENV_CURVE_KEYS})")
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         pong = ping(args.endpoint, args.timeout, args.curve_keys)
     except Exception as err:   # a probe reports, it never shows a traceback

@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, ENV_CURVE_KEYS,
-                             WorkerConfig, pin_cpus, zmq_endpoint)
+from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S,
+                             DEFAULT_TARGET_PORT, ENV_CURVE_KEYS, WorkerConfig, pin_cpus, zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -35,8 +35,9 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
                         help="draft, zmq transport: the target's data-plane endpoint, tcp://HOST:PORT "
                              "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling")
-    parser.add_argument("--dist-timeout", type=float, default=60.0,
-                        help="seconds to wait for the torch.distributed peer before failing")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
+                        help="seconds to wait for the torch.distributed peer (its model loading included) before "
+                             f"failing (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
     parser.add_argument("--no-predictor", action="store_true",
                         help="target: do not load the acceptance-length predictor saved beside the model")
     parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
