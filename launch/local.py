@@ -49,6 +49,10 @@ class WorkerStartError(RuntimeError):
     """A process exited, or stayed silent past its timeout, before it printed its ready line."""
 
 
+class WorkerStartTimeout(WorkerStartError):
+    """... silent past its timeout."""
+
+
 def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float | None,
                what: str, echo: bool = False) -> re.Match:
     """The first line of `process` matching `pattern`; `timeout` None or <= 0: no limit."""
@@ -62,7 +66,7 @@ def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Patter
             waited = time.monotonic() - started
             if deadline is not None and time.monotonic() >= deadline:
                 process.kill()
-                raise WorkerStartError(f"{what} was not ready within {timeout:.0f}s") from None
+                raise WorkerStartTimeout(f"{what} was not ready within {timeout:.0f}s") from None
             left = "no limit" if deadline is None else f"{deadline - time.monotonic():.0f}s left"
             logger.info("waiting for %s (pid %d) to load and bind: %.0fs so far, %s", what, process.pid, waited, left)
             continue
@@ -286,7 +290,8 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
         try:
             supervisor = Supervisor(starting.result(), on_death=coordinator.worker_died)
         except (WorkerStartError, WorkerDown) as err:
-            raise SystemExit(f"specpipe serve: {err}") from None
+            hint = " (--target-startup-timeout, --draft-startup-timeout)" if isinstance(err, WorkerStartTimeout) else ""
+            raise SystemExit(f"specpipe serve: {err}{hint}") from None
         watcher = asyncio.create_task(supervisor.watch())
         print(f"specpipe serving on {config.host}:{port}", flush=True)
         await stop.wait()
