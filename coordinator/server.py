@@ -1,11 +1,17 @@
 """Builds and runs the coordinator: the gRPC server clients see (SpecPipe, grpc.health.v1 and
 server reflection on one port) over connections to the two workers.
 
-`Coordinator(config).start()` returns the bound port, so tests bind port 0 (STYLE §6). Health is
-SERVING while the target worker answers heartbeats. The production options of the config are
-wired here: admission limits (coordinator/admission.py), the bearer-token interceptor
-(coordinator/auth.py), TLS, the Prometheus endpoint (coordinator/metrics.py), the log format and
-CURVE on the worker sockets (specpipe/curve.py).
+`Coordinator(config).start()` binds and returns the port at once, before any worker answers, so
+tests bind port 0 (STYLE §6) and a cluster's probes get an answer from the first second. Health:
+"" and specpipe.v1.SpecPipe are SERVING while the target worker answers heartbeats (readiness:
+can a request be served now), NOT_SERVING before and while it is down; "liveness" is SERVING as
+long as the coordinator's event loop answers at all. `--health-port` serves the same health service
+alone, in plain text, for probes that cannot speak the API port's TLS. `wait_ready` waits for the
+target (and fails past --target-startup-timeout); the draft needs no wait: it is admitted whenever
+it first answers, and requests run target-only until then (degraded, as after a draft crash).
+The production options of the config are wired here: admission limits (coordinator/admission.py),
+the bearer-token interceptor (coordinator/auth.py), TLS, the Prometheus endpoint
+(coordinator/metrics.py), the log format and CURVE on the worker sockets (specpipe/curve.py).
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import asyncio
 import json
 import logging
 import re
+import time
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -28,7 +35,7 @@ from specpipe.coordinator.admission import Admission, AdmissionLimits
 from specpipe.coordinator.auth import BearerTokenInterceptor, read_token
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.servicer import ServingLimits, SpecPipeServicer
-from specpipe.coordinator.workers import WorkerClient
+from specpipe.coordinator.workers import WorkerClient, WorkerDown
 from specpipe.curve import load_keys
 from specpipe.models import load_tokenizer
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
@@ -36,13 +43,21 @@ from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 logger = logging.getLogger(__name__)
 
 SERVICE_NAME = specpipe_pb2.DESCRIPTOR.services_by_name["SpecPipe"].full_name
-# How long start-up waits for both workers' first heartbeat before it gives up with an error
-# naming the worker and its address.
-WORKER_STARTUP_TIMEOUT_S = 60.0
 # The largest request message the gRPC server reads (gRPC's own default, made deliberate): room for
 # a prompt that fills a long context; a larger one ends RESOURCE_EXHAUSTED inside gRPC, before any
 # of our code runs. Field checks (servicer.plan) bound what is then worth tokenising.
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
+# The health service that says only "this process's event loop turns" (the kubelet's liveness
+# probe): SERVING from the start, whatever the workers do, so a worker reloading for minutes never
+# gets the pod killed. "" and SERVICE_NAME are the readiness ones (the target answers).
+LIVENESS_SERVICE = "liveness"
+# While a worker has not answered yet, say so this often: what is awaited, for how long, what is left.
+WAIT_LOG_INTERVAL_S = 30.0
+# Past --draft-startup-timeout, remind this often that requests still run target-only.
+DRAFT_MISSING_LOG_INTERVAL_S = 600.0
+# Once the target answers, how long serve still gives a draft that is already running (a few
+# heartbeats) before it calls itself ready, so the first requests do not run target-only for nothing.
+DRAFT_GRACE_S = 2.0
 # Log lines about a request start with "[request_id] " (servicer.RequestLog, and the scheduler's
 # own lines); the JSON formatter lifts the id into its own field.
 REQUEST_PREFIX = re.compile(r"^\[([^\]\s]+)\] (.*)$", re.DOTALL)
@@ -91,6 +106,17 @@ def server_credentials(cert_file: str, key_file: str) -> grpc.ServerCredentials:
     return grpc.ssl_server_credentials([(Path(key_file).read_bytes(), Path(cert_file).read_bytes())])
 
 
+def serving_limits(config: CoordinatorConfig) -> tuple:
+    """(tokenizer, ServingLimits) from the target model's folder: no weights are read."""
+    tokenizer = load_tokenizer(config.target_model)
+    model_config = AutoConfig.from_pretrained(config.target_model).get_text_config(decoder=True)
+    limits = ServingLimits(
+        vocab_size=model_config.vocab_size,
+        context_length=getattr(model_config, "max_position_embeddings", None) or model_config.n_positions,
+        max_new_tokens_cap=config.max_new_tokens_cap, default_mode=config.default_mode, policy=config.policy)
+    return tokenizer, limits
+
+
 class Coordinator:
     def __init__(self, config: CoordinatorConfig):
         self.config = config
@@ -99,21 +125,23 @@ class Coordinator:
         self._tasks: list[asyncio.Task] = []
         self.metrics: ServerMetrics | None = None
         self.metrics_port: int | None = None
+        self.health_server: grpc.aio.Server | None = None
+        self.health_port: int | None = None
+        self.created = time.monotonic()   # the start-up timeouts count from here
+        self.zmq_context: zmq.asyncio.Context | None = None
+        self.draft: WorkerClient | None = None
+        self.target: WorkerClient | None = None
 
     async def start(self) -> int:
+        """Bind the gRPC server (and the health and metrics ports) and return its port, without
+        waiting for any worker: health is NOT_SERVING until the target answers (`wait_ready`)."""
         config = self.config
         configure_logging(config.log_format)
         # Read the secrets first: a wrong path fails at once, before any worker is waited for.
         interceptors = [BearerTokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
         credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert or config.tls_key else None
         curve_keys = load_keys(config.curve_keys, client=True) if config.curve_keys else None
-        tokenizer = load_tokenizer(config.target_model)
-        model_config = AutoConfig.from_pretrained(config.target_model).get_text_config(decoder=True)
-        limits = ServingLimits(
-            vocab_size=model_config.vocab_size,
-            context_length=getattr(model_config, "max_position_embeddings", None) or model_config.n_positions,
-            max_new_tokens_cap=config.max_new_tokens_cap, default_mode=config.default_mode,
-            policy=config.policy)
+        tokenizer, limits = serving_limits(config)
         self.zmq_context = zmq.asyncio.Context()
         self.draft = WorkerClient("draft", config.draft_addr, self.zmq_context,
                                   config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
@@ -121,13 +149,14 @@ class Coordinator:
                                    config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
         for worker in (self.draft, self.target):
             worker.start()
-        await asyncio.gather(self.draft.wait_healthy(WORKER_STARTUP_TIMEOUT_S),
-                             self.target.wait_healthy(WORKER_STARTUP_TIMEOUT_S))
         admission = Admission(AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests,
                                               config.max_tokens_in_flight))
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         self.health = health.aio.HealthServicer()
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.server = grpc.aio.server(interceptors=interceptors,
                                       options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
@@ -135,22 +164,82 @@ class Coordinator:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        address = f"{config.host}:{config.port}"
-        if credentials is not None:
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
-        if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {address}")
+        self.port = self._bind(self.server, config.port, credentials)
         await self.server.start()
+        if config.health_port is not None:
+            await self._serve_health_port(config.health_port)
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
-        self._tasks.append(asyncio.create_task(self._watch_health()))
-        logger.info("specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
-                    config.host, self.port, config.default_mode, ", TLS" if credentials else "",
-                    ", token required" if interceptors else "", config.max_concurrent_requests,
-                    config.max_queued_requests)
+        self._tasks += [asyncio.create_task(self._watch_health()), asyncio.create_task(self._watch_draft())]
+        self.tls, self.token_required = credentials is not None, bool(interceptors)
+        logger.info("gRPC bound on %s:%d%s; health NOT_SERVING until the target worker answers", config.host,
+                    self.port, f" (plain-text health on port {self.health_port})" if self.health_port else "")
         return self.port
+
+    def _bind(self, server: grpc.aio.Server, port: int, credentials) -> int:
+        address = f"{self.config.host}:{port}"
+        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        if bound == 0:
+            raise OSError(f"cannot bind the gRPC port {address}")
+        return bound
+
+    async def _serve_health_port(self, port: int) -> None:
+        """grpc.health.v1 alone on a plain-text port: the kubelet's gRPC probes speak no TLS, and
+        the API port may. The same HealthServicer, so both ports always say the same."""
+        self.health_server = grpc.aio.server()
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
+        self.health_port = self._bind(self.health_server, port, None)
+        await self.health_server.start()
+
+    def target_time_left(self) -> float | None:
+        """Seconds left of --target-startup-timeout (counted from this object's creation); None: no limit."""
+        limit = self.config.target_startup_timeout_s
+        return None if limit <= 0 else max(0.0, self.created + limit - time.monotonic())
+
+    async def wait_ready(self) -> None:
+        """Wait until the target answers (health turns SERVING), saying every WAIT_LOG_INTERVAL_S
+        what is awaited; WorkerDown past --target-startup-timeout. The draft is not waited for."""
+        next_log = time.monotonic() + WAIT_LOG_INTERVAL_S
+        while not self.target.healthy:
+            left = self.target_time_left()
+            if left == 0.0:
+                raise WorkerDown(f"the target worker at {self.target.address or '(not started)'} did not answer "
+                                 f"within {self.config.target_startup_timeout_s:.0f}s (--target-startup-timeout)")
+            if time.monotonic() >= next_log:
+                logger.info("waiting for the target worker at %s: %.0fs so far, %s; health NOT_SERVING meanwhile",
+                            self.target.address or "(loading)", time.monotonic() - self.created,
+                            "no limit" if left is None else f"{left:.0f}s left")
+                next_log += WAIT_LOG_INTERVAL_S
+            await asyncio.sleep(0.05)
+        grace_end = time.monotonic() + DRAFT_GRACE_S
+        while not self.draft.healthy and time.monotonic() < grace_end:
+            await asyncio.sleep(0.05)
+        config = self.config
+        logger.info("specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
+                    config.host, self.port, config.default_mode, ", TLS" if self.tls else "",
+                    ", token required" if self.token_required else "", config.max_concurrent_requests,
+                    config.max_queued_requests)
+
+    async def _watch_draft(self) -> None:
+        """A draft that answers late is admitted whenever it does (its first pong marks it up); until
+        then requests run target-only. Say what is awaited, and warn past --draft-startup-timeout."""
+        limit = self.config.draft_startup_timeout_s
+        next_log, warned = time.monotonic() + WAIT_LOG_INTERVAL_S, False
+        while not self.draft.healthy:
+            now = time.monotonic()
+            waited, address = now - self.created, self.draft.address or "(loading)"
+            if limit > 0 and waited >= limit and not warned:
+                logger.warning("the draft worker at %s has not answered in %.0fs (--draft-startup-timeout): "
+                               "serving target-only (degraded) until it does", address, waited)
+                warned, next_log = True, now + DRAFT_MISSING_LOG_INTERVAL_S
+            elif now >= next_log:
+                left = f"{limit - waited:.0f}s left" if limit > 0 else "no limit"
+                logger.log(logging.WARNING if warned else logging.INFO,
+                           "waiting for the draft worker at %s: %.0fs so far%s; requests run target-only meanwhile",
+                           address, waited, "" if warned else f", {left}")
+                next_log = now + (DRAFT_MISSING_LOG_INTERVAL_S if warned else WAIT_LOG_INTERVAL_S)
+            await asyncio.sleep(0.1)
+        logger.info("draft worker at %s admitted after %.1fs", self.draft.address, time.monotonic() - self.created)
 
     def worker_died(self, role: str, why: str) -> None:
         """The launcher saw a local worker process exit: act now, not at the next heartbeat."""
@@ -170,10 +259,13 @@ class Coordinator:
     async def stop(self, grace: float = 1.0) -> None:
         for task in self._tasks:
             task.cancel()
-        if self.server is not None:
-            await self.server.stop(grace)
+        for server in (self.server, self.health_server):
+            if server is not None:
+                await server.stop(grace)
         if self.metrics is not None:
             self.metrics.close()
         for worker in (self.draft, self.target):
-            await worker.close()
-        self.zmq_context.term()
+            if worker is not None:   # None: start() failed before the workers were set up
+                await worker.close()
+        if self.zmq_context is not None:
+            self.zmq_context.term()

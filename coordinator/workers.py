@@ -52,7 +52,8 @@ class Event:
 class WorkerClient:
     def __init__(self, role: str, address: str, context: zmq.asyncio.Context,
                  heartbeat_interval_s: float, heartbeat_timeout_s: float, curve_keys: CurveKeys | None = None):
-        """`curve_keys`: connect as a CURVE client of the worker (specpipe/curve.py)."""
+        """`curve_keys`: connect as a CURVE client of the worker (specpipe/curve.py). `address` ""
+        leaves the socket unconnected until `connect`."""
         self.role, self.address = role, address
         self.socket = context.socket(zmq.DEALER)
         self.socket.setsockopt(zmq.LINGER, 0)
@@ -60,7 +61,8 @@ class WorkerClient:
         if curve_keys is not None:
             curve.configure_client(self.socket, curve_keys)
         self.curve_folder = curve_keys.folder if curve_keys is not None else ""
-        self.socket.connect(address)
+        if address:
+            self.socket.connect(address)
         self.interval, self.timeout = heartbeat_interval_s, heartbeat_timeout_s
         self.inboxes: dict[str, asyncio.Queue] = {}
         self.last_pong: worker_pb2.Pong | None = None
@@ -69,6 +71,13 @@ class WorkerClient:
         self._nonces = itertools.count(1)
         self._pong_waiters: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
+
+    def connect(self, address: str) -> None:
+        """Connect a client made without an address (a worker that `specpipe serve` spawns after its
+        gRPC server is up): commands and pings sent meanwhile wait in the socket until then."""
+        assert not self.address, f"the {self.role} worker client is connected to {self.address} already"
+        self.address = address
+        self.socket.connect(address)
 
     def start(self) -> None:
         self._tasks = [asyncio.create_task(self._read()), asyncio.create_task(self._heartbeat())]

@@ -4,11 +4,13 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import functools
 import logging
 import os
 import sys
 
-from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, ENV_CURVE_KEYS, CoordinatorConfig
+from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
+                             CoordinatorConfig)
 from specpipe.coordinator.policy import POLICIES, PolicyConfig
 
 MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
@@ -31,6 +33,17 @@ def probability_or_auto(text: str) -> float | None:
         raise argparse.ArgumentTypeError(f"want auto or a probability, got {text!r}") from None
     if not 0.0 <= value <= 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1], got {value}")
+    return value
+
+
+def seconds(text: str) -> float:
+    """A duration flag: a number of seconds >= 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"want a number of seconds, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {value:g}")
     return value
 
 
@@ -112,12 +125,25 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--metrics-port", type=at_least(0), default=None,
                           help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; "
                                "default: off)")
+    security.add_argument("--health-port", type=at_least(0), default=None,
+                          help="also serve grpc.health.v1 alone, in plain text, at --host:PORT, for probes that "
+                               "cannot speak TLS (Kubernetes' gRPC probes); services '' and specpipe.v1.SpecPipe: "
+                               "SERVING while the target answers; 'liveness': while this process's loop turns "
+                               "(0 = any free port; default: off)")
     security.add_argument("--log-format", default="text", choices=["text", "json"],
                           help="coordinator log lines: text, or one JSON object per line (default text)")
+    startup = parser.add_argument_group("start-up (the gRPC port answers at once: NOT_SERVING until the target is up)")
+    startup.add_argument("--target-startup-timeout", type=seconds, default=DEFAULT_STARTUP_TIMEOUT_S, metavar="S",
+                         help="seconds the target worker may take to load and answer (spawned or --target-addr); "
+                              f"past it serve exits with an error; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
+    startup.add_argument("--draft-startup-timeout", type=seconds, default=DEFAULT_STARTUP_TIMEOUT_S, metavar="S",
+                         help="a spawned draft must be up within S seconds; a remote one (--draft-addr) is admitted "
+                              "whenever it first answers, requests running target-only until then, and past S serve "
+                              f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
 
 
 def cmd_serve(args) -> None:
-    from specpipe.config import parse_cpus, pin_cpus
+    from specpipe.config import parse_cpus
     from specpipe.launch.local import serve, spawn_workers
 
     for flag in ("target_cpus", "draft_cpus", "coordinator_cpus"):   # fail before anything starts
@@ -140,19 +166,15 @@ def cmd_serve(args) -> None:
     if args.transport == "torch" and (args.draft_addr or args.target_addr):
         raise SystemExit("--transport torch with a remote worker: start the ranks with torchrun "
                          "(python -m specpipe.launch.torchrun), see the README")
-    workers = spawn_workers(None if args.target_addr else target, None if args.draft_addr else draft,
-                            host=args.worker_host, transport=args.transport,
-                            target_data_port=args.target_data_port, target_device=args.target_device,
-                            draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
-                            target_data_addr=args.target_data_addr, curve_keys=curve_keys,
-                            target_cpus=args.target_cpus, draft_cpus=args.draft_cpus)
-    try:
-        pin_cpus(args.coordinator_cpus)   # after the spawns: they must not inherit it
-    except ValueError as err:
-        raise SystemExit(f"--coordinator-cpus: {err}") from None
+    spawn = functools.partial(spawn_workers, None if args.target_addr else target, None if args.draft_addr else draft,
+                              host=args.worker_host, transport=args.transport,
+                              target_data_port=args.target_data_port, target_device=args.target_device,
+                              draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
+                              target_data_addr=args.target_data_addr, curve_keys=curve_keys,
+                              target_cpus=args.target_cpus, draft_cpus=args.draft_cpus)
     config = CoordinatorConfig(
-        target_model=target, draft_addr=args.draft_addr or workers["draft"].endpoint,
-        target_addr=args.target_addr or workers["target"].endpoint, host=args.host, port=args.port,
+        target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
+        host=args.host, port=args.port,
         default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
@@ -162,8 +184,10 @@ def cmd_serve(args) -> None:
         max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
-        curve_keys=curve_keys)
-    asyncio.run(serve(config, list(workers.values())))
+        curve_keys=curve_keys, health_port=args.health_port,
+        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout)
+    # The coordinator is pinned after the spawns (they must not inherit it): serve does it.
+    asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, args.coordinator_cpus))
 
 
 def cmd_generate(args) -> None:

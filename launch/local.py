@@ -3,7 +3,10 @@ start a whole server as a child process (for `specpipe demo`, the benchmark and 
 
 Each worker is its own OS process (`python -m specpipe.draft_worker ...`), visible in `ps`.
 A worker prints `READY <endpoint>` once bound; the launcher waits for that line with a timeout
-and, if the worker dies first, reports its exit code.
+(saying every so often what it waits for and how long is left) and, if the worker dies first,
+reports its exit code. `serve` binds the gRPC port before any worker is spawned, so health
+answers NOT_SERVING while the models load, and prints `specpipe serving on HOST:PORT` once the
+target answers and the workers it spawned are up; a remote draft (--draft-addr) is not waited for.
 """
 
 from __future__ import annotations
@@ -21,13 +24,16 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from specpipe.config import CoordinatorConfig
+from specpipe.config import CoordinatorConfig, pin_cpus
 
 logger = logging.getLogger(__name__)
 
-# A worker loads its model before it binds; a big model on a slow disk takes a while.
+# A worker loads its model before it binds: how long the helpers wait for that (the tests' tiny
+# models, the benchmark's); `specpipe serve` takes its own from --target/--draft-startup-timeout.
 WORKER_READY_TIMEOUT_S = 120.0
 SERVER_READY_TIMEOUT_S = 180.0
+# While waiting for a READY line, say so this often (what, for how long, how long is left).
+READY_LOG_INTERVAL_S = 30.0
 # Restart back-off of a crashed worker: first delay, and the most it doubles to.
 RESTART_BACKOFF_S = (0.5, 30.0)
 READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
@@ -39,17 +45,33 @@ def _lines(stream, sink: queue.Queue) -> None:
     sink.put(None)
 
 
-def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float,
+class WorkerStartError(RuntimeError):
+    """A process exited, or stayed silent past its timeout, before it printed its ready line."""
+
+
+class WorkerStartTimeout(WorkerStartError):
+    """... silent past its timeout."""
+
+
+def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float | None,
                what: str, echo: bool = False) -> re.Match:
-    deadline = time.monotonic() + timeout
+    """The first line of `process` matching `pattern`; `timeout` None or <= 0: no limit."""
+    started = time.monotonic()
+    deadline = started + timeout if timeout and timeout > 0 else None
     while True:
+        wait = READY_LOG_INTERVAL_S if deadline is None else min(READY_LOG_INTERVAL_S, deadline - time.monotonic())
         try:
-            line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
+            line = lines.get(timeout=max(0.01, wait))
         except queue.Empty:
-            process.kill()
-            raise TimeoutError(f"{what} was not ready within {timeout:.0f}s") from None
+            waited = time.monotonic() - started
+            if deadline is not None and time.monotonic() >= deadline:
+                process.kill()
+                raise WorkerStartTimeout(f"{what} was not ready within {timeout:.0f}s") from None
+            left = "no limit" if deadline is None else f"{deadline - time.monotonic():.0f}s left"
+            logger.info("waiting for %s (pid %d) to load and bind: %.0fs so far, %s", what, process.pid, waited, left)
+            continue
         if line is None:
-            raise RuntimeError(f"{what} exited with code {process.wait()} before it was ready")
+            raise WorkerStartError(f"{what} exited with code {process.wait()} before it was ready")
         if echo:
             sys.stdout.write(line)
         match = pattern.search(line)
@@ -65,6 +87,7 @@ class WorkerProcess:
     data_endpoint: str = ""      # target, zmq transport
     argv: list[str] = field(default_factory=list)   # how it was started (for a restart)
     env: dict = field(default_factory=dict)
+    ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S   # for its READY line (a restart too)
 
     def restart_argv(self) -> list[str]:
         """The same command, pinned to the ports it got, so peers reconnect to the restart."""
@@ -77,28 +100,30 @@ class WorkerProcess:
 
 def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
                  dtype: str = "float32", threads: int = 1, extra: list[str] | None = None,
-                 env: dict | None = None):
-    """Start a worker process; returns a function that waits for its READY line."""
+                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
+    """Start a worker process; returns a function that waits for its READY line (in a thread, from
+    async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit."""
     command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
                "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
                "--exit-with-parent", *(extra or [])]
-    return _start(role, command, env or {})
+    return _start(role, command, env or {}, ready_timeout_s)
 
 
-def _start(role: str, command: list[str], env: dict):
+def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
 
     def ready() -> WorkerProcess:
         try:
-            match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), WORKER_READY_TIMEOUT_S,
+            match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), ready_timeout_s,
                                f"the {role} worker ({' '.join(command[2:6])})")
         except Exception:
             stop_process(process)
             raise
         logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
-        return WorkerProcess(role, process, match.group(1), match.group(2) or "", command, env)
+        return WorkerProcess(role, process, match.group(1), match.group(2) or "", command, env, ready_timeout_s)
+    ready.process = process
     return ready
 
 
@@ -113,38 +138,54 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str, target_data_port: int = 0,
-                  target_device: str = "cpu", draft_device: str = "cpu", dtype: str = "float32",
-                  threads: int = 1, target_data_addr: str = "", curve_keys: str = "", target_cpus: str = "",
-                  draft_cpus: str = "") -> dict[str, WorkerProcess]:
+async def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str,
+                        target_data_port: int = 0, target_device: str = "cpu", draft_device: str = "cpu",
+                        dtype: str = "float32", threads: int = 1, target_data_addr: str = "", curve_keys: str = "",
+                        target_cpus: str = "", draft_cpus: str = "", timeouts: dict | None = None,
+                        attach=None) -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint. torch: both start together
     and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
-    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus."""
+    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus. `timeouts`: {role: seconds
+    for its READY line, None = no limit}; `attach(role, endpoint)`: told as each one is up.
+    Processes start from this (the event loop's) thread: their exit-with-parent signal follows the
+    thread that started them. Cancelled or failed, it stops what it started."""
     secure = ["--curve-keys", curve_keys] if curve_keys else []
     pins = {role: ["--cpus", cpus] if cpus else [] for role, cpus in (("target", target_cpus), ("draft", draft_cpus))}
+    timeouts = timeouts or {}
     common = dict(host=host, dtype=dtype, threads=threads)
     waiting, workers = {}, {}
+
+    async def up(role: str, ready) -> WorkerProcess:
+        waiting[role] = ready
+        workers[role] = await asyncio.to_thread(ready)
+        if attach is not None:
+            attach(role, workers[role].endpoint)
+        return workers[role]
+
     try:
         if transport == "torch":
             rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
-            for role, model, device, rank in (("target", target, target_device, 0), ("draft", draft, draft_device, 1)):
-                waiting[role] = start_worker(role, model, device=device, extra=["--transport", "torch", *secure, *pins[role]],
-                                             env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}, **common)
-            return {role: ready() for role, ready in waiting.items()}
+            starts = {role: start_worker(role, model, device=device, extra=["--transport", "torch", *secure, *pins[role]],
+                                         env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                                         ready_timeout_s=timeouts.get(role), **common)
+                      for role, model, device, rank in (("target", target, target_device, 0),
+                                                        ("draft", draft, draft_device, 1))}
+            await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
+            return workers
         if target:
-            workers["target"] = spawn_worker("target", target, device=target_device,
-                                             extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
-                                             **common)
+            await up("target", start_worker("target", target, device=target_device, ready_timeout_s=timeouts.get("target"),
+                                            extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
+                                            **common))
             target_data_addr = workers["target"].data_endpoint
         if draft:
-            workers["draft"] = spawn_worker("draft", draft, device=draft_device,
-                                            extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
-                                            **common)
+            await up("draft", start_worker("draft", draft, device=draft_device, ready_timeout_s=timeouts.get("draft"),
+                                           extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
+                                           **common))
         return workers
-    except Exception:
-        for worker in workers.values():
-            stop_process(worker.process)
+    except BaseException:
+        for ready in waiting.values():
+            stop_process(ready.process)
         raise
 
 
@@ -205,7 +246,7 @@ class Supervisor:
         await asyncio.sleep(delay)
         started = time.monotonic()
         try:
-            fresh = await asyncio.to_thread(_start(role, worker.restart_argv(), worker.env))
+            fresh = await asyncio.to_thread(_start(role, worker.restart_argv(), worker.env, worker.ready_timeout_s))
         except Exception as err:
             logger.error("restart of the %s worker failed: %s", role, err)
             self.backoff[role] = min(delay * 2, RESTART_BACKOFF_S[1])
@@ -221,19 +262,36 @@ class Supervisor:
             stop_process(worker.process)
 
 
-async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None:
-    """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all."""
+async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "") -> None:
+    """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all.
+    The gRPC port is bound first (health NOT_SERVING); then `spawn(timeouts=..., attach=...)`
+    (spawn_workers with its models and options bound; None: both workers are remote) starts the
+    local workers, this process is pinned to `coordinator_cpus`, and once the target answers the
+    address is printed. A start-up failure exits with one line saying what did not come up."""
     from specpipe.coordinator.server import Coordinator
+    from specpipe.coordinator.workers import WorkerDown
 
     coordinator = Coordinator(config)
-    supervisor = Supervisor(workers, on_death=coordinator.worker_died)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
-    watcher = None
+    supervisor, watcher = Supervisor([], on_death=coordinator.worker_died), None
     try:
         port = await coordinator.start()
+        starting = asyncio.create_task(_start_up(coordinator, spawn, coordinator_cpus))
+        stopping = asyncio.create_task(stop.wait())
+        await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
+        if not starting.done():      # stopped while the models loaded
+            starting.cancel()
+            await asyncio.gather(starting, return_exceptions=True)
+            return
+        stopping.cancel()
+        try:
+            supervisor = Supervisor(starting.result(), on_death=coordinator.worker_died)
+        except (WorkerStartError, WorkerDown) as err:
+            hint = " (--target-startup-timeout, --draft-startup-timeout)" if isinstance(err, WorkerStartTimeout) else ""
+            raise SystemExit(f"specpipe serve: {err}{hint}") from None
         watcher = asyncio.create_task(supervisor.watch())
         print(f"specpipe serving on {config.host}:{port}", flush=True)
         await stop.wait()
@@ -242,6 +300,24 @@ async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None
             watcher.cancel()
         await coordinator.stop()
         supervisor.stop()
+
+
+async def _start_up(coordinator, spawn, coordinator_cpus: str) -> list[WorkerProcess]:
+    """Spawn the local workers (attached to the coordinator as each comes up), then pin this
+    process (after the spawns: they must not inherit it), then wait for the target."""
+    workers: dict[str, WorkerProcess] = {}
+    if spawn is not None:
+        left = coordinator.target_time_left()
+        draft_limit = coordinator.config.draft_startup_timeout_s
+        workers = await spawn(timeouts={"target": left if left is None else max(left, 0.01),
+                                        "draft": draft_limit if draft_limit > 0 else None},
+                              attach=lambda role, endpoint: getattr(coordinator, role).connect(endpoint))
+    try:
+        pin_cpus(coordinator_cpus)
+    except ValueError as err:
+        raise SystemExit(f"--coordinator-cpus: {err}") from None
+    await coordinator.wait_ready()
+    return list(workers.values())
 
 
 class ServerProcess:

@@ -34,7 +34,7 @@ import subprocess
 import sys
 import time
 
-from specpipe.config import WorkerConfig, zmq_endpoint
+from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, zmq_endpoint
 from specpipe.launch.cli import add_serve_args
 
 logger = logging.getLogger(__name__)
@@ -49,8 +49,9 @@ COORDINATOR_STOP_TIMEOUT_S = 15.0
 # rank's process group) may take to stop by itself. It leaves its event loop at once but then
 # needs a second or two to exit, during which a second SIGTERM would kill it.
 SIGNAL_GRACE_S = 5.0
-# Model loading happens before the group forms, so the slower rank's load counts against this.
-DEFAULT_DIST_TIMEOUT_S = 300.0
+# Model loading happens before the group forms, so the slower rank's load counts against this: the
+# start-up wait that fits a large model (specpipe.config).
+DEFAULT_DIST_TIMEOUT_S = DEFAULT_STARTUP_TIMEOUT_S
 # --host / --worker-host value meaning "this node's address" (node_address): one command line for
 # every node, whichever of them torchrun's rendezvous makes rank 0.
 AUTO_HOST = "auto"

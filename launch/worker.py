@@ -9,8 +9,8 @@ import os
 
 import torch
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_TARGET_PORT, ENV_CURVE_KEYS,
-                             WorkerConfig, pin_cpus, zmq_endpoint)
+from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S,
+                             DEFAULT_TARGET_PORT, ENV_CURVE_KEYS, WorkerConfig, pin_cpus, zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -35,8 +35,9 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
                         help="draft, zmq transport: the target's data-plane endpoint, tcp://HOST:PORT "
                              "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling")
-    parser.add_argument("--dist-timeout", type=float, default=60.0,
-                        help="seconds to wait for the torch.distributed peer before failing")
+    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
+                        help="seconds to wait for the torch.distributed peer (its model loading included) before "
+                             f"failing (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
     parser.add_argument("--no-predictor", action="store_true",
                         help="target: do not load the acceptance-length predictor saved beside the model")
     parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
@@ -56,7 +57,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
 
 
 def main(role: str, argv=None) -> None:
-    from specpipe.models import load_model, resolve_device
+    from specpipe.models import ModelLoadError, load_model, resolve_device
     from specpipe.worker_loop import exit_with_parent, serve
 
     config = parse_config(role, argv)
@@ -68,7 +69,10 @@ def main(role: str, argv=None) -> None:
         exit_with_parent()
     curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
     torch.set_num_threads(config.num_threads)
-    device = resolve_device(config.device)
+    try:
+        device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
+    except ModelLoadError as err:
+        raise SystemExit(f"--device: {err}") from None
     model = load_model(config.model, device=str(device), dtype=config.dtype)
     engine, data_endpoint = build_engine(config, model, device, curve_keys)
     serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "",

@@ -14,6 +14,15 @@ DEFAULT_GRPC_PORT = 50051
 DEFAULT_DRAFT_PORT = 50061
 DEFAULT_TARGET_PORT = 50062
 DEFAULT_DATA_PORT = 50063      # the target's data-plane port (zmq transport)
+# The ports the deployment files give the optional listeners (the flags are off by default):
+# --health-port (grpc.health.v1 alone, plain text, for probes) and --metrics-port (Prometheus).
+DEFAULT_HEALTH_PORT = 50052
+DEFAULT_METRICS_PORT = 9090
+# Start-up waits (`specpipe serve --target-startup-timeout / --draft-startup-timeout`): long enough
+# for a model of tens of GB read from network storage onto a GPU (minutes), so a slow start is
+# never mistaken for a failure; where a scheduler already bounds the start (a Kubernetes startup
+# probe, a Slurm script's own wait) that bound decides.
+DEFAULT_STARTUP_TIMEOUT_S = 1800.0
 # Environment variables that name the workers' addresses (flags override them).
 ENV_DRAFT_ADDR = "SPECPIPE_DRAFT_ADDR"
 ENV_TARGET_ADDR = "SPECPIPE_TARGET_ADDR"
@@ -96,6 +105,8 @@ class CoordinatorConfig:
     target_model: str         # for the tokenizer and the context length
     draft_addr: str           # ZeroMQ endpoint of the draft worker
     target_addr: str          # ZeroMQ endpoint of the target worker
+    # ("" for either: a worker `specpipe serve` spawns after the gRPC server is up; it is attached
+    # with WorkerClient.connect once its endpoint is known.)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_GRPC_PORT
     default_mode: str = "specbranch"
@@ -119,6 +130,12 @@ class CoordinatorConfig:
     tls_key: str = ""
     # Prometheus endpoint on `host` (coordinator/metrics.py): None = off, 0 = any free port.
     metrics_port: int | None = None
+    # grpc.health.v1 alone, plain text, on `host` (probes that cannot speak TLS): None = off, 0 = any.
+    health_port: int | None = None
+    # Start-up: the target must answer within this many seconds (0 = no limit), else serve exits;
+    # past the draft's, serve warns and goes on target-only until the draft answers (0 = never warn).
+    target_startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    draft_startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     log_format: str = "text"  # text | json (one JSON object per line)
     # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
     curve_keys: str = ""

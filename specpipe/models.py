@@ -45,7 +45,10 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available on this host")
+        why = (f"this torch build ({torch.__version__}) has no CUDA: install a CUDA build (the Dockerfile's "
+               f"default target)" if torch.version.cuda is None else
+               "no GPU is visible (CUDA_VISIBLE_DEVICES, the container's --gpus / the pod's GPU request, the driver)")
+        raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available: {why}")
     return device
 
 

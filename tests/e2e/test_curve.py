@@ -6,12 +6,16 @@ in sequential mode, whose draft q cross the CURVE data plane (draft PUSH to targ
 started with `--curve-keys` answers a Ping from a DEALER that holds the folder's client key (the
 control, so that silence below means refusal, not a broken test), but gives no Pong within
 NO_ANSWER_S to a plain DEALER or to one with a key that is not in `clients/`, and afterwards still
-answers the right one.
+answers the right one. The probe command (`python -m specpipe.launch.probe`, a pod's exec probe)
+passes with the folder's keys and fails without.
 """
 
 from __future__ import annotations
 
+import os
 import stat
+import subprocess
+import sys
 
 import pytest
 import zmq
@@ -91,5 +95,10 @@ def test_worker_answers_only_clients_with_an_allowed_key(tiny_models, keys):
         assert ping(worker.endpoint, stranger, NO_ANSWER_S) is None, "a key outside clients/ got an answer"
         assert worker.process.poll() is None
         assert ping(worker.endpoint, allowed, ANSWER_S) is not None, "the worker stopped serving"
+        probe = [sys.executable, "-m", "specpipe.launch.probe", worker.endpoint, "--timeout", str(ANSWER_S)]
+        env = {name: value for name, value in os.environ.items() if name != "SPECPIPE_CURVE_KEYS"}
+        assert subprocess.run([*probe, "--curve-keys", str(keys)], env=env, timeout=60).returncode == 0
+        assert subprocess.run([*probe[:-1], str(NO_ANSWER_S)], env=env, timeout=60,
+                              capture_output=True).returncode == 1, "a plain probe got an answer"
     finally:
         stop_process(worker.process)

@@ -1,6 +1,7 @@
 """Production serving, end to end on a real `specpipe serve` over tiny models: admission limits,
 deadlines, bearer-token auth, TLS, Prometheus metrics and JSON logs. One server has all of them
-on (a server start costs ~20 s on two cores): every client here speaks TLS with the token.
+on (a server start costs ~20 s on two cores): every client here speaks TLS with the token, but
+for the plain-text health port (--health-port), which serves health alone.
 
 Method: to hold a request running for as long as a test needs, without depending on how fast
 the machine decodes, its client opens a channel with a tiny HTTP/2 receive window and stops
@@ -123,13 +124,15 @@ def server(tiny_models, tmp_path_factory):
     flight: two LONG requests (968 tokens) leave room for a third only if it is small."""
     folder = make_certificates(tmp_path_factory.mktemp("tls"))
     (folder / "token").write_text(TOKEN + "\n")
-    port = free_port()
+    port, health_port = free_port(), free_port()
     server = LoggedServer(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]),
                            "--auth-token-file", str(folder / "token"), "--tls-cert", str(folder / "server.pem"),
                            "--tls-key", str(folder / "server.key"), "--metrics-port", str(port),
+                           "--health-port", str(health_port),
                            "--max-concurrent-requests", "3", "--max-queued-requests", "2",
                            "--max-tokens-in-flight", "1000", "--log-format", "json"], folder / "serve.log")
     server.metrics_port, server.ca, server.folder = port, (folder / "ca.pem").read_bytes(), folder
+    server.health_port = health_port
     yield server
     server.stop()
 
@@ -331,6 +334,20 @@ def test_health_and_reflection_need_no_token(server):
     names = {service.name for reply in replies for service in reply.list_services_response.service}
     assert "specpipe.v1.SpecPipe" in names
     channel.close()
+
+
+def test_plaintext_health_port_serves_health_alone(server):
+    """What the kubelet's gRPC probes (no TLS) need beside a TLS API: the same health service, in
+    plain text, with nothing else on that port."""
+    with grpc.insecure_channel(f"127.0.0.1:{server.health_port}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        for service in ("", "specpipe.v1.SpecPipe", "liveness"):
+            response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
+            assert response.status == health_pb2.HealthCheckResponse.SERVING, service
+        with pytest.raises(grpc.RpcError) as err:
+            specpipe_pb2_grpc.SpecPipeStub(channel).GetStats(
+                specpipe_pb2.StatsRequest(), metadata=(("authorization", f"bearer {TOKEN}"),), timeout=10)
+        assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, "the API must not be reachable in plain text"
 
 
 def test_plaintext_or_untrusted_clients_fail(server):
