@@ -51,7 +51,11 @@ METRIC_NAMES = [
     "specpipe:mean_acceptance_length",
     "specpipe:worker_healthy", "specpipe:worker_busy_fraction", "specpipe:worker_busy_seconds_total",
     "specpipe:worker_live_requests", "specpipe:live_branches",
+    "specpipe:worker_batch_rows", "specpipe:worker_batch_tokens", "specpipe:batch_wait_seconds",
 ]
+# Rows (target: requests, draft: branches) and tokens fed per batched forward.
+BATCH_ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
+BATCH_TOKEN_BUCKETS = (1, 4, 8, 16, 32, 64, 96, 128, 192, 256, 384, 512, 1024)
 
 
 class _LiveCollector(Collector):
@@ -134,6 +138,14 @@ class ServerMetrics:
         self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
                                     "Seconds admitted requests waited in the admission queue.",
                                     buckets=REQUEST_BUCKETS, registry=registry)
+        self.batch_rows = Histogram(PREFIX + "worker_batch_rows", "Rows per batched forward of a worker "
+                                    "(target: requests; draft: branches).", ["role"], buckets=BATCH_ROW_BUCKETS,
+                                    registry=registry)
+        self.batch_tokens = Histogram(PREFIX + "worker_batch_tokens", "Tokens fed per batched forward of a worker.",
+                                      ["role"], buckets=BATCH_TOKEN_BUCKETS, registry=registry)
+        self.batch_wait = Histogram(PREFIX + "batch_wait_seconds", "Seconds a request's work waited, ready, for a "
+                                    "place in the target's batches (summed over the request).",
+                                    buckets=ITL_BUCKETS, registry=registry)
         registry.register(_LiveCollector(self, admission, workers))
 
     # -- what the servicer reports ------------------------------------------------------------
@@ -165,6 +177,12 @@ class ServerMetrics:
         self.committed_tokens.inc(committed)
         self.branches_forked.inc(stats.branches_forked)
         self.branches_hit.inc(stats.branches_hit)
+        self.batch_wait.observe(stats.queue_seconds)
+
+    def observe_batch(self, role: str, rows: int, tokens: int) -> None:
+        """One batched forward of a worker (WorkerClient.on_batch)."""
+        self.batch_rows.labels(role).observe(rows)
+        self.batch_tokens.labels(role).observe(tokens)
 
     def observe_success(self, finished_reason: str, seconds: float) -> None:
         self.success.labels(finished_reason).inc()

@@ -1,33 +1,31 @@
 """The pipelined schedules: PEARL-style pipelining and SpecBranch branches (DESIGN §1).
 
 While the target verifies a block, the draft keeps drafting past the end of everything in flight,
-assuming it will be accepted. The coordinator mirrors every live draft branch (its tokens, and
-the alternatives worth forking at each of its unsure positions) from the DraftToken stream, so it
-can cut the next block the moment the target needs one, with no round trip to the draft.
+assuming it will be accepted. The schedule mirrors every live draft branch (its tokens, and the
+alternatives worth forking at each of its unsure positions) from the draft's steps, so it can cut
+the next block the moment the target needs one, with no round trip to the draft.
 
 Blocks are cut just in time: the next block goes to the target behind the one it verifies when it
 is full, or when the draft's next token would arrive after the target is expected to be free (the
 expected finish comes from the fitted verify-cost line); an idle target gets a block as soon as a
-few tokens are drafted. Verifying a longer block costs the target little more than a short one,
-so nothing stops a block at an unsure token: the draft keeps the target fed.
+few tokens are drafted. When the target is shared by many requests (its batches full), drafting
+ahead only wastes the draft's time: the policy's lookahead (`DraftPolicy.lookahead_blocks`) then
+keeps at most one block in flight, as the sequential schedule does.
 
 SpecBranch: at each of the main branch's unverified positions where the draft is unsure (its
-token's probability under the policy's branch threshold), the coordinator forks alternative
+token's probability under the policy's branch threshold), the schedule forks alternative
 branches, one per next-best candidate, up to a budget of live branches. Each branch drafts a few
-tokens past its fork point, in the same batched forward as the main branch (the draft batches
-caches of unequal length), so it costs little. When a verdict rejects the main branch at such a
-position, the branch starting with the target's correction is promoted: its tokens are already
-drafted and go to the target at once, instead of the target idling while the draft redrafts.
-Rollback-aware, when asked (`--main-lookahead N`): past its first unverified unsure position the
-main branch drafts only N more tokens, so a likely break does not throw away a long run of drafted
-tokens. Off by default: on the demo pair it rolls back ~6% fewer tokens but is ~10% slower, since
-most unsure positions are accepted and the target then waits for the main branch to catch up.
+tokens past its fork point, in the same batched forward as every other branch. When a verdict
+rejects the main branch at such a position, the branch starting with the target's correction is
+promoted: its tokens are already drafted and go to the target at once, instead of the target
+idling while the draft redrafts. Rollback-aware, when asked (`--main-lookahead N`): past its first
+unverified unsure position the main branch drafts only N more tokens.
 
 After every verdict the branch tree is pruned to the branches that agree with the committed
 tokens: if the main branch agrees it goes on; else a branch that starts with the target's
-correction is promoted; every other branch is cancelled on the draft worker, which releases its
-KV entries. If none agrees, the main branch is synced back to the committed tokens under a new
-epoch (its stale tokens still in flight are dropped) and drafting restarts.
+correction is promoted; every other branch is cancelled on the draft worker, which frees its KV
+slot. If none agrees, the main branch is synced back to the committed tokens under a new epoch
+(its stale tokens still in flight are dropped) and drafting restarts.
 
 Two blocks may be in flight: the next block is queued on the target behind the one it is
 verifying, marked with the token it assumes at its start, so the target goes from one to the next
@@ -45,14 +43,11 @@ import logging
 import time
 from dataclasses import dataclass, field
 
-from specpipe.coordinator.scheduler import ROOT_BRANCH, Block, RequestRun
+from specpipe.coordinator.schedules import ROOT_BRANCH, Block, Schedule
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
 
-
-# Blocks queued on the target at once: the one it verifies and the next.
-MAX_IN_FLIGHT = 2
 # One coordinator-to-worker message, in seconds (loopback ZeroMQ): the slack of just-in-time cuts.
 HOP_S = 0.0005
 # Until costs are measured: a verify and a draft step, in seconds.
@@ -60,16 +55,8 @@ DEFAULT_VERIFY_S, DEFAULT_DRAFT_STEP_S = 0.010, 0.001
 
 
 @dataclass
-class InFlight:
-    start: int                 # committed length the block extends
-    token_ids: list[int]
-    done_at: float             # when the target should be done with it (time.monotonic)
-    doomed: bool = False       # a block before it was not fully accepted: the target drops it
-
-
-@dataclass
 class BranchView:
-    """The coordinator's mirror of one draft branch."""
+    """The schedule's mirror of one draft branch."""
     tokens: list[int]                                      # full sequence, prompt included
     fork_at: int | None = None                             # position of its first own token; None: main line
     epoch: int = 0                                         # epoch its unverified tokens were drafted in
@@ -79,33 +66,32 @@ class BranchView:
     forked: set[int] = field(default_factory=set)          # positions already forked (main line)
 
 
-class Pipeline:
-    def __init__(self, run: RequestRun):
-        self.run, self.plan, self.policy = run, run.plan, run.policy
-        self.branching = self.plan.mode == "specbranch"
-        self.tokens = list(self.plan.prompt_ids)            # committed
-        self.end = len(self.tokens) + self.plan.max_new_tokens
+class Pipelined(Schedule):
+    def __init__(self, plan, channel, policy, stats):
+        super().__init__(plan, channel, policy, stats)
+        self.branching = plan.mode == "specbranch"
         self.branches = {ROOT_BRANCH: BranchView(list(self.tokens), job_end=len(self.tokens))}
         self.main = ROOT_BRANCH
         self.next_branch_id = ROOT_BRANCH + 1
-        self.queue: list[InFlight] = []                     # blocks sent to the target, oldest first
 
-    async def tokens_stream(self):
-        await self.run.prefill()
-        self.run.epoch = 1
+    async def run(self):
+        await self.prefill()
+        self.epoch = 1
         await self.keep_drafting()
         while True:
             await self.maybe_send_block()
-            event = await self.run.next_event("draft_token", "verdict")
-            if event.kind == "draft_token":
-                await self.on_draft_token(event.reply.draft_token)
+            event = await self.channel.next_event("draft_tokens", "verdict")
+            if event.kind == "draft_tokens":
+                for token in self.observe_draft(event):
+                    if token.epoch == self.epoch:   # (an older epoch's: drafted before a resync, dropped)
+                        await self.on_draft_token(token)
             else:
-                new_tokens = await self.on_verdict(event.reply.verdict)
+                new_tokens = await self.on_verdict(event.payload)
                 if new_tokens:
                     yield new_tokens
 
-    def live(self) -> list[InFlight]:
-        return [block for block in self.queue if not block.doomed]
+    def live(self) -> list[Block]:
+        return [block for block in self.in_flight if not block.doomed]
 
     # -- drafting ---------------------------------------------------------------------------------
     def anchor(self) -> int:
@@ -134,7 +120,8 @@ class Pipeline:
             for branch_id in branch_ids:
                 view = self.branches[branch_id]
                 view.job_end = len(view.tokens) + need
-            await self.run.start_draft(branch_ids, need, num_candidates=self.policy.branch_width)
+            await self.channel.draft_tokens(branch_ids, self.epoch, need, self.policy.min_confidence,
+                                            self.policy.branch_width, not self.plan.sampling.greedy)
 
     @staticmethod
     def drafting(view: BranchView) -> bool:
@@ -144,6 +131,9 @@ class Pipeline:
         view = self.branches.get(token.branch_id)
         if view is None:
             return                                  # a cancelled branch's late token: dropped
+        if token.token_id < 0:                      # its job ended with no token (the drafter had none)
+            view.job_end = len(view.tokens)
+            return
         assert token.position == len(view.tokens), \
             f"branch {token.branch_id}: token at {token.position}, mirror has {len(view.tokens)}"
         view.tokens.append(token.token_id)
@@ -171,13 +161,11 @@ class Pipeline:
             view.forked.add(position)
             for token_id in view.alternatives[position][:budget]:
                 branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
-                await self.run.draft.command(fork=worker_pb2.Fork(
-                    request_id=self.plan.request_id, parent_branch_id=self.main, branch_id=branch_id,
-                    position=position, token_ids=[token_id]))
+                await self.channel.fork(self.main, branch_id, position, [token_id])
                 self.branches[branch_id] = BranchView(view.tokens[:position] + [token_id], fork_at=position,
                                                       epoch=view.epoch, job_end=position + 1)
-                self.run.stats.branches_forked += 1
-                self.run.stats.drafted_total += 1      # its first token: proposed, kept only on a hit
+                self.stats.branches_forked += 1
+                self.stats.drafted_tokens += 1         # its first token: proposed, kept only on a hit
                 budget -= 1
                 forked = True
         if forked:
@@ -188,7 +176,7 @@ class Pipeline:
         """Send the main branch's next block: to an idle target once a few tokens are drafted (or
         the main branch stopped); behind a block in flight once full, or just in time."""
         live = self.live()
-        if len(live) >= MAX_IN_FLIGHT or (live and not live[-1].token_ids):
+        if len(live) >= self.policy.lookahead_blocks() or (live and not live[-1].token_ids):
             return
         view = self.branches[self.main]
         start = self.anchor()
@@ -208,27 +196,22 @@ class Pipeline:
                 return
         verify_s = self.policy.model.verify_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
         begins = max(now + HOP_S, live[-1].done_at if live else 0.0)
-        self.queue.append(InFlight(start, block_ids, done_at=begins + verify_s))
-        block = Block(token_ids=block_ids, branch_id=self.main, epoch=view.epoch)
-        await self.run.send_verify(block, emit_bonus=False, start=start,
-                                   expect_last_token=view.tokens[start - 1] if live else None)
+        block = Block(start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch,
+                      done_at=begins + verify_s)
+        await self.send_verify(block, emit_bonus=False, expect_last_token=view.tokens[start - 1] if live else None)
         await self.keep_drafting()
 
     async def on_verdict(self, verdict: worker_pb2.Verdict) -> list[int]:
-        head = self.queue.pop(0)
-        if verdict.stale:
-            assert head.doomed, f"block at {head.start} answered stale but was expected to hold"
-            self.run.drop_stale()
-            return []
+        head = self.in_flight[0]
         start = len(self.tokens)
-        assert head.start == start, f"verdict for a block at {head.start}, committed length {start}"
-        new_tokens = self.run.commit(verdict, head.token_ids)
-        self.tokens += new_tokens
+        new_tokens = self.commit(verdict)
+        if verdict.stale:
+            return []
         if verdict.num_accepted < len(head.token_ids):
             rejected = self.branches[self.main].probs.get(start + verdict.num_accepted)
             if rejected is not None:                # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
-            for block in self.queue:
+            for block in self.in_flight:
                 block.doomed = True                 # the target will answer them stale
         live = self.live()
         if live:                                    # the target is on the next block now
@@ -246,7 +229,7 @@ class Pipeline:
             survivor = self.main
         elif agree:
             survivor = max(agree, key=lambda b: len(self.branches[b].tokens))
-            self.run.stats.branches_hit += 1
+            self.stats.branches_hit += 1
         else:
             survivor = self.main
         losers = [b for b in self.branches if b != survivor and b not in agree]
@@ -256,25 +239,20 @@ class Pipeline:
         if survivor != self.main:
             self.policy.observe_fork(hit=True)
         if losers:
-            await self.run.draft.command(cancel=worker_pb2.Cancel(request_id=self.plan.request_id, branch_ids=losers))
+            await self.channel.cancel(losers)
             for branch_id in losers:
                 del self.branches[branch_id]
         self.main = survivor
         view = self.branches[survivor]
         view.fork_at = None                         # (promoted: it is the main line now)
         if survivor not in agree:                   # nothing agrees: roll main back to the committed tokens
-            self.run.epoch += 1
+            self.epoch += 1
             view.tokens, view.job_end = list(self.tokens), length
             view.alternatives.clear()
             view.probs.clear()
-            await self.run.sync_draft(survivor, keep=length - 1, append=self.tokens[-1:])
+            await self.channel.sync(survivor, keep_length=length - 1, append=self.tokens[-1:])
         view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
         view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
         view.forked = {p for p in view.forked if p >= length}
         if self.branching:
             await self.fork_where_unsure()
-
-
-async def pipelined(run: RequestRun):
-    async for new_tokens in Pipeline(run).tokens_stream():
-        yield new_tokens

@@ -52,6 +52,9 @@ FORGET = 0.99
 PRIOR_RATE, PRIOR_WEIGHT = 0.7, 4.0
 # Drafted tokens an idle target waits for before it gets a block (pipelined modes).
 IDLE_SEND_TOKENS = 2
+# Blocks of one request in flight on the target at once (pipelined modes): the one it verifies and
+# the next, queued so the target goes on without waiting for the coordinator.
+MAX_IN_FLIGHT = 2
 # Learnt branch threshold: the share of rejections it should flag, over the draft probabilities of
 # the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
 BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
@@ -231,6 +234,11 @@ class DraftPolicy:
                 self._best_length = self.model.best_length(most, pipelined=True)
             return self._best_length
         return most
+
+    def lookahead_blocks(self) -> int:
+        """Blocks of one request queued on the target at once (pipelined modes): the one it
+        verifies and the next."""
+        return MAX_IN_FLIGHT
 
     def send_length(self) -> int:
         """How many drafted tokens are worth sending to an idle target while the draft is still

@@ -152,6 +152,8 @@ class Coordinator:
         admission = Admission(AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests,
                                               config.max_tokens_in_flight))
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
+        for worker in (self.draft, self.target):
+            worker.on_batch = self.metrics.observe_batch
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):

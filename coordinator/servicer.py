@@ -28,7 +28,8 @@ import numpy as np
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
-from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
+from specpipe.coordinator.scheduler import RequestPlan, RequestRun
+from specpipe.coordinator.schedules import RunStats
 from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
@@ -267,22 +268,19 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
 
     def _request_stats(self, run: RequestRun, generated: int, first_token_at: float,
                        arrived: float) -> specpipe_pb2.RequestStats:
-        stats, now = run.stats, time.monotonic()
-        wall = max(now - arrived, 1e-9)
-        return specpipe_pb2.RequestStats(
-            draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
-            rolled_back_tokens=stats.rolled_back_tokens, verifications=stats.verifications,
-            branches_forked=stats.branches_forked, branches_hit=stats.branches_hit,
-            time_to_first_token_s=first_token_at - arrived, tokens_per_second=generated / wall,
-            mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
-            acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
-            generated_tokens=generated, mode=MODE_ENUMS[run.plan.mode],
-            target_busy_fraction=min(1.0, stats.target_seconds / max(now - run.started, 1e-9)))
+        now = time.monotonic()
+        stats = stats_message(run.stats, generated)
+        stats.time_to_first_token_s = first_token_at - arrived
+        stats.tokens_per_second = generated / max(now - arrived, 1e-9)
+        stats.mode = MODE_ENUMS[run.plan.mode]
+        stats.target_busy_fraction = min(1.0, run.stats.target_seconds / max(now - run.started, 1e-9))
+        return stats
 
     def _add_totals(self, stats: RunStats, generated: int) -> None:
-        for name in ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications",
-                     "branches_forked", "branches_hit", "target_seconds"):
+        for name in ("drafted_tokens", "draft_tokens", "accepted_tokens", "verifications", "branches_forked",
+                     "branches_hit", "target_seconds", "queue_seconds"):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
+        self.totals.committed_per_verification.append(sum(stats.committed_per_verification))
         self.totals_generated += generated
 
     # -- GetStats -------------------------------------------------------------------------------
@@ -298,13 +296,11 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 stats.pid = pong.pid
                 stats.busy_fraction = pong.busy_seconds / max(pong.uptime_seconds, 1e-9)
             stats.live_requests, stats.live_branches = worker.live_counts()   # 0 while down
-        totals = self.totals
-        response.totals.CopyFrom(specpipe_pb2.RequestStats(
-            draft_tokens=totals.draft_tokens, accepted_tokens=totals.accepted_tokens,
-            rolled_back_tokens=totals.rolled_back_tokens, verifications=totals.verifications,
-            branches_forked=totals.branches_forked, branches_hit=totals.branches_hit,
-            generated_tokens=self.totals_generated,
-            acceptance_rate=totals.accepted_tokens / totals.draft_tokens if totals.draft_tokens else 0.0))
+            if pong is not None and worker.healthy:
+                stats.kv_slots, stats.kv_slots_used, stats.kv_slot_len = pong.kv_slots, pong.kv_slots_used, \
+                    pong.kv_slot_len
+                stats.last_batch_rows, stats.last_batch_tokens = pong.last_batch_rows, pong.last_batch_tokens
+        response.totals.CopyFrom(stats_message(self.totals, self.totals_generated))
         response.finished.update(self.finished)
         response.status = server_status(self.draft.healthy, self.target.healthy)
         response.policy.CopyFrom(self._policy_state())
@@ -322,6 +318,17 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             branch_threshold_learnt=learnt, rejections_seen=len(model.rejected_probs[True]),
             fork_hit_rate=-1.0 if hit_rates[0] is None else hit_rates[0],
             sampled_fork_hit_rate=-1.0 if hit_rates[1] is None else hit_rates[1])
+
+
+def stats_message(stats: RunStats, generated: int) -> specpipe_pb2.RequestStats:
+    """The counters of RunStats as the public RequestStats (one request's, or the totals)."""
+    return specpipe_pb2.RequestStats(
+        drafted_tokens=stats.drafted_tokens, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
+        rolled_back_tokens=stats.rolled_back_tokens, verifications=stats.verifications,
+        branches_forked=stats.branches_forked, branches_hit=stats.branches_hit, generated_tokens=generated,
+        mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
+        acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
+        batch_wait_s=stats.queue_seconds)
 
 
 def server_status(draft_healthy: bool, target_healthy: bool) -> str:

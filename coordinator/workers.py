@@ -1,7 +1,10 @@
 """The coordinator's connection to one worker: send commands, route replies, watch heartbeats.
 
-One DEALER socket per worker (the worker binds a ROUTER). A reader task decodes every reply and
-puts it in the inbox of the request it names; Pongs update the worker's health and counters.
+One DEALER socket per worker (the worker binds a ROUTER). A reader task decodes every message
+and fans it out: a worker sends one message per iteration (the draft a DraftStep with the tokens
+of every branch it advanced, the target a Verdicts with every verdict of its batched forward), and
+each request's inbox gets one Event with its part. Pongs update the worker's health and counters;
+the iteration figures (rows and tokens per forward) go to `on_batch` (the metrics).
 A ping goes out every `heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s` is
 declared down and every request waiting on it is told at once (its scheduler then fails the
 request instead of hanging).
@@ -13,7 +16,7 @@ import asyncio
 import itertools
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import zmq
 import zmq.asyncio
@@ -39,14 +42,14 @@ class WorkerFailed(Exception):
 
 @dataclass
 class Event:
-    """One reply for a request, as its scheduler sees it."""
+    """One request's part of a worker message, as its schedule sees it. kind: draft_tokens
+    (payload: list of DraftToken), verdict (a Verdict), error (an Error), down (the worker went
+    down; payload None)."""
     role: str
-    reply: worker_pb2.Reply | None    # None: the worker went down
-    frames: list[bytes]
-
-    @property
-    def kind(self) -> str:
-        return self.reply.WhichOneof("kind") if self.reply is not None else "down"
+    kind: str
+    payload: object = None
+    frames: list[bytes] = field(default_factory=list)
+    step_seconds: float = 0.0         # draft_tokens: the forward step's time
 
 
 class WorkerClient:
@@ -71,6 +74,7 @@ class WorkerClient:
         self._nonces = itertools.count(1)
         self._pong_waiters: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
+        self.on_batch = None          # on_batch(role, rows, tokens): told of every batched forward
 
     def connect(self, address: str) -> None:
         """Connect a client made without an address (a worker that `specpipe serve` spawns after its
@@ -115,10 +119,32 @@ class WorkerClient:
             kind = reply.WhichOneof("kind")
             if kind == "pong":
                 self._on_pong(reply.pong)
-                continue
-            inbox = self.inboxes.get(getattr(reply, kind).request_id)
-            if inbox is not None:   # else: the request finished meanwhile; a late reply is dropped
-                inbox.put_nowait(Event(self.role, reply, frames))
+            elif kind == "draft_step":
+                self._on_draft_step(reply.draft_step)
+            elif kind == "verdicts":
+                self._on_verdicts(reply.verdicts, frames)
+            elif kind == "error":
+                self._deliver(reply.error.request_id, Event(self.role, "error", reply.error))
+
+    def _deliver(self, request_id: str, event: Event) -> None:
+        inbox = self.inboxes.get(request_id)
+        if inbox is not None:   # else: the request finished meanwhile; a late reply is dropped
+            inbox.put_nowait(event)
+
+    def _on_draft_step(self, step: worker_pb2.DraftStep) -> None:
+        by_request: dict[str, list] = {}
+        for token in step.tokens:
+            by_request.setdefault(token.request_id, []).append(token)
+        for request_id, tokens in by_request.items():
+            self._deliver(request_id, Event(self.role, "draft_tokens", tokens, step_seconds=step.step_seconds))
+        if self.on_batch is not None:
+            self.on_batch(self.role, step.batch_branches, step.batch_tokens)
+
+    def _on_verdicts(self, batch: worker_pb2.Verdicts, frames: list[bytes]) -> None:
+        for verdict in batch.verdicts:
+            self._deliver(verdict.request_id, Event(self.role, "verdict", verdict, frames))
+        if self.on_batch is not None and batch.batch_requests:
+            self.on_batch(self.role, batch.batch_requests, batch.batch_tokens)
 
     def _on_pong(self, pong: worker_pb2.Pong) -> None:
         self.last_pong, self.last_seen = pong, time.monotonic()
@@ -175,7 +201,7 @@ class WorkerClient:
         self.last_seen = 0.0
         logger.error("%s worker at %s %s: marked down", self.role, self.address, why)
         for inbox in list(self.inboxes.values()):
-            inbox.put_nowait(Event(self.role, None, []))
+            inbox.put_nowait(Event(self.role, "down"))
 
     async def wait_healthy(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout

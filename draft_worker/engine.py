@@ -1,9 +1,10 @@
-"""The draft worker's executor: per request, a small tree of branches over the draft model.
+"""The draft worker's executor: per request, a small tree of branches, advanced by a drafter.
 
-Each branch is a token sequence and a KV cache covering all but its pending tokens (those not yet
-fed to the model; at least the last one). A Draft command gives branches a job; `work()` runs one
-forward step for the active branches of one request — batched into one forward, caches of
-unequal length padded and masked — and streams one DraftToken per branch. Commands arriving
+A branch is a token sequence and, while it drafts, a job (how many tokens to go, under which
+epoch). `step` advances every drafting branch of every request at once: the drafter
+(draft_worker/drafter.py) proposes the next token of each in one batched forward, the engine
+chooses it (argmax, or a draw from the processed q), and the step's tokens go to the coordinator in
+one DraftStep per connection, their q to the target in one data-plane message. Commands arriving
 between steps (Sync, Cancel, Fork, Release) take effect before the next step: drafting is
 interruptible.
 
@@ -21,13 +22,15 @@ from dataclasses import dataclass, field
 
 import torch
 
-from specpipe.kv_cache import KVCache, forward_batch
+from specpipe.draft_worker.drafter import BranchKey, Drafter
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import STREAM_DRAFT, SamplingParams, logits_to_probs, make_generator, sample_from_probs
 
 logger = logging.getLogger(__name__)
 
-# Stream key of the draft's randomness (the target uses its own), see specpipe.sampling.make_generator.
+# Branches advanced in one step at most (the rest wait for the next, in turn).
+MAX_STEP_BRANCHES = 512
+
 
 @dataclass
 class DraftJob:
@@ -37,15 +40,12 @@ class DraftJob:
     num_candidates: int
     send_probs: bool
 
+
 @dataclass
 class Branch:
     tokens: list[int]
-    cache: KVCache
     job: DraftJob | None = None
 
-    @property
-    def num_pending(self) -> int:
-        return len(self.tokens) - self.cache.length
 
 @dataclass
 class DraftRequest:
@@ -54,30 +54,29 @@ class DraftRequest:
     handle: int                      # the request's number on the data plane
     branches: dict[int, Branch] = field(default_factory=dict)
 
+
 class DraftEngine:
-    def __init__(self, model, device: torch.device | str = "cpu", probs_sender=None):
+    def __init__(self, drafter: Drafter, probs_sender=None):
         """`probs_sender`: the data plane to the target (specpipe.dataplane), needed for sampling."""
-        self.model, self.device = model, torch.device(device)
-        self.probs_sender = probs_sender
+        self.drafter, self.probs_sender = drafter, probs_sender
         self.requests: dict[str, DraftRequest] = {}
-        self._turn = 0  # round-robin position over requests with work
+        self._turn = 0
+        self.last_batch = (0, 0)
 
     # -- commands -----------------------------------------------------------------------------
-    def handle(self, command, frames):
+    def handle(self, command, frames) -> None:
         kind = command.WhichOneof("kind")
-        getattr(self, f"_on_{kind}")(getattr(command, kind))
-        return []
+        getattr(self, f"_on_{kind}", self._on_other)(getattr(command, kind))
 
     def _on_prefill(self, msg) -> None:
         assert len(msg.token_ids) >= 1, "prefill needs at least one token"
+        if msg.request_id in self.requests:
+            raise ValueError(f"request {msg.request_id!r} exists already")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
-        request = DraftRequest(sampling=sampling, seed=msg.sampling.seed, handle=msg.handle)
         tokens = list(msg.token_ids)
-        cache = KVCache()
-        if len(tokens) > 1:
-            with torch.inference_mode():
-                cache.forward(self.model, self._ids([tokens[:-1]]))
-        request.branches[0] = Branch(tokens=tokens, cache=cache)
+        self.drafter.open((msg.request_id, 0), tokens)
+        request = DraftRequest(sampling=sampling, seed=msg.sampling.seed, handle=msg.handle)
+        request.branches[0] = Branch(tokens=tokens)
         self.requests[msg.request_id] = request
 
     def _on_draft(self, msg) -> None:
@@ -96,28 +95,30 @@ class DraftEngine:
         assert msg.branch_id not in request.branches, f"branch {msg.branch_id} exists already"
         assert 0 < msg.position <= len(parent.tokens), f"fork at {msg.position} outside the parent"
         assert msg.token_ids, "a fork needs at least one token"
-        tokens = parent.tokens[:msg.position] + list(msg.token_ids)
-        cache = parent.cache.fork(min(parent.cache.length, msg.position))
-        request.branches[msg.branch_id] = Branch(tokens=tokens, cache=cache)
+        self.drafter.fork((msg.request_id, msg.parent_branch_id), (msg.request_id, msg.branch_id), msg.position)
+        request.branches[msg.branch_id] = Branch(tokens=parent.tokens[:msg.position] + list(msg.token_ids))
 
     def _on_sync(self, msg) -> None:
         branch = self._branch(self._request(msg.request_id), msg.request_id, msg.branch_id)
         assert msg.keep_length <= len(branch.tokens), f"keep {msg.keep_length} > {len(branch.tokens)} tokens"
         branch.tokens = branch.tokens[:msg.keep_length] + list(msg.append_token_ids)
         assert branch.tokens, "a branch cannot be emptied"
-        branch.cache.rollback(min(branch.cache.length, len(branch.tokens) - 1))
+        self.drafter.truncate((msg.request_id, msg.branch_id), min(msg.keep_length, len(branch.tokens) - 1))
         branch.job = None
 
     def _on_cancel(self, msg) -> None:
         request = self.requests.get(msg.request_id)
         for branch_id in msg.branch_ids if request else ():
-            request.branches.pop(branch_id, None)
+            if request.branches.pop(branch_id, None) is not None:
+                self.drafter.close((msg.request_id, branch_id))
 
     def _on_release(self, msg) -> None:
-        self.requests.pop(msg.request_id, None)
+        request = self.requests.pop(msg.request_id, None)
+        for branch_id in request.branches if request else ():
+            self.drafter.close((msg.request_id, branch_id))
 
-    def _on_verify(self, msg) -> None:
-        raise ValueError("the draft worker does not verify")
+    def _on_other(self, msg) -> None:
+        raise ValueError(f"the draft worker does not take {type(msg).__name__}")
 
     def _request(self, request_id: str) -> DraftRequest:
         if request_id not in self.requests:
@@ -130,76 +131,116 @@ class DraftEngine:
             raise KeyError(f"request {request_id!r} has no branch {branch_id}")
         return request.branches[branch_id]
 
-    def live_counts(self) -> tuple[int, int]:
-        return len(self.requests), sum(len(r.branches) for r in self.requests.values())
+    # -- the loop's questions -----------------------------------------------------------------
+    def sockets(self) -> list:
+        return []
 
-    # -- work ---------------------------------------------------------------------------------
-    def has_work(self) -> bool:
+    def poll(self) -> None:
+        pass
+
+    def ready(self) -> bool:
         return any(b.job for r in self.requests.values() for b in r.branches.values())
 
-    def work(self):
-        """One forward step for the drafting branches of the next request in turn."""
-        busy = [rid for rid, r in self.requests.items() if any(b.job for b in r.branches.values())]
-        request_id = busy[self._turn % len(busy)]
+    def waiting(self) -> bool:
+        return False
+
+    def fill_pong(self, pong: worker_pb2.Pong) -> None:
+        pong.live_requests = len(self.requests)
+        pong.live_branches = sum(len(r.branches) for r in self.requests.values())
+        pong.kv_slots, pong.kv_slots_used, pong.kv_slot_len = self.drafter.capacity()
+        pong.last_batch_rows, pong.last_batch_tokens = self.last_batch
+
+    # -- one step -----------------------------------------------------------------------------
+    def step(self) -> tuple[list, dict]:
+        """One proposal for every drafting branch of every request (in turn, up to
+        MAX_STEP_BRANCHES): the DraftToken items, and the step's figures."""
+        active = [(request_id, branch_id) for request_id, r in self.requests.items()
+                  for branch_id, b in r.branches.items() if b.job]
+        start = self._turn % len(active)
         self._turn += 1
-        request = self.requests[request_id]
-        groups: dict[int, list[int]] = {}   # by pending tokens: caches of any length batch together
-        for branch_id, branch in request.branches.items():
-            if branch.job:
-                groups.setdefault(branch.num_pending, []).append(branch_id)
-        replies = []
-        for branch_ids in groups.values():
-            try:
-                replies += self._step(request_id, request, branch_ids)
-            except Exception as err:
-                logger.exception("[%s] draft step failed", request_id)
-                for branch_id in branch_ids:
-                    request.branches[branch_id].job = None
-                error = worker_pb2.Error(request_id=request_id, message=f"{type(err).__name__}: {err}",
-                                         command="draft")
-                replies.append((request_id, worker_pb2.Reply(error=error), []))
-        return replies
-
-    def _step(self, request_id: str, request: DraftRequest, branch_ids: list[int]):
-        branches = [request.branches[i] for i in branch_ids]
+        active = (active[start:] + active[:start])[:MAX_STEP_BRANCHES]
         begin = time.perf_counter()
-        with torch.inference_mode():
-            input_ids = self._ids([b.tokens[b.cache.length:] for b in branches])
-            logits = forward_batch(self.model, [b.cache for b in branches], input_ids).logits[:, -1]
-        replies = [self._emit(request_id, request, branch_id, branch, row_logits)
-                   for branch_id, branch, row_logits in zip(branch_ids, branches, logits)]
+        try:
+            proposals = self.drafter.propose([(key, self.requests[key[0]].branches[key[1]].tokens) for key in active])
+        except Exception as err:
+            return self._failed(active, err), {}
+        items = self._choose(active, proposals)
         elapsed = time.perf_counter() - begin
-        for _, reply, _ in replies:
-            reply.draft_token.step_seconds = elapsed
-        return replies
+        self.last_batch = (len(active), self.drafter.fed_tokens())
+        return items, {"step_seconds": elapsed, "batch_branches": len(active),
+                       "batch_tokens": self.drafter.fed_tokens()}
 
-    def _emit(self, request_id, request, branch_id, branch, logits):
-        """Choose the next token of one branch from its logits [vocab] and describe it."""
-        sampling, job = request.sampling, branch.job
+    def _failed(self, active: list[BranchKey], err: Exception) -> list:
+        """The step failed: every branch in it stops, each request is told once."""
+        logger.exception("draft step failed")
+        for request_id, branch_id in active:
+            self.requests[request_id].branches[branch_id].job = None
+        error = f"{type(err).__name__}: {err}"
+        return [(request_id, worker_pb2.Reply(error=worker_pb2.Error(request_id=request_id, message=error,
+                                                                     command="draft")), [])
+                for request_id in dict.fromkeys(request_id for request_id, _ in active)]
+
+    def _choose(self, active: list[BranchKey], proposals: dict) -> list:
+        """Turn each proposal into the branch's next token: argmax (greedy) or a draw from q. A
+        branch the drafter cannot advance (None) ends its job; one it is still feeding waits."""
+        items, sent_keys, sent_probs = [], [], []
+        by_sampling: dict[SamplingParams, list[BranchKey]] = {}
+        for key in active:
+            if key not in proposals:
+                continue
+            if proposals[key] is None:
+                items.append(self._stop(key))
+            else:
+                by_sampling.setdefault(self.requests[key[0]].sampling, []).append(key)
+        for sampling, keys in by_sampling.items():
+            logits = torch.stack([proposals[key] for key in keys])          # [n, vocab]
+            probs = torch.softmax(logits.float(), -1) if sampling.greedy else logits_to_probs(logits, sampling)
+            for key, row_logits, row_probs in zip(keys, logits, probs):
+                token, probs_key = self._emit(key, row_logits, row_probs)
+                items.append(token)
+                if probs_key is not None:
+                    sent_keys.append(probs_key)
+                    sent_probs.append(row_probs)
+        if sent_keys:
+            self.probs_sender.send(sent_keys, torch.stack(sent_probs))
+        return items
+
+    def _stop(self, key: BranchKey):
+        request_id, branch_id = key
+        branch = self.requests[request_id].branches[branch_id]
+        epoch, branch.job = branch.job.epoch, None
+        return request_id, worker_pb2.DraftToken(request_id=request_id, branch_id=branch_id, epoch=epoch,
+                                                 position=len(branch.tokens), token_id=-1, last=True), []
+
+    def _emit(self, key: BranchKey, logits: torch.Tensor, probs: torch.Tensor):
+        """Choose one branch's next token from its logits and processed probs [vocab]."""
+        request_id, branch_id = key
+        request = self.requests[request_id]
+        branch, job = request.branches[branch_id], request.branches[branch_id].job
         position = len(branch.tokens)
-        if sampling.greedy:
-            probs = torch.softmax(logits, dim=-1)  # confidence only: greedy takes the argmax
+        if request.sampling.greedy:
             token_id = int(torch.argmax(logits))
         else:
-            probs = logits_to_probs(logits, sampling)
             generator = make_generator(request.seed, position, STREAM_DRAFT)
             token_id = int(sample_from_probs(probs[None], generator)[0])
         branch.tokens.append(token_id)
         job.remaining -= 1
         prob = float(probs[token_id])
         last = job.remaining <= 0 or prob < job.min_confidence
-        msg = worker_pb2.DraftToken(request_id=request_id, branch_id=branch_id, epoch=job.epoch,
-                                    position=position, token_id=token_id, prob=prob, last=last)
+        msg = worker_pb2.DraftToken(request_id=request_id, branch_id=branch_id, epoch=job.epoch, position=position,
+                                    token_id=token_id, prob=prob, last=last)
         if job.num_candidates:
             top = torch.topk(probs, min(job.num_candidates + 1, probs.numel()))
             pairs = [(int(t), float(p)) for t, p in zip(top.indices, top.values) if int(t) != token_id]
             msg.candidate_ids[:] = [t for t, _ in pairs[:job.num_candidates]]
             msg.candidate_probs[:] = [p for _, p in pairs[:job.num_candidates]]
-        if job.send_probs:
-            self.probs_sender.send((request.handle, branch_id, job.epoch, position), probs)
+        probs_key = (request.handle, branch_id, job.epoch, position) if job.send_probs else None
         if last:
             branch.job = None
-        return request_id, worker_pb2.Reply(draft_token=msg), []
+        return (request_id, msg, []), probs_key
 
-    def _ids(self, rows: list[list[int]]) -> torch.Tensor:
-        return torch.tensor(rows, dtype=torch.long, device=self.device)
+    # -- the loop's message -------------------------------------------------------------------
+    @staticmethod
+    def pack(items, figures: dict) -> tuple[worker_pb2.Reply, list[bytes]]:
+        step = worker_pb2.DraftStep(tokens=[token for _, token, _ in items], **figures)
+        return worker_pb2.Reply(draft_step=step), []

@@ -9,8 +9,9 @@ import os
 
 import torch
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S,
-                             DEFAULT_TARGET_PORT, ENV_CURVE_KEYS, WorkerConfig, pin_cpus, zmq_endpoint)
+from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_DRAFT_SLOTS, DEFAULT_HOST,
+                             DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TARGET_PORT, DEFAULT_TARGET_SLOTS, ENV_CURVE_KEYS,
+                             WorkerConfig, pin_cpus, zmq_endpoint)
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -44,6 +45,19 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         help="CURVE key folder (specpipe curve-keygen DIR): the control socket (and the target's "
                              "data-plane socket) become CURVE servers that let in only the keys in DIR/clients; the "
                              f"draft's data-plane socket a CURVE client (env {ENV_CURVE_KEYS}; default: plain)")
+    store = parser.add_argument_group("KV store and batching")
+    store.add_argument("--kv-slots", type=int, default=0,
+                       help=f"sequences the KV store holds (target: requests, draft: branches; default "
+                            f"{DEFAULT_TARGET_SLOTS} / {DEFAULT_DRAFT_SLOTS})")
+    store.add_argument("--max-seq-len", type=int, default=0,
+                       help="positions per sequence (default: the model's context length)")
+    store.add_argument("--max-batch-tokens", type=int, default=512, help="target: tokens fed per forward")
+    store.add_argument("--max-batch-requests", type=int, default=64, help="target: requests per forward")
+    store.add_argument("--prefill-chunk", type=int, default=128,
+                       help="prompt tokens fed per forward for one request (target and draft)")
+    parser.add_argument("--drafter", default="model", choices=["model", "ngram"],
+                        help="draft: a causal LM (--model), or prompt lookup with no model (ngram; --model names "
+                             "the target, for its vocabulary)")
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
@@ -53,7 +67,10 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
                         exit_with_parent=args.exit_with_parent, transport=args.transport,
                         data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
                         dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor,
-                        curve_keys=args.curve_keys, cpus=args.cpus)
+                        curve_keys=args.curve_keys, cpus=args.cpus, kv_slots=args.kv_slots,
+                        max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens,
+                        max_batch_requests=args.max_batch_requests, prefill_chunk=args.prefill_chunk,
+                        drafter=args.drafter)
 
 
 def main(role: str, argv=None) -> None:
@@ -73,8 +90,12 @@ def main(role: str, argv=None) -> None:
         device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
     except ModelLoadError as err:
         raise SystemExit(f"--device: {err}") from None
-    model = load_model(config.model, device=str(device), dtype=config.dtype)
-    engine, data_endpoint = build_engine(config, model, device, curve_keys)
+    model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
+    from specpipe.kv_store import UnsupportedModel
+    try:
+        engine, data_endpoint = build_engine(config, model, device, curve_keys)
+    except UnsupportedModel as err:
+        raise SystemExit(f"{config.role} model {config.model}: {err}") from None
     serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "",
           curve_keys=curve_keys)
     if authenticator is not None:
@@ -105,9 +126,9 @@ def secure(config: WorkerConfig):
 
 def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     """The role's engine wired to its data plane; returns (engine, data endpoint or "").
-    `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs)."""
+    `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs). `model`:
+    None for the ngram drafter."""
     from specpipe import dataplane
-    from specpipe.models import vocab_size
 
     group = None
     if config.transport == "torch":
@@ -120,14 +141,41 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
         else:
             sender = (dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys)
                       if config.target_data_addr else None)
-        return DraftEngine(model, device, probs_sender=sender), ""
+        return DraftEngine(build_drafter(config, model, device), probs_sender=sender), ""
+    from specpipe.models import vocab_size
     from specpipe.predictor import load_predictor
-    from specpipe.target_worker.engine import TargetEngine
+    from specpipe.target_worker.engine import BatchLimits, TargetEngine
     predictor = load_predictor(config.model) if config.use_predictor else None
     if predictor is not None:
         logging.getLogger(__name__).info("acceptance-length predictor loaded: %r", predictor)
+    limits = BatchLimits(config.max_batch_tokens, config.max_batch_requests, config.prefill_chunk)
+    store = build_store(config, model, device, config.kv_slots or DEFAULT_TARGET_SLOTS)
+    data_endpoint = ""
     if group is not None:
         receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device, group.data_group)
-        return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), ""
-    receiver = dataplane.ZmqReceiver(config.data_bind, curve_keys=curve_keys)
-    return TargetEngine(model, device, probs_receiver=receiver, predictor=predictor), receiver.endpoint
+    else:
+        receiver = dataplane.ZmqReceiver(config.data_bind, curve_keys=curve_keys)
+        data_endpoint = receiver.endpoint
+    engine = TargetEngine(model, store, device, limits, probs_receiver=receiver, predictor=predictor)
+    return engine, data_endpoint
+
+
+def build_store(config: WorkerConfig, model, device, slots: int):
+    """The model's KV store (after checking the model can run over it: an UnsupportedModel names
+    its type and why)."""
+    from specpipe.kv_store import KVStore, prepare_model
+    from specpipe.models import context_length
+    prepare_model(model, device)
+    slot_len = min(config.max_seq_len or context_length(model), context_length(model))
+    logging.getLogger(__name__).info("KV store: %d slots of %d positions", slots, slot_len)
+    return KVStore(slots, slot_len, device)
+
+
+def build_drafter(config: WorkerConfig, model, device):
+    from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter
+    if config.drafter == "ngram":
+        from transformers import AutoConfig
+        text_config = AutoConfig.from_pretrained(config.model).get_text_config(decoder=True)
+        return NgramDrafter(text_config.vocab_size, config.max_seq_len or 1 << 20)
+    store = build_store(config, model, device, config.kv_slots or DEFAULT_DRAFT_SLOTS)
+    return ModelDrafter(model, store, device, config.prefill_chunk)

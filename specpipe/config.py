@@ -23,6 +23,10 @@ DEFAULT_METRICS_PORT = 9090
 # never mistaken for a failure; where a scheduler already bounds the start (a Kubernetes startup
 # probe, a Slurm script's own wait) that bound decides.
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0
+# KV slots by default: one per request the coordinator admits at once (its default 32), and on the
+# draft one per branch (a request's main branch and up to 4 alternatives).
+DEFAULT_TARGET_SLOTS = 32
+DEFAULT_DRAFT_SLOTS = 32 * 5
 # Environment variables that name the workers' addresses (flags override them).
 ENV_DRAFT_ADDR = "SPECPIPE_DRAFT_ADDR"
 ENV_TARGET_ADDR = "SPECPIPE_TARGET_ADDR"
@@ -97,6 +101,15 @@ class WorkerConfig:
     use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
     curve_keys: str = ""      # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
     cpus: str = ""            # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
+    # The KV store (specpipe/kv_store.py): sequences it holds (target: requests; draft: branches)
+    # and positions per sequence (0 = the model's context length).
+    kv_slots: int = 0         # 0 = DEFAULT_TARGET_SLOTS / DEFAULT_DRAFT_SLOTS
+    max_seq_len: int = 0
+    # Target batching (target_worker/engine.py BatchLimits).
+    max_batch_tokens: int = 512
+    max_batch_requests: int = 64
+    prefill_chunk: int = 128
+    drafter: str = "model"    # draft: model (a causal LM) or ngram (prompt lookup, no model)
 
 
 @dataclass(frozen=True)

@@ -2,15 +2,15 @@
 (DESIGN §2: as few hops as the design allows). Two transports, chosen by `--transport`:
 
 - `zmq`: the target binds a PULL socket, the draft PUSHes one DraftProbs message (protobuf header
-  plus one raw frame) per drafted token.
+  plus one raw [n, vocab] frame) per draft step, holding the q of every token of that step.
 - `torch`: point-to-point `send`/`recv` over the torch.distributed group (NCCL on CUDA, gloo on
   CPU): a fixed int64 header [handle, branch_id, epoch, position, vocab], then the float32
   payload. The receiver posts into pre-allocated buffers from a thread and copies into a
   recycled pool, so the steady state allocates nothing; nothing is pickled (no send_object_list).
 
 The target keeps what arrives in a `ProbsTable` keyed by (handle, branch_id, epoch, position)
-until the verify that needs it; entries below the committed length and those of released
-requests are dropped. Greedy requests never use the data plane.
+until the verify that needs it (`ready` asks, `pop` takes); entries below the committed length and
+those of released requests are dropped. Greedy requests never use the data plane.
 """
 
 from __future__ import annotations
@@ -29,7 +29,6 @@ from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("zmq", "torch")
 HEADER_FIELDS = 5      # handle, branch_id, epoch, position, vocab
 # Drafted tokens that may wait in the pipe: far more than any lookahead, so a send never blocks
 # on a live target.
@@ -50,9 +49,11 @@ class ZmqSender:
             curve.configure_client(self.socket, curve_keys)
         self.socket.connect(address)
 
-    def send(self, key: Key, probs: torch.Tensor) -> None:
-        handle, branch_id, epoch, position = key
-        message = worker_pb2.DraftProbs(handle=handle, branch_id=branch_id, epoch=epoch, position=position)
+    def send(self, keys: list[Key], probs: torch.Tensor) -> None:
+        """The q of one draft step: probs [len(keys), vocab], row i for keys[i]."""
+        assert probs.shape[0] == len(keys), f"{probs.shape[0]} rows of q for {len(keys)} keys"
+        handles, branch_ids, epochs, positions = zip(*keys)
+        message = worker_pb2.DraftProbs(handles=handles, branch_ids=branch_ids, epochs=epochs, positions=positions)
         frames: list[bytes] = []
         wire.put_tensor(message.probs, probs, frames)
         self.socket.send_multipart(wire.encode(message, frames), copy=False)
@@ -76,10 +77,13 @@ class ZmqReceiver:
             try:
                 message = worker_pb2.DraftProbs.FromString(parts[0])
                 probs = wire.get_tensor(message.probs, parts[1:])
+                keys = list(zip(message.handles, message.branch_ids, message.epochs, message.positions))
+                if probs.dim() != 2 or probs.shape[0] != len(keys):
+                    raise ValueError(f"q of shape {tuple(probs.shape)} for {len(keys)} keys")
             except Exception as err:   # a wrong peer or garbage: log, drop, carry on
                 logger.warning("data plane dropped a malformed message: %s", err)
                 continue
-            arrived.append(((message.handle, message.branch_id, message.epoch, message.position), probs))
+            arrived += zip(keys, probs)
 
 
 class TorchSender:
@@ -94,7 +98,12 @@ class TorchSender:
         self.works: list[list] = [[] for _ in range(SEND_RING)]
         self.slot = 0
 
-    def send(self, key: Key, probs: torch.Tensor) -> None:
+    def send(self, keys: list[Key], probs: torch.Tensor) -> None:
+        """The q of one draft step: probs [len(keys), vocab]; one header and payload per row."""
+        for key, row in zip(keys, probs):
+            self._send_row(key, row)
+
+    def _send_row(self, key: Key, probs: torch.Tensor) -> None:
         import torch.distributed as dist
         if self.payloads is None:
             self.payloads = torch.zeros(SEND_RING, probs.numel(), dtype=torch.float32, device=self.device)
@@ -166,13 +175,19 @@ class ProbsTable:
         for (handle, branch_id, epoch, position), probs in arrived:
             self.by_handle[handle][(branch_id, epoch, position)] = probs
 
-    def take(self, handle: int, branch_id: int, epoch: int, positions: range) -> torch.Tensor | None:
-        """[len(positions), vocab] q, or None while some have not arrived yet."""
+    def ready(self, handle: int, branch_id: int, epoch: int, positions: range) -> bool:
+        """Whether the q of every position has arrived."""
         entries = self.by_handle.get(handle, {})
-        rows = [entries.get((branch_id, epoch, p)) for p in positions]
-        if any(row is None for row in rows):
-            return None
-        return torch.stack(rows) if rows else None
+        return all((branch_id, epoch, p) in entries for p in positions)
+
+    def pop(self, handle: int, branch_id: int, epoch: int, positions: range) -> torch.Tensor:
+        """[len(positions), vocab] q, taken out of the table (they must all be there: `ready`)."""
+        entries = self.by_handle[handle]
+        rows = [entries.pop((branch_id, epoch, p)) for p in positions]
+        stacked = torch.stack(rows)
+        for row in rows:
+            self._free(row)
+        return stacked
 
     def drop_below(self, handle: int, length: int) -> None:
         entries = self.by_handle.get(handle)

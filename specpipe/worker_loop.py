@@ -1,12 +1,13 @@
 """The single-threaded event loop shared by both workers (DESIGN §2).
 
-A worker binds a ZeroMQ ROUTER socket; the coordinator connects to it. Between units of work the
-loop drains every waiting command, so drafting is interruptible between forward steps and pings
-are answered within one step. The engine (draft or target) is an executor with three methods:
-
-    handle(command, frames) -> list[(Reply, frames)]   # apply a command at once
-    has_work() -> bool
-    work() -> list[(request_id, Reply, frames)]          # one unit: a forward step or a verify
+A worker binds a ZeroMQ ROUTER socket; the coordinator connects to it. Between iterations the loop
+drains every waiting command, so drafting is interruptible between forward steps and pings are
+answered within one step. The engine (draft or target) is an executor with the methods of
+`Engine`: commands apply at once (`handle`), what arrives without a command is taken in its own
+step (`poll`: the data plane), and `step` runs one iteration — one batched forward over the ready
+work of every request — returning one item per request it advanced. The loop sends each
+coordinator connection one message per iteration with that connection's items (`pack`), so the
+coordinator's message rate does not grow with requests or branches.
 
 A command that fails is answered with an Error reply and the loop carries on; undecodable input
 (a wrong peer, garbage, an oversized frame) is logged and dropped (STYLE §5).
@@ -14,12 +15,13 @@ A command that fails is answered with an Error reply and the loop carries on; un
 
 from __future__ import annotations
 
-from collections.abc import Callable
 import ctypes
 import logging
 import os
 import signal
 import time
+from collections.abc import Callable
+from typing import Protocol
 
 import zmq
 
@@ -36,6 +38,38 @@ IDLE_POLL_MS = 100
 WAITING_POLL_MS = 1
 PR_SET_PDEATHSIG = 1
 
+# (request_id, the request's part of an iteration's message: a DraftToken or a Verdict, its frames)
+Item = tuple[str, object, list[bytes]]
+
+
+class Engine(Protocol):
+    """What the loop needs of a worker's executor."""
+
+    def handle(self, command: worker_pb2.Command, frames: list[bytes]) -> None:
+        """Apply a command now (it may raise: the loop answers the error and carries on)."""
+
+    def poll(self) -> None:
+        """Take in what arrived without a command (the draft's q on the data plane)."""
+
+    def ready(self) -> bool:
+        """One `step` would do work now."""
+
+    def waiting(self) -> bool:
+        """Work is queued but waits for data that no polled socket will announce."""
+
+    def step(self) -> tuple[list[Item], dict]:
+        """One iteration: the items for the requests it advanced, and the iteration's figures
+        (`pack` puts them in the message header)."""
+
+    def pack(self, items: list[Item], figures: dict) -> tuple[worker_pb2.Reply, list[bytes]]:
+        """One message holding `items` (of one connection) and the iteration's figures."""
+
+    def fill_pong(self, pong: worker_pb2.Pong) -> None:
+        """Live counts, KV store and last-batch figures for a heartbeat."""
+
+    def sockets(self) -> list:
+        """Sockets besides the control socket whose input `poll` takes (the loop waits on them)."""
+
 
 def exit_with_parent() -> None:
     """Ask Linux to SIGTERM this process when its parent dies (no orphaned workers)."""
@@ -46,7 +80,7 @@ def exit_with_parent() -> None:
 
 
 class WorkerLoop:
-    def __init__(self, engine, role: str, bind: str, context: zmq.Context | None = None,
+    def __init__(self, engine: Engine, role: str, bind: str, context: zmq.Context | None = None,
                  should_stop: Callable[[], bool] = lambda: False, curve_keys: CurveKeys | None = None):
         """`should_stop`: asked at each idle poll; True ends the loop (a launcher's own stop signal,
         e.g. the torchrun entry's store key). `curve_keys`: bind as a CURVE server (the context's
@@ -67,21 +101,22 @@ class WorkerLoop:
         logger.info("%s worker listening on %s", self.role, self.endpoint)
         poller = zmq.Poller()
         poller.register(self.socket, zmq.POLLIN)
-        for socket in getattr(self.engine, "poll_sockets", list)():
+        for socket in self.engine.sockets():
             poller.register(socket, zmq.POLLIN)
-        waiting = getattr(self.engine, "waiting", lambda: False)
+        engine = self.engine
         while self.running:
-            timeout = 0 if self.engine.has_work() else WAITING_POLL_MS if waiting() else IDLE_POLL_MS
+            engine.poll()
+            timeout = 0 if engine.ready() else WAITING_POLL_MS if engine.waiting() else IDLE_POLL_MS
             if timeout == IDLE_POLL_MS and self.should_stop():
                 break
             if self.socket in dict(poller.poll(timeout)):
                 self._drain()
-            if self.engine.has_work():
+            engine.poll()
+            if engine.ready():
                 begin = time.perf_counter()
-                replies = self.engine.work()
+                items, figures = engine.step()
                 self.busy_seconds += time.perf_counter() - begin
-                for request_id, reply, frames in replies:
-                    self._send(self.owners.get(request_id), reply, frames)
+                self._send_items(items, figures)
         self.socket.close(0)
 
     def _drain(self) -> None:
@@ -96,37 +131,55 @@ class WorkerLoop:
             except wire.WireError as err:
                 logger.warning("%s worker dropped a malformed message from peer %r: %s", self.role, identity, err)
                 continue
-            for reply, reply_frames in self._handle(identity, command, frames):
-                self._send(identity, reply, reply_frames)
+            reply = self._handle(identity, command, frames)
+            if reply is not None:
+                self._send(identity, reply, [])
 
-    def _handle(self, identity: bytes, command, frames):
+    def _handle(self, identity: bytes, command, frames) -> worker_pb2.Reply | None:
         kind = command.WhichOneof("kind")
+        if kind is None:
+            logger.warning("%s worker dropped an empty command from peer %r", self.role, identity)
+            return None
         if kind == "ping":
-            live_requests, live_branches = self.engine.live_counts()
-            pong = worker_pb2.Pong(nonce=command.ping.nonce, role=self.role, live_requests=live_requests,
-                                   live_branches=live_branches, busy_seconds=self.busy_seconds,
+            pong = worker_pb2.Pong(nonce=command.ping.nonce, role=self.role, busy_seconds=self.busy_seconds,
                                    uptime_seconds=time.monotonic() - self.started, pid=os.getpid())
-            return [(worker_pb2.Reply(pong=pong), [])]
+            self.engine.fill_pong(pong)
+            return worker_pb2.Reply(pong=pong)
         request_id = getattr(command, kind).request_id
         if kind == "prefill":
             self.owners[request_id] = identity
         try:
-            return self.engine.handle(command, frames)
+            self.engine.handle(command, frames)
         except Exception as err:  # reply with the error, then carry on (STYLE §5)
             logger.exception("[%s] %s worker failed on %s", request_id, self.role, kind)
-            error = worker_pb2.Error(request_id=request_id, message=f"{type(err).__name__}: {err}", command=kind)
-            return [(worker_pb2.Reply(error=error), [])]
+            return worker_pb2.Reply(error=worker_pb2.Error(request_id=request_id, command=kind,
+                                                           message=f"{type(err).__name__}: {err}"))
         finally:
             if kind == "release":
                 self.owners.pop(request_id, None)
+        return None
 
-    def _send(self, identity: bytes | None, reply, frames) -> None:
-        if identity is None:
-            return  # the request was released meanwhile: nobody to tell
+    def _send_items(self, items: list[Item], figures: dict) -> None:
+        """One message per connection, holding that connection's items of the iteration; an
+        error item (a Reply) goes on its own."""
+        by_owner: dict[bytes, list[Item]] = {}
+        for item in items:
+            owner = self.owners.get(item[0])
+            if owner is None:
+                continue             # released meanwhile: nobody to tell
+            if isinstance(item[1], worker_pb2.Reply):
+                self._send(owner, item[1], item[2])
+            else:
+                by_owner.setdefault(owner, []).append(item)
+        for owner, owned in by_owner.items():
+            reply, frames = self.engine.pack(owned, figures)
+            self._send(owner, reply, frames)
+
+    def _send(self, identity: bytes, reply, frames) -> None:
         self.socket.send_multipart([identity, *wire.encode(reply, frames)])
 
 
-def serve(engine, role: str, bind: str, extra_ready: str = "", curve_keys: CurveKeys | None = None) -> None:
+def serve(engine: Engine, role: str, bind: str, extra_ready: str = "", curve_keys: CurveKeys | None = None) -> None:
     """Run a worker until SIGTERM/SIGINT. Prints `READY <endpoint>[ data=<endpoint>]` once bound
     (the launcher reads it to learn ports chosen by the OS)."""
     loop = WorkerLoop(engine, role, bind, curve_keys=curve_keys)

@@ -1,24 +1,25 @@
-"""The target worker's executor: prefill, verify, release, over the target model.
+"""The target worker's executor: prefill, verify, decode and release, batched over every request.
+
+Each iteration (`step`) takes the next piece of work of every request (target_worker/requests.py:
+a verify row of pending committed tokens plus draft tokens, a prefill chunk, a decode row, or a
+stale block to answer without compute), within the budgets (`BatchLimits`: tokens fed and rows
+per forward), and runs them as ONE packed forward over the KV store (specpipe/kv_store.py: a slot
+per request, no copy of any cache). Each verify then gets its own accept/reject decision from the
+pure math in `verify.py`, with its own generator keyed by (seed, start position), so a request's
+output does not depend on its batch neighbours; the request's cache is rolled back to the accepted
+prefix by forgetting positions. Requests are taken in turn from a rotating start, so when the
+budget cuts a batch short no request waits more than a few iterations (fairness).
 
 For sampling, the draft's q of a block arrive over the data plane (specpipe.dataplane), not with
-the Verify command: a queued verify runs once all of its q are in the table (the first ready one
-in the queue goes first; one that waits past DATA_TIMEOUT_S fails with an error reply).
-
-Per request the target holds the committed tokens, a KV cache over a prefix of them, and — after
-a block whose tokens were all accepted with no bonus asked for — the logits at the next position.
-Verify feeds the not-yet-cached committed tokens plus the block in one forward, hands the rows to
-the pure math in `verify.py`, commits the accepted tokens (plus the correction or bonus) and crops
-its cache to the accepted prefix. Verifies queue FIFO; `work()` runs one.
+the Verify command: a block runs once all of its q are in the table (one that waits past
+DATA_TIMEOUT_S fails with an error reply).
 
 With an acceptance-length predictor (specpipe/predictor.py) loaded, a verify asked for a
-prediction keeps the last hidden states of its forward and its verdict carries the predictor's
-expected accepted length for the next block, read from the hidden state of the row that predicted
-the last committed token (the same row `features` sends). A request that wants predictions asks
-on every verify: after a block kept without bonus, the next verify may need that block's last row.
+prediction carries the predictor's expected accepted length for the next block, read from the
+hidden state of the row that predicted the last committed token.
 
 Randomness: a verification starting at committed length L draws from a generator keyed by
-(seed, L, STREAM_VERIFY), so a seeded request does not depend on what else runs (and is reproducible wherever
-the schedule cuts its blocks deterministically).
+(seed, L, STREAM_VERIFY); a decoded token at position L is a verification of an empty block there.
 """
 
 from __future__ import annotations
@@ -31,9 +32,10 @@ import torch
 
 from specpipe import wire
 from specpipe.dataplane import ProbsTable
-from specpipe.kv_cache import KVCache
+from specpipe.kv_store import KVStore, Row, forward_packed
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import STREAM_VERIFY, SamplingParams, logits_to_probs, make_generator
+from specpipe.target_worker.requests import TargetRequest, Work, next_work
 from specpipe.target_worker.verify import rejection_sample, verify_greedy
 
 logger = logging.getLogger(__name__)
@@ -43,202 +45,281 @@ logger = logging.getLogger(__name__)
 DATA_TIMEOUT_S = 10.0
 
 
-@dataclass
-class TargetRequest:
-    tokens: list[int]
-    cache: KVCache
-    sampling: SamplingParams
-    seed: int
-    handle: int
-    next_logits: torch.Tensor | None = None   # [vocab] logits after tokens[-1], when cached in full
-    next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
-    unreported_prefill_s: float = 0.0         # prefill time not yet sent with a verdict
+@dataclass(frozen=True)
+class BatchLimits:
+    """Per forward: tokens fed (all rows together) and rows (requests); prefill chunk size."""
+    max_batch_tokens: int = 512
+    max_batch_requests: int = 64
+    prefill_chunk: int = 128
+
+    def __post_init__(self):
+        assert self.max_batch_requests >= 1 and self.prefill_chunk >= 1, "batch limits must be >= 1"
+        assert self.max_batch_tokens >= self.prefill_chunk, "a prefill chunk must fit a batch"
+
 
 class TargetEngine:
-    def __init__(self, model, device: torch.device | str = "cpu", probs_receiver=None, predictor=None):
-        """`probs_receiver`: the data plane from the draft (specpipe.dataplane), for sampling;
-        `predictor`: a specpipe.predictor.AcceptPredictor for this model, or None."""
-        self.model, self.device = model, torch.device(device)
+    def __init__(self, model, store: KVStore, device: torch.device | str = "cpu", limits: BatchLimits = BatchLimits(),
+                 probs_receiver=None, predictor=None):
+        """`store`: the KV store (slots for requests); `probs_receiver`: the data plane from the
+        draft (specpipe.dataplane), for sampling; `predictor`: an AcceptPredictor or None."""
+        self.model, self.store, self.device, self.limits = model, store, torch.device(device), limits
         self.predictor = predictor.to(self.device) if predictor is not None else None
         self.requests: dict[str, TargetRequest] = {}
-        self.queue: list = []      # [(Verify, queued_at)] FIFO, the first ready one runs
         self.receiver = probs_receiver
         self.table = ProbsTable(getattr(probs_receiver, "recycle", None))
+        self._turn = 0
+        self.last_batch = (0, 0)          # rows, tokens of the last forward
 
-    def handle(self, command, frames):
+    # -- commands -----------------------------------------------------------------------------
+    def handle(self, command, frames) -> None:
         kind = command.WhichOneof("kind")
         msg = getattr(command, kind)
         if kind == "prefill":
             self._prefill(msg)
-        elif kind == "verify":
-            if msg.request_id not in self.requests:
-                raise KeyError(f"unknown request {msg.request_id!r}")
-            self.queue.append((msg, time.monotonic()))
+        elif kind in ("verify", "decode"):
+            request = self._request(msg.request_id)
+            if kind == "verify":
+                request.decode_until = 0
+                request.verifies.append((msg, time.monotonic()))
+            else:
+                request.decode_until = msg.max_length
         elif kind == "release":
-            state = self.requests.pop(msg.request_id, None)
-            if state is not None:
-                self.table.release(state.handle)
-            self.queue = [item for item in self.queue if item[0].request_id != msg.request_id]
+            request = self.requests.pop(msg.request_id, None)
+            if request is not None:
+                self.table.release(request.handle)
+                self.store.free(request.slot)
         else:
             raise ValueError(f"the target worker does not take {kind!r}")
-        return []
 
     def _prefill(self, msg) -> None:
         assert len(msg.token_ids) >= 1, "prefill needs at least one token"
-        tokens = list(msg.token_ids)
-        cache = KVCache()
-        begin = time.perf_counter()
-        if len(tokens) > 1:
-            with torch.inference_mode():
-                cache.forward(self.model, torch.tensor([tokens[:-1]], device=self.device))
+        if msg.request_id in self.requests:
+            raise ValueError(f"request {msg.request_id!r} exists already")
+        if len(msg.token_ids) > self.store.slot_len:
+            raise ValueError(f"a prompt of {len(msg.token_ids)} tokens does not fit a KV slot of "
+                             f"{self.store.slot_len} positions")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
-        self.requests[msg.request_id] = TargetRequest(tokens, cache, sampling, msg.sampling.seed, msg.handle,
-                                                      unreported_prefill_s=time.perf_counter() - begin)
+        self.requests[msg.request_id] = TargetRequest(list(msg.token_ids), self.store.allocate(), sampling,
+                                                      msg.sampling.seed, msg.handle)
 
-    def live_counts(self) -> tuple[int, int]:
-        return len(self.requests), len(self.requests)
+    def _request(self, request_id: str) -> TargetRequest:
+        if request_id not in self.requests:
+            raise KeyError(f"unknown request {request_id!r}")
+        return self.requests[request_id]
 
-    def poll_sockets(self) -> list:
+    # -- the loop's questions -----------------------------------------------------------------
+    def sockets(self) -> list:
         socket = getattr(self.receiver, "socket", None)
         return [socket] if socket is not None else []
 
-    def waiting(self) -> bool:
-        """Verifies are queued but none is ready: the loop should look again soon."""
-        return bool(self.queue) and not self.has_work()
-
-    def has_work(self) -> bool:
+    def poll(self) -> None:
         if self.receiver is not None:
             self.table.add(self.receiver.drain())
-        return self._next_ready() is not None
 
-    def _next_ready(self) -> int | None:
-        """Index of the first verify that can run: the oldest of its request (a request's blocks
-        run in order: a queued block's staleness depends on the one before) and ready."""
-        seen = set()
-        for index, (msg, queued_at) in enumerate(self.queue):
-            if msg.request_id in seen:
-                continue
-            seen.add(msg.request_id)
-            if self._ready(msg, queued_at):
-                return index
-        return None
+    def ready(self) -> bool:
+        return bool(self._plan(first_only=True))
 
-    def _ready(self, msg, queued_at: float) -> bool:
-        state = self.requests[msg.request_id]
-        if state.sampling.greedy or not msg.draft_token_ids or time.monotonic() - queued_at > DATA_TIMEOUT_S:
-            return True
-        if self._stale(state, msg):
-            return True
+    def waiting(self) -> bool:
+        return any(r.verifies for r in self.requests.values()) and not self.ready()
+
+    def fill_pong(self, pong: worker_pb2.Pong) -> None:
+        pong.live_requests = pong.live_branches = len(self.requests)
+        pong.kv_slots, pong.kv_slots_used, pong.kv_slot_len = (self.store.num_slots, self.store.slots_in_use,
+                                                               self.store.slot_len)
+        pong.last_batch_rows, pong.last_batch_tokens = self.last_batch
+
+    def _probs_ready(self, request: TargetRequest, msg) -> bool:
         positions = range(msg.start_length, msg.start_length + len(msg.draft_token_ids))
-        return self.table.take(state.handle, msg.branch_id, msg.epoch, positions) is not None
+        return self.table.ready(request.handle, msg.branch_id, msg.epoch, positions)
 
-    def work(self):
-        msg, _ = self.queue.pop(self._next_ready())
-        try:
-            reply, reply_frames = self._verify(msg)
-        except Exception as err:
-            logger.exception("[%s] verify failed", msg.request_id)
-            error = worker_pb2.Error(request_id=msg.request_id, message=f"{type(err).__name__}: {err}",
-                                     command="verify")
-            return [(msg.request_id, worker_pb2.Reply(error=error), [])]
-        state = self.requests[msg.request_id]      # the prefill time travels once, with the first verdict
-        reply.verdict.prefill_seconds, state.unreported_prefill_s = state.unreported_prefill_s, 0.0
-        return [(msg.request_id, reply, reply_frames)]
+    # -- one iteration ------------------------------------------------------------------------
+    def _plan(self, first_only: bool = False) -> list[Work]:
+        """The work of this iteration, taking requests in turn from a rotating start."""
+        limits, works = self.limits, []
+        tokens_left, rows_left = limits.max_batch_tokens, limits.max_batch_requests
+        order = list(self.requests.items())
+        start = self._turn % len(order) if order else 0
+        for request_id, request in order[start:] + order[:start]:
+            work = next_work(request_id, request, self._probs_ready, limits.prefill_chunk, tokens_left,
+                             DATA_TIMEOUT_S)
+            if work is None:
+                continue
+            if work.fed:
+                if rows_left == 0:
+                    continue
+                rows_left -= 1
+                tokens_left -= len(work.fed)
+            works.append(work)
+            if first_only:
+                break
+        return works
 
-    @staticmethod
-    def _stale(state: TargetRequest, msg) -> bool:
-        """A queued block whose predecessor was not fully accepted."""
-        return msg.HasField("expect_last_token") and (msg.start_length != len(state.tokens)
-                                                      or state.tokens[-1] != msg.expect_last_token)
-
-    def _verify(self, msg):
+    def step(self) -> tuple[list, dict]:
+        works = self._plan()
+        self._turn += 1
+        now = time.monotonic()
+        for work in works:
+            work.request.ready_since = work.request.ready_since or now
+        fed = [w for w in works if w.fed]
         begin = time.perf_counter()
-        state = self.requests[msg.request_id]
-        if self._stale(state, msg):
-            verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id, stale=True,
-                                         next_token_id=-1, committed_length=len(state.tokens))
-            return worker_pb2.Reply(verdict=verdict), []
-        if msg.start_length != len(state.tokens):
-            raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, "
-                             f"committed length is {len(state.tokens)}")
-        draft = list(msg.draft_token_ids)
-        pending = state.tokens[state.cache.length:]
-        assert pending or state.next_logits is not None, "nothing to predict the first draft token from"
-        want_hidden = msg.want_features or (msg.want_prediction and self.predictor is not None)
-        rows, hidden_rows = self._rows(state, pending, draft, want_hidden)
-        num_accepted, next_token = self._decide(state, msg, draft, rows)
-        all_accepted = num_accepted == len(draft)
-        if all_accepted and not msg.emit_bonus:
-            state.tokens += draft
-            state.next_logits = rows[-1]
-            state.next_hidden = hidden_rows[-1] if hidden_rows is not None else None
-            next_token = -1
-            last_row = num_accepted - 1    # the row that predicted the last accepted draft token
+        outputs = self._forward(fed) if fed else {}
+        forward_s = time.perf_counter() - begin
+        total = sum(len(w.fed) for w in fed)
+        self.last_batch = (len(fed), total)
+        items = []
+        for work in works:
+            share = forward_s * len(work.fed) / total if total else 0.0
+            try:
+                item = self._finish(work, outputs.get(id(work)), share)
+            except Exception as err:
+                logger.exception("[%s] %s failed", work.request_id, work.kind)
+                item = (work.request_id, worker_pb2.Reply(error=worker_pb2.Error(
+                    request_id=work.request_id, message=f"{type(err).__name__}: {err}", command=work.kind)), [])
+            if item is not None:
+                items.append(item)
+        return items, {"batch_requests": len(fed), "batch_tokens": total, "forward_seconds": forward_s}
+
+    def _forward(self, works: list[Work]) -> dict:
+        """One packed forward over the works' fed tokens: {id(work): (logits [n, vocab], hidden or None)}."""
+        rows, ids, keep, spans = [], [], [], []
+        for work in works:
+            request = work.request
+            offsets = work.keep_offsets()
+            spans.append((len(keep), len(keep) + len(offsets)))
+            keep += [len(ids) + offset for offset in offsets]
+            rows.append(Row(request.slot, request.cached, len(work.fed)))
+            ids += work.fed
+        want_hidden = any(self._wants_hidden(w) for w in works)
+        with torch.inference_mode():
+            out = forward_packed(self.model, self.store, rows, torch.tensor(ids, dtype=torch.long, device=self.device),
+                                 keep, want_hidden=want_hidden)
+        for work in works:
+            work.request.cached += len(work.fed)
+        return {id(work): (out.logits[a:b], out.hidden[a:b] if out.hidden is not None else None)
+                for work, (a, b) in zip(works, spans)}
+
+    def _wants_hidden(self, work: Work) -> bool:
+        """Hidden states are computed for the whole forward when any verify in it needs them."""
+        msg = work.verify
+        return msg is not None and (msg.want_features or (msg.want_prediction and self.predictor is not None))
+
+    def _finish(self, work: Work, output, share_s: float):
+        """Apply the forward's rows to the request: the verdict item for a verify, stale answer or
+        decoded token; None for a prefill chunk (its time is reported with the first verdict)."""
+        request = work.request
+        if work.kind == "prefill":
+            request.unreported_prefill_s += share_s
+            return None
+        queue_s = time.monotonic() - request.ready_since if request.ready_since else 0.0
+        request.ready_since = None
+        if work.kind == "stale":
+            request.verifies.popleft()
+            return work.request_id, worker_pb2.Verdict(request_id=work.request_id, block_id=work.verify.block_id,
+                                                       stale=True, next_token_id=-1,
+                                                       committed_length=len(request.tokens)), []
+        if work.kind == "verify":
+            request.verifies.popleft()
+            verdict, frames = self._verify(work, output)
         else:
-            state.tokens += draft[:num_accepted] + [next_token]
-            state.cache.rollback(msg.start_length + num_accepted)
-            state.next_logits = state.next_hidden = None
-            last_row = num_accepted        # the row that predicted the correction or bonus
-        self.table.drop_below(state.handle, len(state.tokens))
-        verdict = worker_pb2.Verdict(request_id=msg.request_id, block_id=msg.block_id,
-                                     num_accepted=num_accepted, next_token_id=next_token,
-                                     committed_length=len(state.tokens))
-        reply_frames: list[bytes] = []
-        # The hidden state of the row that predicted the last committed token (absent only for an
-        # empty block without a bonus, or after a verify that kept no hidden states).
+            verdict, frames = self._decode(work, output), []
+        verdict.verify_seconds, verdict.queue_seconds = share_s, queue_s
+        verdict.prefill_seconds, request.unreported_prefill_s = request.unreported_prefill_s, 0.0
+        return work.request_id, verdict, frames
+
+    def _rows(self, request: TargetRequest, output, want_hidden: bool):
+        """([k + 1, vocab], [k + 1, hidden] or None): the forward's rows, with the kept logits in
+        front when no pending token was fed (they predict the first draft token)."""
+        logits, hidden = output if output is not None else (None, None)
+        hidden = hidden if want_hidden else None
+        if request.next_logits is None:
+            assert logits is not None and logits.shape[0], "nothing predicts the first draft token"
+            return logits, hidden
+        kept_hidden = request.next_hidden[None] if want_hidden and request.next_hidden is not None else None
+        if logits is None:
+            return request.next_logits[None], kept_hidden
+        hidden_rows = torch.cat([kept_hidden, hidden]) if kept_hidden is not None and hidden is not None else None
+        return torch.cat([request.next_logits[None], logits]), hidden_rows
+
+    def _verify(self, work: Work, output):
+        request, msg = work.request, work.verify
+        if msg.start_length != len(request.tokens):
+            raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, committed length is "
+                             f"{len(request.tokens)}")
+        draft = work.draft
+        want_hidden = self._wants_hidden(work)
+        rows, hidden_rows = self._rows(request, output, want_hidden)
+        num_accepted, next_token = self._decide(request, msg, draft, rows)
+        if num_accepted == len(draft) and not msg.emit_bonus:
+            request.tokens += draft
+            request.next_logits = rows[-1]
+            request.next_hidden = hidden_rows[-1] if hidden_rows is not None else None
+            next_token, last_row = -1, num_accepted - 1      # the row that predicted the last accepted token
+        else:
+            request.tokens += draft[:num_accepted] + [next_token]
+            request.cached = msg.start_length + num_accepted  # roll back: forget the rejected positions
+            request.next_logits = request.next_hidden = None
+            last_row = num_accepted                          # the row that predicted the correction or bonus
+        self.table.drop_below(request.handle, len(request.tokens))
+        verdict = worker_pb2.Verdict(request_id=work.request_id, block_id=msg.block_id, num_accepted=num_accepted,
+                                     next_token_id=next_token, committed_length=len(request.tokens),
+                                     predicted_accept_length=-1.0)
+        frames: list[bytes] = []
         last_hidden = hidden_rows[last_row] if hidden_rows is not None and last_row >= 0 else None
         if msg.want_features and last_hidden is not None:
-            wire.put_tensor(verdict.features, last_hidden.float(), reply_frames)
-        verdict.predicted_accept_length = -1.0
+            wire.put_tensor(verdict.features, last_hidden.float(), frames)
         if msg.want_prediction and self.predictor is not None and last_hidden is not None:
             verdict.predicted_accept_length = self.predictor.predict(last_hidden)
-        verdict.verify_seconds = time.perf_counter() - begin
-        return worker_pb2.Reply(verdict=verdict), reply_frames
+        return verdict, frames
 
-    def _rows(self, state: TargetRequest, pending: list[int], draft: list[int], want_hidden: bool):
-        """The target's rows predicting each draft position and the one after: ([k + 1, vocab]
-        logits, [k + 1, hidden] or None), feeding the pending committed tokens and the draft."""
-        if not pending and not draft:
-            # Nothing to feed (target-only after a block kept without bonus): the kept logits
-            # already predict the next token; never run the model on an empty input.
-            hidden_rows = state.next_hidden[None] if want_hidden and state.next_hidden is not None else None
-            return state.next_logits[None], hidden_rows
-        with torch.inference_mode():
-            input_ids = torch.tensor([pending + draft], dtype=torch.long, device=self.device)
-            out = state.cache.forward(self.model, input_ids, want_hidden=want_hidden)
-        logits = out.logits[0]                                    # [len(pending) + k, vocab]
-        hidden = out.hidden[0] if want_hidden else None           # [len(pending) + k, hidden]
-        if pending:
-            return logits[len(pending) - 1:], hidden[len(pending) - 1:] if want_hidden else None
-        hidden_rows = (torch.cat([state.next_hidden[None], hidden])
-                       if want_hidden and state.next_hidden is not None else None)
-        return torch.cat([state.next_logits[None], logits]), hidden_rows
+    def _decode(self, work: Work, output) -> worker_pb2.Verdict:
+        """One token decoded by the target alone: a verification of an empty block."""
+        request = work.request
+        rows, _ = self._rows(request, output, want_hidden=False)
+        start = len(request.tokens)
+        msg = worker_pb2.Verify(request_id=work.request_id, start_length=start, emit_bonus=True)
+        _, token = self._decide(request, msg, [], rows[-1:])
+        request.tokens.append(token)
+        request.next_logits = request.next_hidden = None
+        return worker_pb2.Verdict(request_id=work.request_id, num_accepted=0, next_token_id=token,
+                                  committed_length=len(request.tokens), predicted_accept_length=-1.0)
 
-    def _decide(self, state: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
+    def _decide(self, request: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
         """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab]."""
         draft_ids = torch.tensor([draft], dtype=torch.long)
-        if state.sampling.greedy:
+        if request.sampling.greedy:
             result = verify_greedy(draft_ids, rows[None])
         else:
-            target_probs = logits_to_probs(rows, state.sampling)[None]
-            draft_probs = self._draft_probs(state, msg, rows.shape[-1])
-            generator = make_generator(state.seed, msg.start_length, STREAM_VERIFY)
+            target_probs = logits_to_probs(rows, request.sampling)[None]
+            draft_probs = self._draft_probs(request, msg, rows.shape[-1])
+            generator = make_generator(request.seed, msg.start_length, STREAM_VERIFY)
             result = rejection_sample(draft_ids, draft_probs, target_probs, generator)
         return int(result.num_accepted[0]), int(result.next_token_ids[0])
 
-    def _draft_probs(self, state: TargetRequest, msg, vocab: int) -> torch.Tensor:
-        """[1, num_draft_tokens, vocab] q from the data plane, zero-padded to the target's
-        width when the draft's head is narrower (padding rows have no mass)."""
+    def _draft_probs(self, request: TargetRequest, msg, vocab: int) -> torch.Tensor:
+        """[1, num_draft_tokens, vocab] q from the data plane, zero-padded to the target's width
+        when the draft's head is narrower (padding rows have no mass)."""
         num_draft = len(msg.draft_token_ids)
         if not num_draft:
             return torch.zeros(1, 0, vocab)
         positions = range(msg.start_length, msg.start_length + num_draft)
-        draft_probs = self.table.take(state.handle, msg.branch_id, msg.epoch, positions)
-        if draft_probs is None:
+        if not self.table.ready(request.handle, msg.branch_id, msg.epoch, positions):
             raise TimeoutError(f"the draft's q for block {msg.block_id} did not arrive on the data plane "
                                f"within {DATA_TIMEOUT_S:.0f}s")
-        draft_probs = draft_probs.to(self.device).float()
+        draft_probs = self.table.pop(request.handle, msg.branch_id, msg.epoch, positions).to(self.device).float()
         if draft_probs.shape[-1] < vocab:
             draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))
-        assert draft_probs.shape == (num_draft, vocab), f"q of shape {tuple(draft_probs.shape)} for a block of {num_draft}"
+        assert draft_probs.shape == (num_draft, vocab), f"q of shape {tuple(draft_probs.shape)} for {num_draft}"
         return draft_probs[None]
+
+    # -- the loop's message -------------------------------------------------------------------
+    @staticmethod
+    def pack(items, figures: dict) -> tuple[worker_pb2.Reply, list[bytes]]:
+        """One Verdicts message: the items' verdicts, their tensor frames renumbered in order."""
+        batch = worker_pb2.Verdicts(**figures)
+        frames: list[bytes] = []
+        for _, verdict, verdict_frames in items:
+            if verdict.HasField("features"):
+                verdict.features.frame += len(frames)
+            frames += verdict_frames
+            batch.verdicts.append(verdict)
+        return worker_pb2.Reply(verdicts=batch), frames

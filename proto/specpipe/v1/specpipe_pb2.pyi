@@ -45,7 +45,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
 
 class RequestStats(_message.Message):
-    __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction")
+    __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction", "drafted_tokens", "batch_wait_s")
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -59,6 +59,8 @@ class RequestStats(_message.Message):
     GENERATED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
     TARGET_BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
+    DRAFTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_WAIT_S_FIELD_NUMBER: _ClassVar[int]
     draft_tokens: int
     accepted_tokens: int
     rolled_back_tokens: int
@@ -72,7 +74,9 @@ class RequestStats(_message.Message):
     generated_tokens: int
     mode: Mode
     target_busy_fraction: float
-    def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., branches_forked: _Optional[int] = ..., branches_hit: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., target_busy_fraction: _Optional[float] = ...) -> None: ...
+    drafted_tokens: int
+    batch_wait_s: float
+    def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., branches_forked: _Optional[int] = ..., branches_hit: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., target_busy_fraction: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., batch_wait_s: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stats")
@@ -93,7 +97,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status", "pid")
+    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -101,6 +105,11 @@ class WorkerStats(_message.Message):
     BUSY_FRACTION_FIELD_NUMBER: _ClassVar[int]
     STATUS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOT_LEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     role: str
     healthy: bool
     live_requests: int
@@ -108,7 +117,12 @@ class WorkerStats(_message.Message):
     busy_fraction: float
     status: str
     pid: int
-    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ...) -> None: ...
+    kv_slots: int
+    kv_slots_used: int
+    kv_slot_len: int
+    last_batch_rows: int
+    last_batch_tokens: int
+    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode", "status", "policy")

@@ -116,6 +116,14 @@ class Verify(_message.Message):
     expect_last_token: int
     def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ..., expect_last_token: _Optional[int] = ...) -> None: ...
 
+class Decode(_message.Message):
+    __slots__ = ("request_id", "max_length")
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    request_id: str
+    max_length: int
+    def __init__(self, request_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+
 class Release(_message.Message):
     __slots__ = ("request_id",)
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
@@ -129,7 +137,7 @@ class Ping(_message.Message):
     def __init__(self, nonce: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("prefill", "draft", "fork", "sync", "cancel", "verify", "release", "ping")
+    __slots__ = ("prefill", "draft", "fork", "sync", "cancel", "verify", "release", "ping", "decode")
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
@@ -138,6 +146,7 @@ class Command(_message.Message):
     VERIFY_FIELD_NUMBER: _ClassVar[int]
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
+    DECODE_FIELD_NUMBER: _ClassVar[int]
     prefill: Prefill
     draft: Draft
     fork: Fork
@@ -146,10 +155,11 @@ class Command(_message.Message):
     verify: Verify
     release: Release
     ping: Ping
-    def __init__(self, prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ...) -> None: ...
+    decode: Decode
+    def __init__(self, prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., decode: _Optional[_Union[Decode, _Mapping]] = ...) -> None: ...
 
 class DraftToken(_message.Message):
-    __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "last", "step_seconds")
+    __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "last")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -159,7 +169,6 @@ class DraftToken(_message.Message):
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_PROBS_FIELD_NUMBER: _ClassVar[int]
     LAST_FIELD_NUMBER: _ClassVar[int]
-    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     branch_id: int
     epoch: int
@@ -169,11 +178,22 @@ class DraftToken(_message.Message):
     candidate_ids: _containers.RepeatedScalarFieldContainer[int]
     candidate_probs: _containers.RepeatedScalarFieldContainer[float]
     last: bool
+    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ...) -> None: ...
+
+class DraftStep(_message.Message):
+    __slots__ = ("tokens", "step_seconds", "batch_branches", "batch_tokens")
+    TOKENS_FIELD_NUMBER: _ClassVar[int]
+    STEP_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_BRANCHES_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    tokens: _containers.RepeatedCompositeFieldContainer[DraftToken]
     step_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., token_id: _Optional[int] = ..., prob: _Optional[float] = ..., candidate_ids: _Optional[_Iterable[int]] = ..., candidate_probs: _Optional[_Iterable[float]] = ..., last: _Optional[bool] = ..., step_seconds: _Optional[float] = ...) -> None: ...
+    batch_branches: int
+    batch_tokens: int
+    def __init__(self, tokens: _Optional[_Iterable[_Union[DraftToken, _Mapping]]] = ..., step_seconds: _Optional[float] = ..., batch_branches: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale", "prefill_seconds")
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale", "prefill_seconds", "queue_seconds")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -184,6 +204,7 @@ class Verdict(_message.Message):
     PREDICTED_ACCEPT_LENGTH_FIELD_NUMBER: _ClassVar[int]
     STALE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     num_accepted: int
@@ -194,10 +215,23 @@ class Verdict(_message.Message):
     predicted_accept_length: float
     stale: bool
     prefill_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ..., prefill_seconds: _Optional[float] = ...) -> None: ...
+    queue_seconds: float
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+
+class Verdicts(_message.Message):
+    __slots__ = ("verdicts", "batch_requests", "batch_tokens", "forward_seconds")
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    FORWARD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    verdicts: _containers.RepeatedCompositeFieldContainer[Verdict]
+    batch_requests: int
+    batch_tokens: int
+    forward_seconds: float
+    def __init__(self, verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., batch_requests: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., forward_seconds: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid")
+    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +239,11 @@ class Pong(_message.Message):
     BUSY_SECONDS_FIELD_NUMBER: _ClassVar[int]
     UPTIME_SECONDS_FIELD_NUMBER: _ClassVar[int]
     PID_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOTS_USED_FIELD_NUMBER: _ClassVar[int]
+    KV_SLOT_LEN_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
+    LAST_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     role: str
     live_requests: int
@@ -212,7 +251,12 @@ class Pong(_message.Message):
     busy_seconds: float
     uptime_seconds: float
     pid: int
-    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ...) -> None: ...
+    kv_slots: int
+    kv_slots_used: int
+    kv_slot_len: int
+    last_batch_rows: int
+    last_batch_tokens: int
+    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("request_id", "message", "command")
@@ -225,27 +269,27 @@ class Error(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., message: _Optional[str] = ..., command: _Optional[str] = ...) -> None: ...
 
 class DraftProbs(_message.Message):
-    __slots__ = ("handle", "branch_id", "epoch", "position", "probs")
-    HANDLE_FIELD_NUMBER: _ClassVar[int]
-    BRANCH_ID_FIELD_NUMBER: _ClassVar[int]
-    EPOCH_FIELD_NUMBER: _ClassVar[int]
-    POSITION_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("handles", "branch_ids", "epochs", "positions", "probs")
+    HANDLES_FIELD_NUMBER: _ClassVar[int]
+    BRANCH_IDS_FIELD_NUMBER: _ClassVar[int]
+    EPOCHS_FIELD_NUMBER: _ClassVar[int]
+    POSITIONS_FIELD_NUMBER: _ClassVar[int]
     PROBS_FIELD_NUMBER: _ClassVar[int]
-    handle: int
-    branch_id: int
-    epoch: int
-    position: int
+    handles: _containers.RepeatedScalarFieldContainer[int]
+    branch_ids: _containers.RepeatedScalarFieldContainer[int]
+    epochs: _containers.RepeatedScalarFieldContainer[int]
+    positions: _containers.RepeatedScalarFieldContainer[int]
     probs: Tensor
-    def __init__(self, handle: _Optional[int] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., position: _Optional[int] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
+    def __init__(self, handles: _Optional[_Iterable[int]] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epochs: _Optional[_Iterable[int]] = ..., positions: _Optional[_Iterable[int]] = ..., probs: _Optional[_Union[Tensor, _Mapping]] = ...) -> None: ...
 
 class Reply(_message.Message):
-    __slots__ = ("draft_token", "verdict", "pong", "error")
-    DRAFT_TOKEN_FIELD_NUMBER: _ClassVar[int]
-    VERDICT_FIELD_NUMBER: _ClassVar[int]
+    __slots__ = ("draft_step", "verdicts", "pong", "error")
+    DRAFT_STEP_FIELD_NUMBER: _ClassVar[int]
+    VERDICTS_FIELD_NUMBER: _ClassVar[int]
     PONG_FIELD_NUMBER: _ClassVar[int]
     ERROR_FIELD_NUMBER: _ClassVar[int]
-    draft_token: DraftToken
-    verdict: Verdict
+    draft_step: DraftStep
+    verdicts: Verdicts
     pong: Pong
     error: Error
-    def __init__(self, draft_token: _Optional[_Union[DraftToken, _Mapping]] = ..., verdict: _Optional[_Union[Verdict, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...
+    def __init__(self, draft_step: _Optional[_Union[DraftStep, _Mapping]] = ..., verdicts: _Optional[_Union[Verdicts, _Mapping]] = ..., pong: _Optional[_Union[Pong, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ...) -> None: ...

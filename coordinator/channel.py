@@ -1,0 +1,113 @@
+"""A request's line to the two workers: the commands it sends and the events it receives.
+
+`RequestChannel` owns, for one request, its number on the data plane (`handle`), its inbox and
+its attachment to the two WorkerClients, and it sends the commands (Prefill, Draft, Fork, Sync,
+Cancel, Verify, Decode, Release). `next_event` hands the schedule the next event it asked for and
+turns a worker's failure into an exception: the draft down (or an error from it) is `DraftDown`,
+the schedule then goes on target-only; the target down is `WorkerDown`, an error from it
+`WorkerFailed`. It keeps no request state beyond that: the schedule owns the tokens, the epoch
+and the blocks in flight (coordinator/schedules.py).
+
+A schedule talks to this interface only, so tests drive a schedule against a fake channel that
+replays chosen orderings of events (tests/coordinator/test_schedules.py).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+
+from specpipe.coordinator.workers import Event, WorkerClient, WorkerDown, WorkerFailed
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.sampling import SamplingParams
+
+logger = logging.getLogger(__name__)
+
+# Request numbers for the data plane, unique within this coordinator's life.
+HANDLES = itertools.count(1)
+
+
+class DraftDown(WorkerDown):
+    """The draft worker stopped answering (or lost the request): go on target-only."""
+
+
+class RequestChannel:
+    def __init__(self, request_id: str, draft: WorkerClient, target: WorkerClient, use_draft: bool):
+        """`use_draft`: attach to the draft worker too (a speculative mode, with the draft up)."""
+        self.request_id, self.draft, self.target = request_id, draft, target
+        self.inbox: asyncio.Queue[Event] = asyncio.Queue()
+        self.handle = next(HANDLES)
+        self.uses_draft = use_draft
+        self.prefilled_draft = False
+        target.attach(request_id, self.inbox)
+        if use_draft:
+            draft.attach(request_id, self.inbox)
+
+    # -- commands -----------------------------------------------------------------------------
+    async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int) -> None:
+        message = worker_pb2.Prefill(request_id=self.request_id, token_ids=prompt_ids, handle=self.handle,
+                                     sampling=worker_pb2.Sampling(temperature=sampling.temperature,
+                                                                  top_k=sampling.top_k, top_p=sampling.top_p,
+                                                                  seed=seed))
+        await self.target.command(prefill=message)
+        if self.uses_draft:
+            await self.draft.command(prefill=message)
+            self.prefilled_draft = True
+
+    async def draft_tokens(self, branch_ids: list[int], epoch: int, max_tokens: int, min_confidence: float,
+                           num_candidates: int, send_probs: bool) -> None:
+        await self.draft.command(draft=worker_pb2.Draft(
+            request_id=self.request_id, branch_ids=branch_ids, epoch=epoch, max_tokens=max_tokens,
+            min_confidence=min_confidence, num_candidates=num_candidates, send_probs=send_probs))
+
+    async def fork(self, parent_branch_id: int, branch_id: int, position: int, token_ids: list[int]) -> None:
+        await self.draft.command(fork=worker_pb2.Fork(request_id=self.request_id, parent_branch_id=parent_branch_id,
+                                                      branch_id=branch_id, position=position, token_ids=token_ids))
+
+    async def sync(self, branch_id: int, keep_length: int, append: list[int]) -> None:
+        await self.draft.command(sync=worker_pb2.Sync(request_id=self.request_id, branch_id=branch_id,
+                                                      keep_length=keep_length, append_token_ids=append))
+
+    async def cancel(self, branch_ids: list[int]) -> None:
+        await self.draft.command(cancel=worker_pb2.Cancel(request_id=self.request_id, branch_ids=branch_ids))
+
+    async def verify(self, verify: worker_pb2.Verify) -> None:
+        verify.request_id = self.request_id
+        await self.target.command(verify=verify)
+
+    async def decode(self, max_length: int) -> None:
+        await self.target.command(decode=worker_pb2.Decode(request_id=self.request_id, max_length=max_length))
+
+    def drop_draft(self) -> None:
+        """Stop listening to the draft (it went down): its late replies are dropped."""
+        self.uses_draft = False
+        self.draft.detach(self.request_id)
+
+    async def release(self) -> None:
+        """Free the request on both workers (also after a failure or a cancel)."""
+        release = worker_pb2.Release(request_id=self.request_id)
+        for worker in (self.target, self.draft) if self.prefilled_draft else (self.target,):
+            worker.detach(self.request_id)
+            try:
+                await worker.command(release=release)
+            except Exception:   # the socket may be gone at shutdown; the worker drops it on restart
+                logger.warning("[%s] could not send release to the %s worker", self.request_id, worker.role)
+
+    # -- events -------------------------------------------------------------------------------
+    async def next_event(self, *kinds: str) -> Event:
+        """The next event of one of `kinds`; a worker error or a dead worker raises."""
+        while True:
+            event = await self.inbox.get()
+            if event.role == "draft" and (event.kind in ("down", "error")):
+                if not self.uses_draft:
+                    continue
+                why = "stopped answering" if event.kind == "down" else event.payload.message
+                raise DraftDown(f"the draft worker {why}")
+            if event.kind == "down":
+                raise WorkerDown(f"the {event.role} worker stopped answering")
+            if event.kind == "error":
+                raise WorkerFailed(f"{event.role} worker: {event.payload.message}")
+            if event.kind in kinds:
+                return event
+            logger.debug("[%s] unexpected %s while waiting for %s", self.request_id, event.kind, kinds)

@@ -1,0 +1,204 @@
+"""The per-request schedules: which worker does what, in which order (DESIGN §2).
+
+A schedule owns its request's state — the committed tokens, the drafting epoch and the blocks in
+flight on the target — and yields the tokens it commits, verdict by verdict. It sends commands and
+reads events only through the request's channel (coordinator/channel.py), so a test can drive it
+against a fake one. Every count in the request's stats is updated here, in one place per event
+(`RunStats`).
+
+- `Autoregressive`: the target alone; one Decode command, then one committed token per verdict
+  (the target decodes by itself, batched with everything else: no round trip per token).
+- `Sequential`: draft a block on branch 0, verify it, sync the draft to the verdict, repeat.
+- `TargetOnly`: what any schedule becomes when the draft goes down: the verdicts of blocks already
+  in flight are still awaited and applied, then the target decodes the rest by itself. Lossless:
+  every committed token was the target's.
+- pipelined / specbranch: coordinator/pipeline.py.
+
+All decisions are made here; workers execute. Replies for an old epoch are dropped here.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import deque
+from dataclasses import dataclass, field
+
+from specpipe.coordinator.channel import RequestChannel
+from specpipe.coordinator.policy import DraftPolicy
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
+logger = logging.getLogger(__name__)
+
+ROOT_BRANCH = 0
+
+
+@dataclass
+class RunStats:
+    """A request's counters. drafted_tokens: every token the draft produced for it (main line and
+    branches); draft_tokens: those sent to the target for verification (part of drafted);
+    accepted_tokens: those the target accepted (part of draft_tokens); rolled_back_tokens: drafted
+    and thrown away (drafted_tokens - accepted_tokens: rejected, on a cancelled branch, or drafted
+    past the end)."""
+    drafted_tokens: int = 0
+    draft_tokens: int = 0
+    accepted_tokens: int = 0
+    verifications: int = 0
+    branches_forked: int = 0
+    branches_hit: int = 0
+    target_seconds: float = 0.0      # target compute spent on this request (its share of batches)
+    queue_seconds: float = 0.0       # time its blocks waited, ready, for a place in a batch
+    committed_per_verification: list[int] = field(default_factory=list)
+
+    @property
+    def rolled_back_tokens(self) -> int:
+        return self.drafted_tokens - self.accepted_tokens
+
+    def on_verdict(self, verdict: worker_pb2.Verdict, num_draft: int, committed: int) -> None:
+        self.target_seconds += verdict.verify_seconds + verdict.prefill_seconds
+        self.queue_seconds += verdict.queue_seconds
+        if verdict.stale:
+            return
+        self.verifications += 1
+        self.draft_tokens += num_draft
+        self.accepted_tokens += verdict.num_accepted
+        self.committed_per_verification.append(committed)
+
+
+@dataclass
+class Block:
+    """Draft tokens on their way to (or at) the target: extending the committed length `start`,
+    drafted on `branch_id` under `epoch` (their q, when sampling, travel on the data plane)."""
+    start: int
+    token_ids: list[int] = field(default_factory=list)
+    branch_id: int = ROOT_BRANCH
+    epoch: int = 0
+    done: bool = False              # its drafting job ended
+    done_at: float = 0.0            # pipelined: when the target should be done with it
+    doomed: bool = False            # pipelined: a block before it was not fully accepted: answered stale
+
+    def add(self, token: worker_pb2.DraftToken) -> None:
+        if token.token_id >= 0:
+            self.token_ids.append(token.token_id)
+        self.branch_id, self.epoch, self.done = token.branch_id, token.epoch, token.last
+
+
+class Schedule:
+    """The state and the steps every schedule shares; `run` is the schedule itself."""
+
+    def __init__(self, plan, channel: RequestChannel, policy: DraftPolicy, stats: RunStats):
+        self.plan, self.channel, self.policy, self.stats = plan, channel, policy, stats
+        self.tokens = list(plan.prompt_ids)          # committed, prompt included
+        self.end = len(self.tokens) + plan.max_new_tokens
+        self.epoch = 0
+        self.in_flight: deque[Block] = deque()       # sent to the target, oldest first
+        self.block_id = 0
+
+    async def run(self):
+        """Async iterator over lists of newly committed tokens."""
+        raise NotImplementedError
+        yield
+
+    async def prefill(self) -> None:
+        await self.channel.prefill(self.plan.prompt_ids, self.plan.sampling, self.plan.seed)
+
+    def draft_budget(self) -> int:
+        """Draft tokens for the next block: the policy's length, never past max_new_tokens
+        (the last token of a block always comes from the target)."""
+        return max(0, min(self.policy.block_length(), self.end - len(self.tokens) - 1))
+
+    async def send_verify(self, block: Block, emit_bonus: bool, expect_last_token: int | None = None) -> None:
+        """Queue a block on the target. `expect_last_token`: the block goes behind one still in
+        flight; if that one is not fully accepted, the target answers this one `stale`."""
+        self.block_id += 1
+        await self.channel.verify(worker_pb2.Verify(
+            block_id=self.block_id, start_length=block.start, draft_token_ids=block.token_ids,
+            branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus,
+            expect_last_token=expect_last_token, want_prediction=self.policy.wants_prediction))
+        self.in_flight.append(block)
+
+    def observe_draft(self, event) -> list[worker_pb2.DraftToken]:
+        """Count a draft step's tokens for the request and note the step's time; return them."""
+        tokens = event.payload
+        self.stats.drafted_tokens += sum(t.token_id >= 0 for t in tokens)
+        self.policy.observe_draft_step(event.step_seconds)
+        return tokens
+
+    def commit(self, verdict: worker_pb2.Verdict) -> list[int]:
+        """Apply the verdict of the oldest block in flight: the tokens it commits ([] if stale)."""
+        block = self.in_flight.popleft()
+        if verdict.stale:
+            assert block.doomed, f"block at {block.start} answered stale but was expected to hold"
+            self.stats.on_verdict(verdict, 0, 0)
+            return []
+        assert block.start == len(self.tokens), f"verdict for a block at {block.start}, committed {len(self.tokens)}"
+        accepted = block.token_ids[:verdict.num_accepted]
+        new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
+        self.stats.on_verdict(verdict, len(block.token_ids), len(new_tokens))
+        self.policy.observe(len(block.token_ids), len(accepted), verdict.verify_seconds,
+                            verdict.predicted_accept_length)
+        self.tokens += new_tokens
+        assert len(self.tokens) == verdict.committed_length, \
+            f"coordinator has {len(self.tokens)} committed tokens, target {verdict.committed_length}"
+        return new_tokens
+
+
+class Autoregressive(Schedule):
+    async def run(self):
+        await self.prefill()
+        await self.channel.decode(self.end)
+        async for new_tokens in decode_rest(self):
+            yield new_tokens
+
+
+async def decode_rest(schedule: Schedule):
+    """The target decodes the rest of the request by itself: one token per verdict."""
+    while len(schedule.tokens) < schedule.end:
+        verdict = (await schedule.channel.next_event("verdict")).payload
+        schedule.stats.on_verdict(verdict, 0, 1)
+        schedule.tokens.append(verdict.next_token_id)
+        assert len(schedule.tokens) == verdict.committed_length, "decoded token out of step"
+        yield [verdict.next_token_id]
+
+
+class Sequential(Schedule):
+    async def run(self):
+        await self.prefill()
+        while True:
+            block = Block(start=len(self.tokens))
+            num_draft = self.draft_budget()
+            if num_draft:
+                self.epoch += 1
+                await self.channel.draft_tokens([ROOT_BRANCH], self.epoch, num_draft, self.policy.min_confidence,
+                                                0, not self.plan.sampling.greedy)
+                while not block.done:
+                    for token in self.observe_draft(await self.channel.next_event("draft_tokens")):
+                        if token.epoch == self.epoch:
+                            block.add(token)
+            await self.send_verify(block, emit_bonus=True)
+            new_tokens = self.commit((await self.channel.next_event("verdict")).payload)
+            await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=new_tokens[-1:])
+            yield new_tokens
+
+
+class TargetOnly(Schedule):
+    """Takes over a schedule whose draft went down, from its committed tokens and blocks in flight."""
+
+    def __init__(self, previous: Schedule):
+        super().__init__(previous.plan, previous.channel, previous.policy, previous.stats)
+        self.tokens, self.in_flight, self.block_id = previous.tokens, previous.in_flight, previous.block_id
+
+    async def run(self):
+        logger.warning("[%s] draft worker down: going on target-only from %d committed tokens",
+                       self.plan.request_id, len(self.tokens))
+        self.channel.drop_draft()
+        # The target answers what it has not verified yet `stale` and decodes the rest: the blocks
+        # in flight get their verdict (or stale) first, in order, then the decoded tokens.
+        await self.channel.decode(self.end)
+        for block in self.in_flight:
+            block.doomed = True                       # (a stale answer is expected now)
+        while self.in_flight:
+            new_tokens = self.commit((await self.channel.next_event("verdict")).payload)
+            if new_tokens:
+                yield new_tokens
+        async for new_tokens in decode_rest(self):
+            yield new_tokens

@@ -1,0 +1,292 @@
+"""A KV store built for batching: one slot per sequence, packed forwards over any set of slots.
+
+The store holds, per layer, keys and values as [num_slots, kv_heads, slot_len, head_dim]
+tensors, allocated once (lazily, at the first forward, from the shapes the model produces). A
+sequence owns a slot; how many of its positions are valid is the caller's business (a length per
+sequence): rolling back is forgetting a length, forking is copying a prefix into another slot.
+
+A forward (`forward_packed`) runs the model once over the new tokens of many sequences at once,
+packed into one row (batch 1, no padding: a prefill chunk of 64 tokens beside verify blocks of 5
+costs 74 tokens of compute, not 6 x 64). Each layer writes its new keys and values into the
+sequences' slots at their positions, then attends with a registered transformers attention
+function ("specpipe_slots") that reads the slots in place: the queries are scattered into a small
+[rows, heads, q_max, head_dim] block and one scaled_dot_product_attention call runs over a view
+of the store's contiguous slot range (no copy of any cache; a slot in the range with nothing to do
+this step is computed against its first key and discarded). Only when the slots of a forward are
+scattered thinly over the store (more than SPARSE_RANGE_FACTOR times as many slots in the range as
+rows) are their keys and values gathered instead.
+
+Any causal LM whose attention goes through transformers' AttentionInterface and updates its cache
+with `cache.update(keys, values, layer_idx)` runs on it (Llama, Mistral, Qwen2/3, Phi-3, GPT-2,
+GPT-NeoX, OPT, ...): `check_model` runs a packed forward against the model's own plain forward at
+start-up and refuses a model that does not match, naming its type and why (a layer kind that is
+not attention, such as recurrent or linear-attention layers, cannot be rolled back to an arbitrary
+length by forgetting positions). Sliding-window layers are served by masking (the store keeps
+every position, so any rollback stays possible).
+
+This module knows nothing about requests, sampling or sockets.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from transformers import AttentionInterface
+
+ATTENTION_NAME = "specpipe_slots"
+# Gather the slots' keys instead of reading a view of their range when the range holds more than
+# this many slots per row of the forward (the idle slots' attention would cost more than the copy).
+SPARSE_RANGE_FACTOR = 2
+# Layer kinds the store can serve: plain causal attention, and sliding-window attention (masked).
+SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
+# A packed forward must match the model's plain forward this closely at start-up (float32 logits
+# of a random prompt; rounding of a different kernel order is ~1e-5).
+CHECK_ATOL = 1e-3
+
+
+class UnsupportedModel(ValueError):
+    """The model cannot run over the slot store; the message names its type and why."""
+
+
+class KVStore:
+    """Per-layer keys and values of `num_slots` sequences of up to `slot_len` positions."""
+
+    def __init__(self, num_slots: int, slot_len: int, device: torch.device | str = "cpu"):
+        assert num_slots >= 1 and slot_len >= 1, "a store needs a slot and a position"
+        self.num_slots, self.slot_len, self.device = num_slots, slot_len, torch.device(device)
+        self.keys: list[torch.Tensor] = []     # per layer: [num_slots, kv_heads, slot_len, head_dim]
+        self.values: list[torch.Tensor] = []
+        self.free_slots = list(range(num_slots - 1, -1, -1))   # popped from the end: lowest first
+
+    def __repr__(self) -> str:
+        shape = tuple(self.keys[0].shape) if self.keys else "unallocated"
+        return f"KVStore(slots={self.num_slots}, slot_len={self.slot_len}, layers={len(self.keys)}, {shape})"
+
+    @property
+    def slots_in_use(self) -> int:
+        return self.num_slots - len(self.free_slots)
+
+    def allocate(self) -> int:
+        if not self.free_slots:
+            raise MemoryError(f"all {self.num_slots} KV slots are in use")
+        return self.free_slots.pop()
+
+    def free(self, slot: int) -> None:
+        assert 0 <= slot < self.num_slots and slot not in self.free_slots, f"slot {slot} is not in use"
+        self.free_slots.append(slot)
+        self.free_slots.sort(reverse=True)     # reuse low slots first: keeps live slots dense
+
+    def copy_prefix(self, source: int, target: int, length: int) -> None:
+        """Slot `target` gets the first `length` positions of slot `source` (a fork)."""
+        assert 0 <= length <= self.slot_len, f"copy of {length} positions outside the slot"
+        for keys, values in zip(self.keys, self.values):
+            keys[target, :, :length] = keys[source, :, :length]
+            values[target, :, :length] = values[source, :, :length]
+
+    def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The layer's tensors, allocated at first use from a [1, kv_heads, T, head_dim] sample.
+        Allocated with torch.empty: on the CPU the OS backs only the pages a sequence writes."""
+        while len(self.keys) <= layer_idx:
+            shape = (self.num_slots, like.shape[1], self.slot_len, like.shape[3])
+            self.keys.append(torch.empty(shape, dtype=like.dtype, device=self.device))
+            self.values.append(torch.empty(shape, dtype=like.dtype, device=self.device))
+        return self.keys[layer_idx], self.values[layer_idx]
+
+
+@dataclass(frozen=True)
+class Row:
+    """One sequence's part of a packed forward: `num_tokens` new tokens written at positions
+    `start` .. start + num_tokens - 1 of `slot`, attending to everything before them there."""
+    slot: int
+    start: int
+    num_tokens: int
+
+
+class PackedLayout:
+    """Index tensors of one packed forward, built once and shared by every layer."""
+
+    def __init__(self, store: KVStore, rows: list[Row], device: torch.device):
+        assert rows and all(r.num_tokens >= 1 for r in rows), "every row feeds at least one token"
+        assert len({r.slot for r in rows}) == len(rows), "a slot appears once per forward"
+        assert all(r.start + r.num_tokens <= store.slot_len for r in rows), "a row runs past its slot"
+        self.store = store
+        counts = torch.tensor([r.num_tokens for r in rows])
+        self.num_tokens = int(counts.sum())
+        self.q_max = int(counts.max())
+        self.kv_len = max(r.start + r.num_tokens for r in rows)
+        slots = [r.slot for r in rows]
+        low, high = min(slots), max(slots) + 1
+        self.dense = high - low <= SPARSE_RANGE_FACTOR * len(rows)
+        # Rows of the attention block: the slot range (dense), or the rows themselves (gathered).
+        block_rows = [s - low for s in slots] if self.dense else list(range(len(rows)))
+        self.slot_range = (low, high)
+        self.slot_index = torch.tensor(slots, device=device)                       # [rows]
+        self.token_slot = torch.repeat_interleave(self.slot_index, counts.to(device))   # [T]
+        offsets = torch.cat([torch.arange(r.num_tokens) for r in rows]).to(device)   # [T]
+        starts = torch.repeat_interleave(torch.tensor([r.start for r in rows]), counts).to(device)
+        self.positions = starts + offsets                                           # [T]
+        self.token_block_row = torch.repeat_interleave(torch.tensor(block_rows), counts).to(device)   # [T]
+        self.token_offset = offsets                                                 # [T]
+        num_block_rows = high - low if self.dense else len(rows)
+        # Query i of block row b sits at position row_start[b] + i; it sees keys at <= that.
+        row_start = torch.zeros(num_block_rows, dtype=torch.long)
+        row_start[block_rows] = torch.tensor([r.start for r in rows])
+        query_pos = row_start[:, None] + torch.arange(self.q_max)                   # [B, q_max]
+        self.query_pos = query_pos.to(device)
+        key_pos = torch.arange(self.kv_len)
+        self.causal = (key_pos[None, None, :] <= query_pos[:, :, None]).to(device)  # [B, q_max, kv_len]
+        self.num_block_rows = num_block_rows
+        self._masks: dict[int | None, torch.Tensor] = {}
+
+    def mask(self, sliding_window: int | None) -> torch.Tensor:
+        """[B, 1, q_max, kv_len] bool: causal, and within the window when there is one."""
+        if sliding_window not in self._masks:
+            allowed = self.causal
+            if sliding_window:
+                key_pos = torch.arange(self.kv_len, device=allowed.device)
+                allowed = allowed & (key_pos[None, None, :] > self.query_pos[:, :, None] - sliding_window)
+            self._masks[sliding_window] = allowed[:, None]
+        return self._masks[sliding_window]
+
+
+class PackedCache:
+    """What the model sees as its cache during one packed forward: `update` writes the new keys
+    and values into the store and hands the layer's tensors on to the attention function."""
+
+    def __init__(self, layout: PackedLayout):
+        self.layout = layout
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
+        layout = self.layout
+        keys, values = layout.store.layer(layer_idx, key_states)
+        # [1, kv_heads, T, head_dim] -> [T, kv_heads, head_dim] at (slot, :, position) of each token
+        keys[layout.token_slot, :, layout.positions] = key_states[0].transpose(0, 1).to(keys.dtype)
+        values[layout.token_slot, :, layout.positions] = value_states[0].transpose(0, 1).to(values.dtype)
+        return keys, values
+
+    def get_seq_length(self, layer_idx: int = 0) -> int:   # asked by models that build positions themselves
+        return 0
+
+
+def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
+                   scaling: float | None = None, dropout: float = 0.0, specpipe_layout: PackedLayout | None = None,
+                   sliding_window: int | None = None, **kwargs):
+    """The registered attention function: query [1, heads, T, head_dim] of the packed tokens,
+    key / value the layer's whole store [num_slots, kv_heads, slot_len, head_dim]. Returns
+    ([1, T, heads, head_dim], None) as transformers' attention functions do."""
+    layout = specpipe_layout
+    assert layout is not None, "slot attention runs only inside forward_packed"
+    if kwargs.get("softcap") is not None:
+        raise UnsupportedModel("attention logit soft-capping is not supported by the slot store")
+    heads, head_dim = query.shape[1], query.shape[3]
+    block = query.new_zeros(layout.num_block_rows, heads, layout.q_max, head_dim)
+    block[layout.token_block_row, :, layout.token_offset] = query[0].transpose(0, 1)
+    if layout.dense:
+        low, high = layout.slot_range
+        block_keys, block_values = key[low:high, :, :layout.kv_len], value[low:high, :, :layout.kv_len]
+    else:
+        block_keys = key[layout.slot_index, :, :layout.kv_len]
+        block_values = value[layout.slot_index, :, :layout.kv_len]
+    extra = {}
+    if block_keys.shape[1] != heads:          # grouped-query attention
+        if block.device.type == "cpu":
+            extra["enable_gqa"] = True
+        else:                                 # GPU kernels with a mask want equal heads
+            repeat = heads // block_keys.shape[1]
+            block_keys = block_keys.repeat_interleave(repeat, dim=1)
+            block_values = block_values.repeat_interleave(repeat, dim=1)
+    out = torch.nn.functional.scaled_dot_product_attention(
+        block, block_keys.to(block.dtype), block_values.to(block.dtype), attn_mask=layout.mask(sliding_window),
+        scale=scaling, **extra)                                                     # [B, heads, q_max, head_dim]
+    return out[layout.token_block_row, :, layout.token_offset][None], None       # [1, T, heads, head_dim]
+
+
+AttentionInterface.register(ATTENTION_NAME, slot_attention)
+
+
+@dataclass
+class PackedOutput:
+    logits: torch.Tensor                  # [num_kept, vocab] float32, in the order asked for
+    hidden: torch.Tensor | None = None    # [num_kept, hidden] last layer, when asked for
+
+
+def prepare_model(model, device: torch.device | str = "cpu") -> None:
+    """Route the model's attention through the slot store, after checking that it can be: its
+    layer kinds, its use of the AttentionInterface, and a packed forward that reproduces its own
+    plain forward (else UnsupportedModel naming the model type and why)."""
+    check_layer_types(model)
+    model_type = model.config.get_text_config(decoder=True).model_type
+    if not model._can_set_attn_implementation():
+        raise UnsupportedModel(f"model type {model_type!r} does not route its attention through transformers' "
+                               f"AttentionInterface, so it cannot read the batched KV store")
+    sequences, expected = _reference_logits(model, device)
+    before = model.config._attn_implementation
+    model.set_attn_implementation(ATTENTION_NAME)
+    try:
+        _check_packed(model, model_type, sequences, expected, device)
+    except Exception:
+        model.set_attn_implementation(before)
+        raise
+
+
+def check_layer_types(model) -> None:
+    config = model.config.get_text_config(decoder=True)
+    kinds = set(getattr(config, "layer_types", None) or ["full_attention"])
+    if not kinds <= SUPPORTED_LAYER_TYPES:
+        raise UnsupportedModel(
+            f"model type {config.model_type!r} has {sorted(kinds - SUPPORTED_LAYER_TYPES)} layers: their state "
+            f"cannot be rolled back to an arbitrary length, which speculative decoding needs")
+
+
+def forward_packed(model, store: KVStore, rows: list[Row], input_ids: torch.Tensor, keep: list[int],
+                   want_hidden: bool = False) -> PackedOutput:
+    """One forward over the rows' new tokens, packed: input_ids [T] (row after row). `keep`:
+    indices into the T tokens whose logits (and hidden states) are wanted."""
+    device = input_ids.device
+    layout = PackedLayout(store, rows, device)
+    assert input_ids.shape == (layout.num_tokens,), f"{tuple(input_ids.shape)} ids for {layout.num_tokens} tokens"
+    keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+    out = model(input_ids=input_ids[None], position_ids=layout.positions[None], cache=PackedCache(layout),
+                use_cache=True, logits_to_keep=keep_index, output_hidden_states=want_hidden,
+                specpipe_layout=layout)
+    hidden = out.hidden_states[-1][0, keep_index] if want_hidden else None
+    return PackedOutput(logits=out.logits[0].float(), hidden=hidden)
+
+
+def _reference_logits(model, device) -> tuple[list[list[int]], list[torch.Tensor]]:
+    """Two random sequences and the model's own logits over them (plain forward, no cache)."""
+    vocab = model.config.get_text_config(decoder=True).vocab_size
+    generator = torch.Generator().manual_seed(0)
+    sequences = [torch.randint(0, vocab, (length,), generator=generator).tolist() for length in (7, 4)]
+    with torch.inference_mode():
+        expected = [model(torch.tensor([s], device=device), use_cache=False).logits[0].float() for s in sequences]
+    return sequences, expected
+
+
+def _check_packed(model, model_type: str, sequences: list[list[int]], expected: list[torch.Tensor], device) -> None:
+    """The two sequences through a small store, packed, in two steps of unequal rows: the logits
+    must equal the plain forward's."""
+    store = KVStore(num_slots=4, slot_len=16, device=device)
+    slots = [store.allocate() for _ in sequences]
+    try:
+        with torch.inference_mode():
+            first = [Row(slots[0], 0, 5), Row(slots[1], 0, 2)]
+            ids = torch.tensor(sequences[0][:5] + sequences[1][:2], device=device)
+            got_first = forward_packed(model, store, first, ids, keep=[4, 6]).logits
+            second = [Row(slots[0], 5, 2), Row(slots[1], 2, 2)]
+            ids = torch.tensor(sequences[0][5:] + sequences[1][2:], device=device)
+            got_second = forward_packed(model, store, second, ids, keep=[0, 1, 2, 3]).logits
+    except UnsupportedModel:
+        raise
+    except Exception as err:
+        raise UnsupportedModel(f"model type {model_type!r} cannot run over the batched KV store: "
+                               f"{type(err).__name__}: {err}") from err
+    pairs = [(got_first[0], expected[0][4]), (got_first[1], expected[1][1]), (got_second[0], expected[0][5]),
+             (got_second[1], expected[0][6]), (got_second[2], expected[1][2]), (got_second[3], expected[1][3])]
+    worst = max(float((got - want).abs().max()) for got, want in pairs)
+    if not math.isfinite(worst) or worst > CHECK_ATOL:
+        raise UnsupportedModel(f"model type {model_type!r}: a packed forward over the batched KV store differs "
+                               f"from its own forward by {worst:.3g} (its attention does not go through the cache "
+                               f"and attention interface as expected)")

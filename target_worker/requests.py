@@ -1,0 +1,106 @@
+"""What the target holds per request, and what one request asks of one iteration.
+
+A `TargetRequest` owns the request's committed tokens, its KV slot and how many of its committed
+tokens are cached there (`cached`; the rest are pending: fed with the next forward), the logits at
+the next position when a block was kept without a bonus (`next_logits`), its queued verifies (run
+in order: a queued block's staleness depends on the one before) and the length up to which it
+decodes by itself (autoregressive, or target-only after the draft went down: `decode_until`).
+
+`next_work` turns the request's state into at most one piece of work for an iteration: answer a
+stale block (no compute), a prefill chunk (the prompt, or committed tokens piled up, fed in chunks
+so one long prompt never stalls the other requests), a verify row (pending + draft tokens), or a
+decode row. The engine packs the rows of every request into one forward.
+
+This module knows nothing about models, sockets or the store's layout.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+import torch
+
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.sampling import SamplingParams
+
+
+@dataclass
+class TargetRequest:
+    tokens: list[int]                         # committed, prompt included
+    slot: int
+    sampling: SamplingParams
+    seed: int
+    handle: int                               # the request's number on the data plane
+    cached: int = 0                           # tokens[:cached] have their KV in the slot
+    next_logits: torch.Tensor | None = None   # [vocab] after tokens[-1], when cached == len(tokens)
+    next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
+    verifies: deque = field(default_factory=deque)   # (Verify, queued_at), oldest first
+    decode_until: int = 0                     # decode by itself up to this many tokens (Decode)
+    unreported_prefill_s: float = 0.0         # prefill compute not yet sent with a verdict
+    ready_since: float | None = None          # when its head work became ready (queue time)
+
+    def __repr__(self) -> str:
+        return (f"TargetRequest(tokens={len(self.tokens)}, cached={self.cached}, slot={self.slot}, "
+                f"verifies={len(self.verifies)}, decode_until={self.decode_until})")
+
+    @property
+    def pending(self) -> list[int]:
+        return self.tokens[self.cached:]
+
+
+@dataclass
+class Work:
+    """One request's part of an iteration. kind: stale | prefill | verify | decode."""
+    request_id: str
+    request: TargetRequest
+    kind: str
+    fed: list[int] = field(default_factory=list)      # tokens this forward feeds for it
+    verify: worker_pb2.Verify | None = None
+    queued_at: float = 0.0
+
+    @property
+    def draft(self) -> list[int]:
+        return list(self.verify.draft_token_ids) if self.verify is not None else []
+
+    def keep_offsets(self) -> list[int]:
+        """Offsets into `fed` whose logits the work needs: the row before each draft token (when
+        the last pending token is fed) and each draft token's own row; for a decode, the last."""
+        if self.kind == "decode":
+            return [len(self.fed) - 1] if self.fed else []
+        if self.kind != "verify":
+            return []
+        first = len(self.fed) - len(self.draft) - 1       # the last pending token, or -1: kept logits
+        return list(range(max(first, 0), len(self.fed)))
+
+
+def is_stale(request: TargetRequest, msg: worker_pb2.Verify) -> bool:
+    """A queued block whose predecessor was not fully accepted."""
+    return msg.HasField("expect_last_token") and (msg.start_length != len(request.tokens)
+                                                  or request.tokens[-1] != msg.expect_last_token)
+
+
+def next_work(request_id: str, request: TargetRequest, probs_ready, prefill_chunk: int,
+              token_budget: int, data_timeout_s: float) -> Work | None:
+    """The request's next piece of work within `token_budget` fed tokens, or None (nothing ready).
+    `probs_ready(request, verify)`: whether the draft's q of a sampled block have arrived."""
+    pending = request.pending
+    if request.verifies:
+        msg, queued_at = request.verifies[0]
+        if request.decode_until or is_stale(request, msg):     # (decoding alone now: answered stale)
+            return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
+        if len(pending) <= prefill_chunk:
+            fed = pending + list(msg.draft_token_ids)
+            waited_out = time.monotonic() - queued_at > data_timeout_s
+            sampled_ok = request.sampling.greedy or not msg.draft_token_ids or probs_ready(request, msg)
+            if (sampled_ok or waited_out) and (fed or request.next_logits is not None) and len(fed) <= token_budget:
+                return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at)
+    elif request.decode_until > len(request.tokens) and len(pending) <= prefill_chunk:
+        if len(pending) <= token_budget and (pending or request.next_logits is not None):
+            return Work(request_id, request, "decode", fed=pending)
+    if len(pending) > 1:                  # prompt or piled-up tokens: a chunk, keeping the last pending
+        size = min(prefill_chunk, len(pending) - 1, token_budget)
+        if size > 0:
+            return Work(request_id, request, "prefill", fed=pending[:size])
+    return None
