@@ -79,6 +79,10 @@ class RequestChannel:
     async def decode(self, max_length: int) -> None:
         await self.target.command(decode=worker_pb2.Decode(request_id=self.request_id, max_length=max_length))
 
+    def target_busy(self) -> bool:
+        """The target has work queued (ours or other requests'): its next forward follows this one."""
+        return self.target.busy()
+
     def drop_draft(self) -> None:
         """Stop listening to the draft (it went down): its late replies are dropped."""
         self.uses_draft = False

@@ -188,18 +188,28 @@ class Pipelined(Schedule):
             return                                  # more tokens are on their way
         now = time.monotonic()
         if len(block_ids) < stop - start and self.drafting(view):
-            if live:
-                step = self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S
-                if now + step + HOP_S < live[-1].done_at:
-                    return                          # the next token still comes in time
-            elif len(block_ids) < self.policy.send_length():
-                return
-        verify_s = self.policy.model.verify_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
-        begins = max(now + HOP_S, live[-1].done_at if live else 0.0)
+            deadline = self.send_deadline(live, now)
+            if deadline is None:                    # an idle target: a few tokens are worth a forward
+                if len(block_ids) < self.policy.send_length():
+                    return
+            elif now + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S < deadline:
+                return                              # the next token still comes in time
+        forward_s = self.policy.model.forward_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
+        iteration_end = self.policy.model.iteration_end(now) if self.channel.target_busy() else None
+        begins = max(now + HOP_S, live[-1].done_at if live else 0.0, iteration_end or 0.0)
         block = Block(start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch,
-                      done_at=begins + verify_s)
+                      done_at=begins + forward_s)
         await self.send_verify(block, emit_bonus=False, expect_last_token=view.tokens[start - 1] if live else None)
         await self.keep_drafting()
+
+    def send_deadline(self, live: list[Block], now: float) -> float | None:
+        """The latest moment to cut the next block and still have it in the target's next forward:
+        the end of this request's block in flight; with none, the end of the forward in progress
+        when the target is busy with other requests (its next forward starts then, taking what is
+        queued); None when the target is idle."""
+        if live:
+            return live[-1].done_at
+        return self.policy.model.iteration_end(now) if self.channel.target_busy() else None
 
     async def on_verdict(self, verdict: worker_pb2.Verdict) -> list[int]:
         head = self.in_flight[0]
@@ -215,8 +225,8 @@ class Pipelined(Schedule):
                 block.doomed = True                 # the target will answer them stale
         live = self.live()
         if live:                                    # the target is on the next block now
-            verify_s = self.policy.model.verify_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
-            live[0].done_at = time.monotonic() + verify_s
+            forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
+            live[0].done_at = time.monotonic() + forward_s
         await self.prune(start)
         await self.keep_drafting()
         return new_tokens

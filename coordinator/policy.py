@@ -42,6 +42,7 @@ is a line fitted to measured verify times over n fed tokens.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from dataclasses import dataclass
 
@@ -55,6 +56,9 @@ IDLE_SEND_TOKENS = 2
 # Blocks of one request in flight on the target at once (pipelined modes): the one it verifies and
 # the next, queued so the target goes on without waiting for the coordinator.
 MAX_IN_FLIGHT = 2
+# Running means of the target's batch (rows and tokens per forward): about the last 20 forwards count.
+BATCH_FORGET = 0.95
+
 # Learnt branch threshold: the share of rejections it should flag, over the draft probabilities of
 # the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
 BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
@@ -96,6 +100,9 @@ class AcceptanceModel:
         self._threshold: dict[bool, float] = {}
         self.fork_outcomes = {True: deque(maxlen=FORK_WINDOW), False: deque(maxlen=FORK_WINDOW)}  # greedy?
         self._unpaid_points = 0                  # branch points seen while forking does not pay
+        self.batch_rows: float | None = None     # requests per target forward (running mean)
+        self.batch_tokens: float | None = None   # tokens per target forward (running mean)
+        self.last_forward_end: float | None = None
 
     @property
     def rate(self) -> float:
@@ -159,19 +166,45 @@ class AcceptanceModel:
         slope = max(0.0, (nt / w - (n / w) * (t / w)) / variance) if variance > 1e-9 else 0.0
         return t / w + slope * (num_fed - n / w)
 
+    def observe_forward(self, rows: int, tokens: int, seconds: float, now: float | None = None) -> None:
+        """One batched forward of the target (every Verdicts message): its cost feeds the verify
+        line (seconds against tokens fed), its rows the batch size, its end the iteration clock."""
+        self.observe_verify(tokens, seconds)
+        self.batch_rows = rows if self.batch_rows is None else BATCH_FORGET * self.batch_rows + (1 - BATCH_FORGET) * rows
+        self.batch_tokens = tokens if self.batch_tokens is None else \
+            BATCH_FORGET * self.batch_tokens + (1 - BATCH_FORGET) * tokens
+        self.last_forward_end = time.monotonic() if now is None else now
+
+    def forward_seconds(self, block_tokens: int) -> float | None:
+        """Expected seconds of the target forward that takes a block of `block_tokens`: one over
+        the block and what the other requests bring (the running mean batch), by the verify line."""
+        return self.verify_seconds(round(max(self.batch_tokens or 0.0, block_tokens)))
+
+    def iteration_end(self, now: float) -> float:
+        """When the target's forward in progress should end (ask only while it is busy): its next
+        forward starts then and takes what is queued."""
+        if self.last_forward_end is None:
+            return now
+        return self.last_forward_end + (self.forward_seconds(1) or 0.0)
+
     def tokens_per_second(self, length: int, pipelined: bool) -> float:
+        """Expected tokens per second of one request drafting `length` tokens per block, among
+        `batch_rows` requests that do the same: a round (one block verified) takes a target forward
+        over all of them, T_verify(B (k + 1)), and k batched draft steps; pipelined, the two
+        overlap. The request's share of that time is a B-th (at B = 1, the single-request bound)."""
         a = min(self.rate, 0.999)
-        t_verify, t_draft = self.verify_seconds(length + 1), self.t_draft
-        if t_verify is None or t_draft is None:
+        rows = max(1.0, self.batch_rows or 1.0)
+        t_forward, t_draft = self.verify_seconds(round(rows * (length + 1))), self.t_draft
+        if t_forward is None or t_draft is None:
             return 0.0
         if pipelined:
             reject = 1 - a ** length
             tokens = a * (1 - a ** length) / (1 - a) + reject
-            seconds = max(t_verify, length * t_draft) + reject * t_draft
+            seconds = max(t_forward, length * t_draft) + reject * t_draft
         else:
             tokens = (1 - a ** (length + 1)) / (1 - a)
-            seconds = length * t_draft + t_verify
-        return tokens / seconds
+            seconds = length * t_draft + t_forward
+        return tokens * rows / seconds
 
     def best_length(self, most: int, pipelined: bool) -> int:
         """The block length in 1..most with the highest expected throughput (`most` until the
@@ -271,10 +304,9 @@ class DraftPolicy:
     def observe_rejected_prob(self, prob: float) -> None:
         self.model.observe_rejected_prob(prob, self.greedy)
 
-    def observe(self, num_drafted: int, num_accepted: int, verify_seconds: float,
-                predicted_accept_length: float = -1.0) -> None:
+    def observe(self, num_drafted: int, num_accepted: int, predicted_accept_length: float = -1.0) -> None:
+        """A verdict: the acceptance (the forward's cost comes from observe_forward, batch by batch)."""
         self.model.observe_block(num_drafted, num_accepted)
-        self.model.observe_verify(num_drafted + 1, verify_seconds)
         self._best_length = None
         if predicted_accept_length >= 0:
             self.predicted_accept_length = predicted_accept_length

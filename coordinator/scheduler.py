@@ -35,15 +35,19 @@ class RequestPlan:
     policy: PolicyConfig = PolicyConfig()
 
 
+def open_channel(plan: RequestPlan, draft: WorkerClient, target: WorkerClient) -> RequestChannel:
+    """The request's channel to the workers: through the draft too in a speculative mode, when the
+    draft is up."""
+    return RequestChannel(plan.request_id, draft, target,
+                          use_draft=plan.mode != "autoregressive" and draft.healthy)
+
+
 class RequestRun:
-    def __init__(self, plan: RequestPlan, draft: WorkerClient, target: WorkerClient,
-                 acceptance: AcceptanceModel | None = None):
+    def __init__(self, plan: RequestPlan, channel: RequestChannel, acceptance: AcceptanceModel | None = None):
         """`acceptance`: the server's shared running model of acceptance and step costs."""
-        self.plan, self.stats = plan, RunStats()
+        self.plan, self.stats, self.channel = plan, RunStats(), channel
         self.policy = DraftPolicy(plan.policy, plan.mode, acceptance, greedy=plan.sampling.greedy)
-        speculative = plan.mode != "autoregressive"
-        self.channel = RequestChannel(plan.request_id, draft, target, use_draft=speculative and draft.healthy)
-        self.fell_back = speculative and not draft.healthy       # degraded from the start
+        self.fell_back = plan.mode != "autoregressive" and not channel.uses_draft   # degraded from the start
         schedule = SCHEDULES[plan.mode] if self.channel.uses_draft else Autoregressive
         self.schedule = schedule(plan, self.channel, self.policy, self.stats)
         self.started = time.monotonic()

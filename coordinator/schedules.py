@@ -134,8 +134,7 @@ class Schedule:
         accepted = block.token_ids[:verdict.num_accepted]
         new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
         self.stats.on_verdict(verdict, len(block.token_ids), len(new_tokens))
-        self.policy.observe(len(block.token_ids), len(accepted), verdict.verify_seconds,
-                            verdict.predicted_accept_length)
+        self.policy.observe(len(block.token_ids), len(accepted), verdict.predicted_accept_length)
         self.tokens += new_tokens
         assert len(self.tokens) == verdict.committed_length, \
             f"coordinator has {len(self.tokens)} committed tokens, target {verdict.committed_length}"

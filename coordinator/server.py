@@ -152,9 +152,16 @@ class Coordinator:
         admission = Admission(AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests,
                                               config.max_tokens_in_flight))
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
-        for worker in (self.draft, self.target):
-            worker.on_batch = self.metrics.observe_batch
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
+        acceptance, metrics = self.servicer.acceptance, self.metrics
+
+        def on_batch(role: str, rows: int, tokens: int, seconds: float) -> None:
+            metrics.observe_batch(role, rows, tokens)
+            if role == "target":          # the policy's cost of a forward, and the target's clock
+                acceptance.observe_forward(rows, tokens, seconds)
+
+        for worker in (self.draft, self.target):
+            worker.on_batch = on_batch
         self.health = health.aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)

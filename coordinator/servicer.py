@@ -28,7 +28,7 @@ import numpy as np
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
-from specpipe.coordinator.scheduler import RequestPlan, RequestRun
+from specpipe.coordinator.scheduler import RequestPlan, RequestRun, open_channel
 from specpipe.coordinator.schedules import RunStats
 from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
@@ -203,7 +203,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         log.info("%s %s", code.name.lower(), where)
 
     async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, context):
-        run = RequestRun(plan, self.draft, self.target, self.acceptance)
+        run = RequestRun(plan, open_channel(plan, self.draft, self.target), self.acceptance)
         self.live[plan.request_id] = run
         log.info("started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
                  len(plan.prompt_ids), plan.max_new_tokens, plan.mode, plan.sampling.temperature)

@@ -74,7 +74,9 @@ class WorkerClient:
         self._nonces = itertools.count(1)
         self._pong_waiters: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self.on_batch = None          # on_batch(role, rows, tokens): told of every batched forward
+        self.on_batch = None          # on_batch(role, rows, tokens, seconds): told of every batched forward
+        self.outstanding: dict[str, int] = {}   # request_id -> its verifies not answered yet
+        self.decoding: set[str] = set()         # requests the target decodes by itself
 
     def connect(self, address: str) -> None:
         """Connect a client made without an address (a worker that `specpipe serve` spawns after its
@@ -105,7 +107,24 @@ class WorkerClient:
     async def command(self, **kind) -> None:
         """send(Command(<kind>=<message>)), e.g. command(release=Release(request_id=...))."""
         frames = kind.pop("frames", None)
+        self._count_work(kind)
         await self.send(worker_pb2.Command(**kind), frames)
+
+    def _count_work(self, kind: dict) -> None:
+        """What the target has to do: verifies sent and not answered, requests decoding alone."""
+        if "verify" in kind:
+            request_id = kind["verify"].request_id
+            self.outstanding[request_id] = self.outstanding.get(request_id, 0) + 1
+        elif "decode" in kind:
+            self.decoding.add(kind["decode"].request_id)
+        elif "release" in kind:
+            self.outstanding.pop(kind["release"].request_id, None)
+            self.decoding.discard(kind["release"].request_id)
+
+    def busy(self) -> bool:
+        """The worker has work of ours to do (target: a verify not yet answered, or a request
+        decoding by itself): its next forward starts as soon as this one ends."""
+        return bool(self.outstanding or self.decoding)
 
     # -- replies and heartbeats ---------------------------------------------------------------
     async def _read(self) -> None:
@@ -138,13 +157,18 @@ class WorkerClient:
         for request_id, tokens in by_request.items():
             self._deliver(request_id, Event(self.role, "draft_tokens", tokens, step_seconds=step.step_seconds))
         if self.on_batch is not None:
-            self.on_batch(self.role, step.batch_branches, step.batch_tokens)
+            self.on_batch(self.role, step.batch_branches, step.batch_tokens, step.step_seconds)
 
     def _on_verdicts(self, batch: worker_pb2.Verdicts, frames: list[bytes]) -> None:
         for verdict in batch.verdicts:
+            left = self.outstanding.get(verdict.request_id, 0) - 1
+            if left > 0:
+                self.outstanding[verdict.request_id] = left
+            else:
+                self.outstanding.pop(verdict.request_id, None)
             self._deliver(verdict.request_id, Event(self.role, "verdict", verdict, frames))
         if self.on_batch is not None and batch.batch_requests:
-            self.on_batch(self.role, batch.batch_requests, batch.batch_tokens)
+            self.on_batch(self.role, batch.batch_requests, batch.batch_tokens, batch.forward_seconds)
 
     def _on_pong(self, pong: worker_pb2.Pong) -> None:
         self.last_pong, self.last_seen = pong, time.monotonic()
@@ -199,6 +223,8 @@ class WorkerClient:
             return
         self.healthy = False
         self.last_seen = 0.0
+        self.outstanding.clear()
+        self.decoding.clear()
         logger.error("%s worker at %s %s: marked down", self.role, self.address, why)
         for inbox in list(self.inboxes.values()):
             inbox.put_nowait(Event(self.role, "down"))

@@ -59,6 +59,11 @@ class KVStore:
         self.keys: list[torch.Tensor] = []     # per layer: [num_slots, kv_heads, slot_len, head_dim]
         self.values: list[torch.Tensor] = []
         self.free_slots = list(range(num_slots - 1, -1, -1))   # popped from the end: lowest first
+        # Per slot, positions ever zeroed or written: an attention may read a slot's positions up to
+        # the longest row of its forward (masked out), and memory never written may hold NaNs, which
+        # a mask does not cancel (0 x NaN is NaN). So a slot is zeroed up to what a forward reads,
+        # just in time: the OS backs only the pages a forward ever reached.
+        self.initialized = [0] * num_slots
 
     def __repr__(self) -> str:
         shape = tuple(self.keys[0].shape) if self.keys else "unallocated"
@@ -81,6 +86,11 @@ class KVStore:
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Slot `target` gets the first `length` positions of slot `source` (a fork)."""
         assert 0 <= length <= self.slot_len, f"copy of {length} positions outside the slot"
+        with torch.inference_mode():    # (the tensors are inference tensors: made inside a forward)
+            self._copy(source, target, length)
+        self.initialized[target] = max(self.initialized[target], min(length, self.initialized[source]))
+
+    def _copy(self, source: int, target: int, length: int) -> None:
         for keys, values in zip(self.keys, self.values):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
@@ -139,6 +149,12 @@ class PackedLayout:
         self.causal = (key_pos[None, None, :] <= query_pos[:, :, None]).to(device)  # [B, q_max, kv_len]
         self.num_block_rows = num_block_rows
         self._masks: dict[int | None, torch.Tensor] = {}
+        # Slots this forward reads up to kv_len: those of the range (dense) or the rows (gathered).
+        read = range(low, high) if self.dense else slots
+        self.zero_ranges = [(slot, store.initialized[slot], self.kv_len) for slot in read
+                            if store.initialized[slot] < self.kv_len]
+        for slot, _, end in self.zero_ranges:
+            store.initialized[slot] = end
 
     def mask(self, sliding_window: int | None) -> torch.Tensor:
         """[B, 1, q_max, kv_len] bool: causal, and within the window when there is one."""
@@ -161,6 +177,9 @@ class PackedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layout = self.layout
         keys, values = layout.store.layer(layer_idx, key_states)
+        for slot, begin, end in layout.zero_ranges:     # never-written memory it may read: zeroed
+            keys[slot, :, begin:end] = 0
+            values[slot, :, begin:end] = 0
         # [1, kv_heads, T, head_dim] -> [T, kv_heads, head_dim] at (slot, :, position) of each token
         keys[layout.token_slot, :, layout.positions] = key_states[0].transpose(0, 1).to(keys.dtype)
         values[layout.token_slot, :, layout.positions] = value_states[0].transpose(0, 1).to(values.dtype)
@@ -278,8 +297,8 @@ def _check_packed(model, model_type: str, sequences: list[list[int]], expected: 
             second = [Row(slots[0], 5, 2), Row(slots[1], 2, 2)]
             ids = torch.tensor(sequences[0][5:] + sequences[1][2:], device=device)
             got_second = forward_packed(model, store, second, ids, keep=[0, 1, 2, 3]).logits
-    except UnsupportedModel:
-        raise
+    except UnsupportedModel as err:
+        raise UnsupportedModel(f"model type {model_type!r}: {err}") from None
     except Exception as err:
         raise UnsupportedModel(f"model type {model_type!r} cannot run over the batched KV store: "
                                f"{type(err).__name__}: {err}") from err

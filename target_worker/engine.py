@@ -100,7 +100,8 @@ class TargetEngine:
                              f"{self.store.slot_len} positions")
         sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
         self.requests[msg.request_id] = TargetRequest(list(msg.token_ids), self.store.allocate(), sampling,
-                                                      msg.sampling.seed, msg.handle)
+                                                      msg.sampling.seed, msg.handle,
+                                                      prompt_left=len(msg.token_ids) - 1)
 
     def _request(self, request_id: str) -> TargetRequest:
         if request_id not in self.requests:
@@ -195,6 +196,8 @@ class TargetEngine:
                                  keep, want_hidden=want_hidden)
         for work in works:
             work.request.cached += len(work.fed)
+            work.fed_prompt = min(work.request.prompt_left, len(work.fed))
+            work.request.prompt_left -= work.fed_prompt
         return {id(work): (out.logits[a:b], out.hidden[a:b] if out.hidden is not None else None)
                 for work, (a, b) in zip(works, spans)}
 
@@ -207,8 +210,10 @@ class TargetEngine:
         """Apply the forward's rows to the request: the verdict item for a verify, stale answer or
         decoded token; None for a prefill chunk (its time is reported with the first verdict)."""
         request = work.request
+        prefill_s = share_s * work.fed_prompt / len(work.fed) if work.fed else 0.0
+        request.unreported_prefill_s += prefill_s          # the prompt's part: reported as prefill
+        share_s -= prefill_s
         if work.kind == "prefill":
-            request.unreported_prefill_s += share_s
             return None
         queue_s = time.monotonic() - request.ready_since if request.ready_since else 0.0
         request.ready_since = None

@@ -38,6 +38,7 @@ class TargetRequest:
     next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
     verifies: deque = field(default_factory=deque)   # (Verify, queued_at), oldest first
     decode_until: int = 0                     # decode by itself up to this many tokens (Decode)
+    prompt_left: int = 0                      # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0         # prefill compute not yet sent with a verdict
     ready_since: float | None = None          # when its head work became ready (queue time)
 
@@ -59,6 +60,7 @@ class Work:
     fed: list[int] = field(default_factory=list)      # tokens this forward feeds for it
     verify: worker_pb2.Verify | None = None
     queued_at: float = 0.0
+    fed_prompt: int = 0                               # how many of `fed` are prompt tokens
 
     @property
     def draft(self) -> list[int]:

@@ -75,9 +75,53 @@ def fresh_logits(model, tokens: list[int]) -> torch.Tensor:
         return model(torch.tensor([tokens])).logits[0, -1]
 
 
-def cached_logits(model, holder) -> torch.Tensor:
-    """Next-token logits from `holder.cache` (a specpipe KVCache) plus its not-yet-cached
-    `holder.tokens`, without changing the cache."""
-    probe = holder.cache.fork()
-    with torch.no_grad():
-        return probe.forward(model, torch.tensor([holder.tokens[probe.length:]])).logits[0, -1]
+def tiny_architecture(name: str, vocab_size: int = 300, seed: int = 0):
+    """A random tiny causal LM of a model family people serve, built from its config (no files)."""
+    import transformers
+    torch.manual_seed(seed)
+    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=2, max_position_embeddings=512, vocab_size=vocab_size)
+    configs = {
+        "llama": lambda: transformers.LlamaConfig(**gqa),
+        "qwen2": lambda: transformers.Qwen2Config(**gqa),
+        "qwen3": lambda: transformers.Qwen3Config(**gqa, head_dim=16),
+        "mistral": lambda: transformers.MistralConfig(**gqa, sliding_window=6),   # the window is exercised
+        "phi3": lambda: transformers.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512,
+                                                vocab_size=vocab_size, bos_token_id=1, eos_token_id=2),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                                       num_attention_heads=4, max_position_embeddings=512,
+                                                       vocab_size=vocab_size),
+        "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                                              word_embed_proj_dim=64, max_position_embeddings=512,
+                                              vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+    }
+    model = AutoModelForCausalLM.from_config(configs[name]()).eval()
+    with torch.no_grad():                      # sharper logits: greedy runs with real structure
+        model.get_output_embeddings().weight.mul_(8.0)
+    return model
+
+
+ARCHITECTURES = ["llama", "qwen2", "qwen3", "mistral", "phi3", "gpt2", "gpt_neox", "opt"]
+
+
+def twin(model):
+    """A second instance with the same weights: one is routed through the slot store, the other
+    stays the plain reference (prepare_model changes a model's attention implementation)."""
+    import copy
+    return copy.deepcopy(model)
+
+
+def store_logits(model, store, slot: int, cached: int, tokens: list[int]) -> torch.Tensor:
+    """Next-token logits from `store`'s slot (its first `cached` positions valid) plus the rest of
+    `tokens` fed, computed in a scratch slot so the slot itself is left as it is."""
+    from specpipe.kv_store import Row, forward_packed
+    scratch = store.allocate()
+    try:
+        store.copy_prefix(slot, scratch, cached)
+        fed = tokens[cached:]
+        with torch.inference_mode():
+            return forward_packed(model, store, [Row(scratch, cached, len(fed))], torch.tensor(fed),
+                                  keep=[len(fed) - 1]).logits[0]
+    finally:
+        store.free(scratch)

@@ -10,7 +10,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits
 from specpipe.coordinator.metrics import METRIC_NAMES, ServerMetrics
-from specpipe.coordinator.scheduler import RunStats
+from specpipe.coordinator.schedules import RunStats
 
 
 def samples(metrics: ServerMetrics) -> dict:
@@ -31,6 +31,7 @@ def test_every_declared_name_is_exported():
     metrics, _ = make()
     metrics.observe_success("length", 1.0)
     metrics.observe_failure("CANCELLED")
+    metrics.observe_batch("target", 4, 20)
     names = {name for name, _ in samples(metrics)}
     for name in METRIC_NAMES:
         assert name in names or f"{name}_count" in names or f"{name}_total" in names, name
@@ -43,10 +44,17 @@ def test_observations_add_up():
     metrics.observe_admitted(prompt_tokens=7, queue_seconds=0.2)
     metrics.observe_chunk(3, since_arrival=0.05, since_last=None)   # first chunk: TTFT, 2 ITL of 0
     metrics.observe_chunk(4, since_arrival=0.15, since_last=0.1)    # 4 ITL of 0.025
-    metrics.observe_run(RunStats(draft_tokens=8, accepted_tokens=5, rolled_back_tokens=4, verifications=2,
+    metrics.observe_run(RunStats(drafted_tokens=9, draft_tokens=8, accepted_tokens=5, verifications=2,
                                  branches_forked=3, branches_hit=1, committed_per_verification=[3, 4]))
     metrics.observe_success("eos", 0.3)
+    metrics.observe_batch("target", 8, 40)
+    metrics.observe_batch("target", 16, 96)
+    metrics.observe_batch("draft", 20, 20)
     got = samples(metrics)
+    assert got[("specpipe:worker_batch_rows_count", (("role", "target"),))] == 2
+    assert got[("specpipe:worker_batch_rows_sum", (("role", "target"),))] == 24
+    assert got[("specpipe:worker_batch_tokens_sum", (("role", "target"),))] == 136
+    assert got[("specpipe:worker_batch_tokens_sum", (("role", "draft"),))] == 20
     assert got[("specpipe:generation_tokens_total", ())] == 7
     assert got[("specpipe:prompt_tokens_total", ())] == 7
     assert got[("specpipe:time_to_first_token_seconds_count", ())] == 1

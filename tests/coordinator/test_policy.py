@@ -75,9 +75,9 @@ def test_policy_kinds():
     sequential = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "sequential")
     assert sequential.min_confidence == 0.4
     predictor = DraftPolicy(PolicyConfig(kind="predictor", num_draft_tokens=6), "specbranch")
-    predictor.observe(4, 2, 0.01, predicted_accept_length=2.4)
+    predictor.observe(4, 2, predicted_accept_length=2.4)
     assert predictor.block_length() == 3
-    predictor.observe(4, 4, 0.01, predicted_accept_length=9.0)
+    predictor.observe(4, 4, predicted_accept_length=9.0)
     assert predictor.block_length() == 6
 
 
@@ -150,3 +150,38 @@ def test_branch_threshold_is_learnt_apart_for_greedy_and_sampled_requests():
         greedy.observe_rejected_prob(0.2 + 0.001 * index)
         sampled.observe_rejected_prob(0.9)
     assert greedy.branch_threshold() < 0.5 < sampled.branch_threshold() == 0.9
+
+
+def test_forwards_feed_the_cost_line_the_batch_and_the_iteration_clock():
+    model = AcceptanceModel()
+    for rows, tokens in [(8, 40), (8, 48), (16, 96), (8, 40), (16, 80)] * 20:
+        model.observe_forward(rows, tokens, 0.007 + 0.0005 * tokens, now=100.0)
+    assert model.verify_seconds(60) == pytest.approx(0.007 + 0.0005 * 60, rel=1e-6)
+    assert 8 < model.batch_rows < 16 and 40 < model.batch_tokens < 96
+    # The forward in progress ends one forward of the running mean batch after the last one ended.
+    assert model.iteration_end(100.001) == pytest.approx(100.0 + model.forward_seconds(1))
+    assert model.forward_seconds(500) == pytest.approx(0.007 + 0.0005 * 500)
+
+
+@pytest.mark.parametrize("rows", [1, 4, 16])
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
+    """With B requests sharing each forward, a round costs the forward over all their blocks; the
+    chosen length is the one with the most tokens per second for the batch (computed apart here)."""
+    model = AcceptanceModel()
+    model.accepted, model.rejected = 90.0, 10.0          # acceptance rate 0.9
+    for _ in range(200):
+        model.observe_forward(rows, rows * 5, 0.007 + 0.0004 * rows * 5)
+        model.observe_forward(rows, rows * 9, 0.007 + 0.0004 * rows * 9)
+        model.observe_draft_step(0.002)
+    a, t_draft = 0.9, model.t_draft
+
+    def batch_rate(k):
+        forward = 0.007 + 0.0004 * rows * (k + 1)
+        if pipelined:
+            reject = 1 - a ** k
+            return rows * (a * (1 - a ** k) / (1 - a) + reject) / (max(forward, k * t_draft) + reject * t_draft)
+        return rows * ((1 - a ** (k + 1)) / (1 - a)) / (k * t_draft + forward)
+
+    rates = [batch_rate(k) for k in range(1, 11)]
+    assert model.best_length(10, pipelined) == 1 + rates.index(max(rates))

@@ -1,30 +1,63 @@
-"""The draft engine, driven in-process with real protobuf commands over a tiny model: after any
-mix of draft / fork / sync / cancel, every cache equals a fresh forward over its surviving tokens,
-and released requests leave nothing behind."""
+"""The draft engine, driven in-process with real protobuf commands over tiny models, with both
+drafters: after any mix of draft / fork / sync / cancel, every branch's cache equals a fresh
+forward over its tokens; one step advances every drafting branch of every request at once and
+reports them in one message; a long prompt is fed in chunks; released requests and cancelled
+branches free their slots; the n-gram drafter proposes by prompt lookup, with certainty, and
+ends a job where it has nothing to propose."""
 
 import random
 
+import pytest
 import torch
 
+from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter, lookup
 from specpipe.draft_worker.engine import DraftEngine
+from specpipe.kv_store import KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
-from tiny import cached_logits, fresh_logits, load
+from tiny import fresh_logits, load, store_logits, twin
 
 ATOL = 1e-4
 
 
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    reference = load(tiny_models["draft"])
+    model = twin(reference)
+    prepare_model(model)
+    return model, reference
+
+
+def make_engine(model, chunk: int = 128) -> DraftEngine:
+    return DraftEngine(ModelDrafter(model, KVStore(16, 256), torch.device("cpu"), chunk))
+
+
+def command(engine, **kind):
+    engine.handle(pb.Command(**kind), [])
+
+
 def run_jobs(engine):
-    replies = []
-    while engine.has_work():
-        replies += engine.work()
-    return replies
+    """Step until no branch drafts: every DraftToken, and the figures of each step."""
+    tokens, steps = [], []
+    while engine.ready():
+        items, figures = engine.step()
+        reply, _ = engine.pack(items, figures)
+        tokens += list(reply.draft_step.tokens)
+        steps.append(figures)
+    return tokens, steps
 
 
-def test_draft_engine_random_fork_sync_cancel(tiny_models):
-    model = load(tiny_models["draft"])
-    engine = DraftEngine(model)
+def branch_logits(engine, model, request_id, branch_id):
+    drafter, branch = engine.drafter, engine.requests[request_id].branches[branch_id]
+    key = (request_id, branch_id)
+    holder_cached = min(drafter.cached[key], len(branch.tokens) - 1)
+    return store_logits(model, drafter.store, drafter.slots[key], holder_cached, branch.tokens)
+
+
+def test_random_fork_sync_cancel_keep_every_cache_exact(models):
+    model, reference = models
+    engine = make_engine(model)
     rng = random.Random(7)
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[3, 9, 27])), [])
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=[3, 9, 27]))
     next_id, epoch = 1, 1
     for _ in range(30):
         request = engine.requests["r"]
@@ -33,40 +66,105 @@ def test_draft_engine_random_fork_sync_cancel(tiny_models):
         op = rng.choice(["draft", "draft", "fork", "sync", "cancel"])
         if op == "draft":
             ids = rng.sample(list(request.branches), k=min(2, len(request.branches)))
-            engine.handle(pb.Command(draft=pb.Draft(request_id="r", branch_ids=ids, epoch=epoch,
-                                                    max_tokens=rng.randint(1, 4), num_candidates=2)), [])
-            replies = run_jobs(engine)
-            assert all(r.draft_token.epoch == epoch for _, r, _ in replies)
+            command(engine, draft=pb.Draft(request_id="r", branch_ids=ids, epoch=epoch, max_tokens=rng.randint(1, 4),
+                                           num_candidates=2))
+            tokens, _ = run_jobs(engine)
+            assert all(t.epoch == epoch for t in tokens)
         elif op == "fork" and len(branch.tokens) > 1:
             position = rng.randint(1, len(branch.tokens) - 1)
-            engine.handle(pb.Command(fork=pb.Fork(request_id="r", parent_branch_id=branch_id, branch_id=next_id,
-                                                  position=position, token_ids=[rng.randrange(200)])), [])
+            command(engine, fork=pb.Fork(request_id="r", parent_branch_id=branch_id, branch_id=next_id,
+                                         position=position, token_ids=[rng.randrange(200)]))
             next_id += 1
         elif op == "sync":
             keep = rng.randint(1, len(branch.tokens))
-            engine.handle(pb.Command(sync=pb.Sync(request_id="r", branch_id=branch_id, keep_length=keep,
-                                                  append_token_ids=[rng.randrange(200)])), [])
+            command(engine, sync=pb.Sync(request_id="r", branch_id=branch_id, keep_length=keep,
+                                         append_token_ids=[rng.randrange(200)]))
             epoch += 1
         elif op == "cancel" and branch_id != 0:
-            engine.handle(pb.Command(cancel=pb.Cancel(request_id="r", branch_ids=[branch_id])), [])
-    for branch in engine.requests["r"].branches.values():
-        torch.testing.assert_close(cached_logits(model, branch), fresh_logits(model, branch.tokens),
+            command(engine, cancel=pb.Cancel(request_id="r", branch_ids=[branch_id]))
+    for branch_id, branch in engine.requests["r"].branches.items():
+        torch.testing.assert_close(branch_logits(engine, model, "r", branch_id), fresh_logits(reference, branch.tokens),
                                    atol=ATOL, rtol=0)
-    engine.handle(pb.Command(release=pb.Release(request_id="r")), [])
-    assert engine.live_counts() == (0, 0)
+    command(engine, release=pb.Release(request_id="r"))
+    assert engine.drafter.store.slots_in_use == 0 and not engine.requests
 
 
-def test_draft_tokens_follow_greedy_and_report_candidates(tiny_models):
-    model = load(tiny_models["draft"])
-    engine = DraftEngine(model)
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[5, 6])), [])
-    engine.handle(pb.Command(draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=3,
-                                            num_candidates=2)), [])
-    tokens = [reply.draft_token for _, reply, _ in run_jobs(engine)]
+def test_draft_tokens_follow_greedy_and_report_candidates(models):
+    model, reference = models
+    engine = make_engine(model)
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=[5, 6]))
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=3, num_candidates=2))
+    tokens, _ = run_jobs(engine)
     assert [t.position for t in tokens] == [2, 3, 4] and tokens[-1].last
     sequence = [5, 6]
     for token in tokens:
-        logits = fresh_logits(model, sequence)
+        logits = fresh_logits(reference, sequence)
         assert token.token_id == int(torch.argmax(logits))
         assert list(token.candidate_ids) == torch.topk(logits, 3).indices[1:].tolist()
         sequence.append(token.token_id)
+
+
+def test_one_step_advances_every_branch_of_every_request(models):
+    model, _ = models
+    engine = make_engine(model)
+    for request_id in ("a", "b", "c"):
+        command(engine, prefill=pb.Prefill(request_id=request_id, token_ids=[1, 2, 3, 4]))
+        command(engine, fork=pb.Fork(request_id=request_id, parent_branch_id=0, branch_id=1, position=3,
+                                     token_ids=[9]))
+        command(engine, draft=pb.Draft(request_id=request_id, branch_ids=[0, 1], epoch=1, max_tokens=2))
+    items, figures = engine.step()
+    assert figures["batch_branches"] == 6 and len(items) == 6
+    reply, _ = engine.pack(items, figures)
+    assert len(reply.draft_step.tokens) == 6                       # one message for the whole step
+    assert {(t.request_id, t.branch_id) for t in reply.draft_step.tokens} == {(r, b) for r in "abc" for b in (0, 1)}
+    # Each request: its prompt on branch 0, and the fork's 4 tokens (forked before the parent was
+    # cached, so it has no prefix to copy yet).
+    assert figures["batch_tokens"] == 3 * (4 + 4)
+
+
+def test_a_long_prompt_is_fed_in_chunks_before_it_proposes(models):
+    model, reference = models
+    engine = make_engine(model, chunk=8)
+    prompt = [(i * 5) % 200 + 1 for i in range(20)]
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=prompt))
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=1))
+    proposed = [engine.step()[0] for _ in range(3)]
+    assert [len(items) for items in proposed] == [0, 0, 1]         # 8 + 8 fed, then the last 4 and a token
+    assert proposed[2][0][1].token_id == int(torch.argmax(fresh_logits(reference, prompt)))
+
+
+def test_cancel_and_release_free_the_slots(models):
+    model, _ = models
+    engine = make_engine(model)
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=[1, 2]))
+    for branch_id in (1, 2):
+        command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=branch_id, position=1,
+                                     token_ids=[branch_id]))
+    assert engine.drafter.store.slots_in_use == 3
+    command(engine, cancel=pb.Cancel(request_id="r", branch_ids=[1]))
+    assert engine.drafter.store.slots_in_use == 2
+    command(engine, release=pb.Release(request_id="r"))
+    assert engine.drafter.store.slots_in_use == 0
+
+
+@pytest.mark.parametrize("tokens, expected", [
+    ([1, 2, 3, 9, 1, 2], 3),              # the longest suffix seen before: [1, 2] -> 3
+    ([5, 6, 5, 7, 5], 7),                 # the most recent earlier occurrence wins
+    ([1, 2, 3, 4], None),                 # nothing repeats
+    ([4], None),
+])
+def test_prompt_lookup(tokens, expected):
+    assert lookup(tokens) == expected
+
+
+def test_ngram_drafter_proposes_with_certainty_and_stops_when_it_has_nothing():
+    engine = DraftEngine(NgramDrafter(vocab_size=50, max_len=64))
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=[1, 2, 3, 4, 1, 2]))
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=6))
+    tokens, _ = run_jobs(engine)
+    # Lookup follows the earlier run 1 2 3 4 1 2 ... and repeats it.
+    assert [t.token_id for t in tokens] == [3, 4, 1, 2, 3, 4] and all(t.prob == 1.0 for t in tokens)
+    command(engine, prefill=pb.Prefill(request_id="s", token_ids=[7, 8, 9]))
+    command(engine, draft=pb.Draft(request_id="s", branch_ids=[0], epoch=1, max_tokens=4))
+    tokens, _ = run_jobs(engine)
+    assert [(t.token_id, t.last) for t in tokens] == [(-1, True)]   # nothing to propose: the job ends

@@ -13,7 +13,9 @@ from transformers import AutoModelForCausalLM
 
 from specpipe import predictor, wire
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
+from specpipe.kv_store import KVStore, prepare_model
 from specpipe.target_worker.engine import TargetEngine
+from tiny import twin
 
 STEPS = 100    # fit steps in the tests: enough to leave the initialisation, a second on one thread
 POSITIONS = 160
@@ -120,8 +122,10 @@ def test_target_engine_fills_the_prediction(trained, tiny_models):
     committed token, and predicted_accept_length is the predictor's value there."""
     folder, _ = trained
     model, accept = load(tiny_models["target"]), predictor.load_predictor(folder)
-    engine = TargetEngine(model, predictor=accept)
-    bare = TargetEngine(model)
+    served = twin(model)
+    prepare_model(served)
+    engine = TargetEngine(served, KVStore(2, 256), predictor=accept)
+    bare = TargetEngine(served, KVStore(2, 256))
     rng = random.Random(5)
     for e in (engine, bare):
         e.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[4, 8, 15, 16])), [])
@@ -138,8 +142,7 @@ def test_target_engine_fills_the_prediction(trained, tiny_models):
         verify = pb.Verify(request_id="r", block_id=block_id, start_length=len(before), draft_token_ids=draft,
                            emit_bonus=rng.random() < 0.5, want_features=True, want_prediction=True)
         engine.handle(pb.Command(verify=verify), [])
-        (_, reply, frames), = engine.work()
-        verdict = reply.verdict
+        (_, verdict, frames), = engine.step()[0]
         cases.add((from_kept_row, verdict.num_accepted == 0, verdict.next_token_id >= 0))
         with torch.no_grad():
             reference = model(torch.tensor([state.tokens[:-1]]), output_hidden_states=True).hidden_states[-1][0, -1]
@@ -148,9 +151,9 @@ def test_target_engine_fills_the_prediction(trained, tiny_models):
         assert verdict.predicted_accept_length == pytest.approx(accept.predict(reference), abs=1e-3)
         assert 0.0 <= verdict.predicted_accept_length <= predictor.MAX_LEN
         bare.handle(pb.Command(verify=verify), [])
-        (_, bare_reply, _), = bare.work()
-        assert bare_reply.verdict.predicted_accept_length == -1.0            # no predictor loaded
-        assert bare_reply.verdict.num_accepted == verdict.num_accepted
+        (_, bare_verdict, _), = bare.step()[0]
+        assert bare_verdict.predicted_accept_length == -1.0                  # no predictor loaded
+        assert bare_verdict.num_accepted == verdict.num_accepted
     # Seen: a correction at the first token right after a block kept without bonus (the row
     # predicting it came from the previous verify), and a block kept without bonus.
     assert {(True, True, True), (False, False, False)} <= cases, cases

@@ -1,75 +1,207 @@
-"""The target engine, driven in-process with real protobuf commands over a tiny model: after any
-run of verifies its cache and committed tokens equal a fresh forward and its commits follow the
-target's argmax; edge cases of the verify contract (nothing to feed) run without a model error."""
+"""The target engine, driven in-process with real protobuf commands over tiny models.
+
+Method: the engine's model is routed through the KV store; a twin with the same weights is the
+plain reference. Checks: after any run of verifies (random blocks, with and without bonus) the
+request's cache and committed tokens equal a fresh forward and its commits follow the target's
+argmax; many requests are verified in ONE forward per iteration and each gets its own verdict;
+budgets bound every forward; a long prompt is prefilled in chunks while other requests go on;
+Decode runs the target alone and answers queued verifies stale; the edge case of a verify with
+nothing to feed uses the kept logits; a release frees the slot.
+"""
 
 import random
 
+import pytest
 import torch
 
+from specpipe.kv_store import KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
-from specpipe.target_worker.engine import TargetEngine
-from tiny import cached_logits, fresh_logits, load
+from specpipe.target_worker.engine import BatchLimits, TargetEngine
+from tiny import fresh_logits, load, store_logits, twin
 
 ATOL = 1e-4
 
 
-def verify(engine, request_id, block_id, start_length, draft, emit_bonus):
+@pytest.fixture(scope="module")
+def models(tiny_models):
+    """(engine model routed through the store, plain reference)."""
+    reference = load(tiny_models["target"])
+    model = twin(reference)
+    prepare_model(model)
+    return model, reference
+
+
+def make_engine(model, limits=BatchLimits(), slots: int = 8) -> TargetEngine:
+    return TargetEngine(model, KVStore(slots, 256), limits=limits)
+
+
+def prefill(engine, request_id, tokens):
+    engine.handle(pb.Command(prefill=pb.Prefill(request_id=request_id, token_ids=tokens)), [])
+
+
+def verify(engine, request_id, start_length, draft, emit_bonus, block_id=1, **fields):
     engine.handle(pb.Command(verify=pb.Verify(request_id=request_id, block_id=block_id, start_length=start_length,
-                                              draft_token_ids=draft, emit_bonus=emit_bonus)), [])
-    assert engine.has_work()
-    (_, reply, _), = engine.work()
-    assert reply.WhichOneof("kind") == "verdict", reply
-    return reply.verdict
+                                              draft_token_ids=draft, emit_bonus=emit_bonus, **fields)), [])
 
 
-def test_target_engine_cache_after_verifies(tiny_models):
-    """Random blocks through verify (with and without bonus): the target's cache and committed
-    tokens equal a fresh forward, and its commits follow the target's argmax; the prefill time is
-    reported once."""
-    model = load(tiny_models["target"])
-    engine = TargetEngine(model)
+def step(engine):
+    """One iteration: {request_id: verdict} and the iteration's figures."""
+    assert engine.ready()
+    items, figures = engine.step()
+    verdicts = {}
+    for request_id, item, _ in items:
+        assert isinstance(item, pb.Verdict), item
+        verdicts[request_id] = item
+    return verdicts, figures
+
+
+def greedy(reference, tokens, count):
+    out = list(tokens)
+    for _ in range(count):
+        out.append(int(torch.argmax(fresh_logits(reference, out))))
+    return out[len(tokens):]
+
+
+def test_cache_and_commits_after_random_verifies(models):
+    """Random blocks through verify (with and without bonus): the cache and committed tokens
+    equal a fresh forward, and commits follow the target's argmax; the prefill time is reported once."""
+    model, reference = models
+    engine = make_engine(model)
     rng = random.Random(3)
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[1, 2, 3])), [])
+    prefill(engine, "r", [1, 2, 3])
     for block_id in range(12):
         state = engine.requests["r"]
         before = list(state.tokens)
         draft = [rng.randrange(200) for _ in range(rng.randint(0, 4))]
-        emit_bonus = rng.random() < 0.5 or not draft
-        engine.handle(pb.Command(verify=pb.Verify(request_id="r", block_id=block_id, start_length=len(before),
-                                                  draft_token_ids=draft, emit_bonus=emit_bonus)), [])
-        (_, reply, _), = engine.work()
-        verdict = reply.verdict
-        # the prompt's prefill time travels once, with the first verdict (target-busy accounting)
+        if rng.random() < 0.5:                       # sometimes the target's own tokens: all accepted
+            draft = greedy(reference, before, len(draft))
+        verify(engine, "r", len(before), draft, emit_bonus=rng.random() < 0.5 or not draft, block_id=block_id)
+        verdict = step(engine)[0]["r"]
         assert (verdict.prefill_seconds > 0) == (block_id == 0), (block_id, verdict.prefill_seconds)
         committed = state.tokens[len(before):]
         assert len(committed) == verdict.num_accepted + (verdict.next_token_id >= 0)
-        for i, token in enumerate(committed):
-            assert token == int(torch.argmax(fresh_logits(model, before + committed[:i])))
+        assert committed == greedy(reference, before, len(committed))
         if state.next_logits is not None:
-            torch.testing.assert_close(state.next_logits, fresh_logits(model, state.tokens), atol=ATOL, rtol=0)
+            torch.testing.assert_close(state.next_logits, fresh_logits(reference, state.tokens), atol=ATOL, rtol=0)
         else:
-            torch.testing.assert_close(cached_logits(model, state), fresh_logits(model, state.tokens),
-                                       atol=ATOL, rtol=0)
+            torch.testing.assert_close(store_logits(model, engine.store, state.slot, state.cached, state.tokens),
+                                       fresh_logits(reference, state.tokens), atol=ATOL, rtol=0)
     engine.handle(pb.Command(release=pb.Release(request_id="r")), [])
-    assert engine.live_counts() == (0, 0)
+    assert not engine.requests and engine.store.slots_in_use == 0
 
 
-def test_verify_with_nothing_to_feed_uses_the_kept_logits(tiny_models):
+def test_many_requests_are_verified_in_one_forward(models):
+    model, reference = models
+    engine = make_engine(model)
+    prompts = {f"r{i}": [i + 1, 2 * i + 5, 7] * (i + 1) for i in range(6)}   # prompts of unequal lengths
+    for request_id, prompt in prompts.items():
+        prefill(engine, request_id, prompt)
+        draft = greedy(reference, prompt, 3)
+        draft[2] = (draft[2] + 1) % 300                   # the third draft token is wrong
+        verify(engine, request_id, len(prompt), draft, emit_bonus=True)
+    verdicts, figures = step(engine)
+    assert figures["batch_requests"] == 6 and set(verdicts) == set(prompts)
+    assert figures["batch_tokens"] == sum(len(p) + 3 for p in prompts.values())
+    for request_id, prompt in prompts.items():
+        verdict = verdicts[request_id]
+        assert verdict.num_accepted == 2
+        assert verdict.next_token_id == greedy(reference, prompt, 3)[2]
+        assert verdict.verify_seconds > 0 and verdict.committed_length == len(prompt) + 3
+    assert not engine.ready()
+
+
+def test_budgets_bound_each_forward_and_every_request_gets_its_turn(models):
+    model, _ = models
+    limits = BatchLimits(max_batch_tokens=12, max_batch_requests=2, prefill_chunk=8)
+    engine = make_engine(model, limits)
+    for i in range(5):
+        prefill(engine, f"r{i}", [3, 4, i + 5])
+        verify(engine, f"r{i}", 3, [1, 2], emit_bonus=True)
+    served = []
+    while engine.ready():
+        verdicts, figures = step(engine)
+        assert figures["batch_requests"] <= 2 and figures["batch_tokens"] <= 12
+        served.append(sorted(verdicts))
+    assert sorted(sum(served, [])) == [f"r{i}" for i in range(5)]      # each once, none starved
+    assert len(served) == 3
+
+
+def test_a_long_prompt_is_prefilled_in_chunks_beside_other_requests(models):
+    model, reference = models
+    engine = make_engine(model, BatchLimits(max_batch_tokens=64, max_batch_requests=8, prefill_chunk=16))
+    prefill(engine, "short", [9, 8, 7])
+    verify(engine, "short", 3, greedy(reference, [9, 8, 7], 2), emit_bonus=True)
+    long_prompt = [(i * 7) % 250 + 1 for i in range(60)]
+    prefill(engine, "long", long_prompt)
+    verify(engine, "long", 60, [], emit_bonus=True)
+    verdicts, figures = step(engine)
+    assert set(verdicts) == {"short"}                  # the long prompt took a chunk, the short one its verdict
+    assert figures["batch_tokens"] == 5 + 16 and engine.requests["long"].cached == 16
+    iterations = 1
+    while "long" not in verdicts:
+        verdicts, _ = step(engine)
+        iterations += 1
+    assert iterations == 4                             # 16 + 16 + 16 + the last 12 with the verify
+    assert verdicts["long"].next_token_id == greedy(reference, long_prompt, 1)[0]
+    assert verdicts["long"].prefill_seconds > 0
+
+
+def test_decode_runs_alone_and_answers_queued_verifies_stale(models):
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [4, 8, 15, 16]
+    prefill(engine, "r", prompt)
+    verify(engine, "r", len(prompt), [1, 2, 3], emit_bonus=False)
+    engine.handle(pb.Command(decode=pb.Decode(request_id="r", max_length=len(prompt) + 5)), [])
+    verdicts, figures = step(engine)
+    assert verdicts["r"].stale and figures["batch_requests"] == 0
+    tokens = []
+    while engine.ready():
+        verdict = step(engine)[0]["r"]
+        assert verdict.num_accepted == 0 and not verdict.stale
+        tokens.append(verdict.next_token_id)
+    assert tokens == greedy(reference, prompt, 5)
+
+
+def test_verify_with_nothing_to_feed_uses_the_kept_logits(models):
     """Target-only after a block fully accepted without bonus (the draft went down then): the next
     verify has no pending token and no draft token. It must emit the target's argmax from the kept
     logits, without running the model on an empty input (once a float tensor: issue 22)."""
-    model = load(tiny_models["target"])
-    engine = TargetEngine(model)
+    model, reference = models
+    engine = make_engine(model)
     prompt = [4, 8, 15]
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=prompt)), [])
-    greedy = []
-    for _ in range(3):
-        greedy.append(int(torch.argmax(fresh_logits(model, prompt + greedy))))
-    kept = verify(engine, "r", 1, len(prompt), greedy[:2], emit_bonus=False)
+    prefill(engine, "r", prompt)
+    expected = greedy(reference, prompt, 3)
+    verify(engine, "r", len(prompt), expected[:2], emit_bonus=False)
+    kept = step(engine)[0]["r"]
     assert (kept.num_accepted, kept.next_token_id) == (2, -1)
     assert engine.requests["r"].next_logits is not None
-    alone = verify(engine, "r", 2, len(prompt) + 2, [], emit_bonus=True)
-    assert (alone.num_accepted, alone.next_token_id) == (0, greedy[2])
-    assert engine.requests["r"].tokens == prompt + greedy
-    torch.testing.assert_close(cached_logits(model, engine.requests["r"]),
-                               fresh_logits(model, prompt + greedy), atol=ATOL, rtol=0)
+    verify(engine, "r", len(prompt) + 2, [], emit_bonus=True, block_id=2)
+    alone, figures = step(engine)
+    assert (alone["r"].num_accepted, alone["r"].next_token_id) == (0, expected[2]) and figures["batch_tokens"] == 0
+    state = engine.requests["r"]
+    assert state.tokens == prompt + expected
+    torch.testing.assert_close(store_logits(model, engine.store, state.slot, state.cached, state.tokens),
+                               fresh_logits(reference, prompt + expected), atol=ATOL, rtol=0)
+
+
+def test_stale_block_is_answered_without_compute(models):
+    model, reference = models
+    engine = make_engine(model)
+    prefill(engine, "r", [5, 6])
+    verify(engine, "r", 2, [299, 298], emit_bonus=False)                        # rejected at once
+    verify(engine, "r", 4, [1], emit_bonus=False, block_id=2, expect_last_token=298)
+    first = step(engine)[0]["r"]
+    assert first.num_accepted == 0
+    second, figures = step(engine)
+    assert second["r"].stale and figures["batch_tokens"] == 0
+
+
+def test_a_prompt_longer_than_a_slot_is_refused_and_slots_are_bounded(models):
+    model, _ = models
+    engine = TargetEngine(model, KVStore(1, 8))
+    with pytest.raises(ValueError, match="does not fit a KV slot of 8"):
+        prefill(engine, "big", list(range(1, 10)))
+    prefill(engine, "a", [1, 2])
+    with pytest.raises(MemoryError, match="all 1 KV slots are in use"):
+        prefill(engine, "b", [1, 2])

@@ -1,0 +1,214 @@
+"""Fake workers for driving the schedules without processes (nanochat's MockModel pattern).
+
+`FakeWorkers` stands in for both worker clients behind a real `RequestChannel`: it receives the
+channel's protobuf commands and simulates, greedily over a toy model whose next token is a fixed
+function of the prefix (`target_next`), what the target would verify and what a draft that is
+right most of the time would propose (`draft_next`, unsure where it is wrong, with the target's
+token among its next-best candidates, so branches can be promoted). Its inbox decides, with a
+seeded random choice, whether the next event the schedule sees is the draft's step or the
+target's verdict: every test seed is another ordering of late verdicts, early drafts and stale
+blocks. `draft_down_after=N` makes the draft go down after its N-th step.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import random
+from collections import deque
+
+from specpipe.coordinator.workers import Event
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
+VOCAB = 50
+# Draft steps the fake draft may have sent that the schedule has not read yet.
+DRAFT_AHEAD = 3
+
+
+def target_next(tokens: list[int]) -> int:
+    return (sum(tokens) * 7 + len(tokens) * 3) % VOCAB
+
+
+def draft_next(tokens: list[int]) -> tuple[int, float, list[int], list[float]]:
+    """(token, its probability, next-best candidates, their probabilities): wrong and unsure at
+    one position in four, with the target's token as its best alternative."""
+    right = target_next(tokens)
+    key = f"{tokens[-3:]}{len(tokens)}".encode()
+    if hashlib.blake2b(key, digest_size=2).digest()[0] % 4 == 0:
+        return (right + 1) % VOCAB, 0.3, [right, (right + 2) % VOCAB], [0.25, 0.1]
+    return right, 0.9, [(right + 1) % VOCAB], [0.05]
+
+
+def greedy(prompt: list[int], count: int) -> list[int]:
+    tokens = list(prompt)
+    for _ in range(count):
+        tokens.append(target_next(tokens))
+    return tokens[len(prompt):]
+
+
+class FakeWorkers:
+    def __init__(self, seed: int, draft_down_after: int | None = None):
+        self.rng = random.Random(seed)
+        self.draft_down_after = draft_down_after
+        self.draft_steps = 0
+        self.draft_outbox: deque = deque()
+        self.draft_down = False
+        self.committed: list[int] = []
+        self.verifies: deque = deque()
+        self.decode_until = 0
+        self.branches: dict[int, list[int]] = {}
+        self.jobs: dict[int, list] = {}           # branch_id -> [epoch, remaining, min_confidence, num_candidates]
+        self.stale_answers = 0
+        self.commands: list[str] = []
+        self.request_id = ""
+        self.draft = _Client(self, "draft")
+        self.target = _Client(self, "target")
+
+    # -- what the channel sends -----------------------------------------------------------------
+    def command(self, role: str, kind: str, msg) -> None:
+        self.commands.append(f"{role}:{kind}")
+        if role == "draft" and self.draft_down:
+            return                                   # a dead worker hears nothing
+        getattr(self, f"_{role}_{kind}")(msg)
+
+    def _target_prefill(self, msg) -> None:
+        self.request_id, self.committed = msg.request_id, list(msg.token_ids)
+
+    def _target_verify(self, msg) -> None:
+        self.decode_until = 0
+        self.verifies.append(msg)
+
+    def _target_decode(self, msg) -> None:
+        self.decode_until = msg.max_length
+
+    def _target_release(self, msg) -> None:
+        self.verifies.clear()
+
+    def _draft_prefill(self, msg) -> None:
+        self.branches = {0: list(msg.token_ids)}
+
+    def _draft_draft(self, msg) -> None:
+        for branch_id in msg.branch_ids:
+            self.jobs[branch_id] = [msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates]
+
+    def _draft_fork(self, msg) -> None:
+        self.branches[msg.branch_id] = self.branches[msg.parent_branch_id][:msg.position] + list(msg.token_ids)
+
+    def _draft_sync(self, msg) -> None:
+        self.branches[msg.branch_id] = self.branches[msg.branch_id][:msg.keep_length] + list(msg.append_token_ids)
+        self.jobs.pop(msg.branch_id, None)
+
+    def _draft_cancel(self, msg) -> None:
+        for branch_id in msg.branch_ids:
+            self.branches.pop(branch_id, None)
+            self.jobs.pop(branch_id, None)
+
+    def _draft_release(self, msg) -> None:
+        self.branches.clear()
+        self.jobs.clear()
+
+    # -- what the channel receives --------------------------------------------------------------
+    def next_event(self) -> Event:
+        """The draft runs ahead of delivery (up to DRAFT_AHEAD steps wait in its outbox, so a step
+        drafted before a Sync can arrive after it, under the old epoch); the target answers in order."""
+        while True:
+            choices = []
+            if self.draft_outbox:
+                choices.append("deliver")
+            if self.jobs and not self.draft_down and len(self.draft_outbox) < DRAFT_AHEAD:
+                choices.append("draft")
+            if self.verifies or self.decode_until > len(self.committed):
+                choices.append("verdict")
+            assert choices, f"the schedule waits, but no worker has anything to send ({self.commands[-6:]})"
+            choice = self.rng.choice(choices)
+            if choice == "draft":
+                self.draft_outbox.append(self._draft_step())
+            elif choice == "deliver":
+                return self.draft_outbox.popleft()
+            else:
+                return self._verdict()
+
+    def _draft_step(self) -> Event:
+        self.draft_steps += 1
+        if self.draft_down_after is not None and self.draft_steps > self.draft_down_after:
+            self.draft_down = True
+            self.jobs.clear()
+            return Event("draft", "down")
+        tokens = []
+        for branch_id, job in list(self.jobs.items()):
+            epoch, remaining, min_confidence, num_candidates = job
+            sequence = self.branches[branch_id]
+            token, prob, candidates, probs = draft_next(sequence)
+            job[1] = remaining = remaining - 1
+            last = remaining <= 0 or prob < min_confidence
+            tokens.append(worker_pb2.DraftToken(request_id=self.request_id, branch_id=branch_id, epoch=epoch,
+                                                position=len(sequence), token_id=token, prob=prob, last=last,
+                                                candidate_ids=candidates[:num_candidates],
+                                                candidate_probs=probs[:num_candidates]))
+            sequence.append(token)
+            if last:
+                del self.jobs[branch_id]
+        return Event("draft", "draft_tokens", tokens, step_seconds=0.001)
+
+    def _verdict(self) -> Event:
+        if self.verifies:
+            return Event("target", "verdict", self._verify(self.verifies.popleft()))
+        token = target_next(self.committed)
+        self.committed.append(token)
+        return Event("target", "verdict", worker_pb2.Verdict(request_id=self.request_id, next_token_id=token,
+                                                             committed_length=len(self.committed),
+                                                             verify_seconds=0.002))
+
+    def _verify(self, msg) -> worker_pb2.Verdict:
+        stale = msg.HasField("expect_last_token") and (msg.start_length != len(self.committed) or
+                                                       self.committed[-1] != msg.expect_last_token)
+        if stale or self.decode_until:
+            self.stale_answers += 1
+            return worker_pb2.Verdict(request_id=self.request_id, block_id=msg.block_id, stale=True, next_token_id=-1,
+                                      committed_length=len(self.committed))
+        assert msg.start_length == len(self.committed), "a block that does not extend the committed tokens"
+        draft, accepted = list(msg.draft_token_ids), 0
+        while accepted < len(draft) and draft[accepted] == target_next(self.committed + draft[:accepted]):
+            accepted += 1
+        self.committed += draft[:accepted]
+        next_token = -1
+        if accepted < len(draft) or msg.emit_bonus:
+            next_token = target_next(self.committed)
+            self.committed.append(next_token)
+        return worker_pb2.Verdict(request_id=self.request_id, block_id=msg.block_id, num_accepted=accepted,
+                                  next_token_id=next_token, committed_length=len(self.committed),
+                                  verify_seconds=0.002 + 0.0005 * len(draft))
+
+
+class _Client:
+    """What RequestChannel needs of a WorkerClient: attach, detach, command."""
+
+    def __init__(self, workers: FakeWorkers, role: str):
+        self.workers, self.role = workers, role
+        self.healthy = True
+
+    def attach(self, request_id, inbox) -> None:
+        pass
+
+    def detach(self, request_id) -> None:
+        pass
+
+    async def command(self, **kind) -> None:
+        (name, msg), = kind.items()
+        self.workers.command(self.role, name, msg)
+
+    def busy(self) -> bool:
+        workers = self.workers
+        return bool(workers.verifies) or workers.decode_until > len(workers.committed)
+
+
+class FakeInbox:
+    """The channel's inbox: each get() is the workers' next event, in a seeded order."""
+
+    def __init__(self, workers: FakeWorkers):
+        self.workers = workers
+
+    async def get(self) -> Event:
+        return self.workers.next_event()
+
+    def put_nowait(self, event) -> None:
+        raise AssertionError("nothing is delivered behind the fake's back")

@@ -1,0 +1,87 @@
+"""The schedules against fake workers (tests/coordinator/fake_workers.py): no processes, in
+milliseconds, every seed another interleaving of draft steps and verdicts.
+
+For every mode: the committed tokens equal the fake target's greedy continuation, whatever the
+ordering; the counters hold their invariants (accepted <= verified <= drafted). Pipelined modes see
+stale blocks (a block queued behind one that was not fully accepted is answered stale and
+dropped); specbranch promotes branches; a draft that goes down mid-request hands the schedule's
+committed tokens and blocks in flight to target-only decoding, which finishes exactly.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from specpipe.coordinator.channel import RequestChannel
+from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
+from specpipe.coordinator.scheduler import RequestPlan, RequestRun
+from specpipe.sampling import SamplingParams
+
+from fake_workers import FakeInbox, FakeWorkers, greedy
+
+MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
+PROMPT = [3, 1, 4, 1, 5]
+MAX_NEW = 60
+SEEDS = range(12)
+
+
+def run(mode: str, seed: int, draft_down_after: int | None = None, policy: PolicyConfig | None = None):
+    """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
+    workers = FakeWorkers(seed, draft_down_after)
+    plan = RequestPlan(request_id="r", prompt_ids=PROMPT, max_new_tokens=MAX_NEW, sampling=SamplingParams(),
+                       seed=seed, mode=mode,
+                       policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5))
+    channel = RequestChannel("r", workers.draft, workers.target, use_draft=mode != "autoregressive")
+    channel.inbox = FakeInbox(workers)
+    request = RequestRun(plan, channel, AcceptanceModel())
+
+    async def collect():
+        tokens = []
+        async for new_tokens in request.tokens():
+            tokens += new_tokens
+            if len(tokens) >= MAX_NEW:
+                break
+        await request.release()
+        return tokens[:MAX_NEW]
+
+    return asyncio.run(collect()), request, workers
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("seed", SEEDS)
+def test_every_ordering_commits_the_target_greedy_tokens(mode, seed):
+    tokens, request, _ = run(mode, seed)
+    assert tokens == greedy(PROMPT, MAX_NEW)
+    stats = request.stats
+    assert stats.accepted_tokens <= stats.draft_tokens <= stats.drafted_tokens
+    assert stats.rolled_back_tokens == stats.drafted_tokens - stats.accepted_tokens >= 0
+    assert stats.branches_hit <= stats.branches_forked
+    if mode == "autoregressive":
+        assert stats.drafted_tokens == 0 and stats.verifications == MAX_NEW
+    else:
+        assert stats.accepted_tokens > 0
+
+
+def test_pipelined_schedules_see_stale_blocks_and_specbranch_promotes_branches():
+    stale = {mode: sum(run(mode, seed)[2].stale_answers for seed in SEEDS) for mode in ("pipelined", "specbranch")}
+    assert stale["pipelined"] > 0 and stale["specbranch"] > 0
+    hits = sum(run("specbranch", seed)[1].stats.branches_hit for seed in SEEDS)
+    assert hits > 0
+    assert sum(run("pipelined", seed)[1].stats.branches_forked for seed in SEEDS) == 0
+
+
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "specbranch"])
+@pytest.mark.parametrize("down_after", [1, 4, 9])
+def test_draft_down_mid_request_finishes_target_only_and_exactly(mode, down_after):
+    for seed in SEEDS[:4]:
+        tokens, request, workers = run(mode, seed, draft_down_after=down_after)
+        assert tokens == greedy(PROMPT, MAX_NEW), (seed, workers.commands[-8:])
+        assert request.fell_back and workers.draft_down
+        assert "target:decode" in workers.commands                # the target went on by itself
+
+
+def test_the_draft_is_released_and_the_target_too():
+    _, _, workers = run("specbranch", 0)
+    assert workers.commands[-2:] == ["target:release", "draft:release"]
