@@ -45,11 +45,12 @@ class RequestChannel:
             draft.attach(request_id, self.inbox)
 
     # -- commands -----------------------------------------------------------------------------
-    async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int) -> None:
+    async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0) -> None:
+        wire_sampling = worker_pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
+                                            top_p=sampling.top_p, seed=seed,
+                                            drafter_invariant=sampling.drafter_invariant, noise_vocab=noise_vocab)
         message = worker_pb2.Prefill(request_id=self.request_id, token_ids=prompt_ids, handle=self.handle,
-                                     sampling=worker_pb2.Sampling(temperature=sampling.temperature,
-                                                                  top_k=sampling.top_k, top_p=sampling.top_p,
-                                                                  seed=seed))
+                                     sampling=wire_sampling)
         await self.target.command(prefill=message)
         if self.uses_draft:
             await self.draft.command(prefill=message)

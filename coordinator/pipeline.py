@@ -121,7 +121,7 @@ class Pipelined(Schedule):
                 view = self.branches[branch_id]
                 view.job_end = len(view.tokens) + need
             await self.channel.draft_tokens(branch_ids, self.epoch, need, self.policy.min_confidence,
-                                            self.policy.branch_width, not self.plan.sampling.greedy)
+                                            self.policy.branch_width, self.sends_probs)
 
     @staticmethod
     def drafting(view: BranchView) -> bool:

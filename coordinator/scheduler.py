@@ -33,6 +33,8 @@ class RequestPlan:
     seed: int
     mode: str                        # autoregressive | sequential | pipelined | specbranch
     policy: PolicyConfig = PolicyConfig()
+    seeded: bool = False             # the client gave the seed (else the server drew it)
+    noise_vocab: int = 0             # drafter-invariant: the width of the Gumbel noise (the vocabulary)
 
 
 def open_channel(plan: RequestPlan, draft: WorkerClient, target: WorkerClient) -> RequestChannel:

@@ -99,7 +99,13 @@ class Schedule:
         yield
 
     async def prefill(self) -> None:
-        await self.channel.prefill(self.plan.prompt_ids, self.plan.sampling, self.plan.seed)
+        await self.channel.prefill(self.plan.prompt_ids, self.plan.sampling, self.plan.seed, self.plan.noise_vocab)
+
+    @property
+    def sends_probs(self) -> bool:
+        """The draft's q go to the target (the default sampling rule needs them; greedy and the
+        drafter-invariant coupling compare tokens only)."""
+        return not self.plan.sampling.greedy and not self.plan.sampling.coupled
 
     def draft_budget(self) -> int:
         """Draft tokens for the next block: the policy's length, never past max_new_tokens
@@ -168,15 +174,16 @@ class Sequential(Schedule):
             if num_draft:
                 self.epoch += 1
                 await self.channel.draft_tokens([ROOT_BRANCH], self.epoch, num_draft, self.policy.min_confidence,
-                                                0, not self.plan.sampling.greedy)
+                                                0, self.sends_probs)
                 while not block.done:
                     for token in self.observe_draft(await self.channel.next_event("draft_tokens")):
                         if token.epoch == self.epoch:
                             block.add(token)
             await self.send_verify(block, emit_bonus=True)
             new_tokens = self.commit((await self.channel.next_event("verdict")).payload)
-            await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=new_tokens[-1:])
-            yield new_tokens
+            if new_tokens:
+                await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=new_tokens[-1:])
+                yield new_tokens
 
 
 class TargetOnly(Schedule):

@@ -147,9 +147,10 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         plan = RequestPlan(
             request_id=request.request_id or uuid.uuid4().hex,
             prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
-            sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=top_p),
+            sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=top_p,
+                                    drafter_invariant=request.drafter_invariant),
             seed=request.seed if request.HasField("seed") else secrets.randbits(63), mode=mode,
-            policy=limits.policy)
+            policy=limits.policy, seeded=request.HasField("seed"), noise_vocab=limits.vocab_size)
         return plan, list(request.stop)
 
     # -- Generate -------------------------------------------------------------------------------

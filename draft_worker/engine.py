@@ -9,8 +9,9 @@ between steps (Sync, Cancel, Fork, Release) take effect before the next step: dr
 interruptible.
 
 Randomness: the token at sequence position i is drawn from a generator keyed by (seed, i,
-STREAM_DRAFT), so what the draft proposes at a position does not depend on timing, batch
-neighbours or redrafted branches.
+STREAM_DRAFT) (or, drafter-invariant, is argmax(log q + g) with the Gumbel noise keyed by (seed,
+i) that the target uses too), so what the draft proposes at a position does not depend on timing,
+batch neighbours or redrafted branches.
 All decisions (what to draft, where to fork) are the coordinator's; this module only executes.
 """
 
@@ -24,7 +25,8 @@ import torch
 
 from specpipe.draft_worker.drafter import BranchKey, Drafter
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import STREAM_DRAFT, SamplingParams, logits_to_probs, make_generator, sample_from_probs
+from specpipe.sampling import (STREAM_DRAFT, SamplingParams, gumbel_argmax, gumbel_noise, logits_to_probs,
+                               make_generator, sample_from_probs)
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,7 @@ class DraftRequest:
     sampling: SamplingParams
     seed: int
     handle: int                      # the request's number on the data plane
+    noise_vocab: int = 0             # drafter-invariant: the width of the Gumbel noise
     branches: dict[int, Branch] = field(default_factory=dict)
 
 
@@ -72,10 +75,13 @@ class DraftEngine:
         assert len(msg.token_ids) >= 1, "prefill needs at least one token"
         if msg.request_id in self.requests:
             raise ValueError(f"request {msg.request_id!r} exists already")
-        sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
+        wire_sampling = msg.sampling
+        sampling = SamplingParams(wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p,
+                                  wire_sampling.drafter_invariant)
         tokens = list(msg.token_ids)
         self.drafter.open((msg.request_id, 0), tokens)
-        request = DraftRequest(sampling=sampling, seed=msg.sampling.seed, handle=msg.handle)
+        request = DraftRequest(sampling=sampling, seed=wire_sampling.seed, handle=msg.handle,
+                               noise_vocab=wire_sampling.noise_vocab)
         request.branches[0] = Branch(tokens=tokens)
         self.requests[msg.request_id] = request
 
@@ -220,6 +226,10 @@ class DraftEngine:
         position = len(branch.tokens)
         if request.sampling.greedy:
             token_id = int(torch.argmax(logits))
+        elif request.sampling.coupled:          # argmax(log q + g): the same g the target uses at this position
+            width = request.noise_vocab or probs.shape[-1]
+            coupled = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:width]
+            token_id = int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width)))
         else:
             generator = make_generator(request.seed, position, STREAM_DRAFT)
             token_id = int(sample_from_probs(probs[None], generator)[0])

@@ -71,11 +71,12 @@ class Client:
     def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
                  seed: int | None = None, stop: list[str] | None = None, mode: str | None = None,
-                 request_id: str = "", timeout: float | None = None) -> Iterator[specpipe_pb2.GenerateResponse]:
+                 drafter_invariant: bool = False, request_id: str = "",
+                 timeout: float | None = None) -> Iterator[specpipe_pb2.GenerateResponse]:
         request = specpipe_pb2.GenerateRequest(
             request_id=request_id, prompt=prompt or "", prompt_ids=prompt_ids or [],
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop=stop or [], mode=MODES[mode])
+            stop=stop or [], mode=MODES[mode], drafter_invariant=drafter_invariant)
         if seed is not None:
             request.seed = seed
         return self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)

@@ -31,6 +31,12 @@ _SPLITMIX64_MUL2 = 0x94D049BB133111EB
 # draw at a position and the target's draws for a block starting there never share a generator.
 STREAM_DRAFT = 1
 STREAM_VERIFY = 2
+# Position-keyed draws of the verification (a seed fixes the output whatever the block cuts): the
+# uniform that accepts or rejects the draft token at a position, the one that draws the target's own
+# token there (correction or bonus), and the Gumbel noise of the drafter-invariant coupling.
+STREAM_ACCEPT = 3
+STREAM_FINAL = 4
+STREAM_GUMBEL = 5
 
 Generators = torch.Generator | Sequence[torch.Generator]
 
@@ -42,6 +48,7 @@ class SamplingParams:
     temperature: float = 0.0  # 0 = greedy (argmax)
     top_k: int = 0  # 0 = off; keep the top_k most likely tokens
     top_p: float = 1.0  # 0 or 1 = off; keep the smallest set with cumulative probability >= top_p
+    drafter_invariant: bool = False  # sample by the shared-noise (Gumbel) coupling: see gumbel_noise
 
     def __post_init__(self):
         if not (math.isfinite(self.temperature) and self.temperature >= 0):
@@ -54,6 +61,11 @@ class SamplingParams:
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def coupled(self) -> bool:
+        """Sampled by the drafter-invariant coupling (greedy needs none: argmax is invariant)."""
+        return self.drafter_invariant and not self.greedy
 
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
@@ -142,17 +154,46 @@ def sample_from_probs(probs: torch.Tensor, generator: Generators) -> torch.Tenso
     """[batch, vocab] non-negative weights -> [batch] int64 token ids, one draw per row.
 
     Inverse-CDF sampling with exactly one uniform per row (draw_uniforms(generator, batch, 1)):
-    token = the first id whose cumulative weight exceeds u * row_total, in float64. Rows need not
-    be normalised (a residual max(0, p - q) is passed as is) but must have a positive sum. A
-    token of weight exactly 0 is never drawn.
+    see `inverse_cdf`.
     """
     assert probs.dim() == 2, f"probs must be [batch, vocab], got {tuple(probs.shape)}"
-    batch, vocab = probs.shape
-    uniforms = draw_uniforms(generator, batch, 1, probs.device)  # [batch, 1]
+    uniforms = draw_uniforms(generator, probs.shape[0], 1, probs.device)  # [batch, 1]
+    return inverse_cdf(probs, uniforms[:, 0])
+
+
+def inverse_cdf(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """[batch, vocab] non-negative weights and [batch] uniforms in [0, 1) -> [batch] int64: the
+    first id whose cumulative weight exceeds u * row_total, in float64. Rows need not be
+    normalised (a residual max(0, p - q) is passed as is) but must have a positive sum. A token of
+    weight exactly 0 is never drawn."""
+    assert probs.dim() == 2 and uniforms.shape == (probs.shape[0],), "one uniform per row"
+    vocab = probs.shape[1]
     cdf = torch.cumsum(probs.double(), dim=-1)  # [batch, vocab]
-    thresholds = uniforms * cdf[:, -1:]  # [batch, 1], < row total since u < 1
+    thresholds = uniforms.double().to(probs.device)[:, None] * cdf[:, -1:]  # [batch, 1], < row total
     token_ids = torch.searchsorted(cdf, thresholds, right=True).squeeze(1)
     return token_ids.clamp_(max=vocab - 1)  # guards a float edge; never hit with u < 1
+
+
+def position_uniforms(seed: int, positions: Sequence[int], stream: int) -> torch.Tensor:
+    """[len(positions)] float64 uniforms in [0, 1), the one at sequence position t drawn from the
+    generator keyed by (seed, t, stream): a function of the position alone, not of how the
+    positions are grouped into blocks."""
+    return torch.tensor([torch.rand(1, generator=make_generator(seed, t, stream), dtype=torch.float64).item()
+                         for t in positions], dtype=torch.float64)
+
+
+def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
+    """[vocab] float64 standard Gumbel noise keyed by (seed, position): argmax(log p + noise) is a
+    draw from p (the Gumbel-max trick), and the draft and the target, given the same seed and
+    position, use the same noise: the drafter-invariant coupling (Daliri, Musco and Suresh 2024)."""
+    uniforms = torch.rand(vocab, generator=make_generator(seed, position, STREAM_GUMBEL), dtype=torch.float64)
+    return -torch.log(-torch.log(uniforms.clamp_(min=torch.finfo(torch.float64).tiny)))
+
+
+def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+    """[..., vocab] processed probabilities and noise of the same width -> [...] int64
+    argmax(log p + noise): tokens of probability 0 (masked by top-k / top-p) never win."""
+    return (torch.log(probs.double()) + noise).argmax(dim=-1)
 
 
 def _splitmix64(state: int) -> int:

@@ -18,8 +18,11 @@ With an acceptance-length predictor (specpipe/predictor.py) loaded, a verify ask
 prediction carries the predictor's expected accepted length for the next block, read from the
 hidden state of the row that predicted the last committed token.
 
-Randomness: a verification starting at committed length L draws from a generator keyed by
-(seed, L, STREAM_VERIFY); a decoded token at position L is a verification of an empty block there.
+Randomness is keyed by the sequence position a draw decides (specpipe.sampling): the uniform that
+accepts or rejects the draft token at position t by (seed, t, STREAM_ACCEPT), the draw of the
+target's own token at t by (seed, t, STREAM_FINAL), the drafter-invariant noise at t by (seed, t);
+so a seeded request's tokens do not depend on where its blocks were cut or what ran beside it. A
+decoded token at position t is a verification of an empty block there.
 """
 
 from __future__ import annotations
@@ -34,9 +37,10 @@ from specpipe import wire
 from specpipe.dataplane import ProbsTable
 from specpipe.kv_store import KVStore, Row, forward_packed
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import STREAM_VERIFY, SamplingParams, logits_to_probs, make_generator
+from specpipe.sampling import (STREAM_ACCEPT, STREAM_FINAL, SamplingParams, gumbel_noise, logits_to_probs,
+                               position_uniforms)
 from specpipe.target_worker.requests import TargetRequest, Work, next_work
-from specpipe.target_worker.verify import rejection_sample, verify_greedy
+from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
 logger = logging.getLogger(__name__)
 
@@ -98,9 +102,12 @@ class TargetEngine:
         if len(msg.token_ids) > self.store.slot_len:
             raise ValueError(f"a prompt of {len(msg.token_ids)} tokens does not fit a KV slot of "
                              f"{self.store.slot_len} positions")
-        sampling = SamplingParams(msg.sampling.temperature, msg.sampling.top_k, msg.sampling.top_p)
+        wire_sampling = msg.sampling
+        sampling = SamplingParams(wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p,
+                                  wire_sampling.drafter_invariant)
         self.requests[msg.request_id] = TargetRequest(list(msg.token_ids), self.store.allocate(), sampling,
-                                                      msg.sampling.seed, msg.handle,
+                                                      wire_sampling.seed, msg.handle,
+                                                      noise_vocab=wire_sampling.noise_vocab,
                                                       prompt_left=len(msg.token_ids) - 1)
 
     def _request(self, request_id: str) -> TargetRequest:
@@ -289,16 +296,33 @@ class TargetEngine:
                                   committed_length=len(request.tokens), predicted_accept_length=-1.0)
 
     def _decide(self, request: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
-        """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab]."""
+        """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab].
+        Sampled draws are keyed by the sequence position they decide, never by the block."""
         draft_ids = torch.tensor([draft], dtype=torch.long)
-        if request.sampling.greedy:
+        sampling, start = request.sampling, msg.start_length
+        if sampling.greedy:
             result = verify_greedy(draft_ids, rows[None])
+        elif sampling.coupled:
+            target_probs = self._padded(logits_to_probs(rows, sampling), request.noise_vocab)
+            noise = torch.stack([gumbel_noise(request.seed, start + i, target_probs.shape[-1])
+                                 for i in range(len(draft) + 1)])
+            result = verify_coupled(draft_ids, target_probs[None], noise[None])
         else:
-            target_probs = logits_to_probs(rows, request.sampling)[None]
+            target_probs = logits_to_probs(rows, sampling)[None]
             draft_probs = self._draft_probs(request, msg, rows.shape[-1])
-            generator = make_generator(request.seed, msg.start_length, STREAM_VERIFY)
-            result = rejection_sample(draft_ids, draft_probs, target_probs, generator)
+            accept = position_uniforms(request.seed, range(start, start + len(draft)), STREAM_ACCEPT)
+            final = position_uniforms(request.seed, range(start, start + len(draft) + 1), STREAM_FINAL)
+            result = rejection_sample_at(draft_ids, draft_probs, target_probs, accept[None], final[None])
         return int(result.num_accepted[0]), int(result.next_token_ids[0])
+
+    @staticmethod
+    def _padded(probs: torch.Tensor, width: int) -> torch.Tensor:
+        """[..., vocab] probs to the noise's width (zeros past the head: tokens that never win)."""
+        if not width or width == probs.shape[-1]:
+            return probs
+        if width > probs.shape[-1]:
+            return torch.nn.functional.pad(probs, (0, width - probs.shape[-1]))
+        return probs[..., :width]
 
     def _draft_probs(self, request: TargetRequest, msg, vocab: int) -> torch.Tensor:
         """[1, num_draft_tokens, vocab] q from the data plane, zero-padded to the target's width

@@ -33,6 +33,7 @@ class TargetRequest:
     sampling: SamplingParams
     seed: int
     handle: int                               # the request's number on the data plane
+    noise_vocab: int = 0                      # drafter-invariant: the width of the Gumbel noise
     cached: int = 0                           # tokens[:cached] have their KV in the slot
     next_logits: torch.Tensor | None = None   # [vocab] after tokens[-1], when cached == len(tokens)
     next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
@@ -95,7 +96,8 @@ def next_work(request_id: str, request: TargetRequest, probs_ready, prefill_chun
         if len(pending) <= prefill_chunk:
             fed = pending + list(msg.draft_token_ids)
             waited_out = time.monotonic() - queued_at > data_timeout_s
-            sampled_ok = request.sampling.greedy or not msg.draft_token_ids or probs_ready(request, msg)
+            sampled_ok = (request.sampling.greedy or request.sampling.coupled or not msg.draft_token_ids
+                          or probs_ready(request, msg))
             if (sampled_ok or waited_out) and (fed or request.next_logits is not None) and len(fed) <= token_budget:
                 return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at)
     elif request.decode_until > len(request.tokens) and len(pending) <= prefill_chunk:

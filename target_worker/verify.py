@@ -16,7 +16,19 @@ Decoding", Algorithm 1; the same words as vLLM's RejectionSampler):
   next-token distribution; the bonus token is its argmax (greedy) or a draw from it (sampling).
 
 Each round therefore emits num_accepted + 1 tokens: the accepted draft tokens, then
-`next_token_ids` (the correction or the bonus). p is the target's processed distribution and q the
+`next_token_ids` (the correction or the bonus).
+
+Randomness: `rejection_sample` draws from generators (per block); `rejection_sample_at` takes the
+uniforms explicitly, one per position (`accept_uniforms`: the accept test at each draft position;
+`final_uniforms`: the draw of the correction or bonus, at whichever position it falls), so the
+caller can key them by sequence position and a seed fixes the output however blocks are cut.
+
+- coupled (drafter-invariant; Daliri, Musco and Suresh 2024, "Coupling without communication and
+  drafter-invariant speculative decoding"): with Gumbel noise g shared by both sides at each
+  position, the draft proposes argmax(log q + g) and the target's token is argmax(log p + g):
+  accept while they agree, emit the target's at the first disagreement (or as the bonus). Every
+  emitted token is argmax(log p + g), a draw from p, whatever the draft proposed: the output equals
+  target-only sampling with the same noise. p is the target's processed distribution and q the
 draft's, both from specpipe.sampling.logits_to_probs with the same SamplingParams, and q must be the
 law the draft token was actually drawn from: then every emitted token is distributed exactly as
 the target would sample it alone.
@@ -26,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specpipe.sampling import Generators, draw_uniforms, sample_from_probs
+from specpipe.sampling import Generators, draw_uniforms, inverse_cdf
 
 
 @dataclass(frozen=True)
@@ -84,6 +96,38 @@ def rejection_sample(
       instead of dividing 0 by 0.
     Computation is in float64 internally; inputs are float32 as logits_to_probs returns them.
     """
+    batch, num_draft_tokens = draft_token_ids.shape
+    device = target_probs.device
+    accept_uniforms = draw_uniforms(generator, batch, num_draft_tokens, device)  # [batch, k]
+    final_uniforms = draw_uniforms(generator, batch, 1, device)                   # [batch, 1]
+    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms,
+                      lambda num_accepted: final_uniforms[:, 0])
+
+
+def rejection_sample_at(
+    draft_token_ids: torch.Tensor,  # [batch, num_draft_tokens] int64
+    draft_probs: torch.Tensor,  # [batch, num_draft_tokens, vocab] q, processed
+    target_probs: torch.Tensor,  # [batch, num_draft_tokens + 1, vocab] p, processed
+    accept_uniforms: torch.Tensor,  # [batch, num_draft_tokens] float64: position i's accept test
+    final_uniforms: torch.Tensor,  # [batch, num_draft_tokens + 1] float64: the final draw if it falls at i
+) -> VerifyResult:
+    """Algorithm 1 as `rejection_sample`, with the uniforms given per position."""
+    assert final_uniforms.shape == (draft_token_ids.shape[0], draft_token_ids.shape[1] + 1), "a final uniform per row"
+    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms,
+                      lambda num_accepted: final_uniforms.gather(1, num_accepted[:, None])[:, 0])
+
+
+def verify_coupled(
+    draft_token_ids: torch.Tensor,  # [batch, num_draft_tokens] int64, each argmax(log q + g)
+    target_probs: torch.Tensor,  # [batch, num_draft_tokens + 1, vocab] p, processed
+    noise: torch.Tensor,  # [batch, num_draft_tokens + 1, vocab] the Gumbel noise g at each position
+) -> VerifyResult:
+    """The drafter-invariant rule: greedy verification of the target's argmax(log p + g)."""
+    assert noise.shape == target_probs.shape, f"noise {tuple(noise.shape)} for p {tuple(target_probs.shape)}"
+    return verify_greedy(draft_token_ids, torch.log(target_probs.double()) + noise)
+
+
+def _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_uniform_at) -> VerifyResult:
     _check_block(draft_token_ids, target_probs)
     batch, num_draft_tokens = draft_token_ids.shape
     assert draft_probs.shape == (batch, num_draft_tokens, target_probs.shape[-1]), (
@@ -91,12 +135,10 @@ def rejection_sample(
         f"{tuple(draft_token_ids.shape)} and vocab {target_probs.shape[-1]}"
     )
     device = target_probs.device
-    accept_uniforms = draw_uniforms(generator, batch, num_draft_tokens, device)  # [batch, k]
-
     token_index = draft_token_ids[:, :, None]  # [batch, num_draft_tokens, 1]
     draft_token_probs = draft_probs.gather(2, token_index).squeeze(2).double()
     target_token_probs = target_probs[:, :num_draft_tokens].gather(2, token_index).squeeze(2).double()
-    accepted = accept_uniforms * draft_token_probs < target_token_probs  # [batch, k]
+    accepted = accept_uniforms.to(device) * draft_token_probs < target_token_probs  # [batch, k]
     num_accepted = _accepted_prefix_length(accepted)
 
     rows = torch.arange(batch, device=device)
@@ -111,7 +153,7 @@ def rejection_sample(
     residual = (final_target_probs - final_draft_probs).clamp_(min=0.0)  # [batch, vocab]
     residual_is_empty = residual.sum(dim=-1, keepdim=True) == 0
     residual = torch.where(residual_is_empty, final_target_probs, residual)
-    next_token_ids = sample_from_probs(residual, generator)  # normalises each row itself
+    next_token_ids = inverse_cdf(residual, final_uniform_at(num_accepted))  # normalises each row itself
     return VerifyResult(num_accepted=num_accepted, next_token_ids=next_token_ids)
 
 

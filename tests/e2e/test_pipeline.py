@@ -35,10 +35,12 @@ def exact_joint(model_dir, prompt_ids, sampling: SamplingParams, length: int) ->
     return joint
 
 
+@pytest.mark.parametrize("drafter_invariant", [False, True], ids=["leviathan", "coupled"])
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
-def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode):
+def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode, drafter_invariant):
     """The joint law of the first 3 tokens (temperature 1, top-k 3: 27 outcomes) over 700 seeds,
-    with unsure tokens everywhere (branch-confidence 0.9) so branches are forked and promoted."""
+    with unsure tokens everywhere (branch-confidence 0.9) so branches are forked and promoted, by
+    each sampling rule: the default (Leviathan) and the drafter-invariant coupling."""
     server = serve("draft_close", "--branch-confidence", "0.9", "--branch-width", "2", "--num-draft-tokens", "3")
     client = Client(server.addr)
     prompt_ids, sampling = PROMPTS[1], SamplingParams(temperature=1.0, top_k=3)
@@ -49,7 +51,7 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
 
     def run(seed):
         token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=3, temperature=1.0, top_k=3,
-                                             seed=seed, mode=mode)
+                                             seed=seed, mode=mode, drafter_invariant=drafter_invariant)
         return tuple(token_ids), last.stats
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:

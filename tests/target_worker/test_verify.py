@@ -19,11 +19,13 @@ from specpipe.sampling import (
     STREAM_DRAFT,
     STREAM_VERIFY,
     SamplingParams,
+    gumbel_argmax,
     logits_to_probs,
     make_generator,
     sample_from_probs,
 )
-from specpipe.target_worker.verify import VerifyResult, rejection_sample, verify_greedy
+from specpipe.target_worker.verify import (VerifyResult, rejection_sample, rejection_sample_at, verify_coupled,
+                                           verify_greedy)
 
 POWER_THRESHOLD = 1e-6  # a biased sampler must be rejected far more decisively than that
 NUM_TRIALS = 40_000  # rows per statistical test: tight enough to catch the biased samplers
@@ -436,3 +438,93 @@ def test_joint_chi_square_rejects_biased_samplers(sampler):
     first, second, _ = first_two_tokens(sampler, seed=4)
     joint = target_first[:, None] * target_next
     assert token_pvalue(first * JOINT_VOCAB + second, joint) < POWER_THRESHOLD
+
+
+# ---------------------------------------------------------------------------------------------
+# Uniforms per position: a seed fixes the output however the positions are cut into blocks
+
+
+@pytest.mark.parametrize("num_draft_tokens", [0, 1, 4])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_positional_uniforms_match_the_reference_loop(num_draft_tokens, seed):
+    block = random_block(64, num_draft_tokens, vocab=9, seed=seed)
+    generator = torch.Generator().manual_seed(seed + 100)
+    accept = torch.rand(64, num_draft_tokens, generator=generator, dtype=torch.float64)
+    final = torch.rand(64, num_draft_tokens + 1, generator=generator, dtype=torch.float64)
+    result = rejection_sample_at(*block, accept, final)
+    num_accepted, next_token_ids = reference_rejection_sample(
+        *block, accept, final.gather(1, result.num_accepted[:, None])[:, 0])
+    assert result.num_accepted.tolist() == num_accepted and result.next_token_ids.tolist() == next_token_ids
+
+
+def test_block_cuts_do_not_change_the_outcome_of_a_position():
+    """Six positions verified as one block, or as 3 + 3 (the second only when the first is fully
+    accepted, kept without a bonus), with the same uniforms per position: the same tokens."""
+    vocab = 7
+    for seed in range(200):
+        draft_ids, draft_probs, target_probs = random_block(1, 6, vocab, seed)
+        generator = torch.Generator().manual_seed(seed)
+        accept = torch.rand(1, 6, generator=generator, dtype=torch.float64)
+        final = torch.rand(1, 7, generator=generator, dtype=torch.float64)
+        whole = rejection_sample_at(draft_ids, draft_probs, target_probs, accept, final)
+        first = rejection_sample_at(draft_ids[:, :3], draft_probs[:, :3], target_probs[:, :4], accept[:, :3],
+                                    final[:, :4])
+        if first.num_accepted[0] < 3:
+            assert (first.num_accepted, first.next_token_ids) == (whole.num_accepted, whole.next_token_ids)
+            continue
+        second = rejection_sample_at(draft_ids[:, 3:], draft_probs[:, 3:], target_probs[:, 3:], accept[:, 3:],
+                                     final[:, 3:])
+        assert 3 + int(second.num_accepted[0]) == int(whole.num_accepted[0])
+        assert second.next_token_ids.tolist() == whole.next_token_ids.tolist()
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_positional_first_token_is_distributed_as_p(law):
+    draft_row, target_row = LAWS[law]
+    draft_token_ids, draft_probs = draft_block(draft_row, 3, NUM_TRIALS, seed=5)
+    generator = torch.Generator().manual_seed(6)
+    accept = torch.rand(NUM_TRIALS, 3, generator=generator, dtype=torch.float64)
+    final = torch.rand(NUM_TRIALS, 4, generator=generator, dtype=torch.float64)
+    result = rejection_sample_at(draft_token_ids, draft_probs, target_row.expand(NUM_TRIALS, 4, -1), accept, final)
+    tokens = torch.where(result.num_accepted > 0, draft_token_ids[:, 0], result.next_token_ids)
+    assert token_pvalue(tokens, target_row) > P_VALUE_THRESHOLD
+
+
+# ---------------------------------------------------------------------------------------------
+# The drafter-invariant coupling
+
+
+def gumbel(shape, seed: int) -> torch.Tensor:
+    uniforms = torch.rand(shape, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return -torch.log(-torch.log(uniforms.clamp(min=1e-300)))
+
+
+@pytest.mark.parametrize("law", LAWS)
+def test_coupled_output_is_argmax_of_the_noisy_target_whatever_the_draft(law):
+    """Every emitted token is argmax(log p + g): a draw from p (chi-square), and the same for a
+    draft near p, a draft far from it, and no draft at all."""
+    draft_row, target_row = LAWS[law]
+    noise = gumbel((NUM_TRIALS, 2, target_row.shape[0]), seed=7)
+    target_probs = target_row.expand(NUM_TRIALS, 2, -1)
+    own = gumbel_argmax(target_probs[:, 0], noise[:, 0])                    # target-only sampling
+    assert token_pvalue(own, target_row) > P_VALUE_THRESHOLD
+    for drafts in (gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), noise[:, 0]),     # coupled draft
+                   torch.zeros(NUM_TRIALS, dtype=torch.long)):                       # a useless one
+        result = verify_coupled(drafts[:, None], target_probs, noise)
+        first = torch.where(result.num_accepted > 0, drafts, result.next_token_ids)
+        assert torch.equal(first, own)
+
+
+def test_coupling_with_the_same_noise_accepts_more_than_with_other_noise():
+    """Power: a draft that draws its own noise is still exact (the target's tokens do not depend on
+    it) but agrees with the target less often; the shared noise is what makes the coupling pay."""
+    draft_row, target_row = LAWS["near draft"]
+    noise = gumbel((NUM_TRIALS, 2, target_row.shape[0]), seed=8)
+    other = gumbel((NUM_TRIALS, target_row.shape[0]), seed=9)
+    target_probs = target_row.expand(NUM_TRIALS, 2, -1)
+    shared = verify_coupled(gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), noise[:, 0])[:, None], target_probs, noise)
+    apart = verify_coupled(gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), other)[:, None], target_probs, noise)
+    overlap = float(torch.minimum(draft_row, target_row).sum())          # the Leviathan rule's rate
+    shared_rate, apart_rate = shared.num_accepted.double().mean(), apart.num_accepted.double().mean()
+    assert apart_rate < shared_rate - 0.1, (shared_rate, apart_rate)
+    assert shared_rate <= overlap + 0.01                                 # it accepts no more than Leviathan

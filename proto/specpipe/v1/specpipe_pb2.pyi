@@ -21,7 +21,7 @@ MODE_PIPELINED: Mode
 MODE_SPECBRANCH: Mode
 
 class GenerateRequest(_message.Message):
-    __slots__ = ("request_id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "mode")
+    __slots__ = ("request_id", "prompt", "prompt_ids", "max_new_tokens", "temperature", "top_k", "top_p", "seed", "stop", "mode", "drafter_invariant")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     PROMPT_FIELD_NUMBER: _ClassVar[int]
     PROMPT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -32,6 +32,7 @@ class GenerateRequest(_message.Message):
     SEED_FIELD_NUMBER: _ClassVar[int]
     STOP_FIELD_NUMBER: _ClassVar[int]
     MODE_FIELD_NUMBER: _ClassVar[int]
+    DRAFTER_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     prompt: str
     prompt_ids: _containers.RepeatedScalarFieldContainer[int]
@@ -42,7 +43,8 @@ class GenerateRequest(_message.Message):
     seed: int
     stop: _containers.RepeatedScalarFieldContainer[str]
     mode: Mode
-    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ...) -> None: ...
+    drafter_invariant: bool
+    def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., drafter_invariant: _Optional[bool] = ...) -> None: ...
 
 class RequestStats(_message.Message):
     __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction", "drafted_tokens", "batch_wait_s")
