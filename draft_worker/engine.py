@@ -91,7 +91,9 @@ class DraftEngine:
             raise ValueError("sampling needs the data plane to the target: start the draft worker with "
                              "--target-data-addr (zmq) or under torch.distributed (--transport torch)")
         for branch_id in msg.branch_ids:
-            branch = self._branch(request, msg.request_id, branch_id)
+            branch = request.branches.get(branch_id)
+            if branch is None:   # a fork refused for want of a slot (or cancelled meanwhile): nothing to draft
+                continue
             branch.job = DraftJob(msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates,
                                   msg.send_probs) if msg.max_tokens > 0 else None
 
@@ -101,7 +103,11 @@ class DraftEngine:
         assert msg.branch_id not in request.branches, f"branch {msg.branch_id} exists already"
         assert 0 < msg.position <= len(parent.tokens), f"fork at {msg.position} outside the parent"
         assert msg.token_ids, "a fork needs at least one token"
-        self.drafter.fork((msg.request_id, msg.parent_branch_id), (msg.request_id, msg.branch_id), msg.position)
+        try:
+            self.drafter.fork((msg.request_id, msg.parent_branch_id), (msg.request_id, msg.branch_id), msg.position)
+        except MemoryError:      # no KV slot free: a fork is an optional speculation, so it is skipped
+            logger.debug("[%s] fork %d skipped: no KV slot free", msg.request_id, msg.branch_id)
+            return
         request.branches[msg.branch_id] = Branch(tokens=parent.tokens[:msg.position] + list(msg.token_ids))
 
     def _on_sync(self, msg) -> None:

@@ -162,13 +162,33 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
 
 def build_store(config: WorkerConfig, model, device, slots: int):
     """The model's KV store (after checking the model can run over it: an UnsupportedModel names
-    its type and why)."""
+    its type and why), allocated now: on a GPU its memory is taken at once, so a store that does
+    not fit fails at start-up naming the flags, never an out-of-memory error mid-request; on a CPU
+    the OS backs only the pages sequences write. On a GPU the slots are cut to what fits."""
     from specpipe.kv_store import KVStore, prepare_model
     from specpipe.models import context_length
     prepare_model(model, device)
     slot_len = min(config.max_seq_len or context_length(model), context_length(model))
+    if torch.device(device).type == "cuda":
+        slots = slots_that_fit(model, device, slots, slot_len)
+    store = KVStore(slots, slot_len, device)
+    store.reserve(model)
     logging.getLogger(__name__).info("KV store: %d slots of %d positions", slots, slot_len)
-    return KVStore(slots, slot_len, device)
+    return store
+
+
+def slots_that_fit(model, device, slots: int, slot_len: int) -> int:
+    """How many slots of `slot_len` positions fit in the GPU's free memory (KV_MEMORY_SHARE of it)."""
+    from specpipe.kv_store import KV_MEMORY_SHARE, bytes_per_position
+    free, _ = torch.cuda.mem_get_info(torch.device(device))
+    fitting = int(free * KV_MEMORY_SHARE) // (slot_len * bytes_per_position(model))
+    if fitting < 1:
+        raise UsageError(f"not one KV slot of {slot_len} positions fits the {free / 2**30:.1f} GiB free on {device}: "
+                         f"lower --max-seq-len")
+    if fitting < slots:
+        logging.getLogger(__name__).warning("KV store: %d slots requested, %d fit in the free memory of %s",
+                                            slots, fitting, device)
+    return min(slots, fitting)
 
 
 def build_drafter(config: WorkerConfig, model, device):

@@ -44,6 +44,8 @@ SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 # A packed forward must match the model's plain forward this closely at start-up (float32 logits
 # of a random prompt; rounding of a different kernel order is ~1e-5).
 CHECK_ATOL = 1e-3
+# On a GPU, the share of the free memory the KV store may take (the rest: activations of a batch).
+KV_MEMORY_SHARE = 0.8
 
 
 class UnsupportedModel(ValueError):
@@ -94,6 +96,16 @@ class KVStore:
         for keys, values in zip(self.keys, self.values):
             keys[target, :, :length] = keys[source, :, :length]
             values[target, :, :length] = values[source, :, :length]
+
+    def reserve(self, model) -> None:
+        """Allocate every layer now (one forward of one token in slot 0, then forgotten)."""
+        slot = self.allocate()
+        try:
+            with torch.inference_mode():
+                forward_packed(model, self, [Row(slot, 0, 1)], torch.zeros(1, dtype=torch.long, device=self.device),
+                               keep=[0])
+        finally:
+            self.free(slot)
 
     def layer(self, layer_idx: int, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The layer's tensors, allocated at first use from a [1, kv_heads, T, head_dim] sample.
@@ -248,6 +260,15 @@ def prepare_model(model, device: torch.device | str = "cpu") -> None:
     except Exception:
         model.set_attn_implementation(before)
         raise
+
+
+def bytes_per_position(model) -> int:
+    """KV bytes one position takes over all layers (keys and values), from the model's config."""
+    config = model.config.get_text_config(decoder=True)
+    heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    dtype_bytes = next(model.parameters()).element_size()
+    return 2 * config.num_hidden_layers * heads * head_dim * dtype_bytes
 
 
 def check_layer_types(model) -> None:

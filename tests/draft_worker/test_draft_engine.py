@@ -168,3 +168,15 @@ def test_ngram_drafter_proposes_with_certainty_and_stops_when_it_has_nothing():
     command(engine, draft=pb.Draft(request_id="s", branch_ids=[0], epoch=1, max_tokens=4))
     tokens, _ = run_jobs(engine)
     assert [(t.token_id, t.last) for t in tokens] == [(-1, True)]   # nothing to propose: the job ends
+
+
+def test_a_fork_without_a_free_slot_is_skipped_and_drafting_goes_on(models):
+    model, _ = models
+    engine = DraftEngine(ModelDrafter(model, KVStore(2, 64), torch.device("cpu"), 128))
+    command(engine, prefill=pb.Prefill(request_id="r", token_ids=[1, 2, 3]))
+    command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=1, position=2, token_ids=[7]))
+    command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=2, position=2, token_ids=[8]))
+    assert sorted(engine.requests["r"].branches) == [0, 1]            # the store had room for one fork
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0, 1, 2], epoch=1, max_tokens=2))
+    tokens, _ = run_jobs(engine)
+    assert sorted({t.branch_id for t in tokens}) == [0, 1] and len(tokens) == 4

@@ -145,3 +145,14 @@ def test_memory_never_written_is_never_read_into_a_result():
         out = forward_packed(model, store, rows, torch.tensor(sequences[0] + sequences[2]), keep=[4, 7]).logits
     torch.testing.assert_close(out[0], fresh_logits(reference, sequences[0]), atol=ATOL, rtol=0)
     torch.testing.assert_close(out[1], fresh_logits(reference, sequences[2]), atol=ATOL, rtol=0)
+
+
+def test_reserve_allocates_every_layer_and_leaves_the_store_empty():
+    model = tiny_architecture("qwen3")
+    prepare_model(model)
+    store = KVStore(num_slots=3, slot_len=16)
+    store.reserve(model)
+    assert len(store.keys) == model.config.num_hidden_layers and store.slots_in_use == 0
+    assert tuple(store.keys[0].shape) == (3, model.config.num_key_value_heads, 16, model.config.head_dim)
+    from specpipe.kv_store import bytes_per_position
+    assert bytes_per_position(model) == 2 * 2 * 2 * 16 * 4      # K and V, 2 layers, 2 kv heads, 16 dims, fp32
