@@ -297,6 +297,8 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 stats.pid = pong.pid
                 stats.busy_fraction = pong.busy_seconds / max(pong.uptime_seconds, 1e-9)
             stats.live_requests, stats.live_branches = worker.live_counts()   # 0 while down
+            stats.forwards, stats.forward_rows, stats.forward_tokens = (worker.forwards, worker.forward_rows,
+                                                                        worker.forward_tokens)
             if pong is not None and worker.healthy:
                 stats.kv_slots, stats.kv_slots_used, stats.kv_slot_len = pong.kv_slots, pong.kv_slots_used, \
                     pong.kv_slot_len

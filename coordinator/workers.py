@@ -75,6 +75,7 @@ class WorkerClient:
         self._pong_waiters: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
         self.on_batch = None          # on_batch(role, rows, tokens, seconds): told of every batched forward
+        self.forwards = self.forward_rows = self.forward_tokens = 0   # batched forwards seen, and their sizes
         self.outstanding: dict[str, int] = {}   # request_id -> its verifies not answered yet
         self.decoding: set[str] = set()         # requests the target decodes by itself
 
@@ -150,14 +151,20 @@ class WorkerClient:
         if inbox is not None:   # else: the request finished meanwhile; a late reply is dropped
             inbox.put_nowait(event)
 
+    def _count_batch(self, rows: int, tokens: int, seconds: float) -> None:
+        self.forwards += 1
+        self.forward_rows += rows
+        self.forward_tokens += tokens
+        if self.on_batch is not None:
+            self.on_batch(self.role, rows, tokens, seconds)
+
     def _on_draft_step(self, step: worker_pb2.DraftStep) -> None:
         by_request: dict[str, list] = {}
         for token in step.tokens:
             by_request.setdefault(token.request_id, []).append(token)
         for request_id, tokens in by_request.items():
             self._deliver(request_id, Event(self.role, "draft_tokens", tokens, step_seconds=step.step_seconds))
-        if self.on_batch is not None:
-            self.on_batch(self.role, step.batch_branches, step.batch_tokens, step.step_seconds)
+        self._count_batch(step.batch_branches, step.batch_tokens, step.step_seconds)
 
     def _on_verdicts(self, batch: worker_pb2.Verdicts, frames: list[bytes]) -> None:
         for verdict in batch.verdicts:
@@ -167,8 +174,8 @@ class WorkerClient:
             else:
                 self.outstanding.pop(verdict.request_id, None)
             self._deliver(verdict.request_id, Event(self.role, "verdict", verdict, frames))
-        if self.on_batch is not None and batch.batch_requests:
-            self.on_batch(self.role, batch.batch_requests, batch.batch_tokens, batch.forward_seconds)
+        if batch.batch_requests:
+            self._count_batch(batch.batch_requests, batch.batch_tokens, batch.forward_seconds)
 
     def _on_pong(self, pong: worker_pb2.Pong) -> None:
         self.last_pong, self.last_seen = pong, time.monotonic()

@@ -47,14 +47,23 @@ def test_identical_draft_accepts_everything(serve, hf_greedy):
     assert stats.mean_accepted_length == 5  # 4 drafted + the bonus on every block
 
 
-def test_eight_concurrent_requests(serve, hf_greedy):
+def test_eight_concurrent_requests_share_the_workers_forwards(serve, hf_greedy):
+    """Every request's output is its own greedy output, and the workers batched them: the target's
+    forwards carried more than one request on average, the draft's more than one branch."""
     client = Client(serve("draft").addr)
-    jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % len(MODES)]) for i in range(8)]
+    before = {w.role: w for w in client.stats().workers}
+    jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % len(MODES)]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         results = list(pool.map(lambda job: client.complete(prompt_ids=job[0], max_new_tokens=MAX_NEW,
                                                             mode=job[1])[0], jobs))
     for (prompt_ids, _), token_ids in zip(jobs, results):
         assert token_ids == hf_greedy(prompt_ids, MAX_NEW)
+    after = {w.role: w for w in client.stats().workers}
+    for role in ("target", "draft"):
+        forwards = after[role].forwards - before[role].forwards
+        rows = after[role].forward_rows - before[role].forward_rows
+        print(f"\n[batching] {role}: {forwards} forwards, {rows / forwards:.2f} rows per forward")
+        assert rows / forwards > 1.2, role
 
 
 def test_text_prompt_streams_text(serve):
