@@ -134,10 +134,21 @@ class PackedLayout:
         assert len({r.slot for r in rows}) == len(rows), "a slot appears once per forward"
         assert all(r.start + r.num_tokens <= store.slot_len for r in rows), "a row runs past its slot"
         self.store = store
+        self.kv_len = max(r.start + r.num_tokens for r in rows)
+        self._masks: dict[int | None, torch.Tensor | None] = {}
+        # One row (a lone request's step): the slot is read in place, no block to scatter into.
+        self.single = rows[0] if len(rows) == 1 else None
+        if self.single is not None:
+            row = self.single
+            self.num_tokens = self.q_max = row.num_tokens
+            self.positions = torch.arange(row.start, row.start + row.num_tokens, device=device)   # [T]
+            self.query_pos = self.positions[None]                                    # [1, T]
+            self.zero_ranges = []            # it reads only positions it or earlier forwards wrote
+            store.initialized[row.slot] = max(store.initialized[row.slot], self.kv_len)
+            return
         counts = torch.tensor([r.num_tokens for r in rows])
         self.num_tokens = int(counts.sum())
         self.q_max = int(counts.max())
-        self.kv_len = max(r.start + r.num_tokens for r in rows)
         slots = [r.slot for r in rows]
         low, high = min(slots), max(slots) + 1
         self.dense = high - low <= SPARSE_RANGE_FACTOR * len(rows)
@@ -160,7 +171,6 @@ class PackedLayout:
         key_pos = torch.arange(self.kv_len)
         self.causal = (key_pos[None, None, :] <= query_pos[:, :, None]).to(device)  # [B, q_max, kv_len]
         self.num_block_rows = num_block_rows
-        self._masks: dict[int | None, torch.Tensor] = {}
         # Slots this forward reads up to kv_len: those of the range (dense) or the rows (gathered).
         read = range(low, high) if self.dense else slots
         self.zero_ranges = [(slot, store.initialized[slot], self.kv_len) for slot in read
@@ -168,15 +178,29 @@ class PackedLayout:
         for slot, _, end in self.zero_ranges:
             store.initialized[slot] = end
 
-    def mask(self, sliding_window: int | None) -> torch.Tensor:
-        """[B, 1, q_max, kv_len] bool: causal, and within the window when there is one."""
+    def mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        """[B, 1, q_max, kv_len] bool: causal, and within the window when there is one (None: a
+        lone row's single query sees every position, no mask needed)."""
         if sliding_window not in self._masks:
+            if self.single is not None:
+                self._masks[sliding_window] = self._single_mask(sliding_window)
+                return self._masks[sliding_window]
             allowed = self.causal
             if sliding_window:
                 key_pos = torch.arange(self.kv_len, device=allowed.device)
                 allowed = allowed & (key_pos[None, None, :] > self.query_pos[:, :, None] - sliding_window)
             self._masks[sliding_window] = allowed[:, None]
         return self._masks[sliding_window]
+
+
+    def _single_mask(self, sliding_window: int | None) -> torch.Tensor | None:
+        key_pos = torch.arange(self.kv_len, device=self.positions.device)
+        if self.num_tokens == 1 and not (sliding_window and self.kv_len > sliding_window):
+            return None
+        allowed = key_pos[None, :] <= self.positions[:, None]                         # [T, kv_len]
+        if sliding_window:
+            allowed = allowed & (key_pos[None, :] > self.positions[:, None] - sliding_window)
+        return allowed[None, None]
 
 
 class PackedCache:
@@ -189,6 +213,11 @@ class PackedCache:
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, layer_idx: int, *args, **kwargs):
         layout = self.layout
         keys, values = layout.store.layer(layer_idx, key_states)
+        if layout.single is not None:
+            row = layout.single
+            keys[row.slot, :, row.start:row.start + row.num_tokens] = key_states[0].to(keys.dtype)
+            values[row.slot, :, row.start:row.start + row.num_tokens] = value_states[0].to(values.dtype)
+            return keys, values
         for slot, begin, end in layout.zero_ranges:     # never-written memory it may read: zeroed
             keys[slot, :, begin:end] = 0
             values[slot, :, begin:end] = 0
@@ -212,6 +241,11 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     if kwargs.get("softcap") is not None:
         raise UnsupportedModel("attention logit soft-capping is not supported by the slot store")
     heads, head_dim = query.shape[1], query.shape[3]
+    if layout.single is not None:                 # one row: its slot in place, its queries as they are
+        slot = layout.single.slot
+        out = _sdpa(query, key[slot:slot + 1, :, :layout.kv_len], value[slot:slot + 1, :, :layout.kv_len],
+                    layout.mask(sliding_window), scaling)
+        return out.transpose(1, 2), None                                           # [1, T, heads, head_dim]
     block = query.new_zeros(layout.num_block_rows, heads, layout.q_max, head_dim)
     block[layout.token_block_row, :, layout.token_offset] = query[0].transpose(0, 1)
     if layout.dense:
@@ -220,18 +254,22 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     else:
         block_keys = key[layout.slot_index, :, :layout.kv_len]
         block_values = value[layout.slot_index, :, :layout.kv_len]
-    extra = {}
-    if block_keys.shape[1] != heads:          # grouped-query attention
-        if block.device.type == "cpu":
-            extra["enable_gqa"] = True
-        else:                                 # GPU kernels with a mask want equal heads
-            repeat = heads // block_keys.shape[1]
-            block_keys = block_keys.repeat_interleave(repeat, dim=1)
-            block_values = block_values.repeat_interleave(repeat, dim=1)
-    out = torch.nn.functional.scaled_dot_product_attention(
-        block, block_keys.to(block.dtype), block_values.to(block.dtype), attn_mask=layout.mask(sliding_window),
-        scale=scaling, **extra)                                                     # [B, heads, q_max, head_dim]
+    out = _sdpa(block, block_keys, block_values, layout.mask(sliding_window), scaling)  # [B, heads, q_max, head_dim]
     return out[layout.token_block_row, :, layout.token_offset][None], None       # [1, T, heads, head_dim]
+
+
+def _sdpa(query, keys, values, mask, scaling):
+    """scaled_dot_product_attention, with grouped-query heads expanded where the kernel needs it."""
+    extra = {}
+    heads = query.shape[1]
+    if keys.shape[1] != heads:                    # grouped-query attention
+        if query.device.type == "cpu":
+            extra["enable_gqa"] = True
+        else:                                     # GPU kernels with a mask want equal heads
+            repeat = heads // keys.shape[1]
+            keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
+    return torch.nn.functional.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype),
+                                                            attn_mask=mask, scale=scaling, **extra)
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
