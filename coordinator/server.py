@@ -11,6 +11,7 @@ CURVE on the worker sockets (specpipe/curve.py).
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -124,22 +125,30 @@ class Coordinator:
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         self.health = health.aio.HealthServicer()
-        self.server = grpc.aio.server(interceptors=interceptors)
+        # No SO_REUSEPORT: a second server on a taken port must fail, not share it with the first.
+        self.server = grpc.aio.server(interceptors=interceptors, options=[("grpc.so_reuseport", 0)])
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
         address = f"{config.host}:{config.port}"
-        if credentials is not None:
-            self.port = self.server.add_secure_port(address, credentials)
-        else:
-            self.port = self.server.add_insecure_port(address)
+        try:
+            if credentials is not None:
+                self.port = self.server.add_secure_port(address, credentials)
+            else:
+                self.port = self.server.add_insecure_port(address)
+        except RuntimeError:   # grpc's "Failed to bind to address": in use, or not an address here
+            self.port = 0
         if self.port == 0:
-            raise OSError(f"cannot bind the gRPC port {address}")
+            raise OSError(errno.EADDRINUSE, f"cannot bind the gRPC port {address} (in use, or not an address here)")
         await self.server.start()
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot bind the metrics port {config.host}:{config.metrics_port} "
+                                         f"({err.strerror})") from err
         self._tasks.append(asyncio.create_task(self._watch_health()))
         logger.info("specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
                     config.host, self.port, config.default_mode, ", TLS" if credentials else "",

@@ -2,13 +2,17 @@
 start a whole server as a child process (for `specpipe demo`, the benchmark and the tests).
 
 Each worker is its own OS process (`python -m specpipe.draft_worker ...`), visible in `ps`.
-A worker prints `READY <endpoint>` once bound; the launcher waits for that line with a timeout
-and, if the worker dies first, reports its exit code.
+A worker prints `READY <endpoint> ...` once bound; the launcher waits for that line with a
+timeout. A worker that cannot start says why in one `FAILED CODE MESSAGE` line instead (it is
+started with SPECPIPE_STARTUP_REPORT=stdout: launch/worker.py), which the launcher raises as a
+UsageError (code 2) or StartupError, so `specpipe serve` reports it as its own one line; a worker
+that dies without a word is reported with its exit code.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import queue
@@ -22,6 +26,7 @@ import time
 from dataclasses import dataclass, field
 
 from specpipe.config import CoordinatorConfig
+from specpipe.launch.preflight import StartupError, UsageError, auto_pins
 
 logger = logging.getLogger(__name__)
 
@@ -31,6 +36,10 @@ SERVER_READY_TIMEOUT_S = 180.0
 # Restart back-off of a crashed worker: first delay, and the most it doubles to.
 RESTART_BACKOFF_S = (0.5, 30.0)
 READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
+READY_WORKER = re.compile(r"READY (\S+)(.*)")
+FAILED_LINE = re.compile(r"FAILED (\d+) (.*)")
+# The environment variable (and value) that makes a worker report a start-up failure on stdout.
+STARTUP_REPORT = ("SPECPIPE_STARTUP_REPORT", "stdout")
 
 
 def _lines(stream, sink: queue.Queue) -> None:
@@ -47,9 +56,13 @@ def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Patter
             line = lines.get(timeout=max(0.01, deadline - time.monotonic()))
         except queue.Empty:
             process.kill()
-            raise TimeoutError(f"{what} was not ready within {timeout:.0f}s") from None
+            raise StartupError(f"{what} was not ready within {timeout:.0f}s") from None
         if line is None:
-            raise RuntimeError(f"{what} exited with code {process.wait()} before it was ready")
+            raise StartupError(f"{what} exited ({describe_exit(process.wait())}) before it was ready")
+        failed = FAILED_LINE.match(line)
+        if failed:
+            process.wait()
+            raise (UsageError if failed.group(1) == "2" else StartupError)(f"{what} could not start: {failed.group(2)}")
         if echo:
             sys.stdout.write(line)
         match = pattern.search(line)
@@ -65,6 +78,7 @@ class WorkerProcess:
     data_endpoint: str = ""      # target, zmq transport
     argv: list[str] = field(default_factory=list)   # how it was started (for a restart)
     env: dict = field(default_factory=dict)
+    info: dict = field(default_factory=dict)        # from its READY line: params, device, dtype
 
     def restart_argv(self) -> list[str]:
         """The same command, pinned to the ports it got, so peers reconnect to the restart."""
@@ -86,19 +100,20 @@ def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, 
 
 
 def _start(role: str, command: list[str], env: dict):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **env, STARTUP_REPORT[0]: STARTUP_REPORT[1]})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
 
     def ready() -> WorkerProcess:
         try:
-            match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), WORKER_READY_TIMEOUT_S,
-                               f"the {role} worker ({' '.join(command[2:6])})")
+            match = _wait_line(process, lines, READY_WORKER, WORKER_READY_TIMEOUT_S, f"the {role} worker")
         except Exception:
             stop_process(process)
             raise
         logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
-        return WorkerProcess(role, process, match.group(1), match.group(2) or "", command, env)
+        info = dict(word.split("=", 1) for word in match.group(2).split() if "=" in word)
+        return WorkerProcess(role, process, match.group(1), info.pop("data", ""), command, env, info)
     return ready
 
 
@@ -149,13 +164,11 @@ def spawn_workers(target: str | None, draft: str | None, *, host: str, transport
 
 
 def pin_flags() -> list[str]:
-    """`specpipe serve` flags that give the target a core of its own and put the draft and the
-    coordinator on another (each worker on one core), when this process may use two or more;
-    else none. What `specpipe demo` and `specpipe bench --pin auto` run with."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < 2:
-        return []
-    return ["--target-cpus", str(cores[0]), "--draft-cpus", str(cores[1]), "--coordinator-cpus", str(cores[1])]
+    """The flags of the layout `specpipe serve --pin auto` (its default) picks for CPU workers of
+    one thread: the target on a core of its own, the draft and the coordinator on another, when
+    this process may use two or more; else none (launch/preflight.py: auto_pins)."""
+    pins, _ = auto_pins(threads=1, devices=["cpu"])
+    return [word for role in ("target", "draft", "coordinator") if pins for word in (f"--{role}-cpus", pins[role])]
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
@@ -221,8 +234,9 @@ class Supervisor:
             stop_process(worker.process)
 
 
-async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None:
-    """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all."""
+async def serve(config: CoordinatorConfig, workers: list[WorkerProcess], describe=None) -> None:
+    """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all.
+    `describe(port, metrics_port) -> lines`: printed before the `specpipe serving on` line."""
     from specpipe.coordinator.server import Coordinator
 
     coordinator = Coordinator(config)
@@ -233,8 +247,15 @@ async def serve(config: CoordinatorConfig, workers: list[WorkerProcess]) -> None
         loop.add_signal_handler(sig, stop.set)
     watcher = None
     try:
-        port = await coordinator.start()
+        try:
+            port = await coordinator.start()
+        except OSError as err:   # a port taken since the checks ran (launch/preflight.py)
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise UsageError(f"{err.strerror}: pick a free port") from None
         watcher = asyncio.create_task(supervisor.watch())
+        for line in describe(port, coordinator.metrics_port) if describe else ():
+            print(line, flush=True)
         print(f"specpipe serving on {config.host}:{port}", flush=True)
         await stop.wait()
     finally:
