@@ -12,7 +12,7 @@ FROM python:3.11-slim
 
 # Where torch comes from: the CPU wheels by default; point it at a CUDA index for a GPU image.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
-# Must equal the torch pin in pyproject.toml (tests/launch/test_deploy_files.py checks it).
+# Must equal the torch pin in constraints.txt, the tested one (tests/launch/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 
 ENV PYTHONUNBUFFERED=1 \

@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from specpipe.config import DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_TARGET_PORT, zmq_endpoint
 from specpipe.launch import torchrun as torchrun_entry
@@ -374,8 +375,11 @@ def test_dockerfile_entrypoint_and_pins(pyproject):
     assert pyproject["project"]["scripts"]["specpipe"] == "specpipe.launch.cli:main"
     args = dict(rest.split("=", 1) for op, rest in instructions if op == "ARG")
     assert args["TORCH_INDEX_URL"] == "https://download.pytorch.org/whl/cpu"
-    [torch_pin] = [dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\b", dep)]
-    assert torch_pin == f"torch=={args['TORCH_VERSION']}"
+    # The image installs the tested torch (constraints.txt), inside the range the package declares.
+    [tested] = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch==")]
+    assert tested == f"torch=={args['TORCH_VERSION']}"
+    [torch_range] = [dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\b", dep)]
+    assert SpecifierSet(torch_range.removeprefix("torch")).contains(args["TORCH_VERSION"]), torch_range
     users = [rest for op, rest in instructions if op == "USER"]
     assert users and users[-1] not in ("root", "0"), "the image must not run as root"
 
