@@ -141,24 +141,25 @@ def check_curve_keys(folder: str, server: bool) -> None:
 
 
 # -- ports and devices -----------------------------------------------------------------------------
-def check_ports(ports: list[tuple[str, str, int | None]]) -> None:
-    """[(flag, host, port)]: each fixed port (not None, not 0) is free to bind on its host, and no
-    two flags name the same one."""
+def check_ports(ports: list[tuple[str, str, str, int | None]]) -> None:
+    """[(port flag, host flag, host, port)]: each host is an address of this machine and each port
+    (None: not used; 0: any) is free to bind there; no two flags name the same port."""
     seen: dict[tuple[str, int], str] = {}
-    for flag, host, port in ports:
-        if not port:
+    for flag, host_flag, host, port in ports:
+        if port is None:
             continue
-        if (host, port) in seen:
+        if port and (host, port) in seen:
             raise UsageError(f"{flag} {port}: {seen[host, port]} already uses port {port}: give each its own")
         seen[host, port] = flag
-        check_port_free(flag, host, port)
+        check_port_free(flag, host_flag, host, port)
 
 
-def check_port_free(flag: str, host: str, port: int) -> None:
+def check_port_free(flag: str, host_flag: str, host: str, port: int) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
-        raise UsageError(f"--host {host}: cannot resolve it ({err.strerror}): give an address of this machine") from None
+        raise UsageError(f"{host_flag} {host}: cannot resolve it ({err.strerror}): give an address of this "
+                         f"machine") from None
     with socket.socket(family, kind, proto) as probe:
         # SO_REUSEADDR as the servers set it: only a listening socket counts, not one in TIME_WAIT.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -170,7 +171,7 @@ def check_port_free(flag: str, host: str, port: int) -> None:
                 raise UsageError(f"{flag} {port}: {host}:{port} is already in use (another specpipe serve?): "
                                  f"pick a free port, or stop what listens there") from None
             if err.errno == errno.EADDRNOTAVAIL:
-                raise UsageError(f"--host {host}: not an address of this machine: give one of its addresses "
+                raise UsageError(f"{host_flag} {host}: not an address of this machine: give one of its addresses "
                                  f"(127.0.0.1, or 0.0.0.0 for all)") from None
             if err.errno == errno.EACCES:
                 raise UsageError(f"{flag} {port}: ports under 1024 need root: pick one above 1024") from None
@@ -299,8 +300,8 @@ def check_serve(args, demo_models) -> ServePlan:
     check_tls(args.tls_cert, args.tls_key)
     check_curve_keys(args.curve_keys, server=spawn_target or spawn_draft)
     data_port = args.target_data_port if spawn_target and args.transport == "zmq" else None
-    check_ports([("--port", args.host, args.port), ("--metrics-port", args.host, args.metrics_port),
-                 ("--target-data-port", args.worker_host, data_port)])
+    check_ports([("--port", "--host", args.host, args.port), ("--metrics-port", "--host", args.host, args.metrics_port),
+                 ("--target-data-port", "--worker-host", args.worker_host, data_port)])
     for flag, device, spawned in (("--target-device", args.target_device, spawn_target),
                                   ("--draft-device", args.draft_device, spawn_draft)):
         if spawned:
