@@ -233,7 +233,7 @@ def cmd_build_demo(args) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
-    parser.add_argument("--log-level", type=log_level, default=log_level(os.environ.get("SPECPIPE_LOG_LEVEL", "INFO")),
+    parser.add_argument("--log-level", type=log_level, default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"),
                         help="debug | info | warning | error (env SPECPIPE_LOG_LEVEL; debug also shows tracebacks)")
     sub = parser.add_subparsers(dest="command", required=True)
 

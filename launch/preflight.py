@@ -94,6 +94,8 @@ def auto_pins(threads: int, devices: list[str], usable: set[int] | None = None) 
     What the benchmark measured fastest on a small CPU host (README, Performance)."""
     if any(device not in ("cpu", "") for device in devices):
         return {}, "a worker runs on an accelerator: CPU placement left to the OS"
+    if usable is None and not hasattr(os, "sched_getaffinity"):
+        return {}, "no CPU affinity on this OS: not pinned"
     cores = sorted(usable if usable is not None else os.sched_getaffinity(0))
     if len(cores) < 2 * threads:
         return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
