@@ -219,17 +219,17 @@ def check_model(flag: str, name: str) -> str:
         return "folder"
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise UsageError(f"{flag} {name}: model folder {name!r} does not exist: give a model folder or a hub id")
+    hub = os.environ.get("HF_ENDPOINT") or DEFAULT_HUB
+    why = "HF_HUB_OFFLINE is set" if _truthy(os.environ.get("HF_HUB_OFFLINE")) else hub_unreachable(hub)
+    if why:   # before huggingface_hub is imported: some versions read it only then
+        os.environ["HF_HUB_OFFLINE"] = "1"
+    from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
     try:
         validate_repo_id(name)
     except HFValidationError:
         raise UsageError(f"{flag} {name}: no such folder here, and not a hub id (ORG/NAME): "
                          f"give a model folder or a hub id") from None
-    hub = os.environ.get("HF_ENDPOINT") or DEFAULT_HUB
-    why = "HF_HUB_OFFLINE is set" if _truthy(os.environ.get("HF_HUB_OFFLINE")) else hub_unreachable(hub)
-    if why:
-        os.environ["HF_HUB_OFFLINE"] = "1"     # before huggingface_hub reads it (at its import)
-    from huggingface_hub import try_to_load_from_cache
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return "hub cache"
     if why:
