@@ -10,6 +10,9 @@ on, the traceback comes too (STYLE §5: tracebacks are for --log-level debug).
 `summary_lines(...)` is the few lines `specpipe serve` prints before `specpipe serving on
 HOST:PORT`: models and their sizes, devices, CPU pinning, default mode and policy, ports, limits.
 
+`client_options` and `rpc_error_line` do the same for `specpipe generate`: its flags checked, and a
+failed call as one line with the status, the server's message and what to do.
+
 This module knows no flags beyond the names it prints.
 """
 
@@ -19,8 +22,8 @@ import contextlib
 import logging
 import sys
 import traceback
-from pathlib import Path
 from collections.abc import Callable
+from pathlib import Path
 
 from specpipe.launch.preflight import StartupError, UsageError, one_line
 
