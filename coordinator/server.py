@@ -132,16 +132,7 @@ class Coordinator:
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        address = f"{config.host}:{config.port}"
-        try:
-            if credentials is not None:
-                self.port = self.server.add_secure_port(address, credentials)
-            else:
-                self.port = self.server.add_insecure_port(address)
-        except RuntimeError:   # grpc's "Failed to bind to address": in use, or not an address here
-            self.port = 0
-        if self.port == 0:
-            raise OSError(errno.EADDRINUSE, f"cannot bind the gRPC port {address} (in use, or not an address here)")
+        self.port = self._bind(f"{config.host}:{config.port}", credentials)
         await self.server.start()
         if config.metrics_port is not None:
             try:
@@ -155,6 +146,20 @@ class Coordinator:
                     ", token required" if interceptors else "", config.max_concurrent_requests,
                     config.max_queued_requests)
         return self.port
+
+    def _bind(self, address: str, credentials: grpc.ServerCredentials | None) -> int:
+        """The bound port; a port in use (or a host that is not an address here) raises OSError
+        EADDRINUSE naming the address, which `specpipe serve` reports as one line."""
+        try:
+            if credentials is not None:
+                port = self.server.add_secure_port(address, credentials)
+            else:
+                port = self.server.add_insecure_port(address)
+        except RuntimeError:   # grpc's "Failed to bind to address"
+            port = 0
+        if port == 0:
+            raise OSError(errno.EADDRINUSE, f"cannot bind the gRPC port {address} (in use, or not an address here)")
+        return port
 
     def worker_died(self, role: str, why: str) -> None:
         """The launcher saw a local worker process exit: act now, not at the next heartbeat."""
