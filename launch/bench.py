@@ -270,7 +270,6 @@ def run(config: BenchConfig) -> dict:
     from tqdm.auto import tqdm
 
     from specpipe.launch import bench_report
-    from specpipe.launch.local import pin_flags
     from specpipe.models import load_tokenizer
 
     started = time.time()
@@ -281,7 +280,7 @@ def run(config: BenchConfig) -> dict:
     prompts = [tokenizer(text)["input_ids"] for text in texts]
     hf = HFRunner(target, draft)
     serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens),
-                   *(pin_flags() if config.pin == "auto" else [])]
+                   "--pin", config.pin]   # auto: as `specpipe serve` defaults; none: left to the OS
     with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req",
               dynamic_ncols=True) as bar:
         reference = []

@@ -21,7 +21,7 @@ def run_demo(num_prompts: int = 3, max_new_tokens: int = 96, out=sys.stdout) -> 
     prompts = load_heldout_prompts()[:num_prompts]
     print(f"demo pair: {root}\nstarting specpipe serve (coordinator + draft worker + target worker)...", file=out)
     began = time.monotonic()
-    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft"), *pin_flags()]) as server:
+    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft")]) as server:   # --pin auto
         print(f"serving on {server.addr} (up in {time.monotonic() - began:.1f}s)\n", file=out)
         client = Client(server.addr)
         for prompt in prompts:
