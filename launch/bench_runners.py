@@ -18,7 +18,7 @@ from typing import Callable
 
 logger = logging.getLogger(__name__)
 
-COST_REPEATS = 30  # interleaved repeats per micro-timing (medians); the first 3 warm up
+COST_REPEATS = 30  # interleaved repeats per micro-timing (medians), after specpipe.tools.timing's warm-up
 
 
 @dataclass
@@ -147,28 +147,14 @@ class HFRunner:
 def measure_costs(hf: HFRunner, context_ids: list[int], ks: set[int]) -> dict:
     """Medians (seconds) of one target step, one draft step and one target verify of k + 1 tokens
     for each k, each with `context_ids` already in the KV cache; interleaved so noise hits all."""
-    import statistics
-
     import torch
-    from transformers import DynamicCache
+
+    from specpipe.tools.timing import median_step_seconds   # the demo build's c is timed the same way
 
     torch.set_num_threads(1)
-    context = torch.tensor([context_ids])
     steps = [("t_ar", hf.target, 1), ("t_draft", hf.draft, 1)]
     steps += [(f"t_verify_{k}", hf.target, k + 1) for k in sorted(ks) if k + 1 <= len(context_ids)]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in steps}
-    with torch.inference_mode():
-        caches = {}
-        for model in (hf.target, hf.draft):
-            caches[id(model)] = DynamicCache(config=model.config)
-            model(input_ids=context, cache=caches[id(model)], use_cache=True)
-        for _ in range(COST_REPEATS + 3):
-            for name, model, num_tokens in steps:
-                start = time.perf_counter()
-                model(input_ids=context[:, -num_tokens:], cache=caches[id(model)], use_cache=True)
-                times[name].append(time.perf_counter() - start)
-                caches[id(model)].crop(-num_tokens)
-    medians = {name: statistics.median(values[3:]) for name, values in times.items()}
+    medians = median_step_seconds(steps, torch.tensor([context_ids]), COST_REPEATS)
     return {"context_tokens": len(context_ids), "repeats": COST_REPEATS, "t_ar_s": medians["t_ar"],
             "t_draft_s": medians["t_draft"],
             "t_verify_s": {str(k): medians[f"t_verify_{k}"] for k in sorted(ks) if f"t_verify_{k}" in medians}}

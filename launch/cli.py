@@ -1,4 +1,5 @@
-"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, bench."""
+"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, train-predictor, bench,
+curve-keygen. The offline tools (build-demo, train-predictor) are imported only when they run."""
 
 from __future__ import annotations
 
@@ -225,9 +226,15 @@ def cmd_demo(args) -> None:
 def cmd_build_demo(args) -> None:
     from pathlib import Path
 
-    from specpipe.demo_pair import build_demo_pair
+    from specpipe.tools.build_demo import build_demo_pair, summary_lines
     info = build_demo_pair(Path(args.out), seed=args.seed, preset=args.preset)
-    print({key: info[key] for key in info if key != "sample"})
+    print("\n".join(summary_lines(info, Path(args.out))))
+
+
+def cmd_train_predictor(args) -> None:
+    from specpipe.tools.train_predictor import summary_lines, train_predictor
+    info = train_predictor(args.target, args.draft, args.out, seed=args.seed, max_positions=args.max_positions)
+    print("\n".join(summary_lines(info)))
 
 
 def main(argv=None) -> None:
@@ -260,11 +267,24 @@ def main(argv=None) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=cmd_demo)
 
-    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library")
-    build.add_argument("--out", required=True)
+    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
+                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
+                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
+                                       "refreshes the shipped held-out prompts.")
+    build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", default="full", choices=["full", "mini"])
+    build.add_argument("--preset", default="full", choices=["full", "mini"],
+                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
     build.set_defaults(func=cmd_build_demo)
+
+    train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
+    train.add_argument("--target", required=True, help="target model folder")
+    train.add_argument("--draft", required=True, help="draft model folder")
+    train.add_argument("--out", default=None,
+                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
+    train.set_defaults(func=cmd_train_predictor)
 
     from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
     bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")
