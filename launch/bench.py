@@ -69,11 +69,12 @@ from pathlib import Path
 from specpipe.launch.bench_link import QUIET_ENV, choose_link
 from specpipe.launch.bench_runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
                                            specpipe_method, tune_assistant, warm_up)
+from specpipe.modes import MODE_NAMES, Mode
 
 logger = logging.getLogger(__name__)
 
-SPECPIPE_MODES = ("autoregressive", "sequential", "pipelined", "specbranch")
-LATENCY_MODES = ("sequential", "pipelined", "specbranch")  # the modes whose draft sits behind the link
+# The modes whose draft sits behind the link: every mode that drafts.
+LATENCY_MODES = tuple(mode for mode in Mode if mode != Mode.AUTOREGRESSIVE)
 # Defaults: the full run fits 20 minutes on 2 cores with the demo pair; --quick about two.
 FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8)}
 QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4)}
@@ -89,7 +90,7 @@ class BenchConfig:
     max_new_tokens: int
     trials: int
     temperatures: tuple[float, ...]
-    modes: tuple[str, ...]
+    modes: tuple[Mode, ...]
     latencies_ms: tuple[float, ...]  # empty: no latency axis
     link: str  # auto | netns | proxy
     num_draft_tokens: int
@@ -115,7 +116,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help=f"interleaved repeats (default {FULL['trials']}, "
                                                    f"quick {QUICK['trials']})")
     parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy (default 0,1)")
-    parser.add_argument("--modes", default=",".join(SPECPIPE_MODES), help="specpipe modes to run (default all)")
+    parser.add_argument("--modes", default=",".join(MODE_NAMES), help="specpipe modes to run (default all)")
     parser.add_argument("--latencies", help="one-way draft link latencies in ms, comma-separated, or 'none' "
                                             f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
     parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
@@ -140,10 +141,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig:
     preset = QUICK if args.quick else FULL
-    modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
-    unknown = set(modes) - set(SPECPIPE_MODES)
+    names = tuple(name.strip() for name in args.modes.split(",") if name.strip())
+    unknown = set(names) - set(MODE_NAMES)
     if unknown:
-        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(SPECPIPE_MODES)}")
+        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODE_NAMES)}")
+    modes = tuple(Mode(name) for name in names)
     latencies = _floats(args.latencies if args.latencies is not None else preset["latencies"])
     if any(value < 0 for value in latencies):
         raise SystemExit("--latencies must be >= 0 ms")

@@ -13,6 +13,8 @@ import statistics
 from collections import Counter
 from pathlib import Path
 
+from specpipe.modes import Mode
+
 logger = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
@@ -287,7 +289,8 @@ def latency_lines(latency: dict) -> list[str]:
             if s is None or s["trials"] == 0:
                 cells.append(f"error: {_cell(s['error'])}" if s else "–")
                 continue
-            ratio = "" if mode == "sequential" or s["speedup"] is None else f" ({s['speedup']['median']:.2f}×)"
+            baseline = Mode(mode) == Mode.SEQUENTIAL
+            ratio = "" if baseline or s["speedup"] is None else f" ({s['speedup']['median']:.2f}×)"
             cells.append(_spread_text(s["tokens_per_second"]) + ratio +
                          ("" if s["matches_autoregressive"] else " **✗ MISMATCH**"))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")

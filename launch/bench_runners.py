@@ -16,6 +16,8 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from specpipe.modes import Mode
+
 logger = logging.getLogger(__name__)
 
 COST_REPEATS = 30  # interleaved repeats per micro-timing (medians), after specpipe.tools.timing's warm-up
@@ -166,8 +168,7 @@ class ModeFallback(RuntimeError):
     """The server answered a request in another mode than the one asked for."""
 
 
-def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: int) -> Method:
-    from specpipe.client import MODES
+def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: int) -> Method:
     from specpipe.proto.specpipe.v1 import specpipe_pb2
 
     def run(prompt_ids: list[int], temperature: float, seed: int) -> Outcome:
@@ -180,7 +181,7 @@ def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: in
             token_ids += last.token_ids
         seconds = time.perf_counter() - start
         stats = last.stats
-        if stats.mode not in (MODES[mode], specpipe_pb2.MODE_UNSPECIFIED):
+        if stats.mode not in (mode.proto, specpipe_pb2.MODE_UNSPECIFIED):
             raise ModeFallback(f"asked for {mode}, the server ran {specpipe_pb2.Mode.Name(stats.mode)}")
         counters = {name: getattr(stats, name) for name in ("draft_tokens", "accepted_tokens", "rolled_back_tokens",
                                                             "verifications", "branches_forked", "branches_hit")}
@@ -188,7 +189,8 @@ def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: in
         return Outcome(token_ids, seconds, (first or start + seconds) - start, counters,
                        stats.target_busy_fraction * seconds)
 
-    return Method(f"specpipe_{mode}", run, lambda temperature: None if mode == "autoregressive" else num_draft_tokens)
+    return Method(f"specpipe_{mode}", run,
+                  lambda temperature: None if mode == Mode.AUTOREGRESSIVE else num_draft_tokens)
 
 
 def describe_error(err: BaseException) -> str:

@@ -10,12 +10,9 @@ import logging
 import os
 import sys
 
-from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
-                             CoordinatorConfig)
-from specpipe.coordinator.policy import POLICIES, PolicyConfig
-
-MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
-DEFAULT_MODE = "specbranch"
+from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS, POLICIES,
+                             CoordinatorConfig, PolicyConfig)
+from specpipe.modes import MODE_NAMES, Mode
 
 
 def _demo_models() -> tuple[str, str]:
@@ -53,7 +50,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="draft model: folder or hub id (default: the demo pair)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="gRPC interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 = any free port")
-    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help="default schedule")
+    parser.add_argument("--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES,
+                        help="default schedule")
     parser.add_argument("--target-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -176,7 +174,7 @@ def cmd_serve(args) -> None:
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
         host=args.host, port=args.port,
-        default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
+        default_mode=Mode(args.mode), max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
                             min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
