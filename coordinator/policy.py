@@ -44,6 +44,7 @@ from __future__ import annotations
 
 from collections import deque
 
+from specpipe.acceptance import expected_tokens
 from specpipe.config import PolicyConfig   # the settings (and the kinds, POLICIES) live in the shared core
 
 # Forgetting factor of the running estimates: about the last 100 observations count.
@@ -147,7 +148,7 @@ class AcceptanceModel:
             tokens = a * (1 - a ** length) / (1 - a) + reject
             seconds = max(t_verify, length * t_draft) + reject * t_draft
         else:
-            tokens = (1 - a ** (length + 1)) / (1 - a)
+            tokens = expected_tokens(a, length)
             seconds = length * t_draft + t_verify
         return tokens / seconds
 

@@ -1,4 +1,4 @@
-"""The methods `specpipe bench` times, and the loop that times them (bench.py has the glossary).
+"""The methods `specpipe bench` times, and the loop that times them (the package docstring has the glossary).
 
 A Method runs one prompt and returns an Outcome: its tokens, the client-side wall time, the time
 to the first token and the counters of DESIGN §7's per-request stats. HFRunner drives Hugging
