@@ -5,8 +5,9 @@ shipped pair (specpipe/assets/demo) when present, else the user cache
 (~/.cache/specpipe/demo-<DEMO_VERSION>), building it there on first use (the one place the
 runtime reaches the offline tools, lazily: specpipe/tools/build_demo.py has the recipe).
 `load_heldout_prompts()` returns the shipped held-out prompts the benchmark and the demo run.
-Cheap to import (no torch): the CLI and the launchers import it before anything heavy. This
-module knows nothing of how the pair is trained, nor of workers or sockets.
+The files' layout is specpipe/demo_files.py's. Cheap to import (no torch): the CLI and the
+launchers import it before anything heavy. This module knows nothing of how the pair is trained,
+nor of workers or sockets.
 """
 from __future__ import annotations
 
@@ -16,29 +17,23 @@ import os
 import tempfile
 from pathlib import Path
 
+from specpipe import demo_files
+from specpipe.demo_files import is_pair
+
 log = logging.getLogger(__name__)
-
-DEMO_VERSION = "2"  # bump when the recipe changes: names the user-cache folder
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"
-PROMPTS_PATH = Path(__file__).resolve().parent / "assets" / "prompts" / "heldout.json"
-MODELS = ("target", "draft")
-
-
-def is_pair(folder: Path) -> bool:
-    return all((folder / name / "model.safetensors").is_file() for name in MODELS)
 
 
 def demo_pair_dir(build_if_missing: bool = True) -> Path:
     """Folder holding target/ and draft/: the shipped assets if present, else the user cache
     (~/.cache/specpipe/demo-<version>), building it there (with progress bar) if missing."""
-    if is_pair(DEMO_DIR):
-        return DEMO_DIR
+    if is_pair(demo_files.DEMO_DIR):
+        return demo_files.DEMO_DIR
     cache_root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
-    cached = cache_root / "specpipe" / f"demo-{DEMO_VERSION}"
+    cached = cache_root / "specpipe" / f"demo-{demo_files.DEMO_VERSION}"
     if is_pair(cached) and (cached / "build_info.json").is_file():
         return cached
     if not build_if_missing:
-        raise FileNotFoundError(f"no demo pair in {DEMO_DIR} or {cached}; "
+        raise FileNotFoundError(f"no demo pair in {demo_files.DEMO_DIR} or {cached}; "
                                 "build it with `specpipe build-demo`")
     from specpipe.tools import build_demo   # offline tooling, only for this first-use build
 
@@ -53,4 +48,4 @@ def demo_pair_dir(build_if_missing: bool = True) -> Path:
 
 def load_heldout_prompts() -> list[str]:
     """The held-out prompts the benchmark and the demo use (shipped with the package)."""
-    return [entry["prompt"] for entry in json.loads(PROMPTS_PATH.read_text())]
+    return [entry["prompt"] for entry in json.loads(demo_files.PROMPTS_PATH.read_text())]

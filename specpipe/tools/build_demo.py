@@ -19,7 +19,8 @@ training, so a rebuild on the same machine type and torch version is bit-for-bit
 (build_info.json's timings aside). The held-out modules (corpus.HELDOUT_MODULES) never enter
 training; the prompts are the first 1-3 lines of their functions and classes.
 
-`specpipe build-demo` runs it; where the runtime finds the pair is specpipe/demo_pair.py's.
+`specpipe build-demo` runs it; the files' layout is specpipe/demo_files.py's, and where the
+runtime finds the pair specpipe/demo_pair.py's.
 This module knows nothing of workers or sockets.
 """
 from __future__ import annotations
@@ -36,8 +37,8 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from specpipe import demo_pair
-from specpipe.demo_pair import DEMO_VERSION, MODELS
+from specpipe import demo_files
+from specpipe.demo_files import DEMO_VERSION, MODELS
 from specpipe.predictor import weights_sha256
 from specpipe.tools.corpus import (NUM_PROMPTS, encode_corpus, extract_prompts, read_source, stdlib_files,
                                    train_tokenizer)
@@ -250,10 +251,10 @@ def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full",
 def refresh_shipped_prompts(out_dir: Path, preset: str) -> bool:
     """After a full build into the shipped folder, its held-out prompts become the package's
     (what `specpipe bench` and `specpipe demo` run); any other build leaves them. True if copied."""
-    if Path(out_dir).resolve() != demo_pair.DEMO_DIR or preset != "full":
+    if Path(out_dir).resolve() != demo_files.DEMO_DIR or preset != "full":
         return False
-    demo_pair.PROMPTS_PATH.parent.mkdir(parents=True, exist_ok=True)
-    demo_pair.PROMPTS_PATH.write_bytes((Path(out_dir) / "heldout.json").read_bytes())
+    demo_files.PROMPTS_PATH.parent.mkdir(parents=True, exist_ok=True)
+    demo_files.PROMPTS_PATH.write_bytes((Path(out_dir) / "heldout.json").read_bytes())
     return True
 
 

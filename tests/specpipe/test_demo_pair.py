@@ -1,6 +1,7 @@
-"""Where the runtime finds the demo pair (specpipe/demo_pair.py): without shipped assets, one
-build into the user cache; and the shipped pair (loads, has the promised sizes, round-trips
-UTF-8, and its build_info records c <= 0.12 and acceptance >= 0.7 for exactly these weights).
+"""Where the runtime finds the demo pair (specpipe/demo_pair.py, demo_files.py): without shipped
+assets, one build into the user cache; and the shipped pair (loads, has the promised sizes,
+round-trips UTF-8, and its build_info records c <= 0.12 and acceptance >= 0.7 for exactly these
+weights).
 The build itself is tested in tests/specpipe/tools/test_build_demo.py."""
 import hashlib
 import json
@@ -8,7 +9,7 @@ import json
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specpipe import demo_pair
+from specpipe import demo_files, demo_pair
 from specpipe.tools import build_demo, corpus
 
 UTF8_TEXT = "naïve café — 日本語 🐍 \tdef f(x):\n    return x ** 2  # ∑ ≤ ∞\r\n"
@@ -19,7 +20,7 @@ def _sha256(path):
 
 
 def test_without_shipped_assets_the_pair_is_built_once_into_the_user_cache(tmp_path, monkeypatch):
-    monkeypatch.setattr(demo_pair, "DEMO_DIR", tmp_path / "not-shipped")
+    monkeypatch.setattr(demo_files, "DEMO_DIR", tmp_path / "not-shipped")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     with pytest.raises(FileNotFoundError, match="build-demo"):
         demo_pair.demo_pair_dir(build_if_missing=False)
@@ -31,7 +32,7 @@ def test_without_shipped_assets_the_pair_is_built_once_into_the_user_cache(tmp_p
     build = build_demo.build_demo_pair
     monkeypatch.setattr(build_demo, "build_demo_pair", mini_build)
     folder = demo_pair.demo_pair_dir()
-    assert folder == tmp_path / "cache" / "specpipe" / f"demo-{demo_pair.DEMO_VERSION}"
+    assert folder == tmp_path / "cache" / "specpipe" / f"demo-{demo_files.DEMO_VERSION}"
     assert (folder / "build_info.json").is_file() and (folder / "draft" / "config.json").is_file()
     assert demo_pair.demo_pair_dir(build_if_missing=False) == folder and len(builds) == 1
     assert [p.name for p in folder.parent.iterdir()] == [folder.name]  # no scratch left behind
@@ -39,7 +40,7 @@ def test_without_shipped_assets_the_pair_is_built_once_into_the_user_cache(tmp_p
 
 def test_shipped_pair_loads_with_the_promised_sizes():
     folder = demo_pair.demo_pair_dir(build_if_missing=False)
-    assert folder == demo_pair.DEMO_DIR, "the shipped pair is missing"
+    assert folder == demo_files.DEMO_DIR, "the shipped pair is missing"
     target = AutoModelForCausalLM.from_pretrained(folder / "target")
     draft = AutoModelForCausalLM.from_pretrained(folder / "draft")
     assert target.config.model_type == draft.config.model_type == "llama"
@@ -54,13 +55,13 @@ def test_shipped_pair_loads_with_the_promised_sizes():
 
 
 def test_shipped_build_info_meets_the_targets():
-    info = json.loads((demo_pair.DEMO_DIR / "build_info.json").read_text())
+    info = json.loads((demo_files.DEMO_DIR / "build_info.json").read_text())
     assert info["preset"] == "full"
     assert info["c"] <= 0.12
     assert info["acceptance_rate"] >= 0.7
     assert info["build_seconds"] <= 900   # KL distillation runs the target per batch: ~14 min on 2 cores
     for name in ("target", "draft"):  # the figures were measured on exactly these weights
-        weights = demo_pair.DEMO_DIR / name / "model.safetensors"
+        weights = demo_files.DEMO_DIR / name / "model.safetensors"
         assert _sha256(weights) == info["weights_sha256"][name]
     assert info["weights_bytes"] <= 60e6
 
@@ -69,5 +70,5 @@ def test_heldout_prompts_ship_with_their_source():
     prompts = demo_pair.load_heldout_prompts()
     assert len(prompts) == corpus.NUM_PROMPTS
     assert all(isinstance(p, str) and p.strip() and p.count("\n") <= 2 for p in prompts)
-    entries = json.loads(demo_pair.PROMPTS_PATH.read_text())
+    entries = json.loads(demo_files.PROMPTS_PATH.read_text())
     assert all(entry["file"] in corpus.HELDOUT_MODULES for entry in entries)

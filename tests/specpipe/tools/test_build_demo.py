@@ -9,7 +9,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from specpipe import demo_pair
+from specpipe import demo_files
 from specpipe.launch import cli
 from specpipe.tools import build_demo
 
@@ -77,8 +77,8 @@ def test_build_demo_prints_the_summary(mini_builds):
 
 def test_only_a_full_build_into_the_shipped_folder_refreshes_the_shipped_prompts(tmp_path, monkeypatch):
     shipped, prompts = tmp_path / "assets" / "demo", tmp_path / "assets" / "prompts" / "heldout.json"
-    monkeypatch.setattr(demo_pair, "DEMO_DIR", shipped.resolve())
-    monkeypatch.setattr(demo_pair, "PROMPTS_PATH", prompts)
+    monkeypatch.setattr(demo_files, "DEMO_DIR", shipped.resolve())
+    monkeypatch.setattr(demo_files, "PROMPTS_PATH", prompts)
     for folder in (shipped, tmp_path / "elsewhere"):
         folder.mkdir(parents=True)
         (folder / "heldout.json").write_text(f'[{{"prompt": "{folder.name}"}}]\n')
