@@ -235,6 +235,28 @@ def cmd_train_predictor(args) -> None:
     print("\n".join(summary_lines(info)))
 
 
+def add_tool_commands(sub) -> None:
+    """The offline tools' subcommands (specpipe/tools/, imported only when one runs)."""
+    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
+                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
+                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
+                                       "refreshes the shipped held-out prompts.")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--preset", default="full", choices=["full", "mini"],
+                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
+    build.set_defaults(func=cmd_build_demo)
+
+    train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
+    train.add_argument("--target", required=True, help="target model folder")
+    train.add_argument("--draft", required=True, help="draft model folder")
+    train.add_argument("--out", default=None,
+                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
+    train.set_defaults(func=cmd_train_predictor)
+
+
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
@@ -265,24 +287,7 @@ def main(argv=None) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=cmd_demo)
 
-    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
-                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
-                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
-                                       "refreshes the shipped held-out prompts.")
-    build.add_argument("--out", required=True, help="output folder")
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", default="full", choices=["full", "mini"],
-                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
-    build.set_defaults(func=cmd_build_demo)
-
-    train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
-    train.add_argument("--target", required=True, help="target model folder")
-    train.add_argument("--draft", required=True, help="draft model folder")
-    train.add_argument("--out", default=None,
-                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
-    train.add_argument("--seed", type=int, default=0)
-    train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
-    train.set_defaults(func=cmd_train_predictor)
+    add_tool_commands(sub)
 
     from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
     bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")
