@@ -26,7 +26,7 @@
 # publishes the port; publish it on the host's loopback (-p 127.0.0.1:50051:50051) unless clients
 # come from elsewhere. launch/k8s runs this image on Kubernetes.
 
-# Must equal the torch pin in pyproject.toml (tests/launch/test_deploy_files.py checks it).
+# Must equal the torch pin in constraints.txt, the tested one (tests/launch/test_deploy_files.py checks it).
 ARG TORCH_VERSION=2.13.0
 
 FROM python:3.11-slim AS base

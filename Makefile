@@ -6,10 +6,11 @@ BIN    := $(VENV)/bin
 
 .PHONY: demo test venv proto clean
 
-$(BIN)/specpipe: pyproject.toml
+# constraints.txt pins the torch the tests ran on (pyproject.toml only gives a range).
+$(BIN)/specpipe: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
-	$(BIN)/python -m pip install --quiet -e ".[test,bench]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[test,bench]"
 	touch $@
 
 venv: $(BIN)/specpipe

@@ -43,6 +43,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from specpipe.modes import Mode
 from specpipe.coordinator.schedules import ROOT_BRANCH, Block, Schedule
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
@@ -69,7 +70,7 @@ class BranchView:
 class Pipelined(Schedule):
     def __init__(self, plan, channel, policy, stats):
         super().__init__(plan, channel, policy, stats)
-        self.branching = plan.mode == "specbranch"
+        self.branching = plan.mode == Mode.SPECBRANCH
         self.branches = {ROOT_BRANCH: BranchView(list(self.tokens), job_end=len(self.tokens))}
         self.main = ROOT_BRANCH
         self.next_branch_id = ROOT_BRANCH + 1

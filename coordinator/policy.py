@@ -44,9 +44,11 @@ from __future__ import annotations
 
 import time
 from collections import deque
-from dataclasses import dataclass
 
-POLICIES = ("fixed", "confidence", "adaptive", "predictor")
+from specpipe.modes import Mode
+from specpipe.acceptance import expected_tokens
+from specpipe.config import PolicyConfig   # the settings (and the kinds, POLICIES) live in the shared core
+
 # Forgetting factor of the running estimates: about the last 100 observations count.
 FORGET = 0.99
 # The Beta prior on the acceptance rate (as pseudo-counts) before anything is observed.
@@ -66,25 +68,6 @@ BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
 # apart for greedy and sampled requests), a hit rate under FORK_MIN_HIT_RATE (once FORK_MIN_SEEN
 # have ended) turns forking down to one branch point in FORK_EXPLORE, which keeps the estimate fresh.
 FORK_WINDOW, FORK_MIN_SEEN, FORK_MIN_HIT_RATE, FORK_EXPLORE = 200, 40, 0.05, 50
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    kind: str = "adaptive"
-    num_draft_tokens: int = 6          # block length (the most, for `adaptive` / `predictor`)
-    min_confidence: float = 0.3        # end a block after a token less likely than this
-    branch_width: int = 2              # most alternatives forked at a branch point
-    min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
-    branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
-    branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
-    max_branches: int = 4              # live alternative branches per request
-    main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
-
-    def __post_init__(self):
-        assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
-        assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
-        assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
-        assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"
 
 
 class AcceptanceModel:
@@ -202,7 +185,7 @@ class AcceptanceModel:
             tokens = a * (1 - a ** length) / (1 - a) + reject
             seconds = max(t_forward, length * t_draft) + reject * t_draft
         else:
-            tokens = (1 - a ** (length + 1)) / (1 - a)
+            tokens = expected_tokens(a, length)
             seconds = length * t_draft + t_forward
         return tokens * rows / seconds
 
@@ -230,13 +213,13 @@ class DraftPolicy:
         """End a drafting job at a token less likely than this. Only the sequential schedule
         stops there (the draft's time is the target's wait); the pipelined ones keep drafting,
         since a longer block costs the target little more, and branch at unsure tokens instead."""
-        if self.mode != "sequential" or self.config.kind == "fixed":
+        if self.mode != Mode.SEQUENTIAL or self.config.kind == "fixed":
             return 0.0
         return self.config.min_confidence
 
     @property
     def max_branches(self) -> int:
-        return self.config.max_branches if self.mode == "specbranch" else 0
+        return self.config.max_branches if self.mode == Mode.SPECBRANCH else 0
 
     @property
     def branch_lookahead(self) -> int:
@@ -249,18 +232,18 @@ class DraftPolicy:
     @property
     def wants_prediction(self) -> bool:
         """Ask the target for its acceptance-length prediction with each verify."""
-        return self.config.kind == "predictor" and self.mode != "autoregressive"
+        return self.config.kind == "predictor" and self.mode != Mode.AUTOREGRESSIVE
 
     @property
     def branch_width(self) -> int:
-        return self.config.branch_width if self.mode == "specbranch" else 0
+        return self.config.branch_width if self.mode == Mode.SPECBRANCH else 0
 
     def block_length(self) -> int:
         most = self.config.num_draft_tokens
         if self.config.kind == "predictor" and self.predicted_accept_length is not None:
             # Draft up to the predicted break and one more: that token is the likely branch point.
             return max(1, min(most, round(self.predicted_accept_length) + 1))
-        if self.config.kind in ("adaptive", "predictor") and self.mode in ("pipelined", "specbranch"):
+        if self.config.kind in ("adaptive", "predictor") and self.mode in (Mode.PIPELINED, Mode.SPECBRANCH):
             # Timing-driven: only where block boundaries depend on timing anyway, so a seeded
             # sequential request stays reproducible (the predictor's signal is content-only).
             if self._best_length is None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from specpipe.modes import Mode
 from specpipe.coordinator.channel import DraftDown, RequestChannel
 from specpipe.coordinator.pipeline import Pipelined
 from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
@@ -19,8 +20,8 @@ from specpipe.coordinator.schedules import Autoregressive, RunStats, Sequential,
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.sampling import SamplingParams
 
-SCHEDULES = {"autoregressive": Autoregressive, "sequential": Sequential, "pipelined": Pipelined,
-             "specbranch": Pipelined}
+SCHEDULES = {Mode.AUTOREGRESSIVE: Autoregressive, Mode.SEQUENTIAL: Sequential, Mode.PIPELINED: Pipelined,
+             Mode.SPECBRANCH: Pipelined}
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class RequestPlan:
     max_new_tokens: int
     sampling: SamplingParams
     seed: int
-    mode: str                        # autoregressive | sequential | pipelined | specbranch
+    mode: Mode
     policy: PolicyConfig = PolicyConfig()
     seeded: bool = False             # the client gave the seed (else the server drew it)
     noise_vocab: int = 0             # drafter-invariant: the width of the Gumbel noise (the vocabulary)
@@ -41,7 +42,7 @@ def open_channel(plan: RequestPlan, draft: WorkerClient, target: WorkerClient) -
     """The request's channel to the workers: through the draft too in a speculative mode, when the
     draft is up."""
     return RequestChannel(plan.request_id, draft, target,
-                          use_draft=plan.mode != "autoregressive" and draft.healthy)
+                          use_draft=plan.mode != Mode.AUTOREGRESSIVE and draft.healthy)
 
 
 class RequestRun:
@@ -49,7 +50,7 @@ class RequestRun:
         """`acceptance`: the server's shared running model of acceptance and step costs."""
         self.plan, self.stats, self.channel = plan, RunStats(), channel
         self.policy = DraftPolicy(plan.policy, plan.mode, acceptance, greedy=plan.sampling.greedy)
-        self.fell_back = plan.mode != "autoregressive" and not channel.uses_draft   # degraded from the start
+        self.fell_back = plan.mode != Mode.AUTOREGRESSIVE and not channel.uses_draft   # degraded from the start
         schedule = SCHEDULES[plan.mode] if self.channel.uses_draft else Autoregressive
         self.schedule = schedule(plan, self.channel, self.policy, self.stats)
         self.started = time.monotonic()

@@ -17,6 +17,7 @@ the bearer-token interceptor (coordinator/auth.py), TLS, the Prometheus endpoint
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import re
@@ -167,37 +168,47 @@ class Coordinator:
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
         self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+                                      options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                                               ("grpc.so_reuseport", 0)])  # a taken port fails, never shared
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
              reflection.SERVICE_NAME), self.server)
-        self.port = self._bind(self.server, config.port, credentials)
+        self.port = self._bind(self.server, config.port, credentials, "gRPC port")
         await self.server.start()
         if config.health_port is not None:
             await self._serve_health_port(config.health_port)
         if config.metrics_port is not None:
-            self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            try:
+                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
+            except OSError as err:
+                raise OSError(err.errno, f"cannot bind the metrics port {config.host}:{config.metrics_port} "
+                                         f"({err.strerror})") from err
         self._tasks += [asyncio.create_task(self._watch_health()), asyncio.create_task(self._watch_draft())]
         self.tls, self.token_required = credentials is not None, bool(interceptors)
         logger.info("gRPC bound on %s:%d%s; health NOT_SERVING until the target worker answers", config.host,
                     self.port, f" (plain-text health on port {self.health_port})" if self.health_port else "")
         return self.port
 
-    def _bind(self, server: grpc.aio.Server, port: int, credentials) -> int:
+    def _bind(self, server: grpc.aio.Server, port: int, credentials, what: str) -> int:
+        """The bound port; a port in use (or a host that is not an address here) raises OSError
+        EADDRINUSE naming `what` and the address, which `specpipe serve` reports as one line."""
         address = f"{self.config.host}:{port}"
-        bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        try:
+            bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
+        except RuntimeError:   # grpc's "Failed to bind to address"
+            bound = 0
         if bound == 0:
-            raise OSError(f"cannot bind the gRPC port {address}")
+            raise OSError(errno.EADDRINUSE, f"cannot bind the {what} {address} (in use, or not an address here)")
         return bound
 
     async def _serve_health_port(self, port: int) -> None:
         """grpc.health.v1 alone on a plain-text port: the kubelet's gRPC probes speak no TLS, and
         the API port may. The same HealthServicer, so both ports always say the same."""
-        self.health_server = grpc.aio.server()
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])   # as the API port: never shared
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
-        self.health_port = self._bind(self.health_server, port, None)
+        self.health_port = self._bind(self.health_server, port, None, "health port")
         await self.health_server.start()
 
     def target_time_left(self) -> float | None:

@@ -1,4 +1,13 @@
-"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, bench."""
+"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, train-predictor, bench,
+curve-keygen. The offline tools (build-demo, train-predictor) are imported only when they run.
+
+A user's mistake ends a command with one line on stderr naming the cause and the fix, and a
+non-zero exit code (2 for a flag's value); tracebacks only with --log-level debug (launch/report.py).
+`serve` checks its flags, files, ports, devices, models and tokenizers before it starts a process
+(launch/preflight.py), binds its gRPC port before the workers load (health NOT_SERVING until the
+target answers), pins its processes as `--pin auto` lays them out unless told otherwise, and
+prints what it serves before `specpipe serving on HOST:PORT`.
+"""
 
 from __future__ import annotations
 
@@ -9,12 +18,10 @@ import logging
 import os
 import sys
 
-from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
-                             CoordinatorConfig)
-from specpipe.coordinator.policy import POLICIES, PolicyConfig
-
-MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
-DEFAULT_MODE = "specbranch"
+from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS, POLICIES,
+                             CoordinatorConfig, PolicyConfig)
+from specpipe.launch.report import is_debug, reporting
+from specpipe.modes import MODE_NAMES, Mode
 
 
 def _demo_models() -> tuple[str, str]:
@@ -47,18 +54,31 @@ def seconds(text: str) -> float:
     return value
 
 
+def log_level(text: str) -> str:
+    """A logging level name, upper-cased (logging's own error for a bad one is a traceback)."""
+    if not isinstance(logging.getLevelName(text.upper()), int):
+        raise argparse.ArgumentTypeError(f"want debug, info, warning or error, got {text!r}")
+    return text.upper()
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model: folder or hub id (default: the demo pair)")
     parser.add_argument("--draft", help="draft model: folder or hub id (default: the demo pair)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="gRPC interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 = any free port")
-    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help="default schedule")
+    parser.add_argument("--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES,
+                        help="default schedule")
     parser.add_argument("--target-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
+    parser.add_argument("--pin", default="auto", choices=["auto", "none"],
+                        help="auto (default): when this server starts both workers on CPU and may use 2 x --threads "
+                             "cores, the target gets cores of its own and the draft and the coordinator the next "
+                             "ones (the benchmark's fastest layout); none: leave placement to the OS. Any --*-cpus "
+                             "flag replaces the automatic layout")
     parser.add_argument("--target-cpus", default="", metavar="LIST",
-                        help="pin the target worker to these CPUs, e.g. 0 or 0-3 (default: not pinned)")
+                        help="pin the target worker to these CPUs, e.g. 0 or 0-3 (default: --pin)")
     parser.add_argument("--draft-cpus", default="", metavar="LIST", help="pin the draft worker to these CPUs")
     parser.add_argument("--coordinator-cpus", default="", metavar="LIST",
                         help="pin the coordinator (this process) to these CPUs")
@@ -143,39 +163,26 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
 
 
 def cmd_serve(args) -> None:
-    from specpipe.config import parse_cpus
     from specpipe.launch.local import serve, spawn_workers
+    from specpipe.launch.preflight import check_serve
+    from specpipe.launch.report import summary_lines
 
-    for flag in ("target_cpus", "draft_cpus", "coordinator_cpus"):   # fail before anything starts
-        if getattr(args, flag):
-            try:
-                parse_cpus(getattr(args, flag))
-            except ValueError as err:
-                raise SystemExit(f"--{flag.replace('_', '-')}: {err}") from None
+    plan = check_serve(args, _demo_models)   # before anything starts: a typo costs a second
+    os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level   # the spawned workers log (and report) alike
+    target, draft, pins = plan.target, plan.draft, plan.pins
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
-    if curve_keys:   # fail before a model loads or builds (the spawned ones check their part)
-        from specpipe.curve import CurveError, load_keys
-        try:
-            load_keys(curve_keys, server=not (args.target_addr and args.draft_addr), client=True)
-        except CurveError as err:
-            raise SystemExit(str(err)) from None
-    target, draft = args.target, args.draft
-    if not target or not draft:
-        demo_target, demo_draft = _demo_models()
-        target, draft = target or demo_target, draft or demo_draft
-    if args.transport == "torch" and (args.draft_addr or args.target_addr):
-        raise SystemExit("--transport torch with a remote worker: start the ranks with torchrun "
-                         "(python -m specpipe.launch.torchrun), see the README")
+    # The workers are spawned from serve's event loop, after the gRPC port is bound (health
+    # NOT_SERVING meanwhile), each pinned as the plan says; the coordinator is pinned after them.
     spawn = functools.partial(spawn_workers, None if args.target_addr else target, None if args.draft_addr else draft,
                               host=args.worker_host, transport=args.transport,
                               target_data_port=args.target_data_port, target_device=args.target_device,
                               draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
                               target_data_addr=args.target_data_addr, curve_keys=curve_keys,
-                              target_cpus=args.target_cpus, draft_cpus=args.draft_cpus)
+                              target_cpus=pins.get("target", ""), draft_cpus=pins.get("draft", ""))
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
         host=args.host, port=args.port,
-        default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
+        default_mode=Mode(args.mode), max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
                             min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
@@ -186,20 +193,41 @@ def cmd_serve(args) -> None:
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
         curve_keys=curve_keys, health_port=args.health_port,
         target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout)
-    # The coordinator is pinned after the spawns (they must not inherit it): serve does it.
-    asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, args.coordinator_cpus))
+    models = {"target": args.target_addr or target, "draft": args.draft_addr or draft}
+
+    def describe(coordinator, workers: dict) -> list[str]:
+        extra = ({"plain-text health": f"{config.host}:{coordinator.health_port}"}
+                 if coordinator.health_port is not None else None)
+        return summary_lines(models=models, workers=workers, pins=pins, pin_why=plan.pin_why, config=config,
+                             port=coordinator.port, metrics_port=coordinator.metrics_port, extra_ports=extra)
+
+    asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""),
+                      describe))
 
 
 def cmd_generate(args) -> None:
+    from specpipe.launch.report import client_options, rpc_error_line
+
+    token, root_certificates = client_options(args.addr, args.token_file, args.tls_ca)
+    if not is_debug(args.log_level):
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # grpc's own log lines: the one line says it
+    import grpc
     from specpipe.client import Client
 
-    client = Client(args.addr)
-    last = None
-    for last in client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                mode=args.mode):
-        sys.stdout.write(last.text)
-        sys.stdout.flush()
+    client = Client(args.addr, token=token, root_certificates=root_certificates, timeout=args.timeout)
+    last, wrote = None, False
+    try:
+        for last in client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
+                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
+                                    mode=args.mode):
+            sys.stdout.write(last.text)
+            sys.stdout.flush()
+            wrote = wrote or bool(last.text)
+    except grpc.RpcError as err:
+        print("\n" if wrote else "", end="", flush=True)
+        print(f"specpipe generate: error: {rpc_error_line(err, args.addr, root_certificates is not None, bool(token))}",
+              file=sys.stderr)
+        raise SystemExit(1) from None
     stats = last.stats
     print(f"\n[finish: {last.finish_reason}; {stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
           f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verification, "
@@ -225,14 +253,43 @@ def cmd_demo(args) -> None:
 def cmd_build_demo(args) -> None:
     from pathlib import Path
 
-    from specpipe.demo_pair import build_demo_pair
+    from specpipe.tools.build_demo import build_demo_pair, summary_lines
     info = build_demo_pair(Path(args.out), seed=args.seed, preset=args.preset)
-    print({key: info[key] for key in info if key != "sample"})
+    print("\n".join(summary_lines(info, Path(args.out))))
+
+
+def cmd_train_predictor(args) -> None:
+    from specpipe.tools.train_predictor import summary_lines, train_predictor
+    info = train_predictor(args.target, args.draft, args.out, seed=args.seed, max_positions=args.max_positions)
+    print("\n".join(summary_lines(info)))
+
+
+def add_tool_commands(sub) -> None:
+    """The offline tools' subcommands (specpipe/tools/, imported only when one runs)."""
+    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
+                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
+                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
+                                       "refreshes the shipped held-out prompts.")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--preset", default="full", choices=["full", "mini"],
+                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
+    build.set_defaults(func=cmd_build_demo)
+
+    train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
+    train.add_argument("--target", required=True, help="target model folder")
+    train.add_argument("--draft", required=True, help="draft model folder")
+    train.add_argument("--out", default=None,
+                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
+    train.set_defaults(func=cmd_train_predictor)
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
-    parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
+    parser.add_argument("--log-level", type=log_level, default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"),
+                        help="debug | info | warning | error (env SPECPIPE_LOG_LEVEL; debug also shows tracebacks)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the coordinator and both workers")
@@ -249,6 +306,11 @@ def main(argv=None) -> None:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[])
     generate.add_argument("--mode", choices=MODE_NAMES)
+    generate.add_argument("--token-file", default="", metavar="FILE",
+                          help="file holding the bearer token, for a server started with --auth-token-file")
+    generate.add_argument("--tls-ca", default="", metavar="PEM",
+                          help="CA certificate(s) that signed the server's: speak TLS (a server with --tls-cert)")
+    generate.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of the request in seconds")
     generate.set_defaults(func=cmd_generate)
 
     keygen = sub.add_parser("curve-keygen", help="create the CURVE keys that secure the internal sockets (--curve-keys)")
@@ -260,11 +322,7 @@ def main(argv=None) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=cmd_demo)
 
-    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library")
-    build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", default="full", choices=["full", "mini"])
-    build.set_defaults(func=cmd_build_demo)
+    add_tool_commands(sub)
 
     from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
     bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")
@@ -272,12 +330,9 @@ def main(argv=None) -> None:
     bench.set_defaults(func=lambda args: sys.exit(bench_main(args)))
 
     args = parser.parse_args(argv)
-    level = args.log_level
-    logging.basicConfig(level=level.upper(), format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
-    try:
+    logging.basicConfig(level=args.log_level, format="%(asctime)s %(levelname)s coordinator %(name)s: %(message)s")
+    with reporting(f"specpipe {args.command}", is_debug(args.log_level)):
         args.func(args)
-    except KeyboardInterrupt:
-        pass
 
 
 if __name__ == "__main__":

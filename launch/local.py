@@ -2,16 +2,21 @@
 start a whole server as a child process (for `specpipe demo`, the benchmark and the tests).
 
 Each worker is its own OS process (`python -m specpipe.draft_worker ...`), visible in `ps`.
-A worker prints `READY <endpoint>` once bound; the launcher waits for that line with a timeout
-(saying every so often what it waits for and how long is left) and, if the worker dies first,
-reports its exit code. `serve` binds the gRPC port before any worker is spawned, so health
-answers NOT_SERVING while the models load, and prints `specpipe serving on HOST:PORT` once the
-target answers and the workers it spawned are up; a remote draft (--draft-addr) is not waited for.
+A worker prints `READY <endpoint> ...` once bound; the launcher waits for that line with a timeout
+(saying every so often what it waits for and how long is left). A worker that cannot start says
+why in one `FAILED CODE MESSAGE` line instead (it is started with SPECPIPE_STARTUP_REPORT=stdout:
+launch/worker.py), which the launcher raises as a UsageError (code 2) or StartupError, so
+`specpipe serve` reports it as its own one line; a worker that dies without a word is reported
+with its exit code. `serve` binds the gRPC port before any worker is spawned, so health answers
+NOT_SERVING while the models load, and prints what it serves, then `specpipe serving on
+HOST:PORT`, once the target answers and the workers it spawned are up; a remote draft
+(--draft-addr) is not waited for.
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
 import logging
 import os
 import queue
@@ -25,6 +30,7 @@ import time
 from dataclasses import dataclass, field
 
 from specpipe.config import CoordinatorConfig, pin_cpus
+from specpipe.launch.preflight import StartupError, UsageError, auto_pins
 
 logger = logging.getLogger(__name__)
 
@@ -37,6 +43,10 @@ READY_LOG_INTERVAL_S = 30.0
 # Restart back-off of a crashed worker: first delay, and the most it doubles to.
 RESTART_BACKOFF_S = (0.5, 30.0)
 READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
+READY_WORKER = re.compile(r"READY (\S+)(.*)")
+FAILED_LINE = re.compile(r"FAILED (\d+) (.*)")
+# The environment variable (and value) that makes a worker report a start-up failure on stdout.
+STARTUP_REPORT = ("SPECPIPE_STARTUP_REPORT", "stdout")
 
 
 def _lines(stream, sink: queue.Queue) -> None:
@@ -45,8 +55,10 @@ def _lines(stream, sink: queue.Queue) -> None:
     sink.put(None)
 
 
-class WorkerStartError(RuntimeError):
-    """A process exited, or stayed silent past its timeout, before it printed its ready line."""
+class WorkerStartError(StartupError):
+    """A process exited, or stayed silent past its timeout, before it printed its ready line (a
+    StartupError: `specpipe serve` reports it as one line, exit code 1)."""
+    role = ""   # the worker's role, once known ("target" / "draft")
 
 
 class WorkerStartTimeout(WorkerStartError):
@@ -55,7 +67,8 @@ class WorkerStartTimeout(WorkerStartError):
 
 def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float | None,
                what: str, echo: bool = False) -> re.Match:
-    """The first line of `process` matching `pattern`; `timeout` None or <= 0: no limit."""
+    """The first line of `process` matching `pattern`; `timeout` None or <= 0: no limit. A
+    `FAILED CODE MESSAGE` line raises UsageError (CODE 2) or StartupError with the message."""
     started = time.monotonic()
     deadline = started + timeout if timeout and timeout > 0 else None
     while True:
@@ -71,7 +84,11 @@ def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Patter
             logger.info("waiting for %s (pid %d) to load and bind: %.0fs so far, %s", what, process.pid, waited, left)
             continue
         if line is None:
-            raise WorkerStartError(f"{what} exited with code {process.wait()} before it was ready")
+            raise WorkerStartError(f"{what} exited ({describe_exit(process.wait())}) before it was ready")
+        failed = FAILED_LINE.match(line)
+        if failed:
+            process.wait()
+            raise (UsageError if failed.group(1) == "2" else StartupError)(f"{what} could not start: {failed.group(2)}")
         if echo:
             sys.stdout.write(line)
         match = pattern.search(line)
@@ -88,6 +105,7 @@ class WorkerProcess:
     argv: list[str] = field(default_factory=list)   # how it was started (for a restart)
     env: dict = field(default_factory=dict)
     ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S   # for its READY line (a restart too)
+    info: dict = field(default_factory=dict)        # from its READY line: params, device, dtype
 
     def restart_argv(self) -> list[str]:
         """The same command, pinned to the ports it got, so peers reconnect to the restart."""
@@ -100,29 +118,35 @@ class WorkerProcess:
 
 def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
                  dtype: str = "float32", threads: int = 1, extra: list[str] | None = None,
-                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
+                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+                 prefix: tuple[str, ...] = ()):
     """Start a worker process; returns a function that waits for its READY line (in a thread, from
-    async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit."""
+    async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit. `prefix`: a
+    command the worker runs under (e.g. `ip netns exec NS`, the benchmark's latency link)."""
     command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
                "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
                "--exit-with-parent", *(extra or [])]
-    return _start(role, command, env or {}, ready_timeout_s)
+    return _start(role, command, env or {}, ready_timeout_s, prefix)
 
 
-def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **env})
+def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+           prefix: tuple[str, ...] = ()):
+    process = subprocess.Popen([*prefix, *command], stdout=subprocess.PIPE, text=True,
+                               env={**os.environ, **env, STARTUP_REPORT[0]: STARTUP_REPORT[1]})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
 
     def ready() -> WorkerProcess:
         try:
-            match = _wait_line(process, lines, re.compile(r"READY (\S+)(?: data=(\S+))?"), ready_timeout_s,
-                               f"the {role} worker ({' '.join(command[2:6])})")
-        except Exception:
+            match = _wait_line(process, lines, READY_WORKER, ready_timeout_s, f"the {role} worker")
+        except Exception as err:
             stop_process(process)
+            if isinstance(err, WorkerStartError):
+                err.role = role
             raise
         logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
-        return WorkerProcess(role, process, match.group(1), match.group(2) or "", command, env, ready_timeout_s)
+        info = dict(word.split("=", 1) for word in match.group(2).split() if "=" in word)
+        return WorkerProcess(role, process, match.group(1), info.pop("data", ""), command, env, ready_timeout_s, info)
     ready.process = process
     return ready
 
@@ -190,13 +214,11 @@ async def spawn_workers(target: str | None, draft: str | None, *, host: str, tra
 
 
 def pin_flags() -> list[str]:
-    """`specpipe serve` flags that give the target a core of its own and put the draft and the
-    coordinator on another (each worker on one core), when this process may use two or more;
-    else none. What `specpipe demo` and `specpipe bench --pin auto` run with."""
-    cores = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
-    if len(cores) < 2:
-        return []
-    return ["--target-cpus", str(cores[0]), "--draft-cpus", str(cores[1]), "--coordinator-cpus", str(cores[1])]
+    """The flags of the layout `specpipe serve --pin auto` (its default) picks for CPU workers of
+    one thread: the target on a core of its own, the draft and the coordinator on another, when
+    this process may use two or more; else none (launch/preflight.py: auto_pins)."""
+    pins, _ = auto_pins(threads=1, devices=["cpu"])
+    return [word for role in ("target", "draft", "coordinator") if pins for word in (f"--{role}-cpus", pins[role])]
 
 
 def stop_process(process: subprocess.Popen, timeout: float = 5.0) -> None:
@@ -262,12 +284,14 @@ class Supervisor:
             stop_process(worker.process)
 
 
-async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "") -> None:
+async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "", describe=None) -> None:
     """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all.
     The gRPC port is bound first (health NOT_SERVING); then `spawn(timeouts=..., attach=...)`
     (spawn_workers with its models and options bound; None: both workers are remote) starts the
-    local workers, this process is pinned to `coordinator_cpus`, and once the target answers the
-    address is printed. A start-up failure exits with one line saying what did not come up."""
+    local workers, this process is pinned to `coordinator_cpus`, and once the target answers
+    `describe(coordinator, workers) -> lines` (workers: role -> WorkerProcess, the spawned ones)
+    is printed, then the `specpipe serving on HOST:PORT` line. A start-up failure raises
+    UsageError or StartupError, which `specpipe serve` reports as one line (launch/report.py)."""
     from specpipe.coordinator.server import Coordinator
     from specpipe.coordinator.workers import WorkerDown
 
@@ -278,7 +302,12 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
         loop.add_signal_handler(sig, stop.set)
     supervisor, watcher = Supervisor([], on_death=coordinator.worker_died), None
     try:
-        port = await coordinator.start()
+        try:
+            port = await coordinator.start()
+        except OSError as err:   # a port taken since the checks ran (launch/preflight.py)
+            if err.errno != errno.EADDRINUSE:
+                raise
+            raise UsageError(f"{err.strerror}: pick a free port") from None
         starting = asyncio.create_task(_start_up(coordinator, spawn, coordinator_cpus))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
@@ -288,11 +317,16 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
             return
         stopping.cancel()
         try:
-            supervisor = Supervisor(starting.result(), on_death=coordinator.worker_died)
-        except (WorkerStartError, WorkerDown) as err:
-            hint = " (--target-startup-timeout, --draft-startup-timeout)" if isinstance(err, WorkerStartTimeout) else ""
-            raise SystemExit(f"specpipe serve: {err}{hint}") from None
+            workers = starting.result()
+        except WorkerStartTimeout as err:
+            flag = f"--{err.role}-startup-timeout" if err.role else "--target-startup-timeout, --draft-startup-timeout"
+            raise StartupError(f"{err} ({flag})") from None
+        except WorkerDown as err:    # the target did not answer within --target-startup-timeout
+            raise StartupError(str(err)) from None
+        supervisor = Supervisor(list(workers.values()), on_death=coordinator.worker_died)
         watcher = asyncio.create_task(supervisor.watch())
+        for line in describe(coordinator, workers) if describe else ():
+            print(line, flush=True)
         print(f"specpipe serving on {config.host}:{port}", flush=True)
         await stop.wait()
     finally:
@@ -302,9 +336,10 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
         supervisor.stop()
 
 
-async def _start_up(coordinator, spawn, coordinator_cpus: str) -> list[WorkerProcess]:
+async def _start_up(coordinator, spawn, coordinator_cpus: str) -> dict[str, WorkerProcess]:
     """Spawn the local workers (attached to the coordinator as each comes up), then pin this
-    process (after the spawns: they must not inherit it), then wait for the target."""
+    process (after the spawns: they must not inherit it), then wait for the target. Failed or
+    cancelled past the spawns, it stops the workers it started."""
     workers: dict[str, WorkerProcess] = {}
     if spawn is not None:
         left = coordinator.target_time_left()
@@ -313,11 +348,16 @@ async def _start_up(coordinator, spawn, coordinator_cpus: str) -> list[WorkerPro
                                         "draft": draft_limit if draft_limit > 0 else None},
                               attach=lambda role, endpoint: getattr(coordinator, role).connect(endpoint))
     try:
-        pin_cpus(coordinator_cpus)
-    except ValueError as err:
-        raise SystemExit(f"--coordinator-cpus: {err}") from None
-    await coordinator.wait_ready()
-    return list(workers.values())
+        try:
+            pin_cpus(coordinator_cpus)
+        except ValueError as err:
+            raise UsageError(f"--coordinator-cpus: {err}") from None
+        await coordinator.wait_ready()
+    except BaseException:
+        for worker in workers.values():
+            stop_process(worker.process)
+        raise
+    return workers
 
 
 class ServerProcess:

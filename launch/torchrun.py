@@ -36,6 +36,7 @@ import time
 
 from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, zmq_endpoint
 from specpipe.launch.cli import add_serve_args
+from specpipe.launch.report import exit_code, known_errors, one_line
 
 logger = logging.getLogger(__name__)
 
@@ -174,6 +175,9 @@ def main(argv: list[str] | None = None) -> None:
         if not isinstance(err.code, int):
             print(err.code, file=sys.stderr)
         code = err.code if isinstance(err.code, int) else 1
+    except known_errors() as err:   # the user's to fix (a model, a key folder): one line
+        print(f"specpipe torchrun rank {rank} ({role}): error: {one_line(str(err))}", file=sys.stderr)
+        code = exit_code(err)
     except BaseException:
         logger.exception("rank %d (%s) failed", rank, role)
         code = 1

@@ -1,5 +1,11 @@
 """Shared entry of the two worker processes: `python -m specpipe.draft_worker ...` and
-`python -m specpipe.target_worker ...` both land here with their role."""
+`python -m specpipe.target_worker ...` both land here with their role.
+
+Start-up (pin, keys, model, engine, bind) either ends in `READY <endpoint> [data=<endpoint>]
+params=N device=D dtype=T` on stdout, or in one line naming what failed and a non-zero exit
+(2: a flag's value; launch/report.py): on stderr, or as `FAILED CODE MESSAGE` on stdout for a
+launcher that asked for it (env SPECPIPE_STARTUP_REPORT=stdout). Past READY, a crash keeps its
+traceback for the log."""
 
 from __future__ import annotations
 
@@ -8,10 +14,17 @@ import logging
 import os
 
 import torch
+import zmq
 
 from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_DRAFT_SLOTS, DEFAULT_HOST,
                              DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TARGET_PORT, DEFAULT_TARGET_SLOTS, ENV_CURVE_KEYS,
                              WorkerConfig, pin_cpus, zmq_endpoint)
+from specpipe.launch.preflight import UsageError
+from specpipe.launch.report import reporting
+
+# Set by the launcher (launch/local.py) in a worker's environment: report a start-up failure on
+# stdout as `FAILED CODE MESSAGE`, beside the READY line it waits for, instead of on stderr.
+ENV_STARTUP_REPORT = "SPECPIPE_STARTUP_REPORT"
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -74,30 +87,12 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
 
 
 def main(role: str, argv=None) -> None:
-    from specpipe.models import ModelLoadError, load_model, resolve_device
-    from specpipe.worker_loop import exit_with_parent, serve
+    from specpipe.worker_loop import run
 
     config = parse_config(role, argv)
-    try:
-        pin_cpus(config.cpus)   # before torch starts its threads
-    except ValueError as err:
-        raise SystemExit(f"--cpus: {err}") from None
-    if config.exit_with_parent:
-        exit_with_parent()
-    curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
-    torch.set_num_threads(config.num_threads)
-    try:
-        device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
-    except ModelLoadError as err:
-        raise SystemExit(f"--device: {err}") from None
-    model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
-    from specpipe.kv_store import UnsupportedModel
-    try:
-        engine, data_endpoint = build_engine(config, model, device, curve_keys)
-    except UnsupportedModel as err:
-        raise SystemExit(f"{config.role} model {config.model}: {err}") from None
-    serve(engine, role, config.bind, extra_ready=f" data={data_endpoint}" if data_endpoint else "",
-          curve_keys=curve_keys)
+    with startup_errors(role):
+        loop, authenticator, ready = start(config)
+    run(loop, ready)
     if authenticator is not None:
         authenticator.stop()
     if config.transport == "torch":
@@ -105,6 +100,53 @@ def main(role: str, argv=None) -> None:
         # would abort the process. The loop has stopped cleanly, so leave at once.
         logging.shutdown()
         os._exit(0)
+
+
+def start(config: WorkerConfig):
+    """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
+    Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
+    from specpipe.models import ModelLoadError, load_model, resolve_device
+    from specpipe.worker_loop import WorkerLoop, exit_with_parent
+
+    try:
+        pin_cpus(config.cpus)   # before torch starts its threads
+    except ValueError as err:
+        raise UsageError(f"--cpus: {err}") from None
+    if config.exit_with_parent:
+        exit_with_parent()
+    curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
+    torch.set_num_threads(config.num_threads)
+    try:
+        device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
+    except ModelLoadError as err:
+        raise UsageError(f"--device: {err}") from None
+    model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
+    from specpipe.kv_store import UnsupportedModel
+    try:
+        engine, data_endpoint = build_engine(config, model, device, curve_keys)
+    except zmq.ZMQError as err:
+        raise UsageError(f"--data-port: cannot bind {config.data_bind} ({err}): pick a free port, or 0 for any") from None
+    except UnsupportedModel as err:
+        raise UsageError(f"--model {config.model}: {err}") from None
+    try:
+        loop = WorkerLoop(engine, config.role, config.bind, curve_keys=curve_keys)
+    except zmq.ZMQError as err:
+        raise UsageError(f"--port: cannot bind {config.bind} ({err}): pick a free port, or 0 for any") from None
+    # What the launcher prints in its start-up summary.
+    ready = f" data={data_endpoint}" if data_endpoint else ""
+    params = sum(param.numel() for param in model.parameters()) if model is not None else 0
+    return loop, authenticator, f"{ready} params={params} device={device} dtype={config.dtype}"
+
+
+def startup_errors(role: str):
+    """A start-up failure as one line: on stderr (`specpipe ROLE worker: error: ...`), or, when a
+    launcher started this worker (env SPECPIPE_STARTUP_REPORT=stdout), as `FAILED CODE MESSAGE` on
+    stdout, where the launcher reads READY, so that it reports the failure as its own one line."""
+    say = None
+    if os.environ.get(ENV_STARTUP_REPORT) == "stdout":
+        def say(message: str, code: int) -> None:
+            print(f"FAILED {code} {message}", flush=True)
+    return reporting(f"specpipe {role} worker", logging.getLogger().isEnabledFor(logging.DEBUG), say)
 
 
 def secure(config: WorkerConfig):
@@ -120,7 +162,7 @@ def secure(config: WorkerConfig):
         keys = curve.load_keys(config.curve_keys, server=True,
                                client=config.role == "draft" and config.transport == "zmq" and bool(config.target_data_addr))
     except curve.CurveError as err:
-        raise SystemExit(str(err)) from None
+        raise UsageError(str(err)) from None
     return keys, curve.start_authenticator(zmq.Context.instance(), keys)
 
 

@@ -67,6 +67,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {str(path)!r}: {err}") from err
+    except Exception as err:   # a corrupt weights file, a missing package: still the model's, not ours
+        raise ModelLoadError(f"cannot load model {str(path)!r}: {type(err).__name__}: {err}") from err
     model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)

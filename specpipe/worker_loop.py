@@ -179,10 +179,8 @@ class WorkerLoop:
         self.socket.send_multipart([identity, *wire.encode(reply, frames)])
 
 
-def serve(engine: Engine, role: str, bind: str, extra_ready: str = "", curve_keys: CurveKeys | None = None) -> None:
-    """Run a worker until SIGTERM/SIGINT. Prints `READY <endpoint>[ data=<endpoint>]` once bound
-    (the launcher reads it to learn ports chosen by the OS)."""
-    loop = WorkerLoop(engine, role, bind, curve_keys=curve_keys)
+def run(loop: WorkerLoop, extra_ready: str = "") -> None:
+    """Run a bound loop until SIGTERM/SIGINT, after printing `READY <endpoint><extra_ready>`."""
     signal.signal(signal.SIGTERM, loop.stop)
     signal.signal(signal.SIGINT, loop.stop)
     print(f"READY {loop.endpoint}{extra_ready}", flush=True)

@@ -38,6 +38,7 @@ CLIENTS = 8
 MAX_NEW = 48
 CHAOS_PROMPTS = [PROMPTS[0], PROMPTS[1], PROMPTS[3], [42, 42, 7, 99, 250], [3, 1, 4, 1, 5, 9, 2, 6]]
 PINNED = ["--target-cpus", "0", "--draft-cpus", "1", "--coordinator-cpus", "1"]
+UNPINNED = ["--pin", "none"]   # serve pins by default (--pin auto): unpinned must say so
 # A restarted worker imports torch and loads its model again: seconds when the machine is idle,
 # much longer on a loaded 2-core box.
 RESTART_S = 90
@@ -126,7 +127,7 @@ def wait_completed(outcomes: Outcomes, more: int, timeout: float = 60) -> None:
 
 def start_server(tiny_models, pin: str, log_path) -> ServerProcess:
     return ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                          *(PINNED if pin == "pinned" else [])], stderr=open(log_path, "w"), log_level="INFO")
+                          *(PINNED if pin == "pinned" else UNPINNED)], stderr=open(log_path, "w"), log_level="INFO")
 
 
 @pytest.mark.parametrize("mode, pin", FULL_MATRIX)

@@ -17,6 +17,8 @@ import datetime
 import ipaddress
 import json
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -403,3 +405,33 @@ def test_unknown_methods_are_unauthenticated_without_the_token(server):
             probe(b"", metadata=metadata, timeout=10)
         assert err.value.code() == code
     channel.close()
+
+
+def run_generate(server, *flags: str) -> subprocess.CompletedProcess:
+    """`specpipe generate` (the real command line) against this module's TLS + token server."""
+    return subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "generate", "--addr", server.addr, "def f(",
+                           "--max-new-tokens", "4", *flags], capture_output=True, text=True, timeout=120,
+                          stdin=subprocess.DEVNULL)
+
+
+@pytest.mark.parametrize("flags, needles", [
+    ([], ["UNAVAILABLE", "may serve TLS", "--tls-ca"]),                               # plain text to TLS
+    (["--tls-ca", "other-ca.pem"], ["UNAVAILABLE", "not signed by --tls-ca"]),        # a CA that did not sign it
+    (["--tls-ca", "ca.pem"], ["UNAUTHENTICATED", "bearer token", "--token-file"]),    # no token
+    (["--tls-ca", "ca.pem", "--token-file", "wrong-token"], ["UNAUTHENTICATED", "not the server's"]),
+], ids=["plaintext", "untrusted", "no-token", "wrong-token"])
+def test_generate_tls_and_token_mismatches_are_one_line(server, flags, needles):
+    (server.folder / "wrong-token").write_text("not-the-token\n")
+    out = run_generate(server, *[str(server.folder / flag) if flag.endswith((".pem", "-token")) else flag
+                                 for flag in flags])
+    lines = out.stderr.strip().splitlines()
+    assert out.returncode == 1 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
+    assert lines[0].startswith(f"specpipe generate: error: {needles[0]} from {server.addr}: ")
+    for needle in needles[1:]:
+        assert needle in lines[0], (needle, lines[0])
+
+
+def test_generate_with_the_ca_and_the_token_is_served(server):
+    out = run_generate(server, "--tls-ca", str(server.folder / "ca.pem"), "--token-file", str(server.folder / "token"))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr.strip().startswith("[finish: ") and "Traceback" not in out.stderr

@@ -202,3 +202,42 @@ def test_bad_cpu_list_is_refused_with_the_flag_named(tiny_models):
     out = subprocess.run([sys.executable, "-m", "specpipe.draft_worker", "--model", str(tiny_models["draft"]),
                           "--port", "0", "--cpus", "100000"], capture_output=True, text=True, timeout=120)
     assert out.returncode != 0 and "--cpus: CPU list '100000' names CPUs outside" in out.stderr
+
+
+def _affinities(server_pid: int) -> dict[str, set[frozenset]]:
+    """role -> the distinct CPU sets of the process's threads, for the coordinator and its workers."""
+    pids = {"coordinator": server_pid, **{_role(pid): pid for pid in _children(server_pid)}}
+    return {role: {frozenset(os.sched_getaffinity(int(thread))) for thread in os.listdir(f"/proc/{pid}/task")}
+            for role, pid in pids.items()}
+
+
+def test_serve_pins_by_default_exactly_as_pin_auto(serve):
+    """No placement flag: on a host that gives two or more cores, the layout of --pin auto, which
+    the demo and the bench use (pin_flags): the target alone on the first core, the draft and the
+    coordinator on the second, every thread."""
+    from specpipe.launch.local import pin_flags
+    usable = sorted(os.sched_getaffinity(0))
+    if len(usable) < 2:
+        pytest.skip("one usable core: --pin auto pins nothing")
+    first, second = usable[0], usable[1]
+    assert pin_flags() == ["--target-cpus", str(first), "--draft-cpus", str(second), "--coordinator-cpus", str(second)]
+    assert _affinities(serve("draft").process.pid) == {"coordinator": {frozenset({second})},
+                                                       "target": {frozenset({first})}, "draft": {frozenset({second})}}
+
+
+def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves(tiny_models, capsys):
+    """--pin none: every process keeps the launcher's CPUs. And before `specpipe serving on` the
+    server says what it serves: models and sizes, devices, pinning, mode, limits, ports."""
+    from specpipe.launch.local import ServerProcess
+    with ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]), "--pin", "none",
+                        "--metrics-port", "0"], echo=True) as server:
+        unpinned = frozenset(os.sched_getaffinity(0))
+        assert _affinities(server.process.pid) == {role: {unpinned} for role in ("coordinator", "target", "draft")}
+    summary = capsys.readouterr().out
+    for needle in (f"target  {tiny_models['target']}  ", f"draft   {tiny_models['draft']}  ",
+                   "K parameters, float32, on cpu, not pinned (pid ", "coordinator not pinned; pinning: --pin none",
+                   "default mode specbranch, policy adaptive, up to 6 draft tokens",
+                   "limits: 32 requests running, 256 queued, no limit on tokens in flight, max_new_tokens <= 4096",
+                   f"gRPC {server.addr} (plain text, no token); metrics http://127.0.0.1:",
+                   f"specpipe serving on {server.addr}"):
+        assert needle in summary, (needle, summary)

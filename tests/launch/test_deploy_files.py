@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from packaging.specifiers import SpecifierSet
 
 from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT,
                              DEFAULT_METRICS_PORT, DEFAULT_TARGET_PORT, zmq_endpoint)
@@ -62,11 +63,14 @@ def test_targets_and_default(pyproject):
     built = stages()
     assert {"cuda", "cpu"} <= set(built)
     assert list(built)[-1] == "cuda", "a plain `docker build .` must give the GPU image"
-    [torch_pin] = [dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\b", dep)]
+    # The image installs the tested torch (constraints.txt), inside the range the package declares.
+    [tested] = [line for line in (ROOT / "constraints.txt").read_text().splitlines() if line.startswith("torch==")]
+    [torch_range] = [dep for dep in pyproject["project"]["dependencies"] if re.match(r"torch\b", dep)]
     for target, index in (("cuda", "CUDA_INDEX_URL"), ("cpu", "CPU_INDEX_URL")):
         body = built[target]
         args = build_args(body)
-        assert torch_pin == f"torch=={args['TORCH_VERSION']}", target
+        assert tested == f"torch=={args['TORCH_VERSION']}", target
+        assert SpecifierSet(torch_range.removeprefix("torch")).contains(args["TORCH_VERSION"]), torch_range
         url = args[index]
         assert url.startswith("https://download.pytorch.org/whl/") and (url.endswith("/cpu") == (target == "cpu"))
         runs = [rest for op, rest in body if op == "RUN"]

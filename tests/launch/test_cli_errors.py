@@ -1,0 +1,178 @@
+"""First contact: every start-up mistake a user can make ends `specpipe serve` (or a worker, or
+`specpipe generate` with no server to talk to) with ONE line on stderr naming the cause and the fix,
+a non-zero exit code (2 for a flag's value), and no traceback.
+
+Method: the real command line as a subprocess, on the tiny models; the mistakes that preflight
+catches must fail before any process starts or model loads (stderr would then carry the workers'
+log lines at the default INFO level, so "one line" also proves "before loading"). A worker's own
+failure comes after serve has bound its gRPC port (health NOT_SERVING while the models load), which
+serve logs at INFO: that log line may precede the one error line. No server runs here: the ones with a server are in tests/e2e/test_cli.py and tests/e2e/test_production.py.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from tiny import build_tokenizer
+
+# The slowest case imports transformers and reads two tokenizers (seconds on a loaded 2-core box).
+CLI_TIMEOUT_S = 120
+# An address where nothing listens and nothing can: port 1 on loopback is refused at once.
+REFUSED = "http://127.0.0.1:1"
+# A log line of serve's own process at INFO (cli.py's format), e.g. the gRPC bind it logs before
+# the workers load.
+COORDINATOR_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO coordinator ")
+# Mistakes only a worker finds, after serve has bound its gRPC port (health NOT_SERVING while the
+# workers load) and logged it: the coordinator's INFO lines may precede the one error line.
+AFTER_BIND = {"a worker that cannot load its model"}
+
+
+def run_cli(*args: str, module: str = "specpipe.launch.cli", env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=CLI_TIMEOUT_S, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+
+
+def one_line(out: subprocess.CompletedProcess, code: int, *needles: str, logs_first: bool = False) -> str:
+    """Assert the documented failure shape; return the line. `logs_first`: the coordinator's own
+    INFO log lines may come before it (a mistake found after serve bound its gRPC port)."""
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    if logs_first:
+        lines = [line for line in lines if not COORDINATOR_LOG.match(line)]
+    assert "Traceback" not in out.stderr, out.stderr
+    assert len(lines) == 1, out.stderr
+    assert out.stderr.strip().splitlines()[-1] == lines[0], out.stderr
+    assert out.returncode == code, (out.returncode, out.stderr)
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def listening():
+    """A port something already listens on."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        sock.listen(1)
+        yield sock.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tiny_models, tmp_path_factory):
+    """Model folders and files, good and bad."""
+    root = tmp_path_factory.mktemp("cli_errors")
+    other = root / "other_tokenizer"           # the draft's config, a tokenizer of another vocabulary
+    other.mkdir()
+    shutil.copy(tiny_models["draft"] / "config.json", other)
+    build_tokenizer(other, vocab_size=280)
+    broken = root / "broken"                   # a model folder whose weights file is garbage
+    shutil.copytree(tiny_models["target"], broken)
+    (broken / "model.safetensors").write_bytes(b"not safetensors")
+    (root / "empty_token").write_text("\n")
+    (root / "not.pem").write_text("hello\n")
+    (root / "no_config").mkdir()
+    return {"root": root, "other": other, "broken": broken}
+
+
+def serve_args(tiny_models, *extra: str, target=None, draft=None) -> list[str]:
+    return ["serve", "--port", "0", "--target", str(target or tiny_models["target"]),
+            "--draft", str(draft or tiny_models["draft"]), *extra]
+
+
+# (case, serve flags given (tiny models, files, a taken port), exit code, what the line must name)
+MISTAKES = [
+    ("missing model folder", lambda t, f, p: dict(target=f["root"] / "nowhere"), 2,
+     ["--target", "does not exist"]),
+    ("folder without config.json", lambda t, f, p: dict(draft=f["root"] / "no_config"), 2,
+     ["--draft", "no config.json"]),
+    ("tokenizers differ", lambda t, f, p: dict(draft=f["other"]), 2,
+     ["do not share a tokenizer", "vocabulary sizes differ"]),
+    ("gRPC port in use", lambda t, f, p: ["--port", str(p)], 2, ["--port {port}", "already in use"]),
+    ("metrics port in use", lambda t, f, p: ["--metrics-port", str(p)], 2, ["--metrics-port {port}", "already in use"]),
+    ("not an address here", lambda t, f, p: ["--host", "192.0.2.1"], 2, ["--host 192.0.2.1"]),
+    ("device that does not exist", lambda t, f, p: ["--target-device", "cuda:99"], 2, ["--target-device cuda:99"]),
+    ("not a device", lambda t, f, p: ["--draft-device", "gpu"], 2, ["--draft-device gpu", "not a device name"]),
+    ("bad CPU list", lambda t, f, p: ["--target-cpus", "0-x"], 2, ["--target-cpus", "bad CPU list"]),
+    ("CPU the host lacks", lambda t, f, p: ["--draft-cpus", "4095"], 2, ["--draft-cpus 4095", "no CPU 4095"]),
+    ("token file missing", lambda t, f, p: ["--auth-token-file", str(f["root"] / "nope")], 2,
+     ["--auth-token-file", "cannot read"]),
+    ("token file empty", lambda t, f, p: ["--auth-token-file", str(f["root"] / "empty_token")], 2,
+     ["--auth-token-file", "empty"]),
+    ("TLS cert without key", lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem")], 2,
+     ["--tls-cert and --tls-key go together"]),
+    ("TLS file unreadable", lambda t, f, p: ["--tls-cert", str(f["root"] / "nope"), "--tls-key",
+                                             str(f["root"] / "not.pem")], 2, ["--tls-cert", "cannot read"]),
+    ("TLS files not PEM", lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem"), "--tls-key",
+                                           str(f["root"] / "not.pem")], 2, ["not a PEM certificate chain"]),
+    ("CURVE folder missing", lambda t, f, p: ["--curve-keys", str(f["root"] / "nokeys")], 2, ["--curve-keys"]),
+    ("a worker that cannot load its model", lambda t, f, p: dict(target=f["broken"]), 2,
+     ["the target worker could not start", "cannot load model", "broken"]),
+]
+
+
+@pytest.mark.parametrize("case, flags, code, needles", MISTAKES, ids=[case[0] for case in MISTAKES])
+def test_serve_mistake_is_one_line(tiny_models, files, listening, case, flags, code, needles):
+    given = flags(tiny_models, files, listening)
+    argv = serve_args(tiny_models, **given) if isinstance(given, dict) else serve_args(tiny_models, *given)
+    one_line(run_cli(*argv), code, *(needle.format(port=listening) for needle in needles),
+             logs_first=case in AFTER_BIND)
+
+
+def test_unreachable_hub_id_is_one_line_and_fast(tiny_models, tmp_path):
+    """A hub id, no network (the hub endpoint refuses), nothing in the cache: named at once, exit
+    1 (not the flags' fault), instead of ~25 s of retries and two tracebacks."""
+    env = {"HF_ENDPOINT": REFUSED, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""}
+    line = one_line(run_cli(*serve_args(tiny_models, target="some-org/some-model"), env=env), 1,
+                    "--target some-org/some-model", "cannot connect", "hf download some-org/some-model")
+    assert REFUSED in line
+
+
+def test_cached_hub_id_goes_on_from_the_cache_when_the_hub_is_unreachable(tiny_models, files, tmp_path):
+    """The check does not refuse a hub id it finds in the local cache: it goes on, offline (here
+    to the tokenizer check, made to fail on purpose so that no model loads)."""
+    revision = "0" * 40
+    repo = tmp_path / "hf" / "hub" / "models--some-org--cached"
+    shutil.copytree(tiny_models["target"], repo / "snapshots" / revision)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    env = {"HF_ENDPOINT": REFUSED, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""}
+    one_line(run_cli(*serve_args(tiny_models, target="some-org/cached", draft=files["other"]), env=env), 2,
+             "do not share a tokenizer")
+
+
+def test_worker_alone_says_one_line(tiny_models, tmp_path):
+    one_line(run_cli("--model", str(tmp_path / "nowhere"), "--port", "0", module="specpipe.draft_worker"), 2,
+             "specpipe draft worker: error:", "does not exist")
+
+
+def test_debug_shows_the_traceback(tiny_models, tmp_path):
+    out = run_cli("--log-level", "debug", *serve_args(tiny_models, "--target-cpus", "0-x"))
+    assert out.returncode == 2 and "Traceback" in out.stderr and "bad CPU list" in out.stderr
+
+
+GENERATE_MISTAKES = [
+    ("no server", lambda port, root: ["--addr", f"127.0.0.1:{port}"], 1,
+     ["UNAVAILABLE", "Connection refused", "nothing listens", "specpipe serve"]),
+    ("unresolvable host", lambda port, root: ["--addr", "no-such-host.invalid:50051"], 1,
+     ["UNAVAILABLE", "cannot resolve"]),
+    ("not HOST:PORT", lambda port, root: ["--addr", "127.0.0.1"], 2, ["--addr 127.0.0.1", "HOST:PORT"]),
+    ("port out of range", lambda port, root: ["--addr", "127.0.0.1:99999"], 2, ["--addr 127.0.0.1:99999"]),
+    ("token file missing", lambda port, root: ["--token-file", str(root / "nope")], 2, ["--token-file"]),
+    ("CA file missing", lambda port, root: ["--tls-ca", str(root / "nope")], 2, ["--tls-ca", "cannot read"]),
+]
+
+
+@pytest.mark.parametrize("case, flags, code, needles", GENERATE_MISTAKES, ids=[c[0] for c in GENERATE_MISTAKES])
+def test_generate_mistake_is_one_line(tmp_path, case, flags, code, needles):
+    with socket.socket() as sock:    # a port that was free a moment ago, and nobody listens on
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    out = run_cli("generate", "def f(", "--max-new-tokens", "4", *flags(port, tmp_path))
+    one_line(out, code, *needles)
+    assert out.stdout == ""
