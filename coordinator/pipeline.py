@@ -65,6 +65,7 @@ class BranchView:
     alternatives: dict[int, list[int]] = field(default_factory=dict)   # unsure position -> tokens to fork
     probs: dict[int, float] = field(default_factory=dict)  # unverified position -> the draft's probability
     forked: set[int] = field(default_factory=set)          # positions already forked (main line)
+    stalled_at: int = -1                                   # length at which the drafter had nothing to propose
 
 
 class Pipelined(Schedule):
@@ -115,7 +116,7 @@ class Pipelined(Schedule):
         for branch_id, view in self.branches.items():
             horizon = main_horizon if view.fork_at is None else \
                 min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
-            if view.job_end < horizon and len(view.tokens) < horizon:
+            if view.job_end < horizon and len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
                 by_need.setdefault(horizon - len(view.tokens), []).append(branch_id)
         for need, branch_ids in by_need.items():
             for branch_id in branch_ids:
@@ -133,7 +134,7 @@ class Pipelined(Schedule):
         if view is None:
             return                                  # a cancelled branch's late token: dropped
         if token.token_id < 0:                      # its job ended with no token (the drafter had none)
-            view.job_end = len(view.tokens)
+            view.job_end = view.stalled_at = len(view.tokens)
             return
         assert token.position == len(view.tokens), \
             f"branch {token.branch_id}: token at {token.position}, mirror has {len(view.tokens)}"
@@ -186,7 +187,9 @@ class Pipelined(Schedule):
             return                                  # everything up to the end is in flight
         block_ids = view.tokens[start:stop]
         if not block_ids:
-            return                                  # more tokens are on their way
+            if not live and view.stalled_at == len(view.tokens) == start:   # the drafter has nothing here:
+                await self.send_verify(Block(start=start, epoch=view.epoch), emit_bonus=True)   # the target goes on
+            return                                  # (else more tokens are on their way)
         now = time.monotonic()
         if len(block_ids) < stop - start and self.drafting(view):
             deadline = self.send_deadline(live, now)

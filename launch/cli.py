@@ -18,8 +18,8 @@ import logging
 import os
 import sys
 
-from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS, POLICIES,
-                             CoordinatorConfig, PolicyConfig)
+from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
+                             NGRAM_DRAFTER, POLICIES, CoordinatorConfig, PolicyConfig)
 from specpipe.launch.report import is_debug, reporting
 from specpipe.modes import MODE_NAMES, Mode
 
@@ -63,7 +63,8 @@ def log_level(text: str) -> str:
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model: folder or hub id (default: the demo pair)")
-    parser.add_argument("--draft", help="draft model: folder or hub id (default: the demo pair)")
+    parser.add_argument("--draft", help=f"draft model: folder or hub id (default: the demo pair), or "
+                                        f"'{NGRAM_DRAFTER}' for prompt lookup (no draft model)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="gRPC interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 = any free port")
     parser.add_argument("--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES,
@@ -128,9 +129,21 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                         help="requests generating at once; more wait in the queue (default 32)")
     limits.add_argument("--max-queued-requests", type=at_least(0), default=256,
                         help="requests waiting (FIFO) for a slot; beyond that, refused (default 256)")
-    limits.add_argument("--max-tokens-in-flight", type=at_least(0), default=0,
-                        help="sum of prompt + max_new_tokens over running requests; a request that would "
-                             "pass it waits (default 0 = no limit)")
+    limits.add_argument("--max-kv-tokens", "--max-tokens-in-flight", dest="max_tokens_in_flight",
+                        type=at_least(0), default=0,
+                        help="KV budget: the sum of prompt + max_new_tokens over running requests; a request "
+                             "that would pass it waits, one that could never fit is refused (default 0: bounded "
+                             "by the KV slots alone, --max-concurrent-requests of --max-seq-len positions)")
+    batching = parser.add_argument_group("batching (each worker forward serves every ready request)")
+    batching.add_argument("--max-batch-tokens", type=at_least(1), default=512,
+                          help="target: tokens fed per forward, all requests together (default 512)")
+    batching.add_argument("--max-batch-requests", type=at_least(1), default=64,
+                          help="target: requests per forward (default 64)")
+    batching.add_argument("--prefill-chunk", type=at_least(1), default=128,
+                          help="prompt tokens fed per forward for one request, so a long prompt never stalls "
+                               "the others' streams (default 128)")
+    batching.add_argument("--max-seq-len", type=at_least(0), default=0,
+                          help="positions a request may hold (prompt + generated; default 0: the model's context)")
     security = parser.add_argument_group("security and observability")
     security.add_argument("--auth-token-file", default=os.environ.get("SPECPIPE_AUTH_TOKEN_FILE", ""),
                           help="file holding the bearer token every RPC except health and reflection must carry "
@@ -162,6 +175,20 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                               f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
 
 
+def worker_flags(args) -> dict[str, list[str]]:
+    """The spawned workers' KV store and batching flags: a target slot per request admitted at
+    once, a draft slot per branch (a request's main line and its alternatives); `--draft ngram`
+    runs the prompt-lookup drafter over the target's vocabulary."""
+    store = ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else []
+    target = ["--kv-slots", str(args.max_concurrent_requests), "--max-batch-tokens", str(args.max_batch_tokens),
+              "--max-batch-requests", str(args.max_batch_requests), "--prefill-chunk", str(args.prefill_chunk)]
+    draft = ["--kv-slots", str(args.max_concurrent_requests * (1 + args.max_branches)),
+             "--prefill-chunk", str(args.prefill_chunk)]
+    if args.draft == NGRAM_DRAFTER:
+        draft += ["--drafter", "ngram"]
+    return {"target": target + store, "draft": draft + store}
+
+
 def cmd_serve(args) -> None:
     from specpipe.launch.local import serve, spawn_workers
     from specpipe.launch.preflight import check_serve
@@ -178,7 +205,8 @@ def cmd_serve(args) -> None:
                               target_data_port=args.target_data_port, target_device=args.target_device,
                               draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
                               target_data_addr=args.target_data_addr, curve_keys=curve_keys,
-                              target_cpus=pins.get("target", ""), draft_cpus=pins.get("draft", ""))
+                              target_cpus=pins.get("target", ""), draft_cpus=pins.get("draft", ""),
+                              role_flags=worker_flags(args))
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
         host=args.host, port=args.port,

@@ -166,16 +166,18 @@ async def spawn_workers(target: str | None, draft: str | None, *, host: str, tra
                         target_data_port: int = 0, target_device: str = "cpu", draft_device: str = "cpu",
                         dtype: str = "float32", threads: int = 1, target_data_addr: str = "", curve_keys: str = "",
                         target_cpus: str = "", draft_cpus: str = "", timeouts: dict | None = None,
-                        attach=None) -> dict[str, WorkerProcess]:
+                        attach=None, role_flags: dict[str, list[str]] | None = None) -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint. torch: both start together
     and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
-    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus. `timeouts`: {role: seconds
+    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus; `role_flags`: {role: more
+    flags} (the KV store and batching). `timeouts`: {role: seconds
     for its READY line, None = no limit}; `attach(role, endpoint)`: told as each one is up.
     Processes start from this (the event loop's) thread: their exit-with-parent signal follows the
     thread that started them. Cancelled or failed, it stops what it started."""
     secure = ["--curve-keys", curve_keys] if curve_keys else []
-    pins = {role: ["--cpus", cpus] if cpus else [] for role, cpus in (("target", target_cpus), ("draft", draft_cpus))}
+    pins = {role: (["--cpus", cpus] if cpus else []) + (role_flags or {}).get(role, [])
+            for role, cpus in (("target", target_cpus), ("draft", draft_cpus))}   # and the role's own flags
     timeouts = timeouts or {}
     common = dict(host=host, dtype=dtype, threads=threads)
     waiting, workers = {}, {}

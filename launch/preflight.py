@@ -21,7 +21,7 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from specpipe.config import parse_cpus
+from specpipe.config import NGRAM_DRAFTER, parse_cpus
 
 # Where the kernel lists the CPUs a process may be pinned to: the cgroup's cpuset (a container's
 # share of the host), else every online CPU.
@@ -314,7 +314,9 @@ def check_serve(args, demo_models) -> ServePlan:
         demo_target, demo_draft = demo_models()
         target, draft = target or demo_target, draft or demo_draft
     check_model("--target", target)   # the coordinator reads its tokenizer even when it runs elsewhere
-    if spawn_draft:
+    if draft == NGRAM_DRAFTER:
+        draft = target                # prompt lookup: no model; its worker reads the target's vocabulary
+    elif spawn_draft:
         check_model("--draft", draft)
         check_tokenizers(target, draft)
     pins, why = choose_pins(args, spawn_target and spawn_draft)

@@ -30,6 +30,8 @@ DEFAULT_STARTUP_TIMEOUT_S = 1800.0
 # draft one per branch (a request's main branch and up to 4 alternatives).
 DEFAULT_TARGET_SLOTS = 32
 DEFAULT_DRAFT_SLOTS = 32 * 5
+# `specpipe serve --draft ngram`: the prompt-lookup drafter (no draft model; draft_worker/drafter.py).
+NGRAM_DRAFTER = "ngram"
 ENV_CURVE_KEYS = "SPECPIPE_CURVE_KEYS"   # --curve-keys DIR on every process (specpipe/curve.py)
 
 

@@ -46,8 +46,11 @@ def greedy(prompt: list[int], count: int) -> list[int]:
 
 
 class FakeWorkers:
-    def __init__(self, seed: int, draft_down_after: int | None = None):
+    def __init__(self, seed: int, draft_down_after: int | None = None, stalls: bool = False):
+        """`stalls`: the draft has nothing to propose at some positions (as prompt lookup does)."""
         self.rng = random.Random(seed)
+        self.stalls = stalls
+        self.stalled: list[tuple] = []            # (epoch, branch, position) of each "nothing to propose"
         self.draft_down_after = draft_down_after
         self.draft_steps = 0
         self.draft_outbox: deque = deque()
@@ -137,6 +140,12 @@ class FakeWorkers:
         for branch_id, job in list(self.jobs.items()):
             epoch, remaining, min_confidence, num_candidates = job
             sequence = self.branches[branch_id]
+            if self.stalls and (sum(sequence) * 3 + len(sequence)) % 5 == 1:    # nothing to propose here
+                self.stalled.append((epoch, branch_id, len(sequence)))
+                tokens.append(worker_pb2.DraftToken(request_id=self.request_id, branch_id=branch_id, epoch=epoch,
+                                                    position=len(sequence), token_id=-1, last=True))
+                del self.jobs[branch_id]
+                continue
             token, prob, candidates, probs = draft_next(sequence)
             job[1] = remaining = remaining - 1
             last = remaining <= 0 or prob < min_confidence

@@ -27,9 +27,10 @@ MAX_NEW = 60
 SEEDS = range(12)
 
 
-def run(mode: str, seed: int, draft_down_after: int | None = None, policy: PolicyConfig | None = None):
+def run(mode: str, seed: int, draft_down_after: int | None = None, policy: PolicyConfig | None = None,
+        stalls: bool = False):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
-    workers = FakeWorkers(seed, draft_down_after)
+    workers = FakeWorkers(seed, draft_down_after, stalls)
     plan = RequestPlan(request_id="r", prompt_ids=PROMPT, max_new_tokens=MAX_NEW, sampling=SamplingParams(),
                        seed=seed, mode=mode,
                        policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5))
@@ -85,3 +86,15 @@ def test_draft_down_mid_request_finishes_target_only_and_exactly(mode, down_afte
 def test_the_draft_is_released_and_the_target_too():
     _, _, workers = run("specbranch", 0)
     assert workers.commands[-2:] == ["target:release", "draft:release"]
+
+
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "specbranch"])
+def test_a_drafter_with_nothing_to_propose_lets_the_target_go_on(mode):
+    """Prompt lookup has no proposal where the text does not repeat: the schedule must not wait
+    for one (the target decodes that position itself) nor ask the draft again and again."""
+    for seed in SEEDS[:6]:
+        tokens, request, workers = run(mode, seed, stalls=True)
+        assert tokens == greedy(PROMPT, MAX_NEW)
+        # Once told, the schedule does not ask there again (one more ask may cross the answer).
+        repeats = max(workers.stalled.count(key) for key in workers.stalled)
+        assert repeats <= 2, "the draft was asked again and again where it had said it had nothing"
