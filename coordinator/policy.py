@@ -43,9 +43,10 @@ is a line fitted to measured verify times over n fed tokens.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
-POLICIES = ("fixed", "confidence", "adaptive", "predictor")
+from specpipe.acceptance import expected_tokens
+from specpipe.config import PolicyConfig   # the settings (and the kinds, POLICIES) live in the shared core
+
 # Forgetting factor of the running estimates: about the last 100 observations count.
 FORGET = 0.99
 # The Beta prior on the acceptance rate (as pseudo-counts) before anything is observed.
@@ -59,25 +60,6 @@ BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
 # apart for greedy and sampled requests), a hit rate under FORK_MIN_HIT_RATE (once FORK_MIN_SEEN
 # have ended) turns forking down to one branch point in FORK_EXPLORE, which keeps the estimate fresh.
 FORK_WINDOW, FORK_MIN_SEEN, FORK_MIN_HIT_RATE, FORK_EXPLORE = 200, 40, 0.05, 50
-
-
-@dataclass(frozen=True)
-class PolicyConfig:
-    kind: str = "adaptive"
-    num_draft_tokens: int = 6          # block length (the most, for `adaptive` / `predictor`)
-    min_confidence: float = 0.3        # end a block after a token less likely than this
-    branch_width: int = 2              # most alternatives forked at a branch point
-    min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
-    branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
-    branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
-    max_branches: int = 4              # live alternative branches per request
-    main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
-
-    def __post_init__(self):
-        assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
-        assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
-        assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
-        assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"
 
 
 class AcceptanceModel:
@@ -166,7 +148,7 @@ class AcceptanceModel:
             tokens = a * (1 - a ** length) / (1 - a) + reject
             seconds = max(t_verify, length * t_draft) + reject * t_draft
         else:
-            tokens = (1 - a ** (length + 1)) / (1 - a)
+            tokens = expected_tokens(a, length)
             seconds = length * t_draft + t_verify
         return tokens / seconds
 

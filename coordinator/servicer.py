@@ -31,18 +31,12 @@ from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, RunStats
 from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
+from specpipe.modes import Mode
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 from specpipe.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-MODES = {
-    specpipe_pb2.MODE_AUTOREGRESSIVE: "autoregressive",
-    specpipe_pb2.MODE_SEQUENTIAL: "sequential",
-    specpipe_pb2.MODE_PIPELINED: "pipelined",
-    specpipe_pb2.MODE_SPECBRANCH: "specbranch",
-}
-MODE_ENUMS = {name: value for value, name in MODES.items()}
 # Limits on the small fields: generous for real use, small enough that a request cannot make
 # the coordinator do unbounded work.
 MAX_REQUEST_ID_CHARS = 256
@@ -139,9 +133,10 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         for index, stop in enumerate(request.stop):
             if not stop or len(stop) > MAX_STOP_CHARS:
                 raise InvalidRequest(f"stop[{index}] must be 1 to {MAX_STOP_CHARS} characters")
-        if request.mode not in MODES and request.mode != specpipe_pb2.MODE_UNSPECIFIED:
-            raise InvalidRequest(f"mode = {request.mode} is not a known Mode")
-        mode = MODES.get(request.mode, limits.default_mode)
+        try:
+            mode = Mode.from_proto(request.mode) or Mode(limits.default_mode)
+        except ValueError:
+            raise InvalidRequest(f"mode = {request.mode} is not a known Mode") from None
         top_p = request.top_p if 0 < request.top_p < 1 else 1.0
         plan = RequestPlan(
             request_id=request.request_id or uuid.uuid4().hex,
@@ -276,7 +271,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             time_to_first_token_s=first_token_at - arrived, tokens_per_second=generated / wall,
             mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
             acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
-            generated_tokens=generated, mode=MODE_ENUMS[run.plan.mode],
+            generated_tokens=generated, mode=Mode(run.plan.mode).proto,
             target_busy_fraction=min(1.0, stats.target_seconds / max(now - run.started, 1e-9)))
 
     def _add_totals(self, stats: RunStats, generated: int) -> None:
@@ -288,7 +283,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
     # -- GetStats -------------------------------------------------------------------------------
     async def GetStats(self, request, context):
         response = specpipe_pb2.StatsResponse(live_requests=len(self.live),
-                                              default_mode=MODE_ENUMS[self.limits.default_mode])
+                                              default_mode=Mode(self.limits.default_mode).proto)
         for worker in (self.draft, self.target):
             # A fresh count (so "0 live" is current), unless the worker is known to be down.
             pong = (await worker.ping(timeout=1.0) if worker.healthy else None) or worker.last_pong

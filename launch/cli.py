@@ -1,4 +1,5 @@
-"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, bench.
+"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, train-predictor, bench,
+curve-keygen. The offline tools (build-demo, train-predictor) are imported only when they run.
 
 A user's mistake ends a command with one line on stderr naming the cause and the fix, and a
 non-zero exit code (2 for a flag's value); tracebacks only with --log-level debug (launch/report.py).
@@ -17,13 +18,10 @@ import logging
 import os
 import sys
 
-from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
-                             CoordinatorConfig)
-from specpipe.coordinator.policy import POLICIES, PolicyConfig
+from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS, POLICIES,
+                             CoordinatorConfig, PolicyConfig)
 from specpipe.launch.report import is_debug, reporting
-
-MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
-DEFAULT_MODE = "specbranch"
+from specpipe.modes import MODE_NAMES, Mode
 
 
 def _demo_models() -> tuple[str, str]:
@@ -68,7 +66,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--draft", help="draft model: folder or hub id (default: the demo pair)")
     parser.add_argument("--host", default=DEFAULT_HOST, help="gRPC interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 = any free port")
-    parser.add_argument("--mode", default=DEFAULT_MODE, choices=MODE_NAMES, help="default schedule")
+    parser.add_argument("--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES,
+                        help="default schedule")
     parser.add_argument("--target-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -183,7 +182,7 @@ def cmd_serve(args) -> None:
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
         host=args.host, port=args.port,
-        default_mode=args.mode, max_new_tokens_cap=args.max_new_tokens_cap,
+        default_mode=Mode(args.mode), max_new_tokens_cap=args.max_new_tokens_cap,
         policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
                             min_confidence=args.min_confidence, branch_width=args.branch_width,
                             min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
@@ -254,9 +253,37 @@ def cmd_demo(args) -> None:
 def cmd_build_demo(args) -> None:
     from pathlib import Path
 
-    from specpipe.demo_pair import build_demo_pair
+    from specpipe.tools.build_demo import build_demo_pair, summary_lines
     info = build_demo_pair(Path(args.out), seed=args.seed, preset=args.preset)
-    print({key: info[key] for key in info if key != "sample"})
+    print("\n".join(summary_lines(info, Path(args.out))))
+
+
+def cmd_train_predictor(args) -> None:
+    from specpipe.tools.train_predictor import summary_lines, train_predictor
+    info = train_predictor(args.target, args.draft, args.out, seed=args.seed, max_positions=args.max_positions)
+    print("\n".join(summary_lines(info)))
+
+
+def add_tool_commands(sub) -> None:
+    """The offline tools' subcommands (specpipe/tools/, imported only when one runs)."""
+    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
+                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
+                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
+                                       "refreshes the shipped held-out prompts.")
+    build.add_argument("--out", required=True, help="output folder")
+    build.add_argument("--seed", type=int, default=0)
+    build.add_argument("--preset", default="full", choices=["full", "mini"],
+                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
+    build.set_defaults(func=cmd_build_demo)
+
+    train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
+    train.add_argument("--target", required=True, help="target model folder")
+    train.add_argument("--draft", required=True, help="draft model folder")
+    train.add_argument("--out", default=None,
+                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
+    train.set_defaults(func=cmd_train_predictor)
 
 
 def main(argv=None) -> None:
@@ -295,11 +322,7 @@ def main(argv=None) -> None:
     demo.add_argument("--max-new-tokens", type=int, default=96)
     demo.set_defaults(func=cmd_demo)
 
-    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library")
-    build.add_argument("--out", required=True)
-    build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", default="full", choices=["full", "mini"])
-    build.set_defaults(func=cmd_build_demo)
+    add_tool_commands(sub)
 
     from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
     bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")

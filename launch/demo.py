@@ -10,8 +10,7 @@ import time
 
 from specpipe.client import Client
 from specpipe.launch.local import ServerProcess, pin_flags
-
-MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
+from specpipe.modes import Mode
 
 
 def run_demo(num_prompts: int = 3, max_new_tokens: int = 96, out=sys.stdout) -> dict:
@@ -43,10 +42,10 @@ def _stream_one(client: Client, prompt: str, max_new_tokens: int, out) -> None:
 
 def _compare_modes(client: Client, prompts: list[str], max_new_tokens: int, out) -> dict:
     """Every mode on every prompt (greedy), interleaved; tokens per second over the total."""
-    totals = {mode: [0, 0.0, 0, 0] for mode in MODES}   # tokens, seconds, drafted, accepted
-    outputs: dict[str, list] = {mode: [] for mode in MODES}
+    totals = {mode: [0, 0.0, 0, 0] for mode in Mode}   # tokens, seconds, drafted, accepted
+    outputs: dict[Mode, list] = {mode: [] for mode in Mode}
     for prompt in prompts:
-        for mode in MODES:
+        for mode in Mode:
             began = time.monotonic()
             token_ids, _, last = client.complete(prompt, max_new_tokens=max_new_tokens, mode=mode)
             totals[mode][0] += len(token_ids)
@@ -54,16 +53,16 @@ def _compare_modes(client: Client, prompts: list[str], max_new_tokens: int, out)
             totals[mode][2] += last.stats.draft_tokens
             totals[mode][3] += last.stats.accepted_tokens
             outputs[mode].append(token_ids)
-    base = totals["autoregressive"][0] / totals["autoregressive"][1]
+    base = totals[Mode.AUTOREGRESSIVE][0] / totals[Mode.AUTOREGRESSIVE][1]
     print(f"{'mode':<16}{'tok/s':>8}{'speedup':>9}{'acceptance':>12}  same output as autoregressive", file=out)
     summary = {}
-    for mode in MODES:
+    for mode in Mode:
         tokens, seconds, drafted, accepted = totals[mode]
         rate = tokens / seconds
-        same = outputs[mode] == outputs["autoregressive"]
-        summary[mode] = {"tokens_per_second": rate, "speedup": rate / base, "same_output": same}
+        same = outputs[mode] == outputs[Mode.AUTOREGRESSIVE]
+        summary[mode.value] = {"tokens_per_second": rate, "speedup": rate / base, "same_output": same}
         acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
-        print(f"{mode:<16}{rate:>8.1f}{rate / base:>8.2f}x{acceptance:>12}  {'yes' if same else 'NO'}", file=out)
+        print(f"{mode.value:<16}{rate:>8.1f}{rate / base:>8.2f}x{acceptance:>12}  {'yes' if same else 'NO'}", file=out)
     pinned = ", the target pinned to a core of its own" if pin_flags() else ""
     print(f"\n(greedy; each worker on one CPU thread{pinned}; ratios from this one run — see `specpipe bench` "
           "for medians over repeated, interleaved trials)", file=out)

@@ -118,17 +118,20 @@ class WorkerProcess:
 
 def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
                  dtype: str = "float32", threads: int = 1, extra: list[str] | None = None,
-                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
+                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+                 prefix: tuple[str, ...] = ()):
     """Start a worker process; returns a function that waits for its READY line (in a thread, from
-    async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit."""
+    async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit. `prefix`: a
+    command the worker runs under (e.g. `ip netns exec NS`, the benchmark's latency link)."""
     command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
                "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
                "--exit-with-parent", *(extra or [])]
-    return _start(role, command, env or {}, ready_timeout_s)
+    return _start(role, command, env or {}, ready_timeout_s, prefix)
 
 
-def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S):
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True,
+def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+           prefix: tuple[str, ...] = ()):
+    process = subprocess.Popen([*prefix, *command], stdout=subprocess.PIPE, text=True,
                                env={**os.environ, **env, STARTUP_REPORT[0]: STARTUP_REPORT[1]})
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()

@@ -23,15 +23,8 @@ from collections.abc import Iterator
 
 import grpc
 
+from specpipe.modes import Mode
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
-
-MODES = {
-    None: specpipe_pb2.MODE_UNSPECIFIED,
-    "autoregressive": specpipe_pb2.MODE_AUTOREGRESSIVE,
-    "sequential": specpipe_pb2.MODE_SEQUENTIAL,
-    "pipelined": specpipe_pb2.MODE_PIPELINED,
-    "specbranch": specpipe_pb2.MODE_SPECBRANCH,
-}
 
 
 # gRPC allows at most 5 attempts per call; the back-off doubles from 0.25 s (with jitter), so four
@@ -70,12 +63,13 @@ class Client:
 
     def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                  max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None, mode: str | None = None,
+                 seed: int | None = None, stop: list[str] | None = None, mode: Mode | str | None = None,
                  request_id: str = "", timeout: float | None = None) -> Iterator[specpipe_pb2.GenerateResponse]:
+        """`mode`: a Mode or its name ("specbranch", ...); None: the server's default."""
         request = specpipe_pb2.GenerateRequest(
             request_id=request_id, prompt=prompt or "", prompt_ids=prompt_ids or [],
             max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop=stop or [], mode=MODES[mode])
+            stop=stop or [], mode=specpipe_pb2.MODE_UNSPECIFIED if mode is None else Mode(mode).proto)
         if seed is not None:
             request.seed = seed
         return self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)

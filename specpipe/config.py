@@ -1,12 +1,15 @@
 """Per-process configuration: one frozen dataclass each, built once from flags and environment in
-the entry module and passed down (STYLE §4). Also the address rules shared by all processes."""
+the entry module and passed down (STYLE §4), the draft-length and branch policy's settings
+(PolicyConfig: what the coordinator's policy reads) among them. Also the address and CPU rules
+shared by all processes. Knows nothing of how any process uses its configuration.
+"""
 
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
-from specpipe.coordinator.policy import PolicyConfig
+from specpipe.modes import Mode
 
 # Loopback unless told otherwise (DESIGN §3): a worker port is not an API for the network.
 DEFAULT_HOST = "127.0.0.1"
@@ -23,9 +26,6 @@ DEFAULT_METRICS_PORT = 9090
 # never mistaken for a failure; where a scheduler already bounds the start (a Kubernetes startup
 # probe, a Slurm script's own wait) that bound decides.
 DEFAULT_STARTUP_TIMEOUT_S = 1800.0
-# Environment variables that name the workers' addresses (flags override them).
-ENV_DRAFT_ADDR = "SPECPIPE_DRAFT_ADDR"
-ENV_TARGET_ADDR = "SPECPIPE_TARGET_ADDR"
 ENV_CURVE_KEYS = "SPECPIPE_CURVE_KEYS"   # --curve-keys DIR on every process (specpipe/curve.py)
 
 
@@ -76,8 +76,27 @@ def _cpuset_text() -> str:
     return f"0-{(os.cpu_count() or 1) - 1}"
 
 
-def env_or(name: str, default: str) -> str:
-    return os.environ.get(name) or default
+POLICIES = ("fixed", "confidence", "adaptive", "predictor")   # the kinds (coordinator/policy.py explains each)
+
+
+@dataclass(frozen=True)
+class PolicyConfig:
+    """The draft-length and branch policy (`--policy` and its flags; coordinator/policy.py)."""
+    kind: str = "adaptive"
+    num_draft_tokens: int = 6          # block length (the most, for `adaptive` / `predictor`)
+    min_confidence: float = 0.3        # end a block after a token less likely than this
+    branch_width: int = 2              # most alternatives forked at a branch point
+    min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
+    branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
+    branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
+    max_branches: int = 4              # live alternative branches per request
+    main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
+
+    def __post_init__(self):
+        assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
+        assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
+        assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
+        assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"
 
 
 @dataclass(frozen=True)
@@ -109,7 +128,7 @@ class CoordinatorConfig:
     # with WorkerClient.connect once its endpoint is known.)
     host: str = DEFAULT_HOST
     port: int = DEFAULT_GRPC_PORT
-    default_mode: str = "specbranch"
+    default_mode: Mode = Mode.SPECBRANCH
     # Longest generation a request may ask for; documented in the README.
     max_new_tokens_cap: int = 4096
     # Draft-length and branch policy (coordinator/policy.py).
@@ -139,4 +158,3 @@ class CoordinatorConfig:
     log_format: str = "text"  # text | json (one JSON object per line)
     # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
     curve_keys: str = ""
-    extra: dict = field(default_factory=dict)

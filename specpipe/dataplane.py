@@ -29,7 +29,6 @@ from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
 
-TRANSPORTS = ("zmq", "torch")
 HEADER_FIELDS = 5      # handle, branch_id, epoch, position, vocab
 # Drafted tokens that may wait in the pipe: far more than any lookahead, so a send never blocks
 # on a live target.

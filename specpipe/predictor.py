@@ -15,20 +15,17 @@ target worker t + 1 is the last committed token: the correction or bonus the ver
 the last accepted draft token when no bonus was asked for. Under sampling the real accepted length
 is shorter; the prediction stays the greedy one.
 
-`train_predictor` builds that dataset from the demo pair's training corpus (standard-library
-source, never the held-out modules), fits the MLP deterministically and saves
-`<target>/accept_predictor.safetensors` + `accept_predictor.json` beside the target's weights;
-`load_predictor(target_dir)` finds them (None when absent or made for other weights).
-This module knows nothing of workers, sockets or the coordinator's policy.
+This module is the runtime half: the model and `load_predictor(target_dir)`, which finds
+`<target>/accept_predictor.safetensors` + `accept_predictor.json` beside the target's weights
+(None when absent or made for other weights). Training is an offline tool
+(specpipe/tools/train_predictor.py, `specpipe train-predictor`). This module knows nothing of
+workers, sockets or the coordinator's policy.
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import logging
-import math
-import sys
-import time
 from pathlib import Path
 
 import torch
@@ -39,22 +36,6 @@ log = logging.getLogger(__name__)
 MAX_LEN = 8             # classes 0..MAX_LEN; blocks are rarely longer, and ">= 8" is all a policy needs
 NUM_UNITS = 128         # one hidden layer: the cost per verify must stay negligible
 FILE_STEM = "accept_predictor"
-# One thread: bit-for-bit given the seed, and immune to the stalls two OpenMP threads suffer when
-# the two cores are shared (measured 20x slower generation under load).
-TRAIN_THREADS = 1
-PROMPT_LEN = 32         # corpus tokens before the target's greedy continuation
-GEN_LEN = 64            # greedy tokens per window: GEN_LEN - MAX_LEN labelled rows each
-WINDOW_BATCH = 64       # windows generated together (batching amortises the per-step overhead)
-NUM_FILES = 96          # training files sampled for the corpus (tokenizing all of them is slow)
-VAL_FRACTION = 0.2      # windows (not rows: neighbours correlate) kept for validation
-TEST_WINDOWS = 32       # windows from the held-out modules: an out-of-distribution check
-FIT_STEPS = 1500        # about 5 s on one thread; the validation loss is flat from ~1000 on
-FIT_BATCH = 256
-FIT_LR = 3e-3
-FIT_WEIGHT_DECAY = 0.1
-# Bins of the expected length (fractions of max_len) in which the metrics compare the mean
-# prediction with the mean actual length: is a predicted 3 really a 3?
-CALIBRATION_EDGES = (0.0, 0.375, 0.625, 0.75, 0.875, 0.9375)
 
 
 class AcceptPredictor(torch.nn.Module):
@@ -63,7 +44,7 @@ class AcceptPredictor(torch.nn.Module):
     def __init__(self, hidden_size: int, max_len: int = MAX_LEN, num_units: int = NUM_UNITS):
         super().__init__()
         self.hidden_size, self.max_len = hidden_size, max_len
-        self.layer1 = torch.nn.Linear(hidden_size, num_units)   # input standardisation folded in (see fit)
+        self.layer1 = torch.nn.Linear(hidden_size, num_units)   # input standardisation folded in (see training)
         self.layer2 = torch.nn.Linear(num_units, max_len + 1)
         self.register_buffer("lengths", torch.arange(max_len + 1, dtype=torch.float32), persistent=False)
 
@@ -89,211 +70,11 @@ class AcceptPredictor(torch.nn.Module):
         return float(self.expected_length(hidden))
 
 
-def accepted_runs(agree: torch.Tensor, max_len: int = MAX_LEN) -> torch.Tensor:
-    """agree [batch, T] bool -> [batch, T - max_len + 1]: at s, the number of consecutive True
-    from agree[s] on, capped at max_len (only where a whole window of max_len fits)."""
-    assert agree.dim() == 2 and agree.shape[1] >= max_len, "need rows at least max_len long"
-    windows = agree.long().unfold(1, max_len, 1)          # [batch, T - max_len + 1, max_len]
-    return windows.cumprod(-1).sum(-1)
-
-
-# --- the dataset ------------------------------------------------------------------------------
-
-@torch.inference_mode()
-def greedy_rows(target, prompts: torch.Tensor, gen_len: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Greedy decoding with a KV cache, keeping the last hidden state of every row that chose a
-    token. prompts [batch, prompt_len] -> (sequences [batch, prompt_len + gen_len],
-    hidden [batch, gen_len, hidden_size]: hidden[:, i] chose sequences[:, prompt_len + i])."""
-    from transformers import DynamicCache
-
-    cache = DynamicCache(config=target.config)
-    out = target(input_ids=prompts, cache=cache, use_cache=True, output_hidden_states=True,
-                 logits_to_keep=1)
-    hidden, tokens = [], [prompts]
-    for _ in range(gen_len):
-        hidden.append(out.hidden_states[-1][:, -1])
-        tokens.append(out.logits[:, -1:].argmax(-1))
-        if len(hidden) < gen_len:
-            out = target(input_ids=tokens[-1], cache=cache, use_cache=True, output_hidden_states=True)
-    return torch.cat(tokens, dim=1), torch.stack(hidden, dim=1)
-
-
-@torch.inference_mode()
-def label_rows(draft, sequences: torch.Tensor, hidden: torch.Tensor,
-               max_len: int = MAX_LEN) -> tuple[torch.Tensor, torch.Tensor]:
-    """From `greedy_rows`' output: (hidden [n, hidden_size], labels [n]) for the rows t whose
-    label window fits (gen_len - max_len per sequence, first the row that chose the first greedy
-    token)."""
-    gen_len = hidden.shape[1]
-    prompt_len = sequences.shape[1] - gen_len
-    assert gen_len > max_len, "need more greedy tokens than max_len"
-    draft_argmax = draft(input_ids=sequences[:, :-1]).logits.argmax(-1)      # [batch, T - 1]
-    agree = draft_argmax[:, prompt_len - 1:] == sequences[:, prompt_len:]     # [batch, gen_len]
-    runs = accepted_runs(agree, max_len)            # runs[:, j]: block from row prompt_len - 1 + j
-    labels = runs[:, 1:]                            # row i's block starts one row later
-    return hidden[:, :labels.shape[1]].flatten(0, 1).float(), labels.flatten()
-
-
-def collect_examples(target, draft, tokens: torch.Tensor, num_windows: int, seed: int,
-                     bar=None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Seeded corpus windows (tokens [N]) continued greedily by the target, labelled.
-    Returns (hidden [n, hidden_size], labels [n], window index [n])."""
-    assert len(tokens) > PROMPT_LEN, "corpus shorter than one prompt"
-    starts = torch.randint(0, len(tokens) - PROMPT_LEN, (num_windows,),
-                           generator=torch.Generator().manual_seed(seed))
-    all_hidden, all_labels, all_windows = [], [], []
-    for first in range(0, num_windows, WINDOW_BATCH):
-        batch_starts = starts[first:first + WINDOW_BATCH].tolist()
-        prompts = torch.stack([tokens[s:s + PROMPT_LEN] for s in batch_starts])
-        hidden, labels = label_rows(draft, *greedy_rows(target, prompts, GEN_LEN))
-        all_hidden.append(hidden)
-        all_labels.append(labels)
-        all_windows.append(torch.arange(first, first + len(batch_starts)).repeat_interleave(GEN_LEN - MAX_LEN))
-        if bar is not None:
-            bar.update(len(batch_starts))
-    return torch.cat(all_hidden), torch.cat(all_labels), torch.cat(all_windows)
-
-
-def corpus_tokens(tokenizer, files: list[Path], num_files: int, seed: int) -> torch.Tensor:
-    """[num_tokens]: a seeded sample of `files` (sorted paths), tokenized into one stream."""
-    from specpipe.demo_pair import encode_corpus
-
-    generator = torch.Generator().manual_seed(seed)
-    chosen = sorted(torch.randperm(len(files), generator=generator)[:num_files].tolist())
-    texts = [files[i].read_text(encoding="utf-8", errors="replace") for i in chosen]
-    return encode_corpus(tokenizer, texts)
-
-
-# --- fitting ----------------------------------------------------------------------------------
-
-def fit(hidden: torch.Tensor, labels: torch.Tensor, seed: int, steps: int = FIT_STEPS,
-        max_len: int = MAX_LEN) -> AcceptPredictor:
-    """Cross-entropy with AdamW (cosine schedule) on seeded minibatches of (hidden [n, d], labels [n]),
-    standardised; the standardisation is then folded into the first layer, so that inference is
-    two small matrix-vector products (fewer ops: the cost per verify is dispatch, not arithmetic)."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = AcceptPredictor(hidden.shape[1], max_len)
-    mean, std = hidden.mean(0), hidden.std(0).nan_to_num(1.0).clamp_min(1e-6)   # [d] each
-    hidden = (hidden - mean) / std
-    optimizer = torch.optim.AdamW(model.parameters(), lr=FIT_LR, weight_decay=FIT_WEIGHT_DECAY)
-    generator = torch.Generator().manual_seed(seed + 1)
-    model.train()
-    for step in range(steps):
-        for group in optimizer.param_groups:
-            group["lr"] = FIT_LR * 0.5 * (1 + math.cos(math.pi * step / steps))
-        rows = torch.randint(0, len(hidden), (min(FIT_BATCH, len(hidden)),), generator=generator)
-        loss = F.cross_entropy(model(hidden[rows]), labels[rows])
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-    with torch.no_grad():   # layer1((h - mean) / std) == (W / std) h + (b - (W / std) mean)
-        model.layer1.weight.div_(std)
-        model.layer1.bias.sub_(model.layer1.weight @ mean)
-    return model.eval()
-
-
-@torch.inference_mode()
-def evaluate(model: AcceptPredictor, hidden: torch.Tensor, labels: torch.Tensor,
-             train_labels: torch.Tensor) -> dict:
-    """The model against the model-free prior fitted on train_labels: cross-entropy vs the
-    label histogram, accuracy vs the majority class, MAE of the expected length vs the constant
-    mean (and vs the median, the best constant for MAE), correlation of expected length and label,
-    and the mean actual length per bin of the expected length (calibration)."""
-    if not len(labels):
-        return {"count": 0}
-    logits, expected, target = model(hidden), model.expected_length(hidden), labels.float()
-    histogram = torch.bincount(train_labels, minlength=model.max_len + 1).float() + 1.0  # add-one: no log 0
-    prior_log_probs = (histogram / histogram.sum()).log()
-    spread = target.std() > 0 and expected.std() > 0
-    edges = [model.max_len * f for f in CALIBRATION_EDGES] + [math.inf]
-    calibration = []
-    for low, high in zip(edges, edges[1:]):
-        rows = (expected >= low) & (expected < high)
-        if rows.any():
-            calibration.append({"predicted_from": low, "count": int(rows.sum()),
-                                "mean_predicted": expected[rows].mean().item(),
-                                "mean_actual": target[rows].mean().item()})
-    return {"count": len(labels), "label_mean": target.mean().item(),
-            "nll": F.cross_entropy(logits, labels).item(),
-            "baseline_nll": -prior_log_probs[labels].mean().item(),
-            "accuracy": (logits.argmax(-1) == labels).float().mean().item(),
-            "baseline_accuracy": (labels == histogram.argmax()).float().mean().item(),
-            "mae": (expected - target).abs().mean().item(),
-            "baseline_mae_mean": (target - train_labels.float().mean()).abs().mean().item(),
-            "baseline_mae_median": (target - train_labels.float().median()).abs().mean().item(),
-            "correlation": torch.corrcoef(torch.stack([expected, target]))[0, 1].item() if spread else 0.0,
-            "calibration": calibration}
-
-
-# --- training, saving, loading ----------------------------------------------------------------
-
-def _split(windows: torch.Tensor, seed: int) -> torch.Tensor:
-    """[n] bool, True for the rows of the validation windows (a seeded VAL_FRACTION of them)."""
-    num_windows = int(windows.max()) + 1
-    order = torch.randperm(num_windows, generator=torch.Generator().manual_seed(seed))
-    val_windows = order[:max(1, int(num_windows * VAL_FRACTION))]
-    return torch.isin(windows, val_windows)
-
-
-def _weights_sha256(model_dir: Path) -> str | None:
+def weights_sha256(model_dir) -> str | None:
+    """The SHA-256 of a model folder's model.safetensors (None when there is none): what a saved
+    predictor records, so that it is never loaded for other weights."""
     weights = Path(model_dir) / "model.safetensors"
     return hashlib.sha256(weights.read_bytes()).hexdigest() if weights.is_file() else None
-
-
-def train_predictor(target_dir, draft_dir, out_path=None, *, seed: int = 0,
-                    max_positions: int = 16384, progress: bool = True, steps: int = FIT_STEPS) -> dict:
-    """Builds the dataset (about max_positions labelled rows from training-corpus windows, plus
-    up to TEST_WINDOWS windows from the held-out modules, for evaluation only), fits the
-    predictor for `steps` on TRAIN_THREADS threads, deterministically given the seed, and saves
-    it to out_path (default `<target_dir>/accept_predictor.safetensors`, its JSON beside).
-    Returns the JSON's content (metrics per split) plus the path and timings."""
-    from safetensors.torch import save_file
-    from tqdm.auto import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    from specpipe.demo_pair import stdlib_files
-
-    target_dir, draft_dir = Path(target_dir), Path(draft_dir)
-    out_path = Path(out_path) if out_path is not None else target_dir / f"{FILE_STEM}.safetensors"
-    num_windows = max(2, -(-max_positions // (GEN_LEN - MAX_LEN)))
-    num_test = min(TEST_WINDOWS, num_windows)
-    threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
-    start = time.perf_counter()
-    try:
-        torch.set_num_threads(TRAIN_THREADS)
-        torch.use_deterministic_algorithms(True)
-        target = AutoModelForCausalLM.from_pretrained(target_dir, dtype=torch.float32).eval()
-        draft = AutoModelForCausalLM.from_pretrained(draft_dir, dtype=torch.float32).eval()
-        tokenizer = AutoTokenizer.from_pretrained(target_dir)
-        _, train_files, heldout_files = stdlib_files()
-        with tqdm(total=num_windows + num_test, disable=not progress, desc="accept predictor",
-                  unit="window") as bar:
-            tokens = corpus_tokens(tokenizer, train_files, min(NUM_FILES, num_windows), seed)
-            hidden, labels, windows = collect_examples(target, draft, tokens, num_windows, seed + 1, bar)
-            heldout = corpus_tokens(tokenizer, heldout_files, len(heldout_files), seed)
-            test_hidden, test_labels, _ = collect_examples(target, draft, heldout, num_test, seed + 2, bar)
-        data_seconds = time.perf_counter() - start
-        is_val = _split(windows, seed + 3)
-        model = fit(hidden[~is_val], labels[~is_val], seed + 4, steps)
-        train_labels = labels[~is_val]
-        metrics = {"train": evaluate(model, hidden[~is_val], train_labels, train_labels),
-                   "val": evaluate(model, hidden[is_val], labels[is_val], train_labels),
-                   "heldout_modules": evaluate(model, test_hidden, test_labels, train_labels)}
-    finally:
-        torch.set_num_threads(threads)
-        torch.use_deterministic_algorithms(deterministic)
-    info = {"format": 1, "hidden_size": model.hidden_size, "max_len": model.max_len,
-            "num_units": model.layer1.out_features, "inputs": "target last hidden state (post final norm)",
-            "seed": seed, "windows": num_windows, "test_windows": num_test, "prompt_len": PROMPT_LEN, "gen_len": GEN_LEN,
-            "fit_steps": steps, "target_weights_sha256": _weights_sha256(target_dir),
-            "draft_weights_sha256": _weights_sha256(draft_dir), "metrics": metrics}
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out_path, metadata={"format": "pt"})
-    # No timings in the JSON: a rebuild must give identical files.
-    out_path.with_suffix(".json").write_text(json.dumps(info, indent=1) + "\n")
-    return {**info, "path": str(out_path), "data_seconds": data_seconds,
-            "seconds": time.perf_counter() - start}
 
 
 def load_predictor(target_dir, path=None) -> AcceptPredictor | None:
@@ -307,38 +88,9 @@ def load_predictor(target_dir, path=None) -> AcceptPredictor | None:
         return None
     info = json.loads(path.with_suffix(".json").read_text())
     expected = info.get("target_weights_sha256")
-    if expected is not None and _weights_sha256(target_dir) not in (None, expected):
+    if expected is not None and weights_sha256(target_dir) not in (None, expected):
         log.warning("ignoring %s: it was trained for other target weights", path)
         return None
     model = AcceptPredictor(info["hidden_size"], info["max_len"], info["num_units"])
     model.load_state_dict(load_file(path))
     return model.eval()
-
-
-def main(argv=None) -> int:
-    import argparse
-
-    parser = argparse.ArgumentParser(prog="python -m specpipe.predictor",
-                                     description="Train the acceptance-length predictor for a target/draft pair.")
-    parser.add_argument("--target", type=Path, required=True, help="target model folder")
-    parser.add_argument("--draft", type=Path, required=True, help="draft model folder")
-    parser.add_argument("--out", type=Path, default=None,
-                        help=f"output .safetensors (default: TARGET/{FILE_STEM}.safetensors)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO)
-    info = train_predictor(args.target, args.draft, args.out, seed=args.seed, max_positions=args.max_positions)
-    for split, m in info["metrics"].items():
-        print(f"{split:>15}: n={m['count']:5d}  mean label {m['label_mean']:.2f}  cross-entropy "
-              f"{m['nll']:.3f} (prior {m['baseline_nll']:.3f})  accuracy {m['accuracy']:.3f} (majority "
-              f"{m['baseline_accuracy']:.3f})  MAE {m['mae']:.3f} (constant mean {m['baseline_mae_mean']:.3f}, "
-              f"median {m['baseline_mae_median']:.3f})  corr {m['correlation']:.3f}")
-        print(" " * 17 + "predicted -> actual mean length: " + ", ".join(
-            f"{row['mean_predicted']:.2f} -> {row['mean_actual']:.2f} ({row['count']})" for row in m["calibration"]))
-    print(f"saved {info['path']} in {info['seconds']:.0f} s ({info['data_seconds']:.0f} s building the data)")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

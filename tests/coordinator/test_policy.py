@@ -6,8 +6,9 @@ import random
 
 import pytest
 
+from specpipe.config import PolicyConfig
 from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, FORK_EXPLORE,
-                                         FORK_MIN_SEEN, FORK_WINDOW, AcceptanceModel, DraftPolicy, PolicyConfig)
+                                         FORK_MIN_SEEN, FORK_WINDOW, AcceptanceModel, DraftPolicy)
 
 
 def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed: int = 0) -> None:

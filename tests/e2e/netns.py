@@ -1,6 +1,6 @@
 """A second "host" on this machine for the multi-host tests: a network namespace of the test's own,
 joined to the host by a veth pair, each end with its own address. No netem: only reachability
-matters here (launch/bench_link.py's NetnsLink adds delay, and starts its draft worker without the
+matters here (launch/bench/link.py's NetnsLink adds delay, and starts its draft worker without the
 flags these tests need). Everything it creates it deletes in `close()`; it touches no other
 namespace or link."""
 

@@ -1,11 +1,9 @@
-"""The acceptance-length predictor: the label construction on hand-checked cases (a stub draft,
-a draft identical to the target, a draft that never agrees), deterministic training on the tiny
-models, the save/load round trip, and the target engine filling `predicted_accept_length` from
-the hidden state of the row that predicted the last committed token."""
-import json
+"""The acceptance-length predictor at run time: the save/load round trip (trained on the tiny
+models by the offline tool, whose own tests are tests/specpipe/tools/test_train_predictor.py), and
+the target engine filling `predicted_accept_length` from the hidden state of the row that
+predicted the last committed token."""
 import random
 import shutil
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -14,6 +12,7 @@ from transformers import AutoModelForCausalLM
 from specpipe import predictor, wire
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import TargetEngine
+from specpipe.tools.train_predictor import train_predictor
 
 STEPS = 100    # fit steps in the tests: enough to leave the initialisation, a second on one thread
 POSITIONS = 160
@@ -28,69 +27,9 @@ def trained(tiny_models, tmp_path_factory):
     """The tiny target copied to a folder of its own, with a predictor trained into it."""
     folder = tmp_path_factory.mktemp("predictor") / "target"
     shutil.copytree(tiny_models["target"], folder)
-    info = predictor.train_predictor(folder, tiny_models["draft_close"], seed=0, max_positions=POSITIONS,
-                                     progress=False, steps=STEPS)
+    info = train_predictor(folder, tiny_models["draft_close"], seed=0, max_positions=POSITIONS,
+                           progress=False, steps=STEPS)
     return folder, info
-
-
-def test_accepted_runs_by_hand():
-    agree = torch.tensor([[1, 1, 0, 1, 1, 1, 1, 0]], dtype=torch.bool)
-    assert predictor.accepted_runs(agree, max_len=3).tolist() == [[2, 1, 0, 3, 3, 2]]
-
-
-class StubDraft:
-    """Predicts the next token of `sequence` except where told to disagree."""
-
-    def __init__(self, wrong_at: set[int]):
-        self.wrong_at = wrong_at
-
-    def __call__(self, input_ids):
-        vocab = 100
-        logits = torch.zeros(*input_ids.shape, vocab)
-        for p in range(input_ids.shape[1]):
-            next_id = int(SEQUENCE[0, p + 1])
-            logits[0, p, (next_id + 1) % vocab if p in self.wrong_at else next_id] = 1.0
-        return SimpleNamespace(logits=logits)
-
-
-SEQUENCE = torch.tensor([[10, 11, 20, 21, 22, 23, 24]])   # prompt [10, 11], then 5 greedy tokens
-
-
-def test_labels_by_hand():
-    """Rows t = 1, 2, 3 predicted tokens 20, 21, 22; agreement at p = 1..5 is T F T T F, so the
-    block after token t + 1 (first judged at p = t + 1) accepts 0, 2 (capped), 1."""
-    hidden = torch.arange(5.0)[None, :, None].expand(1, 5, 4)      # [1, gen_len, hidden]: row i holds i
-    rows, labels = predictor.label_rows(StubDraft(wrong_at={2, 5}), SEQUENCE, hidden, max_len=2)
-    assert labels.tolist() == [0, 2, 1]
-    assert rows[:, 0].tolist() == [0.0, 1.0, 2.0]
-
-
-def test_identical_draft_labels_max_and_opposite_draft_labels_zero(tiny_models):
-    target = load(tiny_models["target"])
-    opposite = load(tiny_models["target"])
-    with torch.no_grad():
-        opposite.lm_head.weight.neg_()             # its argmax is the target's argmin: never agrees
-    tokens = torch.randint(1, 250, (400,), generator=torch.Generator().manual_seed(0))
-    for draft, label in ((target, predictor.MAX_LEN), (opposite, 0)):
-        hidden, labels, windows = predictor.collect_examples(target, draft, tokens, num_windows=3, seed=0)
-        assert hidden.shape == (3 * (predictor.GEN_LEN - predictor.MAX_LEN), target.config.hidden_size)
-        assert labels.shape == windows.shape == hidden.shape[:1]
-        assert (labels == label).all()
-
-
-def test_training_is_deterministic_and_reports_metrics(trained, tiny_models, tmp_path):
-    folder, info = trained
-    again = predictor.train_predictor(folder, tiny_models["draft_close"], tmp_path / "p.safetensors", seed=0,
-                                      max_positions=POSITIONS, progress=False, steps=STEPS)
-    stem = folder / predictor.FILE_STEM
-    assert (tmp_path / "p.safetensors").read_bytes() == stem.with_suffix(".safetensors").read_bytes()
-    assert (tmp_path / "p.json").read_text() == stem.with_suffix(".json").read_text()
-    assert json.loads(stem.with_suffix(".json").read_text())["metrics"] == info["metrics"] == again["metrics"]
-    for split in ("train", "val", "heldout_modules"):
-        metrics = info["metrics"][split]
-        assert metrics["count"] > 0 and 0 <= metrics["accuracy"] <= 1 and metrics["mae"] >= 0
-        assert {"baseline_mae_mean", "baseline_nll", "baseline_accuracy"} <= set(metrics)
-    assert info["metrics"]["train"]["nll"] < info["metrics"]["train"]["baseline_nll"]
 
 
 def test_save_load_round_trip_predict_and_stale_files(trained, tmp_path):

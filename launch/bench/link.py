@@ -1,5 +1,5 @@
 """The link of the benchmark's latency axis: a draft worker reached over a path with a given
-one-way latency (bench.py explains the axis).
+one-way latency (the package docstring explains the axis).
 
 NetnsLink, the real one: a network namespace of its own (named after this process), a veth pair
 with addresses in NETNS_SUBNET, tc netem delay on both ends, and the draft worker started inside
@@ -14,11 +14,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-import queue
-import re
 import shutil
 import subprocess
-import sys
 import threading
 
 logger = logging.getLogger(__name__)
@@ -54,19 +51,10 @@ def netns_problem() -> str | None:
 
 def _start_draft_worker(prefix: tuple[str, ...], model: str, host: str, port: int) -> tuple[subprocess.Popen, str]:
     """`python -m specpipe.draft_worker` (after `prefix`, e.g. `ip netns exec NS`): (process, endpoint)."""
-    from specpipe.launch.local import WORKER_READY_TIMEOUT_S, _lines, _wait_line
+    from specpipe.launch.local import start_worker
 
-    command = [*prefix, sys.executable, "-m", "specpipe.draft_worker", "--model", model, "--host", host,
-               "--port", str(port), "--threads", "1", "--exit-with-parent"]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, env={**os.environ, **QUIET_ENV})
-    lines: queue.Queue = queue.Queue()
-    threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
-    try:
-        ready = _wait_line(process, lines, re.compile(r"READY (\S+)"), WORKER_READY_TIMEOUT_S, "the draft worker")
-    except BaseException:
-        process.kill()
-        raise
-    return process, ready.group(1)
+    worker = start_worker("draft", model, host=host, port=port, env=QUIET_ENV, prefix=prefix)()
+    return worker.process, worker.endpoint
 
 
 class NetnsLink:

@@ -1,4 +1,4 @@
-"""The methods `specpipe bench` times, and the loop that times them (bench.py has the glossary).
+"""The methods `specpipe bench` times, and the loop that times them (the package docstring has the glossary).
 
 A Method runs one prompt and returns an Outcome: its tokens, the client-side wall time, the time
 to the first token and the counters of DESIGN §7's per-request stats. HFRunner drives Hugging
@@ -16,9 +16,11 @@ import time
 from dataclasses import dataclass
 from typing import Callable
 
+from specpipe.modes import Mode
+
 logger = logging.getLogger(__name__)
 
-COST_REPEATS = 30  # interleaved repeats per micro-timing (medians); the first 3 warm up
+COST_REPEATS = 30  # interleaved repeats per micro-timing (medians), after specpipe.tools.timing's warm-up
 
 
 @dataclass
@@ -147,28 +149,14 @@ class HFRunner:
 def measure_costs(hf: HFRunner, context_ids: list[int], ks: set[int]) -> dict:
     """Medians (seconds) of one target step, one draft step and one target verify of k + 1 tokens
     for each k, each with `context_ids` already in the KV cache; interleaved so noise hits all."""
-    import statistics
-
     import torch
-    from transformers import DynamicCache
+
+    from specpipe.tools.timing import median_step_seconds   # the demo build's c is timed the same way
 
     torch.set_num_threads(1)
-    context = torch.tensor([context_ids])
     steps = [("t_ar", hf.target, 1), ("t_draft", hf.draft, 1)]
     steps += [(f"t_verify_{k}", hf.target, k + 1) for k in sorted(ks) if k + 1 <= len(context_ids)]
-    times: dict[str, list[float]] = {name: [] for name, _, _ in steps}
-    with torch.inference_mode():
-        caches = {}
-        for model in (hf.target, hf.draft):
-            caches[id(model)] = DynamicCache(config=model.config)
-            model(input_ids=context, cache=caches[id(model)], use_cache=True)
-        for _ in range(COST_REPEATS + 3):
-            for name, model, num_tokens in steps:
-                start = time.perf_counter()
-                model(input_ids=context[:, -num_tokens:], cache=caches[id(model)], use_cache=True)
-                times[name].append(time.perf_counter() - start)
-                caches[id(model)].crop(-num_tokens)
-    medians = {name: statistics.median(values[3:]) for name, values in times.items()}
+    medians = median_step_seconds(steps, torch.tensor([context_ids]), COST_REPEATS)
     return {"context_tokens": len(context_ids), "repeats": COST_REPEATS, "t_ar_s": medians["t_ar"],
             "t_draft_s": medians["t_draft"],
             "t_verify_s": {str(k): medians[f"t_verify_{k}"] for k in sorted(ks) if f"t_verify_{k}" in medians}}
@@ -180,8 +168,7 @@ class ModeFallback(RuntimeError):
     """The server answered a request in another mode than the one asked for."""
 
 
-def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: int) -> Method:
-    from specpipe.client import MODES
+def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: int) -> Method:
     from specpipe.proto.specpipe.v1 import specpipe_pb2
 
     def run(prompt_ids: list[int], temperature: float, seed: int) -> Outcome:
@@ -194,7 +181,7 @@ def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: in
             token_ids += last.token_ids
         seconds = time.perf_counter() - start
         stats = last.stats
-        if stats.mode not in (MODES[mode], specpipe_pb2.MODE_UNSPECIFIED):
+        if stats.mode not in (mode.proto, specpipe_pb2.MODE_UNSPECIFIED):
             raise ModeFallback(f"asked for {mode}, the server ran {specpipe_pb2.Mode.Name(stats.mode)}")
         counters = {name: getattr(stats, name) for name in ("draft_tokens", "accepted_tokens", "rolled_back_tokens",
                                                             "verifications", "branches_forked", "branches_hit")}
@@ -202,7 +189,8 @@ def specpipe_method(client, mode: str, max_new_tokens: int, num_draft_tokens: in
         return Outcome(token_ids, seconds, (first or start + seconds) - start, counters,
                        stats.target_busy_fraction * seconds)
 
-    return Method(f"specpipe_{mode}", run, lambda temperature: None if mode == "autoregressive" else num_draft_tokens)
+    return Method(f"specpipe_{mode}", run,
+                  lambda temperature: None if mode == Mode.AUTOREGRESSIVE else num_draft_tokens)
 
 
 def describe_error(err: BaseException) -> str:

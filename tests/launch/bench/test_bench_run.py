@@ -3,7 +3,7 @@ processes) and Hugging Face `generate` in this process, run once per module thro
 `bench.main([...])`. The tests check the invariant (at greedy every method that ran produced
 HF autoregressive's tokens), that a method that failed says why, the documented JSON fields and
 that results.md and speedup.png exist. No timing is asserted: the machine is shared. The bound
-formulas are checked apart, on numbers worked by hand."""
+formulas are checked apart, on numbers worked by hand (test_bench_report.py)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,8 @@ import json
 
 import pytest
 
-from specpipe.launch import bench, bench_report
+from specpipe.launch import bench
+from specpipe.launch.bench import run
 
 PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
 ALWAYS_RUN = {"hf_autoregressive", "hf_autoregressive_2threads", "hf_assisted_default", "hf_assisted_best",
@@ -83,7 +84,7 @@ def test_json_has_every_documented_field(bench_run):
         greedy_only = {"matches_autoregressive"} if record["temperature"] == 0 else set()
         assert record["error"] or set(record) == RECORD_FIELDS | greedy_only, record["method"]
     assert set(results["costs"]) == {"context_tokens", "repeats", "t_ar_s", "t_draft_s", "t_verify_s"}
-    assert set(results["hf_assisted_grid"]["0"]["tokens_per_second"]) == {str(k) for k in bench.QUICK["assistant_grid"]}
+    assert set(results["hf_assisted_grid"]["0"]["tokens_per_second"]) == {str(k) for k in run.QUICK["assistant_grid"]}
     assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
     assert results["server"]["leaked"] is False
     assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
@@ -98,24 +99,3 @@ def test_markdown_and_plot_exist(bench_run):
         assert heading in markdown
     assert "MISMATCH" not in markdown
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-
-
-@pytest.mark.parametrize("a, k, expected", [(0.0, 4, 1.0), (0.5, 4, 1.9375), (1.0, 4, 5.0), (0.8, 1, 1.8)])
-def test_expected_tokens_per_round(a, k, expected):
-    assert bench_report.expected_tokens(a, k) == pytest.approx(expected)
-    if 0 < a < 1:
-        assert bench_report.implied_acceptance(expected, k) == pytest.approx(a, abs=1e-9)
-
-
-def test_bounds_on_hand_worked_numbers():
-    # a = 0.5, k = 4: E = 1.9375. t_ar = 10, t_draft = 1, t_verify = 12 (ms).
-    costs = {"t_ar_s": 0.010, "t_draft_s": 0.001, "t_verify_s": {"4": 0.012}}
-    summary = {"speedup": {"median": 1.0}, "acceptance_rate": 0.5, "draft_tokens_per_verification": 4.0,
-               "tokens_per_verification": 1.9375}
-    serial = bench_report.bound(summary, "serial", costs)
-    assert serial["serial"] == pytest.approx(1.9375 * 10 / (4 * 1 + 12))
-    assert serial["overlapped"] == pytest.approx(1.9375 * 10 / 12)
-    assert serial["bound"] == serial["serial"]
-    assert serial["fraction_of_bound"] == pytest.approx(1.0 / serial["serial"])
-    assert bench_report.bound(summary, "overlapped", costs)["bound"] == pytest.approx(1.9375 * 10 / 12)
-    assert bench_report.bound(summary, None, costs) is None

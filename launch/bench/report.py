@@ -1,5 +1,5 @@
 """What `specpipe bench` makes of its raw records: per-method summaries (medians with spread over
-trials), the analytical bounds (formulas in bench.py's docstring), the greedy correctness check,
+trials), the analytical bounds (formulas in the package docstring), the greedy correctness check,
 and the three outputs (results.json, results.md, speedup.png). Pure bookkeeping: no model, no
 server, no clock.
 """
@@ -12,6 +12,9 @@ import os
 import statistics
 from collections import Counter
 from pathlib import Path
+
+from specpipe.acceptance import expected_tokens
+from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
@@ -70,11 +73,6 @@ def spread(values: list[float]) -> dict | None:
     quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
     return {"median": statistics.median(values), "min": min(values), "max": max(values),
             "q1": quartiles[0], "q3": quartiles[2], "n": len(values)}
-
-
-def expected_tokens(a: float, k: int) -> float:
-    """E(a, k) = (1 - a^(k+1)) / (1 - a): expected tokens per round of k draft tokens."""
-    return k + 1.0 if a >= 1.0 else (1.0 - a ** (k + 1)) / (1.0 - a)
 
 
 def implied_acceptance(tokens_per_round: float, k: int) -> float:
@@ -287,7 +285,8 @@ def latency_lines(latency: dict) -> list[str]:
             if s is None or s["trials"] == 0:
                 cells.append(f"error: {_cell(s['error'])}" if s else "–")
                 continue
-            ratio = "" if mode == "sequential" or s["speedup"] is None else f" ({s['speedup']['median']:.2f}×)"
+            baseline = Mode(mode) == Mode.SEQUENTIAL
+            ratio = "" if baseline or s["speedup"] is None else f" ({s['speedup']['median']:.2f}×)"
             cells.append(_spread_text(s["tokens_per_second"]) + ratio +
                          ("" if s["matches_autoregressive"] else " **✗ MISMATCH**"))
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")

@@ -1,59 +1,8 @@
-"""`specpipe bench` (DESIGN §5): every way of decoding the same prompts with the same model pair,
-side by side, in one invocation.
-
-Methods (each request decodes one prompt; a method's figure for a trial covers all prompts):
-
-- `hf_autoregressive`: Hugging Face `generate` with the target alone, in this process, one torch
-  thread. THE baseline: every speedup is tokens/s over this method's tokens/s in the same trial.
-  `hf_autoregressive_2threads`: the same with two threads (this machine's whole CPU).
-- `hf_assisted_default`: `generate(assistant_model=draft)` with the assistant's own generation
-  settings (transformers' defaults: 20 tokens, confidence threshold 0.4). `hf_assisted_best`: a
-  fixed draft length (`num_assistant_tokens_schedule="constant"`, no confidence stop), the best of
-  a grid (2, 4, 6, 8; --quick 2, 4) picked by a calibration pass before the first trial, per
-  temperature. Their drafted tokens and verifications are counted from forward calls.
-- `specpipe_<mode>` for each server mode (autoregressive, sequential, pipelined, specbranch),
-  through ONE `specpipe serve` child process, every request pinned to its mode. A mode the server
-  rejects, or runs as another mode, is recorded as that method's error; the run goes on.
-
-Temperature 0 is greedy (HF: do_sample=False); temperature 1 samples (HF: do_sample=True,
-top_k=0), seeded per (trial, prompt), the same seed for every method. Methods are interleaved:
-trial t runs every method once, in an order shuffled with a seed, so drift of a shared machine
-hits all alike; summaries are medians over trials with min/max and quartiles.
-
-Correctness: at temperature 0 every method's token ids must equal `hf_autoregressive`'s for each
-prompt (`matches_autoregressive`); a mismatch is logged as an error, flagged in results.md, and
-makes the command exit 1.
-
-The analytical bound, with a = the method's measured acceptance rate (accepted / drafted), k =
-its measured drafted tokens per verification, rounded (a confidence stop, HF's default or the
-server's policy, ends blocks before the configured length), and costs timed in this process on
-one thread with a warm KV cache (t_ar: one target step of 1 token; t_draft: one draft step;
-t_verify(k): one target forward of k + 1 tokens):
-
-    E(a, k)      = (1 - a^(k+1)) / (1 - a)          expected tokens per round (k + 1 at a = 1)
-    serial       = E * t_ar / (k * t_draft + t_verify(k))       Leviathan et al. 2023: the target
-                                                                waits while the draft drafts
-    overlapped   = E * t_ar / max(t_verify(k), k * t_draft)     pipelined: the target never waits
-    % of bound   = measured speedup / bound   (serial for HF assisted and sequential, overlapped
-                                              for pipelined and specbranch, 1 for autoregressive)
-
-accepted / drafted also counts the drafted tokens past the first rejection, so it is at most the
-per-token acceptance probability and the bound it gives can sit below the true one (a method may
-show more than 100%); the JSON also holds `a_implied`, the a whose E equals the measured tokens
-per verification. t_ar is one bare forward while the baseline's tokens/s includes HF generate's
-per-step overhead, which `specpipe_autoregressive` against its bound of 1 makes visible.
-
-Network latency axis: specpipe sequential, pipelined and specbranch (greedy) with the draft worker
-behind a link of each one-way latency: a network namespace and a veth pair with netem on both
-ends where the machine allows it (root, `ip netns`, netem in the kernel), else a userspace TCP
-relay in this process that holds each chunk for the latency (labelled simulated). One server, one
-draft worker; the link's delay is changed between requests so latencies interleave too.
-
-Outputs under --out: results.json (machine, config, every per-trial figure, summaries),
-results.md (tables for the README), speedup.png. This module talks to the server only through
-`specpipe.Client` and knows nothing of the wire protocol; tables and plots are bench_report's.
+"""`specpipe bench`, the run (the package docstring, launch/bench/__init__.py, is the glossary):
+flags -> BenchConfig, the reference outputs, the HF calibration, the interleaved trials through
+one `specpipe serve` child, the latency axis and the step costs, gathered as one raw results dict
+for report.py. Talks to the server only through `specpipe.Client`; tables and plots are report's.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -66,14 +15,15 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from specpipe.launch.bench_link import QUIET_ENV, choose_link
-from specpipe.launch.bench_runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
+from specpipe.launch.bench.link import QUIET_ENV, choose_link
+from specpipe.launch.bench.runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
                                            specpipe_method, tune_assistant, warm_up)
+from specpipe.modes import MODE_NAMES, Mode
 
 logger = logging.getLogger(__name__)
 
-SPECPIPE_MODES = ("autoregressive", "sequential", "pipelined", "specbranch")
-LATENCY_MODES = ("sequential", "pipelined", "specbranch")  # the modes whose draft sits behind the link
+# The modes whose draft sits behind the link: every mode that drafts.
+LATENCY_MODES = tuple(mode for mode in Mode if mode != Mode.AUTOREGRESSIVE)
 # Defaults: the full run fits 20 minutes on 2 cores with the demo pair; --quick about two.
 FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8)}
 QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4)}
@@ -89,7 +39,7 @@ class BenchConfig:
     max_new_tokens: int
     trials: int
     temperatures: tuple[float, ...]
-    modes: tuple[str, ...]
+    modes: tuple[Mode, ...]
     latencies_ms: tuple[float, ...]  # empty: no latency axis
     link: str  # auto | netns | proxy
     num_draft_tokens: int
@@ -115,7 +65,7 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trials", type=int, help=f"interleaved repeats (default {FULL['trials']}, "
                                                    f"quick {QUICK['trials']})")
     parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy (default 0,1)")
-    parser.add_argument("--modes", default=",".join(SPECPIPE_MODES), help="specpipe modes to run (default all)")
+    parser.add_argument("--modes", default=",".join(MODE_NAMES), help="specpipe modes to run (default all)")
     parser.add_argument("--latencies", help="one-way draft link latencies in ms, comma-separated, or 'none' "
                                             f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
     parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
@@ -140,10 +90,11 @@ def _floats(text: str) -> tuple[float, ...]:
 
 def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig:
     preset = QUICK if args.quick else FULL
-    modes = tuple(mode.strip() for mode in args.modes.split(",") if mode.strip())
-    unknown = set(modes) - set(SPECPIPE_MODES)
+    names = tuple(name.strip() for name in args.modes.split(",") if name.strip())
+    unknown = set(names) - set(MODE_NAMES)
     if unknown:
-        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(SPECPIPE_MODES)}")
+        raise SystemExit(f"--modes: unknown mode(s) {sorted(unknown)}; choose from {', '.join(MODE_NAMES)}")
+    modes = tuple(Mode(name) for name in names)
     latencies = _floats(args.latencies if args.latencies is not None else preset["latencies"])
     if any(value < 0 for value in latencies):
         raise SystemExit("--latencies must be >= 0 ms")
@@ -269,7 +220,7 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
 def run(config: BenchConfig) -> dict:
     from tqdm.auto import tqdm
 
-    from specpipe.launch import bench_report
+    from specpipe.launch.bench import report
     from specpipe.models import load_tokenizer
 
     started = time.time()
@@ -297,10 +248,10 @@ def run(config: BenchConfig) -> dict:
         latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
         bar.set_postfix_str("timing one step of each model")
         context = prompts[0] + reference[0][:config.max_new_tokens // 2]  # about the mean context of a request
-        costs = measure_costs(hf, context, bench_report.needed_ks(records))
+        costs = measure_costs(hf, context, report.needed_ks(records))
     return {"command_line": config.command_line, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
                                                                               time.localtime(started)),
-            "elapsed_s": time.time() - started, "machine": bench_report.machine(), "config": vars_of(config),
+            "elapsed_s": time.time() - started, "machine": report.machine(), "config": vars_of(config),
             "models": {"target": target, "draft": draft, "target_params": hf.target.num_parameters(),
                        "draft_params": hf.draft.num_parameters()},
             "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
@@ -327,7 +278,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     config = config_from_args(args, command_line)
     import torch
 
-    from specpipe.launch import bench_report
+    from specpipe.launch.bench import report
 
     from transformers.utils import logging as hf_logging
 
@@ -335,19 +286,15 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     hf_logging.set_verbosity_error()  # generate's advice and model-loading bars; the run has its own bar
     hf_logging.disable_progress_bar()
     try:
-        results = bench_report.summarize(run(config))
+        results = report.summarize(run(config))
     finally:
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    paths = bench_report.write_outputs(results, Path(config.out))
+    paths = report.write_outputs(results, Path(config.out))
     print(f"wrote {', '.join(str(path) for path in paths)}")
     if not results["correctness"]["all_match"]:
         logger.error("MISMATCH: greedy output differs from HF autoregressive for %s",
                      sorted({m["method"] for m in results["correctness"]["mismatches"]}))
         return 1
     return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
