@@ -8,6 +8,7 @@ import functools
 import logging
 import os
 import sys
+from pathlib import Path
 
 from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
                              CoordinatorConfig)
@@ -15,6 +16,7 @@ from specpipe.coordinator.policy import POLICIES, PolicyConfig
 
 MODE_NAMES = ["specbranch", "pipelined", "sequential", "autoregressive"]
 DEFAULT_MODE = "specbranch"
+DEMO_MODEL_NAME = "specpipe-demo"   # what HTTP clients call the demo pair's target (its path is no name)
 
 
 def _demo_models() -> tuple[str, str]:
@@ -140,6 +142,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                          help="a spawned draft must be up within S seconds; a remote one (--draft-addr) is admitted "
                               "whenever it first answers, requests running target-only until then, and past S serve "
                               f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
+    http = parser.add_argument_group("OpenAI-compatible HTTP API (same admission, limits, token and TLS as gRPC)")
+    http.add_argument("--http-port", type=at_least(0), default=None,
+                      help="serve /v1/completions, /v1/chat/completions, /v1/models and /health at --host:PORT "
+                           "(0 = any free port; default: off, so that no second port opens unasked)")
+    http.add_argument("--served-model-name", default="", metavar="NAME",
+                      help="the model name HTTP clients see and send (default: --target as given; "
+                           f"{DEMO_MODEL_NAME} for the demo pair)")
+    http.add_argument("--chat-template", default="", metavar="FILE",
+                      help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own; "
+                           "without either, chat requests get a 400 that says so)")
 
 
 def cmd_serve(args) -> None:
@@ -159,6 +171,12 @@ def cmd_serve(args) -> None:
             load_keys(curve_keys, server=not (args.target_addr and args.draft_addr), client=True)
         except CurveError as err:
             raise SystemExit(str(err)) from None
+    chat_template = ""
+    if args.chat_template:     # fail before a model loads
+        try:
+            chat_template = Path(args.chat_template).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as err:
+            raise SystemExit(f"--chat-template: cannot read {args.chat_template}: {err}") from None
     target, draft = args.target, args.draft
     if not target or not draft:
         demo_target, demo_draft = _demo_models()
@@ -185,7 +203,9 @@ def cmd_serve(args) -> None:
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
         curve_keys=curve_keys, health_port=args.health_port,
-        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout)
+        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout,
+        http_port=args.http_port, chat_template=chat_template,
+        served_model_name=args.served_model_name or args.target or DEMO_MODEL_NAME)
     # The coordinator is pinned after the spawns (they must not inherit it): serve does it.
     asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, args.coordinator_cpus))
 
@@ -223,8 +243,6 @@ def cmd_demo(args) -> None:
 
 
 def cmd_build_demo(args) -> None:
-    from pathlib import Path
-
     from specpipe.demo_pair import build_demo_pair
     info = build_demo_pair(Path(args.out), seed=args.seed, preset=args.preset)
     print({key: info[key] for key in info if key != "sample"})

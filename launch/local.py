@@ -36,7 +36,7 @@ SERVER_READY_TIMEOUT_S = 180.0
 READY_LOG_INTERVAL_S = 30.0
 # Restart back-off of a crashed worker: first delay, and the most it doubles to.
 RESTART_BACKOFF_S = (0.5, 30.0)
-READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
+READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)(?:, OpenAI-compatible HTTP on (\S+))?")
 
 
 def _lines(stream, sink: queue.Queue) -> None:
@@ -293,7 +293,8 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
             hint = " (--target-startup-timeout, --draft-startup-timeout)" if isinstance(err, WorkerStartTimeout) else ""
             raise SystemExit(f"specpipe serve: {err}{hint}") from None
         watcher = asyncio.create_task(supervisor.watch())
-        print(f"specpipe serving on {config.host}:{port}", flush=True)
+        http = f", OpenAI-compatible HTTP on {coordinator.http_url}" if coordinator.http_url else ""
+        print(f"specpipe serving on {config.host}:{port}{http}", flush=True)
         await stop.wait()
     finally:
         if watcher is not None:
@@ -321,7 +322,8 @@ async def _start_up(coordinator, spawn, coordinator_cpus: str) -> list[WorkerPro
 
 
 class ServerProcess:
-    """`specpipe serve ...` as a child process; `addr` once ready. A context manager."""
+    """`specpipe serve ...` as a child process; `addr` once ready (and `http_url`, the HTTP API's
+    base URL, with --http-port; else None). A context manager."""
 
     def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING",
                  stderr=None):
@@ -339,6 +341,7 @@ class ServerProcess:
             self.stop()
             raise
         self.addr = f"{match.group(1)}:{match.group(2)}"
+        self.http_url = match.group(3)
 
     def stop(self) -> None:
         """SIGTERM the server's process group (coordinator and workers), then make sure."""
