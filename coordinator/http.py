@@ -48,14 +48,17 @@ SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-
                (b"x-accel-buffering", b"no")]     # tells a reverse proxy (nginx) not to buffer the stream
 # How long start() waits for uvicorn to listen before it gives up, naming the port.
 STARTUP_TIMEOUT_S = 10.0
+# Retry-After on 429 and 503, which the openai client honours: a slot or a restarted target is
+# usually back within a second or two (the supervisor's first restart delay is 0.5 s).
+RETRY_AFTER_S = 1
 
 
 @dataclass(frozen=True)
 class HttpSettings:
     model_name: str                 # what /v1/models lists and `model` must name
+    max_body_bytes: int             # larger request bodies: 413, before they are read whole
     chat_template: str = ""         # --chat-template's text; "" = the tokenizer's own
     token: str = ""                 # bearer token; "" = none required
-    max_body_bytes: int = 4 * 1024 * 1024
 
 
 def build_app(servicer: SpecPipeServicer, settings: HttpSettings) -> Starlette:
@@ -71,7 +74,7 @@ def build_app(servicer: SpecPipeServicer, settings: HttpSettings) -> Starlette:
 
 
 def error_response(err: ApiError) -> JSONResponse:
-    retry = {"retry-after": "1"} if err.status in (429, 503) else {}   # the openai client honours it
+    retry = {"retry-after": str(RETRY_AFTER_S)} if err.status in (429, 503) else {}
     auth = {"www-authenticate": "Bearer"} if err.status == 401 else {}
     return JSONResponse(err.body(), status_code=err.status, headers=retry | auth)
 

@@ -7,6 +7,7 @@ import asyncio
 import functools
 import logging
 import os
+import socket
 import sys
 from pathlib import Path
 
@@ -154,6 +155,28 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                            "without either, chat requests get a 400 that says so)")
 
 
+def check_http_flags(args) -> str:
+    """Fail before a model loads when the HTTP port cannot be listened on or --chat-template
+    cannot be read; returns the template's text ("" without one)."""
+    if args.http_port:          # 0: any free port, nothing to check
+        check_port("--http-port", args.host, args.http_port)
+    if not args.chat_template:
+        return ""
+    try:
+        return Path(args.chat_template).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"--chat-template: cannot read {args.chat_template}: {err}") from None
+
+
+def check_port(flag: str, host: str, port: int) -> None:
+    """Exit with one line naming `flag` when host:port cannot be listened on (in use, no such address)."""
+    try:
+        with socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET):
+            pass
+    except OSError as err:
+        raise SystemExit(f"{flag}: cannot listen on {host}:{port}: {err.strerror or err}") from None
+
+
 def cmd_serve(args) -> None:
     from specpipe.config import parse_cpus
     from specpipe.launch.local import serve, spawn_workers
@@ -171,12 +194,7 @@ def cmd_serve(args) -> None:
             load_keys(curve_keys, server=not (args.target_addr and args.draft_addr), client=True)
         except CurveError as err:
             raise SystemExit(str(err)) from None
-    chat_template = ""
-    if args.chat_template:     # fail before a model loads
-        try:
-            chat_template = Path(args.chat_template).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as err:
-            raise SystemExit(f"--chat-template: cannot read {args.chat_template}: {err}") from None
+    chat_template = check_http_flags(args)
     target, draft = args.target, args.draft
     if not target or not draft:
         demo_target, demo_draft = _demo_models()

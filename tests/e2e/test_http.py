@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import json
+import socket
 import subprocess
 import sys
 
@@ -227,9 +228,14 @@ def test_models_health_and_unknown_routes(server, model):
         assert response.status_code == status and response.json()["error"]["message"]
 
 
-def test_an_unreadable_chat_template_stops_the_start(tiny_models, tmp_path):
-    out = subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "serve", "--target", str(tiny_models["target"]),
-                          "--draft", str(tiny_models["draft"]), "--http-port", "0",
-                          "--chat-template", str(tmp_path / "missing.jinja")], capture_output=True, text=True,
-                         timeout=120)
-    assert out.returncode != 0 and "--chat-template: cannot read" in out.stderr and "Traceback" not in out.stderr
+@pytest.mark.parametrize("flags, message", [
+    (["--http-port", "0", "--chat-template", "/nonexistent/chat.jinja"], "--chat-template: cannot read"),
+    (["--http-port", "BUSY"], "--http-port: cannot listen on 127.0.0.1:"),
+], ids=["unreadable-template", "port-in-use"])
+def test_a_bad_http_flag_stops_the_start_with_one_line(tiny_models, flags, message):
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        flags = [str(busy.getsockname()[1]) if flag == "BUSY" else flag for flag in flags]
+        out = subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "serve", "--target",
+                              str(tiny_models["target"]), "--draft", str(tiny_models["draft"]), *flags],
+                             capture_output=True, text=True, timeout=120)
+    assert out.returncode != 0 and message in out.stderr and "Traceback" not in out.stderr, out.stderr
