@@ -112,9 +112,9 @@ class ServerMetrics:
 
         self.success = counter("request_success", "Requests that finished with output, by finish_reason.",
                                ["finished_reason"])
-        self.failure = counter("request_failure", "Requests that ended with a gRPC error status, by code "
-                               "(CANCELLED, DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...).",
-                               ["code"])
+        self.failure = counter("request_failure", "Requests that ended with an error status, by gRPC code name "
+                               "(CANCELLED, DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...; HTTP "
+                               "refusals under the same names).", ["code"])
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("generation_tokens", "Tokens streamed to clients.")
         self.num_drafts = counter("spec_decode_num_drafts", "Target verifications (one per block; per token in "

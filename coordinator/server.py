@@ -1,5 +1,6 @@
 """Builds and runs the coordinator: the gRPC server clients see (SpecPipe, grpc.health.v1 and
-server reflection on one port) over connections to the two workers.
+server reflection on one port) over connections to the two workers, and, with `http_port`, the
+OpenAI-compatible HTTP API on the same event loop and servicer (coordinator/http.py).
 
 `Coordinator(config).start()` binds and returns the port at once, before any worker answers, so
 tests bind port 0 (STYLE §6) and a cluster's probes get an answer from the first second. Health:
@@ -34,6 +35,7 @@ from transformers import AutoConfig
 from specpipe.config import CoordinatorConfig
 from specpipe.coordinator.admission import Admission, AdmissionLimits
 from specpipe.coordinator.auth import BearerTokenInterceptor, read_token
+from specpipe.coordinator.http import HttpServer, HttpSettings, build_app
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.servicer import ServingLimits, SpecPipeServicer
 from specpipe.coordinator.workers import WorkerClient, WorkerDown
@@ -46,7 +48,8 @@ logger = logging.getLogger(__name__)
 SERVICE_NAME = specpipe_pb2.DESCRIPTOR.services_by_name["SpecPipe"].full_name
 # The largest request message the gRPC server reads (gRPC's own default, made deliberate): room for
 # a prompt that fills a long context; a larger one ends RESOURCE_EXHAUSTED inside gRPC, before any
-# of our code runs. Field checks (servicer.plan) bound what is then worth tokenising.
+# of our code runs. Field checks (servicer.plan) bound what is then worth tokenising. The HTTP API
+# reads bodies up to the same size (413 beyond).
 MAX_REQUEST_BYTES = 4 * 1024 * 1024
 # The health service that says only "this process's event loop turns" (the kubelet's liveness
 # probe): SERVING from the start, whatever the workers do, so a worker reloading for minutes never
@@ -132,6 +135,8 @@ class Coordinator:
         self.zmq_context: zmq.asyncio.Context | None = None
         self.draft: WorkerClient | None = None
         self.target: WorkerClient | None = None
+        self.http: HttpServer | None = None
+        self.http_port: int | None = None
 
     async def start(self) -> int:
         """Bind the gRPC server (and the health and metrics ports) and return its port, without
@@ -139,7 +144,8 @@ class Coordinator:
         config = self.config
         configure_logging(config.log_format)
         # Read the secrets first: a wrong path fails at once, before any worker is waited for.
-        interceptors = [BearerTokenInterceptor(read_token(config.auth_token_file))] if config.auth_token_file else []
+        token = read_token(config.auth_token_file) if config.auth_token_file else ""
+        interceptors = [BearerTokenInterceptor(token)] if token else []
         credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert or config.tls_key else None
         curve_keys = load_keys(config.curve_keys, client=True) if config.curve_keys else None
         tokenizer, limits = serving_limits(config)
@@ -180,11 +186,9 @@ class Coordinator:
         if config.health_port is not None:
             await self._serve_health_port(config.health_port)
         if config.metrics_port is not None:
-            try:
-                self.metrics_port = self.metrics.serve(config.host, config.metrics_port)
-            except OSError as err:
-                raise OSError(err.errno, f"cannot bind the metrics port {config.host}:{config.metrics_port} "
-                                         f"({err.strerror})") from err
+            self._serve_metrics(config.metrics_port)
+        if config.http_port is not None:
+            await self._start_http(token)
         self._tasks += [asyncio.create_task(self._watch_health()), asyncio.create_task(self._watch_draft())]
         self.tls, self.token_required = credentials is not None, bool(interceptors)
         logger.info("gRPC bound on %s:%d%s; health NOT_SERVING until the target worker answers", config.host,
@@ -202,6 +206,33 @@ class Coordinator:
         if bound == 0:
             raise OSError(errno.EADDRINUSE, f"cannot bind the {what} {address} (in use, or not an address here)")
         return bound
+
+    async def _start_http(self, token: str) -> None:
+        """The OpenAI-compatible HTTP API, on this loop and servicer, with the gRPC port's token and
+        TLS; bound at once like the gRPC port (/health says 503 until the target answers)."""
+        config = self.config
+        settings = HttpSettings(model_name=config.served_model_name or config.target_model,
+                                max_body_bytes=MAX_REQUEST_BYTES, chat_template=config.chat_template, token=token)
+        self.http = HttpServer(build_app(self.servicer, settings), config.tls_cert, config.tls_key)
+        self.http_port = await self.http.start(config.host, config.http_port)
+        logger.info("OpenAI-compatible HTTP API on %s (model %r)", self.http_url, settings.model_name)
+
+    @property
+    def http_url(self) -> str | None:
+        """The HTTP API's base URL (clients add /v1/...), once started; None when it is off."""
+        if self.http_port is None:
+            return None
+        scheme = "https" if self.config.tls_cert else "http"
+        host = f"[{self.config.host}]" if ":" in self.config.host else self.config.host
+        return f"{scheme}://{host}:{self.http_port}"
+
+    def _serve_metrics(self, port: int) -> None:
+        """Prometheus metrics on `port`; a port in use raises OSError naming it (as `_bind`)."""
+        try:
+            self.metrics_port = self.metrics.serve(self.config.host, port)
+        except OSError as err:
+            raise OSError(err.errno, f"cannot bind the metrics port {self.config.host}:{port} "
+                                     f"({err.strerror})") from err
 
     async def _serve_health_port(self, port: int) -> None:
         """grpc.health.v1 alone on a plain-text port: the kubelet's gRPC probes speak no TLS, and
@@ -279,6 +310,8 @@ class Coordinator:
     async def stop(self, grace: float = 1.0) -> None:
         for task in self._tasks:
             task.cancel()
+        if self.http is not None:
+            await self.http.stop()
         for server in (self.server, self.health_server):
             if server is not None:
                 await server.stop(grace)

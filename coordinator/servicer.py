@@ -1,11 +1,18 @@
 """The public gRPC service (DESIGN §7): validation, admission, tokenisation, streaming, stats.
 
 The servicer holds references to the tokenizer, the two worker clients, the admission queue and
-the counters; each Generate call builds a RequestPlan, waits for admission, runs the plan
-through a RequestRun and streams what it commits. Refusals are mapped to gRPC status codes in
-one place (`_refuse`). A client that cancels, or whose deadline passes, cancels the handler's
-task: a queued request leaves the queue, a running one is released on both workers (the
-`finally` around the run), and the call is counted as cancelled or deadline_exceeded.
+the counters. A request's whole life is one transport-neutral coroutine, `execute`: build a
+RequestPlan, wait for admission, run the plan through a RequestRun and hand each committed chunk
+(a GenerateResponse) to the transport's `send`. Both public transports call it: gRPC's
+`Generate` here, and the OpenAI-compatible HTTP API (coordinator/openai_api.py), so they share one
+admission queue, one set of limits and one set of counters and metrics.
+
+A request that ends without finishing raises `Refused` with a canonical status name (google.rpc's
+codes, which gRPC's StatusCode spells), counted once in `execute`; each transport maps it once to
+its own status (`Generate` below: a gRPC status). A client that goes away cancels the transport's
+task: a queued request leaves the queue, a running one is released on both workers (the `finally`
+around the run), and the call is counted as the transport says (`gone`: CANCELLED or
+DEADLINE_EXCEEDED).
 
 Every log line about a request goes through `RequestLog`: `[request_id] message` in text, and the
 id as the record's `request_id` attribute for structured (JSON) logs.
@@ -20,6 +27,7 @@ import secrets
 import time
 import uuid
 from collections import Counter
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -51,6 +59,21 @@ MIN_TEMPERATURE = float(np.float32(1e-5))
 
 class InvalidRequest(ValueError):
     """A request field is wrong; the message names it."""
+
+
+class Refused(Exception):
+    """The request ended without finishing. `status` is its canonical code (INVALID_ARGUMENT,
+    ALREADY_EXISTS, RESOURCE_EXHAUSTED, UNAVAILABLE, INTERNAL); the message says why, naming the
+    field for INVALID_ARGUMENT. Already counted when raised; each transport only maps it."""
+
+    def __init__(self, status: str, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+# What a transport says about a client that went away: "CANCELLED" or "DEADLINE_EXCEEDED".
+Gone = Callable[[], str]
+Send = Callable[[specpipe_pb2.GenerateResponse], Awaitable[None]]
 
 
 class RequestLog(logging.LoggerAdapter):
@@ -148,22 +171,26 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             policy=limits.policy, seeded=request.HasField("seed"), noise_vocab=limits.vocab_size)
         return plan, list(request.stop)
 
-    # -- Generate -------------------------------------------------------------------------------
-    async def Generate(self, request, context):
-        # A coroutine that writes, not an async generator that yields: a cancellation (client
-        # cancel, deadline) then always lands inside it, wherever it waits, and the `finally`
-        # clauses below run at once instead of whenever the abandoned generator is collected.
+    # -- the request lifecycle, for every transport --------------------------------------------
+    async def execute(self, request: specpipe_pb2.GenerateRequest, send: Send,
+                      gone: Gone = lambda: "CANCELLED") -> RequestPlan:
+        """Validate, admit and run one request, awaiting `send(response)` for each chunk (the last
+        carries finish_reason and stats); returns its plan (the prompt's token ids: usage).
+        Raises Refused (counted); a cancellation propagates, counted as `gone()`.
+
+        A coroutine that sends, not an async generator that yields: a cancellation (client gone,
+        deadline) then always lands inside it, wherever it waits, and the `finally` clauses below
+        run at once instead of whenever an abandoned generator is collected."""
         arrived = time.monotonic()
         try:
             plan, stop = await self.plan(request)
         except InvalidRequest as err:
-            await self._refuse(context, grpc.StatusCode.INVALID_ARGUMENT, str(err))
+            raise self._refused("INVALID_ARGUMENT", str(err)) from None
         log = RequestLog(logger, plan.request_id)
         if plan.request_id in self.request_ids:
-            await self._refuse(context, grpc.StatusCode.ALREADY_EXISTS,
-                               f"request_id {plan.request_id!r} is already running")
+            raise self._refused("ALREADY_EXISTS", f"request_id {plan.request_id!r} is already running")
         if not self.target.healthy:
-            await self._refuse(context, grpc.StatusCode.UNAVAILABLE, "the target worker is unavailable")
+            raise self._refused("UNAVAILABLE", "the target worker is unavailable")
         cost = len(plan.prompt_ids) + plan.max_new_tokens
         self.request_ids.add(plan.request_id)
         try:
@@ -171,34 +198,36 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 queued_s = await self.admission.acquire(cost)
             except Overloaded as err:
                 log.warning("refused: %s", err)
-                await self._refuse(context, grpc.StatusCode.RESOURCE_EXHAUSTED, str(err))
+                raise self._refused("RESOURCE_EXHAUSTED", str(err)) from None
             except asyncio.CancelledError:
-                self._count_gone(context, log, "while queued")
+                self._count_gone(gone(), log, "while queued")
                 raise
             try:
                 self.metrics.observe_admitted(len(plan.prompt_ids), queued_s)
-                await self._run(plan, stop, arrived, log, context)
+                await self._run(plan, stop, arrived, log, send, gone)
             finally:
                 self.admission.release(cost)
         finally:
             self.request_ids.discard(plan.request_id)
+        return plan
 
-    async def _refuse(self, context, code: grpc.StatusCode, message: str) -> None:
-        """End the call with `code` (counted in GetStats' `finished` and the metrics)."""
-        self.finished[code.name.lower()] += 1
-        self.metrics.observe_failure(code.name)
-        await context.abort(code, message)
+    def count_failure(self, status: str) -> None:
+        """A request that ended with `status`, in GetStats' `finished` and the metrics (also for
+        refusals a transport makes before `execute`: an HTTP body that is not a request)."""
+        self.finished[status.lower()] += 1
+        self.metrics.observe_failure(status)
 
-    def _count_gone(self, context, log: RequestLog, where: str) -> None:
-        """The client went away (cancelled, or its deadline passed): count which."""
-        remaining = context.time_remaining()
-        code = grpc.StatusCode.DEADLINE_EXCEEDED if remaining is not None and remaining <= 0 \
-            else grpc.StatusCode.CANCELLED
-        self.finished[code.name.lower()] += 1
-        self.metrics.observe_failure(code.name)
-        log.info("%s %s", code.name.lower(), where)
+    def _refused(self, status: str, message: str) -> Refused:
+        self.count_failure(status)
+        return Refused(status, message)
 
-    async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, context):
+    def _count_gone(self, status: str, log: RequestLog, where: str) -> None:
+        """The client went away (cancelled, or its deadline passed)."""
+        self.count_failure(status)
+        log.info("%s %s", status.lower(), where)
+
+    async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, send: Send,
+                   gone: Gone) -> None:
         run = RequestRun(plan, open_channel(plan, self.draft, self.target), self.acceptance)
         self.live[plan.request_id] = run
         log.info("started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
@@ -206,21 +235,18 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         finish_reason = ""
         try:
             async for response in self._stream(run, stop, arrived):
-                await context.write(response)
+                await send(response)
                 finish_reason = response.finish_reason
         except (WorkerDown, WorkerFailed) as err:
             log.error("failed: %s", err)
-            code = grpc.StatusCode.UNAVAILABLE if isinstance(err, WorkerDown) else grpc.StatusCode.INTERNAL
-            await self._refuse(context, code, str(err))
+            raise self._refused("UNAVAILABLE" if isinstance(err, WorkerDown) else "INTERNAL", str(err)) from None
         except asyncio.CancelledError:
-            self._count_gone(context, log, "while running")
-            raise
-        except grpc.aio.AbortError:
+            self._count_gone(gone(), log, "while running")
             raise
         except Exception as err:    # a bug: say so, as INTERNAL with the request id to find the log
             log.exception("failed unexpectedly")
-            await self._refuse(context, grpc.StatusCode.INTERNAL,
-                               f"internal error ({type(err).__name__}) in request {plan.request_id}")
+            raise self._refused("INTERNAL", f"internal error ({type(err).__name__}) in request "
+                                            f"{plan.request_id}") from None
         finally:
             del self.live[plan.request_id]
             await run.release()
@@ -229,6 +255,17 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 self.finished[finish_reason] += 1
                 self.metrics.observe_success(finish_reason, time.monotonic() - arrived)
                 log.info("finished: %s", finish_reason)
+
+    # -- Generate -------------------------------------------------------------------------------
+    async def Generate(self, request, context):
+        def gone() -> str:
+            remaining = context.time_remaining()
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+
+        try:
+            await self.execute(request, context.write, gone)
+        except Refused as err:
+            await context.abort(grpc.StatusCode[err.status], str(err))
 
     async def _stream(self, run: RequestRun, stop: list[str], arrived: float):
         plan = run.plan

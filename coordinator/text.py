@@ -45,14 +45,16 @@ class PromptEncoder:
             raise PromptTooLong(f"{field} has {len(text)} characters: more than the {self.max_chars} that could "
                                 f"fit the model context of {self.context_length} tokens")
 
-    async def encode(self, text: str, field: str = "prompt") -> list[int]:
+    async def encode(self, text: str, field: str = "prompt", special_tokens: bool = True) -> list[int]:
+        """`special_tokens`: let the tokenizer add its own (BOS, ...); False for text a chat
+        template rendered, which already holds them."""
         self.check_length(text, field)
         if len(text) <= INLINE_TOKENIZE_CHARS:
-            return self._encode(text)
-        return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode, text)
+            return self._encode(text, special_tokens)
+        return await asyncio.get_running_loop().run_in_executor(self._thread, self._encode, text, special_tokens)
 
-    def _encode(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=True)["input_ids"]
+    def _encode(self, text: str, special_tokens: bool) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=special_tokens)["input_ids"]
 
     def close(self) -> None:
         self._thread.shutdown(wait=False, cancel_futures=True)

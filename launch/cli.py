@@ -23,6 +23,8 @@ from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TI
 from specpipe.launch.report import is_debug, reporting
 from specpipe.modes import MODE_NAMES, Mode
 
+DEMO_MODEL_NAME = "specpipe-demo"   # what HTTP clients call the demo pair's target (its path is no name)
+
 
 def _demo_models() -> tuple[str, str]:
     from specpipe.demo_pair import demo_pair_dir
@@ -173,6 +175,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
                          help="a spawned draft must be up within S seconds; a remote one (--draft-addr) is admitted "
                               "whenever it first answers, requests running target-only until then, and past S serve "
                               f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
+    http = parser.add_argument_group("OpenAI-compatible HTTP API (same admission, limits, token and TLS as gRPC)")
+    http.add_argument("--http-port", type=at_least(0), default=None,
+                      help="serve /v1/completions, /v1/chat/completions, /v1/models and /health at --host:PORT "
+                           "(0 = any free port; default: off, so that no second port opens unasked)")
+    http.add_argument("--served-model-name", default="", metavar="NAME",
+                      help="the model name HTTP clients see and send (default: --target as given; "
+                           f"{DEMO_MODEL_NAME} for the demo pair)")
+    http.add_argument("--chat-template", default="", metavar="FILE",
+                      help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own; "
+                           "without either, chat requests get a 400 that says so)")
 
 
 def worker_flags(args) -> dict[str, list[str]]:
@@ -220,12 +232,17 @@ def cmd_serve(args) -> None:
         max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
         tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
         curve_keys=curve_keys, health_port=args.health_port,
-        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout)
+        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout,
+        http_port=args.http_port, chat_template=plan.chat_template,
+        served_model_name=args.served_model_name or args.target or DEMO_MODEL_NAME)
     models = {"target": args.target_addr or target, "draft": args.draft_addr or draft}
 
     def describe(coordinator, workers: dict) -> list[str]:
-        extra = ({"plain-text health": f"{config.host}:{coordinator.health_port}"}
-                 if coordinator.health_port is not None else None)
+        extra = {}
+        if coordinator.health_port is not None:
+            extra["plain-text health"] = f"{config.host}:{coordinator.health_port}"
+        if coordinator.http_url:
+            extra["OpenAI-compatible HTTP"] = f"{coordinator.http_url} (model {config.served_model_name!r})"
         return summary_lines(models=models, workers=workers, pins=pins, pin_why=plan.pin_why, config=config,
                              port=coordinator.port, metrics_port=coordinator.metrics_port, extra_ports=extra)
 

@@ -42,7 +42,8 @@ SERVER_READY_TIMEOUT_S = 180.0
 READY_LOG_INTERVAL_S = 30.0
 # Restart back-off of a crashed worker: first delay, and the most it doubles to.
 RESTART_BACKOFF_S = (0.5, 30.0)
-READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)")
+# `specpipe serve`'s ready line (ready_line), as ServerProcess reads it.
+READY_SERVER = re.compile(r"specpipe serving on (\S+):(\d+)(?:, OpenAI-compatible HTTP on (\S+))?")
 READY_WORKER = re.compile(r"READY (\S+)(.*)")
 FAILED_LINE = re.compile(r"FAILED (\d+) (.*)")
 # The environment variable (and value) that makes a worker report a start-up failure on stdout.
@@ -286,6 +287,12 @@ class Supervisor:
             stop_process(worker.process)
 
 
+def ready_line(host: str, port: int, http_url: str | None) -> str:
+    """`specpipe serving on HOST:PORT[, OpenAI-compatible HTTP on URL]` (READY_SERVER reads it)."""
+    http = f", OpenAI-compatible HTTP on {http_url}" if http_url else ""
+    return f"specpipe serving on {host}:{port}{http}"
+
+
 async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "", describe=None) -> None:
     """Run the coordinator until SIGINT/SIGTERM, restarting crashed workers; then stop all.
     The gRPC port is bound first (health NOT_SERVING); then `spawn(timeouts=..., attach=...)`
@@ -329,7 +336,7 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
         watcher = asyncio.create_task(supervisor.watch())
         for line in describe(coordinator, workers) if describe else ():
             print(line, flush=True)
-        print(f"specpipe serving on {config.host}:{port}", flush=True)
+        print(ready_line(config.host, port, coordinator.http_url), flush=True)
         await stop.wait()
     finally:
         if watcher is not None:
@@ -363,7 +370,8 @@ async def _start_up(coordinator, spawn, coordinator_cpus: str) -> dict[str, Work
 
 
 class ServerProcess:
-    """`specpipe serve ...` as a child process; `addr` once ready. A context manager."""
+    """`specpipe serve ...` as a child process; `addr` once ready (and `http_url`, the HTTP API's
+    base URL, with --http-port; else None). A context manager."""
 
     def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING",
                  stderr=None):
@@ -381,6 +389,7 @@ class ServerProcess:
             self.stop()
             raise
         self.addr = f"{match.group(1)}:{match.group(2)}"
+        self.http_url = match.group(3)
 
     def stop(self) -> None:
         """SIGTERM the server's process group (coordinator and workers), then make sure."""

@@ -132,6 +132,19 @@ def check_tls(cert: str, key: str) -> None:
                          f"private key ({err.reason or err})") from None
 
 
+def read_chat_template(path: str) -> str:
+    """--chat-template's text ("" without one): a readable UTF-8 file."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as err:
+        raise UsageError(f"--chat-template {path}: cannot read it ({err.strerror}): give a Jinja chat template "
+                         f"file") from None
+    except UnicodeDecodeError:
+        raise UsageError(f"--chat-template {path}: not UTF-8 text: give a Jinja chat template file") from None
+
+
 def check_curve_keys(folder: str, server: bool) -> None:
     if not folder:
         return
@@ -281,11 +294,12 @@ def one_line(text: str) -> str:
 # -- all of `specpipe serve`'s checks, in order of cost ----------------------------------------------
 @dataclass(frozen=True)
 class ServePlan:
-    """What the checks settled: the models and where each process is pinned."""
+    """What the checks settled: the models, where each process is pinned, the chat template."""
     target: str
     draft: str
     pins: dict[str, str]   # "target" / "draft" / "coordinator" -> CPU list; missing or "" = not pinned
     pin_why: str           # for the start-up summary
+    chat_template: str = ""   # --chat-template's text; "" = none given
 
 
 def check_serve(args, demo_models) -> ServePlan:
@@ -301,9 +315,11 @@ def check_serve(args, demo_models) -> ServePlan:
     check_token_file(args.auth_token_file)
     check_tls(args.tls_cert, args.tls_key)
     check_curve_keys(args.curve_keys, server=spawn_target or spawn_draft)
+    chat_template = read_chat_template(args.chat_template)
     data_port = args.target_data_port if spawn_target and args.transport == "zmq" else None
     check_ports([("--port", "--host", args.host, args.port), ("--metrics-port", "--host", args.host, args.metrics_port),
                  ("--health-port", "--host", args.host, args.health_port),
+                 ("--http-port", "--host", args.host, args.http_port),
                  ("--target-data-port", "--worker-host", args.worker_host, data_port)])
     for flag, device, spawned in (("--target-device", args.target_device, spawn_target),
                                   ("--draft-device", args.draft_device, spawn_draft)):
@@ -320,7 +336,7 @@ def check_serve(args, demo_models) -> ServePlan:
         check_model("--draft", draft)
         check_tokenizers(target, draft)
     pins, why = choose_pins(args, spawn_target and spawn_draft)
-    return ServePlan(target, draft, pins, why)
+    return ServePlan(target, draft, pins, why, chat_template)
 
 
 def choose_pins(args, spawns_both: bool) -> tuple[dict[str, str], str]:

@@ -170,6 +170,11 @@ class CoordinatorConfig:
     # past the draft's, serve warns and goes on target-only until the draft answers (0 = never warn).
     target_startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
     draft_startup_timeout_s: float = DEFAULT_STARTUP_TIMEOUT_S
+    # The OpenAI-compatible HTTP API on `host` (coordinator/http.py): None = off, 0 = any free port.
+    # It shares the admission limits, auth token and TLS above with the gRPC port.
+    http_port: int | None = None
+    served_model_name: str = ""   # the model name HTTP clients see and send; "" = target_model
+    chat_template: str = ""       # a Jinja chat template's text (--chat-template FILE); "" = the tokenizer's
     log_format: str = "text"  # text | json (one JSON object per line)
     # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
     curve_keys: str = ""

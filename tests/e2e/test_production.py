@@ -3,18 +3,14 @@ deadlines, bearer-token auth, TLS, Prometheus metrics and JSON logs. One server 
 on (a server start costs ~20 s on two cores): every client here speaks TLS with the token, but
 for the plain-text health port (--health-port), which serves health alone.
 
-Method: to hold a request running for as long as a test needs, without depending on how fast
-the machine decodes, its client opens a channel with a tiny HTTP/2 receive window and stops
-reading after the first chunk: the server's next `write` waits on flow control, so the request
-stays admitted (and holds its slot and tokens) until the test reads on or cancels it. The
+Method: a request is held running for as long as a test needs, whatever the machine's speed, by
+a client that stops reading after the first chunk (tests/e2e/held.py: HeldRequest). The
 queue's state is read from the metrics endpoint (`specpipe:num_requests_waiting`), the workers'
 from GetStats.
 """
 
 from __future__ import annotations
 
-import datetime
-import ipaddress
 import json
 import socket
 import subprocess
@@ -25,10 +21,6 @@ import urllib.request
 
 import grpc
 import pytest
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
@@ -37,14 +29,13 @@ from specpipe import Client
 from specpipe.launch.local import ServerProcess
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
+from certificates import make_certificates
 from checks import is_idle
+from held import HeldRequest
 from tiny import PROMPTS
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-# A receive window this small (with BDP probing off) lets the server send only a few chunks
-# before its writes wait for the client to read.
-STALLING_CHANNEL = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
 LONG = dict(prompt_ids=PROMPTS[0], max_new_tokens=480, mode="autoregressive")   # 4 + 480 = 484 tokens
 
 
@@ -79,33 +70,6 @@ def idle(client: Client) -> bool:
     return is_idle(client.stats())
 
 
-class HeldRequest:
-    """A Generate call whose client reads one chunk and then stops reading (see the module doc)."""
-
-    def __init__(self, server, **params):
-        self.channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca),
-                                           options=STALLING_CHANNEL)
-        stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
-        request = specpipe_pb2.GenerateRequest(
-            prompt_ids=params["prompt_ids"], max_new_tokens=params["max_new_tokens"],
-            mode=specpipe_pb2.Mode.Value(f"MODE_{params['mode'].upper()}"))
-        self.stream = stub.Generate(request, timeout=params.get("timeout"), metadata=AUTH)
-        self.token_ids: list[int] = []
-
-    def first(self) -> "HeldRequest":
-        self.token_ids += next(self.stream).token_ids
-        return self
-
-    def rest(self) -> list[int]:
-        for response in self.stream:
-            self.token_ids += response.token_ids
-        return self.token_ids
-
-    def cancel(self) -> None:
-        self.stream.cancel()
-        self.channel.close()
-
-
 # -- a server with small limits, metrics and JSON logs --------------------------------------------
 class LoggedServer(ServerProcess):
     """`specpipe serve` with its stderr (coordinator and workers) kept in a file."""
@@ -135,6 +99,7 @@ def server(tiny_models, tmp_path_factory):
                            "--max-tokens-in-flight", "1000", "--log-format", "json"], folder / "serve.log")
     server.metrics_port, server.ca, server.folder = port, (folder / "ca.pem").read_bytes(), folder
     server.health_port = health_port
+    server.token = TOKEN
     yield server
     server.stop()
 
@@ -260,35 +225,6 @@ def test_json_logs_carry_the_request_id(server):
 
 
 # -- auth, TLS and metrics ----------------------------------------------------------------------
-def make_certificates(folder):
-    """A throwaway CA and a server certificate it signed for 127.0.0.1 and localhost."""
-    now = datetime.datetime.now(datetime.timezone.utc)
-
-    def cert(subject, issuer, public_key, signing_key, *, ca: bool, sans=None):
-        builder = (x509.CertificateBuilder().subject_name(subject).issuer_name(issuer).public_key(public_key)
-                   .serial_number(x509.random_serial_number()).not_valid_before(now - datetime.timedelta(hours=1))
-                   .not_valid_after(now + datetime.timedelta(days=1))
-                   .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
-        if sans:
-            builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
-        return builder.sign(signing_key, hashes.SHA256())
-
-    name = lambda cn: x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])  # noqa: E731
-    ca_key, server_key = ec.generate_private_key(ec.SECP256R1()), ec.generate_private_key(ec.SECP256R1())
-    ca = cert(name("specpipe test CA"), name("specpipe test CA"), ca_key.public_key(), ca_key, ca=True)
-    server = cert(name("localhost"), ca.subject, server_key.public_key(), ca_key, ca=False,
-                  sans=[x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])
-    pem = serialization.Encoding.PEM
-    (folder / "ca.pem").write_bytes(ca.public_bytes(pem))
-    (folder / "server.pem").write_bytes(server.public_bytes(pem))
-    (folder / "server.key").write_bytes(server_key.private_bytes(
-        pem, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()))
-    other_key = ec.generate_private_key(ec.SECP256R1())
-    other = cert(name("another CA"), name("another CA"), other_key.public_key(), other_key, ca=True)
-    (folder / "other-ca.pem").write_bytes(other.public_bytes(pem))
-    return folder
-
-
 def test_tls_with_the_token_is_served(server, hf_greedy):
     with connect(server, timeout=30) as client:
         token_ids, _, last = client.complete(prompt_ids=PROMPTS[2], max_new_tokens=16)

@@ -76,6 +76,7 @@ def files(tiny_models, tmp_path_factory):
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     (root / "empty_token").write_text("\n")
     (root / "not.pem").write_text("hello\n")
+    (root / "latin1.jinja").write_bytes("{{ 'caf\u00e9' }}".encode("latin-1"))
     (root / "no_config").mkdir()
     return {"root": root, "other": other, "broken": broken}
 
@@ -95,6 +96,7 @@ MISTAKES = [
      ["do not share a tokenizer", "vocabulary sizes differ"]),
     ("gRPC port in use", lambda t, f, p: ["--port", str(p)], 2, ["--port {port}", "already in use"]),
     ("metrics port in use", lambda t, f, p: ["--metrics-port", str(p)], 2, ["--metrics-port {port}", "already in use"]),
+    ("HTTP port in use", lambda t, f, p: ["--http-port", str(p)], 2, ["--http-port {port}", "already in use"]),
     ("not an address here", lambda t, f, p: ["--host", "192.0.2.1"], 2, ["--host 192.0.2.1"]),
     ("device that does not exist", lambda t, f, p: ["--target-device", "cuda:99"], 2, ["--target-device cuda:99"]),
     ("not a device", lambda t, f, p: ["--draft-device", "gpu"], 2, ["--draft-device gpu", "not a device name"]),
@@ -110,6 +112,10 @@ MISTAKES = [
                                              str(f["root"] / "not.pem")], 2, ["--tls-cert", "cannot read"]),
     ("TLS files not PEM", lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem"), "--tls-key",
                                            str(f["root"] / "not.pem")], 2, ["not a PEM certificate chain"]),
+    ("chat template missing", lambda t, f, p: ["--http-port", "0", "--chat-template", str(f["root"] / "nope.jinja")],
+     2, ["--chat-template", "nope.jinja", "cannot read"]),
+    ("chat template not UTF-8", lambda t, f, p: ["--chat-template", str(f["root"] / "latin1.jinja")], 2,
+     ["--chat-template", "not UTF-8"]),
     ("CURVE folder missing", lambda t, f, p: ["--curve-keys", str(f["root"] / "nokeys")], 2, ["--curve-keys"]),
     ("a worker that cannot load its model", lambda t, f, p: dict(target=f["broken"]), 2,
      ["the target worker could not start", "cannot load model", "broken"]),

@@ -1,0 +1,46 @@
+"""A request held running for as long as a test needs, whatever the machine's speed
+(importable: `from held import HeldRequest`).
+
+Its client opens a channel with a tiny HTTP/2 receive window and stops reading after the first
+chunk: the server's next `write` waits on flow control, so the request stays admitted (and holds
+its slot and tokens) until the test reads on or cancels it.
+"""
+
+from __future__ import annotations
+
+import grpc
+
+from specpipe.modes import Mode
+from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
+
+# A receive window this small (with BDP probing off) lets the server send only a few chunks
+# before its writes wait for the client to read.
+STALLING_CHANNEL = [("grpc.http2.lookahead_bytes", 1024), ("grpc.http2.bdp_probe", 0)]
+
+
+class HeldRequest:
+    """A Generate call whose client reads one chunk and then stops reading (see the module doc).
+    `server`: a TLS server with `addr`, `ca` (the CA's PEM) and `token`."""
+
+    def __init__(self, server, **params):
+        self.channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca),
+                                           options=STALLING_CHANNEL)
+        stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
+        request = specpipe_pb2.GenerateRequest(
+            prompt_ids=params["prompt_ids"], max_new_tokens=params["max_new_tokens"],
+            mode=Mode(params["mode"]).proto)
+        self.stream = stub.Generate(request, timeout=params.get("timeout"), metadata=(("authorization", f"Bearer {server.token}"),))
+        self.token_ids: list[int] = []
+
+    def first(self) -> "HeldRequest":
+        self.token_ids += next(self.stream).token_ids
+        return self
+
+    def rest(self) -> list[int]:
+        for response in self.stream:
+            self.token_ids += response.token_ids
+        return self.token_ids
+
+    def cancel(self) -> None:
+        self.stream.cancel()
+        self.channel.close()
