@@ -18,7 +18,7 @@ from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2   # 2: the concurrency axis ("load")
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -37,7 +37,7 @@ BOUND_KIND = {"hf_autoregressive": "autoregressive", "hf_autoregressive_2threads
               "specpipe_pipelined": "overlapped", "specpipe_specbranch": "overlapped"}
 RESULT_KEYS = ("schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models",
                "prompts", "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server",
-               "summary", "correctness", "latency")
+               "summary", "correctness", "latency", "load")
 SUMMARY_KEYS = ("error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
                 "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
                 "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
@@ -264,9 +264,25 @@ def markdown(results: dict) -> str:
     errors = {**results["errors"], **results["latency"].get("errors", {})}
     if errors:
         lines += ["Errors: " + "; ".join(f"`{name}`: {_cell(error)}" for name, error in errors.items()), ""]
-    lines += latency_lines(results["latency"]) + cost_lines(results) + ["Made with:", "", "```",
+    lines += load_lines(results["load"]) + latency_lines(results["latency"]) + cost_lines(results) + ["Made with:", "", "```",
                                                                           results["command_line"], "```", ""]
     return "\n".join(lines)
+
+
+def load_lines(load: dict) -> list[str]:
+    from specpipe.launch.bench.load import load_summary_rows
+    if not load.get("levels"):
+        why = load.get("skipped") or load.get("error") or "no levels"
+        return ["## Concurrency", "", _cell(f"Not run: {why}") + ".", ""]
+    return ["## Concurrency: throughput against clients", "",
+            f"Each level: N clients at once, {load['requests_per_client']} requests each of up to "
+            f"{load['max_new_tokens']} tokens, through one server; the baseline is HF `generate` with a static "
+            "left-padded batch of N (every row run to the full length; the better of 1 and 2 threads). Cells: "
+            "aggregate tokens/s (× over the HF batch of the same N); request latency p50/p99; mean rows per "
+            "forward, target/draft.", "",
+            "| clients | T | HF batch tokens/s | " + " | ".join(load["modes"]) + " |",
+            "|" + "---|" * (3 + len(load["modes"]))] + [
+        "| " + " | ".join(row) + " |" for row in load_summary_rows(load)] + [""]
 
 
 def latency_lines(latency: dict) -> list[str]:
@@ -320,7 +336,8 @@ def plot(results: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    figure, (left, right) = plt.subplots(1, 2, figsize=(14, 5.5))
+    figure, (left, right, third) = plt.subplots(1, 3, figsize=(20, 5.5))
+    plot_load(results["load"], third)
     temperatures = list(results["summary"])
     names = [name for name in LABELS if any(name in results["summary"][t] for t in temperatures)]
     width = 0.8 / max(len(temperatures), 1)
@@ -361,3 +378,26 @@ def plot(results: dict, path: Path) -> None:
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     plt.close(figure)
+
+
+def plot_load(load: dict, axes) -> None:
+    """Aggregate tokens/s against clients, greedy: each mode and the HF static batch."""
+    levels = [level for level in load.get("levels", []) if level["temperature"] == 0]
+    if not levels:
+        axes.text(0.5, 0.5, "concurrency axis not run", ha="center", va="center", transform=axes.transAxes)
+        axes.set_axis_off()
+        return
+    clients = [level["clients"] for level in levels]
+    axes.plot(clients, [level["hf_best"]["tokens_per_second"] for level in levels], marker="s", linestyle="--",
+              color="grey", label="HF generate, static batch")
+    for mode in load["modes"]:
+        points = [(level["clients"], level["specpipe"][mode].get("tokens_per_second")) for level in levels]
+        points = [(n, value) for n, value in points if value]
+        if points:
+            axes.plot([n for n, _ in points], [value for _, value in points], marker="o", label=mode)
+    axes.set_xscale("log", base=2)
+    axes.set_xticks(clients, [str(n) for n in clients])
+    axes.set_xlabel("concurrent clients")
+    axes.set_ylabel("aggregate tokens/s, greedy")
+    axes.set_title("Throughput against clients")
+    axes.legend()

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specpipe.launch.bench.link import QUIET_ENV, choose_link
+from specpipe.launch.bench.load import run_load_axis
 from specpipe.launch.bench.runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
                                            specpipe_method, tune_assistant, warm_up)
 from specpipe.modes import MODE_NAMES, Mode
@@ -25,8 +26,10 @@ logger = logging.getLogger(__name__)
 # The modes whose draft sits behind the link: every mode that drafts.
 LATENCY_MODES = tuple(mode for mode in Mode if mode != Mode.AUTOREGRESSIVE)
 # Defaults: the full run fits 20 minutes on 2 cores with the demo pair; --quick about two.
-FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8)}
-QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4)}
+FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8),
+        "clients": "1,4,8,16,32"}
+QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4),
+         "clients": "1,8"}
 REQUEST_TIMEOUT_S = 300.0  # a hung mode becomes that method's error, not a hung benchmark
 
 
@@ -41,6 +44,7 @@ class BenchConfig:
     temperatures: tuple[float, ...]
     modes: tuple[Mode, ...]
     latencies_ms: tuple[float, ...]  # empty: no latency axis
+    clients: tuple[int, ...]  # the concurrency axis' levels; empty: not run
     link: str  # auto | netns | proxy
     num_draft_tokens: int
     assistant_grid: tuple[int, ...]  # fixed num_assistant_tokens tried for HF's best
@@ -68,6 +72,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--modes", default=",".join(MODE_NAMES), help="specpipe modes to run (default all)")
     parser.add_argument("--latencies", help="one-way draft link latencies in ms, comma-separated, or 'none' "
                                             f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
+    parser.add_argument("--clients", help="concurrent clients of the concurrency axis, comma-separated, or 'none' "
+                                          f"(default {FULL['clients']}, quick {QUICK['clients']})")
     parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                         help="latency link: network namespace + netem, or a simulated TCP delay relay "
                              "(auto: netns where it works)")
@@ -98,11 +104,15 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
     latencies = _floats(args.latencies if args.latencies is not None else preset["latencies"])
     if any(value < 0 for value in latencies):
         raise SystemExit("--latencies must be >= 0 ms")
+    clients = tuple(int(n) for n in _floats(args.clients if args.clients is not None else preset["clients"]))
+    if any(n < 1 for n in clients):
+        raise SystemExit("--clients must be >= 1")
     return BenchConfig(
         target=args.target, draft=args.draft, prompts_file=args.prompts_file,
         num_prompts=args.num_prompts or preset["num_prompts"],
         max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], trials=args.trials or preset["trials"],
-        temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, link=args.link,
+        temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, clients=clients,
+        link=args.link,
         num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick,
         pin=args.pin, out=args.out, seed=args.seed,
         command_line=command_line)
@@ -214,7 +224,8 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     methods = 4 + len(config.modes)
     per_prompt = (1 + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
                   + config.trials * len(config.latencies_ms) * len(latency_modes))
-    return num_prompts * per_prompt + len(config.modes) + len(latency_modes)
+    load = len(config.clients) * len(config.temperatures) * len(config.modes)
+    return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load
 
 
 def run(config: BenchConfig) -> dict:
@@ -246,6 +257,9 @@ def run(config: BenchConfig) -> dict:
             jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods])
         errors = dict(runner.failed)
         latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
+        bar.set_postfix_str("concurrency axis")
+        load = (run_load_axis(config, serve_flags, hf, prompts, reference, bar) if config.clients
+                else {"skipped": "no levels asked for (--clients none)"})
         bar.set_postfix_str("timing one step of each model")
         context = prompts[0] + reference[0][:config.max_new_tokens // 2]  # about the mean context of a request
         costs = measure_costs(hf, context, report.needed_ks(records))
@@ -256,7 +270,7 @@ def run(config: BenchConfig) -> dict:
                        "draft_params": hf.draft.num_parameters()},
             "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
             "reference_outputs": reference, "costs": costs, "hf_assisted_grid": grid, "trials": records,
-            "errors": errors, "server": server, "latency": latency}
+            "errors": errors, "server": server, "latency": latency, "load": load}
 
 
 def vars_of(config: BenchConfig) -> dict:

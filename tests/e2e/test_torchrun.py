@@ -9,6 +9,7 @@ SignalException), so each rank's exit code is read from the line it logs on its 
 
 from __future__ import annotations
 
+import contextlib
 import os
 import queue
 import re
@@ -78,9 +79,15 @@ class Torchrun:
         return found
 
     def kill(self) -> None:
+        """torchrun, its ranks and the coordinator: the ranks run in sessions of their own, so the
+        process group alone would leave them (and their servers) orphaned."""
+        processes = self.descendants()
         if self.process.poll() is None:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait()
+        for pid in processes:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 @pytest.fixture(scope="module")

@@ -19,7 +19,7 @@ ALWAYS_RUN = {"hf_autoregressive", "hf_autoregressive_2threads", "hf_assisted_de
               "specpipe_autoregressive", "specpipe_sequential"}
 TOP_LEVEL = {"schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models", "prompts",
              "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server", "summary",
-             "correctness", "latency"}
+             "correctness", "latency", "load"}
 METHOD_FIELDS = {"error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
                  "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
                  "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
@@ -88,6 +88,27 @@ def test_json_has_every_documented_field(bench_run):
     assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
     assert results["server"]["leaked"] is False
     assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
+
+
+def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run):
+    """--quick runs 1 and 8 clients: for each level and temperature, the HF static batch (1 and 2
+    threads) and every mode, with its ratio over the batch, latency percentiles and the workers'
+    mean batch; greedy outputs equal the target's own."""
+    _, out, results = bench_run
+    load = results["load"]
+    assert [(level["clients"], level["temperature"]) for level in load["levels"]] == \
+        [(1, 0.0), (1, 1.0), (8, 0.0), (8, 1.0)]
+    for level in load["levels"]:
+        assert set(level["hf_static_batch"]) == {"1", "2"} and level["hf_best"]["tokens_per_second"] > 0
+        for mode, record in level["specpipe"].items():
+            assert "error" not in record, (mode, record)
+            assert record["tokens"] > 0 and record["over_hf_batch"] > 0
+            assert record["latency_p50_s"] <= record["latency_p99_s"] <= record["latency_max_s"]
+            if level["temperature"] == 0:
+                assert record["matches_reference"] is True, mode
+            if level["clients"] == 8:
+                assert record["mean_batch"]["target"]["rows"] > 1, (mode, record["mean_batch"])
+    assert "## Concurrency" in (out / "results.md").read_text()
     assert results["config"]["trials"] == 2 and results["command_line"].startswith("specpipe bench --quick")
 
 
