@@ -391,10 +391,16 @@ class ServerProcess:
         self.addr = f"{match.group(1)}:{match.group(2)}"
         self.http_url = match.group(3)
 
+    def terminate(self) -> None:
+        """SIGTERM the server's process group (coordinator and workers); stop() waits for it. Many
+        servers stop in the time of one when all are terminated first."""
+        if self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGTERM)
+
     def stop(self) -> None:
         """SIGTERM the server's process group (coordinator and workers), then make sure."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            self.terminate()
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:

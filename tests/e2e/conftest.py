@@ -24,6 +24,8 @@ def serve(tiny_models):
         return servers[key]
 
     yield start
+    for server in servers.values():   # all at once: each takes seconds to exit
+        server.terminate()
     for server in servers.values():
         server.stop()
 
