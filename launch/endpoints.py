@@ -139,7 +139,7 @@ def serve_worker_flags(args, runtime, flags: dict[str, list[str]]) -> dict[str, 
 
 def describe(runtime, workers: dict, curve: bool) -> str:
     """The start-up summary's line on the internal sockets."""
-    secured = "CURVE" if curve else "plain"
+    secured = "CURVE" if curve else "no CURVE"
     tcp = [f"{role} {endpoint}" for role, worker in sorted(workers.items())
            for endpoint in (worker.endpoint, worker.data_endpoint) if endpoint.startswith("tcp://")]
     where = f"ipc in {runtime.path} (mode 0700: this user only)" if runtime is not None else "none spawned"

@@ -392,10 +392,11 @@ class ServerProcess:
         self.addr = f"{match.group(1)}:{match.group(2)}"
         self.http_url = match.group(3)
 
-    def stop(self) -> None:
-        """SIGTERM the server's process group (coordinator and workers), then make sure."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server's process group (coordinator and workers; SIGINT: what Ctrl-C in its
+        terminal sends), then make sure."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, sig)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:
