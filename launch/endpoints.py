@@ -95,10 +95,10 @@ def require_private_ipc(named: list[tuple[str, str]], insecure: bool) -> None:
 def check_worker(config) -> None:
     """A worker's own endpoints (WorkerConfig), before it loads anything: its binds and, for the
     draft, its data-plane connection to the target."""
-    binds = [("the control socket", config.bind)]
+    binds = [("the control socket (--host, --port, --bind)", config.bind)]
     if config.transport == "zmq" and config.role == "target":
-        binds.append(("the data-plane socket", config.data_bind))
-    connects = [("the data-plane connection to", config.target_data_addr)] if config.role == "draft" else []
+        binds.append(("the data-plane socket (--host, --data-port, --data-bind)", config.data_bind))
+    connects = [("--target-data-addr", config.target_data_addr)] if config.role == "draft" else []
     require_private_ipc(binds, config.insecure_internal)
     require_secure(binds + connects, config.curve_keys, config.insecure_internal)
 
