@@ -63,7 +63,8 @@ def test_a_lone_worker_checks_its_binds_and_its_data_plane_connection(tmp_path):
     open_folder = tmp_path / "open"
     open_folder.mkdir(mode=0o755)
     open_folder.chmod(0o755)
-    with pytest.raises(UsageError, match=r"open has mode 0755: other users may enter it.*mkdir -m 700 DIR\), or give --insecure-internal"):
+    with pytest.raises(UsageError, match=r"open has mode 0755: other users may enter it.*mkdir -m 700 DIR\), "
+                                         r"or give --insecure-internal"):
         endpoints.check_worker(worker("draft", bind=f"ipc://{open_folder}/draft.sock"))
     with RuntimeDir(str(tmp_path)) as runtime:
         endpoints.check_worker(worker("draft", bind=runtime.endpoint("draft.sock")))
