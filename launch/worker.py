@@ -111,6 +111,14 @@ def main(role: str, argv=None) -> None:
         os._exit(0)
 
 
+def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageError:
+    """The one line for a socket that cannot bind; `flags`: (the port's flag, the endpoint's)."""
+    if endpoint.startswith("ipc://"):
+        return UsageError(f"{flags[1]}: cannot bind {endpoint} ({err}): the folder must exist and be this user's, "
+                          f"and the path fit in 103 bytes")
+    return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
+
+
 def start(config: WorkerConfig):
     """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
     Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
@@ -136,15 +144,13 @@ def start(config: WorkerConfig):
     try:
         engine, data_endpoint = build_engine(config, model, device, curve_keys)
     except zmq.ZMQError as err:
-        flag = "--data-port" if config.data_bind.startswith("tcp://") else "--data-bind"
-        raise UsageError(f"{flag}: cannot bind {config.data_bind} ({err}): pick a free port, or 0 for any") from None
+        raise bind_error(("--data-port", "--data-bind"), config.data_bind, err) from None
     except UnsupportedModel as err:
         raise UsageError(f"--model {config.model}: {err}") from None
     try:
         loop = WorkerLoop(engine, config.role, config.bind, curve_keys=curve_keys)
     except zmq.ZMQError as err:
-        flag = "--port" if config.bind.startswith("tcp://") else "--bind"
-        raise UsageError(f"{flag}: cannot bind {config.bind} ({err}): pick a free port, or 0 for any") from None
+        raise bind_error(("--port", "--bind"), config.bind, err) from None
     # What the launcher prints in its start-up summary.
     ready = f" data={data_endpoint}" if data_endpoint else ""
     params = sum(param.numel() for param in model.parameters()) if model is not None else 0
