@@ -2,8 +2,9 @@
 user's, under a private $XDG_RUNTIME_DIR and not under someone else's or an open one, new every
 time, gone with everything in it after close; a stale folder (its maker killed, its lock free) is
 removed by the next one, a live one (another process holds its lock) and anything not named like
-ours are left. What a server does with it (sockets only its user reaches, removal at Ctrl-C) is
-tested end to end in tests/e2e/test_private_sockets.py."""
+ours are left. What a server does with it is tested end to end: sockets only its user reaches in
+tests/e2e/test_private_sockets.py, removal at Ctrl-C in tests/e2e/test_serving.py (--pin none)
+and, per rank, in tests/e2e/test_torchrun.py."""
 
 from __future__ import annotations
 
