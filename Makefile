@@ -19,6 +19,7 @@ demo: venv
 	$(BIN)/specpipe demo
 
 test: venv
+	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
 
 proto: venv

@@ -14,11 +14,12 @@ from collections import Counter
 from pathlib import Path
 
 from specpipe.acceptance import expected_tokens
+from specpipe.launch.bench.rules import SETTINGS, method_name, setting_key
 from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2   # 2: the concurrency axis ("load")
+SCHEMA_VERSION = 3   # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules")
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -37,7 +38,7 @@ BOUND_KIND = {"hf_autoregressive": "autoregressive", "hf_autoregressive_2threads
               "specpipe_pipelined": "overlapped", "specpipe_specbranch": "overlapped"}
 RESULT_KEYS = ("schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models",
                "prompts", "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server",
-               "summary", "correctness", "latency", "load")
+               "summary", "correctness", "latency", "load", "rules")
 SUMMARY_KEYS = ("error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
                 "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
                 "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
@@ -159,6 +160,25 @@ def summarize_group(records: list[dict], temperature: float, errors: dict, costs
     return summaries
 
 
+def summarize_rules(rules: dict) -> None:
+    """rules["summary"][setting][method]: the method summary; speedup is × over specpipe
+    autoregressive with the same rule and setting in the same trial."""
+    if "trials" not in rules:
+        return
+    rules["summary"] = {}
+    for temperature, top_p in SETTINGS:
+        records = [r for r in rules["trials"] if r["temperature"] == temperature and r["top_p"] == top_p]
+        summaries = rules["summary"][setting_key(temperature, top_p)] = {}
+        for rule in rules["rules"]:
+            reference = method_name(Mode.AUTOREGRESSIVE, rule)
+            baseline = {r["trial"]: r["tokens_per_second"] for r in records
+                        if r["method"] == reference and r["error"] is None}
+            for mode in [Mode.AUTOREGRESSIVE, *map(Mode, rules["modes"])]:
+                name = method_name(mode, rule)
+                summaries[name] = method_summary([r for r in records if r["method"] == name], baseline,
+                                                 rules["errors"].get(name), greedy=False)
+
+
 def mismatches(records: list[dict], reference: list[list[int]]) -> list[dict]:
     found = []
     for record in records:
@@ -185,6 +205,7 @@ def summarize(results: dict) -> dict:
                                        latency["errors"], None, "specpipe_sequential")
             for ms in latency["latencies_ms"]}
     found = mismatches(results["trials"] + latency.get("trials", []), results["reference_outputs"])
+    summarize_rules(results["rules"])
     results["correctness"] = {"reference": "hf_autoregressive, greedy", "all_match": not found,
                               "mismatches": found}
     results["schema_version"] = SCHEMA_VERSION
@@ -199,6 +220,7 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     paths[0].write_text(json.dumps(results, indent=1) + "\n")
     paths[1].write_text(markdown(results))
     try:
+        from specpipe.launch.bench.plot import plot
         plot(results, out / "speedup.png")
         paths.append(out / "speedup.png")
     except ImportError as err:
@@ -261,11 +283,11 @@ def markdown(results: dict) -> str:
         title = "Greedy (temperature 0)" if float(temperature) == 0 else f"Sampling, temperature {temperature}"
         lines += [f"## {title}", "", header, "|" + "---|" * 13]
         lines += [method_row(name, s) for name, s in summaries.items()] + [""]
-    errors = {**results["errors"], **results["latency"].get("errors", {})}
+    errors = {**results["errors"], **results["latency"].get("errors", {}), **results["rules"].get("errors", {})}
     if errors:
         lines += ["Errors: " + "; ".join(f"`{name}`: {_cell(error)}" for name, error in errors.items()), ""]
-    lines += load_lines(results["load"]) + latency_lines(results["latency"]) + cost_lines(results) + ["Made with:", "", "```",
-                                                                          results["command_line"], "```", ""]
+    lines += (load_lines(results["load"]) + rules_lines(results["rules"]) + latency_lines(results["latency"])
+              + cost_lines(results) + ["Made with:", "", "```", results["command_line"], "```", ""])
     return "\n".join(lines)
 
 
@@ -283,6 +305,33 @@ def load_lines(load: dict) -> list[str]:
             "| clients | T | HF batch tokens/s | " + " | ".join(load["modes"]) + " |",
             "|" + "---|" * (3 + len(load["modes"]))] + [
         "| " + " | ".join(row) + " |" for row in load_summary_rows(load)] + [""]
+
+
+def rules_lines(rules: dict) -> list[str]:
+    """A row per mode and rule (autoregressive first, the reference), a column per setting."""
+    if "summary" not in rules:
+        return ["## Sampling rules", "", _cell(f"Not run: {rules.get('skipped') or rules.get('error')}") + ".", ""]
+    settings = list(rules["summary"])
+    lines = ["## Sampling rules: Leviathan against drafter-invariant (seeded requests)", "",
+             "Cells: acceptance (accepted / drafted); tokens per verification; tokens/s, median [min–max], and "
+             "× over specpipe autoregressive with the same rule and setting in the same trial.", "",
+             "| Mode | rule | " + " | ".join(settings) + " |", "|" + "---|" * (len(settings) + 2)]
+    rows = [(mode, rule) for rule in rules["rules"] for mode in [Mode.AUTOREGRESSIVE, *map(Mode, rules["modes"])]]
+    for mode, rule in rows:
+        cells = []
+        for setting in settings:
+            s = rules["summary"][setting][method_name(mode, rule)]
+            if not s["trials"]:
+                cells.append(f"error: {_cell(s['error'])}" if s["error"] else "–")
+                continue
+            if mode == Mode.AUTOREGRESSIVE:   # the reference: nothing drafted
+                cells.append(_spread_text(s["tokens_per_second"]))
+                continue
+            cells.append(f"{_number(s['acceptance_rate'])}; {_number(s['tokens_per_verification'])} tok/verify; "
+                         + _spread_text(s["tokens_per_second"])
+                         + (f" ({s['speedup']['median']:.2f}×)" if s["speedup"] else ""))
+        lines.append(f"| {mode} | {rule} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def latency_lines(latency: dict) -> list[str]:
@@ -329,75 +378,3 @@ def cost_lines(results: dict) -> list[str]:
     lines += ["", f"Server over the run: {workers}; coordinator CPU {share} while serving; "
                   f"{'state LEAKED on a worker' if server['leaked'] else 'no state left on the workers'}.", ""]
     return lines
-
-
-def plot(results: dict, path: Path) -> None:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, (left, right, third) = plt.subplots(1, 3, figsize=(20, 5.5))
-    plot_load(results["load"], third)
-    temperatures = list(results["summary"])
-    names = [name for name in LABELS if any(name in results["summary"][t] for t in temperatures)]
-    width = 0.8 / max(len(temperatures), 1)
-    for i, temperature in enumerate(temperatures):
-        xs, heights, errors = [], [], [[], []]
-        for j, name in enumerate(names):
-            speedup = (results["summary"][temperature].get(name) or {}).get("speedup")
-            if speedup:
-                xs.append(j + (i - (len(temperatures) - 1) / 2) * width)
-                heights.append(speedup["median"])
-                errors[0].append(speedup["median"] - speedup["min"])
-                errors[1].append(speedup["max"] - speedup["median"])
-        left.bar(xs, heights, width, yerr=errors, capsize=3, label=f"T = {temperature}")
-    left.axhline(1.0, color="grey", linewidth=0.8, linestyle="--")
-    left.set_xticks(range(len(names)), [LABELS[name].replace(" (baseline)", "") for name in names],
-                    rotation=30, ha="right", fontsize=8)
-    left.set_ylabel("speedup over HF autoregressive, 1 thread (median, min–max)")
-    left.set_title("Speedup per method")
-    left.legend()
-    latency = results["latency"]
-    if "summary" in latency:
-        columns = list(latency["summary"])
-        for mode in latency["modes"]:
-            points = [(float(ms), latency["summary"][ms].get(f"specpipe_{mode}")) for ms in columns]
-            points = [(ms, s["tokens_per_second"]) for ms, s in points if s and s["tokens_per_second"]]
-            if points:
-                right.errorbar([ms for ms, _ in points], [v["median"] for _, v in points], marker="o", capsize=3,
-                               yerr=[[v["median"] - v["min"] for _, v in points],
-                                     [v["max"] - v["median"] for _, v in points]], label=mode)
-        right.set_xlabel("one-way draft link latency, ms" + (" (simulated)" if latency["simulated"] else ""))
-        right.set_ylabel("tokens/s, greedy (median, min–max)")
-        right.set_title("specpipe with the draft behind a link of given latency")
-        right.legend()
-    else:
-        right.text(0.5, 0.5, f"latency axis not run:\n{latency.get('skipped') or latency.get('error')}",
-                   ha="center", va="center", wrap=True, transform=right.transAxes)
-        right.set_axis_off()
-    figure.tight_layout()
-    figure.savefig(path, dpi=120)
-    plt.close(figure)
-
-
-def plot_load(load: dict, axes) -> None:
-    """Aggregate tokens/s against clients, greedy: each mode and the HF static batch."""
-    levels = [level for level in load.get("levels", []) if level["temperature"] == 0]
-    if not levels:
-        axes.text(0.5, 0.5, "concurrency axis not run", ha="center", va="center", transform=axes.transAxes)
-        axes.set_axis_off()
-        return
-    clients = [level["clients"] for level in levels]
-    axes.plot(clients, [level["hf_best"]["tokens_per_second"] for level in levels], marker="s", linestyle="--",
-              color="grey", label="HF generate, static batch")
-    for mode in load["modes"]:
-        points = [(level["clients"], level["specpipe"][mode].get("tokens_per_second")) for level in levels]
-        points = [(n, value) for n, value in points if value]
-        if points:
-            axes.plot([n for n, _ in points], [value for _, value in points], marker="o", label=mode)
-    axes.set_xscale("log", base=2)
-    axes.set_xticks(clients, [str(n) for n in clients])
-    axes.set_xlabel("concurrent clients")
-    axes.set_ylabel("aggregate tokens/s, greedy")
-    axes.set_title("Throughput against clients")
-    axes.legend()

@@ -19,6 +19,7 @@ from specpipe.launch.bench.link import QUIET_ENV, choose_link
 from specpipe.launch.bench.load import run_load_axis
 from specpipe.launch.bench.runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
                                            specpipe_method, tune_assistant, warm_up)
+from specpipe.launch.bench.rules import RULE_MODES, RULES, SETTINGS, with_params
 from specpipe.modes import MODE_NAMES, Mode
 
 logger = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class BenchConfig:
     modes: tuple[Mode, ...]
     latencies_ms: tuple[float, ...]  # empty: no latency axis
     clients: tuple[int, ...]  # the concurrency axis' levels; empty: not run
+    rules: bool  # the sampling-rules axis (Leviathan against drafter-invariant)
     link: str  # auto | netns | proxy
     num_draft_tokens: int
     assistant_grid: tuple[int, ...]  # fixed num_assistant_tokens tried for HF's best
@@ -74,6 +76,9 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
                                             f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
     parser.add_argument("--clients", help="concurrent clients of the concurrency axis, comma-separated, or 'none' "
                                           f"(default {FULL['clients']}, quick {QUICK['clients']})")
+    parser.add_argument("--rules", default="both", choices=["both", "none"],
+                        help="the sampling-rules axis: seeded requests at T=1 and at T=0.7 / top_p 0.9 with the "
+                             "default rule and with drafter_invariant, sequential and specbranch (default both)")
     parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
                         help="latency link: network namespace + netem, or a simulated TCP delay relay "
                              "(auto: netns where it works)")
@@ -112,7 +117,7 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
         num_prompts=args.num_prompts or preset["num_prompts"],
         max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], trials=args.trials or preset["trials"],
         temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, clients=clients,
-        link=args.link,
+        rules=args.rules == "both", link=args.link,
         num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick,
         pin=args.pin, out=args.out, seed=args.seed,
         command_line=command_line)
@@ -219,6 +224,29 @@ def run_latency_axis(config: BenchConfig, serve_flags: list[str], draft: str, ru
     return result
 
 
+def run_rules_axis(config: BenchConfig, serve_flags: list[str], runner: TrialRunner) -> dict:
+    """Seeded trials of every (setting, rule, mode), autoregressive included, interleaved, through
+    one server (rules.py)."""
+    modes = [mode for mode in RULE_MODES if mode in config.modes]
+    if not config.rules:
+        return {"skipped": "not asked for (--rules none)"}
+    if not modes:
+        return {"skipped": "none of sequential, specbranch in --modes"}
+    server_modes = [Mode.AUTOREGRESSIVE, *modes]
+
+    def jobs(methods):  # autoregressive with each rule too: the rule decides how the target samples
+        return [(with_params(method, rule, top_p=top_p, drafter_invariant=invariant), temperature,
+                 {"top_p": top_p, "rule": rule})
+                for temperature, top_p in SETTINGS for rule, invariant in RULES.items() for method in methods]
+
+    result = {"settings": [list(setting) for setting in SETTINGS], "rules": list(RULES),
+              "modes": [str(mode) for mode in modes]}
+    result["trials"], result["server"] = serve_and_run(config, serve_flags, runner, server_modes,
+                                                       seed=config.seed + 2, jobs=jobs)
+    result["errors"] = {name: error for name, error in runner.failed.items() if "+" in name}
+    return result
+
+
 def progress_total(config: BenchConfig, num_prompts: int) -> int:
     """Requests the run makes: reference, calibration grid, trials, warm-ups, latency axis."""
     latency_modes = [mode for mode in LATENCY_MODES if mode in config.modes] if config.latencies_ms else []
@@ -226,7 +254,10 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     per_prompt = (1 + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
                   + config.trials * len(config.latencies_ms) * len(latency_modes))
     load = len(config.clients) * len(config.temperatures) * len(config.modes)
-    return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load
+    rule_modes = [mode for mode in RULE_MODES if mode in config.modes] if config.rules else []
+    rules = (len(SETTINGS) * config.trials * num_prompts * len(RULES) * (1 + len(rule_modes)) + 1 + len(rule_modes)
+             if rule_modes else 0)
+    return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load + rules
 
 
 def run(config: BenchConfig) -> dict:
@@ -258,6 +289,8 @@ def run(config: BenchConfig) -> dict:
             jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods])
         errors = dict(runner.failed)
         latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
+        bar.set_postfix_str("sampling rules")
+        rules = run_rules_axis(config, serve_flags, runner)
         bar.set_postfix_str("concurrency axis")
         load = (run_load_axis(config, serve_flags, hf, prompts, reference, bar) if config.clients
                 else {"skipped": "no levels asked for (--clients none)"})
@@ -271,7 +304,7 @@ def run(config: BenchConfig) -> dict:
                        "draft_params": hf.draft.num_parameters()},
             "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
             "reference_outputs": reference, "costs": costs, "hf_assisted_grid": grid, "trials": records,
-            "errors": errors, "server": server, "latency": latency, "load": load}
+            "errors": errors, "server": server, "latency": latency, "load": load, "rules": rules}
 
 
 def vars_of(config: BenchConfig) -> dict:

@@ -171,11 +171,12 @@ class ModeFallback(RuntimeError):
 def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: int) -> Method:
     from specpipe.proto.specpipe.v1 import specpipe_pb2
 
-    def run(prompt_ids: list[int], temperature: float, seed: int) -> Outcome:
+    def run(prompt_ids: list[int], temperature: float, seed: int, **params) -> Outcome:
+        """params: more request fields (top_p, drafter_invariant)."""
         token_ids, first, last = [], None, None
         start = time.perf_counter()
         for last in client.generate(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, seed=seed, mode=mode):
+                                    temperature=temperature, seed=seed, mode=mode, **params):
             if last.token_ids and first is None:
                 first = time.perf_counter()
             token_ids += last.token_ids

@@ -52,10 +52,10 @@ def rendered(tmp_path_factory) -> dict[str, dict]:
     out = {name: kustomize(path) for name, path in VARIANTS.items()}
     for name, path in VARIANTS.items():
         overlay = tmp_path_factory.mktemp(f"overlay-{name}")
-        relative = lambda target: os.path.relpath(target, overlay)   # kustomize refuses absolute paths
+        # kustomize refuses absolute paths
+        components = [os.path.relpath(K8S / "components" / component, overlay) for component in COMPONENTS]
         (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-            "resources": [relative(path)],
-            "components": [relative(K8S / "components" / component) for component in COMPONENTS]}))
+            "resources": [os.path.relpath(path, overlay)], "components": components}))
         out[f"{name}+all"] = kustomize(overlay)
     return out
 

@@ -47,7 +47,7 @@ def restricted_problems(where: str, pod_spec: dict) -> list[str]:
         if ctx.get("capabilities", {}).get("drop") != ["ALL"] or \
                 set(ctx.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
             problems.append(f"{name}: capabilities must drop ALL")
-        if not (ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is True):
+        if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
             problems.append(f"{name}: runAsNonRoot")
         if ctx.get("runAsUser", pod_ctx.get("runAsUser")) == 0 or ctx.get("privileged"):
             problems.append(f"{name}: runs as root or privileged")

@@ -19,7 +19,7 @@ ALWAYS_RUN = {"hf_autoregressive", "hf_autoregressive_2threads", "hf_assisted_de
               "specpipe_autoregressive", "specpipe_sequential"}
 TOP_LEVEL = {"schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models", "prompts",
              "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server", "summary",
-             "correctness", "latency", "load"}
+             "correctness", "latency", "load", "rules"}
 METHOD_FIELDS = {"error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
                  "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
                  "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
@@ -110,6 +110,34 @@ def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run
                 assert record["mean_batch"]["target"]["rows"] > 1, (mode, record["mean_batch"])
     assert "## Concurrency" in (out / "results.md").read_text()
     assert results["config"]["trials"] == 2 and results["command_line"].startswith("specpipe bench --quick")
+
+
+def test_the_rules_axis_compares_both_sampling_rules_on_seeded_requests(bench_run):
+    """At T=1 and at T=0.7 / top_p 0.9, sequential and specbranch with each rule, autoregressive with
+    the same rule as the reference; acceptance and tokens/verify reported per rule. What the records prove about
+    the requests the axis sent: drafter-invariant outputs equal autoregressive with the same seed
+    (so the flag, the seed and the top_p reached the server; with the default rule each mode is its
+    own sampler, so nothing is compared across modes there)."""
+    _, out, results = bench_run
+    rules = results["rules"]
+    assert rules["rules"] == ["leviathan", "drafter_invariant"] and rules["modes"] == ["sequential", "specbranch"]
+    assert list(rules["summary"]) == ["T=1 top_p=1", "T=0.7 top_p=0.9"]
+    for setting, summaries in rules["summary"].items():
+        for name, summary in summaries.items():
+            assert summary["error"] is None and summary["trials"] == 2, (setting, name)
+            if not name.startswith("specpipe_autoregressive"):
+                assert 0 <= summary["acceptance_rate"] <= 1 and summary["tokens_per_verification"] >= 1
+                assert summary["speedup"]["median"] > 0
+    outputs = {}
+    for record in rules["trials"]:
+        outputs[record["method"], record["temperature"], record["top_p"], record["trial"]] = record["outputs"]
+    for temperature, top_p in rules["settings"]:
+        for trial in range(2):
+            def got(name):
+                return outputs[name, temperature, top_p, trial]
+            assert got("specpipe_sequential+drafter_invariant") == got("specpipe_autoregressive+drafter_invariant")
+            assert got("specpipe_specbranch+drafter_invariant") == got("specpipe_autoregressive+drafter_invariant")
+    assert "## Sampling rules" in (out / "results.md").read_text()
 
 
 def test_markdown_and_plot_exist(bench_run):
