@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import functools
 import logging
 import os
+import signal
 import sys
 
 from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
@@ -156,7 +158,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     security.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
                           help="secure the internal ZeroMQ sockets with CURVE, keys from DIR (specpipe curve-keygen "
                                "DIR): the coordinator connects to the workers as a CURVE client and the spawned "
-                               f"workers get the same flag (env {ENV_CURVE_KEYS}; default: plain)")
+                               f"workers get the same flag (env {ENV_CURVE_KEYS}); needed when a worker socket is on "
+                               "another host. On one host they are ipc:// sockets only this user reaches")
+    security.add_argument("--insecure-internal", action="store_true",
+                          help="let the internal sockets cross the network in plain text (a non-loopback "
+                               "--worker-host, or a tcp:// worker address on another host) without --curve-keys: only "
+                               "on a network no one else shares; warns at every start (default: refused)")
     security.add_argument("--metrics-port", type=at_least(0), default=None,
                           help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; "
                                "default: off)")
@@ -202,13 +209,27 @@ def worker_flags(args) -> dict[str, list[str]]:
 
 
 def cmd_serve(args) -> None:
-    from specpipe.launch.local import serve, spawn_workers
     from specpipe.launch.preflight import check_serve
-    from specpipe.launch.report import summary_lines
+    from specpipe.launch.runtime_dir import RuntimeDir
 
     plan = check_serve(args, _demo_models)   # before anything starts: a typo costs a second
+    # The spawned workers' sockets live in a private folder, removed however serve ends (but SIGKILL:
+    # the next serve removes that one); a SIGTERM before serve's loop takes the signal unwinds too.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
+    with RuntimeDir() if not (args.target_addr and args.draft_addr) else contextlib.nullcontext() as runtime:
+        run_serve(args, plan, runtime)
+
+
+def run_serve(args, plan, runtime) -> None:
+    """Run `specpipe serve` as checked (`plan`), its workers' sockets in `runtime` (a RuntimeDir;
+    None when both run elsewhere), until SIGINT/SIGTERM."""
+    from specpipe.launch import endpoints
+    from specpipe.launch.local import serve, spawn_workers
+    from specpipe.launch.report import summary_lines
+
     os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level   # the spawned workers log (and report) alike
     target, draft, pins = plan.target, plan.draft, plan.pins
+    role_flags = endpoints.serve_worker_flags(args, runtime, worker_flags(args))
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
     # The workers are spawned from serve's event loop, after the gRPC port is bound (health
     # NOT_SERVING meanwhile), each pinned as the plan says; the coordinator is pinned after them.
@@ -218,7 +239,7 @@ def cmd_serve(args) -> None:
                               draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
                               target_data_addr=args.target_data_addr, curve_keys=curve_keys,
                               target_cpus=pins.get("target", ""), draft_cpus=pins.get("draft", ""),
-                              role_flags=worker_flags(args))
+                              role_flags=role_flags)
     config = CoordinatorConfig(
         target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
         host=args.host, port=args.port,
@@ -244,7 +265,8 @@ def cmd_serve(args) -> None:
         if coordinator.http_url:
             extra["OpenAI-compatible HTTP"] = f"{coordinator.http_url} (model {config.served_model_name!r})"
         return summary_lines(models=models, workers=workers, pins=pins, pin_why=plan.pin_why, config=config,
-                             port=coordinator.port, metrics_port=coordinator.metrics_port, extra_ports=extra)
+                             port=coordinator.port, metrics_port=coordinator.metrics_port,
+                             extra_ports=extra) + [endpoints.describe(runtime, workers, bool(config.curve_keys))]
 
     asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""),
                       describe))

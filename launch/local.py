@@ -1,17 +1,14 @@
 """Local launch: spawn the two worker processes and run the coordinator (`specpipe serve`), and
 start a whole server as a child process (for `specpipe demo`, the benchmark and the tests).
 
-Each worker is its own OS process (`python -m specpipe.draft_worker ...`), visible in `ps`.
-A worker prints `READY <endpoint> ...` once bound; the launcher waits for that line with a timeout
-(saying every so often what it waits for and how long is left). A worker that cannot start says
-why in one `FAILED CODE MESSAGE` line instead (it is started with SPECPIPE_STARTUP_REPORT=stdout:
-launch/worker.py), which the launcher raises as a UsageError (code 2) or StartupError, so
-`specpipe serve` reports it as its own one line; a worker that dies without a word is reported
-with its exit code. `serve` binds the gRPC port before any worker is spawned, so health answers
-NOT_SERVING while the models load, and prints what it serves, then `specpipe serving on
-HOST:PORT`, once the target answers and the workers it spawned are up; a remote draft
-(--draft-addr) is not waited for.
-"""
+Each worker is its own OS process (`python -m specpipe.draft_worker ...`), visible in `ps`, bound
+where its flags say (serve's: launch/endpoints.py). It prints `READY <endpoint> ...` once bound;
+the launcher waits for that line with a timeout, saying now and then how long is left. A worker
+that cannot start says why in one `FAILED CODE MESSAGE` line instead (SPECPIPE_STARTUP_REPORT),
+raised as a UsageError (code 2) or StartupError, which `specpipe serve` reports as one line.
+`serve` binds the gRPC port before any worker is spawned (health NOT_SERVING while they load), and
+prints what it serves, then `specpipe serving on HOST:PORT`, once the target answers and the
+workers it spawned are up; a remote draft (--draft-addr) is not waited for."""
 
 from __future__ import annotations
 
@@ -67,9 +64,9 @@ class WorkerStartTimeout(WorkerStartError):
 
 
 def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float | None,
-               what: str, echo: bool = False) -> re.Match:
-    """The first line of `process` matching `pattern`; `timeout` None or <= 0: no limit. A
-    `FAILED CODE MESSAGE` line raises UsageError (CODE 2) or StartupError with the message."""
+               what: str, echo: bool = False, seen: list | None = None) -> re.Match:
+    """The first line of `process` matching `pattern` (the lines before it go to `seen`); `timeout`
+    None or <= 0: no limit. A `FAILED CODE MESSAGE` line raises UsageError (CODE 2) or StartupError."""
     started = time.monotonic()
     deadline = started + timeout if timeout and timeout > 0 else None
     while True:
@@ -92,6 +89,8 @@ def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Patter
             raise (UsageError if failed.group(1) == "2" else StartupError)(f"{what} could not start: {failed.group(2)}")
         if echo:
             sys.stdout.write(line)
+        if seen is not None:
+            seen.append(line)
         match = pattern.search(line)
         if match:
             return match
@@ -109,10 +108,10 @@ class WorkerProcess:
     info: dict = field(default_factory=dict)        # from its READY line: params, device, dtype
 
     def restart_argv(self) -> list[str]:
-        """The same command, pinned to the ports it got, so peers reconnect to the restart."""
+        """The same command, pinned to the ports it got (ipc paths are fixed), so peers reconnect to it."""
         argv = list(self.argv)
         for flag, endpoint in (("--port", self.endpoint), ("--data-port", self.data_endpoint)):
-            if endpoint and flag in argv:
+            if endpoint.startswith("tcp://") and flag in argv:
                 argv[argv.index(flag) + 1] = endpoint.rsplit(":", 1)[1]
         return argv
 
@@ -371,7 +370,7 @@ async def _start_up(coordinator, spawn, coordinator_cpus: str) -> dict[str, Work
 
 class ServerProcess:
     """`specpipe serve ...` as a child process; `addr` once ready (and `http_url`, the HTTP API's
-    base URL, with --http-port; else None). A context manager."""
+    base URL, with --http-port; else None; `summary`: the lines it printed before). A context manager."""
 
     def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING",
                  stderr=None):
@@ -383,24 +382,27 @@ class ServerProcess:
                                         start_new_session=True)
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(self.process.stdout, lines), daemon=True).start()
+        self.summary: list[str] = []
         try:
-            match = _wait_line(self.process, lines, READY_SERVER, SERVER_READY_TIMEOUT_S, "specpipe serve", echo)
+            match = _wait_line(self.process, lines, READY_SERVER, SERVER_READY_TIMEOUT_S, "specpipe serve", echo,
+                               self.summary)
         except Exception:
             self.stop()
             raise
         self.addr = f"{match.group(1)}:{match.group(2)}"
         self.http_url = match.group(3)
 
-    def terminate(self) -> None:
-        """SIGTERM the server's process group (coordinator and workers); stop() waits for it. Many
-        servers stop in the time of one when all are terminated first."""
+    def terminate(self, sig: int = signal.SIGTERM) -> None:
+        """Signal the server's process group (coordinator and workers; SIGINT: what Ctrl-C in its
+        terminal sends); stop() waits for it. Many servers stop in the time of one when all are
+        signalled first."""
         if self.process.poll() is None:
-            os.killpg(self.process.pid, signal.SIGTERM)
+            os.killpg(self.process.pid, sig)
 
-    def stop(self) -> None:
-        """SIGTERM the server's process group (coordinator and workers), then make sure."""
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        """terminate(sig), then make sure."""
         if self.process.poll() is None:
-            self.terminate()
+            self.terminate(sig)
             try:
                 self.process.wait(15)
             except subprocess.TimeoutExpired:

@@ -315,6 +315,8 @@ def check_serve(args, demo_models) -> ServePlan:
     check_token_file(args.auth_token_file)
     check_tls(args.tls_cert, args.tls_key)
     check_curve_keys(args.curve_keys, server=spawn_target or spawn_draft)
+    from specpipe.launch import endpoints   # (it imports this module's errors)
+    endpoints.check_serve(args)             # no plain text across hosts without --insecure-internal
     chat_template = read_chat_template(args.chat_template)
     data_port = args.target_data_port if spawn_target and args.transport == "zmq" else None
     check_ports([("--port", "--host", args.host, args.port), ("--metrics-port", "--host", args.host, args.metrics_port),

@@ -7,11 +7,14 @@ coordinator as a child process (`python -m specpipe.launch.cli serve --target-ad
 the process group (gloo on CPU, NCCL on CUDA: the backend follows the device, which follows
 LOCAL_RANK unless --target-device / --draft-device name one).
 
-The control endpoints: each rank binds its worker's ZeroMQ socket on --worker-host (port chosen by
-the OS); rank 1 publishes its endpoint in the process group's store and rank 0 reads it there, so
-nothing but torchrun's rendezvous has to be known in advance. With several nodes, `--host auto
---worker-host auto` lets one command line serve every node: each binds its own address, and the
-coordinator (on whichever node the rendezvous made rank 0) prints where it serves.
+The control endpoints: on one node (--worker-host loopback, the default) each rank binds its
+worker's ZeroMQ socket as an ipc:// path in a private folder of its own (launch/runtime_dir.py:
+mode 0700, removed at exit), so no other user of the node reaches it; across nodes, on
+--worker-host (port chosen by the OS), CURVE keys required unless --insecure-internal
+(launch/endpoints.py). Rank 1 publishes its endpoint in the process group's store and rank 0 reads
+it there, so nothing but torchrun's rendezvous has to be known in advance. With several nodes,
+`--host auto --worker-host auto` lets one command line serve every node: each binds its own
+address, and the coordinator (on whichever node the rendezvous made rank 0) prints where it serves.
 
 Shutdown: SIGTERM/SIGINT (torchrun forwards Ctrl-C and its own SIGTERM to each rank's process
 group, the coordinator included) or the coordinator exiting stops rank 0's loop; rank 0 then sets
@@ -77,7 +80,8 @@ def build_parser() -> argparse.ArgumentParser:
     options["--draft-device"].help = "draft device (default: from LOCAL_RANK: cuda:LOCAL_RANK, else cpu)"
     options["--host"].help = ("gRPC interface of the coordinator, on rank 0's node (default 127.0.0.1); "
                               "'auto' = that node's address (see --worker-host)")
-    options["--worker-host"].help = ("interface each rank's worker binds (default 127.0.0.1: one node). Several "
+    options["--worker-host"].help = ("interface each rank's worker binds (default 127.0.0.1: one node, where the "
+                                     "workers bind ipc:// sockets in a private folder instead). Several "
                                      "nodes: 'auto' = each node's own address (the local end of the route to "
                                      "MASTER_ADDR, or on MASTER_ADDR's node the address its host name resolves "
                                      "to); never 0.0.0.0 unless you pass it")
@@ -191,6 +195,24 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
+    """Serve this rank's role, its control socket an ipc path in a private folder of its own (removed
+    at the end) when the ranks share a node (a loopback --worker-host), else TCP on --worker-host."""
+    from specpipe.launch.endpoints import is_loopback, require_secure
+    from specpipe.launch.preflight import UsageError
+    from specpipe.launch.runtime_dir import RuntimeDir
+
+    host = resolve_host(args.worker_host)
+    if not is_loopback(host):
+        require_secure([("--worker-host", host)], args.curve_keys, args.insecure_internal)
+        return serve_rank(role, args, argv, target, draft, zmq_endpoint(host, 0))
+    if int(os.environ.get("LOCAL_WORLD_SIZE", 2)) < int(os.environ["WORLD_SIZE"]):
+        raise UsageError(f"--worker-host {args.worker_host}: the ranks run on different nodes, so their workers "
+                         f"must bind an address the other node reaches: give --worker-host auto (and --curve-keys DIR)")
+    with RuntimeDir() as runtime:
+        return serve_rank(role, args, argv, target, draft, runtime.endpoint(f"{role}.sock"))
+
+
+def serve_rank(role: str, args, argv: list[str], target: str, draft: str, bind: str) -> int:
     import torch
     import torch.distributed as dist
 
@@ -201,10 +223,9 @@ def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
 
     named = args.target_device if role == "target" else args.draft_device
     device = resolve_device(named) if named else device_for_local_rank()
-    config = WorkerConfig(role=role, model=target if role == "target" else draft,
-                          bind=zmq_endpoint(resolve_host(args.worker_host), 0), device=str(device), dtype=args.dtype,
-                          num_threads=args.threads, transport="torch", dist_timeout_s=args.dist_timeout,
-                          curve_keys=args.curve_keys)
+    config = WorkerConfig(role=role, model=target if role == "target" else draft, bind=bind, device=str(device),
+                          dtype=args.dtype, num_threads=args.threads, transport="torch",
+                          dist_timeout_s=args.dist_timeout, curve_keys=args.curve_keys)
     curve_keys, authenticator = secure(config)   # the control socket only: the data plane is the group
     torch.set_num_threads(config.num_threads)
     model = load_model(config.model, device=config.device, dtype=config.dtype)

@@ -35,6 +35,14 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--host", default=os.environ.get("SPECPIPE_BIND_HOST", DEFAULT_HOST),
                         help="interface to bind (default 127.0.0.1; env SPECPIPE_BIND_HOST)")
     parser.add_argument("--port", type=int, default=default_port, help="port to bind, 0 = any free port")
+    parser.add_argument("--bind", default="", metavar="ENDPOINT",
+                        help="the control socket's ZeroMQ endpoint, instead of --host/--port: ipc:///DIR/NAME (DIR "
+                             "of mode 0700: only this user reaches it) or tcp://HOST:PORT")
+    parser.add_argument("--data-bind", default="", metavar="ENDPOINT",
+                        help="target, zmq transport: the data-plane socket's endpoint, instead of --host/--data-port")
+    parser.add_argument("--insecure-internal", action="store_true",
+                        help="allow a non-loopback endpoint without --curve-keys (commands and tokens in plain text, "
+                             "no authentication: only on a network nobody else shares); warns at every start")
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
@@ -75,10 +83,11 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     args = parser.parse_args(argv)
     logging.basicConfig(level=args.log_level.upper(),
                         format=f"%(asctime)s %(levelname)s {role}-worker %(name)s: %(message)s")
-    return WorkerConfig(role=role, model=args.model, bind=zmq_endpoint(args.host, args.port),
+    return WorkerConfig(role=role, model=args.model, bind=args.bind or zmq_endpoint(args.host, args.port),
                         device=args.device, dtype=args.dtype, num_threads=args.threads,
                         exit_with_parent=args.exit_with_parent, transport=args.transport,
-                        data_bind=zmq_endpoint(args.host, args.data_port), target_data_addr=args.target_data_addr,
+                        data_bind=args.data_bind or zmq_endpoint(args.host, args.data_port),
+                        target_data_addr=args.target_data_addr, insecure_internal=args.insecure_internal,
                         dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor,
                         curve_keys=args.curve_keys, cpus=args.cpus, kv_slots=args.kv_slots,
                         max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens,
@@ -102,9 +111,18 @@ def main(role: str, argv=None) -> None:
         os._exit(0)
 
 
+def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageError:
+    """The one line for a socket that cannot bind; `flags`: (the port's flag, the endpoint's)."""
+    if endpoint.startswith("ipc://"):
+        return UsageError(f"{flags[1]}: cannot bind {endpoint} ({err}): the folder must exist and be this user's, "
+                          f"and the path fit in 103 bytes")
+    return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
+
+
 def start(config: WorkerConfig):
     """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
     Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
+    from specpipe.launch.endpoints import check_worker
     from specpipe.models import ModelLoadError, load_model, resolve_device
     from specpipe.worker_loop import WorkerLoop, exit_with_parent
 
@@ -112,6 +130,7 @@ def start(config: WorkerConfig):
         pin_cpus(config.cpus)   # before torch starts its threads
     except ValueError as err:
         raise UsageError(f"--cpus: {err}") from None
+    check_worker(config)        # no plain text across hosts, no ipc socket others may reach
     if config.exit_with_parent:
         exit_with_parent()
     curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
@@ -125,13 +144,13 @@ def start(config: WorkerConfig):
     try:
         engine, data_endpoint = build_engine(config, model, device, curve_keys)
     except zmq.ZMQError as err:
-        raise UsageError(f"--data-port: cannot bind {config.data_bind} ({err}): pick a free port, or 0 for any") from None
+        raise bind_error(("--data-port", "--data-bind"), config.data_bind, err) from None
     except UnsupportedModel as err:
         raise UsageError(f"--model {config.model}: {err}") from None
     try:
         loop = WorkerLoop(engine, config.role, config.bind, curve_keys=curve_keys)
     except zmq.ZMQError as err:
-        raise UsageError(f"--port: cannot bind {config.bind} ({err}): pick a free port, or 0 for any") from None
+        raise bind_error(("--port", "--bind"), config.bind, err) from None
     # What the launcher prints in its start-up summary.
     ready = f" data={data_endpoint}" if data_endpoint else ""
     params = sum(param.numel() for param in model.parameters()) if model is not None else 0

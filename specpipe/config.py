@@ -110,7 +110,7 @@ class WorkerConfig:
     """A draft or target worker process."""
     role: str                 # "draft" or "target"
     model: str                # folder or hub id
-    bind: str                 # ZeroMQ endpoint to bind, e.g. tcp://127.0.0.1:50061 (port * = any)
+    bind: str                 # ZeroMQ endpoint to bind: tcp://127.0.0.1:50061 (port * = any), ipc:///DIR/draft.sock
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int = 1      # torch threads: one core per worker so both run in parallel
@@ -121,6 +121,7 @@ class WorkerConfig:
     dist_timeout_s: float = 60.0
     use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
     curve_keys: str = ""      # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
+    insecure_internal: bool = False  # allow a non-loopback endpoint without curve_keys (launch/endpoints.py)
     cpus: str = ""            # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
     # The KV store (specpipe/kv_store.py): sequences it holds (target: requests; draft: branches)
     # and positions per sequence (0 = the model's context length).

@@ -3,10 +3,13 @@ one-way latency (the package docstring explains the axis).
 
 NetnsLink, the real one: a network namespace of its own (named after this process), a veth pair
 with addresses in NETNS_SUBNET, tc netem delay on both ends, and the draft worker started inside
-with `ip netns exec`. Everything it creates it deletes in `close()`; it touches no other
-namespace. ProxyLink, the fallback where netem is missing: the draft worker on loopback behind a
-TCP relay in this process, labelled simulated. Both expose `endpoint` (for `specpipe serve
---draft-addr`), `set_delay(ms)` (between requests) and `close()`.
+with `ip netns exec`. Its traffic crosses a real interface, so it runs under CURVE like any
+deployment across hosts (issue 23: every local user could reach the veth address): a throwaway key
+folder in a private runtime folder, given to the draft and to serve. Everything it creates it
+deletes in `close()`; it touches no other namespace. ProxyLink, the fallback where netem is
+missing: the draft worker on loopback behind a TCP relay in this process, labelled simulated. Both
+expose `endpoint` and `serve_flags` (for `specpipe serve --draft-addr ENDPOINT *serve_flags`),
+`set_delay(ms)` (between requests) and `close()`.
 """
 
 from __future__ import annotations
@@ -49,11 +52,13 @@ def netns_problem() -> str | None:
         _run("ip", "netns", "del", probe, check=False)
 
 
-def _start_draft_worker(prefix: tuple[str, ...], model: str, host: str, port: int) -> tuple[subprocess.Popen, str]:
-    """`python -m specpipe.draft_worker` (after `prefix`, e.g. `ip netns exec NS`): (process, endpoint)."""
+def _start_draft_worker(prefix: tuple[str, ...], model: str, host: str, port: int,
+                        extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+    """`python -m specpipe.draft_worker` (after `prefix`, e.g. `ip netns exec NS`; `extra` flags):
+    (process, endpoint)."""
     from specpipe.launch.local import start_worker
 
-    worker = start_worker("draft", model, host=host, port=port, env=QUIET_ENV, prefix=prefix)()
+    worker = start_worker("draft", model, host=host, port=port, env=QUIET_ENV, prefix=prefix, extra=list(extra))()
     return worker.process, worker.endpoint
 
 
@@ -61,10 +66,12 @@ class NetnsLink:
     """The draft worker in a network namespace of its own, reached over a veth pair with netem
     delay on both ends, so each direction pays the one-way latency in the kernel."""
     simulated = False
-    kind = "network namespace, veth pair, tc netem on both ends"
+    kind = "network namespace, veth pair, tc netem on both ends, CURVE on the sockets"
 
     def __init__(self, draft_model: str):
+        from specpipe import curve
         from specpipe.launch.local import stop_process
+        from specpipe.launch.runtime_dir import RuntimeDir
 
         tag = os.getpid() % 100_000
         self.namespace, self.host_dev, self.ns_dev = f"spbench-{tag}", f"spbh{tag}", f"spbn{tag}"
@@ -72,6 +79,9 @@ class NetnsLink:
         self.in_ns = ("ip", "netns", "exec", self.namespace)
         self.delay_ms, self.worker, self._stop = 0.0, None, stop_process
         self.created: list[tuple[str, ...]] = []  # the delete command of each thing made, so close() removes only ours
+        self.keys = RuntimeDir()
+        curve.generate_keys(self.keys.path / "curve")
+        self.serve_flags = ["--curve-keys", str(self.keys.path / "curve")]
         try:
             _run("ip", "netns", "add", self.namespace)
             self.created.append(("ip", "netns", "del", self.namespace))
@@ -83,7 +93,8 @@ class NetnsLink:
             _run(*self.in_ns, "ip", "addr", "add", f"{subnet}.2/30", "dev", self.ns_dev)
             _run(*self.in_ns, "ip", "link", "set", self.ns_dev, "up")
             _run(*self.in_ns, "ip", "link", "set", "lo", "up")
-            self.worker, self.endpoint = _start_draft_worker(self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT)
+            self.worker, self.endpoint = _start_draft_worker(self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT,
+                                                             tuple(self.serve_flags))
         except BaseException:
             self.close()
             raise
@@ -106,6 +117,7 @@ class NetnsLink:
         for command in self.created:
             _run(*command, check=False)
         self.created = []
+        self.keys.close()
 
 
 class ProxyLink:
@@ -114,6 +126,7 @@ class ProxyLink:
     the event loop's timer granularity (about 1 ms) adds to small delays."""
     simulated = True
     kind = "userspace TCP delay relay on loopback"
+    serve_flags: list[str] = []   # loopback only: nothing crosses hosts
 
     def __init__(self, draft_model: str):
         self.worker, endpoint = _start_draft_worker((), draft_model, "127.0.0.1", 0)

@@ -213,7 +213,8 @@ def run_latency_axis(config: BenchConfig, serve_flags: list[str], draft: str, ru
         return {**result, "error": f"the link did not come up: {describe_error(err)}"}
     try:
         result["trials"], result["server"] = serve_and_run(
-            config, [*serve_flags, "--draft-addr", link.endpoint], runner, modes, seed=config.seed + 1,
+            config, [*serve_flags, "--draft-addr", link.endpoint, *link.serve_flags], runner, modes,
+            seed=config.seed + 1,
             jobs=lambda methods: [(m, 0.0, {"latency_ms": ms}) for ms in config.latencies_ms for m in methods],
             before=lambda labels: link.set_delay(labels["latency_ms"]))
     finally:

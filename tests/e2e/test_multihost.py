@@ -5,7 +5,9 @@ loopback shortcut exists between the two. `specpipe serve --draft-addr tcp://<na
 address, and the draft gets `--target-data-addr tcp://<host veth addr>:P`: both the control plane
 (coordinator to draft) and the data plane (draft to target) cross the link. Greedy output must equal
 Hugging Face greedy, and seeded sampling (which needs the data plane) must equal the loopback
-server's output. Needs root and `ip netns` (CI has both); skipped with the reason elsewhere."""
+server's output. Both cross the link under CURVE (`--curve-keys` on both sides): plain text
+across hosts is refused without it (issue 23). Needs root and `ip netns` (CI has both); skipped
+with the reason elsewhere."""
 
 from __future__ import annotations
 
@@ -17,7 +19,7 @@ import threading
 
 import pytest
 
-from specpipe import Client
+from specpipe import Client, curve
 from specpipe.config import DEFAULT_DRAFT_PORT
 from specpipe.launch.local import WORKER_READY_TIMEOUT_S, ServerProcess, _lines, _wait_line, free_port, stop_process
 
@@ -48,12 +50,19 @@ def namespace():
     link.close()
 
 
-def start_draft_in(link: Netns, model: str, target_data_addr: str):
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("multihost") / "keys"
+    curve.generate_keys(folder)
+    return folder
+
+
+def start_draft_in(link: Netns, model: str, target_data_addr: str, keys):
     """Start the draft worker inside the namespace; returns (process, a function that waits for
     its READY line and returns its endpoint)."""
     command = [*link.prefix, sys.executable, "-m", "specpipe.draft_worker", "--model", model,
                "--host", link.ns_addr, "--port", str(DRAFT_PORT), "--target-data-addr", target_data_addr,
-               "--exit-with-parent"]
+               "--curve-keys", str(keys), "--exit-with-parent"]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
@@ -62,15 +71,16 @@ def start_draft_in(link: Netns, model: str, target_data_addr: str):
 
 
 @pytest.fixture(scope="module")
-def remote_draft_server(namespace, tiny_models, serve):
+def remote_draft_server(namespace, tiny_models, serve, keys):
     data_port = free_port(namespace.host_addr)
     draft, draft_ready = start_draft_in(namespace, str(tiny_models["draft_close"]),
-                                        f"tcp://{namespace.host_addr}:{data_port}")
+                                        f"tcp://{namespace.host_addr}:{data_port}", keys)
     try:
         serve(*LOOPBACK)   # the reference server starts while the draft loads
         with ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
                             "--draft-addr", f"tcp://{namespace.ns_addr}:{DRAFT_PORT}",
-                            "--target-data-port", str(data_port), "--worker-host", namespace.host_addr]) as server:
+                            "--target-data-port", str(data_port), "--worker-host", namespace.host_addr,
+                            "--curve-keys", str(keys)]) as server:
             assert draft_ready() == f"tcp://{namespace.ns_addr}:{DRAFT_PORT}"
             yield server
     finally:

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
+import signal
+import stat
 import subprocess
 import sys
 
@@ -19,7 +21,7 @@ from transformers import AutoModelForCausalLM
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
-from checks import wait_idle
+from checks import internal_sockets, wait_idle
 from goodness import P_VALUE_THRESHOLD, chi_square_pvalue
 from tiny import PROMPTS
 
@@ -227,12 +229,18 @@ def test_serve_pins_by_default_exactly_as_pin_auto(serve):
 
 def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves(tiny_models, capsys):
     """--pin none: every process keeps the launcher's CPUs. And before `specpipe serving on` the
-    server says what it serves: models and sizes, devices, pinning, mode, limits, ports."""
+    server says what it serves: models and sizes, devices, pinning, mode, limits, ports, and the
+    private folder of its internal sockets (issue 23), which Ctrl-C (SIGINT to its process group,
+    as a terminal sends it) removes with everything in it."""
     from specpipe.launch.local import ServerProcess
     with ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]), "--pin", "none",
                         "--metrics-port", "0"], echo=True) as server:
         unpinned = frozenset(os.sched_getaffinity(0))
         assert _affinities(server.process.pid) == {role: {unpinned} for role in ("coordinator", "target", "draft")}
+        folder, _, _ = internal_sockets(server)
+        assert folder is not None and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
+        server.stop(signal.SIGINT)
+        assert server.process.returncode == 0 and not os.path.exists(folder), (server.process.returncode, folder)
     summary = capsys.readouterr().out
     for needle in (f"target  {tiny_models['target']}  ", f"draft   {tiny_models['draft']}  ",
                    "K parameters, float32, on cpu, not pinned (pid ", "coordinator not pinned; pinning: --pin none",

@@ -121,8 +121,14 @@ def test_seeded_sampling_equals_zmq_serve(torchrun_server, serve):
 
 
 def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
+    """... and on one node each rank's control socket was an ipc path in a private folder of its
+    own (mode 0700: issue 23), which is gone once the rank has stopped."""
     processes = torchrun_server.descendants()
     assert len(processes) >= 3, "expected two ranks and the coordinator under torchrun"
+    sockets = dict(re.findall(r"(target|draft) worker listening on ipc://(\S+)", torchrun_server.output()))
+    folders = {role: Path(path).parent for role, path in sockets.items()}
+    assert set(folders) == {"target", "draft"} and folders["target"] != folders["draft"], torchrun_server.output()
+    assert all(os.stat(folder).st_mode & 0o777 == 0o700 for folder in folders.values())
     began = time.monotonic()
     torchrun_server.process.send_signal(signal.SIGTERM)
     torchrun_server.process.wait(STOP_TIMEOUT_S)
@@ -132,6 +138,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
         assert re.search(rf"rank {rank} \({role}\) exits with code 0\b", output), output[-4000:]
     assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "a process outlived torchrun"
     assert elapsed < STOP_TIMEOUT_S
+    assert not [folder for folder in folders.values() if folder.exists()], "a rank left its socket folder"
 
 
 def test_draft_rank_killed_restarts_the_pair_and_serves_again(tiny_models, hf_greedy):

@@ -117,6 +117,8 @@ MISTAKES = [
     ("chat template not UTF-8", lambda t, f, p: ["--chat-template", str(f["root"] / "latin1.jinja")], 2,
      ["--chat-template", "not UTF-8"]),
     ("CURVE folder missing", lambda t, f, p: ["--curve-keys", str(f["root"] / "nokeys")], 2, ["--curve-keys"]),
+    ("worker interface off loopback without keys", lambda t, f, p: ["--worker-host", "0.0.0.0"], 2,
+     ["--worker-host 0.0.0.0", "plain text", "--curve-keys DIR", "--insecure-internal"]),
     ("a worker that cannot load its model", lambda t, f, p: dict(target=f["broken"]), 2,
      ["the target worker could not start", "cannot load model", "broken"]),
 ]

@@ -8,12 +8,15 @@ from the port serve serves them on. No cluster is needed, only kubectl (skipped 
 
 from __future__ import annotations
 
+import argparse
 import os
 
 import pytest
 
 from specpipe import curve
 from specpipe.config import ENV_CURVE_KEYS
+from specpipe.launch import endpoints
+from specpipe.launch.preflight import UsageError
 
 from deploy_parsers import strict_parsers  # noqa: F401
 from k8s_render import (K8S, NEEDS_KUBECTL, VARIANTS, container_ports, draft_config, kustomize, pod_templates,
@@ -100,6 +103,20 @@ def test_curve_keys_come_from_a_secret_the_key_loader_reads(rendered, variant, t
             (projected / item["path"]).write_bytes(secret_data[item["key"]])
         loaded = curve.load_keys(projected, server=True, client=True)
         assert loaded.client_public in loaded.allowed_clients, "the workers must let the coordinator's key in"
+
+
+@pytest.mark.parametrize("variant", VARIANTS)
+def test_the_sockets_between_the_pods_pass_the_check_across_hosts_with_the_keys(rendered, variant, strict_parsers,
+                                                                                monkeypatch):
+    """serve (--worker-host 0.0.0.0, a draft in another pod) and the draft (--host 0.0.0.0) cross
+    the network: they start only with CURVE keys (issue 23), which the pods' env names."""
+    args = serve_args(rendered[variant], monkeypatch)   # the target container's env, the keys' folder among it
+    draft = draft_config(rendered[variant])
+    assert args.curve_keys == draft.curve_keys != "" and not args.insecure_internal and not draft.insecure_internal
+    endpoints.check_serve(args)
+    endpoints.check_worker(draft)
+    with pytest.raises(UsageError, match="--curve-keys DIR"):
+        endpoints.check_serve(argparse.Namespace(**{**vars(args), "curve_keys": ""}))
 
 
 @pytest.mark.parametrize("variant", VARIANTS)

@@ -5,6 +5,9 @@ worker's READY line, serve's "specpipe serving on"), so the script goes through 
 node addresses, ports derived from the job id, step placement, waiting for the ready line, the
 address it prints. Then every recorded command is parsed by the real parsers (`specpipe serve`,
 the draft worker, torchrun's and the torchrun entry's) and its addresses are checked to meet up.
+The scripts across nodes give every process the CURVE key folder (CURVE_KEYS, mounted into a
+container), refuse to start without one in one line naming `specpipe curve-keygen` and
+INSECURE_INTERNAL, and pass --insecure-internal when that is set (issue 23).
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from pathlib import Path
 
 import pytest
 
+from specpipe import curve
 from specpipe.config import zmq_endpoint
 
 from deploy_parsers import parse_draft_worker, parse_serve, parse_torchrun_entry, strict_parsers  # noqa: F401
@@ -55,6 +59,7 @@ def dry_run(tmp_path):
     bin_dir, log = tmp_path / "bin", tmp_path / "srun"
     bin_dir.mkdir()
     log.mkdir()
+    curve.generate_keys(tmp_path / "keys")
     for name, body in STUBS.items():
         path = bin_dir / name
         path.write_text("#!/bin/bash\n" + body)
@@ -63,7 +68,8 @@ def dry_run(tmp_path):
     def run(script: Path, **extra) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
         env = {"HOME": "/home/user", "PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log),
                "SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NODELIST": ",".join(NODES), "SLURM_CPUS_PER_TASK": "8",
-               "SLURM_JOB_NODELIST_HET_GROUP_0": "node1", "SLURM_JOB_NODELIST_HET_GROUP_1": "node2", **extra}
+               "SLURM_JOB_NODELIST_HET_GROUP_0": "node1", "SLURM_JOB_NODELIST_HET_GROUP_1": "node2",
+               "CURVE_KEYS": str(tmp_path / "keys"), **extra}
         result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
                                 timeout=60)
         commands = [path.read_text().split("\0")[:-1] for path in sorted(log.iterdir())]
@@ -131,6 +137,7 @@ def test_zmq_scripts_wire_serve_and_the_draft(dry_run, name, strict_parsers):
     assert args.worker_host == NODES["node1"] and args.target_data_port == PORT_BASE + 3
     assert config.target_data_addr == zmq_endpoint(NODES["node1"], args.target_data_port)
     assert config.device == args.target_device == "cuda"
+    assert config.curve_keys == args.curve_keys and args.curve_keys.endswith("/keys") and not args.insecure_internal
     assert args.target_startup_timeout >= 1800, "a large model's load fits serve's own wait"
     assert ready_address(result) == f"{NODES['node1']}:{PORT_BASE}" == f"{args.host}:{args.port}"
 
@@ -142,10 +149,12 @@ def test_container_variant_runs_the_same_commands_in_the_image(dry_run, runtime,
     result, commands = dry_run(SLURM / "specpipe.sbatch", **{knob: image, "CONTAINER_MOUNTS": "/shared:/shared"})
     ready_address(result)
     for role, (options, command) in steps(commands).items():
+        keys = command[command.index("--curve-keys") + 1]
+        mounts = f"/shared:/shared,{keys}:{keys}:ro"   # the key folder too, read-only
         if runtime == "pyxis":
-            assert f"--container-image={image}" in options and "--container-mounts=/shared:/shared" in options
+            assert f"--container-image={image}" in options and f"--container-mounts={mounts}" in options
         else:
-            assert command[:6] == ["apptainer", "exec", "--nv", "--bind", "/shared:/shared", image]
+            assert command[:6] == ["apptainer", "exec", "--nv", "--bind", mounts, image]
             command = command[6:]
         if role == "draft":
             assert command[:3] == ["python", "-m", "specpipe.draft_worker"], "the image's python, not the venv's"
@@ -167,6 +176,8 @@ def test_torchrun_scripts(dry_run, name, strict_parsers):
     args = parse_torchrun_entry(launcher.training_script_args)
     assert (args.port, args.health_port, args.metrics_port) == (PORT_BASE, PORT_BASE + 1, PORT_BASE + 4)
     assert args.transport == "torch" and args.dist_timeout >= 1800
+    if name == "specpipe-torchrun.sbatch":   # across nodes: the ranks' control sockets under CURVE
+        assert args.curve_keys.endswith("/keys")
     assert args.target_device is None and args.draft_device is None, "devices come from LOCAL_RANK"
     if name == "specpipe-1node.sbatch":   # two ranks, two GPUs, one node
         assert launcher.standalone and launcher.nproc_per_node == "2" and "--nodes=1" in options
@@ -177,6 +188,20 @@ def test_torchrun_scripts(dry_run, name, strict_parsers):
         assert launcher.rdzv_backend == "c10d" and launcher.rdzv_endpoint == f"node1:{PORT_BASE + 5}"
         assert args.host == args.worker_host == "auto"
     assert ready_address(result) == f"{NODES['node1']}:{PORT_BASE}"
+
+
+@pytest.mark.parametrize("name", ["specpipe.sbatch", "specpipe-hetjob.sbatch", "specpipe-torchrun.sbatch"])
+def test_across_nodes_no_keys_is_one_line_and_insecure_internal_is_explicit(dry_run, tmp_path, name,
+                                                                            strict_parsers):
+    result, commands = dry_run(SLURM / name, CURVE_KEYS=str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and not commands and result.stderr.count("\n") == 1, result.stderr
+    assert "specpipe curve-keygen" in result.stderr and "INSECURE_INTERNAL=1" in result.stderr
+    if name != "specpipe.sbatch":   # the others pass the same SECURITY array: one dry run (2 s) each saved
+        return
+    result, commands = dry_run(SLURM / name, CURVE_KEYS=str(tmp_path / "nowhere"), INSECURE_INTERNAL="1")
+    ready_address(result)
+    for _, command in steps(commands).values():
+        assert "--insecure-internal" in command and "--curve-keys" not in command
 
 
 def test_derived_ports_keep_jobs_apart():
