@@ -10,6 +10,8 @@ from pathlib import Path
 import psutil
 from prometheus_client.parser import text_string_to_metric_families
 
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
 # How long a server may take to free a finished, cancelled or failed request on both workers. It
 # is done at once (the release goes out as the request ends, the next heartbeat reports it); the
 # bound is for a loaded 2-core box, and a wait returns as soon as the server is idle.
@@ -79,3 +81,11 @@ def log_time(line: str) -> float:
     match = LOG_TIME.match(line)
     assert match, f"no time stamp on the log line {line!r}"
     return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+
+
+def draft_probs(shape: list[int], frames: list[bytes], frame: int = 0) -> list[bytes]:
+    """A DraftProbs message for the target's data plane (ZeroMQ parts): one key, of no request;
+    a float32 q header of `shape` naming tensor frame `frame`; then `frames`."""
+    message = worker_pb2.DraftProbs(handles=[10**9], branch_ids=[0], epochs=[1], positions=[3],
+                                    probs=worker_pb2.Tensor(dtype="float32", shape=shape, frame=frame))
+    return [message.SerializeToString(), *frames]

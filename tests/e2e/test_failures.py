@@ -39,7 +39,7 @@ from specpipe import Client, wire
 from specpipe.launch.local import ServerProcess, free_port
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
-from checks import listening_endpoints, log_lines, log_time, metric, scrape, wait_for, wait_idle, worker
+from checks import draft_probs, listening_endpoints, log_lines, log_time, metric, scrape, wait_for, wait_idle, worker
 from held import HeldRequest
 from tiny import PROMPTS
 
@@ -101,13 +101,9 @@ def data_garbage(vocab: int) -> list[list[bytes]]:
     """DraftProbs the target must drop: not protobuf; a q frame shorter (truncated) and longer
     (oversized) than its header's shape; a header naming a frame that is not there; more rows of
     q than keys."""
-    def probs(rows: int, frame: bytes | None) -> list[bytes]:
-        message = worker_pb2.DraftProbs(handles=[10**9], branch_ids=[0], epochs=[1], positions=[3],
-                                        probs=worker_pb2.Tensor(dtype="float32", shape=[rows, vocab], frame=0))
-        return [message.SerializeToString(), *([] if frame is None else [frame])]
     whole = bytes(4 * vocab)
-    return [[b"\xff\xff\xff"], probs(1, whole[:-8]), probs(1, whole + bytes(4)), probs(1, None),
-            probs(2, whole + whole)]
+    return [[b"\xff\xff\xff"], draft_probs([1, vocab], [whole[:-8]]), draft_probs([1, vocab], [whole + bytes(4)]),
+            draft_probs([1, vocab], []), draft_probs([2, vocab], [whole + whole])]
 
 
 def send_all(endpoint: str, socket_type: int, messages: list[list[bytes]]) -> None:
