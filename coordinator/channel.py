@@ -89,6 +89,13 @@ class RequestChannel:
         self.uses_draft = False
         self.draft.detach(self.request_id)
 
+    async def release_draft(self) -> None:
+        """Done with the draft for this request (it stopped paying): free its state there now."""
+        self.drop_draft()
+        if self.prefilled_draft:
+            self.prefilled_draft = False
+            await self.draft.command(release=worker_pb2.Release(request_id=self.request_id))
+
     async def release(self) -> None:
         """Free the request on both workers (also after a failure or a cancel)."""
         release = worker_pb2.Release(request_id=self.request_id)

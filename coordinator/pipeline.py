@@ -91,6 +91,7 @@ class Pipelined(Schedule):
                 new_tokens = await self.on_verdict(event.payload)
                 if new_tokens:
                     yield new_tokens
+                self.stop_if_unpaid()
 
     def live(self) -> list[Block]:
         return [block for block in self.in_flight if not block.doomed]

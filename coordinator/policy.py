@@ -58,6 +58,12 @@ IDLE_SEND_TOKENS = 2
 # Blocks of one request in flight on the target at once (pipelined modes): the one it verifies and
 # the next, queued so the target goes on without waiting for the coordinator.
 MAX_IN_FLIGHT = 2
+# A request's own acceptance estimate starts from its kind's server-wide rate, worth this many
+# observations (blocks), and moves to its own as its verdicts come.
+REQUEST_PRIOR_WEIGHT = 8.0
+# Speculation stops for a request (the target decodes the rest alone) once, after this many of its
+# verdicts, the target alone is expected faster than its best block length by more than this share.
+MIN_VERDICTS_TO_STOP, STOP_MARGIN = 8, 0.05
 # Running means of the target's batch (rows and tokens per forward): about the last 20 forwards count.
 BATCH_FORGET = 0.95
 
@@ -74,8 +80,9 @@ class AcceptanceModel:
     """Running estimates of the acceptance rate and of the draft and verify step costs."""
 
     def __init__(self):
-        self.accepted = PRIOR_RATE * PRIOR_WEIGHT
-        self.rejected = (1 - PRIOR_RATE) * PRIOR_WEIGHT
+        # [accepted, rejected] forgetting sums, apart for greedy (True) and sampled (False) requests:
+        # the same pair accepts far less when sampling.
+        self.counts = {greedy: [PRIOR_RATE * PRIOR_WEIGHT, (1 - PRIOR_RATE) * PRIOR_WEIGHT] for greedy in (True, False)}
         self.t_draft: float | None = None
         self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
         # Kept apart for greedy (True) and sampled (False) requests: their rejections differ.
@@ -87,15 +94,16 @@ class AcceptanceModel:
         self.batch_tokens: float | None = None   # tokens per target forward (running mean)
         self.last_forward_end: float | None = None
 
-    @property
-    def rate(self) -> float:
-        return self.accepted / (self.accepted + self.rejected)
+    def rate(self, greedy: bool = True) -> float:
+        accepted, rejected = self.counts[greedy]
+        return accepted / (accepted + rejected)
 
-    def observe_block(self, num_drafted: int, num_accepted: int) -> None:
+    def observe_block(self, num_drafted: int, num_accepted: int, greedy: bool = True) -> None:
         if num_drafted == 0:
             return
-        self.accepted = FORGET * self.accepted + num_accepted
-        self.rejected = FORGET * self.rejected + (num_accepted < num_drafted)
+        counts = self.counts[greedy]
+        counts[0] = FORGET * counts[0] + num_accepted
+        counts[1] = FORGET * counts[1] + (num_accepted < num_drafted)
 
     def observe_draft_step(self, seconds: float) -> None:
         self.t_draft = seconds if self.t_draft is None else 0.9 * self.t_draft + 0.1 * seconds
@@ -170,16 +178,19 @@ class AcceptanceModel:
             return now
         return self.last_forward_end + (self.forward_seconds(1) or 0.0)
 
-    def tokens_per_second(self, length: int, pipelined: bool) -> float:
-        """Expected tokens per second of one request drafting `length` tokens per block, among
-        `batch_rows` requests that do the same: a round (one block verified) takes a target forward
-        over all of them, T_verify(B (k + 1)), and k batched draft steps; pipelined, the two
-        overlap. The request's share of that time is a B-th (at B = 1, the single-request bound)."""
-        a = min(self.rate, 0.999)
+    def tokens_per_second(self, length: int, pipelined: bool, rate: float | None = None) -> float:
+        """Expected tokens per second of one request drafting `length` tokens per block (0: the
+        target alone) at acceptance `rate` (default: the greedy rate), among `batch_rows` requests
+        that do the same: a round (one block verified) takes a target forward over all of them,
+        T_verify(B (k + 1)), and k batched draft steps; pipelined, the two overlap. The request's
+        share of that time is a B-th (at B = 1, the single-request bound)."""
+        a = min(self.rate() if rate is None else rate, 0.999)
         rows = max(1.0, self.batch_rows or 1.0)
         t_forward, t_draft = self.verify_seconds(round(rows * (length + 1))), self.t_draft
         if t_forward is None or t_draft is None:
             return 0.0
+        if length == 0:
+            return rows / t_forward
         if pipelined:
             reject = 1 - a ** length
             tokens = a * (1 - a ** length) / (1 - a) + reject
@@ -189,10 +200,10 @@ class AcceptanceModel:
             seconds = length * t_draft + t_forward
         return tokens * rows / seconds
 
-    def best_length(self, most: int, pipelined: bool) -> int:
+    def best_length(self, most: int, pipelined: bool, rate: float | None = None) -> int:
         """The block length in 1..most with the highest expected throughput (`most` until the
         costs are known)."""
-        rates = [self.tokens_per_second(k, pipelined) for k in range(1, most + 1)]
+        rates = [self.tokens_per_second(k, pipelined, rate) for k in range(1, most + 1)]
         return 1 + rates.index(max(rates)) if max(rates) > 0 else most
 
 
@@ -207,6 +218,16 @@ class DraftPolicy:
         self.model = model or AcceptanceModel()
         self.predicted_accept_length: float | None = None
         self._best_length: int | None = None     # the adaptive length, refitted at each verdict
+        self.accepted = self.rejected = 0.0      # this request's own acceptance (as the model counts)
+        self.verdicts = 0
+
+    @property
+    def rate(self) -> float:
+        """This request's acceptance rate: its own counts, with the server's rate for requests of
+        its kind (greedy or sampled) as a prior worth REQUEST_PRIOR_WEIGHT observations."""
+        prior = self.model.rate(self.greedy)
+        return ((REQUEST_PRIOR_WEIGHT * prior + self.accepted)
+                / (REQUEST_PRIOR_WEIGHT + self.accepted + self.rejected))
 
     @property
     def min_confidence(self) -> float:
@@ -247,9 +268,21 @@ class DraftPolicy:
             # Timing-driven: only where block boundaries depend on timing anyway, so a seeded
             # sequential request stays reproducible (the predictor's signal is content-only).
             if self._best_length is None:
-                self._best_length = self.model.best_length(most, pipelined=True)
+                self._best_length = self.model.best_length(most, pipelined=True, rate=self.rate)
             return self._best_length
         return most
+
+    def speculation_pays(self) -> bool:
+        """Whether drafting still pays for this request, measured: after MIN_VERDICTS_TO_STOP of its
+        verdicts, if the target alone (blocks of 0) is expected faster than its best block length by
+        more than STOP_MARGIN, speculation stops for the rest of it (the target decodes alone). Only
+        where the adaptive policy runs (a timing-driven choice, like the block length)."""
+        if self.config.kind not in ("adaptive", "predictor") or self.verdicts < MIN_VERDICTS_TO_STOP:
+            return True
+        pipelined = self.mode in (Mode.PIPELINED, Mode.SPECBRANCH)
+        alone = self.model.tokens_per_second(0, pipelined, self.rate)
+        best = self.model.tokens_per_second(self.block_length(), pipelined, self.rate)
+        return not alone or best * (1 + STOP_MARGIN) >= alone
 
     def lookahead_blocks(self) -> int:
         """Blocks of one request queued on the target at once (pipelined modes): the one it
@@ -289,7 +322,11 @@ class DraftPolicy:
 
     def observe(self, num_drafted: int, num_accepted: int, predicted_accept_length: float = -1.0) -> None:
         """A verdict: the acceptance (the forward's cost comes from observe_forward, batch by batch)."""
-        self.model.observe_block(num_drafted, num_accepted)
+        self.model.observe_block(num_drafted, num_accepted, self.greedy)
+        if num_drafted:
+            self.accepted += num_accepted
+            self.rejected += num_accepted < num_drafted
+            self.verdicts += 1
         self._best_length = None
         if predicted_accept_length >= 0:
             self.predicted_accept_length = predicted_accept_length

@@ -16,7 +16,7 @@ from specpipe.modes import Mode
 from specpipe.coordinator.channel import DraftDown, RequestChannel
 from specpipe.coordinator.pipeline import Pipelined
 from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
-from specpipe.coordinator.schedules import Autoregressive, RunStats, Sequential, TargetOnly
+from specpipe.coordinator.schedules import Autoregressive, RunStats, Sequential, SpeculationStopped, TargetOnly
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.sampling import SamplingParams
 
@@ -60,9 +60,10 @@ class RequestRun:
         try:
             async for new_tokens in self.schedule.run():
                 yield new_tokens
-        except DraftDown:
-            self.fell_back = True
-            self.schedule = TargetOnly(self.schedule)
+        except (DraftDown, SpeculationStopped) as why:
+            draft_down = isinstance(why, DraftDown)
+            self.fell_back = self.fell_back or draft_down
+            self.schedule = TargetOnly(self.schedule, draft_down=draft_down)
             async for new_tokens in self.schedule.run():
                 yield new_tokens
 

@@ -9,9 +9,10 @@ against a fake one. Every count in the request's stats is updated here, in one p
 - `Autoregressive`: the target alone; one Decode command, then one committed token per verdict
   (the target decodes by itself, batched with everything else: no round trip per token).
 - `Sequential`: draft a block on branch 0, verify it, sync the draft to the verdict, repeat.
-- `TargetOnly`: what any schedule becomes when the draft goes down: the verdicts of blocks already
-  in flight are still awaited and applied, then the target decodes the rest by itself. Lossless:
-  every committed token was the target's.
+- `TargetOnly`: what any schedule becomes when the draft goes down, or when speculation stops
+  paying for the request (its measured acceptance makes the target alone faster: `DraftPolicy.
+  speculation_pays`): the verdicts of blocks already in flight are still awaited and applied, then
+  the target decodes the rest by itself. Lossless: every committed token was the target's.
 - pipelined / specbranch: coordinator/pipeline.py.
 
 All decisions are made here; workers execute. Replies for an old epoch are dropped here.
@@ -62,6 +63,10 @@ class RunStats:
         self.draft_tokens += num_draft
         self.accepted_tokens += verdict.num_accepted
         self.committed_per_verification.append(committed)
+
+
+class SpeculationStopped(Exception):
+    """Drafting no longer pays for this request: the target decodes the rest alone."""
 
 
 @dataclass
@@ -121,6 +126,15 @@ class Schedule:
             branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus,
             expect_last_token=expect_last_token, want_prediction=self.policy.wants_prediction))
         self.in_flight.append(block)
+
+    def stop_if_unpaid(self) -> None:
+        """Raise SpeculationStopped when drafting stopped paying for this request. Never for a seeded
+        request sampled by the default rule: where its positions switch to the target's own draw
+        would depend on timing, and a seed must fix the output."""
+        sampling = self.plan.sampling
+        switchable = sampling.greedy or sampling.coupled or not self.plan.seeded
+        if switchable and not self.policy.speculation_pays():
+            raise SpeculationStopped(f"acceptance {self.policy.rate:.2f}: the target alone is faster")
 
     def observe_draft(self, event) -> list[worker_pb2.DraftToken]:
         """Count a draft step's tokens for the request and note the step's time; return them."""
@@ -184,19 +198,27 @@ class Sequential(Schedule):
             if new_tokens:
                 await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=new_tokens[-1:])
                 yield new_tokens
+            self.stop_if_unpaid()
 
 
 class TargetOnly(Schedule):
-    """Takes over a schedule whose draft went down, from its committed tokens and blocks in flight."""
+    """Takes over a schedule from its committed tokens and blocks in flight: its draft went down
+    (`draft_down`), or speculation stopped paying (the draft is released at once)."""
 
-    def __init__(self, previous: Schedule):
+    def __init__(self, previous: Schedule, draft_down: bool = True):
         super().__init__(previous.plan, previous.channel, previous.policy, previous.stats)
         self.tokens, self.in_flight, self.block_id = previous.tokens, previous.in_flight, previous.block_id
+        self.draft_down = draft_down
 
     async def run(self):
-        logger.warning("[%s] draft worker down: going on target-only from %d committed tokens",
-                       self.plan.request_id, len(self.tokens))
-        self.channel.drop_draft()
+        if self.draft_down:
+            logger.warning("[%s] draft worker down: going on target-only from %d committed tokens",
+                           self.plan.request_id, len(self.tokens))
+            self.channel.drop_draft()
+        else:
+            logger.info("[%s] speculation stopped paying (acceptance %.2f): the target decodes the rest from %d "
+                        "committed tokens", self.plan.request_id, self.policy.rate, len(self.tokens))
+            await self.channel.release_draft()
         # The target answers what it has not verified yet `stale` and decodes the rest: the blocks
         # in flight get their verdict (or stale) first, in order, then the decoded tokens.
         await self.channel.decode(self.end)

@@ -346,7 +346,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         learnt = config.branch_confidence is None
         hit_rates = [model.fork_hit_rate(greedy) for greedy in (True, False)]
         return specpipe_pb2.PolicyState(
-            acceptance_rate=model.rate, draft_step_s=model.t_draft or 0.0,
+            acceptance_rate=model.rate(True), sampled_acceptance_rate=model.rate(False), draft_step_s=model.t_draft or 0.0,
             verify_s=model.verify_seconds(config.num_draft_tokens + 1) or 0.0,
             branch_threshold=model.branch_threshold(True) if learnt else config.branch_confidence,
             sampled_branch_threshold=model.branch_threshold(False) if learnt else config.branch_confidence,

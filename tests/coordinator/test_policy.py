@@ -8,7 +8,9 @@ import pytest
 
 from specpipe.config import PolicyConfig
 from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, FORK_EXPLORE,
-                                         FORK_MIN_SEEN, FORK_WINDOW, AcceptanceModel, DraftPolicy)
+                                         FORK_MIN_SEEN, FORK_WINDOW, MIN_VERDICTS_TO_STOP, AcceptanceModel,
+                                         DraftPolicy)
+from specpipe.modes import Mode
 
 
 def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed: int = 0) -> None:
@@ -24,7 +26,7 @@ def simulate(model: AcceptanceModel, rate: float, length: int, blocks: int, seed
 def test_acceptance_rate_estimate_recovers_the_truth(rate):
     model = AcceptanceModel()
     simulate(model, rate, length=4, blocks=3000)
-    assert model.rate == pytest.approx(rate, abs=0.05)
+    assert model.rate() == pytest.approx(rate, abs=0.05)
 
 
 def test_verify_cost_line_is_fitted_exactly_on_linear_data():
@@ -50,7 +52,7 @@ def test_best_length_grows_with_acceptance_and_cheap_drafting():
     assert sure.best_length(10, pipelined=False) > unsure.best_length(10, pipelined=False)
     assert sure.best_length(10, pipelined=True) >= unsure.best_length(10, pipelined=True)
     # Brute force agrees with the closed forms.
-    a = sure.rate
+    a = sure.rate()
     serial = [(1 - a ** (k + 1)) / (1 - a) / (k * 0.001 + 0.008 + 0.0003 * (k + 1)) for k in range(1, 11)]
     assert sure.best_length(10, pipelined=False) == 1 + serial.index(max(serial))
 
@@ -170,7 +172,7 @@ def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
     """With B requests sharing each forward, a round costs the forward over all their blocks; the
     chosen length is the one with the most tokens per second for the batch (computed apart here)."""
     model = AcceptanceModel()
-    model.accepted, model.rejected = 90.0, 10.0          # acceptance rate 0.9
+    model.counts[True] = [90.0, 10.0]                    # greedy acceptance rate 0.9
     for _ in range(200):
         model.observe_forward(rows, rows * 5, 0.007 + 0.0004 * rows * 5)
         model.observe_forward(rows, rows * 9, 0.007 + 0.0004 * rows * 9)
@@ -186,3 +188,43 @@ def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
 
     rates = [batch_rate(k) for k in range(1, 11)]
     assert model.best_length(10, pipelined) == 1 + rates.index(max(rates))
+
+
+def test_acceptance_is_learnt_apart_for_greedy_and_sampled_requests_and_per_request():
+    model = AcceptanceModel()
+    for _ in range(200):
+        model.observe_block(4, 4, greedy=True)       # greedy: everything accepted
+        model.observe_block(4, 0, greedy=False)      # sampled: nothing
+    assert model.rate(True) > 0.9 and model.rate(False) < 0.1
+    request = DraftPolicy(PolicyConfig(), Mode.SPECBRANCH, model, greedy=True)
+    assert request.rate == pytest.approx(model.rate(True))      # the kind's rate as its prior
+    for _ in range(40):
+        request.observe(4, 0)                                       # this request's text does not suit the draft
+    assert request.rate < 0.3
+
+
+def costed_batch_model(rate_greedy: float, t_draft: float) -> AcceptanceModel:
+    model = AcceptanceModel()
+    model.counts[True] = [100 * rate_greedy, 100 * (1 - rate_greedy)]
+    for tokens in (2, 5, 9):
+        for _ in range(30):
+            model.observe_forward(1, tokens, 0.007 + 0.0005 * tokens)
+            model.observe_draft_step(t_draft)
+    return model
+
+
+@pytest.mark.parametrize("mode", [Mode.SEQUENTIAL, Mode.SPECBRANCH])
+def test_speculation_stops_paying_when_the_target_alone_is_faster(mode):
+    """With a costly draft and a request whose tokens it rarely guesses, the target alone wins:
+    after enough verdicts the policy says so; while it guesses well, it does not."""
+    model = costed_batch_model(0.9, t_draft=0.006)
+    poor = DraftPolicy(PolicyConfig(), mode, model, greedy=True)
+    good = DraftPolicy(PolicyConfig(), mode, model, greedy=True)
+    for _ in range(MIN_VERDICTS_TO_STOP):
+        poor.observe(4, 0)
+        good.observe(4, 4)
+    assert not poor.speculation_pays() and good.speculation_pays()
+    fixed = DraftPolicy(PolicyConfig(kind="fixed"), mode, model, greedy=True)
+    for _ in range(MIN_VERDICTS_TO_STOP):
+        fixed.observe(4, 0)
+    assert fixed.speculation_pays(), "only the adaptive policies decide by the measured costs"

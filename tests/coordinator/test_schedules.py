@@ -28,7 +28,7 @@ SEEDS = range(12)
 
 
 def run(mode: str, seed: int, draft_down_after: int | None = None, policy: PolicyConfig | None = None,
-        stalls: bool = False):
+        stalls: bool = False, model: AcceptanceModel | None = None):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
     workers = FakeWorkers(seed, draft_down_after, stalls)
     plan = RequestPlan(request_id="r", prompt_ids=PROMPT, max_new_tokens=MAX_NEW, sampling=SamplingParams(),
@@ -36,7 +36,7 @@ def run(mode: str, seed: int, draft_down_after: int | None = None, policy: Polic
                        policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5))
     channel = RequestChannel("r", workers.draft, workers.target, use_draft=mode != "autoregressive")
     channel.inbox = FakeInbox(workers)
-    request = RequestRun(plan, channel, AcceptanceModel())
+    request = RequestRun(plan, channel, model or AcceptanceModel())
 
     async def collect():
         tokens = []
@@ -98,3 +98,19 @@ def test_a_drafter_with_nothing_to_propose_lets_the_target_go_on(mode):
         # Once told, the schedule does not ask there again (one more ask may cross the answer).
         repeats = max(workers.stalled.count(key) for key in workers.stalled)
         assert repeats <= 2, "the draft was asked again and again where it had said it had nothing"
+
+
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "specbranch"])
+def test_when_speculation_stops_paying_the_target_finishes_alone_and_the_draft_is_freed(mode):
+    """A draft so slow (measured costs) that the target alone is faster: after the policy's
+    minimum of verdicts the request hands over to target-only decoding, exactly."""
+    model = AcceptanceModel()
+    for tokens in (2, 5, 9):
+        for _ in range(30):
+            model.observe_forward(1, tokens, 0.007 + 0.0005 * tokens)
+            model.observe_draft_step(0.05)                   # 50 ms a draft step: never worth it
+    tokens, request, workers = run(mode, 0, policy=PolicyConfig(kind="adaptive", num_draft_tokens=4), model=model)
+    assert tokens == greedy(PROMPT, MAX_NEW)
+    assert "target:decode" in workers.commands and not request.fell_back
+    released = workers.commands.index("draft:release")
+    assert released < len(workers.commands) - 2, "the draft was freed when speculation stopped, not at the end"

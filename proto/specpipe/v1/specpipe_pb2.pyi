@@ -158,7 +158,7 @@ class StatsResponse(_message.Message):
     def __init__(self, live_requests: _Optional[int] = ..., workers: _Optional[_Iterable[_Union[WorkerStats, _Mapping]]] = ..., totals: _Optional[_Union[RequestStats, _Mapping]] = ..., finished: _Optional[_Mapping[str, int]] = ..., default_mode: _Optional[_Union[Mode, str]] = ..., status: _Optional[str] = ..., policy: _Optional[_Union[PolicyState, _Mapping]] = ...) -> None: ...
 
 class PolicyState(_message.Message):
-    __slots__ = ("acceptance_rate", "draft_step_s", "verify_s", "branch_threshold", "branch_threshold_learnt", "rejections_seen", "sampled_branch_threshold", "fork_hit_rate", "sampled_fork_hit_rate")
+    __slots__ = ("acceptance_rate", "draft_step_s", "verify_s", "branch_threshold", "branch_threshold_learnt", "rejections_seen", "sampled_branch_threshold", "fork_hit_rate", "sampled_fork_hit_rate", "sampled_acceptance_rate")
     ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     DRAFT_STEP_S_FIELD_NUMBER: _ClassVar[int]
     VERIFY_S_FIELD_NUMBER: _ClassVar[int]
@@ -168,6 +168,7 @@ class PolicyState(_message.Message):
     SAMPLED_BRANCH_THRESHOLD_FIELD_NUMBER: _ClassVar[int]
     FORK_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
     SAMPLED_FORK_HIT_RATE_FIELD_NUMBER: _ClassVar[int]
+    SAMPLED_ACCEPTANCE_RATE_FIELD_NUMBER: _ClassVar[int]
     acceptance_rate: float
     draft_step_s: float
     verify_s: float
@@ -177,4 +178,5 @@ class PolicyState(_message.Message):
     sampled_branch_threshold: float
     fork_hit_rate: float
     sampled_fork_hit_rate: float
-    def __init__(self, acceptance_rate: _Optional[float] = ..., draft_step_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., branch_threshold: _Optional[float] = ..., branch_threshold_learnt: _Optional[bool] = ..., rejections_seen: _Optional[int] = ..., sampled_branch_threshold: _Optional[float] = ..., fork_hit_rate: _Optional[float] = ..., sampled_fork_hit_rate: _Optional[float] = ...) -> None: ...
+    sampled_acceptance_rate: float
+    def __init__(self, acceptance_rate: _Optional[float] = ..., draft_step_s: _Optional[float] = ..., verify_s: _Optional[float] = ..., branch_threshold: _Optional[float] = ..., branch_threshold_learnt: _Optional[bool] = ..., rejections_seen: _Optional[int] = ..., sampled_branch_threshold: _Optional[float] = ..., fork_hit_rate: _Optional[float] = ..., sampled_fork_hit_rate: _Optional[float] = ..., sampled_acceptance_rate: _Optional[float] = ...) -> None: ...
