@@ -125,13 +125,12 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
     assert len(processes) >= 3, "expected two ranks and the coordinator under torchrun"
     began = time.monotonic()
     torchrun_server.process.send_signal(signal.SIGTERM)
-    torchrun_server.process.wait(STOP_TIMEOUT_S)
-    elapsed = time.monotonic() - began
+    torchrun_server.process.wait(STOP_TIMEOUT_S)      # (raises TimeoutExpired past the bound)
+    print(f"\n[torchrun] SIGTERM to exit: {time.monotonic() - began:.2f} s")
     output = torchrun_server.output()
     for rank, role in ((0, "target"), (1, "draft")):
         assert re.search(rf"rank {rank} \({role}\) exits with code 0\b", output), output[-4000:]
     assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "a process outlived torchrun"
-    assert elapsed < STOP_TIMEOUT_S
 
 
 def test_draft_rank_killed_restarts_the_pair_and_serves_again(tiny_models, hf_greedy):
