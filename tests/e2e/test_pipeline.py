@@ -57,7 +57,9 @@ BROKEN_RULES = {
 }
 
 
-@pytest.mark.parametrize("drafter_invariant", [False, True], ids=["leviathan", "coupled"])
+# The coupling first: the fork policy is the server's, shared by all sampled requests, and its forks
+# pay; after the Leviathan prompt's (which rarely hit) it would turn forking down.
+@pytest.mark.parametrize("drafter_invariant", [True, False], ids=["coupled", "leviathan"])
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
 def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode, drafter_invariant):
     """The joint law of the first 3 tokens (temperature 1, top-k 2: 8 outcomes) over NUM_SEEDS
@@ -66,10 +68,15 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
     (tiny.flatten), so where it is rejected the target's correction is its other top-2 token, which
     specbranch forked there (branch-confidence 0.9: every position is a branch point; branch-width
     1: that token): at least MIN_PROMOTED_SHARE of the specbranch requests go on through a promoted
-    branch. The same samples reject the laws of broken plumbing, and the test has the power to."""
+    branch. The same samples reject the laws of broken plumbing, and the test has the power to.
+    (A drafter that proposed its argmax on forked branches instead of sampling q, so that only
+    promoted tokens are off, fails the Leviathan case: p ~ 1e-8.)"""
     server = serve("draft_flat", "--branch-confidence", "0.9", "--branch-width", "1", "--num-draft-tokens", "3")
     client = Client(server.addr, timeout=CALL_TIMEOUT_S)
-    prompt_ids, sampling = PROMPTS[1], SamplingParams(temperature=1.0, top_k=2)
+    # Leviathan: a prompt after which the target is unsure, so the tokens that follow a promotion
+    # carry the most of any bias of the promoted path; the coupling: one whose forks pay more (the
+    # fork policy turns forking down for all sampled requests when they rarely hit).
+    prompt_ids, sampling = PROMPTS[1 if drafter_invariant else 3], SamplingParams(temperature=1.0, top_k=2)
     models = tiny_models["target"], tiny_models["draft_flat"]
     joint = joint_law(*models, prompt_ids, sampling, 3)
     outcomes = list(joint)
