@@ -188,7 +188,7 @@ def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: client.stats().status == "ok", 30, "the target to be re-admitted after SIGCONT")
     assert worker(client.stats(), "target").pid == pid, "re-admitted, not restarted"
-    assert health(server.addr) == SERVING
+    wait_for(lambda: health(server.addr) == SERVING, 5, "SERVING")       # (Health looks every 0.1 s)
     assert client.complete(prompt_ids=PROMPTS[1], max_new_tokens=30)[0] == hf_greedy(PROMPTS[1], 30)
     idle, stats = wait_idle(client)
     assert idle, f"the failed request left state on a worker: {stats}"
