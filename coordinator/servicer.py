@@ -55,6 +55,10 @@ MAX_STOP_CHARS = 256
 # logits that real models produce and the distribution turns to NaN (seen with 1e-38). vLLM's
 # sampling epsilon, rounded to float32 as the field arrives (so that 1e-5 itself passes); 0 is greedy.
 MIN_TEMPERATURE = float(np.float32(1e-5))
+# A gRPC client's own deadline timer fires, and cancels the call, a little before the server's
+# (which starts when the request arrives, from the time the client had left): a call cancelled
+# this close to its deadline expired.
+DEADLINE_SLACK_S = 0.25
 
 
 class InvalidRequest(ValueError):
@@ -260,10 +264,19 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
     async def Generate(self, request, context):
         def gone() -> str:
             remaining = context.time_remaining()
-            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= 0 else "CANCELLED"
+            return "DEADLINE_EXCEEDED" if remaining is not None and remaining <= DEADLINE_SLACK_S else "CANCELLED"
+
+        async def send(response: specpipe_pb2.GenerateResponse) -> None:
+            try:
+                await context.write(response)
+            except Exception:
+                # The client went away, or its deadline passed, while the write waited on it.
+                if context.cancelled() or gone() == "DEADLINE_EXCEEDED":
+                    raise asyncio.CancelledError from None
+                raise
 
         try:
-            await self.execute(request, context.write, gone)
+            await self.execute(request, send, gone)
         except Refused as err:
             await context.abort(grpc.StatusCode[err.status], str(err))
 

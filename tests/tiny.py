@@ -65,6 +65,20 @@ def perturb(source: Path, folder: Path, noise: float, seed: int) -> None:
             shutil.copy(name, folder / name.name)
 
 
+def flatten(source: Path, folder: Path, factor: float) -> None:
+    """A copy of the model in `source` with its logits scaled by `factor` (< 1: flatter): every
+    next-token distribution ranks the tokens as the source's does, with less mass on the best. As a
+    draft, it is rejected where it is less sure than its target, and the target's correction is
+    then always among the draft's next-best tokens: SpecBranch's forks there are promoted."""
+    model = LlamaForCausalLM.from_pretrained(source)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(factor)
+    model.save_pretrained(folder)
+    for name in source.iterdir():
+        if name.name.startswith("tokenizer") or name.name.startswith("special"):
+            shutil.copy(name, folder / name.name)
+
+
 def load(path) -> torch.nn.Module:
     return AutoModelForCausalLM.from_pretrained(path).eval()
 

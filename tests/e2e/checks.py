@@ -4,7 +4,18 @@ from __future__ import annotations
 
 import re
 import time
+import urllib.request
 from pathlib import Path
+
+import psutil
+from prometheus_client.parser import text_string_to_metric_families
+
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
+
+# How long a server may take to free a finished, cancelled or failed request on both workers. It
+# is done at once (the release goes out as the request ends, the next heartbeat reports it); the
+# bound is for a loaded 2-core box, and a wait returns as soon as the server is idle.
+FREED_S = 10.0
 
 
 def is_idle(stats) -> bool:
@@ -12,7 +23,7 @@ def is_idle(stats) -> bool:
     return stats.live_requests == 0 and all(w.live_requests == 0 and w.live_branches == 0 for w in stats.workers)
 
 
-def wait_idle(client, timeout: float = 2.0):
+def wait_idle(client, timeout: float = FREED_S):
     """Poll GetStats until the server is idle or `timeout` passes: (idle, last stats)."""
     deadline = time.monotonic() + timeout
     while True:
@@ -31,6 +42,53 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def worker(stats, role: str):
+    """The WorkerStats of `role` ("draft" / "target") in a StatsResponse."""
+    return next(w for w in stats.workers if w.role == role)
+
+
+def listening_endpoints(pid: int) -> set[str]:
+    """The TCP endpoints (`tcp://HOST:PORT`) process `pid` listens on: a worker's control socket,
+    and the target's data-plane socket."""
+    return {f"tcp://{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process(pid).net_connections("tcp")
+            if c.status == psutil.CONN_LISTEN}
+
+
+def scrape(port: int) -> dict[tuple[str, tuple], float]:
+    """{(sample name, sorted labels): value} from a server's metrics endpoint."""
+    body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
+    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+            for family in text_string_to_metric_families(body) for sample in family.samples}
+
+
+def metric(samples, name: str, **labels) -> float:
+    return samples.get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+# The text log format of `specpipe serve` (launch/cli.py): "2025-01-02 03:04:05,678 LEVEL ...".
+LOG_TIME = re.compile(r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d),(\d{3}) ")
+
+
+def log_lines(path: Path, needle: str) -> list[str]:
+    """The lines of a server's log that contain `needle`."""
+    return [line for line in Path(path).read_text(errors="replace").splitlines() if needle in line]
+
+
+def log_time(line: str) -> float:
+    """The time stamp of a text log line, in seconds (for differences between two lines)."""
+    match = LOG_TIME.match(line)
+    assert match, f"no time stamp on the log line {line!r}"
+    return time.mktime(time.strptime(match.group(1), "%Y-%m-%d %H:%M:%S")) + int(match.group(2)) / 1000
+
+
+def draft_probs(shape: list[int], frames: list[bytes], frame: int = 0) -> list[bytes]:
+    """A DraftProbs message for the target's data plane (ZeroMQ parts): one key, of no request;
+    a float32 q header of `shape` naming tensor frame `frame`; then `frames`."""
+    message = worker_pb2.DraftProbs(handles=[10**9], branch_ids=[0], epochs=[1], positions=[3],
+                                    probs=worker_pb2.Tensor(dtype="float32", shape=shape, frame=frame))
+    return [message.SerializeToString(), *frames]
 
 
 # The start-up summary's line on the internal sockets (launch/endpoints.py: describe), e.g.

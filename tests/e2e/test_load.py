@@ -7,11 +7,13 @@ client refused with RESOURCE_EXHAUSTED backs off and retries, as a real one woul
   (CANCELLED, DEADLINE_EXCEEDED), never anything else;
 - greedy output equals the target's own greedy output (Hugging Face, computed once per prompt),
   and what a cancelled or expired greedy request received is a prefix of it;
-- afterwards GetStats shows 0 live requests and 0 live branches on both workers;
-- each worker's resident memory is back near where it was before the load. The margin (+30 MB)
-  is for what is not a leak: glibc keeps freed arenas, torch and Python keep allocator pools,
-  and the peak of concurrent KV caches is not all given back to the OS. A leak of the KV cache of
-  each request would exceed it in the full run (2,000 requests) and grow with the count.
+- the cancels are real: the server counts (GetStats `finished`) as cancelled no more requests than
+  the clients cancelled, and at least half of them (a client cancels half-way through, so the
+  server is still running the request then, but for a last chunk already on its way);
+- afterwards GetStats shows 0 live requests, 0 live branches and 0 KV slots held on both workers:
+  the workers' own counts of per-request state, which one leaked request moves. (Resident memory
+  is printed, not asserted: allocator pools and freed arenas move it by megabytes either way, so
+  it could not see a per-request leak of a few kilobytes.)
 Throughput and latency percentiles are printed (figures only: this machine is shared, so no
 timing is asserted).
 
@@ -40,7 +42,6 @@ from tiny import PROMPTS
 LOAD_PROMPTS = [*PROMPTS, [42, 42, 7, 99, 250], [3, 1, 4, 1, 5, 9, 2, 6]]
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 MAX_NEW = 32
-RSS_MARGIN_BYTES = 30 * 2**20
 MAX_RETRIES = 200
 CALL_TIMEOUT_S = 120.0     # a generous cap for requests without their own deadline: a hang fails
 
@@ -60,6 +61,7 @@ class Job:
     finish_reason: str = ""
     latency_s: float = 0.0
     retries: int = 0
+    cancelled_after: int | None = None     # tokens received when the client cancelled
 
 
 def make_jobs(count: int, seed: int) -> list[Job]:
@@ -90,6 +92,7 @@ def run_job(client: Client, job: Job) -> None:
                 job.token_ids += response.token_ids
                 job.finish_reason = response.finish_reason or job.finish_reason
                 if job.kind == "cancel" and not job.finish_reason and len(job.token_ids) >= job.max_new_tokens // 2:
+                    job.cancelled_after = len(job.token_ids)
                     stream.cancel()
             job.code = grpc.StatusCode.OK
         except grpc.RpcError as err:
@@ -117,6 +120,7 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
         client.complete(prompt_ids=LOAD_PROMPTS[0], max_new_tokens=MAX_NEW, mode=mode)
     assert wait_idle(client)[0]
     rss_before = worker_rss(client, server.process.pid)
+    finished_before = dict(client.stats().finished)
     jobs = make_jobs(count, seed)
     started = time.monotonic()
     with concurrent.futures.ThreadPoolExecutor(clients) as pool:
@@ -141,6 +145,9 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
         else:
             assert job.token_ids == expected[:len(job.token_ids)], f"job {job.index}: not a prefix of greedy"
     assert idle, f"requests or branches left after the load: {stats}"
+    assert [w.kv_slots_used for w in stats.workers] == [0, 0], f"KV slots held after the load: {stats}"
+    issued = sum(job.cancelled_after is not None for job in jobs)
+    cancelled = stats.finished["cancelled"] - finished_before.get("cancelled", 0)
 
     done = [job for job in jobs if job.code == grpc.StatusCode.OK and job.finish_reason]
     latencies = np.array([job.latency_s for job in done])
@@ -148,14 +155,13 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
     with capsys.disabled():
         print(f"\n[load] {count} requests from {clients} clients in {wall:.1f} s: {len(done) / wall:.1f} requests/s, "
               f"{tokens / wall:.0f} tokens/s streamed; outcomes {codes}; "
-              f"{sum(job.retries for job in jobs)} retries after RESOURCE_EXHAUSTED")
+              f"{sum(job.retries for job in jobs)} retries after RESOURCE_EXHAUSTED; {cancelled} of {issued} "
+              f"cancels landed mid-request")
         print(f"[load] latency of completed requests (retries included): p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
               f"p90 {np.percentile(latencies, 90) * 1000:.0f} ms, p99 {np.percentile(latencies, 99) * 1000:.0f} ms")
         print("[load] worker RSS before -> after: " + ", ".join(
             f"{role} {rss_before[role] / 2**20:.1f} -> {rss_after.get(role, 0) / 2**20:.1f} MB" for role in rss_before))
-    for role, before in rss_before.items():
-        assert rss_after[role] <= before + RSS_MARGIN_BYTES, \
-            f"{role} worker grew from {before / 2**20:.1f} to {rss_after[role] / 2**20:.1f} MB"
+    assert issued * 0.5 <= cancelled <= issued, f"the server cancelled {cancelled} requests, the clients {issued}"
 
 
 def test_load_short(serve, hf_greedy, capsys):

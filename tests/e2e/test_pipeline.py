@@ -15,54 +15,99 @@ from specpipe import Client
 from specpipe.coordinator.policy import BRANCH_MIN_SEEN, BRANCH_PRIOR
 from specpipe.sampling import SamplingParams, logits_to_probs
 
-from goodness import P_VALUE_THRESHOLD, chi_square_pvalue
+from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
 from tiny import PROMPTS
 
 
-def exact_joint(model_dir, prompt_ids, sampling: SamplingParams, length: int) -> dict[tuple, float]:
-    """The target's exact distribution over its first `length` sampled tokens, by enumeration."""
-    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
+# Seeds per sampling test, and the power it must have at that count against each law of broken
+# plumbing (computed from the same models).
+NUM_SEEDS = 500
+MIN_POWER = 0.99
+# Of the specbranch requests, at least this share must go on through a promoted branch (about a
+# third do with the flattened draft; forks are promoted at every rejection where one was made).
+MIN_PROMOTED_SHARE = 0.15
+CALL_TIMEOUT_S = 120.0      # a generous cap per request: a hang fails
+
+
+def joint_law(target_dir, draft_dir, prompt_ids, sampling: SamplingParams, length: int,
+              rule=lambda target_probs, draft_probs: target_probs) -> dict[tuple, float]:
+    """The law of the first `length` sampled tokens, by enumeration, when each token follows
+    `rule(target_probs, draft_probs)` given the ones before: by default the target's own law."""
+    target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
+    draft = AutoModelForCausalLM.from_pretrained(draft_dir).eval()
     joint = {(): 1.0}
     for _ in range(length):
         grown = {}
         for prefix, mass in joint.items():
             with torch.no_grad():
-                logits = model(torch.tensor([prompt_ids + list(prefix)])).logits[0, -1]
-            probs = logits_to_probs(logits, sampling)
+                ids = torch.tensor([prompt_ids + list(prefix)])
+                probs = rule(logits_to_probs(target(ids).logits[0, -1], sampling).double(),
+                             logits_to_probs(draft(ids).logits[0, -1], sampling).double())
             for token in torch.nonzero(probs).flatten().tolist():
                 grown[prefix + (token,)] = mass * float(probs[token])   # float64 from here on
         joint = grown
     return joint
 
 
-@pytest.mark.parametrize("drafter_invariant", [False, True], ids=["leviathan", "coupled"])
+# Each token's law under broken plumbing (the unit tests' biased samplers, end to end).
+BROKEN_RULES = {
+    "draft tokens passed unverified": lambda target_probs, draft_probs: draft_probs,
+    "ratio inverted (q over p)": lambda target_probs, draft_probs:
+        torch.minimum(target_probs, draft_probs) + torch.clamp(draft_probs - target_probs, min=0.0),
+}
+
+
+# The coupling first: the fork policy is the server's, shared by all sampled requests, and its forks
+# pay; after the Leviathan prompt's (which rarely hit) it would turn forking down.
+@pytest.mark.parametrize("drafter_invariant", [True, False], ids=["coupled", "leviathan"])
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
 def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode, drafter_invariant):
-    """The joint law of the first 3 tokens (temperature 1, top-k 3: 27 outcomes) over 700 seeds,
-    with unsure tokens everywhere (branch-confidence 0.9) so branches are forked and promoted, by
-    each sampling rule: the default (Leviathan) and the drafter-invariant coupling."""
-    server = serve("draft_close", "--branch-confidence", "0.9", "--branch-width", "2", "--num-draft-tokens", "3")
-    client = Client(server.addr)
-    prompt_ids, sampling = PROMPTS[1], SamplingParams(temperature=1.0, top_k=3)
-    joint = exact_joint(tiny_models["target"], prompt_ids, sampling, 3)
+    """The joint law of the first 3 tokens (temperature 1, top-k 2: 8 outcomes) over NUM_SEEDS
+    seeds, by each sampling rule: the default (Leviathan) and the drafter-invariant coupling.
+    The pair makes promotions happen: the draft ranks every token as the target does, flatter
+    (tiny.flatten), so where it is rejected the target's correction is its other top-2 token, which
+    specbranch forked there (branch-confidence 0.9: every position is a branch point; branch-width
+    1: that token): at least MIN_PROMOTED_SHARE of the specbranch requests go on through a promoted
+    branch. The same samples reject the laws of broken plumbing, and the test has the power to.
+    (A drafter that proposed its argmax on forked branches instead of sampling q, so that only
+    promoted tokens are off, fails the Leviathan case: p ~ 1e-8.)"""
+    server = serve("draft_flat", "--branch-confidence", "0.9", "--branch-width", "1", "--num-draft-tokens", "3")
+    client = Client(server.addr, timeout=CALL_TIMEOUT_S)
+    # Leviathan: a prompt after which the target is unsure, so the tokens that follow a promotion
+    # carry the most of any bias of the promoted path; the coupling: one whose forks pay more (the
+    # fork policy turns forking down for all sampled requests when they rarely hit).
+    prompt_ids, sampling = PROMPTS[1 if drafter_invariant else 3], SamplingParams(temperature=1.0, top_k=2)
+    models = tiny_models["target"], tiny_models["draft_flat"]
+    joint = joint_law(*models, prompt_ids, sampling, 3)
     outcomes = list(joint)
     counts = dict.fromkeys(outcomes, 0)
-    hits = forked = 0
+    promoted = forked = 0
 
     def run(seed):
-        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=3, temperature=1.0, top_k=3,
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=3, temperature=1.0, top_k=2,
                                              seed=seed, mode=mode, drafter_invariant=drafter_invariant)
         return tuple(token_ids), last.stats
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for tokens, stats in pool.map(run, range(700)):
+        for tokens, stats in pool.map(run, range(NUM_SEEDS)):
             counts[tokens] += 1                         # KeyError: a sequence the target forbids
-            hits += stats.branches_hit
+            promoted += stats.branches_hit > 0
             forked += stats.branches_forked
+    print(f"\n[branches] {mode}, {'coupled' if drafter_invariant else 'leviathan'}: {promoted} of {NUM_SEEDS} "
+          f"requests went on through a promoted branch ({forked} forked)")
     if mode == "specbranch":
-        assert hits > 0 and forked > hits
+        assert promoted >= MIN_PROMOTED_SHARE * NUM_SEEDS and forked > promoted
+    else:
+        assert forked == 0
     observed = [counts[o] for o in outcomes]
-    assert chi_square_pvalue(observed, [joint[o] for o in outcomes]) > P_VALUE_THRESHOLD
+    exact = [joint[o] for o in outcomes]
+    assert chi_square_pvalue(observed, exact) > P_VALUE_THRESHOLD
+    for name, rule in BROKEN_RULES.items():
+        broken = joint_law(*models, prompt_ids, sampling, 3, rule)
+        assert set(broken) <= set(joint), name
+        broken = [broken.get(o, 0.0) for o in outcomes]
+        assert chi_square_power(exact, broken, NUM_SEEDS) > MIN_POWER, name
+        assert chi_square_pvalue(observed, broken) < P_VALUE_THRESHOLD, f"these samples fit: {name}"
 
 
 @pytest.mark.parametrize("draft", ["draft", "draft_close", "draft_same"])

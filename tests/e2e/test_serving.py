@@ -1,7 +1,8 @@
 """The server end to end: real `specpipe serve` processes, real gRPC and ZeroMQ on loopback, real
 tiny models. Greedy output must equal Hugging Face greedy token for token in every mode; sampling
-must follow the target's distribution; bad requests get INVALID_ARGUMENT naming the field; a
-cancelled stream frees the request on both workers."""
+must follow the target's distribution, through accepted draft tokens and corrections alike; the
+streamed text is the decoded tokens, and a stop string ends it; bad requests get INVALID_ARGUMENT
+naming the field; a stream cancelled while the request runs frees it on both workers."""
 
 from __future__ import annotations
 
@@ -16,17 +17,24 @@ import grpc
 import numpy as np
 import pytest
 import torch
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
 from checks import internal_sockets, wait_idle
-from goodness import P_VALUE_THRESHOLD, chi_square_pvalue
+from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
+from held import HeldRequest
 from tiny import PROMPTS
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 MAX_NEW = 40
+# Seeds per sampling test: enough for the power check below (each wrong law is caught with
+# probability > MIN_POWER at these counts, computed from the same models).
+NUM_SEEDS = 300
+MIN_POWER = 0.99
+# A text prompt whose greedy continuation holds multi-byte characters split across tokens.
+TEXT_PROMPT = "def fib(n):"
 
 
 @pytest.mark.parametrize("draft", ["draft", "draft_close", "draft_same"])
@@ -68,12 +76,42 @@ def test_eight_concurrent_requests_share_the_workers_forwards(serve, hf_greedy):
         assert rows / forwards > 1.2, role
 
 
-def test_text_prompt_streams_text(serve):
+@pytest.fixture(scope="module")
+def tokenizer(tiny_models):
+    return AutoTokenizer.from_pretrained(tiny_models["tokenizer"])
+
+
+def split_characters(tokenizer, token_ids: list[int]) -> set[str]:
+    """The multi-byte characters of the decoded text that no token decodes to alone: each one's
+    bytes are split across tokens."""
+    alone = "".join(tokenizer.decode([token_id]) for token_id in token_ids)
+    return {char for char in tokenizer.decode(token_ids, skip_special_tokens=True)
+            if ord(char) > 127 and char != "\ufffd" and char not in alone}
+
+
+@pytest.mark.parametrize("mode", ["sequential", "specbranch"])
+def test_streamed_text_is_the_decoded_tokens_and_a_stop_string_ends_it(serve, tokenizer, hf_greedy, mode):
+    """A text prompt: the chunks' `text` joined is exactly the decode of the streamed tokens, the
+    multi-byte characters split across tokens (and chunks) included. The same request with a stop
+    string that starts with such a character ends `stop`, its text cut just before the string."""
     client = Client(serve("draft").addr)
-    chunks = list(client.generate("def fib(n):", max_new_tokens=12, mode="sequential"))
+    expected = hf_greedy(tokenizer(TEXT_PROMPT)["input_ids"], MAX_NEW)
+    chunks = list(client.generate(TEXT_PROMPT, max_new_tokens=MAX_NEW, mode=mode))
+    assert [t for c in chunks for t in c.token_ids] == expected
+    text = tokenizer.decode(expected, skip_special_tokens=True)
+    assert "".join(c.text for c in chunks) == text
+    split = split_characters(tokenizer, expected)
+    assert split, f"no multi-byte character split across tokens in {text!r}: choose another prompt"
     assert chunks[-1].finish_reason in ("length", "eos")
-    assert sum(len(c.token_ids) for c in chunks) == chunks[-1].stats.generated_tokens
-    assert chunks[-1].stats.time_to_first_token_s > 0
+    assert chunks[-1].stats.generated_tokens == len(expected) and chunks[-1].stats.time_to_first_token_s > 0
+
+    at = min(text.index(char) for char in split)
+    stop = text[at:at + 2]
+    chunks = list(client.generate(TEXT_PROMPT, max_new_tokens=MAX_NEW, mode=mode, stop=[stop]))
+    streamed = [t for c in chunks for t in c.token_ids]
+    assert chunks[-1].finish_reason == "stop", (stop, chunks[-1])
+    assert "".join(c.text for c in chunks) == text[:text.index(stop)]
+    assert streamed == expected[:len(streamed)] and stop in tokenizer.decode(streamed)
 
 
 def test_same_seed_same_output(serve):
@@ -84,23 +122,41 @@ def test_same_seed_same_output(serve):
     assert any(client.complete(seed=seed, **params)[0] != first for seed in (8, 9, 10))
 
 
-def target_first_token_probs(tiny_models, prompt_ids, sampling: SamplingParams) -> np.ndarray:
-    model = AutoModelForCausalLM.from_pretrained(tiny_models["target"]).eval()
+def first_token_probs(model_dir, prompt_ids, sampling: SamplingParams) -> np.ndarray:
+    """A model's processed next-token distribution after `prompt_ids`, in float64."""
+    model = AutoModelForCausalLM.from_pretrained(model_dir).eval()
     with torch.no_grad():
         logits = model(torch.tensor([prompt_ids])).logits[0, -1]
-    return logits_to_probs(logits, sampling).numpy()
+    return logits_to_probs(logits, sampling).double().numpy()
+
+
+def first_token_laws(target_probs: np.ndarray, draft_probs: np.ndarray) -> dict[str, np.ndarray]:
+    """The law of (the first token, whether it was an accepted draft token) when the first block
+    has one draft token: cells [accepted x for every x, then corrected x for every x]. "exact" is
+    Leviathan et al.'s: accept x with min(p, q), else the correction from max(0, p - q); the others
+    are the laws of broken plumbing (the unit tests' biased samplers, end to end)."""
+    both = np.minimum(target_probs, draft_probs)
+    rejected = 1.0 - both.sum()
+    return {"exact": np.concatenate([both, np.maximum(0.0, target_probs - draft_probs)]),
+            "correction resampled from p": np.concatenate([both, rejected * target_probs]),
+            "ratio inverted (q over p)": np.concatenate([both, np.maximum(0.0, draft_probs - target_probs)]),
+            "every draft token accepted": np.concatenate([draft_probs, np.zeros_like(draft_probs)])}
 
 
 @pytest.mark.parametrize("draft", ["draft", "draft_close"])
 def test_sampling_follows_target_distribution(serve, tiny_models, draft):
-    """The first generated token over 600 seeds: chi-square against the target's processed
-    distribution (temperature 1, top-k 6), through a draft far from the target (nearly every token
-    a correction) and one close to it (many accepted)."""
+    """The first generated token over NUM_SEEDS seeds, with whether the target accepted it from the
+    draft (max_new_tokens 2: the first block drafts exactly one token, so `accepted_tokens` says
+    it): chi-square against the exact law of the pair (temperature 1, top-k 6), through a draft
+    far from the target (top-6 apart: every first token a correction, none accepted) and one close
+    to it (both paths). The same samples reject each law of broken plumbing that differs from the
+    exact one, and the test has the power to (computed for NUM_SEEDS samples)."""
     client = Client(serve(draft).addr)
     prompt_ids, sampling = PROMPTS[0], SamplingParams(temperature=1.0, top_k=6)
-    probs = target_first_token_probs(tiny_models, prompt_ids, sampling)
-    counts = np.zeros_like(probs)
-    accepted = 0
+    target_probs = first_token_probs(tiny_models["target"], prompt_ids, sampling)
+    laws = first_token_laws(target_probs, first_token_probs(tiny_models[draft], prompt_ids, sampling))
+    vocab = len(target_probs)
+    counts = np.zeros(2 * vocab)
 
     def run(seed):
         token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=2, temperature=1.0, top_k=6,
@@ -108,11 +164,17 @@ def test_sampling_follows_target_distribution(serve, tiny_models, draft):
         return token_ids[0], last.stats.accepted_tokens
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        for token_id, num_accepted in pool.map(run, range(600)):
-            counts[token_id] += 1
-            accepted += num_accepted
-    assert accepted > (100 if draft == "draft_close" else -1)
-    assert chi_square_pvalue(counts, probs) > P_VALUE_THRESHOLD
+        for token_id, num_accepted in pool.map(run, range(NUM_SEEDS)):
+            assert num_accepted in (0, 1), "the first block had more than one draft token"
+            counts[token_id + (0 if num_accepted else vocab)] += 1
+    accepted = int(counts[:vocab].sum())
+    print(f"\n[sampling] {draft}: {accepted} of {NUM_SEEDS} first tokens accepted from the draft "
+          f"(exact law: {laws['exact'][:vocab].sum() * NUM_SEEDS:.0f})")
+    assert chi_square_pvalue(counts, laws["exact"]) > P_VALUE_THRESHOLD
+    for name, law in laws.items():
+        if name != "exact" and np.abs(law - laws["exact"]).sum() > 1e-6:
+            assert chi_square_power(laws["exact"], law, NUM_SEEDS) > MIN_POWER, name
+            assert chi_square_pvalue(counts, law) < P_VALUE_THRESHOLD, f"these samples fit: {name}"
 
 
 INVALID = [
@@ -142,13 +204,28 @@ def test_invalid_requests_name_the_field(serve, params, message):
     assert client.complete(prompt_ids=[1, 2], max_new_tokens=3)[2].finish_reason in ("length", "eos")
 
 
-def test_cancel_frees_both_workers(serve):
-    client = Client(serve("draft").addr)
-    stream = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential")
-    next(stream), next(stream)
-    stream.cancel()
-    idle, stats = wait_idle(client, timeout=1.0)
-    assert idle, stats
+def test_cancel_mid_stream_frees_both_workers(serve):
+    """A request held running (its client stops reading) is live on both workers; its client
+    cancels; the server counts it cancelled (not finished) and frees it on both workers."""
+    server = serve("draft")
+    client = Client(server.addr)
+    assert wait_idle(client)[0]
+    before = dict(client.stats().finished)
+    held = HeldRequest(server, prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential").first()
+    try:
+        stats = client.stats()
+        assert stats.live_requests == 1 and [(w.live_requests > 0, w.kv_slots_used > 0) for w in stats.workers] \
+            == [(True, True), (True, True)], stats
+    finally:
+        held.cancel()
+    with pytest.raises(grpc.RpcError) as err:
+        held.rest()
+    assert err.value.code() == grpc.StatusCode.CANCELLED and not held.last.finish_reason
+    idle, stats = wait_idle(client)
+    assert idle and [w.kv_slots_used for w in stats.workers] == [0, 0], stats
+    after = dict(stats.finished)
+    moved = {reason: after.get(reason, 0) - before.get(reason, 0) for reason in set(after) | set(before)}
+    assert {reason: n for reason, n in moved.items() if n} == {"cancelled": 1}
 
 
 @pytest.mark.parametrize("policy", ["fixed", "adaptive", "predictor"])

@@ -131,13 +131,12 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
     assert all(os.stat(folder).st_mode & 0o777 == 0o700 for folder in folders.values())
     began = time.monotonic()
     torchrun_server.process.send_signal(signal.SIGTERM)
-    torchrun_server.process.wait(STOP_TIMEOUT_S)
-    elapsed = time.monotonic() - began
+    torchrun_server.process.wait(STOP_TIMEOUT_S)      # (raises TimeoutExpired past the bound)
+    print(f"\n[torchrun] SIGTERM to exit: {time.monotonic() - began:.2f} s")
     output = torchrun_server.output()
     for rank, role in ((0, "target"), (1, "draft")):
         assert re.search(rf"rank {rank} \({role}\) exits with code 0\b", output), output[-4000:]
     assert not [pid for pid in processes if Path(f"/proc/{pid}").exists()], "a process outlived torchrun"
-    assert elapsed < STOP_TIMEOUT_S
     assert not [folder for folder in folders.values() if folder.exists()], "a rank left its socket folder"
 
 
