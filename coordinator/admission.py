@@ -26,9 +26,9 @@ class Overloaded(Exception):
 
 @dataclass(frozen=True)
 class AdmissionLimits:
-    max_concurrent_requests: int    # requests running at once (>= 1)
-    max_queued_requests: int        # requests waiting for a slot (>= 0; 0 = refuse at once when full)
-    max_tokens_in_flight: int = 0   # sum of prompt + max_new_tokens over running requests; 0 = no limit
+    max_concurrent_requests: int  # requests running at once (>= 1)
+    max_queued_requests: int  # requests waiting for a slot (>= 0; 0 = refuse at once when full)
+    max_tokens_in_flight: int = 0  # sum of prompt + max_new_tokens over running requests; 0 = no limit
 
     def __post_init__(self):
         assert self.max_concurrent_requests >= 1, "max_concurrent_requests must be >= 1"
@@ -69,17 +69,21 @@ class Admission:
         one release(cost)."""
         limits = self.limits
         if limits.max_tokens_in_flight and cost > limits.max_tokens_in_flight:
-            raise Overloaded(f"the request needs {cost} tokens in flight (prompt + max_new_tokens), more than "
-                             f"the server's max_tokens_in_flight of {limits.max_tokens_in_flight}")
+            raise Overloaded(
+                f"the request needs {cost} tokens in flight (prompt + max_new_tokens), more than "
+                f"the server's max_tokens_in_flight of {limits.max_tokens_in_flight}"
+            )
         if not self.queue and self._fits(cost):
             self._take(cost)
             return 0.0
         if len(self.queue) >= limits.max_queued_requests:
-            raise Overloaded(f"the server is at capacity: {self.running} requests running "
-                             f"(max_concurrent_requests {limits.max_concurrent_requests}, "
-                             f"{self.tokens_in_flight} tokens in flight, max_tokens_in_flight "
-                             f"{limits.max_tokens_in_flight or 'unlimited'}) and {len(self.queue)} waiting "
-                             f"(max_queued_requests {limits.max_queued_requests}); retry later")
+            raise Overloaded(
+                f"the server is at capacity: {self.running} requests running "
+                f"(max_concurrent_requests {limits.max_concurrent_requests}, "
+                f"{self.tokens_in_flight} tokens in flight, max_tokens_in_flight "
+                f"{limits.max_tokens_in_flight or 'unlimited'}) and {len(self.queue)} waiting "
+                f"(max_queued_requests {limits.max_queued_requests}); retry later"
+            )
         waiter = _Waiter(cost, asyncio.get_running_loop().create_future())
         self.queue.append(waiter)
         started = time.monotonic()
@@ -87,11 +91,11 @@ class Admission:
             await waiter.admitted
         except BaseException:
             if waiter.admitted.done() and not waiter.admitted.cancelled():
-                self.release(cost)          # admitted and cancelled in the same tick: give it back
+                self.release(cost)  # admitted and cancelled in the same tick: give it back
             else:
                 if waiter in self.queue:
                     self.queue.remove(waiter)
-                self._admit_waiters()       # the head may have left: the next one may fit now
+                self._admit_waiters()  # the head may have left: the next one may fit now
             raise
         return time.monotonic() - started
 
@@ -104,7 +108,7 @@ class Admission:
     def _admit_waiters(self) -> None:
         while self.queue:
             waiter = self.queue[0]
-            if waiter.admitted.done():      # cancelled; its task has yet to run its except clause
+            if waiter.admitted.done():  # cancelled; its task has yet to run its except clause
                 self.queue.popleft()
                 continue
             if not self._fits(waiter.cost):

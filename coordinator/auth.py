@@ -19,8 +19,11 @@ import grpc
 logger = logging.getLogger(__name__)
 
 # Method-name prefixes that never need the token: probes and service discovery.
-OPEN_SERVICES = ("/grpc.health.v1.Health/", "/grpc.reflection.v1alpha.ServerReflection/",
-                 "/grpc.reflection.v1.ServerReflection/")
+OPEN_SERVICES = (
+    "/grpc.health.v1.Health/",
+    "/grpc.reflection.v1alpha.ServerReflection/",
+    "/grpc.reflection.v1.ServerReflection/",
+)
 METADATA_KEY = "authorization"
 SCHEME = "bearer"
 
@@ -72,7 +75,7 @@ class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
         if method.startswith(OPEN_SERVICES) or self.authorized(handler_call_details.invocation_metadata):
             return handler
         logger.warning("refused %s: missing or wrong bearer token", method)
-        return _refusal(handler)   # also for unknown methods: no probing what exists without the token
+        return _refusal(handler)  # also for unknown methods: no probing what exists without the token
 
 
 def _refusal(handler: grpc.RpcMethodHandler | None) -> grpc.RpcMethodHandler:

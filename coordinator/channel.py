@@ -46,29 +46,60 @@ class RequestChannel:
 
     # -- commands -----------------------------------------------------------------------------
     async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0) -> None:
-        wire_sampling = worker_pb2.Sampling(temperature=sampling.temperature, top_k=sampling.top_k,
-                                            top_p=sampling.top_p, seed=seed,
-                                            drafter_invariant=sampling.drafter_invariant, noise_vocab=noise_vocab)
-        message = worker_pb2.Prefill(request_id=self.request_id, token_ids=prompt_ids, handle=self.handle,
-                                     sampling=wire_sampling)
+        wire_sampling = worker_pb2.Sampling(
+            temperature=sampling.temperature,
+            top_k=sampling.top_k,
+            top_p=sampling.top_p,
+            seed=seed,
+            drafter_invariant=sampling.drafter_invariant,
+            noise_vocab=noise_vocab,
+        )
+        message = worker_pb2.Prefill(
+            request_id=self.request_id, token_ids=prompt_ids, handle=self.handle, sampling=wire_sampling
+        )
         await self.target.command(prefill=message)
         if self.uses_draft:
             await self.draft.command(prefill=message)
             self.prefilled_draft = True
 
-    async def draft_tokens(self, branch_ids: list[int], epoch: int, max_tokens: int, min_confidence: float,
-                           num_candidates: int, send_probs: bool) -> None:
-        await self.draft.command(draft=worker_pb2.Draft(
-            request_id=self.request_id, branch_ids=branch_ids, epoch=epoch, max_tokens=max_tokens,
-            min_confidence=min_confidence, num_candidates=num_candidates, send_probs=send_probs))
+    async def draft_tokens(
+        self,
+        branch_ids: list[int],
+        epoch: int,
+        max_tokens: int,
+        min_confidence: float,
+        num_candidates: int,
+        send_probs: bool,
+    ) -> None:
+        await self.draft.command(
+            draft=worker_pb2.Draft(
+                request_id=self.request_id,
+                branch_ids=branch_ids,
+                epoch=epoch,
+                max_tokens=max_tokens,
+                min_confidence=min_confidence,
+                num_candidates=num_candidates,
+                send_probs=send_probs,
+            )
+        )
 
     async def fork(self, parent_branch_id: int, branch_id: int, position: int, token_ids: list[int]) -> None:
-        await self.draft.command(fork=worker_pb2.Fork(request_id=self.request_id, parent_branch_id=parent_branch_id,
-                                                      branch_id=branch_id, position=position, token_ids=token_ids))
+        await self.draft.command(
+            fork=worker_pb2.Fork(
+                request_id=self.request_id,
+                parent_branch_id=parent_branch_id,
+                branch_id=branch_id,
+                position=position,
+                token_ids=token_ids,
+            )
+        )
 
     async def sync(self, branch_id: int, keep_length: int, append: list[int]) -> None:
-        await self.draft.command(sync=worker_pb2.Sync(request_id=self.request_id, branch_id=branch_id,
-                                                      keep_length=keep_length, append_token_ids=append))
+        await self.draft.command(
+            sync=worker_pb2.Sync(
+                request_id=self.request_id, branch_id=branch_id, keep_length=keep_length, append_token_ids=append
+            )
+        )
 
     async def cancel(self, branch_ids: list[int]) -> None:
         await self.draft.command(cancel=worker_pb2.Cancel(request_id=self.request_id, branch_ids=branch_ids))
@@ -103,7 +134,7 @@ class RequestChannel:
             worker.detach(self.request_id)
             try:
                 await worker.command(release=release)
-            except Exception:   # the socket may be gone at shutdown; the worker drops it on restart
+            except Exception:  # the socket may be gone at shutdown; the worker drops it on restart
                 logger.warning("[%s] could not send release to the %s worker", self.request_id, worker.role)
 
     # -- events -------------------------------------------------------------------------------

@@ -44,9 +44,12 @@ from specpipe.coordinator.text import PromptTooLong
 
 logger = logging.getLogger(__name__)
 
-OPEN_PATHS = ("/health",)           # load-balancer probes need no token (as gRPC's Health service)
-SSE_HEADERS = [(b"content-type", b"text/event-stream; charset=utf-8"), (b"cache-control", b"no-cache"),
-               (b"x-accel-buffering", b"no")]     # tells a reverse proxy (nginx) not to buffer the stream
+OPEN_PATHS = ("/health",)  # load-balancer probes need no token (as gRPC's Health service)
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]  # tells a reverse proxy (nginx) not to buffer the stream
 # How long start() waits for uvicorn to listen before it gives up, naming the port.
 STARTUP_TIMEOUT_S = 10.0
 # Retry-After on 429 and 503, which the openai client honours: a slot or a restarted target is
@@ -56,19 +59,23 @@ RETRY_AFTER_S = 1
 
 @dataclass(frozen=True)
 class HttpSettings:
-    model_name: str                 # what /v1/models lists and `model` must name
-    max_body_bytes: int             # larger request bodies: 413, before they are read whole
-    chat_template: str = ""         # --chat-template's text; "" = the tokenizer's own
-    token: str = ""                 # bearer token; "" = none required
+    model_name: str  # what /v1/models lists and `model` must name
+    max_body_bytes: int  # larger request bodies: 413, before they are read whole
+    chat_template: str = ""  # --chat-template's text; "" = the tokenizer's own
+    token: str = ""  # bearer token; "" = none required
 
 
 def build_app(servicer: SpecPipeServicer, settings: HttpSettings) -> Starlette:
     api = OpenAiRoutes(servicer, settings)
-    app = Starlette(routes=[Route("/v1/completions", api.completions, methods=["POST"]),
-                            Route("/v1/chat/completions", api.chat, methods=["POST"]),
-                            Route("/v1/models", api.models, methods=["GET"]),
-                            Route("/health", api.health, methods=["GET"])],
-                    exception_handlers={HTTPException: _http_exception, Exception: _unexpected})
+    app = Starlette(
+        routes=[
+            Route("/v1/completions", api.completions, methods=["POST"]),
+            Route("/v1/chat/completions", api.chat, methods=["POST"]),
+            Route("/v1/models", api.models, methods=["GET"]),
+            Route("/health", api.health, methods=["GET"]),
+        ],
+        exception_handlers={HTTPException: _http_exception, Exception: _unexpected},
+    )
     if settings.token:
         app.add_middleware(BearerAuth, check=BearerTokenInterceptor(settings.token).authorized)
     return app
@@ -101,8 +108,11 @@ class BearerAuth:
             headers = [(key.decode("latin-1"), value.decode("latin-1")) for key, value in scope["headers"]]
             if not self.check(headers):
                 logger.warning("refused %s: missing or wrong bearer token", scope["path"])
-                refusal = ApiError(401, "missing or invalid bearer token (header 'Authorization: Bearer <token>')",
-                                   code="invalid_api_key")
+                refusal = ApiError(
+                    401,
+                    "missing or invalid bearer token (header 'Authorization: Bearer <token>')",
+                    code="invalid_api_key",
+                )
                 return await error_response(refusal)(scope, receive, send)
         await self.app(scope, receive, send)
 
@@ -147,8 +157,9 @@ class OpenAiRoutes:
         call.request.prompt_ids.extend(prompt_ids)
         if not call.max_tokens_given:
             limits = servicer.limits
-            call.request.max_new_tokens = openai_api.max_tokens_for(len(prompt_ids), limits.context_length,
-                                                                    limits.max_new_tokens_cap)
+            call.request.max_new_tokens = openai_api.max_tokens_for(
+                len(prompt_ids), limits.context_length, limits.max_new_tokens_cap
+            )
 
     async def _body(self, request: Request) -> dict:
         """The JSON object of a request body, refused (413) past max_body_bytes before it is read whole."""
@@ -171,9 +182,20 @@ class OpenAiRoutes:
 
     async def models(self, request: Request) -> Response:
         limits = self.servicer.limits
-        return JSONResponse({"object": "list", "data": [
-            {"id": self.settings.model_name, "object": "model", "created": self.created, "owned_by": "specpipe",
-             "max_model_len": limits.context_length}]})
+        return JSONResponse(
+            {
+                "object": "list",
+                "data": [
+                    {
+                        "id": self.settings.model_name,
+                        "object": "model",
+                        "created": self.created,
+                        "owned_by": "specpipe",
+                        "max_model_len": limits.context_length,
+                    }
+                ],
+            }
+        )
 
     async def health(self, request: Request) -> Response:
         servicer = self.servicer
@@ -195,10 +217,10 @@ class Generation:
             await asyncio.wait({produce, watch}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             watch.cancel()
-            produce.cancel()        # a no-op once done; else the client left (or the server stops)
+            produce.cancel()  # a no-op once done; else the client left (or the server stops)
             await asyncio.wait({produce})
         if not produce.cancelled():
-            produce.result()        # a bug in here: let Starlette log it
+            produce.result()  # a bug in here: let Starlette log it
 
     async def _whole(self, send) -> None:
         responses = []
@@ -214,7 +236,7 @@ class Generation:
         await _send_json(send, JSONResponse(body))
 
     async def _stream(self, send) -> None:
-        sent: list = []            # the GenerateResponses streamed so far
+        sent: list = []  # the GenerateResponses streamed so far
 
         async def emit(response) -> None:
             if not sent:
@@ -274,18 +296,28 @@ class HttpServer:
         try:
             sock = socket.create_server((host, port), family=socket.AF_INET6 if ":" in host else socket.AF_INET)
         except OSError as err:
-            reason = os.strerror(err.errno) if err.errno else str(err)   # create_server appends the address
+            reason = os.strerror(err.errno) if err.errno else str(err)  # create_server appends the address
             raise OSError(err.errno, f"cannot bind the HTTP port {host}:{port} ({reason})") from None
         bound = sock.getsockname()[1]
-        config = uvicorn.Config(self.app, host=host, port=bound, ssl_certfile=self.tls[0], ssl_keyfile=self.tls[1],
-                                http="h11", ws="none", lifespan="off", log_config=None, access_log=False,
-                                timeout_graceful_shutdown=self.grace_s)
+        config = uvicorn.Config(
+            self.app,
+            host=host,
+            port=bound,
+            ssl_certfile=self.tls[0],
+            ssl_keyfile=self.tls[1],
+            http="h11",
+            ws="none",
+            lifespan="off",
+            log_config=None,
+            access_log=False,
+            timeout_graceful_shutdown=self.grace_s,
+        )
         self.server = _Uvicorn(config)
         self.task = asyncio.create_task(self.server.serve(sockets=[sock]))
         deadline = time.monotonic() + STARTUP_TIMEOUT_S
         while not self.server.started:
             if self.task.done():
-                self.task.result()      # raises what stopped it
+                self.task.result()  # raises what stopped it
                 raise OSError(f"the HTTP server on {host}:{bound} stopped while starting")
             if time.monotonic() > deadline:
                 raise TimeoutError(f"the HTTP server on {host}:{bound} did not start in {STARTUP_TIMEOUT_S:.0f}s")

@@ -31,27 +31,80 @@ logger = logging.getLogger(__name__)
 
 PREFIX = "specpipe:"
 # Latency buckets in seconds: vLLM's TTFT buckets, cut to what a CPU deployment still resolves.
-TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
-                20.0, 40.0, 80.0)
-ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5,
-               5.0, 10.0)
-REQUEST_BUCKETS = (0.01, 0.05, 0.1, 0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0,
-                   60.0, 120.0, 240.0, 480.0)
+TTFT_BUCKETS = (
+    0.001,
+    0.005,
+    0.01,
+    0.02,
+    0.04,
+    0.06,
+    0.08,
+    0.1,
+    0.25,
+    0.5,
+    0.75,
+    1.0,
+    2.5,
+    5.0,
+    7.5,
+    10.0,
+    20.0,
+    40.0,
+    80.0,
+)
+ITL_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 10.0)
+REQUEST_BUCKETS = (
+    0.01,
+    0.05,
+    0.1,
+    0.3,
+    0.5,
+    0.8,
+    1.0,
+    1.5,
+    2.0,
+    2.5,
+    5.0,
+    10.0,
+    15.0,
+    20.0,
+    30.0,
+    40.0,
+    50.0,
+    60.0,
+    120.0,
+    240.0,
+    480.0,
+)
 
 METRIC_NAMES = [
-    "specpipe:num_requests_running", "specpipe:num_requests_waiting", "specpipe:num_tokens_in_flight",
-    "specpipe:request_success_total", "specpipe:request_failure_total",
-    "specpipe:prompt_tokens_total", "specpipe:generation_tokens_total",
-    "specpipe:time_to_first_token_seconds", "specpipe:inter_token_latency_seconds",
-    "specpipe:e2e_request_latency_seconds", "specpipe:request_queue_time_seconds",
-    "specpipe:spec_decode_num_drafts_total", "specpipe:spec_decode_num_draft_tokens_total",
-    "specpipe:spec_decode_num_accepted_tokens_total", "specpipe:spec_decode_num_rolled_back_tokens_total",
+    "specpipe:num_requests_running",
+    "specpipe:num_requests_waiting",
+    "specpipe:num_tokens_in_flight",
+    "specpipe:request_success_total",
+    "specpipe:request_failure_total",
+    "specpipe:prompt_tokens_total",
+    "specpipe:generation_tokens_total",
+    "specpipe:time_to_first_token_seconds",
+    "specpipe:inter_token_latency_seconds",
+    "specpipe:e2e_request_latency_seconds",
+    "specpipe:request_queue_time_seconds",
+    "specpipe:spec_decode_num_drafts_total",
+    "specpipe:spec_decode_num_draft_tokens_total",
+    "specpipe:spec_decode_num_accepted_tokens_total",
+    "specpipe:spec_decode_num_rolled_back_tokens_total",
     "specpipe:spec_decode_num_committed_tokens_total",
-    "specpipe:spec_decode_branches_forked_total", "specpipe:spec_decode_branches_hit_total",
+    "specpipe:spec_decode_branches_forked_total",
+    "specpipe:spec_decode_branches_hit_total",
     "specpipe:mean_acceptance_length",
-    "specpipe:worker_healthy", "specpipe:worker_busy_fraction", "specpipe:worker_busy_seconds_total",
-    "specpipe:worker_live_requests", "specpipe:live_branches",
-    "specpipe:worker_batch_rows", "specpipe:worker_batch_tokens", "specpipe:batch_wait_seconds",
+    "specpipe:worker_healthy",
+    "specpipe:worker_busy_fraction",
+    "specpipe:worker_busy_seconds_total",
+    "specpipe:worker_live_requests",
+    "specpipe:live_branches",
+    "specpipe:worker_batch_rows",
+    "specpipe:worker_batch_tokens",
+    "specpipe:batch_wait_seconds",
 ]
 # Rows (target: requests, draft: branches) and tokens fed per batched forward.
 BATCH_ROW_BUCKETS = (1, 2, 4, 8, 12, 16, 24, 32, 48, 64, 128, 256)
@@ -66,36 +119,50 @@ class _LiveCollector(Collector):
 
     def collect(self):
         admission = self.admission
-        yield GaugeMetricFamily(PREFIX + "num_requests_running", "Requests admitted and not yet finished.",
-                                value=admission.running)
-        yield GaugeMetricFamily(PREFIX + "num_requests_waiting", "Requests queued for admission.",
-                                value=admission.waiting)
-        yield GaugeMetricFamily(PREFIX + "num_tokens_in_flight",
-                                "Sum of prompt + max_new_tokens over the running requests.",
-                                value=admission.tokens_in_flight)
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_running", "Requests admitted and not yet finished.", value=admission.running
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "num_requests_waiting", "Requests queued for admission.", value=admission.waiting
+        )
+        yield GaugeMetricFamily(
+            PREFIX + "num_tokens_in_flight",
+            "Sum of prompt + max_new_tokens over the running requests.",
+            value=admission.tokens_in_flight,
+        )
         verifications, committed = self.metrics.total_verifications, self.metrics.total_committed
-        yield GaugeMetricFamily(PREFIX + "mean_acceptance_length",
-                                "Tokens committed per target verification over all requests so far "
-                                "(accepted draft tokens + the target's own token; 1 = no speed-up).",
-                                value=committed / verifications if verifications else 0.0)
-        healthy = GaugeMetricFamily(PREFIX + "worker_healthy", "1 while the worker answers heartbeats.",
-                                    labels=["role"])
-        busy = GaugeMetricFamily(PREFIX + "worker_busy_fraction",
-                                 "Fraction of the worker's uptime spent computing (last heartbeat).", labels=["role"])
-        busy_seconds = CounterMetricFamily(PREFIX + "worker_busy_seconds",
-                                           "Seconds the worker spent computing since it started (last heartbeat).",
-                                           labels=["role"])
-        live_requests = GaugeMetricFamily(PREFIX + "worker_live_requests", "Requests with state on the worker.",
-                                          labels=["role"])
-        live_branches = GaugeMetricFamily(PREFIX + "live_branches",
-                                          "Branches (draft) or caches (target) the worker holds.", labels=["role"])
+        yield GaugeMetricFamily(
+            PREFIX + "mean_acceptance_length",
+            "Tokens committed per target verification over all requests so far "
+            "(accepted draft tokens + the target's own token; 1 = no speed-up).",
+            value=committed / verifications if verifications else 0.0,
+        )
+        healthy = GaugeMetricFamily(
+            PREFIX + "worker_healthy", "1 while the worker answers heartbeats.", labels=["role"]
+        )
+        busy = GaugeMetricFamily(
+            PREFIX + "worker_busy_fraction",
+            "Fraction of the worker's uptime spent computing (last heartbeat).",
+            labels=["role"],
+        )
+        busy_seconds = CounterMetricFamily(
+            PREFIX + "worker_busy_seconds",
+            "Seconds the worker spent computing since it started (last heartbeat).",
+            labels=["role"],
+        )
+        live_requests = GaugeMetricFamily(
+            PREFIX + "worker_live_requests", "Requests with state on the worker.", labels=["role"]
+        )
+        live_branches = GaugeMetricFamily(
+            PREFIX + "live_branches", "Branches (draft) or caches (target) the worker holds.", labels=["role"]
+        )
         for worker in self.workers:
             pong = worker.last_pong
             healthy.add_metric([worker.role], 1.0 if worker.healthy else 0.0)
             if pong is not None:
                 busy.add_metric([worker.role], pong.busy_seconds / max(pong.uptime_seconds, 1e-9))
                 busy_seconds.add_metric([worker.role], pong.busy_seconds)
-            requests, branches = worker.live_counts()     # 0 while down: never a phantom count
+            requests, branches = worker.live_counts()  # 0 while down: never a phantom count
             live_requests.add_metric([worker.role], requests)
             live_branches.add_metric([worker.role], branches)
         yield from (healthy, busy, busy_seconds, live_requests, live_branches)
@@ -105,47 +172,82 @@ class ServerMetrics:
     def __init__(self, admission, workers: Sequence):
         self.registry = registry = CollectorRegistry()
         self._http = None
-        self.total_verifications = self.total_committed = 0   # for mean_acceptance_length
+        self.total_verifications = self.total_committed = 0  # for mean_acceptance_length
 
         def counter(name, doc, labels=()):
             return Counter(PREFIX + name, doc, labelnames=labels, registry=registry)
 
-        self.success = counter("request_success", "Requests that finished with output, by finish_reason.",
-                               ["finished_reason"])
-        self.failure = counter("request_failure", "Requests that ended with an error status, by gRPC code name "
-                               "(CANCELLED, DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...; HTTP "
-                               "refusals under the same names).", ["code"])
+        self.success = counter(
+            "request_success", "Requests that finished with output, by finish_reason.", ["finished_reason"]
+        )
+        self.failure = counter(
+            "request_failure",
+            "Requests that ended with an error status, by gRPC code name "
+            "(CANCELLED, DEADLINE_EXCEEDED, INVALID_ARGUMENT, RESOURCE_EXHAUSTED, ...; HTTP "
+            "refusals under the same names).",
+            ["code"],
+        )
         self.prompt_tokens = counter("prompt_tokens", "Prompt tokens of admitted requests.")
         self.generation_tokens = counter("generation_tokens", "Tokens streamed to clients.")
-        self.num_drafts = counter("spec_decode_num_drafts", "Target verifications (one per block; per token in "
-                                  "autoregressive mode).")
+        self.num_drafts = counter(
+            "spec_decode_num_drafts", "Target verifications (one per block; per token in autoregressive mode)."
+        )
         self.draft_tokens = counter("spec_decode_num_draft_tokens", "Draft tokens that reached a verification.")
         self.accepted_tokens = counter("spec_decode_num_accepted_tokens", "Draft tokens the target accepted.")
-        self.rolled_back_tokens = counter("spec_decode_num_rolled_back_tokens",
-                                          "Draft tokens drafted and then thrown away (rolled back on the draft).")
-        self.committed_tokens = counter("spec_decode_num_committed_tokens",
-                                        "Tokens committed by verifications (accepted + the target's own).")
+        self.rolled_back_tokens = counter(
+            "spec_decode_num_rolled_back_tokens",
+            "Draft tokens drafted and then thrown away (rolled back on the draft).",
+        )
+        self.committed_tokens = counter(
+            "spec_decode_num_committed_tokens", "Tokens committed by verifications (accepted + the target's own)."
+        )
         self.branches_forked = counter("spec_decode_branches_forked", "Alternative draft branches forked.")
         self.branches_hit = counter("spec_decode_branches_hit", "Forked branches promoted by a verdict.")
-        self.ttft = Histogram(PREFIX + "time_to_first_token_seconds", "Seconds from arrival to the first token.",
-                              buckets=TTFT_BUCKETS, registry=registry)
-        self.itl = Histogram(PREFIX + "inter_token_latency_seconds",
-                             "Seconds per token after the first: the gap between two streamed chunks, divided "
-                             "over the chunk's tokens (a chunk holds one verification's tokens).",
-                             buckets=ITL_BUCKETS, registry=registry)
-        self.e2e = Histogram(PREFIX + "e2e_request_latency_seconds", "Seconds from arrival to the last token "
-                             "of requests that finished with output.", buckets=REQUEST_BUCKETS, registry=registry)
-        self.queue_time = Histogram(PREFIX + "request_queue_time_seconds",
-                                    "Seconds admitted requests waited in the admission queue.",
-                                    buckets=REQUEST_BUCKETS, registry=registry)
-        self.batch_rows = Histogram(PREFIX + "worker_batch_rows", "Rows per batched forward of a worker "
-                                    "(target: requests; draft: branches).", ["role"], buckets=BATCH_ROW_BUCKETS,
-                                    registry=registry)
-        self.batch_tokens = Histogram(PREFIX + "worker_batch_tokens", "Tokens fed per batched forward of a worker.",
-                                      ["role"], buckets=BATCH_TOKEN_BUCKETS, registry=registry)
-        self.batch_wait = Histogram(PREFIX + "batch_wait_seconds", "Seconds a request's work waited, ready, for a "
-                                    "place in the target's batches (summed over the request).",
-                                    buckets=ITL_BUCKETS, registry=registry)
+        self.ttft = Histogram(
+            PREFIX + "time_to_first_token_seconds",
+            "Seconds from arrival to the first token.",
+            buckets=TTFT_BUCKETS,
+            registry=registry,
+        )
+        self.itl = Histogram(
+            PREFIX + "inter_token_latency_seconds",
+            "Seconds per token after the first: the gap between two streamed chunks, divided "
+            "over the chunk's tokens (a chunk holds one verification's tokens).",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
+        self.e2e = Histogram(
+            PREFIX + "e2e_request_latency_seconds",
+            "Seconds from arrival to the last token of requests that finished with output.",
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.queue_time = Histogram(
+            PREFIX + "request_queue_time_seconds",
+            "Seconds admitted requests waited in the admission queue.",
+            buckets=REQUEST_BUCKETS,
+            registry=registry,
+        )
+        self.batch_rows = Histogram(
+            PREFIX + "worker_batch_rows",
+            "Rows per batched forward of a worker (target: requests; draft: branches).",
+            ["role"],
+            buckets=BATCH_ROW_BUCKETS,
+            registry=registry,
+        )
+        self.batch_tokens = Histogram(
+            PREFIX + "worker_batch_tokens",
+            "Tokens fed per batched forward of a worker.",
+            ["role"],
+            buckets=BATCH_TOKEN_BUCKETS,
+            registry=registry,
+        )
+        self.batch_wait = Histogram(
+            PREFIX + "batch_wait_seconds",
+            "Seconds a request's work waited, ready, for a place in the target's batches (summed over the request).",
+            buckets=ITL_BUCKETS,
+            registry=registry,
+        )
         registry.register(_LiveCollector(self, admission, workers))
 
     # -- what the servicer reports ------------------------------------------------------------

@@ -36,16 +36,36 @@ UINT32_MAX, UINT64_MAX, INT32_MAX = 2**32 - 1, 2**64 - 1, 2**31 - 1
 # vLLM's spelling of "top_k off"; specpipe's is 0.
 TOP_K_OFF = -1
 
-COMMON_FIELDS = {"model", "max_tokens", "temperature", "top_p", "seed", "stop", "stream", "stream_options",
-                 "user", "mode", "top_k", "drafter_invariant"}
+COMMON_FIELDS = {
+    "model",
+    "max_tokens",
+    "temperature",
+    "top_p",
+    "seed",
+    "stop",
+    "stream",
+    "stream_options",
+    "user",
+    "mode",
+    "top_k",
+    "drafter_invariant",
+}
 COMPLETION_FIELDS = COMMON_FIELDS | {"prompt"}
 CHAT_FIELDS = COMMON_FIELDS | {"messages", "max_completion_tokens"}
 # OpenAI fields specpipe does not implement, with the values that change nothing (None always does).
 UNSUPPORTED_COMMON = {"n": (1,), "presence_penalty": (0, 0.0), "frequency_penalty": (0, 0.0), "logit_bias": ({},)}
 UNSUPPORTED_COMPLETION = {**UNSUPPORTED_COMMON, "best_of": (1,), "echo": (False,), "logprobs": (), "suffix": ()}
-UNSUPPORTED_CHAT = {**UNSUPPORTED_COMMON, "logprobs": (False,), "top_logprobs": (0,), "tools": ([],),
-                    "tool_choice": ("none",), "functions": ([],), "function_call": ("none",),
-                    "parallel_tool_calls": (True, False), "response_format": ({"type": "text"},)}
+UNSUPPORTED_CHAT = {
+    **UNSUPPORTED_COMMON,
+    "logprobs": (False,),
+    "top_logprobs": (0,),
+    "tools": ([],),
+    "tool_choice": ("none",),
+    "functions": ([],),
+    "function_call": ("none",),
+    "parallel_tool_calls": (True, False),
+    "response_format": ({"type": "text"},),
+}
 MESSAGE_FIELDS = {"role", "content", "name"}
 # GenerateRequest fields under the names an OpenAI client uses (the others keep theirs).
 COMPLETION_NAMES = {"max_new_tokens": "max_tokens", "prompt_ids": "prompt"}
@@ -54,13 +74,25 @@ GENERATE_FIELDS = set(specpipe_pb2.GenerateRequest.DESCRIPTOR.fields_by_name)
 # gRPC finish reasons as OpenAI spells them: the end-of-sequence token is a natural "stop".
 FINISH_REASONS = {"length": "length", "stop": "stop", "eos": "stop"}
 # A refusal's canonical status -> the HTTP status an OpenAI client expects.
-HTTP_STATUS = {"INVALID_ARGUMENT": 400, "ALREADY_EXISTS": 409, "RESOURCE_EXHAUSTED": 429, "UNAVAILABLE": 503,
-               "INTERNAL": 500}
+HTTP_STATUS = {
+    "INVALID_ARGUMENT": 400,
+    "ALREADY_EXISTS": 409,
+    "RESOURCE_EXHAUSTED": 429,
+    "UNAVAILABLE": 503,
+    "INTERNAL": 500,
+}
 # ...and back, to count an HTTP refusal under the name the metrics use (a 413 is a bad request too).
 STATUS_NAMES = {400: "INVALID_ARGUMENT", 404: "NOT_FOUND", 413: "INVALID_ARGUMENT"}
-ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 404: "not_found_error",
-               409: "conflict_error", 413: "invalid_request_error", 429: "rate_limit_error", 500: "server_error",
-               503: "service_unavailable_error"}
+ERROR_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    404: "not_found_error",
+    409: "conflict_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    503: "service_unavailable_error",
+}
 
 
 class ApiError(Exception):
@@ -71,8 +103,14 @@ class ApiError(Exception):
         self.status, self.param, self.code = status, param, code
 
     def body(self) -> dict:
-        return {"error": {"message": str(self), "type": ERROR_TYPES.get(self.status, "server_error"),
-                          "param": self.param, "code": self.code}}
+        return {
+            "error": {
+                "message": str(self),
+                "type": ERROR_TYPES.get(self.status, "server_error"),
+                "param": self.param,
+                "code": self.code,
+            }
+        }
 
 
 def bad(message: str, param: str | None, code: str | None = None) -> ApiError:
@@ -82,14 +120,15 @@ def bad(message: str, param: str | None, code: str | None = None) -> ApiError:
 @dataclass
 class Call:
     """One parsed request: the GenerateRequest to run and how to answer it."""
+
     chat: bool
-    request: specpipe_pb2.GenerateRequest   # chat: prompt_ids are the caller's to fill (render_chat)
+    request: specpipe_pb2.GenerateRequest  # chat: prompt_ids are the caller's to fill (render_chat)
     model: str
     stream: bool = False
-    include_usage: bool = False             # stream_options.include_usage: a last chunk with usage
+    include_usage: bool = False  # stream_options.include_usage: a last chunk with usage
     max_tokens_given: bool = True
     messages: list = field(default_factory=list)
-    names: dict = field(default_factory=dict)   # GenerateRequest field -> the client's name for it
+    names: dict = field(default_factory=dict)  # GenerateRequest field -> the client's name for it
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -99,7 +138,7 @@ def parse_completion(body: dict, served_model: str) -> Call:
     call = _parse_common(body, served_model, chat=False, id_prefix="cmpl-")
     prompt = body.get("prompt")
     if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], (str, list)):
-        prompt = prompt[0]          # a batch of one prompt is that prompt
+        prompt = prompt[0]  # a batch of one prompt is that prompt
     if isinstance(prompt, str) and prompt:
         call.request.prompt = prompt
     elif isinstance(prompt, list) and prompt and all(_is_int(token) for token in prompt):
@@ -108,8 +147,11 @@ def parse_completion(body: dict, served_model: str) -> Call:
                 raise bad(f"prompt[{index}] = {token} is outside the vocabulary", "prompt")
         call.request.prompt_ids.extend(prompt)
     elif isinstance(prompt, list) and len(prompt) > 1 and all(isinstance(p, (str, list)) for p in prompt):
-        raise bad(f"prompt is a batch of {len(prompt)} prompts: not supported, send one request per prompt",
-                  "prompt", "unsupported_parameter")
+        raise bad(
+            f"prompt is a batch of {len(prompt)} prompts: not supported, send one request per prompt",
+            "prompt",
+            "unsupported_parameter",
+        )
     else:
         raise bad("prompt is required: a non-empty string or a non-empty list of token ids", "prompt")
     call.request.max_new_tokens = _integer(body, "max_tokens", DEFAULT_COMPLETION_TOKENS, 1, UINT32_MAX)
@@ -133,13 +175,18 @@ def parse_chat(body: dict, served_model: str) -> Call:
 def _parse_common(body: dict, served_model: str, chat: bool, id_prefix: str) -> Call:
     model = body.get("model")
     if model is not None and model != served_model:
-        raise ApiError(404, f"The model `{model}` does not exist: this server serves `{served_model}`",
-                       "model", "model_not_found")
+        raise ApiError(
+            404, f"The model `{model}` does not exist: this server serves `{served_model}`", "model", "model_not_found"
+        )
     request = specpipe_pb2.GenerateRequest(
         request_id=id_prefix + uuid.uuid4().hex,
-        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE), top_p=_number(body, "top_p", 1.0),
-        top_k=max(0, _integer(body, "top_k", 0, TOP_K_OFF, UINT32_MAX)), stop=_stop(body.get("stop")),
-        mode=_mode(body.get("mode")), drafter_invariant=_boolean(body, "drafter_invariant", False))
+        temperature=_number(body, "temperature", DEFAULT_TEMPERATURE),
+        top_p=_number(body, "top_p", 1.0),
+        top_k=max(0, _integer(body, "top_k", 0, TOP_K_OFF, UINT32_MAX)),
+        stop=_stop(body.get("stop")),
+        mode=_mode(body.get("mode")),
+        drafter_invariant=_boolean(body, "drafter_invariant", False),
+    )
     seed = _integer(body, "seed", None, 0, UINT64_MAX)
     if seed is not None:
         request.seed = seed
@@ -151,22 +198,33 @@ def _parse_common(body: dict, served_model: str, chat: bool, id_prefix: str) -> 
         raise bad("stream_options is only allowed with stream: true", "stream_options")
     if options is not None and (not isinstance(options, dict) or set(options) - {"include_usage"}):
         raise bad("stream_options may only hold include_usage", "stream_options")
-    return Call(chat=chat, request=request, model=served_model, stream=stream,
-                include_usage=_boolean(options or {}, "include_usage", False),
-                names=CHAT_NAMES if chat else COMPLETION_NAMES)
+    return Call(
+        chat=chat,
+        request=request,
+        model=served_model,
+        stream=stream,
+        include_usage=_boolean(options or {}, "include_usage", False),
+        names=CHAT_NAMES if chat else COMPLETION_NAMES,
+    )
 
 
 def _check_fields(body: dict, known: set[str], unsupported: dict[str, tuple]) -> None:
     unknown = [name for name in body if name not in known and name not in unsupported]
     if unknown:
-        raise bad(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0],
-                  "unknown_parameter")
-    refused = [name for name, noops in unsupported.items()
-               if body.get(name) is not None and not any(_same(body[name], noop) for noop in noops)]
+        raise bad(f"Unrecognized request argument supplied: {', '.join(unknown)}", unknown[0], "unknown_parameter")
+    refused = [
+        name
+        for name, noops in unsupported.items()
+        if body.get(name) is not None and not any(_same(body[name], noop) for noop in noops)
+    ]
     if refused:
         accepted = "; ".join(f"{name}: {' or '.join(map(repr, unsupported[name])) or 'null'}" for name in refused)
-        raise bad(f"not supported by specpipe: {', '.join(refused)} (accepted only at the value that changes "
-                  f"nothing: {accepted})", refused[0], "unsupported_parameter")
+        raise bad(
+            f"not supported by specpipe: {', '.join(refused)} (accepted only at the value that changes "
+            f"nothing: {accepted})",
+            refused[0],
+            "unsupported_parameter",
+        )
 
 
 def _same(value, noop) -> bool:
@@ -233,10 +291,15 @@ def _messages(messages) -> list[dict]:
             raise bad(f"{where} must be an object with a string role", "messages")
         extra = [key for key in message if key not in MESSAGE_FIELDS and message[key] is not None]
         if extra:
-            raise bad(f"{where}.{extra[0]} is not supported (only role, content and name are)", "messages",
-                      "unsupported_parameter")
-        rendered.append({key: message[key] for key in MESSAGE_FIELDS if message.get(key) is not None}
-                        | {"content": _content(message.get("content"), where)})
+            raise bad(
+                f"{where}.{extra[0]} is not supported (only role, content and name are)",
+                "messages",
+                "unsupported_parameter",
+            )
+        rendered.append(
+            {key: message[key] for key in MESSAGE_FIELDS if message.get(key) is not None}
+            | {"content": _content(message.get("content"), where)}
+        )
     return rendered
 
 
@@ -244,24 +307,32 @@ def _content(content, where: str) -> str:
     if isinstance(content, str):
         return content
     if isinstance(content, list):
-        texts = [part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None
-                 for part in content]
+        texts = [
+            part.get("text") if isinstance(part, dict) and part.get("type") == "text" else None for part in content
+        ]
         if all(isinstance(text, str) for text in texts):
-            return "\n".join(texts)      # vLLM's joining of text parts
-    raise bad(f"{where}.content must be a string or a list of text parts ({{type: text, text}}): other parts "
-              "(images, audio, ...) are not supported", "messages")
+            return "\n".join(texts)  # vLLM's joining of text parts
+    raise bad(
+        f"{where}.content must be a string or a list of text parts ({{type: text, text}}): other parts "
+        "(images, audio, ...) are not supported",
+        "messages",
+    )
 
 
 def render_chat(call: Call, tokenizer, template: str | None) -> str:
     """The messages as the prompt text the model expects, ending where the assistant's turn starts.
     `template`: the server's --chat-template, else the tokenizer's own."""
     if not template and not getattr(tokenizer, "chat_template", None):
-        raise bad("this model's tokenizer has no chat template, so /v1/chat/completions cannot render "
-                  "messages: start the server with --chat-template FILE, or use /v1/completions", "messages")
+        raise bad(
+            "this model's tokenizer has no chat template, so /v1/chat/completions cannot render "
+            "messages: start the server with --chat-template FILE, or use /v1/completions",
+            "messages",
+        )
     try:
         # chat_template=None: the tokenizer's own (transformers picks among named ones).
-        return tokenizer.apply_chat_template(call.messages, chat_template=template or None,
-                                             add_generation_prompt=True, tokenize=False)
+        return tokenizer.apply_chat_template(
+            call.messages, chat_template=template or None, add_generation_prompt=True, tokenize=False
+        )
     except jinja2.TemplateError as err:
         raise bad(f"the chat template cannot render these messages: {err}", "messages") from None
 
@@ -294,13 +365,21 @@ def stats_object(stats: specpipe_pb2.RequestStats) -> dict:
 
 
 def usage_object(prompt_tokens: int, completion_tokens: int) -> dict:
-    return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
-            "total_tokens": prompt_tokens + completion_tokens}
+    return {
+        "prompt_tokens": prompt_tokens,
+        "completion_tokens": completion_tokens,
+        "total_tokens": prompt_tokens + completion_tokens,
+    }
 
 
 def _envelope(call: Call, kind: str, choice: dict) -> dict:
-    return {"id": call.request.request_id, "object": kind, "created": call.created, "model": call.model,
-            "choices": [choice]}
+    return {
+        "id": call.request.request_id,
+        "object": kind,
+        "created": call.created,
+        "model": call.model,
+        "choices": [choice],
+    }
 
 
 def response_object(call: Call, responses: list, prompt_tokens: int) -> dict:

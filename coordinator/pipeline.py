@@ -58,14 +58,15 @@ DEFAULT_VERIFY_S, DEFAULT_DRAFT_STEP_S = 0.010, 0.001
 @dataclass
 class BranchView:
     """The schedule's mirror of one draft branch."""
-    tokens: list[int]                                      # full sequence, prompt included
-    fork_at: int | None = None                             # position of its first own token; None: main line
-    epoch: int = 0                                         # epoch its unverified tokens were drafted in
-    job_end: int = 0                                       # length its current drafting job runs to
-    alternatives: dict[int, list[int]] = field(default_factory=dict)   # unsure position -> tokens to fork
+
+    tokens: list[int]  # full sequence, prompt included
+    fork_at: int | None = None  # position of its first own token; None: main line
+    epoch: int = 0  # epoch its unverified tokens were drafted in
+    job_end: int = 0  # length its current drafting job runs to
+    alternatives: dict[int, list[int]] = field(default_factory=dict)  # unsure position -> tokens to fork
     probs: dict[int, float] = field(default_factory=dict)  # unverified position -> the draft's probability
-    forked: set[int] = field(default_factory=set)          # positions already forked (main line)
-    stalled_at: int = -1                                   # length at which the drafter had nothing to propose
+    forked: set[int] = field(default_factory=set)  # positions already forked (main line)
+    stalled_at: int = -1  # length at which the drafter had nothing to propose
 
 
 class Pipelined(Schedule):
@@ -85,7 +86,7 @@ class Pipelined(Schedule):
             event = await self.channel.next_event("draft_tokens", "verdict")
             if event.kind == "draft_tokens":
                 for token in self.observe_draft(event):
-                    if token.epoch == self.epoch:   # (an older epoch's: drafted before a resync, dropped)
+                    if token.epoch == self.epoch:  # (an older epoch's: drafted before a resync, dropped)
                         await self.on_draft_token(token)
             else:
                 new_tokens = await self.on_verdict(event.payload)
@@ -109,22 +110,24 @@ class Pipelined(Schedule):
         the draft never idles waiting for the coordinator."""
         anchor = self.anchor()
         main_horizon = min(self.end, anchor + self.policy.block_length())
-        if self.branching and self.policy.main_lookahead is not None:   # rollback-aware: hedge past a likely break
+        if self.branching and self.policy.main_lookahead is not None:  # rollback-aware: hedge past a likely break
             unsure = [p for p in self.branches[self.main].alternatives if p >= len(self.tokens)]
             if unsure:
                 main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
         by_need: dict[int, list[int]] = {}
         for branch_id, view in self.branches.items():
-            horizon = main_horizon if view.fork_at is None else \
-                min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
+            horizon = (
+                main_horizon if view.fork_at is None else min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
+            )
             if view.job_end < horizon and len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
                 by_need.setdefault(horizon - len(view.tokens), []).append(branch_id)
         for need, branch_ids in by_need.items():
             for branch_id in branch_ids:
                 view = self.branches[branch_id]
                 view.job_end = len(view.tokens) + need
-            await self.channel.draft_tokens(branch_ids, self.epoch, need, self.policy.min_confidence,
-                                            self.policy.branch_width, self.sends_probs)
+            await self.channel.draft_tokens(
+                branch_ids, self.epoch, need, self.policy.min_confidence, self.policy.branch_width, self.sends_probs
+            )
 
     @staticmethod
     def drafting(view: BranchView) -> bool:
@@ -133,12 +136,13 @@ class Pipelined(Schedule):
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
         view = self.branches.get(token.branch_id)
         if view is None:
-            return                                  # a cancelled branch's late token: dropped
-        if token.token_id < 0:                      # its job ended with no token (the drafter had none)
+            return  # a cancelled branch's late token: dropped
+        if token.token_id < 0:  # its job ended with no token (the drafter had none)
             view.job_end = view.stalled_at = len(view.tokens)
             return
-        assert token.position == len(view.tokens), \
+        assert token.position == len(view.tokens), (
             f"branch {token.branch_id}: token at {token.position}, mirror has {len(view.tokens)}"
+        )
         view.tokens.append(token.token_id)
         view.probs[token.position] = token.prob
         view.epoch = token.epoch
@@ -165,10 +169,11 @@ class Pipelined(Schedule):
             for token_id in view.alternatives[position][:budget]:
                 branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
                 await self.channel.fork(self.main, branch_id, position, [token_id])
-                self.branches[branch_id] = BranchView(view.tokens[:position] + [token_id], fork_at=position,
-                                                      epoch=view.epoch, job_end=position + 1)
+                self.branches[branch_id] = BranchView(
+                    view.tokens[:position] + [token_id], fork_at=position, epoch=view.epoch, job_end=position + 1
+                )
                 self.stats.branches_forked += 1
-                self.stats.drafted_tokens += 1         # its first token: proposed, kept only on a hit
+                self.stats.drafted_tokens += 1  # its first token: proposed, kept only on a hit
                 budget -= 1
                 forked = True
         if forked:
@@ -185,25 +190,26 @@ class Pipelined(Schedule):
         start = self.anchor()
         stop = min(start + self.policy.block_length(), self.end)
         if stop <= start:
-            return                                  # everything up to the end is in flight
+            return  # everything up to the end is in flight
         block_ids = view.tokens[start:stop]
         if not block_ids:
-            if not live and view.stalled_at == len(view.tokens) == start:   # the drafter has nothing here:
-                await self.send_verify(Block(start=start, epoch=view.epoch), emit_bonus=True)   # the target goes on
-            return                                  # (else more tokens are on their way)
+            if not live and view.stalled_at == len(view.tokens) == start:  # the drafter has nothing here:
+                await self.send_verify(Block(start=start, epoch=view.epoch), emit_bonus=True)  # the target goes on
+            return  # (else more tokens are on their way)
         now = time.monotonic()
         if len(block_ids) < stop - start and self.drafting(view):
             deadline = self.send_deadline(live, now)
-            if deadline is None:                    # an idle target: a few tokens are worth a forward
+            if deadline is None:  # an idle target: a few tokens are worth a forward
                 if len(block_ids) < self.policy.send_length():
                     return
             elif now + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S < deadline:
-                return                              # the next token still comes in time
+                return  # the next token still comes in time
         forward_s = self.policy.model.forward_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
         iteration_end = self.policy.model.iteration_end(now) if self.channel.target_busy() else None
         begins = max(now + HOP_S, live[-1].done_at if live else 0.0, iteration_end or 0.0)
-        block = Block(start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch,
-                      done_at=begins + forward_s)
+        block = Block(
+            start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch, done_at=begins + forward_s
+        )
         await self.send_verify(block, emit_bonus=False, expect_last_token=view.tokens[start - 1] if live else None)
         await self.keep_drafting()
 
@@ -224,12 +230,12 @@ class Pipelined(Schedule):
             return []
         if verdict.num_accepted < len(head.token_ids):
             rejected = self.branches[self.main].probs.get(start + verdict.num_accepted)
-            if rejected is not None:                # (a promoted branch's first token has none)
+            if rejected is not None:  # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
             for block in self.in_flight:
-                block.doomed = True                 # the target will answer them stale
+                block.doomed = True  # the target will answer them stale
         live = self.live()
-        if live:                                    # the target is on the next block now
+        if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
         await self.prune(start)
@@ -248,7 +254,7 @@ class Pipelined(Schedule):
         else:
             survivor = self.main
         losers = [b for b in self.branches if b != survivor and b not in agree]
-        for branch_id in losers:                    # forks cancelled: they did not pay
+        for branch_id in losers:  # forks cancelled: they did not pay
             if self.branches[branch_id].fork_at is not None:
                 self.policy.observe_fork(hit=False)
         if survivor != self.main:
@@ -259,8 +265,8 @@ class Pipelined(Schedule):
                 del self.branches[branch_id]
         self.main = survivor
         view = self.branches[survivor]
-        view.fork_at = None                         # (promoted: it is the main line now)
-        if survivor not in agree:                   # nothing agrees: roll main back to the committed tokens
+        view.fork_at = None  # (promoted: it is the main line now)
+        if survivor not in agree:  # nothing agrees: roll main back to the committed tokens
             self.epoch += 1
             view.tokens, view.job_end = list(self.tokens), length
             view.alternatives.clear()

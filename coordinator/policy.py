@@ -47,7 +47,7 @@ from collections import deque
 
 from specpipe.modes import Mode
 from specpipe.acceptance import expected_tokens
-from specpipe.config import PolicyConfig   # the settings (and the kinds, POLICIES) live in the shared core
+from specpipe.config import PolicyConfig  # the settings (and the kinds, POLICIES) live in the shared core
 
 # Forgetting factor of the running estimates: about the last 100 observations count.
 FORGET = 0.99
@@ -84,14 +84,14 @@ class AcceptanceModel:
         # the same pair accepts far less when sampling.
         self.counts = {greedy: [PRIOR_RATE * PRIOR_WEIGHT, (1 - PRIOR_RATE) * PRIOR_WEIGHT] for greedy in (True, False)}
         self.t_draft: float | None = None
-        self._verify = [0.0] * 5               # forgetting sums: w, n, n^2, t, n*t
+        self._verify = [0.0] * 5  # forgetting sums: w, n, n^2, t, n*t
         # Kept apart for greedy (True) and sampled (False) requests: their rejections differ.
         self.rejected_probs = {True: deque(maxlen=BRANCH_WINDOW), False: deque(maxlen=BRANCH_WINDOW)}
         self._threshold: dict[bool, float] = {}
         self.fork_outcomes = {True: deque(maxlen=FORK_WINDOW), False: deque(maxlen=FORK_WINDOW)}  # greedy?
-        self._unpaid_points = 0                  # branch points seen while forking does not pay
-        self.batch_rows: float | None = None     # requests per target forward (running mean)
-        self.batch_tokens: float | None = None   # tokens per target forward (running mean)
+        self._unpaid_points = 0  # branch points seen while forking does not pay
+        self.batch_rows: float | None = None  # requests per target forward (running mean)
+        self.batch_tokens: float | None = None  # tokens per target forward (running mean)
         self.last_forward_end: float | None = None
 
     def rate(self, greedy: bool = True) -> float:
@@ -161,9 +161,12 @@ class AcceptanceModel:
         """One batched forward of the target (every Verdicts message): its cost feeds the verify
         line (seconds against tokens fed), its rows the batch size, its end the iteration clock."""
         self.observe_verify(tokens, seconds)
-        self.batch_rows = rows if self.batch_rows is None else BATCH_FORGET * self.batch_rows + (1 - BATCH_FORGET) * rows
-        self.batch_tokens = tokens if self.batch_tokens is None else \
-            BATCH_FORGET * self.batch_tokens + (1 - BATCH_FORGET) * tokens
+        self.batch_rows = (
+            rows if self.batch_rows is None else BATCH_FORGET * self.batch_rows + (1 - BATCH_FORGET) * rows
+        )
+        self.batch_tokens = (
+            tokens if self.batch_tokens is None else BATCH_FORGET * self.batch_tokens + (1 - BATCH_FORGET) * tokens
+        )
         self.last_forward_end = time.monotonic() if now is None else now
 
     def forward_seconds(self, block_tokens: int) -> float | None:
@@ -192,8 +195,8 @@ class AcceptanceModel:
         if length == 0:
             return rows / t_forward
         if pipelined:
-            reject = 1 - a ** length
-            tokens = a * (1 - a ** length) / (1 - a) + reject
+            reject = 1 - a**length
+            tokens = a * (1 - a**length) / (1 - a) + reject
             seconds = max(t_forward, length * t_draft) + reject * t_draft
         else:
             tokens = expected_tokens(a, length)
@@ -211,14 +214,13 @@ class DraftPolicy:
     """Per-request policy. `mode` is the request's schedule; `model` the server's shared
     AcceptanceModel (a fresh one when None)."""
 
-    def __init__(self, config: PolicyConfig, mode: str, model: AcceptanceModel | None = None,
-                 greedy: bool = True):
+    def __init__(self, config: PolicyConfig, mode: str, model: AcceptanceModel | None = None, greedy: bool = True):
         """`greedy`: the request's sampling (forks are judged apart for greedy and sampled)."""
         self.config, self.mode, self.greedy = config, mode, greedy
         self.model = model or AcceptanceModel()
         self.predicted_accept_length: float | None = None
-        self._best_length: int | None = None     # the adaptive length, refitted at each verdict
-        self.accepted = self.rejected = 0.0      # this request's own acceptance (as the model counts)
+        self._best_length: int | None = None  # the adaptive length, refitted at each verdict
+        self.accepted = self.rejected = 0.0  # this request's own acceptance (as the model counts)
         self.verdicts = 0
 
     @property
@@ -226,8 +228,7 @@ class DraftPolicy:
         """This request's acceptance rate: its own counts, with the server's rate for requests of
         its kind (greedy or sampled) as a prior worth REQUEST_PRIOR_WEIGHT observations."""
         prior = self.model.rate(self.greedy)
-        return ((REQUEST_PRIOR_WEIGHT * prior + self.accepted)
-                / (REQUEST_PRIOR_WEIGHT + self.accepted + self.rejected))
+        return (REQUEST_PRIOR_WEIGHT * prior + self.accepted) / (REQUEST_PRIOR_WEIGHT + self.accepted + self.rejected)
 
     @property
     def min_confidence(self) -> float:
@@ -296,8 +297,9 @@ class DraftPolicy:
         return min(self.block_length(), IDLE_SEND_TOKENS)
 
     def branch_candidates(self, candidate_ids: list[int], candidate_probs: list[float]) -> list[int]:
-        return [token_id for token_id, prob in zip(candidate_ids, candidate_probs)
-                if prob >= self.config.min_branch_prob][:self.branch_width]
+        return [
+            token_id for token_id, prob in zip(candidate_ids, candidate_probs) if prob >= self.config.min_branch_prob
+        ][: self.branch_width]
 
     def branch_threshold(self) -> float:
         """A drafted token less likely than this is a branch point (specbranch)."""

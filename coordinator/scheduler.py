@@ -20,13 +20,18 @@ from specpipe.coordinator.schedules import Autoregressive, RunStats, Sequential,
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.sampling import SamplingParams
 
-SCHEDULES = {Mode.AUTOREGRESSIVE: Autoregressive, Mode.SEQUENTIAL: Sequential, Mode.PIPELINED: Pipelined,
-             Mode.SPECBRANCH: Pipelined}
+SCHEDULES = {
+    Mode.AUTOREGRESSIVE: Autoregressive,
+    Mode.SEQUENTIAL: Sequential,
+    Mode.PIPELINED: Pipelined,
+    Mode.SPECBRANCH: Pipelined,
+}
 
 
 @dataclass(frozen=True)
 class RequestPlan:
     """A validated request, as the schedules see it."""
+
     request_id: str
     prompt_ids: list[int]
     max_new_tokens: int
@@ -34,15 +39,14 @@ class RequestPlan:
     seed: int
     mode: Mode
     policy: PolicyConfig = PolicyConfig()
-    seeded: bool = False             # the client gave the seed (else the server drew it)
-    noise_vocab: int = 0             # drafter-invariant: the width of the Gumbel noise (the vocabulary)
+    seeded: bool = False  # the client gave the seed (else the server drew it)
+    noise_vocab: int = 0  # drafter-invariant: the width of the Gumbel noise (the vocabulary)
 
 
 def open_channel(plan: RequestPlan, draft: WorkerClient, target: WorkerClient) -> RequestChannel:
     """The request's channel to the workers: through the draft too in a speculative mode, when the
     draft is up."""
-    return RequestChannel(plan.request_id, draft, target,
-                          use_draft=plan.mode != Mode.AUTOREGRESSIVE and draft.healthy)
+    return RequestChannel(plan.request_id, draft, target, use_draft=plan.mode != Mode.AUTOREGRESSIVE and draft.healthy)
 
 
 class RequestRun:
@@ -50,7 +54,7 @@ class RequestRun:
         """`acceptance`: the server's shared running model of acceptance and step costs."""
         self.plan, self.stats, self.channel = plan, RunStats(), channel
         self.policy = DraftPolicy(plan.policy, plan.mode, acceptance, greedy=plan.sampling.greedy)
-        self.fell_back = plan.mode != Mode.AUTOREGRESSIVE and not channel.uses_draft   # degraded from the start
+        self.fell_back = plan.mode != Mode.AUTOREGRESSIVE and not channel.uses_draft  # degraded from the start
         schedule = SCHEDULES[plan.mode] if self.channel.uses_draft else Autoregressive
         self.schedule = schedule(plan, self.channel, self.policy, self.stats)
         self.started = time.monotonic()

@@ -40,14 +40,15 @@ class RunStats:
     accepted_tokens: those the target accepted (part of draft_tokens); rolled_back_tokens: drafted
     and thrown away (drafted_tokens - accepted_tokens: rejected, on a cancelled branch, or drafted
     past the end)."""
+
     drafted_tokens: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
     verifications: int = 0
     branches_forked: int = 0
     branches_hit: int = 0
-    target_seconds: float = 0.0      # target compute spent on this request (its share of batches)
-    queue_seconds: float = 0.0       # time its blocks waited, ready, for a place in a batch
+    target_seconds: float = 0.0  # target compute spent on this request (its share of batches)
+    queue_seconds: float = 0.0  # time its blocks waited, ready, for a place in a batch
     committed_per_verification: list[int] = field(default_factory=list)
 
     @property
@@ -73,13 +74,14 @@ class SpeculationStopped(Exception):
 class Block:
     """Draft tokens on their way to (or at) the target: extending the committed length `start`,
     drafted on `branch_id` under `epoch` (their q, when sampling, travel on the data plane)."""
+
     start: int
     token_ids: list[int] = field(default_factory=list)
     branch_id: int = ROOT_BRANCH
     epoch: int = 0
-    done: bool = False              # its drafting job ended
-    done_at: float = 0.0            # pipelined: when the target should be done with it
-    doomed: bool = False            # pipelined: a block before it was not fully accepted: answered stale
+    done: bool = False  # its drafting job ended
+    done_at: float = 0.0  # pipelined: when the target should be done with it
+    doomed: bool = False  # pipelined: a block before it was not fully accepted: answered stale
 
     def add(self, token: worker_pb2.DraftToken) -> None:
         if token.token_id >= 0:
@@ -92,10 +94,10 @@ class Schedule:
 
     def __init__(self, plan, channel: RequestChannel, policy: DraftPolicy, stats: RunStats):
         self.plan, self.channel, self.policy, self.stats = plan, channel, policy, stats
-        self.tokens = list(plan.prompt_ids)          # committed, prompt included
+        self.tokens = list(plan.prompt_ids)  # committed, prompt included
         self.end = len(self.tokens) + plan.max_new_tokens
         self.epoch = 0
-        self.in_flight: deque[Block] = deque()       # sent to the target, oldest first
+        self.in_flight: deque[Block] = deque()  # sent to the target, oldest first
         self.block_id = 0
 
     async def run(self):
@@ -121,10 +123,18 @@ class Schedule:
         """Queue a block on the target. `expect_last_token`: the block goes behind one still in
         flight; if that one is not fully accepted, the target answers this one `stale`."""
         self.block_id += 1
-        await self.channel.verify(worker_pb2.Verify(
-            block_id=self.block_id, start_length=block.start, draft_token_ids=block.token_ids,
-            branch_id=block.branch_id, epoch=block.epoch, emit_bonus=emit_bonus,
-            expect_last_token=expect_last_token, want_prediction=self.policy.wants_prediction))
+        await self.channel.verify(
+            worker_pb2.Verify(
+                block_id=self.block_id,
+                start_length=block.start,
+                draft_token_ids=block.token_ids,
+                branch_id=block.branch_id,
+                epoch=block.epoch,
+                emit_bonus=emit_bonus,
+                expect_last_token=expect_last_token,
+                want_prediction=self.policy.wants_prediction,
+            )
+        )
         self.in_flight.append(block)
 
     def stop_if_unpaid(self) -> None:
@@ -151,13 +161,14 @@ class Schedule:
             self.stats.on_verdict(verdict, 0, 0)
             return []
         assert block.start == len(self.tokens), f"verdict for a block at {block.start}, committed {len(self.tokens)}"
-        accepted = block.token_ids[:verdict.num_accepted]
+        accepted = block.token_ids[: verdict.num_accepted]
         new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
         self.stats.on_verdict(verdict, len(block.token_ids), len(new_tokens))
         self.policy.observe(len(block.token_ids), len(accepted), verdict.predicted_accept_length)
         self.tokens += new_tokens
-        assert len(self.tokens) == verdict.committed_length, \
+        assert len(self.tokens) == verdict.committed_length, (
             f"coordinator has {len(self.tokens)} committed tokens, target {verdict.committed_length}"
+        )
         return new_tokens
 
 
@@ -187,8 +198,9 @@ class Sequential(Schedule):
             num_draft = self.draft_budget()
             if num_draft:
                 self.epoch += 1
-                await self.channel.draft_tokens([ROOT_BRANCH], self.epoch, num_draft, self.policy.min_confidence,
-                                                0, self.sends_probs)
+                await self.channel.draft_tokens(
+                    [ROOT_BRANCH], self.epoch, num_draft, self.policy.min_confidence, 0, self.sends_probs
+                )
                 while not block.done:
                     for token in self.observe_draft(await self.channel.next_event("draft_tokens")):
                         if token.epoch == self.epoch:
@@ -212,18 +224,26 @@ class TargetOnly(Schedule):
 
     async def run(self):
         if self.draft_down:
-            logger.warning("[%s] draft worker down: going on target-only from %d committed tokens",
-                           self.plan.request_id, len(self.tokens))
+            logger.warning(
+                "[%s] draft worker down: going on target-only from %d committed tokens",
+                self.plan.request_id,
+                len(self.tokens),
+            )
             self.channel.drop_draft()
         else:
-            logger.info("[%s] speculation stopped paying (acceptance %.2f): the target decodes the rest from %d "
-                        "committed tokens", self.plan.request_id, self.policy.rate, len(self.tokens))
+            logger.info(
+                "[%s] speculation stopped paying (acceptance %.2f): the target decodes the rest from %d "
+                "committed tokens",
+                self.plan.request_id,
+                self.policy.rate,
+                len(self.tokens),
+            )
             await self.channel.release_draft()
         # The target answers what it has not verified yet `stale` and decodes the rest: the blocks
         # in flight get their verdict (or stale) first, in order, then the decoded tokens.
         await self.channel.decode(self.end)
         for block in self.in_flight:
-            block.doomed = True                       # (a stale answer is expected now)
+            block.doomed = True  # (a stale answer is expected now)
         while self.in_flight:
             new_tokens = self.commit((await self.channel.next_event("verdict")).payload)
             if new_tokens:

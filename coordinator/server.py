@@ -81,8 +81,12 @@ class JsonLogFormatter(logging.Formatter):
         match = REQUEST_PREFIX.match(message)
         if match and (request_id is None or match.group(1) == request_id):
             request_id, message = match.group(1), match.group(2)
-        entry = {"ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
-                 "level": record.levelname, "process": self.process, "logger": record.name}
+        entry = {
+            "ts": datetime.fromtimestamp(record.created, timezone.utc).isoformat(timespec="milliseconds"),
+            "level": record.levelname,
+            "process": self.process,
+            "logger": record.name,
+        }
         if request_id is not None:
             entry["request_id"] = request_id
         entry["message"] = message
@@ -92,7 +96,7 @@ class JsonLogFormatter(logging.Formatter):
 
 
 def configure_logging(log_format: str) -> None:
-    """"text" keeps the handlers as the entry module set them; "json" gives each root handler
+    """ "text" keeps the handlers as the entry module set them; "json" gives each root handler
     (a stderr one if there is none) the JSON formatter."""
     assert log_format in ("text", "json"), f"unknown log format {log_format!r}"
     if log_format == "json":
@@ -117,7 +121,10 @@ def serving_limits(config: CoordinatorConfig) -> tuple:
     limits = ServingLimits(
         vocab_size=model_config.vocab_size,
         context_length=getattr(model_config, "max_position_embeddings", None) or model_config.n_positions,
-        max_new_tokens_cap=config.max_new_tokens_cap, default_mode=config.default_mode, policy=config.policy)
+        max_new_tokens_cap=config.max_new_tokens_cap,
+        default_mode=config.default_mode,
+        policy=config.policy,
+    )
     return tokenizer, limits
 
 
@@ -131,7 +138,7 @@ class Coordinator:
         self.metrics_port: int | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
-        self.created = time.monotonic()   # the start-up timeouts count from here
+        self.created = time.monotonic()  # the start-up timeouts count from here
         self.zmq_context: zmq.asyncio.Context | None = None
         self.draft: WorkerClient | None = None
         self.target: WorkerClient | None = None
@@ -150,21 +157,34 @@ class Coordinator:
         curve_keys = load_keys(config.curve_keys, client=True) if config.curve_keys else None
         tokenizer, limits = serving_limits(config)
         self.zmq_context = zmq.asyncio.Context()
-        self.draft = WorkerClient("draft", config.draft_addr, self.zmq_context,
-                                  config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
-        self.target = WorkerClient("target", config.target_addr, self.zmq_context,
-                                   config.heartbeat_interval_s, config.heartbeat_timeout_s, curve_keys)
+        self.draft = WorkerClient(
+            "draft",
+            config.draft_addr,
+            self.zmq_context,
+            config.heartbeat_interval_s,
+            config.heartbeat_timeout_s,
+            curve_keys,
+        )
+        self.target = WorkerClient(
+            "target",
+            config.target_addr,
+            self.zmq_context,
+            config.heartbeat_interval_s,
+            config.heartbeat_timeout_s,
+            curve_keys,
+        )
         for worker in (self.draft, self.target):
             worker.start()
-        admission = Admission(AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests,
-                                              config.max_tokens_in_flight))
+        admission = Admission(
+            AdmissionLimits(config.max_concurrent_requests, config.max_queued_requests, config.max_tokens_in_flight)
+        )
         self.metrics = ServerMetrics(admission, (self.draft, self.target))
         self.servicer = SpecPipeServicer(tokenizer, limits, self.draft, self.target, admission, self.metrics)
         acceptance, metrics = self.servicer.acceptance, self.metrics
 
         def on_batch(role: str, rows: int, tokens: int, seconds: float) -> None:
             metrics.observe_batch(role, rows, tokens)
-            if role == "target":          # the policy's cost of a forward, and the target's clock
+            if role == "target":  # the policy's cost of a forward, and the target's clock
                 acceptance.observe_forward(rows, tokens, seconds)
 
         for worker in (self.draft, self.target):
@@ -173,14 +193,16 @@ class Coordinator:
         for name in ("", SERVICE_NAME):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         await self.health.set(LIVENESS_SERVICE, health_pb2.HealthCheckResponse.SERVING)
-        self.server = grpc.aio.server(interceptors=interceptors,
-                                      options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
-                                               ("grpc.so_reuseport", 0)])  # a taken port fails, never shared
+        self.server = grpc.aio.server(
+            interceptors=interceptors,
+            options=[("grpc.max_receive_message_length", MAX_REQUEST_BYTES), ("grpc.so_reuseport", 0)],
+        )  # a taken port fails, never shared
         specpipe_pb2_grpc.add_SpecPipeServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-             reflection.SERVICE_NAME), self.server)
+            (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
+            self.server,
+        )
         self.port = self._bind(self.server, config.port, credentials, "gRPC port")
         await self.server.start()
         if config.health_port is not None:
@@ -191,8 +213,12 @@ class Coordinator:
             await self._start_http(token)
         self._tasks += [asyncio.create_task(self._watch_health()), asyncio.create_task(self._watch_draft())]
         self.tls, self.token_required = credentials is not None, bool(interceptors)
-        logger.info("gRPC bound on %s:%d%s; health NOT_SERVING until the target worker answers", config.host,
-                    self.port, f" (plain-text health on port {self.health_port})" if self.health_port else "")
+        logger.info(
+            "gRPC bound on %s:%d%s; health NOT_SERVING until the target worker answers",
+            config.host,
+            self.port,
+            f" (plain-text health on port {self.health_port})" if self.health_port else "",
+        )
         return self.port
 
     def _bind(self, server: grpc.aio.Server, port: int, credentials, what: str) -> int:
@@ -201,7 +227,7 @@ class Coordinator:
         address = f"{self.config.host}:{port}"
         try:
             bound = server.add_secure_port(address, credentials) if credentials else server.add_insecure_port(address)
-        except RuntimeError:   # grpc's "Failed to bind to address"
+        except RuntimeError:  # grpc's "Failed to bind to address"
             bound = 0
         if bound == 0:
             raise OSError(errno.EADDRINUSE, f"cannot bind the {what} {address} (in use, or not an address here)")
@@ -211,8 +237,12 @@ class Coordinator:
         """The OpenAI-compatible HTTP API, on this loop and servicer, with the gRPC port's token and
         TLS; bound at once like the gRPC port (/health says 503 until the target answers)."""
         config = self.config
-        settings = HttpSettings(model_name=config.served_model_name or config.target_model,
-                                max_body_bytes=MAX_REQUEST_BYTES, chat_template=config.chat_template, token=token)
+        settings = HttpSettings(
+            model_name=config.served_model_name or config.target_model,
+            max_body_bytes=MAX_REQUEST_BYTES,
+            chat_template=config.chat_template,
+            token=token,
+        )
         self.http = HttpServer(build_app(self.servicer, settings), config.tls_cert, config.tls_key)
         self.http_port = await self.http.start(config.host, config.http_port)
         logger.info("OpenAI-compatible HTTP API on %s (model %r)", self.http_url, settings.model_name)
@@ -231,13 +261,14 @@ class Coordinator:
         try:
             self.metrics_port = self.metrics.serve(self.config.host, port)
         except OSError as err:
-            raise OSError(err.errno, f"cannot bind the metrics port {self.config.host}:{port} "
-                                     f"({err.strerror})") from err
+            raise OSError(
+                err.errno, f"cannot bind the metrics port {self.config.host}:{port} ({err.strerror})"
+            ) from err
 
     async def _serve_health_port(self, port: int) -> None:
         """grpc.health.v1 alone on a plain-text port: the kubelet's gRPC probes speak no TLS, and
         the API port may. The same HealthServicer, so both ports always say the same."""
-        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])   # as the API port: never shared
+        self.health_server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])  # as the API port: never shared
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.health_server)
         self.health_port = self._bind(self.health_server, port, None, "health port")
         await self.health_server.start()
@@ -254,22 +285,33 @@ class Coordinator:
         while not self.target.healthy:
             left = self.target_time_left()
             if left == 0.0:
-                raise WorkerDown(f"the target worker at {self.target.address or '(not started)'} did not answer "
-                                 f"within {self.config.target_startup_timeout_s:.0f}s (--target-startup-timeout)")
+                raise WorkerDown(
+                    f"the target worker at {self.target.address or '(not started)'} did not answer "
+                    f"within {self.config.target_startup_timeout_s:.0f}s (--target-startup-timeout)"
+                )
             if time.monotonic() >= next_log:
-                logger.info("waiting for the target worker at %s: %.0fs so far, %s; health NOT_SERVING meanwhile",
-                            self.target.address or "(loading)", time.monotonic() - self.created,
-                            "no limit" if left is None else f"{left:.0f}s left")
+                logger.info(
+                    "waiting for the target worker at %s: %.0fs so far, %s; health NOT_SERVING meanwhile",
+                    self.target.address or "(loading)",
+                    time.monotonic() - self.created,
+                    "no limit" if left is None else f"{left:.0f}s left",
+                )
                 next_log += WAIT_LOG_INTERVAL_S
             await asyncio.sleep(0.05)
         grace_end = time.monotonic() + DRAFT_GRACE_S
         while not self.draft.healthy and time.monotonic() < grace_end:
             await asyncio.sleep(0.05)
         config = self.config
-        logger.info("specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
-                    config.host, self.port, config.default_mode, ", TLS" if self.tls else "",
-                    ", token required" if self.token_required else "", config.max_concurrent_requests,
-                    config.max_queued_requests)
+        logger.info(
+            "specpipe serving on %s:%d (default mode %s%s%s; at most %d running, %d queued)",
+            config.host,
+            self.port,
+            config.default_mode,
+            ", TLS" if self.tls else "",
+            ", token required" if self.token_required else "",
+            config.max_concurrent_requests,
+            config.max_queued_requests,
+        )
 
     async def _watch_draft(self) -> None:
         """A draft that answers late is admitted whenever it does (its first pong marks it up); until
@@ -280,14 +322,22 @@ class Coordinator:
             now = time.monotonic()
             waited, address = now - self.created, self.draft.address or "(loading)"
             if limit > 0 and waited >= limit and not warned:
-                logger.warning("the draft worker at %s has not answered in %.0fs (--draft-startup-timeout): "
-                               "serving target-only (degraded) until it does", address, waited)
+                logger.warning(
+                    "the draft worker at %s has not answered in %.0fs (--draft-startup-timeout): "
+                    "serving target-only (degraded) until it does",
+                    address,
+                    waited,
+                )
                 warned, next_log = True, now + DRAFT_MISSING_LOG_INTERVAL_S
             elif now >= next_log:
                 left = f"{limit - waited:.0f}s left" if limit > 0 else "no limit"
-                logger.log(logging.WARNING if warned else logging.INFO,
-                           "waiting for the draft worker at %s: %.0fs so far%s; requests run target-only meanwhile",
-                           address, waited, "" if warned else f", {left}")
+                logger.log(
+                    logging.WARNING if warned else logging.INFO,
+                    "waiting for the draft worker at %s: %.0fs so far%s; requests run target-only meanwhile",
+                    address,
+                    waited,
+                    "" if warned else f", {left}",
+                )
                 next_log = now + (DRAFT_MISSING_LOG_INTERVAL_S if warned else WAIT_LOG_INTERVAL_S)
             await asyncio.sleep(0.1)
         logger.info("draft worker at %s admitted after %.1fs", self.draft.address, time.monotonic() - self.created)
@@ -318,7 +368,7 @@ class Coordinator:
         if self.metrics is not None:
             self.metrics.close()
         for worker in (self.draft, self.target):
-            if worker is not None:   # None: start() failed before the workers were set up
+            if worker is not None:  # None: start() failed before the workers were set up
                 await worker.close()
         if self.zmq_context is not None:
             self.zmq_context.term()

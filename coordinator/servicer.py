@@ -101,8 +101,15 @@ class ServingLimits:
 
 
 class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
-    def __init__(self, tokenizer, limits: ServingLimits, draft: WorkerClient, target: WorkerClient,
-                 admission: Admission | None = None, metrics: ServerMetrics | None = None):
+    def __init__(
+        self,
+        tokenizer,
+        limits: ServingLimits,
+        draft: WorkerClient,
+        target: WorkerClient,
+        admission: Admission | None = None,
+        metrics: ServerMetrics | None = None,
+    ):
         self.tokenizer, self.limits = tokenizer, limits
         self.encoder = PromptEncoder(tokenizer, limits.context_length)
         self.draft, self.target = draft, target
@@ -111,7 +118,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         # What the adaptive policy learns (acceptance rate, step costs) carries across requests.
         self.acceptance = AcceptanceModel()
         self.live: dict[str, RequestRun] = {}
-        self.request_ids: set[str] = set()      # queued or live: a second request may not reuse one
+        self.request_ids: set[str] = set()  # queued or live: a second request may not reuse one
         self.totals = RunStats()
         self.totals_generated = 0
         self.finished: Counter = Counter()
@@ -125,8 +132,10 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         if bool(request.prompt) == bool(request.prompt_ids):
             raise InvalidRequest("exactly one of prompt / prompt_ids must be set")
         if len(request.prompt_ids) > limits.context_length:
-            raise InvalidRequest(f"prompt_ids has {len(request.prompt_ids)} tokens: more than the model context "
-                                 f"of {limits.context_length}")
+            raise InvalidRequest(
+                f"prompt_ids has {len(request.prompt_ids)} tokens: more than the model context "
+                f"of {limits.context_length}"
+            )
         if request.prompt:
             try:
                 prompt_ids = await self.encoder.encode(request.prompt)
@@ -138,22 +147,27 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             prompt_ids = list(request.prompt_ids)
             for index, token_id in enumerate(prompt_ids):
                 if not 0 <= token_id < limits.vocab_size:
-                    raise InvalidRequest(f"prompt_ids[{index}] = {token_id} is outside the vocabulary "
-                                         f"[0, {limits.vocab_size})")
+                    raise InvalidRequest(
+                        f"prompt_ids[{index}] = {token_id} is outside the vocabulary [0, {limits.vocab_size})"
+                    )
         if request.max_new_tokens == 0:
             raise InvalidRequest("max_new_tokens is required and must be >= 1")
         if request.max_new_tokens > limits.max_new_tokens_cap:
-            raise InvalidRequest(f"max_new_tokens = {request.max_new_tokens} exceeds the server's cap of "
-                                 f"{limits.max_new_tokens_cap}")
+            raise InvalidRequest(
+                f"max_new_tokens = {request.max_new_tokens} exceeds the server's cap of {limits.max_new_tokens_cap}"
+            )
         if len(prompt_ids) + request.max_new_tokens > limits.context_length:
-            raise InvalidRequest(f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                                 f"({request.max_new_tokens}) exceeds the model context of "
-                                 f"{limits.context_length} tokens")
+            raise InvalidRequest(
+                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
+                f"({request.max_new_tokens}) exceeds the model context of "
+                f"{limits.context_length} tokens"
+            )
         if not math.isfinite(request.temperature) or request.temperature < 0:
             raise InvalidRequest(f"temperature must be a finite number >= 0, got {request.temperature}")
         if 0 < request.temperature < MIN_TEMPERATURE:
-            raise InvalidRequest(f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, "
-                                 f"got {request.temperature:g}")
+            raise InvalidRequest(
+                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {request.temperature:g}"
+            )
         if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
             raise InvalidRequest(f"top_p must be in [0, 1], got {request.top_p}")
         if len(request.stop) > MAX_STOP_STRINGS:
@@ -168,16 +182,26 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         top_p = request.top_p if 0 < request.top_p < 1 else 1.0
         plan = RequestPlan(
             request_id=request.request_id or uuid.uuid4().hex,
-            prompt_ids=prompt_ids, max_new_tokens=request.max_new_tokens,
-            sampling=SamplingParams(temperature=request.temperature, top_k=request.top_k, top_p=top_p,
-                                    drafter_invariant=request.drafter_invariant),
-            seed=request.seed if request.HasField("seed") else secrets.randbits(63), mode=mode,
-            policy=limits.policy, seeded=request.HasField("seed"), noise_vocab=limits.vocab_size)
+            prompt_ids=prompt_ids,
+            max_new_tokens=request.max_new_tokens,
+            sampling=SamplingParams(
+                temperature=request.temperature,
+                top_k=request.top_k,
+                top_p=top_p,
+                drafter_invariant=request.drafter_invariant,
+            ),
+            seed=request.seed if request.HasField("seed") else secrets.randbits(63),
+            mode=mode,
+            policy=limits.policy,
+            seeded=request.HasField("seed"),
+            noise_vocab=limits.vocab_size,
+        )
         return plan, list(request.stop)
 
     # -- the request lifecycle, for every transport --------------------------------------------
-    async def execute(self, request: specpipe_pb2.GenerateRequest, send: Send,
-                      gone: Gone = lambda: "CANCELLED") -> RequestPlan:
+    async def execute(
+        self, request: specpipe_pb2.GenerateRequest, send: Send, gone: Gone = lambda: "CANCELLED"
+    ) -> RequestPlan:
         """Validate, admit and run one request, awaiting `send(response)` for each chunk (the last
         carries finish_reason and stats); returns its plan (the prompt's token ids: usage).
         Raises Refused (counted); a cancellation propagates, counted as `gone()`.
@@ -230,12 +254,18 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         self.count_failure(status)
         log.info("%s %s", status.lower(), where)
 
-    async def _run(self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, send: Send,
-                   gone: Gone) -> None:
+    async def _run(
+        self, plan: RequestPlan, stop: list[str], arrived: float, log: RequestLog, send: Send, gone: Gone
+    ) -> None:
         run = RequestRun(plan, open_channel(plan, self.draft, self.target), self.acceptance)
         self.live[plan.request_id] = run
-        log.info("started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
-                 len(plan.prompt_ids), plan.max_new_tokens, plan.mode, plan.sampling.temperature)
+        log.info(
+            "started: %d prompt tokens, max_new_tokens=%d, mode=%s, temperature=%g",
+            len(plan.prompt_ids),
+            plan.max_new_tokens,
+            plan.mode,
+            plan.sampling.temperature,
+        )
         finish_reason = ""
         try:
             async for response in self._stream(run, stop, arrived):
@@ -247,10 +277,11 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         except asyncio.CancelledError:
             self._count_gone(gone(), log, "while running")
             raise
-        except Exception as err:    # a bug: say so, as INTERNAL with the request id to find the log
+        except Exception as err:  # a bug: say so, as INTERNAL with the request id to find the log
             log.exception("failed unexpectedly")
-            raise self._refused("INTERNAL", f"internal error ({type(err).__name__}) in request "
-                                            f"{plan.request_id}") from None
+            raise self._refused(
+                "INTERNAL", f"internal error ({type(err).__name__}) in request {plan.request_id}"
+            ) from None
         finally:
             del self.live[plan.request_id]
             await run.release()
@@ -290,9 +321,9 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             now = time.monotonic()
             first_token_at = first_token_at or now
             finish = ""
-            new_tokens = new_tokens[:plan.max_new_tokens - len(generated)]
+            new_tokens = new_tokens[: plan.max_new_tokens - len(generated)]
             if eos is not None and eos in new_tokens:
-                new_tokens = new_tokens[:new_tokens.index(eos) + 1]
+                new_tokens = new_tokens[: new_tokens.index(eos) + 1]
                 finish = "eos"
             generated += new_tokens
             if not finish and len(generated) >= plan.max_new_tokens:
@@ -301,8 +332,9 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             if text.stopped:
                 finish = "stop"
             response = specpipe_pb2.GenerateResponse(request_id=plan.request_id, token_ids=new_tokens, text=chunk)
-            self.metrics.observe_chunk(len(new_tokens), now - arrived,
-                                       None if last_chunk_at is None else now - last_chunk_at)
+            self.metrics.observe_chunk(
+                len(new_tokens), now - arrived, None if last_chunk_at is None else now - last_chunk_at
+            )
             last_chunk_at = now
             if finish:
                 response.finish_reason = finish
@@ -312,8 +344,9 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 return
             yield response
 
-    def _request_stats(self, run: RequestRun, generated: int, first_token_at: float,
-                       arrived: float) -> specpipe_pb2.RequestStats:
+    def _request_stats(
+        self, run: RequestRun, generated: int, first_token_at: float, arrived: float
+    ) -> specpipe_pb2.RequestStats:
         now = time.monotonic()
         stats = stats_message(run.stats, generated)
         stats.time_to_first_token_s = first_token_at - arrived
@@ -323,30 +356,46 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         return stats
 
     def _add_totals(self, stats: RunStats, generated: int) -> None:
-        for name in ("drafted_tokens", "draft_tokens", "accepted_tokens", "verifications", "branches_forked",
-                     "branches_hit", "target_seconds", "queue_seconds"):
+        for name in (
+            "drafted_tokens",
+            "draft_tokens",
+            "accepted_tokens",
+            "verifications",
+            "branches_forked",
+            "branches_hit",
+            "target_seconds",
+            "queue_seconds",
+        ):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
         self.totals.committed_per_verification.append(sum(stats.committed_per_verification))
         self.totals_generated += generated
 
     # -- GetStats -------------------------------------------------------------------------------
     async def GetStats(self, request, context):
-        response = specpipe_pb2.StatsResponse(live_requests=len(self.live),
-                                              default_mode=Mode(self.limits.default_mode).proto)
+        response = specpipe_pb2.StatsResponse(
+            live_requests=len(self.live), default_mode=Mode(self.limits.default_mode).proto
+        )
         for worker in (self.draft, self.target):
             # A fresh count (so "0 live" is current), unless the worker is known to be down.
             pong = (await worker.ping(timeout=1.0) if worker.healthy else None) or worker.last_pong
-            stats = response.workers.add(role=worker.role, healthy=worker.healthy,
-                                         status="ok" if worker.healthy else "unavailable")
+            stats = response.workers.add(
+                role=worker.role, healthy=worker.healthy, status="ok" if worker.healthy else "unavailable"
+            )
             if pong is not None:
                 stats.pid = pong.pid
                 stats.busy_fraction = pong.busy_seconds / max(pong.uptime_seconds, 1e-9)
-            stats.live_requests, stats.live_branches = worker.live_counts()   # 0 while down
-            stats.forwards, stats.forward_rows, stats.forward_tokens = (worker.forwards, worker.forward_rows,
-                                                                        worker.forward_tokens)
+            stats.live_requests, stats.live_branches = worker.live_counts()  # 0 while down
+            stats.forwards, stats.forward_rows, stats.forward_tokens = (
+                worker.forwards,
+                worker.forward_rows,
+                worker.forward_tokens,
+            )
             if pong is not None and worker.healthy:
-                stats.kv_slots, stats.kv_slots_used, stats.kv_slot_len = pong.kv_slots, pong.kv_slots_used, \
-                    pong.kv_slot_len
+                stats.kv_slots, stats.kv_slots_used, stats.kv_slot_len = (
+                    pong.kv_slots,
+                    pong.kv_slots_used,
+                    pong.kv_slot_len,
+                )
                 stats.last_batch_rows, stats.last_batch_tokens = pong.last_batch_rows, pong.last_batch_tokens
         response.totals.CopyFrom(stats_message(self.totals, self.totals_generated))
         response.finished.update(self.finished)
@@ -359,24 +408,34 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         learnt = config.branch_confidence is None
         hit_rates = [model.fork_hit_rate(greedy) for greedy in (True, False)]
         return specpipe_pb2.PolicyState(
-            acceptance_rate=model.rate(True), sampled_acceptance_rate=model.rate(False), draft_step_s=model.t_draft or 0.0,
+            acceptance_rate=model.rate(True),
+            sampled_acceptance_rate=model.rate(False),
+            draft_step_s=model.t_draft or 0.0,
             verify_s=model.verify_seconds(config.num_draft_tokens + 1) or 0.0,
             branch_threshold=model.branch_threshold(True) if learnt else config.branch_confidence,
             sampled_branch_threshold=model.branch_threshold(False) if learnt else config.branch_confidence,
-            branch_threshold_learnt=learnt, rejections_seen=len(model.rejected_probs[True]),
+            branch_threshold_learnt=learnt,
+            rejections_seen=len(model.rejected_probs[True]),
             fork_hit_rate=-1.0 if hit_rates[0] is None else hit_rates[0],
-            sampled_fork_hit_rate=-1.0 if hit_rates[1] is None else hit_rates[1])
+            sampled_fork_hit_rate=-1.0 if hit_rates[1] is None else hit_rates[1],
+        )
 
 
 def stats_message(stats: RunStats, generated: int) -> specpipe_pb2.RequestStats:
     """The counters of RunStats as the public RequestStats (one request's, or the totals)."""
     return specpipe_pb2.RequestStats(
-        drafted_tokens=stats.drafted_tokens, draft_tokens=stats.draft_tokens, accepted_tokens=stats.accepted_tokens,
-        rolled_back_tokens=stats.rolled_back_tokens, verifications=stats.verifications,
-        branches_forked=stats.branches_forked, branches_hit=stats.branches_hit, generated_tokens=generated,
+        drafted_tokens=stats.drafted_tokens,
+        draft_tokens=stats.draft_tokens,
+        accepted_tokens=stats.accepted_tokens,
+        rolled_back_tokens=stats.rolled_back_tokens,
+        verifications=stats.verifications,
+        branches_forked=stats.branches_forked,
+        branches_hit=stats.branches_hit,
+        generated_tokens=generated,
         mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
         acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,
-        batch_wait_s=stats.queue_seconds)
+        batch_wait_s=stats.queue_seconds,
+    )
 
 
 def server_status(draft_healthy: bool, target_healthy: bool) -> str:

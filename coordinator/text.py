@@ -42,8 +42,10 @@ class PromptEncoder:
 
     def check_length(self, text: str, field: str = "prompt") -> None:
         if len(text) > self.max_chars:
-            raise PromptTooLong(f"{field} has {len(text)} characters: more than the {self.max_chars} that could "
-                                f"fit the model context of {self.context_length} tokens")
+            raise PromptTooLong(
+                f"{field} has {len(text)} characters: more than the {self.max_chars} that could "
+                f"fit the model context of {self.context_length} tokens"
+            )
 
     async def encode(self, text: str, field: str = "prompt", special_tokens: bool = True) -> list[int]:
         """`special_tokens`: let the tokenizer add its own (BOS, ...); False for text a chat
@@ -77,10 +79,10 @@ class TextStream:
         # Decode with a little of the prompt in front, so the first token's leading space or
         # merge is right; nothing of the prompt is ever emitted.
         self.ids = list(prompt_ids[-4:])
-        self.prefix_offset = 0               # window start: context only, already turned into text
-        self.read_offset = len(self.ids)     # tokens before this are in `text`
-        self.text = ""              # the generated text decoded so far (whole characters)
-        self.emitted = 0            # characters of it already sent
+        self.prefix_offset = 0  # window start: context only, already turned into text
+        self.read_offset = len(self.ids)  # tokens before this are in `text`
+        self.text = ""  # the generated text decoded so far (whole characters)
+        self.emitted = 0  # characters of it already sent
         self.stopped = False
 
     def _decode(self, ids: list[int]) -> str:
@@ -90,13 +92,13 @@ class TextStream:
         """Move the whole characters among the unread tokens into `text`."""
         if self.read_offset == len(self.ids):
             return
-        prefix = self._decode(self.ids[self.prefix_offset:self.read_offset])
-        window = self._decode(self.ids[self.prefix_offset:])
+        prefix = self._decode(self.ids[self.prefix_offset : self.read_offset])
+        window = self._decode(self.ids[self.prefix_offset :])
         if window.endswith(REPLACEMENT_CHAR) and not final:
-            return                  # a character's last byte is still to come: wait for it
-        if not window.startswith(prefix):   # (a tokenizer whose context changed the prefix)
-            window = prefix + self._decode(self.ids[self.read_offset:])
-        self.text += window[len(prefix):]
+            return  # a character's last byte is still to come: wait for it
+        if not window.startswith(prefix):  # (a tokenizer whose context changed the prefix)
+            window = prefix + self._decode(self.ids[self.read_offset :])
+        self.text += window[len(prefix) :]
         self.prefix_offset, self.read_offset = self.read_offset, len(self.ids)
 
     def push(self, token_ids: list[int], final: bool = False) -> str:
@@ -114,10 +116,11 @@ class TextStream:
                 text = text[:at]
                 break
         if not final and not self.stopped:
-            text = text[:len(text) - self._held_for_stop(text)]
-        new = text[self.emitted:]
+            text = text[: len(text) - self._held_for_stop(text)]
+        new = text[self.emitted :]
         self.emitted = max(self.emitted, len(text))
         return new
+
     def _held_for_stop(self, text: str) -> int:
         """Length of the longest suffix of `text` that is a proper prefix of a stop string."""
         held = 0

@@ -45,16 +45,24 @@ class Event:
     """One request's part of a worker message, as its schedule sees it. kind: draft_tokens
     (payload: list of DraftToken), verdict (a Verdict), error (an Error), down (the worker went
     down; payload None)."""
+
     role: str
     kind: str
     payload: object = None
     frames: list[bytes] = field(default_factory=list)
-    step_seconds: float = 0.0         # draft_tokens: the forward step's time
+    step_seconds: float = 0.0  # draft_tokens: the forward step's time
 
 
 class WorkerClient:
-    def __init__(self, role: str, address: str, context: zmq.asyncio.Context,
-                 heartbeat_interval_s: float, heartbeat_timeout_s: float, curve_keys: CurveKeys | None = None):
+    def __init__(
+        self,
+        role: str,
+        address: str,
+        context: zmq.asyncio.Context,
+        heartbeat_interval_s: float,
+        heartbeat_timeout_s: float,
+        curve_keys: CurveKeys | None = None,
+    ):
         """`curve_keys`: connect as a CURVE client of the worker (specpipe/curve.py). `address` ""
         leaves the socket unconnected until `connect`."""
         self.role, self.address = role, address
@@ -74,10 +82,10 @@ class WorkerClient:
         self._nonces = itertools.count(1)
         self._pong_waiters: dict[int, asyncio.Future] = {}
         self._tasks: list[asyncio.Task] = []
-        self.on_batch = None          # on_batch(role, rows, tokens, seconds): told of every batched forward
-        self.forwards = self.forward_rows = self.forward_tokens = 0   # batched forwards seen, and their sizes
-        self.outstanding: dict[str, int] = {}   # request_id -> its verifies not answered yet
-        self.decoding: set[str] = set()         # requests the target decodes by itself
+        self.on_batch = None  # on_batch(role, rows, tokens, seconds): told of every batched forward
+        self.forwards = self.forward_rows = self.forward_tokens = 0  # batched forwards seen, and their sizes
+        self.outstanding: dict[str, int] = {}  # request_id -> its verifies not answered yet
+        self.decoding: set[str] = set()  # requests the target decodes by itself
 
     def connect(self, address: str) -> None:
         """Connect a client made without an address (a worker that `specpipe serve` spawns after its
@@ -148,7 +156,7 @@ class WorkerClient:
 
     def _deliver(self, request_id: str, event: Event) -> None:
         inbox = self.inboxes.get(request_id)
-        if inbox is not None:   # else: the request finished meanwhile; a late reply is dropped
+        if inbox is not None:  # else: the request finished meanwhile; a late reply is dropped
             inbox.put_nowait(event)
 
     def _count_batch(self, rows: int, tokens: int, seconds: float) -> None:
@@ -208,7 +216,7 @@ class WorkerClient:
         while True:
             await self.command(ping=worker_pb2.Ping(nonce=next(self._nonces)))
             await asyncio.sleep(self.interval)
-            await asyncio.sleep(0)              # let the reader take pongs queued during a stall first
+            await asyncio.sleep(0)  # let the reader take pongs queued during a stall first
             now = time.monotonic()
             listened = min(now - last_tick, self.interval + MAX_COUNTED_LAG_S)
             last_tick = now
@@ -240,7 +248,11 @@ class WorkerClient:
         deadline = time.monotonic() + timeout
         while not self.healthy:
             if time.monotonic() > deadline:
-                hint = (f" (CURVE: does it run with --curve-keys, with the key in {self.curve_folder}/client.key "
-                        f"among its clients/ and the same server key?)" if self.curve_folder else "")
+                hint = (
+                    f" (CURVE: does it run with --curve-keys, with the key in {self.curve_folder}/client.key "
+                    f"among its clients/ and the same server key?)"
+                    if self.curve_folder
+                    else ""
+                )
                 raise WorkerDown(f"{self.role} worker at {self.address} did not answer within {timeout:.0f}s{hint}")
             await asyncio.sleep(0.05)

@@ -1,4 +1,5 @@
 """`python -m specpipe.draft_worker --model DIR [--host H --port P --device D --dtype T]`."""
+
 from specpipe.launch.worker import main
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import torch
 
 from specpipe.kv_store import KVStore, Row, forward_packed
 
-BranchKey = tuple[str, int]          # (request_id, branch_id)
+BranchKey = tuple[str, int]  # (request_id, branch_id)
 # Prompt lookup: the longest and shortest suffix (in tokens) looked up in the branch's history.
 NGRAM_MAX, NGRAM_MIN = 3, 1
 
@@ -86,11 +86,11 @@ class ModelDrafter:
         rows, ids, keep, proposing = [], [], [], []
         for key, tokens in branches:
             assert len(tokens) < self.store.slot_len, f"branch {key} would run past its KV slot"
-            self.cached[key] = min(self.cached[key], len(tokens) - 1)   # the last token is always fed
-            fed = tokens[self.cached[key]:self.cached[key] + self.chunk]
+            self.cached[key] = min(self.cached[key], len(tokens) - 1)  # the last token is always fed
+            fed = tokens[self.cached[key] : self.cached[key] + self.chunk]
             rows.append(Row(self.slots[key], self.cached[key], len(fed)))
             ids += fed
-            if self.cached[key] + len(fed) == len(tokens):      # all in: it can propose
+            if self.cached[key] + len(fed) == len(tokens):  # all in: it can propose
                 keep.append(len(ids) - 1)
                 proposing.append(key)
             self.cached[key] += len(fed)
@@ -98,8 +98,9 @@ class ModelDrafter:
         if not rows:
             return {}
         with torch.inference_mode():
-            out = forward_packed(self.model, self.store, rows, torch.tensor(ids, dtype=torch.long, device=self.device),
-                                 keep)
+            out = forward_packed(
+                self.model, self.store, rows, torch.tensor(ids, dtype=torch.long, device=self.device), keep
+            )
         return dict(zip(proposing, out.logits))
 
     def capacity(self) -> tuple[int, int, int]:
@@ -135,7 +136,7 @@ class NgramDrafter:
             proposals[key] = None
             if token is not None:
                 logits = torch.full((self.vocab_size,), -math.inf)
-                logits[token] = 0.0                   # a certain proposal: q is one-hot
+                logits[token] = 0.0  # a certain proposal: q is one-hot
                 proposals[key] = logits
         return proposals
 
@@ -152,6 +153,6 @@ def lookup(tokens: list[int]) -> int | None:
     for size in range(min(NGRAM_MAX, len(tokens) - 1), NGRAM_MIN - 1, -1):
         suffix = tokens[-size:]
         for start in range(len(tokens) - size - 1, -1, -1):
-            if tokens[start:start + size] == suffix:
+            if tokens[start : start + size] == suffix:
                 return tokens[start + size]
     return None

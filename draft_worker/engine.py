@@ -25,8 +25,15 @@ import torch
 
 from specpipe.draft_worker.drafter import BranchKey, Drafter
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import (STREAM_DRAFT, SamplingParams, gumbel_argmax, gumbel_noise, logits_to_probs,
-                               make_generator, sample_from_probs)
+from specpipe.sampling import (
+    STREAM_DRAFT,
+    SamplingParams,
+    gumbel_argmax,
+    gumbel_noise,
+    logits_to_probs,
+    make_generator,
+    sample_from_probs,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -53,8 +60,8 @@ class Branch:
 class DraftRequest:
     sampling: SamplingParams
     seed: int
-    handle: int                      # the request's number on the data plane
-    noise_vocab: int = 0             # drafter-invariant: the width of the Gumbel noise
+    handle: int  # the request's number on the data plane
+    noise_vocab: int = 0  # drafter-invariant: the width of the Gumbel noise
     branches: dict[int, Branch] = field(default_factory=dict)
 
 
@@ -76,26 +83,33 @@ class DraftEngine:
         if msg.request_id in self.requests:
             raise ValueError(f"request {msg.request_id!r} exists already")
         wire_sampling = msg.sampling
-        sampling = SamplingParams(wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p,
-                                  wire_sampling.drafter_invariant)
+        sampling = SamplingParams(
+            wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p, wire_sampling.drafter_invariant
+        )
         tokens = list(msg.token_ids)
         self.drafter.open((msg.request_id, 0), tokens)
-        request = DraftRequest(sampling=sampling, seed=wire_sampling.seed, handle=msg.handle,
-                               noise_vocab=wire_sampling.noise_vocab)
+        request = DraftRequest(
+            sampling=sampling, seed=wire_sampling.seed, handle=msg.handle, noise_vocab=wire_sampling.noise_vocab
+        )
         request.branches[0] = Branch(tokens=tokens)
         self.requests[msg.request_id] = request
 
     def _on_draft(self, msg) -> None:
         request = self._request(msg.request_id)
         if msg.send_probs and self.probs_sender is None:
-            raise ValueError("sampling needs the data plane to the target: start the draft worker with "
-                             "--target-data-addr (zmq) or under torch.distributed (--transport torch)")
+            raise ValueError(
+                "sampling needs the data plane to the target: start the draft worker with "
+                "--target-data-addr (zmq) or under torch.distributed (--transport torch)"
+            )
         for branch_id in msg.branch_ids:
             branch = request.branches.get(branch_id)
-            if branch is None:   # a fork refused for want of a slot (or cancelled meanwhile): nothing to draft
+            if branch is None:  # a fork refused for want of a slot (or cancelled meanwhile): nothing to draft
                 continue
-            branch.job = DraftJob(msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates,
-                                  msg.send_probs) if msg.max_tokens > 0 else None
+            branch.job = (
+                DraftJob(msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates, msg.send_probs)
+                if msg.max_tokens > 0
+                else None
+            )
 
     def _on_fork(self, msg) -> None:
         request = self._request(msg.request_id)
@@ -105,15 +119,15 @@ class DraftEngine:
         assert msg.token_ids, "a fork needs at least one token"
         try:
             self.drafter.fork((msg.request_id, msg.parent_branch_id), (msg.request_id, msg.branch_id), msg.position)
-        except MemoryError:      # no KV slot free: a fork is an optional speculation, so it is skipped
+        except MemoryError:  # no KV slot free: a fork is an optional speculation, so it is skipped
             logger.debug("[%s] fork %d skipped: no KV slot free", msg.request_id, msg.branch_id)
             return
-        request.branches[msg.branch_id] = Branch(tokens=parent.tokens[:msg.position] + list(msg.token_ids))
+        request.branches[msg.branch_id] = Branch(tokens=parent.tokens[: msg.position] + list(msg.token_ids))
 
     def _on_sync(self, msg) -> None:
         branch = self._branch(self._request(msg.request_id), msg.request_id, msg.branch_id)
         assert msg.keep_length <= len(branch.tokens), f"keep {msg.keep_length} > {len(branch.tokens)} tokens"
-        branch.tokens = branch.tokens[:msg.keep_length] + list(msg.append_token_ids)
+        branch.tokens = branch.tokens[: msg.keep_length] + list(msg.append_token_ids)
         assert branch.tokens, "a branch cannot be emptied"
         self.drafter.truncate((msg.request_id, msg.branch_id), min(msg.keep_length, len(branch.tokens) - 1))
         branch.job = None
@@ -166,8 +180,12 @@ class DraftEngine:
     def step(self) -> tuple[list, dict]:
         """One proposal for every drafting branch of every request (in turn, up to
         MAX_STEP_BRANCHES): the DraftToken items, and the step's figures."""
-        active = [(request_id, branch_id) for request_id, r in self.requests.items()
-                  for branch_id, b in r.branches.items() if b.job]
+        active = [
+            (request_id, branch_id)
+            for request_id, r in self.requests.items()
+            for branch_id, b in r.branches.items()
+            if b.job
+        ]
         start = self._turn % len(active)
         self._turn += 1
         active = (active[start:] + active[:start])[:MAX_STEP_BRANCHES]
@@ -179,8 +197,11 @@ class DraftEngine:
         items = self._choose(active, proposals)
         elapsed = time.perf_counter() - begin
         self.last_batch = (len(active), self.drafter.fed_tokens())
-        return items, {"step_seconds": elapsed, "batch_branches": len(active),
-                       "batch_tokens": self.drafter.fed_tokens()}
+        return items, {
+            "step_seconds": elapsed,
+            "batch_branches": len(active),
+            "batch_tokens": self.drafter.fed_tokens(),
+        }
 
     def _failed(self, active: list[BranchKey], err: Exception) -> list:
         """The step failed: every branch in it stops, each request is told once."""
@@ -188,9 +209,14 @@ class DraftEngine:
         for request_id, branch_id in active:
             self.requests[request_id].branches[branch_id].job = None
         error = f"{type(err).__name__}: {err}"
-        return [(request_id, worker_pb2.Reply(error=worker_pb2.Error(request_id=request_id, message=error,
-                                                                     command="draft")), [])
-                for request_id in dict.fromkeys(request_id for request_id, _ in active)]
+        return [
+            (
+                request_id,
+                worker_pb2.Reply(error=worker_pb2.Error(request_id=request_id, message=error, command="draft")),
+                [],
+            )
+            for request_id in dict.fromkeys(request_id for request_id, _ in active)
+        ]
 
     def _choose(self, active: list[BranchKey], proposals: dict) -> list:
         """Turn each proposal into the branch's next token: argmax (greedy) or a draw from q. A
@@ -205,7 +231,7 @@ class DraftEngine:
             else:
                 by_sampling.setdefault(self.requests[key[0]].sampling, []).append(key)
         for sampling, keys in by_sampling.items():
-            logits = torch.stack([proposals[key] for key in keys])          # [n, vocab]
+            logits = torch.stack([proposals[key] for key in keys])  # [n, vocab]
             probs = torch.softmax(logits.float(), -1) if sampling.greedy else logits_to_probs(logits, sampling)
             for key, row_logits, row_probs in zip(keys, logits, probs):
                 token, probs_key = self._emit(key, row_logits, row_probs)
@@ -221,8 +247,18 @@ class DraftEngine:
         request_id, branch_id = key
         branch = self.requests[request_id].branches[branch_id]
         epoch, branch.job = branch.job.epoch, None
-        return request_id, worker_pb2.DraftToken(request_id=request_id, branch_id=branch_id, epoch=epoch,
-                                                 position=len(branch.tokens), token_id=-1, last=True), []
+        return (
+            request_id,
+            worker_pb2.DraftToken(
+                request_id=request_id,
+                branch_id=branch_id,
+                epoch=epoch,
+                position=len(branch.tokens),
+                token_id=-1,
+                last=True,
+            ),
+            [],
+        )
 
     def _emit(self, key: BranchKey, logits: torch.Tensor, probs: torch.Tensor):
         """Choose one branch's next token from its logits and processed probs [vocab]."""
@@ -232,7 +268,7 @@ class DraftEngine:
         position = len(branch.tokens)
         if request.sampling.greedy:
             token_id = int(torch.argmax(logits))
-        elif request.sampling.coupled:          # argmax(log q + g): the same g the target uses at this position
+        elif request.sampling.coupled:  # argmax(log q + g): the same g the target uses at this position
             width = request.noise_vocab or probs.shape[-1]
             coupled = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:width]
             token_id = int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width)))
@@ -243,13 +279,20 @@ class DraftEngine:
         job.remaining -= 1
         prob = float(probs[token_id])
         last = job.remaining <= 0 or prob < job.min_confidence
-        msg = worker_pb2.DraftToken(request_id=request_id, branch_id=branch_id, epoch=job.epoch, position=position,
-                                    token_id=token_id, prob=prob, last=last)
+        msg = worker_pb2.DraftToken(
+            request_id=request_id,
+            branch_id=branch_id,
+            epoch=job.epoch,
+            position=position,
+            token_id=token_id,
+            prob=prob,
+            last=last,
+        )
         if job.num_candidates:
             top = torch.topk(probs, min(job.num_candidates + 1, probs.numel()))
             pairs = [(int(t), float(p)) for t, p in zip(top.indices, top.values) if int(t) != token_id]
-            msg.candidate_ids[:] = [t for t, _ in pairs[:job.num_candidates]]
-            msg.candidate_probs[:] = [p for _, p in pairs[:job.num_candidates]]
+            msg.candidate_ids[:] = [t for t, _ in pairs[: job.num_candidates]]
+            msg.candidate_probs[:] = [p for _, p in pairs[: job.num_candidates]]
         probs_key = (request.handle, branch_id, job.epoch, position) if job.send_probs else None
         if last:
             branch.job = None

@@ -20,16 +20,25 @@ import os
 import signal
 import sys
 
-from specpipe.config import (DEFAULT_GRPC_PORT, DEFAULT_HOST, DEFAULT_STARTUP_TIMEOUT_S, ENV_CURVE_KEYS,
-                             NGRAM_DRAFTER, POLICIES, CoordinatorConfig, PolicyConfig)
+from specpipe.config import (
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HOST,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    ENV_CURVE_KEYS,
+    NGRAM_DRAFTER,
+    POLICIES,
+    CoordinatorConfig,
+    PolicyConfig,
+)
 from specpipe.launch.report import is_debug, reporting
 from specpipe.modes import MODE_NAMES, Mode
 
-DEMO_MODEL_NAME = "specpipe-demo"   # what HTTP clients call the demo pair's target (its path is no name)
+DEMO_MODEL_NAME = "specpipe-demo"  # what HTTP clients call the demo pair's target (its path is no name)
 
 
 def _demo_models() -> tuple[str, str]:
     from specpipe.demo_pair import demo_pair_dir
+
     root = demo_pair_dir()
     return str(root / "target"), str(root / "draft")
 
@@ -67,58 +76,108 @@ def log_level(text: str) -> str:
 
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model: folder or hub id (default: the demo pair)")
-    parser.add_argument("--draft", help=f"draft model: folder or hub id (default: the demo pair), or "
-                                        f"'{NGRAM_DRAFTER}' for prompt lookup (no draft model)")
+    parser.add_argument(
+        "--draft",
+        help=f"draft model: folder or hub id (default: the demo pair), or "
+        f"'{NGRAM_DRAFTER}' for prompt lookup (no draft model)",
+    )
     parser.add_argument("--host", default=DEFAULT_HOST, help="gRPC interface (default 127.0.0.1)")
     parser.add_argument("--port", type=int, default=DEFAULT_GRPC_PORT, help="gRPC port, 0 = any free port")
-    parser.add_argument("--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES,
-                        help="default schedule")
+    parser.add_argument(
+        "--mode", default=CoordinatorConfig.default_mode.value, choices=MODE_NAMES, help="default schedule"
+    )
     parser.add_argument("--target-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
-    parser.add_argument("--pin", default="auto", choices=["auto", "none"],
-                        help="auto (default): when this server starts both workers on CPU and may use 2 x --threads "
-                             "cores, the target gets cores of its own and the draft and the coordinator the next "
-                             "ones (the benchmark's fastest layout); none: leave placement to the OS. Any --*-cpus "
-                             "flag replaces the automatic layout")
-    parser.add_argument("--target-cpus", default="", metavar="LIST",
-                        help="pin the target worker to these CPUs, e.g. 0 or 0-3 (default: --pin)")
+    parser.add_argument(
+        "--pin",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto (default): when this server starts both workers on CPU and may use 2 x --threads "
+        "cores, the target gets cores of its own and the draft and the coordinator the next "
+        "ones (the benchmark's fastest layout); none: leave placement to the OS. Any --*-cpus "
+        "flag replaces the automatic layout",
+    )
+    parser.add_argument(
+        "--target-cpus",
+        default="",
+        metavar="LIST",
+        help="pin the target worker to these CPUs, e.g. 0 or 0-3 (default: --pin)",
+    )
     parser.add_argument("--draft-cpus", default="", metavar="LIST", help="pin the draft worker to these CPUs")
-    parser.add_argument("--coordinator-cpus", default="", metavar="LIST",
-                        help="pin the coordinator (this process) to these CPUs")
-    parser.add_argument("--policy", default="adaptive", choices=POLICIES,
-                        help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)")
+    parser.add_argument(
+        "--coordinator-cpus", default="", metavar="LIST", help="pin the coordinator (this process) to these CPUs"
+    )
+    parser.add_argument(
+        "--policy",
+        default="adaptive",
+        choices=POLICIES,
+        help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)",
+    )
     parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
-    parser.add_argument("--min-confidence", type=float, default=0.3,
-                        help="sequential mode: end a block after a draft token less likely than this")
-    parser.add_argument("--branch-confidence", type=probability_or_auto, default=None, metavar="auto|P",
-                        help="specbranch mode: fork alternatives at a draft token less likely than P; auto "
-                             "(default): learnt, so that about 80%% of the target's rejections fall on a branch "
-                             "point")
+    parser.add_argument(
+        "--min-confidence",
+        type=float,
+        default=0.3,
+        help="sequential mode: end a block after a draft token less likely than this",
+    )
+    parser.add_argument(
+        "--branch-confidence",
+        type=probability_or_auto,
+        default=None,
+        metavar="auto|P",
+        help="specbranch mode: fork alternatives at a draft token less likely than P; auto "
+        "(default): learnt, so that about 80%% of the target's rejections fall on a branch "
+        "point",
+    )
     parser.add_argument("--branch-width", type=int, default=2, help="most branches forked at a branch point")
-    parser.add_argument("--min-branch-prob", type=float, default=0.1,
-                        help="fork only candidates at least this likely under the draft")
-    parser.add_argument("--branch-lookahead", type=int, default=4,
-                        help="tokens an alternative branch drafts past its fork point")
+    parser.add_argument(
+        "--min-branch-prob", type=float, default=0.1, help="fork only candidates at least this likely under the draft"
+    )
+    parser.add_argument(
+        "--branch-lookahead", type=int, default=4, help="tokens an alternative branch drafts past its fork point"
+    )
     parser.add_argument("--max-branches", type=int, default=4, help="live alternative branches per request")
-    parser.add_argument("--main-lookahead", type=int, default=None, metavar="N",
-                        help="specbranch mode, rollback-aware: the main branch drafts only N tokens past its "
-                             "first unsure token (default: no cap; fewer rolled-back tokens, but slower here)")
+    parser.add_argument(
+        "--main-lookahead",
+        type=int,
+        default=None,
+        metavar="N",
+        help="specbranch mode, rollback-aware: the main branch drafts only N tokens past its "
+        "first unsure token (default: no cap; fewer rolled-back tokens, but slower here)",
+    )
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
-    parser.add_argument("--draft-addr", default=os.environ.get("SPECPIPE_DRAFT_ADDR"),
-                        help="use a draft worker already running at this ZeroMQ endpoint (tcp://host:port) "
-                             "instead of spawning one (env SPECPIPE_DRAFT_ADDR)")
-    parser.add_argument("--target-addr", default=os.environ.get("SPECPIPE_TARGET_ADDR"),
-                        help="use a target worker already running at this endpoint (env SPECPIPE_TARGET_ADDR)")
+    parser.add_argument(
+        "--draft-addr",
+        default=os.environ.get("SPECPIPE_DRAFT_ADDR"),
+        help="use a draft worker already running at this ZeroMQ endpoint (tcp://host:port) "
+        "instead of spawning one (env SPECPIPE_DRAFT_ADDR)",
+    )
+    parser.add_argument(
+        "--target-addr",
+        default=os.environ.get("SPECPIPE_TARGET_ADDR"),
+        help="use a target worker already running at this endpoint (env SPECPIPE_TARGET_ADDR)",
+    )
     parser.add_argument("--worker-host", default="127.0.0.1", help="interface the spawned workers bind")
-    parser.add_argument("--transport", default="zmq", choices=["zmq", "torch"],
-                        help="data plane for the draft's q: zmq, or torch (torch.distributed: NCCL on GPUs, gloo on CPU)")
-    parser.add_argument("--target-data-port", type=int, default=0,
-                        help="data-plane port of the spawned target (zmq; 0 = any). Give a fixed one (e.g. 50063) "
-                             "when the draft runs elsewhere (--draft-addr): that draft needs --target-data-addr")
-    parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
-                        help="with --target-addr: the remote target's data-plane endpoint, for the spawned draft")
+    parser.add_argument(
+        "--transport",
+        default="zmq",
+        choices=["zmq", "torch"],
+        help="data plane for the draft's q: zmq, or torch (torch.distributed: NCCL on GPUs, gloo on CPU)",
+    )
+    parser.add_argument(
+        "--target-data-port",
+        type=int,
+        default=0,
+        help="data-plane port of the spawned target (zmq; 0 = any). Give a fixed one (e.g. 50063) "
+        "when the draft runs elsewhere (--draft-addr): that draft needs --target-data-addr",
+    )
+    parser.add_argument(
+        "--target-data-addr",
+        default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
+        help="with --target-addr: the remote target's data-plane endpoint, for the spawned draft",
+    )
 
     def at_least(low: int):
         def parse(text: str) -> int:
@@ -126,72 +185,142 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
             if value < low:
                 raise argparse.ArgumentTypeError(f"must be >= {low}, got {value}")
             return value
+
         return parse
 
     limits = parser.add_argument_group("admission (beyond the limits: RESOURCE_EXHAUSTED)")
-    limits.add_argument("--max-concurrent-requests", type=at_least(1), default=32,
-                        help="requests generating at once; more wait in the queue (default 32)")
-    limits.add_argument("--max-queued-requests", type=at_least(0), default=256,
-                        help="requests waiting (FIFO) for a slot; beyond that, refused (default 256)")
-    limits.add_argument("--max-kv-tokens", "--max-tokens-in-flight", dest="max_tokens_in_flight",
-                        type=at_least(0), default=0,
-                        help="KV budget: the sum of prompt + max_new_tokens over running requests; a request "
-                             "that would pass it waits, one that could never fit is refused (default 0: bounded "
-                             "by the KV slots alone, --max-concurrent-requests of --max-seq-len positions)")
+    limits.add_argument(
+        "--max-concurrent-requests",
+        type=at_least(1),
+        default=32,
+        help="requests generating at once; more wait in the queue (default 32)",
+    )
+    limits.add_argument(
+        "--max-queued-requests",
+        type=at_least(0),
+        default=256,
+        help="requests waiting (FIFO) for a slot; beyond that, refused (default 256)",
+    )
+    limits.add_argument(
+        "--max-kv-tokens",
+        "--max-tokens-in-flight",
+        dest="max_tokens_in_flight",
+        type=at_least(0),
+        default=0,
+        help="KV budget: the sum of prompt + max_new_tokens over running requests; a request "
+        "that would pass it waits, one that could never fit is refused (default 0: bounded "
+        "by the KV slots alone, --max-concurrent-requests of --max-seq-len positions)",
+    )
     batching = parser.add_argument_group("batching (each worker forward serves every ready request)")
-    batching.add_argument("--max-batch-tokens", type=at_least(1), default=512,
-                          help="target: tokens fed per forward, all requests together (default 512)")
-    batching.add_argument("--max-batch-requests", type=at_least(1), default=64,
-                          help="target: requests per forward (default 64)")
-    batching.add_argument("--prefill-chunk", type=at_least(1), default=128,
-                          help="prompt tokens fed per forward for one request, so a long prompt never stalls "
-                               "the others' streams (default 128)")
-    batching.add_argument("--max-seq-len", type=at_least(0), default=0,
-                          help="positions a request may hold (prompt + generated; default 0: the model's context)")
+    batching.add_argument(
+        "--max-batch-tokens",
+        type=at_least(1),
+        default=512,
+        help="target: tokens fed per forward, all requests together (default 512)",
+    )
+    batching.add_argument(
+        "--max-batch-requests", type=at_least(1), default=64, help="target: requests per forward (default 64)"
+    )
+    batching.add_argument(
+        "--prefill-chunk",
+        type=at_least(1),
+        default=128,
+        help="prompt tokens fed per forward for one request, so a long prompt never stalls "
+        "the others' streams (default 128)",
+    )
+    batching.add_argument(
+        "--max-seq-len",
+        type=at_least(0),
+        default=0,
+        help="positions a request may hold (prompt + generated; default 0: the model's context)",
+    )
     security = parser.add_argument_group("security and observability")
-    security.add_argument("--auth-token-file", default=os.environ.get("SPECPIPE_AUTH_TOKEN_FILE", ""),
-                          help="file holding the bearer token every RPC except health and reflection must carry "
-                               "(metadata 'authorization: Bearer <token>'); default: no token "
-                               "(env SPECPIPE_AUTH_TOKEN_FILE)")
+    security.add_argument(
+        "--auth-token-file",
+        default=os.environ.get("SPECPIPE_AUTH_TOKEN_FILE", ""),
+        help="file holding the bearer token every RPC except health and reflection must carry "
+        "(metadata 'authorization: Bearer <token>'); default: no token "
+        "(env SPECPIPE_AUTH_TOKEN_FILE)",
+    )
     security.add_argument("--tls-cert", default="", help="PEM certificate chain: serve TLS (with --tls-key)")
     security.add_argument("--tls-key", default="", help="PEM private key of --tls-cert")
-    security.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
-                          help="secure the internal ZeroMQ sockets with CURVE, keys from DIR (specpipe curve-keygen "
-                               "DIR): the coordinator connects to the workers as a CURVE client and the spawned "
-                               f"workers get the same flag (env {ENV_CURVE_KEYS}); needed when a worker socket is on "
-                               "another host. On one host they are ipc:// sockets only this user reaches")
-    security.add_argument("--insecure-internal", action="store_true",
-                          help="let the internal sockets cross the network in plain text (a non-loopback "
-                               "--worker-host, or a tcp:// worker address on another host) without --curve-keys: only "
-                               "on a network no one else shares; warns at every start (default: refused)")
-    security.add_argument("--metrics-port", type=at_least(0), default=None,
-                          help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; "
-                               "default: off)")
-    security.add_argument("--health-port", type=at_least(0), default=None,
-                          help="also serve grpc.health.v1 alone, in plain text, at --host:PORT, for probes that "
-                               "cannot speak TLS (Kubernetes' gRPC probes); services '' and specpipe.v1.SpecPipe: "
-                               "SERVING while the target answers; 'liveness': while this process's loop turns "
-                               "(0 = any free port; default: off)")
-    security.add_argument("--log-format", default="text", choices=["text", "json"],
-                          help="coordinator log lines: text, or one JSON object per line (default text)")
+    security.add_argument(
+        "--curve-keys",
+        default=os.environ.get(ENV_CURVE_KEYS, ""),
+        metavar="DIR",
+        help="secure the internal ZeroMQ sockets with CURVE, keys from DIR (specpipe curve-keygen "
+        "DIR): the coordinator connects to the workers as a CURVE client and the spawned "
+        f"workers get the same flag (env {ENV_CURVE_KEYS}); needed when a worker socket is on "
+        "another host. On one host they are ipc:// sockets only this user reaches",
+    )
+    security.add_argument(
+        "--insecure-internal",
+        action="store_true",
+        help="let the internal sockets cross the network in plain text (a non-loopback "
+        "--worker-host, or a tcp:// worker address on another host) without --curve-keys: only "
+        "on a network no one else shares; warns at every start (default: refused)",
+    )
+    security.add_argument(
+        "--metrics-port",
+        type=at_least(0),
+        default=None,
+        help="serve Prometheus metrics over HTTP at --host:PORT/metrics (0 = any free port; default: off)",
+    )
+    security.add_argument(
+        "--health-port",
+        type=at_least(0),
+        default=None,
+        help="also serve grpc.health.v1 alone, in plain text, at --host:PORT, for probes that "
+        "cannot speak TLS (Kubernetes' gRPC probes); services '' and specpipe.v1.SpecPipe: "
+        "SERVING while the target answers; 'liveness': while this process's loop turns "
+        "(0 = any free port; default: off)",
+    )
+    security.add_argument(
+        "--log-format",
+        default="text",
+        choices=["text", "json"],
+        help="coordinator log lines: text, or one JSON object per line (default text)",
+    )
     startup = parser.add_argument_group("start-up (the gRPC port answers at once: NOT_SERVING until the target is up)")
-    startup.add_argument("--target-startup-timeout", type=seconds, default=DEFAULT_STARTUP_TIMEOUT_S, metavar="S",
-                         help="seconds the target worker may take to load and answer (spawned or --target-addr); "
-                              f"past it serve exits with an error; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
-    startup.add_argument("--draft-startup-timeout", type=seconds, default=DEFAULT_STARTUP_TIMEOUT_S, metavar="S",
-                         help="a spawned draft must be up within S seconds; a remote one (--draft-addr) is admitted "
-                              "whenever it first answers, requests running target-only until then, and past S serve "
-                              f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
+    startup.add_argument(
+        "--target-startup-timeout",
+        type=seconds,
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        metavar="S",
+        help="seconds the target worker may take to load and answer (spawned or --target-addr); "
+        f"past it serve exits with an error; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})",
+    )
+    startup.add_argument(
+        "--draft-startup-timeout",
+        type=seconds,
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        metavar="S",
+        help="a spawned draft must be up within S seconds; a remote one (--draft-addr) is admitted "
+        "whenever it first answers, requests running target-only until then, and past S serve "
+        f"warns that it still is not there; 0 = no limit (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})",
+    )
     http = parser.add_argument_group("OpenAI-compatible HTTP API (same admission, limits, token and TLS as gRPC)")
-    http.add_argument("--http-port", type=at_least(0), default=None,
-                      help="serve /v1/completions, /v1/chat/completions, /v1/models and /health at --host:PORT "
-                           "(0 = any free port; default: off, so that no second port opens unasked)")
-    http.add_argument("--served-model-name", default="", metavar="NAME",
-                      help="the model name HTTP clients see and send (default: --target as given; "
-                           f"{DEMO_MODEL_NAME} for the demo pair)")
-    http.add_argument("--chat-template", default="", metavar="FILE",
-                      help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own; "
-                           "without either, chat requests get a 400 that says so)")
+    http.add_argument(
+        "--http-port",
+        type=at_least(0),
+        default=None,
+        help="serve /v1/completions, /v1/chat/completions, /v1/models and /health at --host:PORT "
+        "(0 = any free port; default: off, so that no second port opens unasked)",
+    )
+    http.add_argument(
+        "--served-model-name",
+        default="",
+        metavar="NAME",
+        help="the model name HTTP clients see and send (default: --target as given; "
+        f"{DEMO_MODEL_NAME} for the demo pair)",
+    )
+    http.add_argument(
+        "--chat-template",
+        default="",
+        metavar="FILE",
+        help="Jinja chat template for /v1/chat/completions (default: the tokenizer's own; "
+        "without either, chat requests get a 400 that says so)",
+    )
 
 
 def worker_flags(args) -> dict[str, list[str]]:
@@ -199,10 +328,22 @@ def worker_flags(args) -> dict[str, list[str]]:
     once, a draft slot per branch (a request's main line and its alternatives); `--draft ngram`
     runs the prompt-lookup drafter over the target's vocabulary."""
     store = ["--max-seq-len", str(args.max_seq_len)] if args.max_seq_len else []
-    target = ["--kv-slots", str(args.max_concurrent_requests), "--max-batch-tokens", str(args.max_batch_tokens),
-              "--max-batch-requests", str(args.max_batch_requests), "--prefill-chunk", str(args.prefill_chunk)]
-    draft = ["--kv-slots", str(args.max_concurrent_requests * (1 + args.max_branches)),
-             "--prefill-chunk", str(args.prefill_chunk)]
+    target = [
+        "--kv-slots",
+        str(args.max_concurrent_requests),
+        "--max-batch-tokens",
+        str(args.max_batch_tokens),
+        "--max-batch-requests",
+        str(args.max_batch_requests),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
+    ]
+    draft = [
+        "--kv-slots",
+        str(args.max_concurrent_requests * (1 + args.max_branches)),
+        "--prefill-chunk",
+        str(args.prefill_chunk),
+    ]
     if args.draft == NGRAM_DRAFTER:
         draft += ["--drafter", "ngram"]
     return {"target": target + store, "draft": draft + store}
@@ -212,7 +353,7 @@ def cmd_serve(args) -> None:
     from specpipe.launch.preflight import check_serve
     from specpipe.launch.runtime_dir import RuntimeDir
 
-    plan = check_serve(args, _demo_models)   # before anything starts: a typo costs a second
+    plan = check_serve(args, _demo_models)  # before anything starts: a typo costs a second
     # The spawned workers' sockets live in a private folder, removed however serve ends (but SIGKILL:
     # the next serve removes that one); a SIGTERM before serve's loop takes the signal unwinds too.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(128 + signal.SIGTERM))
@@ -227,35 +368,64 @@ def run_serve(args, plan, runtime) -> None:
     from specpipe.launch.local import serve, spawn_workers
     from specpipe.launch.report import summary_lines
 
-    os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level   # the spawned workers log (and report) alike
+    os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level  # the spawned workers log (and report) alike
     target, draft, pins = plan.target, plan.draft, plan.pins
     role_flags = endpoints.serve_worker_flags(args, runtime, worker_flags(args))
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
     # The workers are spawned from serve's event loop, after the gRPC port is bound (health
     # NOT_SERVING meanwhile), each pinned as the plan says; the coordinator is pinned after them.
-    spawn = functools.partial(spawn_workers, None if args.target_addr else target, None if args.draft_addr else draft,
-                              host=args.worker_host, transport=args.transport,
-                              target_data_port=args.target_data_port, target_device=args.target_device,
-                              draft_device=args.draft_device, dtype=args.dtype, threads=args.threads,
-                              target_data_addr=args.target_data_addr, curve_keys=curve_keys,
-                              target_cpus=pins.get("target", ""), draft_cpus=pins.get("draft", ""),
-                              role_flags=role_flags)
+    spawn = functools.partial(
+        spawn_workers,
+        None if args.target_addr else target,
+        None if args.draft_addr else draft,
+        host=args.worker_host,
+        transport=args.transport,
+        target_data_port=args.target_data_port,
+        target_device=args.target_device,
+        draft_device=args.draft_device,
+        dtype=args.dtype,
+        threads=args.threads,
+        target_data_addr=args.target_data_addr,
+        curve_keys=curve_keys,
+        target_cpus=pins.get("target", ""),
+        draft_cpus=pins.get("draft", ""),
+        role_flags=role_flags,
+    )
     config = CoordinatorConfig(
-        target_model=target, draft_addr=args.draft_addr or "", target_addr=args.target_addr or "",
-        host=args.host, port=args.port,
-        default_mode=Mode(args.mode), max_new_tokens_cap=args.max_new_tokens_cap,
-        policy=PolicyConfig(kind=args.policy, num_draft_tokens=args.num_draft_tokens,
-                            min_confidence=args.min_confidence, branch_width=args.branch_width,
-                            min_branch_prob=args.min_branch_prob, branch_confidence=args.branch_confidence,
-                            branch_lookahead=args.branch_lookahead, max_branches=args.max_branches,
-                            main_lookahead=args.main_lookahead),
-        max_concurrent_requests=args.max_concurrent_requests, max_queued_requests=args.max_queued_requests,
-        max_tokens_in_flight=args.max_tokens_in_flight, auth_token_file=args.auth_token_file,
-        tls_cert=args.tls_cert, tls_key=args.tls_key, metrics_port=args.metrics_port, log_format=args.log_format,
-        curve_keys=curve_keys, health_port=args.health_port,
-        target_startup_timeout_s=args.target_startup_timeout, draft_startup_timeout_s=args.draft_startup_timeout,
-        http_port=args.http_port, chat_template=plan.chat_template,
-        served_model_name=args.served_model_name or args.target or DEMO_MODEL_NAME)
+        target_model=target,
+        draft_addr=args.draft_addr or "",
+        target_addr=args.target_addr or "",
+        host=args.host,
+        port=args.port,
+        default_mode=Mode(args.mode),
+        max_new_tokens_cap=args.max_new_tokens_cap,
+        policy=PolicyConfig(
+            kind=args.policy,
+            num_draft_tokens=args.num_draft_tokens,
+            min_confidence=args.min_confidence,
+            branch_width=args.branch_width,
+            min_branch_prob=args.min_branch_prob,
+            branch_confidence=args.branch_confidence,
+            branch_lookahead=args.branch_lookahead,
+            max_branches=args.max_branches,
+            main_lookahead=args.main_lookahead,
+        ),
+        max_concurrent_requests=args.max_concurrent_requests,
+        max_queued_requests=args.max_queued_requests,
+        max_tokens_in_flight=args.max_tokens_in_flight,
+        auth_token_file=args.auth_token_file,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        metrics_port=args.metrics_port,
+        log_format=args.log_format,
+        curve_keys=curve_keys,
+        health_port=args.health_port,
+        target_startup_timeout_s=args.target_startup_timeout,
+        draft_startup_timeout_s=args.draft_startup_timeout,
+        http_port=args.http_port,
+        chat_template=plan.chat_template,
+        served_model_name=args.served_model_name or args.target or DEMO_MODEL_NAME,
+    )
     models = {"target": args.target_addr or target, "draft": args.draft_addr or draft}
 
     def describe(coordinator, workers: dict) -> list[str]:
@@ -264,12 +434,20 @@ def run_serve(args, plan, runtime) -> None:
             extra["plain-text health"] = f"{config.host}:{coordinator.health_port}"
         if coordinator.http_url:
             extra["OpenAI-compatible HTTP"] = f"{coordinator.http_url} (model {config.served_model_name!r})"
-        return summary_lines(models=models, workers=workers, pins=pins, pin_why=plan.pin_why, config=config,
-                             port=coordinator.port, metrics_port=coordinator.metrics_port,
-                             extra_ports=extra) + [endpoints.describe(runtime, workers, bool(config.curve_keys))]
+        return summary_lines(
+            models=models,
+            workers=workers,
+            pins=pins,
+            pin_why=plan.pin_why,
+            config=config,
+            port=coordinator.port,
+            metrics_port=coordinator.metrics_port,
+            extra_ports=extra,
+        ) + [endpoints.describe(runtime, workers, bool(config.curve_keys))]
 
-    asyncio.run(serve(config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""),
-                      describe))
+    asyncio.run(
+        serve(config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""), describe)
+    )
 
 
 def cmd_generate(args) -> None:
@@ -277,32 +455,45 @@ def cmd_generate(args) -> None:
 
     token, root_certificates = client_options(args.addr, args.token_file, args.tls_ca)
     if not is_debug(args.log_level):
-        os.environ.setdefault("GRPC_VERBOSITY", "NONE")   # grpc's own log lines: the one line says it
+        os.environ.setdefault("GRPC_VERBOSITY", "NONE")  # grpc's own log lines: the one line says it
     import grpc
     from specpipe.client import Client
 
     client = Client(args.addr, token=token, root_certificates=root_certificates, timeout=args.timeout)
     last, wrote = None, False
     try:
-        for last in client.generate(args.prompt, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                                    top_k=args.top_k, top_p=args.top_p, seed=args.seed, stop=args.stop,
-                                    mode=args.mode):
+        for last in client.generate(
+            args.prompt,
+            max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            top_p=args.top_p,
+            seed=args.seed,
+            stop=args.stop,
+            mode=args.mode,
+        ):
             sys.stdout.write(last.text)
             sys.stdout.flush()
             wrote = wrote or bool(last.text)
     except grpc.RpcError as err:
         print("\n" if wrote else "", end="", flush=True)
-        print(f"specpipe generate: error: {rpc_error_line(err, args.addr, root_certificates is not None, bool(token))}",
-              file=sys.stderr)
+        print(
+            f"specpipe generate: error: {rpc_error_line(err, args.addr, root_certificates is not None, bool(token))}",
+            file=sys.stderr,
+        )
         raise SystemExit(1) from None
     stats = last.stats
-    print(f"\n[finish: {last.finish_reason}; {stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
-          f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verification, "
-          f"TTFT {stats.time_to_first_token_s * 1000:.0f} ms]", file=sys.stderr)
+    print(
+        f"\n[finish: {last.finish_reason}; {stats.generated_tokens} tokens, {stats.tokens_per_second:.1f} tok/s, "
+        f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens/verification, "
+        f"TTFT {stats.time_to_first_token_s * 1000:.0f} ms]",
+        file=sys.stderr,
+    )
 
 
 def cmd_curve_keygen(args) -> None:
     from specpipe.curve import CurveError, generate_keys
+
     try:
         created = generate_keys(args.dir)
     except CurveError as err:
@@ -314,6 +505,7 @@ def cmd_curve_keygen(args) -> None:
 
 def cmd_demo(args) -> None:
     from specpipe.launch.demo import run_demo
+
     run_demo(num_prompts=args.prompts, max_new_tokens=args.max_new_tokens)
 
 
@@ -321,33 +513,45 @@ def cmd_build_demo(args) -> None:
     from pathlib import Path
 
     from specpipe.tools.build_demo import build_demo_pair, summary_lines
+
     info = build_demo_pair(Path(args.out), seed=args.seed, preset=args.preset)
     print("\n".join(summary_lines(info, Path(args.out))))
 
 
 def cmd_train_predictor(args) -> None:
     from specpipe.tools.train_predictor import summary_lines, train_predictor
+
     info = train_predictor(args.target, args.draft, args.out, seed=args.seed, max_positions=args.max_positions)
     print("\n".join(summary_lines(info)))
 
 
 def add_tool_commands(sub) -> None:
     """The offline tools' subcommands (specpipe/tools/, imported only when one runs)."""
-    build = sub.add_parser("build-demo", help="(re)build the demo model pair from the standard library",
-                           description="Train the demo target/draft pair (and its acceptance-length predictor) into "
-                                       "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
-                                       "refreshes the shipped held-out prompts.")
+    build = sub.add_parser(
+        "build-demo",
+        help="(re)build the demo model pair from the standard library",
+        description="Train the demo target/draft pair (and its acceptance-length predictor) into "
+        "OUT. A full build into the shipped folder (specpipe/assets/demo) also "
+        "refreshes the shipped held-out prompts.",
+    )
     build.add_argument("--out", required=True, help="output folder")
     build.add_argument("--seed", type=int, default=0)
-    build.add_argument("--preset", default="full", choices=["full", "mini"],
-                       help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds")
+    build.add_argument(
+        "--preset",
+        default="full",
+        choices=["full", "mini"],
+        help="full: the shipped recipe (~14 min on 2 cores); mini: a miniature pair in seconds",
+    )
     build.set_defaults(func=cmd_build_demo)
 
     train = sub.add_parser("train-predictor", help="train the acceptance-length predictor for a target/draft pair")
     train.add_argument("--target", required=True, help="target model folder")
     train.add_argument("--draft", required=True, help="draft model folder")
-    train.add_argument("--out", default=None,
-                       help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)")
+    train.add_argument(
+        "--out",
+        default=None,
+        help="output .safetensors (default: TARGET/accept_predictor.safetensors, its .json beside)",
+    )
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
     train.set_defaults(func=cmd_train_predictor)
@@ -355,8 +559,12 @@ def add_tool_commands(sub) -> None:
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
-    parser.add_argument("--log-level", type=log_level, default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"),
-                        help="debug | info | warning | error (env SPECPIPE_LOG_LEVEL; debug also shows tracebacks)")
+    parser.add_argument(
+        "--log-level",
+        type=log_level,
+        default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"),
+        help="debug | info | warning | error (env SPECPIPE_LOG_LEVEL; debug also shows tracebacks)",
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     serve = sub.add_parser("serve", help="start the coordinator and both workers")
@@ -373,14 +581,24 @@ def main(argv=None) -> None:
     generate.add_argument("--seed", type=int)
     generate.add_argument("--stop", action="append", default=[])
     generate.add_argument("--mode", choices=MODE_NAMES)
-    generate.add_argument("--token-file", default="", metavar="FILE",
-                          help="file holding the bearer token, for a server started with --auth-token-file")
-    generate.add_argument("--tls-ca", default="", metavar="PEM",
-                          help="CA certificate(s) that signed the server's: speak TLS (a server with --tls-cert)")
+    generate.add_argument(
+        "--token-file",
+        default="",
+        metavar="FILE",
+        help="file holding the bearer token, for a server started with --auth-token-file",
+    )
+    generate.add_argument(
+        "--tls-ca",
+        default="",
+        metavar="PEM",
+        help="CA certificate(s) that signed the server's: speak TLS (a server with --tls-cert)",
+    )
     generate.add_argument("--timeout", type=float, default=None, metavar="S", help="deadline of the request in seconds")
     generate.set_defaults(func=cmd_generate)
 
-    keygen = sub.add_parser("curve-keygen", help="create the CURVE keys that secure the internal sockets (--curve-keys)")
+    keygen = sub.add_parser(
+        "curve-keygen", help="create the CURVE keys that secure the internal sockets (--curve-keys)"
+    )
     keygen.add_argument("dir", help="folder to create: server.key(_secret), client.key(_secret), clients/client.key")
     keygen.set_defaults(func=cmd_curve_keygen)
 
@@ -392,6 +610,7 @@ def main(argv=None) -> None:
     add_tool_commands(sub)
 
     from specpipe.launch.bench import add_bench_args, main as bench_main  # light: torch loads only when it runs
+
     bench = sub.add_parser("bench", help="benchmark HF baselines and every specpipe mode side by side (DESIGN §5)")
     add_bench_args(bench)
     bench.set_defaults(func=lambda args: sys.exit(bench_main(args)))

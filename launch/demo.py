@@ -20,7 +20,7 @@ def run_demo(num_prompts: int = 3, max_new_tokens: int = 96, out=sys.stdout) -> 
     prompts = load_heldout_prompts()[:num_prompts]
     print(f"demo pair: {root}\nstarting specpipe serve (coordinator + draft worker + target worker)...", file=out)
     began = time.monotonic()
-    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft")]) as server:   # --pin auto
+    with ServerProcess(["--target", str(root / "target"), "--draft", str(root / "draft")]) as server:  # --pin auto
         print(f"serving on {server.addr} (up in {time.monotonic() - began:.1f}s)\n", file=out)
         client = Client(server.addr)
         for prompt in prompts:
@@ -35,14 +35,17 @@ def _stream_one(client: Client, prompt: str, max_new_tokens: int, out) -> None:
     for last in client.generate(prompt, max_new_tokens=max_new_tokens):
         print(last.text, end="", file=out, flush=True)
     stats = last.stats
-    print(f"\n  [{last.finish_reason}: {stats.generated_tokens} tokens, {stats.tokens_per_second:.0f} tok/s, "
-          f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens per verification, "
-          f"branches {stats.branches_hit}/{stats.branches_forked} hit]\n", file=out)
+    print(
+        f"\n  [{last.finish_reason}: {stats.generated_tokens} tokens, {stats.tokens_per_second:.0f} tok/s, "
+        f"acceptance {stats.acceptance_rate:.2f}, {stats.mean_accepted_length:.2f} tokens per verification, "
+        f"branches {stats.branches_hit}/{stats.branches_forked} hit]\n",
+        file=out,
+    )
 
 
 def _compare_modes(client: Client, prompts: list[str], max_new_tokens: int, out) -> dict:
     """Every mode on every prompt (greedy), interleaved; tokens per second over the total."""
-    totals = {mode: [0, 0.0, 0, 0] for mode in Mode}   # tokens, seconds, drafted, accepted
+    totals = {mode: [0, 0.0, 0, 0] for mode in Mode}  # tokens, seconds, drafted, accepted
     outputs: dict[Mode, list] = {mode: [] for mode in Mode}
     for prompt in prompts:
         for mode in Mode:
@@ -64,6 +67,9 @@ def _compare_modes(client: Client, prompts: list[str], max_new_tokens: int, out)
         acceptance = f"{accepted / drafted:.2f}" if drafted else "-"
         print(f"{mode.value:<16}{rate:>8.1f}{rate / base:>8.2f}x{acceptance:>12}  {'yes' if same else 'NO'}", file=out)
     pinned = ", the target pinned to a core of its own" if pin_flags() else ""
-    print(f"\n(greedy; each worker on one CPU thread{pinned}; ratios from this one run — see `specpipe bench` "
-          "for medians over repeated, interleaved trials)", file=out)
+    print(
+        f"\n(greedy; each worker on one CPU thread{pinned}; ratios from this one run — see `specpipe bench` "
+        "for medians over repeated, interleaved trials)",
+        file=out,
+    )
     return summary

@@ -24,7 +24,7 @@ import ipaddress
 import logging
 from pathlib import Path
 
-from specpipe.launch.preflight import UsageError
+from specpipe.launch.errors import UsageError
 from specpipe.launch.runtime_dir import why_not_private
 
 logger = logging.getLogger(__name__)
@@ -32,8 +32,10 @@ logger = logging.getLogger(__name__)
 # The sockets `specpipe serve` puts in its runtime folder.
 CONTROL_SOCKET = "{role}.sock"
 DATA_SOCKET = "target-data.sock"
-FIX = ("give --curve-keys DIR (make one with `specpipe curve-keygen DIR`) to encrypt them and let in only its "
-       "client key, or --insecure-internal if only trusted hosts share that network")
+FIX = (
+    "give --curve-keys DIR (make one with `specpipe curve-keygen DIR`) to encrypt them and let in only its "
+    "client key, or --insecure-internal if only trusted hosts share that network"
+)
 
 
 def is_loopback(host: str) -> bool:
@@ -71,11 +73,17 @@ def require_secure(named: list[tuple[str, str]], curve_keys: str, insecure: bool
         return
     what, endpoint = crossing[0]
     if not insecure:
-        raise UsageError(f"{what} {endpoint} is not on a loopback address: the internal sockets would carry commands "
-                         f"and tokens over the network in plain text, to anyone who reaches it; {FIX}")
+        raise UsageError(
+            f"{what} {endpoint} is not on a loopback address: the internal sockets would carry commands "
+            f"and tokens over the network in plain text, to anyone who reaches it; {FIX}"
+        )
     for what, endpoint in crossing:
-        logger.warning("--insecure-internal: %s %s crosses the network in plain text, without authentication: "
-                       "anyone who reaches it can drive the workers and read the tokens", what, endpoint)
+        logger.warning(
+            "--insecure-internal: %s %s crosses the network in plain text, without authentication: "
+            "anyone who reaches it can drive the workers and read the tokens",
+            what,
+            endpoint,
+        )
 
 
 def require_private_ipc(named: list[tuple[str, str]], insecure: bool) -> None:
@@ -86,8 +94,10 @@ def require_private_ipc(named: list[tuple[str, str]], insecure: bool) -> None:
             continue
         problem = why_not_private(Path(endpoint.removeprefix("ipc://")).parent)
         if problem and not insecure:
-            raise UsageError(f"{what} {endpoint}: {problem}: put the socket in a folder of mode 0700 (mkdir -m 700 "
-                             f"DIR), or give --insecure-internal to share it on purpose")
+            raise UsageError(
+                f"{what} {endpoint}: {problem}: put the socket in a folder of mode 0700 (mkdir -m 700 "
+                f"DIR), or give --insecure-internal to share it on purpose"
+            )
         if problem:
             logger.warning("--insecure-internal: %s %s: %s", what, endpoint, problem)
 
@@ -108,9 +118,14 @@ def serve_endpoints(args) -> list[tuple[str, str]]:
     """What `specpipe serve` binds or reaches beyond this host, as (flag, endpoint) pairs."""
     spawns = not (args.target_addr and args.draft_addr)
     named = [("--worker-host", args.worker_host)] if spawns else []
-    return named + [(flag, value or "") for flag, value in (("--draft-addr", args.draft_addr),
-                                                           ("--target-addr", args.target_addr),
-                                                           ("--target-data-addr", args.target_data_addr))]
+    return named + [
+        (flag, value or "")
+        for flag, value in (
+            ("--draft-addr", args.draft_addr),
+            ("--target-addr", args.target_addr),
+            ("--target-data-addr", args.target_data_addr),
+        )
+    ]
 
 
 def check_serve(args) -> None:
@@ -130,8 +145,10 @@ def serve_worker_flags(args, runtime, flags: dict[str, list[str]]) -> dict[str, 
     if runtime is None:
         return flags
     insecure = ["--insecure-internal"] if args.insecure_internal else []
-    flags = {role: [*flags.get(role, []), "--bind", runtime.endpoint(CONTROL_SOCKET.format(role=role)), *insecure]
-             for role in ("target", "draft")}
+    flags = {
+        role: [*flags.get(role, []), "--bind", runtime.endpoint(CONTROL_SOCKET.format(role=role)), *insecure]
+        for role in ("target", "draft")
+    }
     if not data_plane_over_tcp(args):
         flags["target"] += ["--data-bind", runtime.endpoint(DATA_SOCKET)]
     return flags
@@ -140,7 +157,11 @@ def serve_worker_flags(args, runtime, flags: dict[str, list[str]]) -> dict[str, 
 def describe(runtime, workers: dict, curve: bool) -> str:
     """The start-up summary's line on the internal sockets."""
     secured = "CURVE" if curve else "no CURVE"
-    tcp = [f"{role} {endpoint}" for role, worker in sorted(workers.items())
-           for endpoint in (worker.endpoint, worker.data_endpoint) if endpoint.startswith("tcp://")]
+    tcp = [
+        f"{role} {endpoint}"
+        for role, worker in sorted(workers.items())
+        for endpoint in (worker.endpoint, worker.data_endpoint)
+        if endpoint.startswith("tcp://")
+    ]
     where = f"ipc in {runtime.path} (mode 0700: this user only)" if runtime is not None else "none spawned"
     return f"internal sockets: {where}" + (f"; TCP: {', '.join(tcp)}" if tcp else "") + f"; {secured}"

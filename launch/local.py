@@ -56,15 +56,23 @@ def _lines(stream, sink: queue.Queue) -> None:
 class WorkerStartError(StartupError):
     """A process exited, or stayed silent past its timeout, before it printed its ready line (a
     StartupError: `specpipe serve` reports it as one line, exit code 1)."""
-    role = ""   # the worker's role, once known ("target" / "draft")
+
+    role = ""  # the worker's role, once known ("target" / "draft")
 
 
 class WorkerStartTimeout(WorkerStartError):
     """... silent past its timeout."""
 
 
-def _wait_line(process: subprocess.Popen, lines: queue.Queue, pattern: re.Pattern, timeout: float | None,
-               what: str, echo: bool = False, seen: list | None = None) -> re.Match:
+def _wait_line(
+    process: subprocess.Popen,
+    lines: queue.Queue,
+    pattern: re.Pattern,
+    timeout: float | None,
+    what: str,
+    echo: bool = False,
+    seen: list | None = None,
+) -> re.Match:
     """The first line of `process` matching `pattern` (the lines before it go to `seen`); `timeout`
     None or <= 0: no limit. A `FAILED CODE MESSAGE` line raises UsageError (CODE 2) or StartupError."""
     started = time.monotonic()
@@ -101,11 +109,11 @@ class WorkerProcess:
     role: str
     process: subprocess.Popen
     endpoint: str
-    data_endpoint: str = ""      # target, zmq transport
-    argv: list[str] = field(default_factory=list)   # how it was started (for a restart)
+    data_endpoint: str = ""  # target, zmq transport
+    argv: list[str] = field(default_factory=list)  # how it was started (for a restart)
     env: dict = field(default_factory=dict)
-    ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S   # for its READY line (a restart too)
-    info: dict = field(default_factory=dict)        # from its READY line: params, device, dtype
+    ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S  # for its READY line (a restart too)
+    info: dict = field(default_factory=dict)  # from its READY line: params, device, dtype
 
     def restart_argv(self) -> list[str]:
         """The same command, pinned to the ports it got (ipc paths are fixed), so peers reconnect to it."""
@@ -116,23 +124,57 @@ class WorkerProcess:
         return argv
 
 
-def start_worker(role: str, model: str, host: str = "127.0.0.1", port: int = 0, device: str = "cpu",
-                 dtype: str = "float32", threads: int = 1, extra: list[str] | None = None,
-                 env: dict | None = None, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
-                 prefix: tuple[str, ...] = ()):
+def start_worker(
+    role: str,
+    model: str,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 1,
+    extra: list[str] | None = None,
+    env: dict | None = None,
+    ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+    prefix: tuple[str, ...] = (),
+):
     """Start a worker process; returns a function that waits for its READY line (in a thread, from
     async code; the process is its `.process`). `ready_timeout_s` None or 0: no limit. `prefix`: a
     command the worker runs under (e.g. `ip netns exec NS`, the benchmark's latency link)."""
-    command = [sys.executable, "-m", f"specpipe.{role}_worker", "--model", str(model), "--host", host,
-               "--port", str(port), "--device", device, "--dtype", dtype, "--threads", str(threads),
-               "--exit-with-parent", *(extra or [])]
+    command = [
+        sys.executable,
+        "-m",
+        f"specpipe.{role}_worker",
+        "--model",
+        str(model),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--dtype",
+        dtype,
+        "--threads",
+        str(threads),
+        "--exit-with-parent",
+        *(extra or []),
+    ]
     return _start(role, command, env or {}, ready_timeout_s, prefix)
 
 
-def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
-           prefix: tuple[str, ...] = ()):
-    process = subprocess.Popen([*prefix, *command], stdout=subprocess.PIPE, text=True,
-                               env={**os.environ, **env, STARTUP_REPORT[0]: STARTUP_REPORT[1]})
+def _start(
+    role: str,
+    command: list[str],
+    env: dict,
+    ready_timeout_s: float | None = WORKER_READY_TIMEOUT_S,
+    prefix: tuple[str, ...] = (),
+):
+    process = subprocess.Popen(
+        [*prefix, *command],
+        stdout=subprocess.PIPE,
+        text=True,
+        env={**os.environ, **env, STARTUP_REPORT[0]: STARTUP_REPORT[1]},
+    )
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
 
@@ -147,6 +189,7 @@ def _start(role: str, command: list[str], env: dict, ready_timeout_s: float | No
         logger.info("%s worker pid %d at %s", role, process.pid, match.group(1))
         info = dict(word.split("=", 1) for word in match.group(2).split() if "=" in word)
         return WorkerProcess(role, process, match.group(1), info.pop("data", ""), command, env, ready_timeout_s, info)
+
     ready.process = process
     return ready
 
@@ -162,11 +205,25 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
-async def spawn_workers(target: str | None, draft: str | None, *, host: str, transport: str,
-                        target_data_port: int = 0, target_device: str = "cpu", draft_device: str = "cpu",
-                        dtype: str = "float32", threads: int = 1, target_data_addr: str = "", curve_keys: str = "",
-                        target_cpus: str = "", draft_cpus: str = "", timeouts: dict | None = None,
-                        attach=None, role_flags: dict[str, list[str]] | None = None) -> dict[str, WorkerProcess]:
+async def spawn_workers(
+    target: str | None,
+    draft: str | None,
+    *,
+    host: str,
+    transport: str,
+    target_data_port: int = 0,
+    target_device: str = "cpu",
+    draft_device: str = "cpu",
+    dtype: str = "float32",
+    threads: int = 1,
+    target_data_addr: str = "",
+    curve_keys: str = "",
+    target_cpus: str = "",
+    draft_cpus: str = "",
+    timeouts: dict | None = None,
+    attach=None,
+    role_flags: dict[str, list[str]] | None = None,
+) -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint. torch: both start together
     and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
@@ -176,8 +233,10 @@ async def spawn_workers(target: str | None, draft: str | None, *, host: str, tra
     Processes start from this (the event loop's) thread: their exit-with-parent signal follows the
     thread that started them. Cancelled or failed, it stops what it started."""
     secure = ["--curve-keys", curve_keys] if curve_keys else []
-    pins = {role: (["--cpus", cpus] if cpus else []) + (role_flags or {}).get(role, [])
-            for role, cpus in (("target", target_cpus), ("draft", draft_cpus))}   # and the role's own flags
+    pins = {
+        role: (["--cpus", cpus] if cpus else []) + (role_flags or {}).get(role, [])
+        for role, cpus in (("target", target_cpus), ("draft", draft_cpus))
+    }  # and the role's own flags
     timeouts = timeouts or {}
     common = dict(host=host, dtype=dtype, threads=threads)
     waiting, workers = {}, {}
@@ -192,22 +251,48 @@ async def spawn_workers(target: str | None, draft: str | None, *, host: str, tra
     try:
         if transport == "torch":
             rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
-            starts = {role: start_worker(role, model, device=device, extra=["--transport", "torch", *secure, *pins[role]],
-                                         env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                                         ready_timeout_s=timeouts.get(role), **common)
-                      for role, model, device, rank in (("target", target, target_device, 0),
-                                                        ("draft", draft, draft_device, 1))}
+            starts = {
+                role: start_worker(
+                    role,
+                    model,
+                    device=device,
+                    extra=["--transport", "torch", *secure, *pins[role]],
+                    env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)},
+                    ready_timeout_s=timeouts.get(role),
+                    **common,
+                )
+                for role, model, device, rank in (
+                    ("target", target, target_device, 0),
+                    ("draft", draft, draft_device, 1),
+                )
+            }
             await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
             return workers
         if target:
-            await up("target", start_worker("target", target, device=target_device, ready_timeout_s=timeouts.get("target"),
-                                            extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
-                                            **common))
+            await up(
+                "target",
+                start_worker(
+                    "target",
+                    target,
+                    device=target_device,
+                    ready_timeout_s=timeouts.get("target"),
+                    extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
+                    **common,
+                ),
+            )
             target_data_addr = workers["target"].data_endpoint
         if draft:
-            await up("draft", start_worker("draft", draft, device=draft_device, ready_timeout_s=timeouts.get("draft"),
-                                           extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
-                                           **common))
+            await up(
+                "draft",
+                start_worker(
+                    "draft",
+                    draft,
+                    device=draft_device,
+                    ready_timeout_s=timeouts.get("draft"),
+                    extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
+                    **common,
+                ),
+            )
         return workers
     except BaseException:
         for ready in waiting.values():
@@ -274,7 +359,7 @@ class Supervisor:
         except Exception as err:
             logger.error("restart of the %s worker failed: %s", role, err)
             self.backoff[role] = min(delay * 2, RESTART_BACKOFF_S[1])
-            return                      # the old process still reads as dead: tried again, later
+            return  # the old process still reads as dead: tried again, later
         self.workers[role] = fresh
         logger.warning("%s worker restarted (pid %d) at %s", role, fresh.process.pid, fresh.endpoint)
         # A worker that crashes right after its start backs off more; one that ran a while resets.
@@ -312,14 +397,14 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
     try:
         try:
             port = await coordinator.start()
-        except OSError as err:   # a port taken since the checks ran (launch/preflight.py)
+        except OSError as err:  # a port taken since the checks ran (launch/preflight.py)
             if err.errno != errno.EADDRINUSE:
                 raise
             raise UsageError(f"{err.strerror}: pick a free port") from None
         starting = asyncio.create_task(_start_up(coordinator, spawn, coordinator_cpus))
         stopping = asyncio.create_task(stop.wait())
         await asyncio.wait({starting, stopping}, return_when=asyncio.FIRST_COMPLETED)
-        if not starting.done():      # stopped while the models loaded
+        if not starting.done():  # stopped while the models loaded
             starting.cancel()
             await asyncio.gather(starting, return_exceptions=True)
             return
@@ -329,7 +414,7 @@ async def serve(config: CoordinatorConfig, spawn=None, coordinator_cpus: str = "
         except WorkerStartTimeout as err:
             flag = f"--{err.role}-startup-timeout" if err.role else "--target-startup-timeout, --draft-startup-timeout"
             raise StartupError(f"{err} ({flag})") from None
-        except WorkerDown as err:    # the target did not answer within --target-startup-timeout
+        except WorkerDown as err:  # the target did not answer within --target-startup-timeout
             raise StartupError(str(err)) from None
         supervisor = Supervisor(list(workers.values()), on_death=coordinator.worker_died)
         watcher = asyncio.create_task(supervisor.watch())
@@ -352,9 +437,13 @@ async def _start_up(coordinator, spawn, coordinator_cpus: str) -> dict[str, Work
     if spawn is not None:
         left = coordinator.target_time_left()
         draft_limit = coordinator.config.draft_startup_timeout_s
-        workers = await spawn(timeouts={"target": left if left is None else max(left, 0.01),
-                                        "draft": draft_limit if draft_limit > 0 else None},
-                              attach=lambda role, endpoint: getattr(coordinator, role).connect(endpoint))
+        workers = await spawn(
+            timeouts={
+                "target": left if left is None else max(left, 0.01),
+                "draft": draft_limit if draft_limit > 0 else None,
+            },
+            attach=lambda role, endpoint: getattr(coordinator, role).connect(endpoint),
+        )
     try:
         try:
             pin_cpus(coordinator_cpus)
@@ -372,20 +461,22 @@ class ServerProcess:
     """`specpipe serve ...` as a child process; `addr` once ready (and `http_url`, the HTTP API's
     base URL, with --http-port; else None; `summary`: the lines it printed before). A context manager."""
 
-    def __init__(self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING",
-                 stderr=None):
+    def __init__(
+        self, args: list[str], echo: bool = False, env: dict | None = None, log_level: str = "WARNING", stderr=None
+    ):
         """`stderr`: where the server's logs go (a file object; default: this process's stderr)."""
-        command = [sys.executable, "-m", "specpipe.launch.cli", "--log-level", log_level, "serve", "--port", "0",
-                   *args]
+        command = [sys.executable, "-m", "specpipe.launch.cli", "--log-level", log_level, "serve", "--port", "0", *args]
         env = {**os.environ, "SPECPIPE_LOG_LEVEL": log_level, **(env or {})}
-        self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env,
-                                        start_new_session=True)
+        self.process = subprocess.Popen(
+            command, stdout=subprocess.PIPE, stderr=stderr, text=True, env=env, start_new_session=True
+        )
         lines: queue.Queue = queue.Queue()
         threading.Thread(target=_lines, args=(self.process.stdout, lines), daemon=True).start()
         self.summary: list[str] = []
         try:
-            match = _wait_line(self.process, lines, READY_SERVER, SERVER_READY_TIMEOUT_S, "specpipe serve", echo,
-                               self.summary)
+            match = _wait_line(
+                self.process, lines, READY_SERVER, SERVER_READY_TIMEOUT_S, "specpipe serve", echo, self.summary
+            )
         except Exception:
             self.stop()
             raise
@@ -414,5 +505,3 @@ class ServerProcess:
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from specpipe.config import NGRAM_DRAFTER, parse_cpus
+from specpipe.launch import endpoints
+from specpipe.launch.errors import StartupError, UsageError  # noqa: F401  (raised here, imported from here too)
 
 # Where the kernel lists the CPUs a process may be pinned to: the cgroup's cpuset (a container's
 # share of the host), else every online CPU.
@@ -29,17 +31,7 @@ CPU_SOURCES = ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/
 # How long the check of a hub id waits for a TCP connection to the model hub before it calls the
 # hub unreachable: a reachable hub answers in well under a second; no network fails at once.
 HUB_PROBE_TIMEOUT_S = 3.0
-DEFAULT_HUB = "https://huggingface.co"   # huggingface_hub's default endpoint (env HF_ENDPOINT)
-
-
-class UsageError(Exception):
-    """A flag's value cannot work: the message names the flag and what to do. Exit code 2."""
-    exit_code = 2
-
-
-class StartupError(Exception):
-    """The flags are fine but start-up failed (the hub is unreachable, a worker died). Exit code 1."""
-    exit_code = 1
+DEFAULT_HUB = "https://huggingface.co"  # huggingface_hub's default endpoint (env HF_ENDPOINT)
 
 
 # -- CPU lists and the --pin auto layout -----------------------------------------------------------
@@ -82,8 +74,10 @@ def check_cpu_lists(lists: dict[str, str]) -> None:
         cpus_here = cpus_here or host_cpus()
         missing = sorted(cpus - cpus_here)
         if missing:
-            raise UsageError(f"{flag} {spec}: this host has no CPU {missing[0]} (its CPUs: {cpu_list(cpus_here)}); "
-                             f"name CPUs from that list")
+            raise UsageError(
+                f"{flag} {spec}: this host has no CPU {missing[0]} (its CPUs: {cpu_list(cpus_here)}); "
+                f"name CPUs from that list"
+            )
 
 
 def auto_pins(threads: int, devices: list[str], usable: set[int] | None = None) -> tuple[dict[str, str], str]:
@@ -99,7 +93,7 @@ def auto_pins(threads: int, devices: list[str], usable: set[int] | None = None) 
     cores = sorted(usable if usable is not None else os.sched_getaffinity(0))
     if len(cores) < 2 * threads:
         return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
-    target, draft = cpu_list(cores[:threads]), cpu_list(cores[threads:2 * threads])
+    target, draft = cpu_list(cores[:threads]), cpu_list(cores[threads : 2 * threads])
     return {"target": target, "draft": draft, "coordinator": draft}, "--pin auto"
 
 
@@ -108,6 +102,7 @@ def check_token_file(path: str) -> None:
     if not path:
         return
     from specpipe.coordinator.auth import AuthConfigError, read_token
+
     try:
         read_token(path)
     except AuthConfigError as err:
@@ -125,11 +120,13 @@ def check_tls(cert: str, key: str) -> None:
             Path(path).read_bytes()
         except OSError as err:
             raise UsageError(f"{flag} {path}: cannot read it ({err.strerror})") from None
-    try:   # an encrypted key gets an empty password: gRPC cannot use one either (and no prompt)
+    try:  # an encrypted key gets an empty password: gRPC cannot use one either (and no prompt)
         ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(cert, key, password=lambda: b"")
     except ssl.SSLError as err:
-        raise UsageError(f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate chain and its unencrypted "
-                         f"private key ({err.reason or err})") from None
+        raise UsageError(
+            f"--tls-cert {cert} / --tls-key {key}: not a PEM certificate chain and its unencrypted "
+            f"private key ({err.reason or err})"
+        ) from None
 
 
 def read_chat_template(path: str) -> str:
@@ -139,8 +136,9 @@ def read_chat_template(path: str) -> str:
     try:
         return Path(path).read_text(encoding="utf-8")
     except OSError as err:
-        raise UsageError(f"--chat-template {path}: cannot read it ({err.strerror}): give a Jinja chat template "
-                         f"file") from None
+        raise UsageError(
+            f"--chat-template {path}: cannot read it ({err.strerror}): give a Jinja chat template file"
+        ) from None
     except UnicodeDecodeError:
         raise UsageError(f"--chat-template {path}: not UTF-8 text: give a Jinja chat template file") from None
 
@@ -149,6 +147,7 @@ def check_curve_keys(folder: str, server: bool) -> None:
     if not folder:
         return
     from specpipe.curve import CurveError, load_keys
+
     try:
         load_keys(folder, server=server, client=True)
     except CurveError as err:
@@ -173,8 +172,9 @@ def check_port_free(flag: str, host_flag: str, host: str, port: int) -> None:
     try:
         family, kind, proto, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
     except socket.gaierror as err:
-        raise UsageError(f"{host_flag} {host}: cannot resolve it ({err.strerror}): give an address of this "
-                         f"machine") from None
+        raise UsageError(
+            f"{host_flag} {host}: cannot resolve it ({err.strerror}): give an address of this machine"
+        ) from None
     with socket.socket(family, kind, proto) as probe:
         # SO_REUSEADDR as the servers set it: only a listening socket counts, not one in TIME_WAIT.
         probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -183,11 +183,15 @@ def check_port_free(flag: str, host_flag: str, host: str, port: int) -> None:
             probe.listen(1)
         except OSError as err:
             if err.errno == errno.EADDRINUSE:
-                raise UsageError(f"{flag} {port}: {host}:{port} is already in use (another specpipe serve?): "
-                                 f"pick a free port, or stop what listens there") from None
+                raise UsageError(
+                    f"{flag} {port}: {host}:{port} is already in use (another specpipe serve?): "
+                    f"pick a free port, or stop what listens there"
+                ) from None
             if err.errno == errno.EADDRNOTAVAIL:
-                raise UsageError(f"{host_flag} {host}: not an address of this machine: give one of its addresses "
-                                 f"(127.0.0.1, or 0.0.0.0 for all)") from None
+                raise UsageError(
+                    f"{host_flag} {host}: not an address of this machine: give one of its addresses "
+                    f"(127.0.0.1, or 0.0.0.0 for all)"
+                ) from None
             if err.errno == errno.EACCES:
                 raise UsageError(f"{flag} {port}: ports under 1024 need root: pick one above 1024") from None
             raise UsageError(f"{flag} {port}: cannot bind {host}:{port} ({err.strerror})") from None
@@ -198,6 +202,7 @@ def check_device(flag: str, name: str) -> None:
     if name in ("cpu", "auto", ""):
         return
     import torch
+
     try:
         device = torch.device(name)
     except (RuntimeError, ValueError) as err:
@@ -210,12 +215,16 @@ def check_device(flag: str, name: str) -> None:
         available = torch.backends.mps.is_available()
     if not available:
         build = f"torch {torch.__version__}"
-        raise UsageError(f"{flag} {name}: this host has no {device.type} device ({build} sees none); "
-                         f"use {flag} cpu, or install the {device.type} build of torch")
+        raise UsageError(
+            f"{flag} {name}: this host has no {device.type} device ({build} sees none); "
+            f"use {flag} cpu, or install the {device.type} build of torch"
+        )
     count = getattr(backend, "device_count", lambda: 1)()
     if (device.index or 0) >= count:
-        raise UsageError(f"{flag} {name}: this host has {count} {device.type} device(s), "
-                         f"{device.type}:0 to {device.type}:{count - 1}")
+        raise UsageError(
+            f"{flag} {name}: this host has {count} {device.type} device(s), "
+            f"{device.type}:0 to {device.type}:{count - 1}"
+        )
 
 
 # -- models ----------------------------------------------------------------------------------------
@@ -227,28 +236,34 @@ def check_model(flag: str, name: str) -> str:
     path = Path(name).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise UsageError(f"{flag} {name}: the folder has no config.json, so it is not a model folder "
-                             f"(give the folder save_pretrained wrote)")
+            raise UsageError(
+                f"{flag} {name}: the folder has no config.json, so it is not a model folder "
+                f"(give the folder save_pretrained wrote)"
+            )
         return "folder"
     if name.startswith(("/", ".", "~")) or name.count("/") > 1 or os.sep != "/" and os.sep in name:
         raise UsageError(f"{flag} {name}: model folder {name!r} does not exist: give a model folder or a hub id")
     hub = os.environ.get("HF_ENDPOINT") or DEFAULT_HUB
     why = "HF_HUB_OFFLINE is set" if _truthy(os.environ.get("HF_HUB_OFFLINE")) else hub_unreachable(hub)
-    if why:   # before huggingface_hub is imported: some versions read it only then
+    if why:  # before huggingface_hub is imported: some versions read it only then
         os.environ["HF_HUB_OFFLINE"] = "1"
     from huggingface_hub import try_to_load_from_cache
     from huggingface_hub.utils import HFValidationError, validate_repo_id
+
     try:
         validate_repo_id(name)
     except HFValidationError:
-        raise UsageError(f"{flag} {name}: no such folder here, and not a hub id (ORG/NAME): "
-                         f"give a model folder or a hub id") from None
+        raise UsageError(
+            f"{flag} {name}: no such folder here, and not a hub id (ORG/NAME): give a model folder or a hub id"
+        ) from None
     if isinstance(try_to_load_from_cache(name, "config.json"), str):
         return "hub cache"
     if why:
-        raise StartupError(f"{flag} {name}: no such folder here, and the model hub cannot serve this hub id "
-                           f"({hub}: {why}) nor has the local cache it: download it where the hub is "
-                           f"reachable (hf download {name} --local-dir DIR) and give {flag} DIR")
+        raise StartupError(
+            f"{flag} {name}: no such folder here, and the model hub cannot serve this hub id "
+            f"({hub}: {why}) nor has the local cache it: download it where the hub is "
+            f"reachable (hf download {name} --local-dir DIR) and give {flag} DIR"
+        )
     return "hub"
 
 
@@ -257,7 +272,7 @@ def _truthy(value: str | None) -> bool:
 
 
 def hub_unreachable(endpoint: str) -> str:
-    """"" when a TCP connection to the hub's host opens within HUB_PROBE_TIMEOUT_S, else why not."""
+    """ "" when a TCP connection to the hub's host opens within HUB_PROBE_TIMEOUT_S, else why not."""
     url = urllib.parse.urlsplit(endpoint)
     port = url.port or (443 if url.scheme == "https" else 80)
     try:
@@ -273,6 +288,7 @@ def check_tokenizers(target: str, draft: str) -> None:
     """Draft and target read text into the same token ids (DESIGN §4), checked on the tokenizers
     alone, before either model loads."""
     from specpipe.models import ModelLoadError, TokenizerMismatchError, check_same_tokenizer, load_tokenizer
+
     tokenizers = {}
     for flag, name in (("--target", target), ("--draft", draft)):
         try:
@@ -282,8 +298,10 @@ def check_tokenizers(target: str, draft: str) -> None:
     try:
         check_same_tokenizer(tokenizers["--draft"], tokenizers["--target"])
     except TokenizerMismatchError as err:
-        raise UsageError(f"--draft {draft} and --target {target} do not share a tokenizer ({err}): "
-                         f"speculative decoding needs one, so pick a draft of the target's model family") from None
+        raise UsageError(
+            f"--draft {draft} and --target {target} do not share a tokenizer ({err}): "
+            f"speculative decoding needs one, so pick a draft of the target's model family"
+        ) from None
 
 
 def one_line(text: str) -> str:
@@ -295,11 +313,12 @@ def one_line(text: str) -> str:
 @dataclass(frozen=True)
 class ServePlan:
     """What the checks settled: the models, where each process is pinned, the chat template."""
+
     target: str
     draft: str
-    pins: dict[str, str]   # "target" / "draft" / "coordinator" -> CPU list; missing or "" = not pinned
-    pin_why: str           # for the start-up summary
-    chat_template: str = ""   # --chat-template's text; "" = none given
+    pins: dict[str, str]  # "target" / "draft" / "coordinator" -> CPU list; missing or "" = not pinned
+    pin_why: str  # for the start-up summary
+    chat_template: str = ""  # --chat-template's text; "" = none given
 
 
 def check_serve(args, demo_models) -> ServePlan:
@@ -308,32 +327,45 @@ def check_serve(args, demo_models) -> ServePlan:
     demo pair, for the model flags not given."""
     spawn_target, spawn_draft = not args.target_addr, not args.draft_addr
     if args.transport == "torch" and not (spawn_target and spawn_draft):
-        raise UsageError("--transport torch with a remote worker: start the ranks with torchrun "
-                         "(python -m specpipe.launch.torchrun), see the README")
-    check_cpu_lists({"--target-cpus": args.target_cpus, "--draft-cpus": args.draft_cpus,
-                     "--coordinator-cpus": args.coordinator_cpus})
+        raise UsageError(
+            "--transport torch with a remote worker: start the ranks with torchrun "
+            "(python -m specpipe.launch.torchrun), see the README"
+        )
+    check_cpu_lists(
+        {
+            "--target-cpus": args.target_cpus,
+            "--draft-cpus": args.draft_cpus,
+            "--coordinator-cpus": args.coordinator_cpus,
+        }
+    )
     check_token_file(args.auth_token_file)
     check_tls(args.tls_cert, args.tls_key)
     check_curve_keys(args.curve_keys, server=spawn_target or spawn_draft)
-    from specpipe.launch import endpoints   # (it imports this module's errors)
-    endpoints.check_serve(args)             # no plain text across hosts without --insecure-internal
+    endpoints.check_serve(args)  # no plain text across hosts without --insecure-internal
     chat_template = read_chat_template(args.chat_template)
     data_port = args.target_data_port if spawn_target and args.transport == "zmq" else None
-    check_ports([("--port", "--host", args.host, args.port), ("--metrics-port", "--host", args.host, args.metrics_port),
-                 ("--health-port", "--host", args.host, args.health_port),
-                 ("--http-port", "--host", args.host, args.http_port),
-                 ("--target-data-port", "--worker-host", args.worker_host, data_port)])
-    for flag, device, spawned in (("--target-device", args.target_device, spawn_target),
-                                  ("--draft-device", args.draft_device, spawn_draft)):
+    check_ports(
+        [
+            ("--port", "--host", args.host, args.port),
+            ("--metrics-port", "--host", args.host, args.metrics_port),
+            ("--health-port", "--host", args.host, args.health_port),
+            ("--http-port", "--host", args.host, args.http_port),
+            ("--target-data-port", "--worker-host", args.worker_host, data_port),
+        ]
+    )
+    for flag, device, spawned in (
+        ("--target-device", args.target_device, spawn_target),
+        ("--draft-device", args.draft_device, spawn_draft),
+    ):
         if spawned:
             check_device(flag, device)
     target, draft = args.target, args.draft
     if not target or not draft:
         demo_target, demo_draft = demo_models()
         target, draft = target or demo_target, draft or demo_draft
-    check_model("--target", target)   # the coordinator reads its tokenizer even when it runs elsewhere
+    check_model("--target", target)  # the coordinator reads its tokenizer even when it runs elsewhere
     if draft == NGRAM_DRAFTER:
-        draft = target                # prompt lookup: no model; its worker reads the target's vocabulary
+        draft = target  # prompt lookup: no model; its worker reads the target's vocabulary
     elif spawn_draft:
         check_model("--draft", draft)
         check_tokenizers(target, draft)
@@ -355,10 +387,11 @@ def choose_pins(args, spawns_both: bool) -> tuple[dict[str, str], str]:
 
 
 def device_kind(name: str) -> str:
-    """"cpu", "cuda", ...: what a (checked) device name runs on; "auto" asks torch."""
+    """ "cpu", "cuda", ...: what a (checked) device name runs on; "auto" asks torch."""
     if name in ("cpu", ""):
         return "cpu"
     import torch
+
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name).type

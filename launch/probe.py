@@ -27,7 +27,7 @@ from specpipe.proto.specpipe.worker.v1 import worker_pb2
 # The probe's own default deadline: far above one forward step of a large model (the worker answers
 # between steps), well under Kubernetes' usual probe periods.
 DEFAULT_TIMEOUT_S = 5.0
-NONCE = 1   # one ping per process: any fixed nonce identifies the answer
+NONCE = 1  # one ping per process: any fixed nonce identifies the answer
 
 
 def ping(endpoint: str, timeout: float, curve_keys: str = "") -> worker_pb2.Pong:
@@ -37,6 +37,7 @@ def ping(endpoint: str, timeout: float, curve_keys: str = "") -> worker_pb2.Pong
     socket.setsockopt(zmq.LINGER, 0)
     if curve_keys:
         from specpipe import curve
+
         curve.configure_client(socket, curve.load_keys(curve_keys, client=True))
     try:
         socket.connect(endpoint)
@@ -56,13 +57,22 @@ def ping(endpoint: str, timeout: float, curve_keys: str = "") -> worker_pb2.Pong
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m specpipe.launch.probe",
-                                     description="Exit 0 if the specpipe worker at ENDPOINT answers a ping.")
-    parser.add_argument("endpoint", nargs="?", default=zmq_endpoint("127.0.0.1", DEFAULT_DRAFT_PORT),
-                        help=f"the worker's control endpoint (default tcp://127.0.0.1:{DEFAULT_DRAFT_PORT})")
+    parser = argparse.ArgumentParser(
+        prog="python -m specpipe.launch.probe", description="Exit 0 if the specpipe worker at ENDPOINT answers a ping."
+    )
+    parser.add_argument(
+        "endpoint",
+        nargs="?",
+        default=zmq_endpoint("127.0.0.1", DEFAULT_DRAFT_PORT),
+        help=f"the worker's control endpoint (default tcp://127.0.0.1:{DEFAULT_DRAFT_PORT})",
+    )
     parser.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT_S, help="seconds to wait for the answer")
-    parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
-                        help=f"connect as a CURVE client with the keys in DIR (env {ENV_CURVE_KEYS})")
+    parser.add_argument(
+        "--curve-keys",
+        default=os.environ.get(ENV_CURVE_KEYS, ""),
+        metavar="DIR",
+        help=f"connect as a CURVE client with the keys in DIR (env {ENV_CURVE_KEYS})",
+    )
     return parser
 
 
@@ -70,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         pong = ping(args.endpoint, args.timeout, args.curve_keys)
-    except Exception as err:   # a probe reports, it never shows a traceback
+    except Exception as err:  # a probe reports, it never shows a traceback
         print(f"specpipe probe: {args.endpoint}: {err}", file=sys.stderr)
         return 1
     print(f"{pong.role} worker pid {pong.pid} up {pong.uptime_seconds:.0f}s, {pong.live_requests} requests")

@@ -36,8 +36,11 @@ def known_errors() -> tuple[type[BaseException], ...]:
     those of modules already imported: an error of a module never imported cannot have been
     raised, and importing specpipe.models (torch, transformers) would cost seconds."""
     types = [UsageError, StartupError]
-    for module, name in (("specpipe.models", "ModelLoadError"), ("specpipe.curve", "CurveError"),
-                         ("specpipe.coordinator.auth", "AuthConfigError")):
+    for module, name in (
+        ("specpipe.models", "ModelLoadError"),
+        ("specpipe.curve", "CurveError"),
+        ("specpipe.coordinator.auth", "AuthConfigError"),
+    ):
         if module in sys.modules:
             types.append(getattr(sys.modules[module], name))
     return tuple(types)
@@ -93,8 +96,17 @@ def worker_line(role: str, model: str, worker, pins: str) -> str:
     return f"{role:<7} {model}  {where}, {f'CPUs {pins}' if pins else 'not pinned'} (pid {worker.process.pid})"
 
 
-def summary_lines(*, models: dict[str, str], workers: dict, pins: dict[str, str], pin_why: str, config,
-                  port: int, metrics_port: int | None, extra_ports: dict[str, str] | None = None) -> list[str]:
+def summary_lines(
+    *,
+    models: dict[str, str],
+    workers: dict,
+    pins: dict[str, str],
+    pin_why: str,
+    config,
+    port: int,
+    metrics_port: int | None,
+    extra_ports: dict[str, str] | None = None,
+) -> list[str]:
     """The start-up summary. `models`: role -> model name (or the remote address); `workers`: role ->
     WorkerProcess (absent: remote); `pins`: role -> CPU list ("" = not pinned); `config`: the
     CoordinatorConfig; `extra_ports`: further listeners, name -> HOST:PORT."""
@@ -102,16 +114,28 @@ def summary_lines(*, models: dict[str, str], workers: dict, pins: dict[str, str]
     coordinator = f"CPUs {pins['coordinator']}" if pins.get("coordinator") else "not pinned"
     lines.append(f"coordinator {coordinator}; pinning: {pin_why}")
     policy = config.policy
-    lines.append(f"default mode {config.default_mode}, policy {policy.kind}, up to {policy.num_draft_tokens} "
-                 f"draft tokens per block")
+    lines.append(
+        f"default mode {config.default_mode}, policy {policy.kind}, up to {policy.num_draft_tokens} "
+        f"draft tokens per block"
+    )
     tokens = config.max_tokens_in_flight or "no limit on"
-    lines.append(f"limits: {config.max_concurrent_requests} requests running, {config.max_queued_requests} queued, "
-                 f"{tokens} tokens in flight, max_new_tokens <= {config.max_new_tokens_cap}")
-    security = ", ".join(part for part in ("TLS" if config.tls_cert else "plain text",
-                                           "bearer token required" if config.auth_token_file else "no token",
-                                           "CURVE on the worker sockets" if config.curve_keys else "") if part)
-    listeners = [f"gRPC {config.host}:{port} ({security})",
-                 f"metrics http://{config.host}:{metrics_port}/metrics" if metrics_port is not None else "metrics off"]
+    lines.append(
+        f"limits: {config.max_concurrent_requests} requests running, {config.max_queued_requests} queued, "
+        f"{tokens} tokens in flight, max_new_tokens <= {config.max_new_tokens_cap}"
+    )
+    security = ", ".join(
+        part
+        for part in (
+            "TLS" if config.tls_cert else "plain text",
+            "bearer token required" if config.auth_token_file else "no token",
+            "CURVE on the worker sockets" if config.curve_keys else "",
+        )
+        if part
+    )
+    listeners = [
+        f"gRPC {config.host}:{port} ({security})",
+        f"metrics http://{config.host}:{metrics_port}/metrics" if metrics_port is not None else "metrics off",
+    ]
     listeners += [f"{name} {address}" for name, address in (extra_ports or {}).items()]
     lines.append("; ".join(listeners))
     return lines
@@ -126,6 +150,7 @@ def client_options(addr: str, token_file: str, tls_ca: str) -> tuple[str | None,
     token = None
     if token_file:
         from specpipe.coordinator.auth import AuthConfigError, read_token
+
         try:
             token = read_token(token_file)
         except AuthConfigError as err:
@@ -162,8 +187,11 @@ def _rpc_hint(code: str, details: str, addr: str, tls: bool, token: bool) -> str
             return "the server may serve TLS: give --tls-ca with the CA that signed its certificate"
         return "is the server up, and is it a specpipe server?"
     if code == "UNAUTHENTICATED":
-        return ("the token in --token-file is not the server's" if token else
-                "the server requires a bearer token: give --token-file FILE holding it")
+        return (
+            "the token in --token-file is not the server's"
+            if token
+            else "the server requires a bearer token: give --token-file FILE holding it"
+        )
     if code == "UNIMPLEMENTED":
         return f"{addr} does not serve specpipe.v1.SpecPipe: is it a specpipe server?"
     if code == "DEADLINE_EXCEEDED":

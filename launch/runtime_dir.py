@@ -31,7 +31,7 @@ logger = logging.getLogger(__name__)
 PREFIX = "specpipe-"
 # A runtime folder by name (PREFIX, its maker's pid for a human reading `ls`, mkdtemp's random part).
 FOLDER_NAME = re.compile(rf"^{PREFIX}\d+-[A-Za-z0-9_]+$")
-LOCK_NAME = ".lock"   # flocked by the folder's maker while it runs
+LOCK_NAME = ".lock"  # flocked by the folder's maker while it runs
 # sockaddr_un's sun_path holds 108 bytes with the final NUL (Linux; 104 on macOS): a longer ipc
 # path cannot be bound at all.
 MAX_SOCKET_PATH = 103
@@ -43,7 +43,7 @@ FALLBACK_BASE = "/tmp"
 
 
 def why_not_private(folder: str | os.PathLike) -> str:
-    """"" when `folder` is a directory of this user that no one else may enter, else why not."""
+    """ "" when `folder` is a directory of this user that no one else may enter, else why not."""
     try:
         info = os.lstat(folder)
     except OSError as err:
@@ -125,10 +125,10 @@ class RuntimeDir:
         base = base or pick_base()
         for path in remove_stale(base):
             logger.info("removed the stale runtime folder %s (its server no longer runs)", path)
-        self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))   # mode 0700
+        self.path = Path(tempfile.mkdtemp(prefix=f"{PREFIX}{os.getpid()}-", dir=base))  # mode 0700
         problem = why_not_private(self.path)
         assert not problem, f"mkdtemp made a folder others may enter: {problem}"
-        self._lock_fd = _lock(self.path)   # held until close(): the folder is live
+        self._lock_fd = _lock(self.path)  # held until close(): the folder is live
         assert self._lock_fd is not None, f"cannot lock the new folder {self.path}"
 
     def endpoint(self, name: str) -> str:

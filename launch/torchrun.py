@@ -61,43 +61,68 @@ DEFAULT_DIST_TIMEOUT_S = DEFAULT_STARTUP_TIMEOUT_S
 AUTO_HOST = "auto"
 # Flags that configure the ranks, or that rank 0 resolves: kept out of the coordinator's command
 # line as the user wrote them.
-RANK_FLAGS = ("--host", "--target", "--draft", "--target-addr", "--draft-addr", "--transport", "--worker-host",
-              "--target-device", "--draft-device", "--dtype", "--threads", "--target-data-port",
-              "--target-data-addr", "--dist-timeout", "--log-level")
+RANK_FLAGS = (
+    "--host",
+    "--target",
+    "--draft",
+    "--target-addr",
+    "--draft-addr",
+    "--transport",
+    "--worker-host",
+    "--target-device",
+    "--draft-device",
+    "--dtype",
+    "--threads",
+    "--target-data-port",
+    "--target-data-addr",
+    "--dist-timeout",
+    "--log-level",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="torchrun --nproc-per-node 2 -m specpipe.launch.torchrun", allow_abbrev=False,
+        prog="torchrun --nproc-per-node 2 -m specpipe.launch.torchrun",
+        allow_abbrev=False,
         description="specpipe under torchrun: rank 0 runs the target worker and the coordinator (gRPC), "
-                    "rank 1 the draft worker; the draft's q travel over the torch.distributed group "
-                    "(NCCL on GPUs, gloo on CPU). Takes the flags of `specpipe serve`.")
+        "rank 1 the draft worker; the draft's q travel over the torch.distributed group "
+        "(NCCL on GPUs, gloo on CPU). Takes the flags of `specpipe serve`.",
+    )
     add_serve_args(parser)
     # Devices follow LOCAL_RANK unless named; the data plane is the process group.
     parser.set_defaults(target_device=None, draft_device=None, transport="torch", target_addr=None, draft_addr=None)
     options = parser._option_string_actions  # reword the serve help where torchrun differs
     options["--target-device"].help = "target device (default: from LOCAL_RANK: cuda:LOCAL_RANK, else cpu)"
     options["--draft-device"].help = "draft device (default: from LOCAL_RANK: cuda:LOCAL_RANK, else cpu)"
-    options["--host"].help = ("gRPC interface of the coordinator, on rank 0's node (default 127.0.0.1); "
-                              "'auto' = that node's address (see --worker-host)")
-    options["--worker-host"].help = ("interface each rank's worker binds (default 127.0.0.1: one node, where the "
-                                     "workers bind ipc:// sockets in a private folder instead). Several "
-                                     "nodes: 'auto' = each node's own address (the local end of the route to "
-                                     "MASTER_ADDR, or on MASTER_ADDR's node the address its host name resolves "
-                                     "to); never 0.0.0.0 unless you pass it")
+    options["--host"].help = (
+        "gRPC interface of the coordinator, on rank 0's node (default 127.0.0.1); "
+        "'auto' = that node's address (see --worker-host)"
+    )
+    options["--worker-host"].help = (
+        "interface each rank's worker binds (default 127.0.0.1: one node, where the "
+        "workers bind ipc:// sockets in a private folder instead). Several "
+        "nodes: 'auto' = each node's own address (the local end of the route to "
+        "MASTER_ADDR, or on MASTER_ADDR's node the address its host name resolves "
+        "to); never 0.0.0.0 unless you pass it"
+    )
     options["--transport"].help = "torch only: under torchrun the data plane is the process group"
     for flag in ("--draft-addr", "--target-addr", "--target-data-port", "--target-data-addr"):
-        options[flag].help = argparse.SUPPRESS   # serve's remote-worker wiring: the ranks are the workers
+        options[flag].help = argparse.SUPPRESS  # serve's remote-worker wiring: the ranks are the workers
     group = parser.add_argument_group("torchrun")
-    group.add_argument("--dist-timeout", type=float, default=DEFAULT_DIST_TIMEOUT_S,
-                       help=f"seconds to wait for the other rank (model loading included) before failing "
-                            f"(default {DEFAULT_DIST_TIMEOUT_S:.0f})")
+    group.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_DIST_TIMEOUT_S,
+        help=f"seconds to wait for the other rank (model loading included) before failing "
+        f"(default {DEFAULT_DIST_TIMEOUT_S:.0f})",
+    )
     group.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     return parser
 
 
-def coordinator_argv(argv: list[str], host: str, target: str, draft: str, target_addr: str, draft_addr: str,
-                     log_level: str) -> list[str]:
+def coordinator_argv(
+    argv: list[str], host: str, target: str, draft: str, target_addr: str, draft_addr: str, log_level: str
+) -> list[str]:
     """`python -m specpipe.launch.cli serve` over the two running workers, with the user's
     coordinator flags (every serve flag but the rank ones, which the ranks have used)."""
     kept, skip_value = [], False
@@ -108,9 +133,25 @@ def coordinator_argv(argv: list[str], host: str, target: str, draft: str, target
             skip_value = "=" not in word
         else:
             kept.append(word)
-    return [sys.executable, "-m", "specpipe.launch.cli", "--log-level", log_level, "serve", *kept,
-            "--host", host, "--target", target, "--draft", draft, "--target-addr", target_addr,
-            "--draft-addr", draft_addr]
+    return [
+        sys.executable,
+        "-m",
+        "specpipe.launch.cli",
+        "--log-level",
+        log_level,
+        "serve",
+        *kept,
+        "--host",
+        host,
+        "--target",
+        target,
+        "--draft",
+        draft,
+        "--target-addr",
+        target_addr,
+        "--draft-addr",
+        draft_addr,
+    ]
 
 
 def node_address() -> str:
@@ -137,6 +178,7 @@ def models(args) -> tuple[str, str]:
     if args.target and args.draft:
         return args.target, args.draft
     from specpipe.demo_pair import demo_pair_dir
+
     try:
         # Not built here: two ranks (or nodes) building it at once would race.
         root = demo_pair_dir(build_if_missing=False)
@@ -150,8 +192,9 @@ class StoreKeys:
 
     def __init__(self):
         prefix = f"specpipe/{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}"
-        self.draft_endpoint, self.stop, self.draft_stopped = (f"{prefix}/{name}" for name in
-                                                              ("draft_endpoint", "stop", "draft_stopped"))
+        self.draft_endpoint, self.stop, self.draft_stopped = (
+            f"{prefix}/{name}" for name in ("draft_endpoint", "stop", "draft_stopped")
+        )
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -162,24 +205,29 @@ def main(argv: list[str] | None = None) -> None:
         parser.error("--transport: under torchrun the data plane is the process group (torch)")
     if args.target_addr or args.draft_addr:
         parser.error("--target-addr/--draft-addr: under torchrun the ranks are the workers")
-    missing = [name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT")
-               if name not in os.environ]
+    missing = [
+        name for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+    ]
     if missing:
-        parser.error(f"{', '.join(missing)} not set: start this under torchrun (torchrun --nproc-per-node 2 "
-                     f"-m specpipe.launch.torchrun ...)")
+        parser.error(
+            f"{', '.join(missing)} not set: start this under torchrun (torchrun --nproc-per-node 2 "
+            f"-m specpipe.launch.torchrun ...)"
+        )
     rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
     if world_size != 2:
         parser.error(f"WORLD_SIZE is {world_size}: specpipe runs on exactly 2 ranks (target and draft)")
     role = "target" if rank == int(os.environ.get("SPECPIPE_TARGET_RANK", 0)) else "draft"
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s {role}-worker rank {rank} %(name)s: %(message)s")
+    logging.basicConfig(
+        level=args.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s {role}-worker rank {rank} %(name)s: %(message)s",
+    )
     try:
         code = run_rank(role, args, argv, *models(args))
-    except SystemExit as err:   # a message for the user (SystemExit("...")) or a plain exit code
+    except SystemExit as err:  # a message for the user (SystemExit("...")) or a plain exit code
         if not isinstance(err.code, int):
             print(err.code, file=sys.stderr)
         code = err.code if isinstance(err.code, int) else 1
-    except known_errors() as err:   # the user's to fix (a model, a key folder): one line
+    except known_errors() as err:  # the user's to fix (a model, a key folder): one line
         print(f"specpipe torchrun rank {rank} ({role}): error: {one_line(str(err))}", file=sys.stderr)
         code = exit_code(err)
     except BaseException:
@@ -206,8 +254,10 @@ def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
         require_secure([("--worker-host", host)], args.curve_keys, args.insecure_internal)
         return serve_rank(role, args, argv, target, draft, zmq_endpoint(host, 0))
     if int(os.environ.get("LOCAL_WORLD_SIZE", 2)) < int(os.environ["WORLD_SIZE"]):
-        raise UsageError(f"--worker-host {args.worker_host}: the ranks run on different nodes, so their workers "
-                         f"must bind an address the other node reaches: give --worker-host auto (and --curve-keys DIR)")
+        raise UsageError(
+            f"--worker-host {args.worker_host}: the ranks run on different nodes, so their workers "
+            f"must bind an address the other node reaches: give --worker-host auto (and --curve-keys DIR)"
+        )
     with RuntimeDir() as runtime:
         return serve_rank(role, args, argv, target, draft, runtime.endpoint(f"{role}.sock"))
 
@@ -223,10 +273,18 @@ def serve_rank(role: str, args, argv: list[str], target: str, draft: str, bind: 
 
     named = args.target_device if role == "target" else args.draft_device
     device = resolve_device(named) if named else device_for_local_rank()
-    config = WorkerConfig(role=role, model=target if role == "target" else draft, bind=bind, device=str(device),
-                          dtype=args.dtype, num_threads=args.threads, transport="torch",
-                          dist_timeout_s=args.dist_timeout, curve_keys=args.curve_keys)
-    curve_keys, authenticator = secure(config)   # the control socket only: the data plane is the group
+    config = WorkerConfig(
+        role=role,
+        model=target if role == "target" else draft,
+        bind=bind,
+        device=str(device),
+        dtype=args.dtype,
+        num_threads=args.threads,
+        transport="torch",
+        dist_timeout_s=args.dist_timeout,
+        curve_keys=args.curve_keys,
+    )
+    curve_keys, authenticator = secure(config)  # the control socket only: the data plane is the group
     torch.set_num_threads(config.num_threads)
     model = load_model(config.model, device=config.device, dtype=config.dtype)
     engine, _ = build_engine(config, model, device)
@@ -248,7 +306,7 @@ def run_draft(loop, store, keys: StoreKeys) -> int:
         last_look[0] = time.monotonic()
         try:
             return store.check([keys.stop])
-        except Exception as err:   # the store went away with rank 0 or torchrun: nothing left to serve
+        except Exception as err:  # the store went away with rank 0 or torchrun: nothing left to serve
             logger.warning("store unreachable (%s): stopping", err)
             return True
 
@@ -260,7 +318,7 @@ def run_draft(loop, store, keys: StoreKeys) -> int:
     try:
         store.set(keys.draft_stopped, b"1")
     except Exception:
-        pass   # rank 0 is gone already: it waits for this key only for a while
+        pass  # rank 0 is gone already: it waits for this key only for a while
     return 0
 
 
@@ -270,8 +328,9 @@ def run_target(loop, store, keys: StoreKeys, args, argv: list[str], target: str,
     except Exception as err:
         raise SystemExit(f"rank 1 never published its draft endpoint within {args.dist_timeout:.0f}s: {err}")
     draft_endpoint = store.get(keys.draft_endpoint).decode()
-    command = coordinator_argv(argv, resolve_host(args.host), target, draft, loop.endpoint, draft_endpoint,
-                               args.log_level)
+    command = coordinator_argv(
+        argv, resolve_host(args.host), target, draft, loop.endpoint, draft_endpoint, args.log_level
+    )
     logger.info("target %s, draft %s: starting the coordinator", loop.endpoint, draft_endpoint)
     coordinator = subprocess.Popen(command)
     loop.should_stop = lambda: coordinator.poll() is not None
@@ -299,7 +358,7 @@ def stop_draft(store, keys: StoreKeys) -> None:
     try:
         store.set(keys.stop, b"1")
         store.wait([keys.draft_stopped], datetime.timedelta(seconds=PEER_STOP_TIMEOUT_S))
-    except Exception as err:   # rank 1 or the store is gone already
+    except Exception as err:  # rank 1 or the store is gone already
         logger.warning("rank 1 did not confirm its stop within %.0fs: %s", PEER_STOP_TIMEOUT_S, err)
 
 

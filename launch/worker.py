@@ -16,9 +16,19 @@ import os
 import torch
 import zmq
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_DRAFT_SLOTS, DEFAULT_HOST,
-                             DEFAULT_STARTUP_TIMEOUT_S, DEFAULT_TARGET_PORT, DEFAULT_TARGET_SLOTS, ENV_CURVE_KEYS,
-                             WorkerConfig, pin_cpus, zmq_endpoint)
+from specpipe.config import (
+    DEFAULT_DATA_PORT,
+    DEFAULT_DRAFT_PORT,
+    DEFAULT_DRAFT_SLOTS,
+    DEFAULT_HOST,
+    DEFAULT_STARTUP_TIMEOUT_S,
+    DEFAULT_TARGET_PORT,
+    DEFAULT_TARGET_SLOTS,
+    ENV_CURVE_KEYS,
+    WorkerConfig,
+    pin_cpus,
+    zmq_endpoint,
+)
 from specpipe.launch.preflight import UsageError
 from specpipe.launch.report import reporting
 
@@ -29,70 +39,135 @@ ENV_STARTUP_REPORT = "SPECPIPE_STARTUP_REPORT"
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
     default_port = DEFAULT_DRAFT_PORT if role == "draft" else DEFAULT_TARGET_PORT
-    parser = argparse.ArgumentParser(prog=f"python -m specpipe.{role}_worker",
-                                     description=f"The specpipe {role} worker (one process, one model).")
+    parser = argparse.ArgumentParser(
+        prog=f"python -m specpipe.{role}_worker", description=f"The specpipe {role} worker (one process, one model)."
+    )
     parser.add_argument("--model", required=True, help="model folder or hub id")
-    parser.add_argument("--host", default=os.environ.get("SPECPIPE_BIND_HOST", DEFAULT_HOST),
-                        help="interface to bind (default 127.0.0.1; env SPECPIPE_BIND_HOST)")
+    parser.add_argument(
+        "--host",
+        default=os.environ.get("SPECPIPE_BIND_HOST", DEFAULT_HOST),
+        help="interface to bind (default 127.0.0.1; env SPECPIPE_BIND_HOST)",
+    )
     parser.add_argument("--port", type=int, default=default_port, help="port to bind, 0 = any free port")
-    parser.add_argument("--bind", default="", metavar="ENDPOINT",
-                        help="the control socket's ZeroMQ endpoint, instead of --host/--port: ipc:///DIR/NAME (DIR "
-                             "of mode 0700: only this user reaches it) or tcp://HOST:PORT")
-    parser.add_argument("--data-bind", default="", metavar="ENDPOINT",
-                        help="target, zmq transport: the data-plane socket's endpoint, instead of --host/--data-port")
-    parser.add_argument("--insecure-internal", action="store_true",
-                        help="allow a non-loopback endpoint without --curve-keys (commands and tokens in plain text, "
-                             "no authentication: only on a network nobody else shares); warns at every start")
+    parser.add_argument(
+        "--bind",
+        default="",
+        metavar="ENDPOINT",
+        help="the control socket's ZeroMQ endpoint, instead of --host/--port: ipc:///DIR/NAME (DIR "
+        "of mode 0700: only this user reaches it) or tcp://HOST:PORT",
+    )
+    parser.add_argument(
+        "--data-bind",
+        default="",
+        metavar="ENDPOINT",
+        help="target, zmq transport: the data-plane socket's endpoint, instead of --host/--data-port",
+    )
+    parser.add_argument(
+        "--insecure-internal",
+        action="store_true",
+        help="allow a non-loopback endpoint without --curve-keys (commands and tokens in plain text, "
+        "no authentication: only on a network nobody else shares); warns at every start",
+    )
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
-    parser.add_argument("--cpus", default="", metavar="LIST",
-                        help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)")
+    parser.add_argument(
+        "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"
+    )
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
-    parser.add_argument("--transport", default=os.environ.get("SPECPIPE_TRANSPORT", "zmq"), choices=["zmq", "torch"],
-                        help="data plane for the draft's q: zmq, or torch (torch.distributed group from "
-                             "MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, as torchrun sets)")
-    parser.add_argument("--data-port", type=int, default=DEFAULT_DATA_PORT,
-                        help="target, zmq transport: data-plane port to bind (0 = any)")
-    parser.add_argument("--target-data-addr", default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
-                        help="draft, zmq transport: the target's data-plane endpoint, tcp://HOST:PORT "
-                             "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling")
-    parser.add_argument("--dist-timeout", type=float, default=DEFAULT_STARTUP_TIMEOUT_S,
-                        help="seconds to wait for the torch.distributed peer (its model loading included) before "
-                             f"failing (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})")
-    parser.add_argument("--no-predictor", action="store_true",
-                        help="target: do not load the acceptance-length predictor saved beside the model")
-    parser.add_argument("--curve-keys", default=os.environ.get(ENV_CURVE_KEYS, ""), metavar="DIR",
-                        help="CURVE key folder (specpipe curve-keygen DIR): the control socket (and the target's "
-                             "data-plane socket) become CURVE servers that let in only the keys in DIR/clients; the "
-                             f"draft's data-plane socket a CURVE client (env {ENV_CURVE_KEYS}; default: plain)")
+    parser.add_argument(
+        "--transport",
+        default=os.environ.get("SPECPIPE_TRANSPORT", "zmq"),
+        choices=["zmq", "torch"],
+        help="data plane for the draft's q: zmq, or torch (torch.distributed group from "
+        "MASTER_ADDR/MASTER_PORT/RANK/WORLD_SIZE, as torchrun sets)",
+    )
+    parser.add_argument(
+        "--data-port",
+        type=int,
+        default=DEFAULT_DATA_PORT,
+        help="target, zmq transport: data-plane port to bind (0 = any)",
+    )
+    parser.add_argument(
+        "--target-data-addr",
+        default=os.environ.get("SPECPIPE_TARGET_DATA_ADDR", ""),
+        help="draft, zmq transport: the target's data-plane endpoint, tcp://HOST:PORT "
+        "(env SPECPIPE_TARGET_DATA_ADDR); needed for sampling",
+    )
+    parser.add_argument(
+        "--dist-timeout",
+        type=float,
+        default=DEFAULT_STARTUP_TIMEOUT_S,
+        help="seconds to wait for the torch.distributed peer (its model loading included) before "
+        f"failing (default {DEFAULT_STARTUP_TIMEOUT_S:.0f})",
+    )
+    parser.add_argument(
+        "--no-predictor",
+        action="store_true",
+        help="target: do not load the acceptance-length predictor saved beside the model",
+    )
+    parser.add_argument(
+        "--curve-keys",
+        default=os.environ.get(ENV_CURVE_KEYS, ""),
+        metavar="DIR",
+        help="CURVE key folder (specpipe curve-keygen DIR): the control socket (and the target's "
+        "data-plane socket) become CURVE servers that let in only the keys in DIR/clients; the "
+        f"draft's data-plane socket a CURVE client (env {ENV_CURVE_KEYS}; default: plain)",
+    )
     store = parser.add_argument_group("KV store and batching")
-    store.add_argument("--kv-slots", type=int, default=0,
-                       help=f"sequences the KV store holds (target: requests, draft: branches; default "
-                            f"{DEFAULT_TARGET_SLOTS} / {DEFAULT_DRAFT_SLOTS})")
-    store.add_argument("--max-seq-len", type=int, default=0,
-                       help="positions per sequence (default: the model's context length)")
+    store.add_argument(
+        "--kv-slots",
+        type=int,
+        default=0,
+        help=f"sequences the KV store holds (target: requests, draft: branches; default "
+        f"{DEFAULT_TARGET_SLOTS} / {DEFAULT_DRAFT_SLOTS})",
+    )
+    store.add_argument(
+        "--max-seq-len", type=int, default=0, help="positions per sequence (default: the model's context length)"
+    )
     store.add_argument("--max-batch-tokens", type=int, default=512, help="target: tokens fed per forward")
     store.add_argument("--max-batch-requests", type=int, default=64, help="target: requests per forward")
-    store.add_argument("--prefill-chunk", type=int, default=128,
-                       help="prompt tokens fed per forward for one request (target and draft)")
-    parser.add_argument("--drafter", default="model", choices=["model", "ngram"],
-                        help="draft: a causal LM (--model), or prompt lookup with no model (ngram; --model names "
-                             "the target, for its vocabulary)")
+    store.add_argument(
+        "--prefill-chunk",
+        type=int,
+        default=128,
+        help="prompt tokens fed per forward for one request (target and draft)",
+    )
+    parser.add_argument(
+        "--drafter",
+        default="model",
+        choices=["model", "ngram"],
+        help="draft: a causal LM (--model), or prompt lookup with no model (ngram; --model names "
+        "the target, for its vocabulary)",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(),
-                        format=f"%(asctime)s %(levelname)s {role}-worker %(name)s: %(message)s")
-    return WorkerConfig(role=role, model=args.model, bind=args.bind or zmq_endpoint(args.host, args.port),
-                        device=args.device, dtype=args.dtype, num_threads=args.threads,
-                        exit_with_parent=args.exit_with_parent, transport=args.transport,
-                        data_bind=args.data_bind or zmq_endpoint(args.host, args.data_port),
-                        target_data_addr=args.target_data_addr, insecure_internal=args.insecure_internal,
-                        dist_timeout_s=args.dist_timeout, use_predictor=not args.no_predictor,
-                        curve_keys=args.curve_keys, cpus=args.cpus, kv_slots=args.kv_slots,
-                        max_seq_len=args.max_seq_len, max_batch_tokens=args.max_batch_tokens,
-                        max_batch_requests=args.max_batch_requests, prefill_chunk=args.prefill_chunk,
-                        drafter=args.drafter)
+    logging.basicConfig(
+        level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {role}-worker %(name)s: %(message)s"
+    )
+    return WorkerConfig(
+        role=role,
+        model=args.model,
+        bind=args.bind or zmq_endpoint(args.host, args.port),
+        device=args.device,
+        dtype=args.dtype,
+        num_threads=args.threads,
+        exit_with_parent=args.exit_with_parent,
+        transport=args.transport,
+        data_bind=args.data_bind or zmq_endpoint(args.host, args.data_port),
+        target_data_addr=args.target_data_addr,
+        insecure_internal=args.insecure_internal,
+        dist_timeout_s=args.dist_timeout,
+        use_predictor=not args.no_predictor,
+        curve_keys=args.curve_keys,
+        cpus=args.cpus,
+        kv_slots=args.kv_slots,
+        max_seq_len=args.max_seq_len,
+        max_batch_tokens=args.max_batch_tokens,
+        max_batch_requests=args.max_batch_requests,
+        prefill_chunk=args.prefill_chunk,
+        drafter=args.drafter,
+    )
 
 
 def main(role: str, argv=None) -> None:
@@ -114,8 +189,10 @@ def main(role: str, argv=None) -> None:
 def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageError:
     """The one line for a socket that cannot bind; `flags`: (the port's flag, the endpoint's)."""
     if endpoint.startswith("ipc://"):
-        return UsageError(f"{flags[1]}: cannot bind {endpoint} ({err}): the folder must exist and be this user's, "
-                          f"and the path fit in 103 bytes")
+        return UsageError(
+            f"{flags[1]}: cannot bind {endpoint} ({err}): the folder must exist and be this user's, "
+            f"and the path fit in 103 bytes"
+        )
     return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
 
 
@@ -127,20 +204,21 @@ def start(config: WorkerConfig):
     from specpipe.worker_loop import WorkerLoop, exit_with_parent
 
     try:
-        pin_cpus(config.cpus)   # before torch starts its threads
+        pin_cpus(config.cpus)  # before torch starts its threads
     except ValueError as err:
         raise UsageError(f"--cpus: {err}") from None
-    check_worker(config)        # no plain text across hosts, no ipc socket others may reach
+    check_worker(config)  # no plain text across hosts, no ipc socket others may reach
     if config.exit_with_parent:
         exit_with_parent()
-    curve_keys, authenticator = secure(config)   # before any bind: see specpipe/curve.py
+    curve_keys, authenticator = secure(config)  # before any bind: see specpipe/curve.py
     torch.set_num_threads(config.num_threads)
     try:
-        device = resolve_device(config.device)   # before the model loads: a wrong image fails in seconds
+        device = resolve_device(config.device)  # before the model loads: a wrong image fails in seconds
     except ModelLoadError as err:
         raise UsageError(f"--device: {err}") from None
     model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
     from specpipe.kv_store import UnsupportedModel
+
     try:
         engine, data_endpoint = build_engine(config, model, device, curve_keys)
     except zmq.ZMQError as err:
@@ -163,8 +241,10 @@ def startup_errors(role: str):
     stdout, where the launcher reads READY, so that it reports the failure as its own one line."""
     say = None
     if os.environ.get(ENV_STARTUP_REPORT) == "stdout":
+
         def say(message: str, code: int) -> None:
             print(f"FAILED {code} {message}", flush=True)
+
     return reporting(f"specpipe {role} worker", logging.getLogger().isEnabledFor(logging.DEBUG), say)
 
 
@@ -177,9 +257,13 @@ def secure(config: WorkerConfig):
     import zmq
 
     from specpipe import curve
+
     try:
-        keys = curve.load_keys(config.curve_keys, server=True,
-                               client=config.role == "draft" and config.transport == "zmq" and bool(config.target_data_addr))
+        keys = curve.load_keys(
+            config.curve_keys,
+            server=True,
+            client=config.role == "draft" and config.transport == "zmq" and bool(config.target_data_addr),
+        )
     except curve.CurveError as err:
         raise UsageError(str(err)) from None
     return keys, curve.start_authenticator(zmq.Context.instance(), keys)
@@ -194,18 +278,22 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     group = None
     if config.transport == "torch":
         from specpipe.distributed import init_from_env
+
         group = init_from_env(device, config.dist_timeout_s)
     if config.role == "draft":
         from specpipe.draft_worker.engine import DraftEngine
+
         if group is not None:
             sender = dataplane.TorchSender(group.target_rank, device, group.data_group)
         else:
-            sender = (dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys)
-                      if config.target_data_addr else None)
+            sender = (
+                dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys) if config.target_data_addr else None
+            )
         return DraftEngine(build_drafter(config, model, device), probs_sender=sender), ""
     from specpipe.models import vocab_size
     from specpipe.predictor import load_predictor
     from specpipe.target_worker.engine import BatchLimits, TargetEngine
+
     predictor = load_predictor(config.model) if config.use_predictor else None
     if predictor is not None:
         logging.getLogger(__name__).info("acceptance-length predictor loaded: %r", predictor)
@@ -228,6 +316,7 @@ def build_store(config: WorkerConfig, model, device, slots: int):
     the OS backs only the pages sequences write. On a GPU the slots are cut to what fits."""
     from specpipe.kv_store import KVStore, prepare_model
     from specpipe.models import context_length
+
     prepare_model(model, device)
     slot_len = min(config.max_seq_len or context_length(model), context_length(model))
     if torch.device(device).type == "cuda":
@@ -241,21 +330,27 @@ def build_store(config: WorkerConfig, model, device, slots: int):
 def slots_that_fit(model, device, slots: int, slot_len: int) -> int:
     """How many slots of `slot_len` positions fit in the GPU's free memory (KV_MEMORY_SHARE of it)."""
     from specpipe.kv_store import KV_MEMORY_SHARE, bytes_per_position
+
     free, _ = torch.cuda.mem_get_info(torch.device(device))
     fitting = int(free * KV_MEMORY_SHARE) // (slot_len * bytes_per_position(model))
     if fitting < 1:
-        raise UsageError(f"not one KV slot of {slot_len} positions fits the {free / 2**30:.1f} GiB free on {device}: "
-                         f"lower --max-seq-len")
+        raise UsageError(
+            f"not one KV slot of {slot_len} positions fits the {free / 2**30:.1f} GiB free on {device}: "
+            f"lower --max-seq-len"
+        )
     if fitting < slots:
-        logging.getLogger(__name__).warning("KV store: %d slots requested, %d fit in the free memory of %s",
-                                            slots, fitting, device)
+        logging.getLogger(__name__).warning(
+            "KV store: %d slots requested, %d fit in the free memory of %s", slots, fitting, device
+        )
     return min(slots, fitting)
 
 
 def build_drafter(config: WorkerConfig, model, device):
     from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter
+
     if config.drafter == "ngram":
         from transformers import AutoConfig
+
         text_config = AutoConfig.from_pretrained(config.model).get_text_config(decoder=True)
         return NgramDrafter(text_config.vocab_size, config.max_seq_len or 1 << 20)
     store = build_store(config, model, device, config.kv_slots or DEFAULT_DRAFT_SLOTS)

@@ -10,5 +10,6 @@ def __getattr__(name):
     # Lazy: importing specpipe (as the workers do) must not pull in grpc.
     if name == "Client":
         from specpipe.client import Client
+
         return Client
     raise AttributeError(name)

@@ -6,6 +6,7 @@ probability a, independently, until the first rejection; a round of k draft toke
 E(a, k) = 1 + a + ... + a^k = (1 - a^(k+1)) / (1 - a) tokens (the accepted ones plus the target's
 correction or bonus), k + 1 at a = 1. Pure: no clock, no model, no state.
 """
+
 from __future__ import annotations
 
 

@@ -38,16 +38,27 @@ def retry_options(retries: int) -> list[tuple[str, object]]:
     assert 0 <= retries < MAX_ATTEMPTS, f"retries must be in [0, {MAX_ATTEMPTS - 1}]"
     if retries == 0:
         return [("grpc.enable_retries", 0)]
-    policy = {"maxAttempts": retries + 1, "initialBackoff": "0.25s", "maxBackoff": "2s",
-              "backoffMultiplier": 2, "retryableStatusCodes": ["UNAVAILABLE"]}
+    policy = {
+        "maxAttempts": retries + 1,
+        "initialBackoff": "0.25s",
+        "maxBackoff": "2s",
+        "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
     config = {"methodConfig": [{"name": [{"service": "specpipe.v1.SpecPipe"}], "retryPolicy": policy}]}
     return [("grpc.enable_retries", 1), ("grpc.service_config", json.dumps(config))]
 
 
 class Client:
-    def __init__(self, addr: str = "127.0.0.1:50051", *, token: str | None = None,
-                 root_certificates: bytes | None = None, timeout: float | None = None,
-                 retries: int = DEFAULT_RETRIES):
+    def __init__(
+        self,
+        addr: str = "127.0.0.1:50051",
+        *,
+        token: str | None = None,
+        root_certificates: bytes | None = None,
+        timeout: float | None = None,
+        retries: int = DEFAULT_RETRIES,
+    ):
         """`token`: bearer token when the server requires one; `root_certificates`: PEM of the CA
         for a TLS server (plain text otherwise); `timeout`: default per-call deadline in seconds;
         `retries`: how often a call that failed UNAVAILABLE before its first response is tried
@@ -61,17 +72,35 @@ class Client:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
 
-    def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
-                 max_new_tokens: int = 64, temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
-                 seed: int | None = None, stop: list[str] | None = None, mode: Mode | str | None = None,
-                 drafter_invariant: bool = False, request_id: str = "",
-                 timeout: float | None = None) -> Iterator[specpipe_pb2.GenerateResponse]:
+    def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_ids: list[int] | None = None,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_k: int = 0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        stop: list[str] | None = None,
+        mode: Mode | str | None = None,
+        drafter_invariant: bool = False,
+        request_id: str = "",
+        timeout: float | None = None,
+    ) -> Iterator[specpipe_pb2.GenerateResponse]:
         """`mode`: a Mode or its name ("specbranch", ...); None: the server's default."""
         request = specpipe_pb2.GenerateRequest(
-            request_id=request_id, prompt=prompt or "", prompt_ids=prompt_ids or [],
-            max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
-            stop=stop or [], mode=specpipe_pb2.MODE_UNSPECIFIED if mode is None else Mode(mode).proto,
-            drafter_invariant=drafter_invariant)
+            request_id=request_id,
+            prompt=prompt or "",
+            prompt_ids=prompt_ids or [],
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            stop=stop or [],
+            mode=specpipe_pb2.MODE_UNSPECIFIED if mode is None else Mode(mode).proto,
+            drafter_invariant=drafter_invariant,
+        )
         if seed is not None:
             request.seed = seed
         return self.stub.Generate(request, timeout=timeout or self.timeout, metadata=self.metadata)

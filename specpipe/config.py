@@ -16,7 +16,7 @@ DEFAULT_HOST = "127.0.0.1"
 DEFAULT_GRPC_PORT = 50051
 DEFAULT_DRAFT_PORT = 50061
 DEFAULT_TARGET_PORT = 50062
-DEFAULT_DATA_PORT = 50063      # the target's data-plane port (zmq transport)
+DEFAULT_DATA_PORT = 50063  # the target's data-plane port (zmq transport)
 # The ports the deployment files give the optional listeners (the flags are off by default):
 # --health-port (grpc.health.v1 alone, plain text, for probes) and --metrics-port (Prometheus).
 DEFAULT_HEALTH_PORT = 50052
@@ -32,7 +32,7 @@ DEFAULT_TARGET_SLOTS = 32
 DEFAULT_DRAFT_SLOTS = 32 * 5
 # `specpipe serve --draft ngram`: the prompt-lookup drafter (no draft model; draft_worker/drafter.py).
 NGRAM_DRAFTER = "ngram"
-ENV_CURVE_KEYS = "SPECPIPE_CURVE_KEYS"   # --curve-keys DIR on every process (specpipe/curve.py)
+ENV_CURVE_KEYS = "SPECPIPE_CURVE_KEYS"  # --curve-keys DIR on every process (specpipe/curve.py)
 
 
 def zmq_endpoint(host: str, port: int) -> str:
@@ -63,17 +63,21 @@ def pin_cpus(spec: str) -> None:
     cpus = parse_cpus(spec)
     threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
     try:
-        for thread in threads:        # threads started before (torch's, at import) as well
+        for thread in threads:  # threads started before (torch's, at import) as well
             os.sched_setaffinity(int(thread), cpus)
     except OSError as err:
-        raise ValueError(f"CPU list {spec!r} names CPUs outside the ones this host lets it use "
-                         f"({_cpuset_text()}): {err.strerror}") from None
+        raise ValueError(
+            f"CPU list {spec!r} names CPUs outside the ones this host lets it use ({_cpuset_text()}): {err.strerror}"
+        ) from None
 
 
 def _cpuset_text() -> str:
     """The CPUs this process may be moved to, as the cgroup writes them (best effort)."""
-    for path in ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/fs/cgroup/cpuset/cpuset.effective_cpus",
-                 "/sys/devices/system/cpu/online"):
+    for path in (
+        "/sys/fs/cgroup/cpuset.cpus.effective",
+        "/sys/fs/cgroup/cpuset/cpuset.effective_cpus",
+        "/sys/devices/system/cpu/online",
+    ):
         try:
             with open(path) as f:
                 return f.read().strip()
@@ -82,20 +86,21 @@ def _cpuset_text() -> str:
     return f"0-{(os.cpu_count() or 1) - 1}"
 
 
-POLICIES = ("fixed", "confidence", "adaptive", "predictor")   # the kinds (coordinator/policy.py explains each)
+POLICIES = ("fixed", "confidence", "adaptive", "predictor")  # the kinds (coordinator/policy.py explains each)
 
 
 @dataclass(frozen=True)
 class PolicyConfig:
     """The draft-length and branch policy (`--policy` and its flags; coordinator/policy.py)."""
+
     kind: str = "adaptive"
-    num_draft_tokens: int = 6          # block length (the most, for `adaptive` / `predictor`)
-    min_confidence: float = 0.3        # end a block after a token less likely than this
-    branch_width: int = 2              # most alternatives forked at a branch point
-    min_branch_prob: float = 0.1       # skip candidates the draft itself finds unlikely
+    num_draft_tokens: int = 6  # block length (the most, for `adaptive` / `predictor`)
+    min_confidence: float = 0.3  # end a block after a token less likely than this
+    branch_width: int = 2  # most alternatives forked at a branch point
+    min_branch_prob: float = 0.1  # skip candidates the draft itself finds unlikely
     branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
-    branch_lookahead: int = 4          # tokens an alternative branch drafts past its fork point
-    max_branches: int = 4              # live alternative branches per request
+    branch_lookahead: int = 4  # tokens an alternative branch drafts past its fork point
+    max_branches: int = 4  # live alternative branches per request
     main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
 
     def __post_init__(self):
@@ -108,38 +113,40 @@ class PolicyConfig:
 @dataclass(frozen=True)
 class WorkerConfig:
     """A draft or target worker process."""
-    role: str                 # "draft" or "target"
-    model: str                # folder or hub id
-    bind: str                 # ZeroMQ endpoint to bind: tcp://127.0.0.1:50061 (port * = any), ipc:///DIR/draft.sock
+
+    role: str  # "draft" or "target"
+    model: str  # folder or hub id
+    bind: str  # ZeroMQ endpoint to bind: tcp://127.0.0.1:50061 (port * = any), ipc:///DIR/draft.sock
     device: str = "cpu"
     dtype: str = "float32"
-    num_threads: int = 1      # torch threads: one core per worker so both run in parallel
+    num_threads: int = 1  # torch threads: one core per worker so both run in parallel
     exit_with_parent: bool = False
-    transport: str = "zmq"    # data plane for the draft's q: zmq or torch (torch.distributed)
-    data_bind: str = ""       # target, zmq: endpoint of its data-plane socket
+    transport: str = "zmq"  # data plane for the draft's q: zmq or torch (torch.distributed)
+    data_bind: str = ""  # target, zmq: endpoint of its data-plane socket
     target_data_addr: str = ""  # draft, zmq: the target's data-plane endpoint
     dist_timeout_s: float = 60.0
     use_predictor: bool = True  # target: load the acceptance-length predictor beside the model, if any
-    curve_keys: str = ""      # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
+    curve_keys: str = ""  # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
     insecure_internal: bool = False  # allow a non-loopback endpoint without curve_keys (launch/endpoints.py)
-    cpus: str = ""            # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
+    cpus: str = ""  # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
     # The KV store (specpipe/kv_store.py): sequences it holds (target: requests; draft: branches)
     # and positions per sequence (0 = the model's context length).
-    kv_slots: int = 0         # 0 = DEFAULT_TARGET_SLOTS / DEFAULT_DRAFT_SLOTS
+    kv_slots: int = 0  # 0 = DEFAULT_TARGET_SLOTS / DEFAULT_DRAFT_SLOTS
     max_seq_len: int = 0
     # Target batching (target_worker/engine.py BatchLimits).
     max_batch_tokens: int = 512
     max_batch_requests: int = 64
     prefill_chunk: int = 128
-    drafter: str = "model"    # draft: model (a causal LM) or ngram (prompt lookup, no model)
+    drafter: str = "model"  # draft: model (a causal LM) or ngram (prompt lookup, no model)
 
 
 @dataclass(frozen=True)
 class CoordinatorConfig:
     """The coordinator (gRPC server)."""
-    target_model: str         # for the tokenizer and the context length
-    draft_addr: str           # ZeroMQ endpoint of the draft worker
-    target_addr: str          # ZeroMQ endpoint of the target worker
+
+    target_model: str  # for the tokenizer and the context length
+    draft_addr: str  # ZeroMQ endpoint of the draft worker
+    target_addr: str  # ZeroMQ endpoint of the target worker
     # ("" for either: a worker `specpipe serve` spawns after the gRPC server is up; it is attached
     # with WorkerClient.connect once its endpoint is known.)
     host: str = DEFAULT_HOST
@@ -174,8 +181,8 @@ class CoordinatorConfig:
     # The OpenAI-compatible HTTP API on `host` (coordinator/http.py): None = off, 0 = any free port.
     # It shares the admission limits, auth token and TLS above with the gRPC port.
     http_port: int | None = None
-    served_model_name: str = ""   # the model name HTTP clients see and send; "" = target_model
-    chat_template: str = ""       # a Jinja chat template's text (--chat-template FILE); "" = the tokenizer's
+    served_model_name: str = ""  # the model name HTTP clients see and send; "" = target_model
+    chat_template: str = ""  # a Jinja chat template's text (--chat-template FILE); "" = the tokenizer's
     log_format: str = "text"  # text | json (one JSON object per line)
     # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
     curve_keys: str = ""

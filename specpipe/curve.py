@@ -41,18 +41,21 @@ class CurveError(Exception):
 @dataclass(frozen=True)
 class CurveKeys:
     """The keys one process needs, z85-encoded; the secret ones stay out of repr."""
+
     folder: str
     server_public: bytes
-    server_secret: bytes | None = field(default=None, repr=False)   # a worker's (CURVE server)
-    client_public: bytes | None = None                              # a client's (coordinator, draft's PUSH)
+    server_secret: bytes | None = field(default=None, repr=False)  # a worker's (CURVE server)
+    client_public: bytes | None = None  # a client's (coordinator, draft's PUSH)
     client_secret: bytes | None = field(default=None, repr=False)
-    allowed_clients: frozenset[bytes] = frozenset()                 # server: the keys in clients/
+    allowed_clients: frozenset[bytes] = frozenset()  # server: the keys in clients/
 
 
 def require_curve() -> None:
     if not zmq.has("curve"):
-        raise CurveError(f"--curve-keys: this libzmq ({zmq.zmq_version()}) was built without CURVE; install a "
-                         f"pyzmq wheel (they bundle libsodium-backed CURVE) or a libzmq built with it")
+        raise CurveError(
+            f"--curve-keys: this libzmq ({zmq.zmq_version()}) was built without CURVE; install a "
+            f"pyzmq wheel (they bundle libsodium-backed CURVE) or a libzmq built with it"
+        )
 
 
 def generate_keys(folder: str | os.PathLike) -> list[Path]:
@@ -60,8 +63,9 @@ def generate_keys(folder: str | os.PathLike) -> list[Path]:
     also in `clients/`; secrets are mode 0600. Refuses to overwrite keys already there."""
     require_curve()
     root = Path(folder)
-    existing = [path for path in (root / f"{SERVER_NAME}.key_secret", root / f"{CLIENT_NAME}.key_secret")
-                if path.exists()]
+    existing = [
+        path for path in (root / f"{SERVER_NAME}.key_secret", root / f"{CLIENT_NAME}.key_secret") if path.exists()
+    ]
     if existing:
         raise CurveError(f"{existing[0]} exists: not overwriting keys (remove the folder to start over)")
     (root / CLIENTS_FOLDER).mkdir(parents=True, exist_ok=True)
@@ -124,8 +128,9 @@ def configure_server(socket: zmq.Socket, keys: CurveKeys) -> None:
     socket.curve_server = True
 
 
-def bind_server_socket(context: zmq.Context, socket_type: int, bind: str, max_message_bytes: int,
-                       keys: CurveKeys | None = None) -> tuple[zmq.Socket, str]:
+def bind_server_socket(
+    context: zmq.Context, socket_type: int, bind: str, max_message_bytes: int, keys: CurveKeys | None = None
+) -> tuple[zmq.Socket, str]:
     """A worker's listening socket, set up the one way all of them are: no linger, oversized
     messages refused by libzmq, CURVE when keys are given; returns (socket, bound endpoint)."""
     socket = context.socket(socket_type)
@@ -157,8 +162,11 @@ class _AllowedClients:
             return True
         if client_key not in self.refused and len(self.refused) < MAX_LOGGED_REFUSALS:
             self.refused.add(client_key)
-            logger.warning("refused a CURVE client whose key %s is not in %s", client_key.decode(),
-                           Path(self.keys.folder) / CLIENTS_FOLDER)
+            logger.warning(
+                "refused a CURVE client whose key %s is not in %s",
+                client_key.decode(),
+                Path(self.keys.folder) / CLIENTS_FOLDER,
+            )
         return False
 
 

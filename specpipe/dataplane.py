@@ -29,14 +29,14 @@ from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 logger = logging.getLogger(__name__)
 
-HEADER_FIELDS = 5      # handle, branch_id, epoch, position, vocab
+HEADER_FIELDS = 5  # handle, branch_id, epoch, position, vocab
 # Drafted tokens that may wait in the pipe: far more than any lookahead, so a send never blocks
 # on a live target.
 SEND_HIGH_WATER_MARK = 100_000
 # torch transport: sends in flight at once (pre-allocated slots); more than a few blocks' worth.
 SEND_RING = 64
 
-Key = tuple[int, int, int, int]   # (handle, branch_id, epoch, position)
+Key = tuple[int, int, int, int]  # (handle, branch_id, epoch, position)
 
 
 class ZmqSender:
@@ -64,8 +64,9 @@ class ZmqReceiver:
 
     def __init__(self, bind: str, context: zmq.Context | None = None, curve_keys: CurveKeys | None = None):
         """`curve_keys`: bind as a CURVE server (the context's authenticator must be running)."""
-        self.socket, self.endpoint = curve.bind_server_socket(context or zmq.Context.instance(), zmq.PULL, bind,
-                                                              wire.MAX_MESSAGE_BYTES, curve_keys)
+        self.socket, self.endpoint = curve.bind_server_socket(
+            context or zmq.Context.instance(), zmq.PULL, bind, wire.MAX_MESSAGE_BYTES, curve_keys
+        )
 
     def drain(self) -> list[tuple[Key, torch.Tensor]]:
         arrived = []
@@ -80,7 +81,7 @@ class ZmqReceiver:
                 keys = list(zip(message.handles, message.branch_ids, message.epochs, message.positions))
                 if probs.dim() != 2 or probs.shape[0] != len(keys):
                     raise ValueError(f"q of shape {tuple(probs.shape)} for {len(keys)} keys")
-            except Exception as err:   # a wrong peer or garbage: log, drop, carry on
+            except Exception as err:  # a wrong peer or garbage: log, drop, carry on
                 logger.warning("data plane dropped a malformed message: %s", err)
                 continue
             arrived += zip(keys, probs)
@@ -94,7 +95,7 @@ class TorchSender:
     def __init__(self, dst_rank: int, device: torch.device, group=None):
         self.dst, self.device, self.group = dst_rank, device, group
         self.headers = torch.zeros(SEND_RING, HEADER_FIELDS, dtype=torch.int64, device=device)
-        self.payloads: torch.Tensor | None = None      # [SEND_RING, vocab], made at the first send
+        self.payloads: torch.Tensor | None = None  # [SEND_RING, vocab], made at the first send
         self.works: list[list] = [[] for _ in range(SEND_RING)]
         self.slot = 0
 
@@ -105,6 +106,7 @@ class TorchSender:
 
     def _send_row(self, key: Key, probs: torch.Tensor) -> None:
         import torch.distributed as dist
+
         if self.payloads is None:
             self.payloads = torch.zeros(SEND_RING, probs.numel(), dtype=torch.float32, device=self.device)
         slot, self.slot = self.slot, (self.slot + 1) % SEND_RING
@@ -113,8 +115,10 @@ class TorchSender:
         header, payload = self.headers[slot], self.payloads[slot]
         header.copy_(torch.tensor([*key, probs.numel()], dtype=torch.int64))
         payload.copy_(probs)
-        self.works[slot] = [dist.isend(header, self.dst, group=self.group),
-                            dist.isend(payload, self.dst, group=self.group)]
+        self.works[slot] = [
+            dist.isend(header, self.dst, group=self.group),
+            dist.isend(payload, self.dst, group=self.group),
+        ]
 
 
 class TorchReceiver:
@@ -125,9 +129,9 @@ class TorchReceiver:
         self.src, self.vocab, self.device, self.group = src_rank, vocab, device, group
         self.header = torch.zeros(HEADER_FIELDS, dtype=torch.int64, device=device)
         self.payload = torch.zeros(vocab, dtype=torch.float32, device=device)
-        self.pool: queue.SimpleQueue = queue.SimpleQueue()     # recycled [vocab] tensors
+        self.pool: queue.SimpleQueue = queue.SimpleQueue()  # recycled [vocab] tensors
         self.arrived: queue.SimpleQueue = queue.SimpleQueue()
-        self.socket = None                                      # nothing to poll: see drain()
+        self.socket = None  # nothing to poll: see drain()
         threading.Thread(target=self._receive, name="dataplane-recv", daemon=True).start()
 
     def _buffer(self) -> torch.Tensor:
@@ -142,13 +146,14 @@ class TorchReceiver:
 
     def _receive(self) -> None:
         import torch.distributed as dist
+
         while True:
             try:
                 dist.recv(self.header, self.src, group=self.group)
                 handle, branch_id, epoch, position, vocab = self.header.tolist()
                 payload = self.payload[:vocab]
                 dist.recv(payload, self.src, group=self.group)
-            except Exception as err:   # the group is gone (peer exited): stop quietly
+            except Exception as err:  # the group is gone (peer exited): stop quietly
                 logger.info("data plane receiver stopped: %s", err)
                 return
             buffer = self._buffer()[:vocab]

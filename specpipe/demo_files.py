@@ -5,12 +5,13 @@ A leaf: it imports nothing of the project, so that both the runtime (specpipe/de
 which finds the pair) and the offline build (specpipe/tools/build_demo.py, which writes it) can
 read it without importing each other. Knows nothing of how a pair is trained or served.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
 
 DEMO_VERSION = "2"  # bump when the recipe changes: names the user-cache folder
-DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"                       # the shipped pair
+DEMO_DIR = Path(__file__).resolve().parent / "assets" / "demo"  # the shipped pair
 PROMPTS_PATH = Path(__file__).resolve().parent / "assets" / "prompts" / "heldout.json"  # its held-out prompts
 MODELS = ("target", "draft")  # a pair's folder holds one model folder of each name
 

@@ -9,6 +9,7 @@ The files' layout is specpipe/demo_files.py's. Cheap to import (no torch): the C
 launchers import it before anything heavy. This module knows nothing of how the pair is trained,
 nor of workers or sockets.
 """
+
 from __future__ import annotations
 
 import json
@@ -33,9 +34,10 @@ def demo_pair_dir(build_if_missing: bool = True) -> Path:
     if is_pair(cached) and (cached / "build_info.json").is_file():
         return cached
     if not build_if_missing:
-        raise FileNotFoundError(f"no demo pair in {demo_files.DEMO_DIR} or {cached}; "
-                                "build it with `specpipe build-demo`")
-    from specpipe.tools import build_demo   # offline tooling, only for this first-use build
+        raise FileNotFoundError(
+            f"no demo pair in {demo_files.DEMO_DIR} or {cached}; build it with `specpipe build-demo`"
+        )
+    from specpipe.tools import build_demo  # offline tooling, only for this first-use build
 
     cached.parent.mkdir(parents=True, exist_ok=True)
     log.info("building the demo pair into %s (first use, a few minutes)", cached)

@@ -37,7 +37,7 @@ class GroupInfo:
     backend: str
     target_rank: int
     draft_rank: int
-    data_group: object = None   # the data plane's process group (DATA_PLANE_TIMEOUT)
+    data_group: object = None  # the data plane's process group (DATA_PLANE_TIMEOUT)
 
 
 def device_for_local_rank(local_rank: int | None = None) -> torch.device:
@@ -65,24 +65,36 @@ def init_from_env(device: torch.device, timeout_s: float = DEFAULT_TIMEOUT_S) ->
     backend = backend_for(device)
     if device.type == "cuda":
         torch.cuda.set_device(device)
-    logger.info("rank %d/%d joining the %s group at %s:%s (timeout %.0fs)", rank, world_size, backend, addr, port,
-                timeout_s)
+    logger.info(
+        "rank %d/%d joining the %s group at %s:%s (timeout %.0fs)", rank, world_size, backend, addr, port, timeout_s
+    )
     try:
         timeout = datetime.timedelta(seconds=timeout_s)
-        store, _, _ = next(dist.rendezvous(f"tcp://{addr}:{port}?rank={rank}&world_size={world_size}",
-                                           timeout=timeout))
+        store, _, _ = next(dist.rendezvous(f"tcp://{addr}:{port}?rank={rank}&world_size={world_size}", timeout=timeout))
         # Under torchrun the agent's store outlives a restart of the ranks (--max-restarts): keys of
         # the previous attempt (the old peers' addresses) must not be read as this one's.
         attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
-        dist.init_process_group(backend, store=dist.PrefixStore(f"specpipe/attempt_{attempt}", store), rank=rank,
-                                world_size=world_size, timeout=timeout)
+        dist.init_process_group(
+            backend,
+            store=dist.PrefixStore(f"specpipe/attempt_{attempt}", store),
+            rank=rank,
+            world_size=world_size,
+            timeout=timeout,
+        )
         # A first collective proves every peer is there (init alone may return before they are).
         dist.barrier(device_ids=[device.index] if device.type == "cuda" else None)
         data_group = dist.new_group(list(range(world_size)), timeout=DATA_PLANE_TIMEOUT, backend=backend)
     except Exception as err:
         raise DistributedSetupError(
             f"rank {rank} of {world_size} could not form the torch.distributed {backend} group at "
-            f"{addr}:{port} within {timeout_s:.0f}s (waiting for the other ranks to join): {err}") from err
-    return GroupInfo(rank=rank, world_size=world_size, local_rank=int(os.environ.get("LOCAL_RANK", rank)),
-                     backend=backend, target_rank=int(os.environ.get("SPECPIPE_TARGET_RANK", 0)),
-                     draft_rank=int(os.environ.get("SPECPIPE_DRAFT_RANK", 1)), data_group=data_group)
+            f"{addr}:{port} within {timeout_s:.0f}s (waiting for the other ranks to join): {err}"
+        ) from err
+    return GroupInfo(
+        rank=rank,
+        world_size=world_size,
+        local_rank=int(os.environ.get("LOCAL_RANK", rank)),
+        backend=backend,
+        target_rank=int(os.environ.get("SPECPIPE_TARGET_RANK", 0)),
+        draft_rank=int(os.environ.get("SPECPIPE_DRAFT_RANK", 1)),
+        data_group=data_group,
+    )

@@ -58,9 +58,9 @@ class KVStore:
     def __init__(self, num_slots: int, slot_len: int, device: torch.device | str = "cpu"):
         assert num_slots >= 1 and slot_len >= 1, "a store needs a slot and a position"
         self.num_slots, self.slot_len, self.device = num_slots, slot_len, torch.device(device)
-        self.keys: list[torch.Tensor] = []     # per layer: [num_slots, kv_heads, slot_len, head_dim]
+        self.keys: list[torch.Tensor] = []  # per layer: [num_slots, kv_heads, slot_len, head_dim]
         self.values: list[torch.Tensor] = []
-        self.free_slots = list(range(num_slots - 1, -1, -1))   # popped from the end: lowest first
+        self.free_slots = list(range(num_slots - 1, -1, -1))  # popped from the end: lowest first
         # Per slot, positions ever zeroed or written: an attention may read a slot's positions up to
         # the longest row of its forward (masked out), and memory never written may hold NaNs, which
         # a mask does not cancel (0 x NaN is NaN). So a slot is zeroed up to what a forward reads,
@@ -83,12 +83,12 @@ class KVStore:
     def free(self, slot: int) -> None:
         assert 0 <= slot < self.num_slots and slot not in self.free_slots, f"slot {slot} is not in use"
         self.free_slots.append(slot)
-        self.free_slots.sort(reverse=True)     # reuse low slots first: keeps live slots dense
+        self.free_slots.sort(reverse=True)  # reuse low slots first: keeps live slots dense
 
     def copy_prefix(self, source: int, target: int, length: int) -> None:
         """Slot `target` gets the first `length` positions of slot `source` (a fork)."""
         assert 0 <= length <= self.slot_len, f"copy of {length} positions outside the slot"
-        with torch.inference_mode():    # (the tensors are inference tensors: made inside a forward)
+        with torch.inference_mode():  # (the tensors are inference tensors: made inside a forward)
             self._copy(source, target, length)
         self.initialized[target] = max(self.initialized[target], min(length, self.initialized[source]))
 
@@ -102,8 +102,9 @@ class KVStore:
         slot = self.allocate()
         try:
             with torch.inference_mode():
-                forward_packed(model, self, [Row(slot, 0, 1)], torch.zeros(1, dtype=torch.long, device=self.device),
-                               keep=[0])
+                forward_packed(
+                    model, self, [Row(slot, 0, 1)], torch.zeros(1, dtype=torch.long, device=self.device), keep=[0]
+                )
         finally:
             self.free(slot)
 
@@ -121,6 +122,7 @@ class KVStore:
 class Row:
     """One sequence's part of a packed forward: `num_tokens` new tokens written at positions
     `start` .. start + num_tokens - 1 of `slot`, attending to everything before them there."""
+
     slot: int
     start: int
     num_tokens: int
@@ -141,9 +143,9 @@ class PackedLayout:
         if self.single is not None:
             row = self.single
             self.num_tokens = self.q_max = row.num_tokens
-            self.positions = torch.arange(row.start, row.start + row.num_tokens, device=device)   # [T]
-            self.query_pos = self.positions[None]                                    # [1, T]
-            self.zero_ranges = []            # it reads only positions it or earlier forwards wrote
+            self.positions = torch.arange(row.start, row.start + row.num_tokens, device=device)  # [T]
+            self.query_pos = self.positions[None]  # [1, T]
+            self.zero_ranges = []  # it reads only positions it or earlier forwards wrote
             store.initialized[row.slot] = max(store.initialized[row.slot], self.kv_len)
             return
         counts = torch.tensor([r.num_tokens for r in rows])
@@ -155,26 +157,27 @@ class PackedLayout:
         # Rows of the attention block: the slot range (dense), or the rows themselves (gathered).
         block_rows = [s - low for s in slots] if self.dense else list(range(len(rows)))
         self.slot_range = (low, high)
-        self.slot_index = torch.tensor(slots, device=device)                       # [rows]
-        self.token_slot = torch.repeat_interleave(self.slot_index, counts.to(device))   # [T]
-        offsets = torch.cat([torch.arange(r.num_tokens) for r in rows]).to(device)   # [T]
+        self.slot_index = torch.tensor(slots, device=device)  # [rows]
+        self.token_slot = torch.repeat_interleave(self.slot_index, counts.to(device))  # [T]
+        offsets = torch.cat([torch.arange(r.num_tokens) for r in rows]).to(device)  # [T]
         starts = torch.repeat_interleave(torch.tensor([r.start for r in rows]), counts).to(device)
-        self.positions = starts + offsets                                           # [T]
-        self.token_block_row = torch.repeat_interleave(torch.tensor(block_rows), counts).to(device)   # [T]
-        self.token_offset = offsets                                                 # [T]
+        self.positions = starts + offsets  # [T]
+        self.token_block_row = torch.repeat_interleave(torch.tensor(block_rows), counts).to(device)  # [T]
+        self.token_offset = offsets  # [T]
         num_block_rows = high - low if self.dense else len(rows)
         # Query i of block row b sits at position row_start[b] + i; it sees keys at <= that.
         row_start = torch.zeros(num_block_rows, dtype=torch.long)
         row_start[block_rows] = torch.tensor([r.start for r in rows])
-        query_pos = row_start[:, None] + torch.arange(self.q_max)                   # [B, q_max]
+        query_pos = row_start[:, None] + torch.arange(self.q_max)  # [B, q_max]
         self.query_pos = query_pos.to(device)
         key_pos = torch.arange(self.kv_len)
         self.causal = (key_pos[None, None, :] <= query_pos[:, :, None]).to(device)  # [B, q_max, kv_len]
         self.num_block_rows = num_block_rows
         # Slots this forward reads up to kv_len: those of the range (dense) or the rows (gathered).
         read = range(low, high) if self.dense else slots
-        self.zero_ranges = [(slot, store.initialized[slot], self.kv_len) for slot in read
-                            if store.initialized[slot] < self.kv_len]
+        self.zero_ranges = [
+            (slot, store.initialized[slot], self.kv_len) for slot in read if store.initialized[slot] < self.kv_len
+        ]
         for slot, _, end in self.zero_ranges:
             store.initialized[slot] = end
 
@@ -192,12 +195,11 @@ class PackedLayout:
             self._masks[sliding_window] = allowed[:, None]
         return self._masks[sliding_window]
 
-
     def _single_mask(self, sliding_window: int | None) -> torch.Tensor | None:
         key_pos = torch.arange(self.kv_len, device=self.positions.device)
         if self.num_tokens == 1 and not (sliding_window and self.kv_len > sliding_window):
             return None
-        allowed = key_pos[None, :] <= self.positions[:, None]                         # [T, kv_len]
+        allowed = key_pos[None, :] <= self.positions[:, None]  # [T, kv_len]
         if sliding_window:
             allowed = allowed & (key_pos[None, :] > self.positions[:, None] - sliding_window)
         return allowed[None, None]
@@ -215,10 +217,10 @@ class PackedCache:
         keys, values = layout.store.layer(layer_idx, key_states)
         if layout.single is not None:
             row = layout.single
-            keys[row.slot, :, row.start:row.start + row.num_tokens] = key_states[0].to(keys.dtype)
-            values[row.slot, :, row.start:row.start + row.num_tokens] = value_states[0].to(values.dtype)
+            keys[row.slot, :, row.start : row.start + row.num_tokens] = key_states[0].to(keys.dtype)
+            values[row.slot, :, row.start : row.start + row.num_tokens] = value_states[0].to(values.dtype)
             return keys, values
-        for slot, begin, end in layout.zero_ranges:     # never-written memory it may read: zeroed
+        for slot, begin, end in layout.zero_ranges:  # never-written memory it may read: zeroed
             keys[slot, :, begin:end] = 0
             values[slot, :, begin:end] = 0
         # [1, kv_heads, T, head_dim] -> [T, kv_heads, head_dim] at (slot, :, position) of each token
@@ -226,13 +228,22 @@ class PackedCache:
         values[layout.token_slot, :, layout.positions] = value_states[0].transpose(0, 1).to(values.dtype)
         return keys, values
 
-    def get_seq_length(self, layer_idx: int = 0) -> int:   # asked by models that build positions themselves
+    def get_seq_length(self, layer_idx: int = 0) -> int:  # asked by models that build positions themselves
         return 0
 
 
-def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attention_mask,
-                   scaling: float | None = None, dropout: float = 0.0, specpipe_layout: PackedLayout | None = None,
-                   sliding_window: int | None = None, **kwargs):
+def slot_attention(
+    module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    specpipe_layout: PackedLayout | None = None,
+    sliding_window: int | None = None,
+    **kwargs,
+):
     """The registered attention function: query [1, heads, T, head_dim] of the packed tokens,
     key / value the layer's whole store [num_slots, kv_heads, slot_len, head_dim]. Returns
     ([1, T, heads, head_dim], None) as transformers' attention functions do."""
@@ -241,35 +252,41 @@ def slot_attention(module, query: torch.Tensor, key: torch.Tensor, value: torch.
     if kwargs.get("softcap") is not None:
         raise UnsupportedModel("attention logit soft-capping is not supported by the slot store")
     heads, head_dim = query.shape[1], query.shape[3]
-    if layout.single is not None:                 # one row: its slot in place, its queries as they are
+    if layout.single is not None:  # one row: its slot in place, its queries as they are
         slot = layout.single.slot
-        out = _sdpa(query, key[slot:slot + 1, :, :layout.kv_len], value[slot:slot + 1, :, :layout.kv_len],
-                    layout.mask(sliding_window), scaling)
-        return out.transpose(1, 2), None                                           # [1, T, heads, head_dim]
+        out = _sdpa(
+            query,
+            key[slot : slot + 1, :, : layout.kv_len],
+            value[slot : slot + 1, :, : layout.kv_len],
+            layout.mask(sliding_window),
+            scaling,
+        )
+        return out.transpose(1, 2), None  # [1, T, heads, head_dim]
     block = query.new_zeros(layout.num_block_rows, heads, layout.q_max, head_dim)
     block[layout.token_block_row, :, layout.token_offset] = query[0].transpose(0, 1)
     if layout.dense:
         low, high = layout.slot_range
-        block_keys, block_values = key[low:high, :, :layout.kv_len], value[low:high, :, :layout.kv_len]
+        block_keys, block_values = key[low:high, :, : layout.kv_len], value[low:high, :, : layout.kv_len]
     else:
-        block_keys = key[layout.slot_index, :, :layout.kv_len]
-        block_values = value[layout.slot_index, :, :layout.kv_len]
+        block_keys = key[layout.slot_index, :, : layout.kv_len]
+        block_values = value[layout.slot_index, :, : layout.kv_len]
     out = _sdpa(block, block_keys, block_values, layout.mask(sliding_window), scaling)  # [B, heads, q_max, head_dim]
-    return out[layout.token_block_row, :, layout.token_offset][None], None       # [1, T, heads, head_dim]
+    return out[layout.token_block_row, :, layout.token_offset][None], None  # [1, T, heads, head_dim]
 
 
 def _sdpa(query, keys, values, mask, scaling):
     """scaled_dot_product_attention, with grouped-query heads expanded where the kernel needs it."""
     extra = {}
     heads = query.shape[1]
-    if keys.shape[1] != heads:                    # grouped-query attention
+    if keys.shape[1] != heads:  # grouped-query attention
         if query.device.type == "cpu":
             extra["enable_gqa"] = True
-        else:                                     # GPU kernels with a mask want equal heads
+        else:  # GPU kernels with a mask want equal heads
             repeat = heads // keys.shape[1]
             keys, values = keys.repeat_interleave(repeat, dim=1), values.repeat_interleave(repeat, dim=1)
-    return torch.nn.functional.scaled_dot_product_attention(query, keys.to(query.dtype), values.to(query.dtype),
-                                                            attn_mask=mask, scale=scaling, **extra)
+    return torch.nn.functional.scaled_dot_product_attention(
+        query, keys.to(query.dtype), values.to(query.dtype), attn_mask=mask, scale=scaling, **extra
+    )
 
 
 AttentionInterface.register(ATTENTION_NAME, slot_attention)
@@ -277,8 +294,8 @@ AttentionInterface.register(ATTENTION_NAME, slot_attention)
 
 @dataclass
 class PackedOutput:
-    logits: torch.Tensor                  # [num_kept, vocab] float32, in the order asked for
-    hidden: torch.Tensor | None = None    # [num_kept, hidden] last layer, when asked for
+    logits: torch.Tensor  # [num_kept, vocab] float32, in the order asked for
+    hidden: torch.Tensor | None = None  # [num_kept, hidden] last layer, when asked for
 
 
 def prepare_model(model, device: torch.device | str = "cpu") -> None:
@@ -288,8 +305,10 @@ def prepare_model(model, device: torch.device | str = "cpu") -> None:
     check_layer_types(model)
     model_type = model.config.get_text_config(decoder=True).model_type
     if not model._can_set_attn_implementation():
-        raise UnsupportedModel(f"model type {model_type!r} does not route its attention through transformers' "
-                               f"AttentionInterface, so it cannot read the batched KV store")
+        raise UnsupportedModel(
+            f"model type {model_type!r} does not route its attention through transformers' "
+            f"AttentionInterface, so it cannot read the batched KV store"
+        )
     sequences, expected = _reference_logits(model, device)
     before = model.config._attn_implementation
     model.set_attn_implementation(ATTENTION_NAME)
@@ -315,20 +334,28 @@ def check_layer_types(model) -> None:
     if not kinds <= SUPPORTED_LAYER_TYPES:
         raise UnsupportedModel(
             f"model type {config.model_type!r} has {sorted(kinds - SUPPORTED_LAYER_TYPES)} layers: their state "
-            f"cannot be rolled back to an arbitrary length, which speculative decoding needs")
+            f"cannot be rolled back to an arbitrary length, which speculative decoding needs"
+        )
 
 
-def forward_packed(model, store: KVStore, rows: list[Row], input_ids: torch.Tensor, keep: list[int],
-                   want_hidden: bool = False) -> PackedOutput:
+def forward_packed(
+    model, store: KVStore, rows: list[Row], input_ids: torch.Tensor, keep: list[int], want_hidden: bool = False
+) -> PackedOutput:
     """One forward over the rows' new tokens, packed: input_ids [T] (row after row). `keep`:
     indices into the T tokens whose logits (and hidden states) are wanted."""
     device = input_ids.device
     layout = PackedLayout(store, rows, device)
     assert input_ids.shape == (layout.num_tokens,), f"{tuple(input_ids.shape)} ids for {layout.num_tokens} tokens"
     keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-    out = model(input_ids=input_ids[None], position_ids=layout.positions[None], cache=PackedCache(layout),
-                use_cache=True, logits_to_keep=keep_index, output_hidden_states=want_hidden,
-                specpipe_layout=layout)
+    out = model(
+        input_ids=input_ids[None],
+        position_ids=layout.positions[None],
+        cache=PackedCache(layout),
+        use_cache=True,
+        logits_to_keep=keep_index,
+        output_hidden_states=want_hidden,
+        specpipe_layout=layout,
+    )
     hidden = out.hidden_states[-1][0, keep_index] if want_hidden else None
     return PackedOutput(logits=out.logits[0].float(), hidden=hidden)
 
@@ -359,12 +386,21 @@ def _check_packed(model, model_type: str, sequences: list[list[int]], expected: 
     except UnsupportedModel as err:
         raise UnsupportedModel(f"model type {model_type!r}: {err}") from None
     except Exception as err:
-        raise UnsupportedModel(f"model type {model_type!r} cannot run over the batched KV store: "
-                               f"{type(err).__name__}: {err}") from err
-    pairs = [(got_first[0], expected[0][4]), (got_first[1], expected[1][1]), (got_second[0], expected[0][5]),
-             (got_second[1], expected[0][6]), (got_second[2], expected[1][2]), (got_second[3], expected[1][3])]
+        raise UnsupportedModel(
+            f"model type {model_type!r} cannot run over the batched KV store: {type(err).__name__}: {err}"
+        ) from err
+    pairs = [
+        (got_first[0], expected[0][4]),
+        (got_first[1], expected[1][1]),
+        (got_second[0], expected[0][5]),
+        (got_second[1], expected[0][6]),
+        (got_second[2], expected[1][2]),
+        (got_second[3], expected[1][3]),
+    ]
     worst = max(float((got - want).abs().max()) for got, want in pairs)
     if not math.isfinite(worst) or worst > CHECK_ATOL:
-        raise UnsupportedModel(f"model type {model_type!r}: a packed forward over the batched KV store differs "
-                               f"from its own forward by {worst:.3g} (its attention does not go through the cache "
-                               f"and attention interface as expected)")
+        raise UnsupportedModel(
+            f"model type {model_type!r}: a packed forward over the batched KV store differs "
+            f"from its own forward by {worst:.3g} (its attention does not go through the cache "
+            f"and attention interface as expected)"
+        )

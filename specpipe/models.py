@@ -45,9 +45,12 @@ def resolve_device(name: str) -> torch.device:
         return torch.device("cuda:0" if torch.cuda.is_available() else "cpu")
     device = torch.device(name)
     if device.type == "cuda" and not torch.cuda.is_available():
-        why = (f"this torch build ({torch.__version__}) has no CUDA: install a CUDA build (the Dockerfile's "
-               f"default target)" if torch.version.cuda is None else
-               "no GPU is visible (CUDA_VISIBLE_DEVICES, the container's --gpus / the pod's GPU request, the driver)")
+        why = (
+            f"this torch build ({torch.__version__}) has no CUDA: install a CUDA build (the Dockerfile's "
+            f"default target)"
+            if torch.version.cuda is None
+            else "no GPU is visible (CUDA_VISIBLE_DEVICES, the container's --gpus / the pod's GPU request, the driver)"
+        )
         raise ModelLoadError(f"device {name!r} asked for, but CUDA is not available: {why}")
     return device
 
@@ -67,13 +70,18 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
         model = AutoModelForCausalLM.from_pretrained(str(path), dtype=resolve_dtype(dtype))
     except (OSError, ValueError) as err:
         raise ModelLoadError(f"cannot load model {str(path)!r}: {err}") from err
-    except Exception as err:   # a corrupt weights file, a missing package: still the model's, not ours
+    except Exception as err:  # a corrupt weights file, a missing package: still the model's, not ours
         raise ModelLoadError(f"cannot load model {str(path)!r}: {type(err).__name__}: {err}") from err
     model.to(resolve_device(device))
     model.eval()
     model.requires_grad_(False)
-    logger.info("loaded %s (%.1fM parameters) on %s as %s", path,
-                sum(p.numel() for p in model.parameters()) / 1e6, device, dtype)
+    logger.info(
+        "loaded %s (%.1fM parameters) on %s as %s",
+        path,
+        sum(p.numel() for p in model.parameters()) / 1e6,
+        device,
+        dtype,
+    )
     return model
 
 
@@ -91,19 +99,20 @@ def check_same_tokenizer(draft: PreTrainedTokenizerBase, target: PreTrainedToken
     draft_vocab, target_vocab = draft.get_vocab(), target.get_vocab()
     if len(draft_vocab) != len(target_vocab):
         raise TokenizerMismatchError(
-            f"tokenizer vocabulary sizes differ: draft has {len(draft_vocab)}, target {len(target_vocab)}")
+            f"tokenizer vocabulary sizes differ: draft has {len(draft_vocab)}, target {len(target_vocab)}"
+        )
     differing = [token for token, token_id in target_vocab.items() if draft_vocab.get(token) != token_id]
     if differing:
         listed = ", ".join(
             f"{token!r} (target id {target_vocab[token]}, draft id {draft_vocab.get(token)})"
-            for token in sorted(differing)[:MAX_LISTED_DIFFERENCES])
-        raise TokenizerMismatchError(
-            f"tokenizer vocabularies differ in {len(differing)} entries, e.g. {listed}")
+            for token in sorted(differing)[:MAX_LISTED_DIFFERENCES]
+        )
+        raise TokenizerMismatchError(f"tokenizer vocabularies differ in {len(differing)} entries, e.g. {listed}")
     for special in ("eos_token_id", "bos_token_id", "pad_token_id", "unk_token_id"):
         if getattr(draft, special) != getattr(target, special):
             raise TokenizerMismatchError(
-                f"tokenizer {special} differs: draft {getattr(draft, special)}, "
-                f"target {getattr(target, special)}")
+                f"tokenizer {special} differs: draft {getattr(draft, special)}, target {getattr(target, special)}"
+            )
 
 
 def vocab_size(model: PreTrainedModel) -> int:

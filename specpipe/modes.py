@@ -8,13 +8,14 @@ Each member's value is its lower-case name, the spelling of flags (`--mode specb
 logs; a Mode is also a `str`, so it equals that spelling. Code compares members
 (`mode == Mode.SEQUENTIAL`), never spelled-out strings. Knows nothing of what a schedule does.
 """
+
 from __future__ import annotations
 
 import enum
 
 from specpipe.proto.specpipe.v1 import specpipe_pb2
 
-PROTO_PREFIX = "MODE_"   # the proto's enum-value prefix (proto3 style: values are package-global)
+PROTO_PREFIX = "MODE_"  # the proto's enum-value prefix (proto3 style: values are package-global)
 UNSPECIFIED = specpipe_pb2.MODE_UNSPECIFIED
 
 
@@ -40,7 +41,13 @@ class _Mode(str, enum.Enum):
         return cls[specpipe_pb2.Mode.Name(value).removeprefix(PROTO_PREFIX)]
 
 
-Mode = _Mode("Mode", [(name.removeprefix(PROTO_PREFIX), name.removeprefix(PROTO_PREFIX).lower())
-                      for name, value in specpipe_pb2.Mode.items() if value != UNSPECIFIED])
+Mode = _Mode(
+    "Mode",
+    [
+        (name.removeprefix(PROTO_PREFIX), name.removeprefix(PROTO_PREFIX).lower())
+        for name, value in specpipe_pb2.Mode.items()
+        if value != UNSPECIFIED
+    ],
+)
 Mode.__doc__ = "A request's schedule (see the module docstring); a str equal to its flag spelling."
-MODE_NAMES = tuple(mode.value for mode in Mode)   # the flag spellings, in the proto's order
+MODE_NAMES = tuple(mode.value for mode in Mode)  # the flag spellings, in the proto's order

@@ -21,6 +21,7 @@ This module is the runtime half: the model and `load_predictor(target_dir)`, whi
 (specpipe/tools/train_predictor.py, `specpipe train-predictor`). This module knows nothing of
 workers, sockets or the coordinator's policy.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -33,8 +34,8 @@ import torch.nn.functional as F
 
 log = logging.getLogger(__name__)
 
-MAX_LEN = 8             # classes 0..MAX_LEN; blocks are rarely longer, and ">= 8" is all a policy needs
-NUM_UNITS = 128         # one hidden layer: the cost per verify must stay negligible
+MAX_LEN = 8  # classes 0..MAX_LEN; blocks are rarely longer, and ">= 8" is all a policy needs
+NUM_UNITS = 128  # one hidden layer: the cost per verify must stay negligible
 FILE_STEM = "accept_predictor"
 
 
@@ -44,13 +45,15 @@ class AcceptPredictor(torch.nn.Module):
     def __init__(self, hidden_size: int, max_len: int = MAX_LEN, num_units: int = NUM_UNITS):
         super().__init__()
         self.hidden_size, self.max_len = hidden_size, max_len
-        self.layer1 = torch.nn.Linear(hidden_size, num_units)   # input standardisation folded in (see training)
+        self.layer1 = torch.nn.Linear(hidden_size, num_units)  # input standardisation folded in (see training)
         self.layer2 = torch.nn.Linear(num_units, max_len + 1)
         self.register_buffer("lengths", torch.arange(max_len + 1, dtype=torch.float32), persistent=False)
 
     def __repr__(self) -> str:
-        return (f"AcceptPredictor(hidden_size={self.hidden_size}, max_len={self.max_len}, "
-                f"num_units={self.layer1.out_features})")
+        return (
+            f"AcceptPredictor(hidden_size={self.hidden_size}, max_len={self.max_len}, "
+            f"num_units={self.layer1.out_features})"
+        )
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return self.layer2(F.gelu(self.layer1(hidden.float())))

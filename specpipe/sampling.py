@@ -138,15 +138,10 @@ def draw_uniforms(generator: Generators, batch: int, count: int, device) -> torc
     row i is torch.rand(count) from generator i, so a row's draws do not depend on its neighbours.
     """
     if isinstance(generator, torch.Generator):
-        uniforms = torch.rand(
-            batch, count, generator=generator, device=generator.device, dtype=torch.float64
-        )
+        uniforms = torch.rand(batch, count, generator=generator, device=generator.device, dtype=torch.float64)
         return uniforms.to(device)
     assert len(generator) == batch, f"{len(generator)} generators for {batch} rows"
-    rows = [
-        torch.rand(count, generator=g, device=g.device, dtype=torch.float64).to(device)
-        for g in generator
-    ]
+    rows = [torch.rand(count, generator=g, device=g.device, dtype=torch.float64).to(device) for g in generator]
     return torch.stack(rows) if rows else torch.empty(0, count, dtype=torch.float64, device=device)
 
 
@@ -178,8 +173,10 @@ def position_uniforms(seed: int, positions: Sequence[int], stream: int) -> torch
     """[len(positions)] float64 uniforms in [0, 1), the one at sequence position t drawn from the
     generator keyed by (seed, t, stream): a function of the position alone, not of how the
     positions are grouped into blocks."""
-    return torch.tensor([torch.rand(1, generator=make_generator(seed, t, stream), dtype=torch.float64).item()
-                         for t in positions], dtype=torch.float64)
+    return torch.tensor(
+        [torch.rand(1, generator=make_generator(seed, t, stream), dtype=torch.float64).item() for t in positions],
+        dtype=torch.float64,
+    )
 
 
 def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:

@@ -80,16 +80,24 @@ def exit_with_parent() -> None:
 
 
 class WorkerLoop:
-    def __init__(self, engine: Engine, role: str, bind: str, context: zmq.Context | None = None,
-                 should_stop: Callable[[], bool] = lambda: False, curve_keys: CurveKeys | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        role: str,
+        bind: str,
+        context: zmq.Context | None = None,
+        should_stop: Callable[[], bool] = lambda: False,
+        curve_keys: CurveKeys | None = None,
+    ):
         """`should_stop`: asked at each idle poll; True ends the loop (a launcher's own stop signal,
         e.g. the torchrun entry's store key). `curve_keys`: bind as a CURVE server (the context's
         authenticator must be running: specpipe/curve.py)."""
         self.engine, self.role, self.should_stop = engine, role, should_stop
         self.context = context or zmq.Context.instance()
-        self.socket, self.endpoint = curve.bind_server_socket(self.context, zmq.ROUTER, bind, wire.MAX_MESSAGE_BYTES,
-                                                              curve_keys)
-        self.owners: dict[str, bytes] = {}   # request_id -> the peer identity that started it
+        self.socket, self.endpoint = curve.bind_server_socket(
+            self.context, zmq.ROUTER, bind, wire.MAX_MESSAGE_BYTES, curve_keys
+        )
+        self.owners: dict[str, bytes] = {}  # request_id -> the peer identity that started it
         self.started = time.monotonic()
         self.busy_seconds = 0.0
         self.running = True
@@ -141,8 +149,13 @@ class WorkerLoop:
             logger.warning("%s worker dropped an empty command from peer %r", self.role, identity)
             return None
         if kind == "ping":
-            pong = worker_pb2.Pong(nonce=command.ping.nonce, role=self.role, busy_seconds=self.busy_seconds,
-                                   uptime_seconds=time.monotonic() - self.started, pid=os.getpid())
+            pong = worker_pb2.Pong(
+                nonce=command.ping.nonce,
+                role=self.role,
+                busy_seconds=self.busy_seconds,
+                uptime_seconds=time.monotonic() - self.started,
+                pid=os.getpid(),
+            )
             self.engine.fill_pong(pong)
             return worker_pb2.Reply(pong=pong)
         request_id = getattr(command, kind).request_id
@@ -152,8 +165,9 @@ class WorkerLoop:
             self.engine.handle(command, frames)
         except Exception as err:  # reply with the error, then carry on (STYLE §5)
             logger.exception("[%s] %s worker failed on %s", request_id, self.role, kind)
-            return worker_pb2.Reply(error=worker_pb2.Error(request_id=request_id, command=kind,
-                                                           message=f"{type(err).__name__}: {err}"))
+            return worker_pb2.Reply(
+                error=worker_pb2.Error(request_id=request_id, command=kind, message=f"{type(err).__name__}: {err}")
+            )
         finally:
             if kind == "release":
                 self.owners.pop(request_id, None)
@@ -166,7 +180,7 @@ class WorkerLoop:
         for item in items:
             owner = self.owners.get(item[0])
             if owner is None:
-                continue             # released meanwhile: nobody to tell
+                continue  # released meanwhile: nobody to tell
             if isinstance(item[1], worker_pb2.Reply):
                 self._send(owner, item[1], item[2])
             else:

@@ -37,8 +37,14 @@ from specpipe import wire
 from specpipe.dataplane import ProbsTable
 from specpipe.kv_store import KVStore, Row, forward_packed
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import (STREAM_ACCEPT, STREAM_FINAL, SamplingParams, gumbel_noise, logits_to_probs,
-                               position_uniforms)
+from specpipe.sampling import (
+    STREAM_ACCEPT,
+    STREAM_FINAL,
+    SamplingParams,
+    gumbel_noise,
+    logits_to_probs,
+    position_uniforms,
+)
 from specpipe.target_worker.requests import TargetRequest, Work, next_work
 from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
@@ -52,6 +58,7 @@ DATA_TIMEOUT_S = 10.0
 @dataclass(frozen=True)
 class BatchLimits:
     """Per forward: tokens fed (all rows together) and rows (requests); prefill chunk size."""
+
     max_batch_tokens: int = 512
     max_batch_requests: int = 64
     prefill_chunk: int = 128
@@ -62,8 +69,15 @@ class BatchLimits:
 
 
 class TargetEngine:
-    def __init__(self, model, store: KVStore, device: torch.device | str = "cpu", limits: BatchLimits = BatchLimits(),
-                 probs_receiver=None, predictor=None):
+    def __init__(
+        self,
+        model,
+        store: KVStore,
+        device: torch.device | str = "cpu",
+        limits: BatchLimits = BatchLimits(),
+        probs_receiver=None,
+        predictor=None,
+    ):
         """`store`: the KV store (slots for requests); `probs_receiver`: the data plane from the
         draft (specpipe.dataplane), for sampling; `predictor`: an AcceptPredictor or None."""
         self.model, self.store, self.device, self.limits = model, store, torch.device(device), limits
@@ -72,7 +86,7 @@ class TargetEngine:
         self.receiver = probs_receiver
         self.table = ProbsTable(getattr(probs_receiver, "recycle", None))
         self._turn = 0
-        self.last_batch = (0, 0)          # rows, tokens of the last forward
+        self.last_batch = (0, 0)  # rows, tokens of the last forward
 
     # -- commands -----------------------------------------------------------------------------
     def handle(self, command, frames) -> None:
@@ -100,15 +114,22 @@ class TargetEngine:
         if msg.request_id in self.requests:
             raise ValueError(f"request {msg.request_id!r} exists already")
         if len(msg.token_ids) > self.store.slot_len:
-            raise ValueError(f"a prompt of {len(msg.token_ids)} tokens does not fit a KV slot of "
-                             f"{self.store.slot_len} positions")
+            raise ValueError(
+                f"a prompt of {len(msg.token_ids)} tokens does not fit a KV slot of {self.store.slot_len} positions"
+            )
         wire_sampling = msg.sampling
-        sampling = SamplingParams(wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p,
-                                  wire_sampling.drafter_invariant)
-        self.requests[msg.request_id] = TargetRequest(list(msg.token_ids), self.store.allocate(), sampling,
-                                                      wire_sampling.seed, msg.handle,
-                                                      noise_vocab=wire_sampling.noise_vocab,
-                                                      prompt_left=len(msg.token_ids) - 1)
+        sampling = SamplingParams(
+            wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p, wire_sampling.drafter_invariant
+        )
+        self.requests[msg.request_id] = TargetRequest(
+            list(msg.token_ids),
+            self.store.allocate(),
+            sampling,
+            wire_sampling.seed,
+            msg.handle,
+            noise_vocab=wire_sampling.noise_vocab,
+            prompt_left=len(msg.token_ids) - 1,
+        )
 
     def _request(self, request_id: str) -> TargetRequest:
         if request_id not in self.requests:
@@ -132,8 +153,11 @@ class TargetEngine:
 
     def fill_pong(self, pong: worker_pb2.Pong) -> None:
         pong.live_requests = pong.live_branches = len(self.requests)
-        pong.kv_slots, pong.kv_slots_used, pong.kv_slot_len = (self.store.num_slots, self.store.slots_in_use,
-                                                               self.store.slot_len)
+        pong.kv_slots, pong.kv_slots_used, pong.kv_slot_len = (
+            self.store.num_slots,
+            self.store.slots_in_use,
+            self.store.slot_len,
+        )
         pong.last_batch_rows, pong.last_batch_tokens = self.last_batch
 
     def _probs_ready(self, request: TargetRequest, msg) -> bool:
@@ -148,8 +172,7 @@ class TargetEngine:
         order = list(self.requests.items())
         start = self._turn % len(order) if order else 0
         for request_id, request in order[start:] + order[:start]:
-            work = next_work(request_id, request, self._probs_ready, limits.prefill_chunk, tokens_left,
-                             DATA_TIMEOUT_S)
+            work = next_work(request_id, request, self._probs_ready, limits.prefill_chunk, tokens_left, DATA_TIMEOUT_S)
             if work is None:
                 continue
             if work.fed:
@@ -181,8 +204,15 @@ class TargetEngine:
                 item = self._finish(work, outputs.get(id(work)), share)
             except Exception as err:
                 logger.exception("[%s] %s failed", work.request_id, work.kind)
-                item = (work.request_id, worker_pb2.Reply(error=worker_pb2.Error(
-                    request_id=work.request_id, message=f"{type(err).__name__}: {err}", command=work.kind)), [])
+                item = (
+                    work.request_id,
+                    worker_pb2.Reply(
+                        error=worker_pb2.Error(
+                            request_id=work.request_id, message=f"{type(err).__name__}: {err}", command=work.kind
+                        )
+                    ),
+                    [],
+                )
             if item is not None:
                 items.append(item)
         return items, {"batch_requests": len(fed), "batch_tokens": total, "forward_seconds": forward_s}
@@ -199,14 +229,22 @@ class TargetEngine:
             ids += work.fed
         want_hidden = any(self._wants_hidden(w) for w in works)
         with torch.inference_mode():
-            out = forward_packed(self.model, self.store, rows, torch.tensor(ids, dtype=torch.long, device=self.device),
-                                 keep, want_hidden=want_hidden)
+            out = forward_packed(
+                self.model,
+                self.store,
+                rows,
+                torch.tensor(ids, dtype=torch.long, device=self.device),
+                keep,
+                want_hidden=want_hidden,
+            )
         for work in works:
             work.request.cached += len(work.fed)
             work.fed_prompt = min(work.request.prompt_left, len(work.fed))
             work.request.prompt_left -= work.fed_prompt
-        return {id(work): (out.logits[a:b], out.hidden[a:b] if out.hidden is not None else None)
-                for work, (a, b) in zip(works, spans)}
+        return {
+            id(work): (out.logits[a:b], out.hidden[a:b] if out.hidden is not None else None)
+            for work, (a, b) in zip(works, spans)
+        }
 
     def _wants_hidden(self, work: Work) -> bool:
         """Hidden states are computed for the whole forward when any verify in it needs them."""
@@ -218,7 +256,7 @@ class TargetEngine:
         decoded token; None for a prefill chunk (its time is reported with the first verdict)."""
         request = work.request
         prefill_s = share_s * work.fed_prompt / len(work.fed) if work.fed else 0.0
-        request.unreported_prefill_s += prefill_s          # the prompt's part: reported as prefill
+        request.unreported_prefill_s += prefill_s  # the prompt's part: reported as prefill
         share_s -= prefill_s
         if work.kind == "prefill":
             return None
@@ -226,9 +264,17 @@ class TargetEngine:
         request.ready_since = None
         if work.kind == "stale":
             request.verifies.popleft()
-            return work.request_id, worker_pb2.Verdict(request_id=work.request_id, block_id=work.verify.block_id,
-                                                       stale=True, next_token_id=-1,
-                                                       committed_length=len(request.tokens)), []
+            return (
+                work.request_id,
+                worker_pb2.Verdict(
+                    request_id=work.request_id,
+                    block_id=work.verify.block_id,
+                    stale=True,
+                    next_token_id=-1,
+                    committed_length=len(request.tokens),
+                ),
+                [],
+            )
         if work.kind == "verify":
             request.verifies.popleft()
             verdict, frames = self._verify(work, output)
@@ -255,8 +301,9 @@ class TargetEngine:
     def _verify(self, work: Work, output):
         request, msg = work.request, work.verify
         if msg.start_length != len(request.tokens):
-            raise ValueError(f"block {msg.block_id} starts at {msg.start_length}, committed length is "
-                             f"{len(request.tokens)}")
+            raise ValueError(
+                f"block {msg.block_id} starts at {msg.start_length}, committed length is {len(request.tokens)}"
+            )
         draft = work.draft
         want_hidden = self._wants_hidden(work)
         rows, hidden_rows = self._rows(request, output, want_hidden)
@@ -265,16 +312,21 @@ class TargetEngine:
             request.tokens += draft
             request.next_logits = rows[-1]
             request.next_hidden = hidden_rows[-1] if hidden_rows is not None else None
-            next_token, last_row = -1, num_accepted - 1      # the row that predicted the last accepted token
+            next_token, last_row = -1, num_accepted - 1  # the row that predicted the last accepted token
         else:
             request.tokens += draft[:num_accepted] + [next_token]
             request.cached = msg.start_length + num_accepted  # roll back: forget the rejected positions
             request.next_logits = request.next_hidden = None
-            last_row = num_accepted                          # the row that predicted the correction or bonus
+            last_row = num_accepted  # the row that predicted the correction or bonus
         self.table.drop_below(request.handle, len(request.tokens))
-        verdict = worker_pb2.Verdict(request_id=work.request_id, block_id=msg.block_id, num_accepted=num_accepted,
-                                     next_token_id=next_token, committed_length=len(request.tokens),
-                                     predicted_accept_length=-1.0)
+        verdict = worker_pb2.Verdict(
+            request_id=work.request_id,
+            block_id=msg.block_id,
+            num_accepted=num_accepted,
+            next_token_id=next_token,
+            committed_length=len(request.tokens),
+            predicted_accept_length=-1.0,
+        )
         frames: list[bytes] = []
         last_hidden = hidden_rows[last_row] if hidden_rows is not None and last_row >= 0 else None
         if msg.want_features and last_hidden is not None:
@@ -292,8 +344,13 @@ class TargetEngine:
         _, token = self._decide(request, msg, [], rows[-1:])
         request.tokens.append(token)
         request.next_logits = request.next_hidden = None
-        return worker_pb2.Verdict(request_id=work.request_id, num_accepted=0, next_token_id=token,
-                                  committed_length=len(request.tokens), predicted_accept_length=-1.0)
+        return worker_pb2.Verdict(
+            request_id=work.request_id,
+            num_accepted=0,
+            next_token_id=token,
+            committed_length=len(request.tokens),
+            predicted_accept_length=-1.0,
+        )
 
     def _decide(self, request: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
         """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab].
@@ -304,8 +361,9 @@ class TargetEngine:
             result = verify_greedy(draft_ids, rows[None])
         elif sampling.coupled:
             target_probs = self._padded(logits_to_probs(rows, sampling), request.noise_vocab)
-            noise = torch.stack([gumbel_noise(request.seed, start + i, target_probs.shape[-1])
-                                 for i in range(len(draft) + 1)])
+            noise = torch.stack(
+                [gumbel_noise(request.seed, start + i, target_probs.shape[-1]) for i in range(len(draft) + 1)]
+            )
             result = verify_coupled(draft_ids, target_probs[None], noise[None])
         else:
             target_probs = logits_to_probs(rows, sampling)[None]
@@ -332,8 +390,9 @@ class TargetEngine:
             return torch.zeros(1, 0, vocab)
         positions = range(msg.start_length, msg.start_length + num_draft)
         if not self.table.ready(request.handle, msg.branch_id, msg.epoch, positions):
-            raise TimeoutError(f"the draft's q for block {msg.block_id} did not arrive on the data plane "
-                               f"within {DATA_TIMEOUT_S:.0f}s")
+            raise TimeoutError(
+                f"the draft's q for block {msg.block_id} did not arrive on the data plane within {DATA_TIMEOUT_S:.0f}s"
+            )
         draft_probs = self.table.pop(request.handle, msg.branch_id, msg.epoch, positions).to(self.device).float()
         if draft_probs.shape[-1] < vocab:
             draft_probs = torch.nn.functional.pad(draft_probs, (0, vocab - draft_probs.shape[-1]))

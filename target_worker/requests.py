@@ -28,40 +28,43 @@ from specpipe.sampling import SamplingParams
 
 @dataclass
 class TargetRequest:
-    tokens: list[int]                         # committed, prompt included
+    tokens: list[int]  # committed, prompt included
     slot: int
     sampling: SamplingParams
     seed: int
-    handle: int                               # the request's number on the data plane
-    noise_vocab: int = 0                      # drafter-invariant: the width of the Gumbel noise
-    cached: int = 0                           # tokens[:cached] have their KV in the slot
-    next_logits: torch.Tensor | None = None   # [vocab] after tokens[-1], when cached == len(tokens)
-    next_hidden: torch.Tensor | None = None   # [hidden] the last hidden state of that row, when kept
-    verifies: deque = field(default_factory=deque)   # (Verify, queued_at), oldest first
-    decode_until: int = 0                     # decode by itself up to this many tokens (Decode)
-    prompt_left: int = 0                      # prompt tokens not fed yet (their compute is prefill)
-    unreported_prefill_s: float = 0.0         # prefill compute not yet sent with a verdict
-    ready_since: float | None = None          # when its head work became ready (queue time)
+    handle: int  # the request's number on the data plane
+    noise_vocab: int = 0  # drafter-invariant: the width of the Gumbel noise
+    cached: int = 0  # tokens[:cached] have their KV in the slot
+    next_logits: torch.Tensor | None = None  # [vocab] after tokens[-1], when cached == len(tokens)
+    next_hidden: torch.Tensor | None = None  # [hidden] the last hidden state of that row, when kept
+    verifies: deque = field(default_factory=deque)  # (Verify, queued_at), oldest first
+    decode_until: int = 0  # decode by itself up to this many tokens (Decode)
+    prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
+    unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
+    ready_since: float | None = None  # when its head work became ready (queue time)
 
     def __repr__(self) -> str:
-        return (f"TargetRequest(tokens={len(self.tokens)}, cached={self.cached}, slot={self.slot}, "
-                f"verifies={len(self.verifies)}, decode_until={self.decode_until})")
+        return (
+            f"TargetRequest(tokens={len(self.tokens)}, cached={self.cached}, slot={self.slot}, "
+            f"verifies={len(self.verifies)}, decode_until={self.decode_until})"
+        )
 
     @property
     def pending(self) -> list[int]:
-        return self.tokens[self.cached:]
+        return self.tokens[self.cached :]
 
 
 @dataclass
 class Work:
     """One request's part of an iteration. kind: stale | prefill | verify | decode."""
+
     request_id: str
     request: TargetRequest
     kind: str
-    fed: list[int] = field(default_factory=list)      # tokens this forward feeds for it
+    fed: list[int] = field(default_factory=list)  # tokens this forward feeds for it
     verify: worker_pb2.Verify | None = None
     queued_at: float = 0.0
-    fed_prompt: int = 0                               # how many of `fed` are prompt tokens
+    fed_prompt: int = 0  # how many of `fed` are prompt tokens
 
     @property
     def draft(self) -> list[int]:
@@ -74,36 +77,42 @@ class Work:
             return [len(self.fed) - 1] if self.fed else []
         if self.kind != "verify":
             return []
-        first = len(self.fed) - len(self.draft) - 1       # the last pending token, or -1: kept logits
+        first = len(self.fed) - len(self.draft) - 1  # the last pending token, or -1: kept logits
         return list(range(max(first, 0), len(self.fed)))
 
 
 def is_stale(request: TargetRequest, msg: worker_pb2.Verify) -> bool:
     """A queued block whose predecessor was not fully accepted."""
-    return msg.HasField("expect_last_token") and (msg.start_length != len(request.tokens)
-                                                  or request.tokens[-1] != msg.expect_last_token)
+    return msg.HasField("expect_last_token") and (
+        msg.start_length != len(request.tokens) or request.tokens[-1] != msg.expect_last_token
+    )
 
 
-def next_work(request_id: str, request: TargetRequest, probs_ready, prefill_chunk: int,
-              token_budget: int, data_timeout_s: float) -> Work | None:
+def next_work(
+    request_id: str, request: TargetRequest, probs_ready, prefill_chunk: int, token_budget: int, data_timeout_s: float
+) -> Work | None:
     """The request's next piece of work within `token_budget` fed tokens, or None (nothing ready).
     `probs_ready(request, verify)`: whether the draft's q of a sampled block have arrived."""
     pending = request.pending
     if request.verifies:
         msg, queued_at = request.verifies[0]
-        if request.decode_until or is_stale(request, msg):     # (decoding alone now: answered stale)
+        if request.decode_until or is_stale(request, msg):  # (decoding alone now: answered stale)
             return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
         if len(pending) <= prefill_chunk:
             fed = pending + list(msg.draft_token_ids)
             waited_out = time.monotonic() - queued_at > data_timeout_s
-            sampled_ok = (request.sampling.greedy or request.sampling.coupled or not msg.draft_token_ids
-                          or probs_ready(request, msg))
+            sampled_ok = (
+                request.sampling.greedy
+                or request.sampling.coupled
+                or not msg.draft_token_ids
+                or probs_ready(request, msg)
+            )
             if (sampled_ok or waited_out) and (fed or request.next_logits is not None) and len(fed) <= token_budget:
                 return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at)
     elif request.decode_until > len(request.tokens) and len(pending) <= prefill_chunk:
         if len(pending) <= token_budget and (pending or request.next_logits is not None):
             return Work(request_id, request, "decode", fed=pending)
-    if len(pending) > 1:                  # prompt or piled-up tokens: a chunk, keeping the last pending
+    if len(pending) > 1:  # prompt or piled-up tokens: a chunk, keeping the last pending
         size = min(prefill_chunk, len(pending) - 1, token_budget)
         if size > 0:
             return Work(request_id, request, "prefill", fed=pending[:size])

@@ -99,9 +99,10 @@ def rejection_sample(
     batch, num_draft_tokens = draft_token_ids.shape
     device = target_probs.device
     accept_uniforms = draw_uniforms(generator, batch, num_draft_tokens, device)  # [batch, k]
-    final_uniforms = draw_uniforms(generator, batch, 1, device)                   # [batch, 1]
-    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms,
-                      lambda num_accepted: final_uniforms[:, 0])
+    final_uniforms = draw_uniforms(generator, batch, 1, device)  # [batch, 1]
+    return _rejection(
+        draft_token_ids, draft_probs, target_probs, accept_uniforms, lambda num_accepted: final_uniforms[:, 0]
+    )
 
 
 def rejection_sample_at(
@@ -113,8 +114,13 @@ def rejection_sample_at(
 ) -> VerifyResult:
     """Algorithm 1 as `rejection_sample`, with the uniforms given per position."""
     assert final_uniforms.shape == (draft_token_ids.shape[0], draft_token_ids.shape[1] + 1), "a final uniform per row"
-    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms,
-                      lambda num_accepted: final_uniforms.gather(1, num_accepted[:, None])[:, 0])
+    return _rejection(
+        draft_token_ids,
+        draft_probs,
+        target_probs,
+        accept_uniforms,
+        lambda num_accepted: final_uniforms.gather(1, num_accepted[:, None])[:, 0],
+    )
 
 
 def verify_coupled(

@@ -27,5 +27,11 @@ def tiny_models(tmp_path_factory) -> dict[str, Path]:
     shutil.copytree(root / "target", root / "draft_same")
     perturb(root / "target", root / "draft_close", noise=0.3, seed=2)
     flatten(root / "target", root / "draft_flat", factor=0.1)
-    return {"target": root / "target", "draft": root / "draft", "draft_same": root / "draft_same",
-            "draft_close": root / "draft_close", "draft_flat": root / "draft_flat", "tokenizer": tok_dir}
+    return {
+        "target": root / "target",
+        "draft": root / "draft",
+        "draft_same": root / "draft_same",
+        "draft_close": root / "draft_close",
+        "draft_flat": root / "draft_flat",
+        "tokenizer": tok_dir,
+    }

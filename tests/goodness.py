@@ -29,7 +29,7 @@ MIN_EXPECTED = 5.0
 
 
 def _as_float64(values) -> np.ndarray:
-    if hasattr(values, "detach"):        # a torch tensor
+    if hasattr(values, "detach"):  # a torch tensor
         values = values.detach().cpu().double().numpy()
     return np.asarray(values, dtype=np.float64).ravel()
 
@@ -63,10 +63,10 @@ def chi_square_pvalue(counts, probs, min_expected: float = MIN_EXPECTED) -> floa
     probs = probs / probs.sum()
     cells = _cells(probs, min_expected / total)
     if len(cells) < 2:
-        return 1.0                        # one outcome possible and only it was seen
+        return 1.0  # one outcome possible and only it was seen
     observed = np.array([counts[c].sum() for c in cells])
     expected = np.array([probs[c].sum() for c in cells]) * total
-    expected *= observed.sum() / expected.sum()      # exact in float64 up to one ulp
+    expected *= observed.sum() / expected.sum()  # exact in float64 up to one ulp
     return float(scipy.stats.chisquare(observed, expected).pvalue)
 
 
@@ -75,8 +75,9 @@ def chi_square_counts(token_ids, num_outcomes: int) -> np.ndarray:
     return np.bincount(_as_float64(token_ids).astype(np.int64), minlength=num_outcomes).astype(np.float64)
 
 
-def chi_square_power(probs, alternative, num_samples: int, alpha: float = P_VALUE_THRESHOLD,
-                     min_expected: float = MIN_EXPECTED) -> float:
+def chi_square_power(
+    probs, alternative, num_samples: int, alpha: float = P_VALUE_THRESHOLD, min_expected: float = MIN_EXPECTED
+) -> float:
     """The probability that `chi_square_pvalue` with `num_samples` draws from `alternative`
     falls under `alpha` when the reference is `probs` (non-central chi-square approximation;
     an alternative with mass where `probs` has none is caught whenever such a draw happens)."""

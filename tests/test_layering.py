@@ -3,6 +3,7 @@ imports run): the shared core (specpipe/, its offline tools included) imports no
 (coordinator/, draft_worker/, target_worker/, launch/); nothing on the serving path imports the
 offline tools (specpipe/tools/), except lazily where a command runs them; and the modules import
 each other without a cycle."""
+
 from __future__ import annotations
 
 import ast
@@ -12,8 +13,14 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 # pyproject.toml's package-dir: import name -> folder.
-PACKAGE_DIRS = {"specpipe": "specpipe", "specpipe.coordinator": "coordinator", "specpipe.draft_worker": "draft_worker",
-                "specpipe.target_worker": "target_worker", "specpipe.launch": "launch", "specpipe.proto": "proto"}
+PACKAGE_DIRS = {
+    "specpipe": "specpipe",
+    "specpipe.coordinator": "coordinator",
+    "specpipe.draft_worker": "draft_worker",
+    "specpipe.target_worker": "target_worker",
+    "specpipe.launch": "launch",
+    "specpipe.proto": "proto",
+}
 PROCESS_PACKAGES = ("specpipe.coordinator", "specpipe.draft_worker", "specpipe.target_worker", "specpipe.launch")
 TOOLS = "specpipe.tools"
 # The measuring tool (`specpipe bench`) may use the offline tools, but only inside functions: the
@@ -21,8 +28,11 @@ TOOLS = "specpipe.tools"
 MEASURING = "specpipe.launch.bench"
 # Where a runtime module may reach the tools, inside these functions only: the commands that run
 # them, and the first-use build of the demo pair.
-LAZY_TOOL_USES = {("specpipe.demo_pair", "demo_pair_dir"), ("specpipe.launch.cli", "cmd_build_demo"),
-                  ("specpipe.launch.cli", "cmd_train_predictor")}
+LAZY_TOOL_USES = {
+    ("specpipe.demo_pair", "demo_pair_dir"),
+    ("specpipe.launch.cli", "cmd_build_demo"),
+    ("specpipe.launch.cli", "cmd_train_predictor"),
+}
 # Cycles known and being removed: none (the schedules' rewrite removed scheduler <-> pipeline).
 KNOWN_CYCLES: list[list[str]] = []
 
@@ -57,8 +67,8 @@ def _imports(name: str, path: Path) -> list[tuple[str, str | None]]:
             elif isinstance(child, ast.ImportFrom):
                 base = child.module or ""
                 if child.level:
-                    base = ".".join(package.split(".")[:len(package.split(".")) - child.level + 1] + [base]).strip(".")
-                for alias in child.names:    # `from pkg import submodule` imports the submodule
+                    base = ".".join(package.split(".")[: len(package.split(".")) - child.level + 1] + [base]).strip(".")
+                for alias in child.names:  # `from pkg import submodule` imports the submodule
                     found.append((f"{base}.{alias.name}" if f"{base}.{alias.name}" in MODULES else base, function))
             visit(child, inner)
 
@@ -74,17 +84,24 @@ def _inside(name: str, package: str) -> bool:
 
 
 def test_the_walk_sees_the_packages():
-    for module in ("specpipe.config", "specpipe.tools.build_demo", "specpipe.coordinator.servicer",
-                   "specpipe.draft_worker.engine", "specpipe.target_worker.verify", "specpipe.launch.cli",
-                   "specpipe.launch.bench.run"):
+    for module in (
+        "specpipe.config",
+        "specpipe.tools.build_demo",
+        "specpipe.coordinator.servicer",
+        "specpipe.draft_worker.engine",
+        "specpipe.target_worker.verify",
+        "specpipe.launch.cli",
+        "specpipe.launch.bench.run",
+    ):
         assert module in MODULES, module
     # The rules below can fail: the walk sees a lazy import inside a function, by its function.
     assert ("specpipe.tools.build_demo", "cmd_build_demo") in IMPORTS["specpipe.launch.cli"]
     assert ("specpipe.config", None) in IMPORTS["specpipe.launch.cli"]
 
 
-@pytest.mark.parametrize("name", [name for name in MODULES
-                                  if not any(_inside(name, package) for package in PROCESS_PACKAGES)])
+@pytest.mark.parametrize(
+    "name", [name for name in MODULES if not any(_inside(name, package) for package in PROCESS_PACKAGES)]
+)
 def test_the_shared_core_imports_no_process_package(name):
     wrong = [target for target, _ in IMPORTS[name] if any(_inside(target, package) for package in PROCESS_PACKAGES)]
     assert not wrong, f"{name} (shared core) imports {wrong}"
@@ -131,7 +148,9 @@ def _cycles(edges: dict[str, set[str]]) -> list[list[str]]:
 
 def test_no_import_cycle():
     """Imports inside functions count too: a lazy import that closes a loop is still a cycle."""
-    edges = {name: {target for target, _ in imports if target in MODULES and target != name}
-             for name, imports in IMPORTS.items()}
+    edges = {
+        name: {target for target, _ in imports if target in MODULES and target != name}
+        for name, imports in IMPORTS.items()
+    }
     cycles = _cycles(edges)
     assert [cycle for cycle in cycles if cycle not in KNOWN_CYCLES] == [], cycles

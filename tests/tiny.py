@@ -27,21 +27,35 @@ def build_tokenizer(folder: Path, vocab_size: int = 300) -> PreTrainedTokenizerF
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS],
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
     tokenizer.train_from_iterator(TOKENIZER_TEXT * 4, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tokenizer, eos_token=EOS)
     fast.save_pretrained(folder)
     return fast
 
 
-def build_llama(folder: Path, tokenizer_dir: Path, *, seed: int, hidden: int, layers: int,
-                vocab_size: int, eos_id: int) -> None:
+def build_llama(
+    folder: Path, tokenizer_dir: Path, *, seed: int, hidden: int, layers: int, vocab_size: int, eos_id: int
+) -> None:
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=vocab_size, hidden_size=hidden, intermediate_size=2 * hidden,
-                         num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                         max_position_embeddings=512, eos_token_id=eos_id, bos_token_id=None,
-                         pad_token_id=None, tie_word_embeddings=False)
+    config = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=eos_id,
+        bos_token_id=None,
+        pad_token_id=None,
+        tie_word_embeddings=False,
+    )
     model = LlamaForCausalLM(config)
     # Sharper logits than the default init: greedy runs of a random model then have real structure.
     with torch.no_grad():
@@ -92,26 +106,49 @@ def fresh_logits(model, tokens: list[int]) -> torch.Tensor:
 def tiny_architecture(name: str, vocab_size: int = 300, seed: int = 0):
     """A random tiny causal LM of a model family people serve, built from its config (no files)."""
     import transformers
+
     torch.manual_seed(seed)
-    gqa = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-               num_key_value_heads=2, max_position_embeddings=512, vocab_size=vocab_size)
+    gqa = dict(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        vocab_size=vocab_size,
+    )
     configs = {
         "llama": lambda: transformers.LlamaConfig(**gqa),
         "qwen2": lambda: transformers.Qwen2Config(**gqa),
         "qwen3": lambda: transformers.Qwen3Config(**gqa, head_dim=16),
-        "mistral": lambda: transformers.MistralConfig(**gqa, sliding_window=6),   # the window is exercised
+        "mistral": lambda: transformers.MistralConfig(**gqa, sliding_window=6),  # the window is exercised
         "phi3": lambda: transformers.Phi3Config(**gqa, pad_token_id=0, bos_token_id=1, eos_token_id=2),
-        "gpt2": lambda: transformers.GPT2Config(n_embd=64, n_layer=2, n_head=4, n_positions=512,
-                                                vocab_size=vocab_size, bos_token_id=1, eos_token_id=2),
-        "gpt_neox": lambda: transformers.GPTNeoXConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                                       num_attention_heads=4, max_position_embeddings=512,
-                                                       vocab_size=vocab_size),
-        "opt": lambda: transformers.OPTConfig(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
-                                              word_embed_proj_dim=64, max_position_embeddings=512,
-                                              vocab_size=vocab_size, pad_token_id=0, bos_token_id=1, eos_token_id=2),
+        "gpt2": lambda: transformers.GPT2Config(
+            n_embd=64, n_layer=2, n_head=4, n_positions=512, vocab_size=vocab_size, bos_token_id=1, eos_token_id=2
+        ),
+        "gpt_neox": lambda: transformers.GPTNeoXConfig(
+            hidden_size=64,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            max_position_embeddings=512,
+            vocab_size=vocab_size,
+        ),
+        "opt": lambda: transformers.OPTConfig(
+            hidden_size=64,
+            ffn_dim=128,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            word_embed_proj_dim=64,
+            max_position_embeddings=512,
+            vocab_size=vocab_size,
+            pad_token_id=0,
+            bos_token_id=1,
+            eos_token_id=2,
+        ),
     }
     model = AutoModelForCausalLM.from_config(configs[name]()).eval()
-    with torch.no_grad():                      # sharper logits: greedy runs with real structure
+    with torch.no_grad():  # sharper logits: greedy runs with real structure
         model.get_output_embeddings().weight.mul_(8.0)
     return model
 
@@ -123,6 +160,7 @@ def twin(model):
     """A second instance with the same weights: one is routed through the slot store, the other
     stays the plain reference (prepare_model changes a model's attention implementation)."""
     import copy
+
     return copy.deepcopy(model)
 
 
@@ -130,12 +168,14 @@ def store_logits(model, store, slot: int, cached: int, tokens: list[int]) -> tor
     """Next-token logits from `store`'s slot (its first `cached` positions valid) plus the rest of
     `tokens` fed, computed in a scratch slot so the slot itself is left as it is."""
     from specpipe.kv_store import Row, forward_packed
+
     scratch = store.allocate()
     try:
         store.copy_prefix(slot, scratch, cached)
         fed = tokens[cached:]
         with torch.inference_mode():
-            return forward_packed(model, store, [Row(scratch, cached, len(fed))], torch.tensor(fed),
-                                  keep=[len(fed) - 1]).logits[0]
+            return forward_packed(
+                model, store, [Row(scratch, cached, len(fed))], torch.tensor(fed), keep=[len(fed) - 1]
+            ).logits[0]
     finally:
         store.free(scratch)

@@ -58,6 +58,7 @@ the server only through `specpipe.Client` and starts it through launch/local.py'
 it knows nothing of the wire protocol. E(a, k) is specpipe/acceptance.py's, shared with the
 coordinator's policy.
 """
+
 from specpipe.launch.bench.run import add_bench_args, main
 
 __all__ = ["add_bench_args", "main"]

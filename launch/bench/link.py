@@ -45,15 +45,30 @@ def netns_problem() -> str | None:
         return f"ip netns add failed: {added.stderr.strip()}"
     try:
         _run("ip", "-n", probe, "link", "set", "lo", "up", check=False)
-        netem = _run("ip", "netns", "exec", probe, "tc", "qdisc", "add", "dev", "lo", "root", "netem", "delay", "1ms",
-                     check=False)
+        netem = _run(
+            "ip",
+            "netns",
+            "exec",
+            probe,
+            "tc",
+            "qdisc",
+            "add",
+            "dev",
+            "lo",
+            "root",
+            "netem",
+            "delay",
+            "1ms",
+            check=False,
+        )
         return None if netem.returncode == 0 else f"netem is not available in this kernel ({netem.stderr.strip()})"
     finally:
         _run("ip", "netns", "del", probe, check=False)
 
 
-def _start_draft_worker(prefix: tuple[str, ...], model: str, host: str, port: int,
-                        extra: tuple[str, ...] = ()) -> tuple[subprocess.Popen, str]:
+def _start_draft_worker(
+    prefix: tuple[str, ...], model: str, host: str, port: int, extra: tuple[str, ...] = ()
+) -> tuple[subprocess.Popen, str]:
     """`python -m specpipe.draft_worker` (after `prefix`, e.g. `ip netns exec NS`; `extra` flags):
     (process, endpoint)."""
     from specpipe.launch.local import start_worker
@@ -65,6 +80,7 @@ def _start_draft_worker(prefix: tuple[str, ...], model: str, host: str, port: in
 class NetnsLink:
     """The draft worker in a network namespace of its own, reached over a veth pair with netem
     delay on both ends, so each direction pays the one-way latency in the kernel."""
+
     simulated = False
     kind = "network namespace, veth pair, tc netem on both ends, CURVE on the sockets"
 
@@ -93,8 +109,9 @@ class NetnsLink:
             _run(*self.in_ns, "ip", "addr", "add", f"{subnet}.2/30", "dev", self.ns_dev)
             _run(*self.in_ns, "ip", "link", "set", self.ns_dev, "up")
             _run(*self.in_ns, "ip", "link", "set", "lo", "up")
-            self.worker, self.endpoint = _start_draft_worker(self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT,
-                                                             tuple(self.serve_flags))
+            self.worker, self.endpoint = _start_draft_worker(
+                self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT, tuple(self.serve_flags)
+            )
         except BaseException:
             self.close()
             raise
@@ -124,9 +141,10 @@ class ProxyLink:
     """Fallback: the draft worker on loopback behind a TCP relay in this process that holds every
     chunk for the delay in each direction. Simulated: no kernel queueing or packetisation, and
     the event loop's timer granularity (about 1 ms) adds to small delays."""
+
     simulated = True
     kind = "userspace TCP delay relay on loopback"
-    serve_flags: list[str] = []   # loopback only: nothing crosses hosts
+    serve_flags: list[str] = []  # loopback only: nothing crosses hosts
 
     def __init__(self, draft_model: str):
         self.worker, endpoint = _start_draft_worker((), draft_model, "127.0.0.1", 0)
@@ -147,8 +165,9 @@ class ProxyLink:
 
     async def _relay(self, reader, writer) -> None:
         upstream_reader, upstream_writer = await asyncio.open_connection(*self.upstream)
-        await asyncio.gather(self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer),
-                             return_exceptions=True)
+        await asyncio.gather(
+            self._pipe(reader, upstream_writer), self._pipe(upstream_reader, writer), return_exceptions=True
+        )
 
     async def _pipe(self, reader, writer) -> None:
         """Copy reader to writer, each chunk sent `delay` after it arrived, in order."""
@@ -189,6 +208,7 @@ def choose_link(choice: str, latencies_ms: tuple[float, ...]) -> tuple[type, str
     if choice == "netns":
         raise SystemExit(f"--link netns: {problem}")
     if choice == "auto":
-        logger.warning("latency axis: network namespaces with netem are not usable (%s); using the simulated relay",
-                       problem)
+        logger.warning(
+            "latency axis: network namespaces with netem are not usable (%s); using the simulated relay", problem
+        )
     return ProxyLink, problem

@@ -19,7 +19,7 @@ from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3   # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules")
+SCHEMA_VERSION = 3  # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules")
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -32,18 +32,57 @@ LABELS = {  # table order
     "specpipe_specbranch": "specpipe specbranch",
 }
 # Which schedule bounds each method (None: no bound, e.g. a different thread count).
-BOUND_KIND = {"hf_autoregressive": "autoregressive", "hf_autoregressive_2threads": None,
-              "hf_assisted_default": "serial", "hf_assisted_best": "serial",
-              "specpipe_autoregressive": "autoregressive", "specpipe_sequential": "serial",
-              "specpipe_pipelined": "overlapped", "specpipe_specbranch": "overlapped"}
-RESULT_KEYS = ("schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models",
-               "prompts", "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server",
-               "summary", "correctness", "latency", "load", "rules")
-SUMMARY_KEYS = ("error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
-                "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
-                "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
-                "target_busy_fraction", "generated_tokens", "draft_tokens_per_verification", "matches_autoregressive",
-                "bound")
+BOUND_KIND = {
+    "hf_autoregressive": "autoregressive",
+    "hf_autoregressive_2threads": None,
+    "hf_assisted_default": "serial",
+    "hf_assisted_best": "serial",
+    "specpipe_autoregressive": "autoregressive",
+    "specpipe_sequential": "serial",
+    "specpipe_pipelined": "overlapped",
+    "specpipe_specbranch": "overlapped",
+}
+RESULT_KEYS = (
+    "schema_version",
+    "command_line",
+    "started_at",
+    "elapsed_s",
+    "machine",
+    "config",
+    "models",
+    "prompts",
+    "reference_outputs",
+    "costs",
+    "hf_assisted_grid",
+    "trials",
+    "errors",
+    "server",
+    "summary",
+    "correctness",
+    "latency",
+    "load",
+    "rules",
+)
+SUMMARY_KEYS = (
+    "error",
+    "trials",
+    "tokens_per_second",
+    "speedup",
+    "tokens_per_verification",
+    "accepted_per_verification",
+    "acceptance_rate",
+    "draft_tokens",
+    "rolled_back_tokens",
+    "branches_forked",
+    "branches_hit",
+    "branch_hit_rate",
+    "time_to_first_token_s",
+    "target_busy_fraction",
+    "generated_tokens",
+    "draft_tokens_per_verification",
+    "matches_autoregressive",
+    "bound",
+)
 
 
 def machine() -> dict:
@@ -55,25 +94,41 @@ def machine() -> dict:
 
     cpu = platform.processor()
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip()
+            for line in Path("/proc/cpuinfo").read_text().splitlines()
+            if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
-    return {"cpu_model": cpu, "logical_cores": os.cpu_count(),
-            "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
-            "load_average": list(os.getloadavg()), "platform": platform.platform(),
-            "python": platform.python_version(), "torch": torch.__version__,
-            "transformers": transformers.__version__, "grpcio": grpc.__version__}
+    return {
+        "cpu_model": cpu,
+        "logical_cores": os.cpu_count(),
+        "usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "load_average": list(os.getloadavg()),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "grpcio": grpc.__version__,
+    }
 
 
 # --- summaries -------------------------------------------------------------------------------
+
 
 def spread(values: list[float]) -> dict | None:
     if not values:
         return None
     quartiles = statistics.quantiles(values, n=4, method="inclusive") if len(values) > 1 else [values[0]] * 3
-    return {"median": statistics.median(values), "min": min(values), "max": max(values),
-            "q1": quartiles[0], "q3": quartiles[2], "n": len(values)}
+    return {
+        "median": statistics.median(values),
+        "min": min(values),
+        "max": max(values),
+        "q1": quartiles[0],
+        "q3": quartiles[2],
+        "n": len(values),
+    }
 
 
 def implied_acceptance(tokens_per_round: float, k: int) -> float:
@@ -93,8 +148,11 @@ def needed_ks(records: list[dict]) -> set[int]:
     for record in records:
         if record["error"] is None:
             totals.setdefault((record["method"], record["temperature"]), Counter()).update(record["counters"])
-    return {max(1, round(c["draft_tokens"] / c["verifications"])) for c in totals.values()
-            if c["draft_tokens"] and c["verifications"]}
+    return {
+        max(1, round(c["draft_tokens"] / c["verifications"]))
+        for c in totals.values()
+        if c["draft_tokens"] and c["verifications"]
+    }
 
 
 def method_summary(records: list[dict], baseline: dict[int, float], error: str | None, greedy: bool) -> dict:
@@ -113,14 +171,17 @@ def method_summary(records: list[dict], baseline: dict[int, float], error: str |
         tokens_per_verification=totals["committed_tokens"] / verifications if verifications else None,
         accepted_per_verification=totals["accepted_tokens"] / verifications if verifications and drafted else None,
         acceptance_rate=totals["accepted_tokens"] / drafted if drafted else None,
-        draft_tokens=drafted / len(ok), rolled_back_tokens=totals["rolled_back_tokens"] / len(ok),
-        branches_forked=totals["branches_forked"] / len(ok), branches_hit=totals["branches_hit"] / len(ok),
+        draft_tokens=drafted / len(ok),
+        rolled_back_tokens=totals["rolled_back_tokens"] / len(ok),
+        branches_forked=totals["branches_forked"] / len(ok),
+        branches_hit=totals["branches_hit"] / len(ok),
         branch_hit_rate=totals["branches_hit"] / totals["branches_forked"] if totals["branches_forked"] else None,
         time_to_first_token_s=spread([ttft for r in ok for ttft in r["ttft_s"]]),
         target_busy_fraction=sum(r["target_busy_s"] for r in ok) / sum(r["seconds"] for r in ok),
         generated_tokens=sum(r["tokens"] for r in ok) / len(ok),
         draft_tokens_per_verification=drafted / verifications if drafted and verifications else None,
-        matches_autoregressive=all(all(r["matches_autoregressive"]) for r in ok) if greedy else None)
+        matches_autoregressive=all(all(r["matches_autoregressive"]) for r in ok) if greedy else None,
+    )
     return summary
 
 
@@ -141,20 +202,31 @@ def bound(summary: dict, kind: str | None, costs: dict) -> dict | None:
     serial = tokens_per_round * t_ar / (k * t_draft + t_verify)
     overlapped = tokens_per_round * t_ar / max(t_verify, k * t_draft)
     chosen = serial if kind == "serial" else overlapped
-    return {"kind": kind, "k": k, "a": a, "expected_tokens_per_round": tokens_per_round,
-            "a_implied": implied_acceptance(summary["tokens_per_verification"], k),
-            "serial": serial, "overlapped": overlapped, "bound": chosen, "fraction_of_bound": speedup / chosen}
+    return {
+        "kind": kind,
+        "k": k,
+        "a": a,
+        "expected_tokens_per_round": tokens_per_round,
+        "a_implied": implied_acceptance(summary["tokens_per_verification"], k),
+        "serial": serial,
+        "overlapped": overlapped,
+        "bound": chosen,
+        "fraction_of_bound": speedup / chosen,
+    }
 
 
-def summarize_group(records: list[dict], temperature: float, errors: dict, costs: dict | None,
-                    baseline_method: str) -> dict:
-    baseline = {r["trial"]: r["tokens_per_second"] for r in records
-                if r["method"] == baseline_method and r["error"] is None}
+def summarize_group(
+    records: list[dict], temperature: float, errors: dict, costs: dict | None, baseline_method: str
+) -> dict:
+    baseline = {
+        r["trial"]: r["tokens_per_second"] for r in records if r["method"] == baseline_method and r["error"] is None
+    }
     names = [name for name in LABELS if any(r["method"] == name for r in records) or name in errors]
     summaries = {}
     for name in names:
-        summaries[name] = method_summary([r for r in records if r["method"] == name], baseline,
-                                         errors.get(name), greedy=temperature == 0)
+        summaries[name] = method_summary(
+            [r for r in records if r["method"] == name], baseline, errors.get(name), greedy=temperature == 0
+        )
         if costs is not None:
             summaries[name]["bound"] = bound(summaries[name], BOUND_KIND.get(name), costs)
     return summaries
@@ -171,12 +243,14 @@ def summarize_rules(rules: dict) -> None:
         summaries = rules["summary"][setting_key(temperature, top_p)] = {}
         for rule in rules["rules"]:
             reference = method_name(Mode.AUTOREGRESSIVE, rule)
-            baseline = {r["trial"]: r["tokens_per_second"] for r in records
-                        if r["method"] == reference and r["error"] is None}
+            baseline = {
+                r["trial"]: r["tokens_per_second"] for r in records if r["method"] == reference and r["error"] is None
+            }
             for mode in [Mode.AUTOREGRESSIVE, *map(Mode, rules["modes"])]:
                 name = method_name(mode, rule)
-                summaries[name] = method_summary([r for r in records if r["method"] == name], baseline,
-                                                 rules["errors"].get(name), greedy=False)
+                summaries[name] = method_summary(
+                    [r for r in records if r["method"] == name], baseline, rules["errors"].get(name), greedy=False
+                )
 
 
 def mismatches(records: list[dict], reference: list[list[int]]) -> list[dict]:
@@ -186,9 +260,17 @@ def mismatches(records: list[dict], reference: list[list[int]]) -> list[dict]:
             if not ok:
                 got, expected = record["outputs"][index], reference[index]
                 first = next((i for i, (x, y) in enumerate(zip(got, expected)) if x != y), min(len(got), len(expected)))
-                found.append({"method": record["method"], "trial": record["trial"], "prompt": index,
-                              "latency_ms": record.get("latency_ms"), "first_difference_at": first,
-                              "got": got[first:first + 8], "expected": expected[first:first + 8]})
+                found.append(
+                    {
+                        "method": record["method"],
+                        "trial": record["trial"],
+                        "prompt": index,
+                        "latency_ms": record.get("latency_ms"),
+                        "first_difference_at": first,
+                        "got": got[first : first + 8],
+                        "expected": expected[first : first + 8],
+                    }
+                )
     return found
 
 
@@ -196,23 +278,32 @@ def summarize(results: dict) -> dict:
     """results from bench.run, plus summary, latency.summary and correctness."""
     temperatures = sorted({r["temperature"] for r in results["trials"]})
     results["summary"] = {
-        f"{t:g}": summarize_group([r for r in results["trials"] if r["temperature"] == t], t, results["errors"],
-                                  results["costs"], BASELINE) for t in temperatures}
+        f"{t:g}": summarize_group(
+            [r for r in results["trials"] if r["temperature"] == t], t, results["errors"], results["costs"], BASELINE
+        )
+        for t in temperatures
+    }
     latency = results["latency"]
     if "trials" in latency:
         latency["summary"] = {
-            f"{ms:g}": summarize_group([r for r in latency["trials"] if r["latency_ms"] == ms], 0.0,
-                                       latency["errors"], None, "specpipe_sequential")
-            for ms in latency["latencies_ms"]}
+            f"{ms:g}": summarize_group(
+                [r for r in latency["trials"] if r["latency_ms"] == ms],
+                0.0,
+                latency["errors"],
+                None,
+                "specpipe_sequential",
+            )
+            for ms in latency["latencies_ms"]
+        }
     found = mismatches(results["trials"] + latency.get("trials", []), results["reference_outputs"])
     summarize_rules(results["rules"])
-    results["correctness"] = {"reference": "hf_autoregressive, greedy", "all_match": not found,
-                              "mismatches": found}
+    results["correctness"] = {"reference": "hf_autoregressive, greedy", "all_match": not found, "mismatches": found}
     results["schema_version"] = SCHEMA_VERSION
     return {key: results[key] for key in RESULT_KEYS}
 
 
 # --- outputs ---------------------------------------------------------------------------------
+
 
 def write_outputs(results: dict, out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
@@ -221,7 +312,8 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
     paths[1].write_text(markdown(results))
     try:
         from specpipe.launch.bench.plot import plot
-        plot(results, out / "speedup.png")
+
+        plot(results, out / "speedup.png", LABELS)
         paths.append(out / "speedup.png")
     except ImportError as err:
         logger.warning("no speedup.png: %s (pip install 'specpipe[bench]')", err)
@@ -231,8 +323,7 @@ def write_outputs(results: dict, out: Path) -> list[Path]:
 def _spread_text(value: dict | None, scale: float = 1.0, digits: int = 1) -> str:
     if value is None:
         return "–"
-    return (f"{value['median'] * scale:.{digits}f} "
-            f"[{value['min'] * scale:.{digits}f}–{value['max'] * scale:.{digits}f}]")
+    return f"{value['median'] * scale:.{digits}f} [{value['min'] * scale:.{digits}f}–{value['max'] * scale:.{digits}f}]"
 
 
 def _number(value: float | None, pattern: str = "{:.2f}") -> str:
@@ -252,33 +343,49 @@ def method_row(name: str, s: dict) -> str:
         return f"| {LABELS[name]} | **error:** {_cell(s['error'])} |" + " |" * 11
     b = s["bound"]
     bound_text = "–" if b is None else f"{b['bound']:.2f}× {b['kind']}"
-    cells = [LABELS[name] + (" ⚠" if s["error"] else ""), _spread_text(s["tokens_per_second"]),
-             _spread_text(s["speedup"], digits=2) + "×" if s["speedup"] else "–",
-             _number(s["tokens_per_verification"]), _number(s["acceptance_rate"]),
-             _number(s["draft_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
-             _number(s["rolled_back_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
-             _number(s["branch_hit_rate"], "{:.0%}"), _spread_text(s["time_to_first_token_s"], 1e3),
-             _number(s["target_busy_fraction"], "{:.0%}"), bound_text,
-             "–" if b is None else f"{b['fraction_of_bound']:.0%}", _match_text(s["matches_autoregressive"])]
+    cells = [
+        LABELS[name] + (" ⚠" if s["error"] else ""),
+        _spread_text(s["tokens_per_second"]),
+        _spread_text(s["speedup"], digits=2) + "×" if s["speedup"] else "–",
+        _number(s["tokens_per_verification"]),
+        _number(s["acceptance_rate"]),
+        _number(s["draft_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
+        _number(s["rolled_back_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
+        _number(s["branch_hit_rate"], "{:.0%}"),
+        _spread_text(s["time_to_first_token_s"], 1e3),
+        _number(s["target_busy_fraction"], "{:.0%}"),
+        bound_text,
+        "–" if b is None else f"{b['fraction_of_bound']:.0%}",
+        _match_text(s["matches_autoregressive"]),
+    ]
     return "| " + " | ".join(cells) + " |"
 
 
 def markdown(results: dict) -> str:
     config, machine_info, models = results["config"], results["machine"], results["models"]
-    lines = ["# specpipe benchmark", "",
-             f"{machine_info['cpu_model']}, {machine_info['usable_cores']} usable cores; Python "
-             f"{machine_info['python']}, torch {machine_info['torch']}, transformers {machine_info['transformers']}. "
-             f"Target {models['target_params'] / 1e6:.2f}M parameters, draft {models['draft_params'] / 1e6:.2f}M. "
-             f"{len(results['prompts'])} prompts × up to {config['max_new_tokens']} new tokens, "
-             f"{config['trials']} interleaved trials; cells are the median [min–max] over trials; speedup is "
-             "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial.", ""]
+    lines = [
+        "# specpipe benchmark",
+        "",
+        f"{machine_info['cpu_model']}, {machine_info['usable_cores']} usable cores; Python "
+        f"{machine_info['python']}, torch {machine_info['torch']}, transformers {machine_info['transformers']}. "
+        f"Target {models['target_params'] / 1e6:.2f}M parameters, draft {models['draft_params'] / 1e6:.2f}M. "
+        f"{len(results['prompts'])} prompts × up to {config['max_new_tokens']} new tokens, "
+        f"{config['trials']} interleaved trials; cells are the median [min–max] over trials; speedup is "
+        "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial.",
+        "",
+    ]
     correctness = results["correctness"]
     if not correctness["all_match"]:
         methods = sorted({m["method"] for m in correctness["mismatches"]})
-        lines += [f"> **CORRECTNESS FAILURE:** greedy output of {', '.join(methods)} differs from HF "
-                  "autoregressive (details under `correctness` in results.json).", ""]
-    header = ("| Method | tokens/s | speedup | tokens/verify | acceptance | drafted | rolled back | branch hits "
-              "| TTFT ms | target busy | bound | % of bound | greedy = AR |")
+        lines += [
+            f"> **CORRECTNESS FAILURE:** greedy output of {', '.join(methods)} differs from HF "
+            "autoregressive (details under `correctness` in results.json).",
+            "",
+        ]
+    header = (
+        "| Method | tokens/s | speedup | tokens/verify | acceptance | drafted | rolled back | branch hits "
+        "| TTFT ms | target busy | bound | % of bound | greedy = AR |"
+    )
     for temperature, summaries in results["summary"].items():
         title = "Greedy (temperature 0)" if float(temperature) == 0 else f"Sampling, temperature {temperature}"
         lines += [f"## {title}", "", header, "|" + "---|" * 13]
@@ -286,25 +393,38 @@ def markdown(results: dict) -> str:
     errors = {**results["errors"], **results["latency"].get("errors", {}), **results["rules"].get("errors", {})}
     if errors:
         lines += ["Errors: " + "; ".join(f"`{name}`: {_cell(error)}" for name, error in errors.items()), ""]
-    lines += (load_lines(results["load"]) + rules_lines(results["rules"]) + latency_lines(results["latency"])
-              + cost_lines(results) + ["Made with:", "", "```", results["command_line"], "```", ""])
+    lines += (
+        load_lines(results["load"])
+        + rules_lines(results["rules"])
+        + latency_lines(results["latency"])
+        + cost_lines(results)
+        + ["Made with:", "", "```", results["command_line"], "```", ""]
+    )
     return "\n".join(lines)
 
 
 def load_lines(load: dict) -> list[str]:
     from specpipe.launch.bench.load import load_summary_rows
+
     if not load.get("levels"):
         why = load.get("skipped") or load.get("error") or "no levels"
         return ["## Concurrency", "", _cell(f"Not run: {why}") + ".", ""]
-    return ["## Concurrency: throughput against clients", "",
+    return (
+        [
+            "## Concurrency: throughput against clients",
+            "",
             f"Each level: N clients at once, {load['requests_per_client']} requests each of up to "
             f"{load['max_new_tokens']} tokens, through one server; the baseline is HF `generate` with a static "
             "left-padded batch of N (every row run to the full length; the better of 1 and 2 threads). Cells: "
             "aggregate tokens/s (× over the HF batch of the same N); request latency p50/p99; mean rows per "
-            "forward, target/draft.", "",
+            "forward, target/draft.",
+            "",
             "| clients | T | HF batch tokens/s | " + " | ".join(load["modes"]) + " |",
-            "|" + "---|" * (3 + len(load["modes"]))] + [
-        "| " + " | ".join(row) + " |" for row in load_summary_rows(load)] + [""]
+            "|" + "---|" * (3 + len(load["modes"])),
+        ]
+        + ["| " + " | ".join(row) + " |" for row in load_summary_rows(load)]
+        + [""]
+    )
 
 
 def rules_lines(rules: dict) -> list[str]:
@@ -312,10 +432,15 @@ def rules_lines(rules: dict) -> list[str]:
     if "summary" not in rules:
         return ["## Sampling rules", "", _cell(f"Not run: {rules.get('skipped') or rules.get('error')}") + ".", ""]
     settings = list(rules["summary"])
-    lines = ["## Sampling rules: Leviathan against drafter-invariant (seeded requests)", "",
-             "Cells: acceptance (accepted / drafted); tokens per verification; tokens/s, median [min–max], and "
-             "× over specpipe autoregressive with the same rule and setting in the same trial.", "",
-             "| Mode | rule | " + " | ".join(settings) + " |", "|" + "---|" * (len(settings) + 2)]
+    lines = [
+        "## Sampling rules: Leviathan against drafter-invariant (seeded requests)",
+        "",
+        "Cells: acceptance (accepted / drafted); tokens per verification; tokens/s, median [min–max], and "
+        "× over specpipe autoregressive with the same rule and setting in the same trial.",
+        "",
+        "| Mode | rule | " + " | ".join(settings) + " |",
+        "|" + "---|" * (len(settings) + 2),
+    ]
     rows = [(mode, rule) for rule in rules["rules"] for mode in [Mode.AUTOREGRESSIVE, *map(Mode, rules["modes"])]]
     for mode, rule in rows:
         cells = []
@@ -324,12 +449,14 @@ def rules_lines(rules: dict) -> list[str]:
             if not s["trials"]:
                 cells.append(f"error: {_cell(s['error'])}" if s["error"] else "–")
                 continue
-            if mode == Mode.AUTOREGRESSIVE:   # the reference: nothing drafted
+            if mode == Mode.AUTOREGRESSIVE:  # the reference: nothing drafted
                 cells.append(_spread_text(s["tokens_per_second"]))
                 continue
-            cells.append(f"{_number(s['acceptance_rate'])}; {_number(s['tokens_per_verification'])} tok/verify; "
-                         + _spread_text(s["tokens_per_second"])
-                         + (f" ({s['speedup']['median']:.2f}×)" if s["speedup"] else ""))
+            cells.append(
+                f"{_number(s['acceptance_rate'])}; {_number(s['tokens_per_verification'])} tok/verify; "
+                + _spread_text(s["tokens_per_second"])
+                + (f" ({s['speedup']['median']:.2f}×)" if s["speedup"] else "")
+            )
         lines.append(f"| {mode} | {rule} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -340,9 +467,14 @@ def latency_lines(latency: dict) -> list[str]:
         return ["## Draft link latency", "", _cell(why) + ".", ""]
     columns = list(latency["summary"])
     label = ("**simulated** — " if latency["simulated"] else "") + latency["link"]
-    lines = ["## Draft link latency (greedy)", "",
-             f"Link: {label}. Cells: tokens/s, median [min–max], and × over sequential at the same latency.", "",
-             "| Mode | " + " | ".join(f"{ms} ms one-way" for ms in columns) + " |", "|" + "---|" * (len(columns) + 1)]
+    lines = [
+        "## Draft link latency (greedy)",
+        "",
+        f"Link: {label}. Cells: tokens/s, median [min–max], and × over sequential at the same latency.",
+        "",
+        "| Mode | " + " | ".join(f"{ms} ms one-way" for ms in columns) + " |",
+        "|" + "---|" * (len(columns) + 1),
+    ]
     for mode in latency["modes"]:
         name, cells = f"specpipe_{mode}", []
         for ms in columns:
@@ -352,8 +484,11 @@ def latency_lines(latency: dict) -> list[str]:
                 continue
             baseline = Mode(mode) == Mode.SEQUENTIAL
             ratio = "" if baseline or s["speedup"] is None else f" ({s['speedup']['median']:.2f}×)"
-            cells.append(_spread_text(s["tokens_per_second"]) + ratio +
-                         ("" if s["matches_autoregressive"] else " **✗ MISMATCH**"))
+            cells.append(
+                _spread_text(s["tokens_per_second"])
+                + ratio
+                + ("" if s["matches_autoregressive"] else " **✗ MISMATCH**")
+            )
         lines.append(f"| {mode} | " + " | ".join(cells) + " |")
     return lines + [""]
 
@@ -361,11 +496,15 @@ def latency_lines(latency: dict) -> list[str]:
 def cost_lines(results: dict) -> list[str]:
     costs, grid, server = results["costs"], results["hf_assisted_grid"], results["server"]
     verify = ", ".join(f"t_verify(k={k}) = {seconds * 1e3:.2f} ms" for k, seconds in costs["t_verify_s"].items())
-    lines = ["## Costs and bounds", "",
-             f"One thread, {costs['context_tokens']} tokens in the KV cache, medians of {costs['repeats']}: "
-             f"t_ar = {costs['t_ar_s'] * 1e3:.2f} ms, t_draft = {costs['t_draft_s'] * 1e3:.2f} ms, {verify}.",
-             "With a = acceptance and E = (1 − a^(k+1)) / (1 − a): serial bound = E·t_ar / (k·t_draft + t_verify); "
-             "overlapped bound = E·t_ar / max(t_verify, k·t_draft); % of bound = speedup / bound.", ""]
+    lines = [
+        "## Costs and bounds",
+        "",
+        f"One thread, {costs['context_tokens']} tokens in the KV cache, medians of {costs['repeats']}: "
+        f"t_ar = {costs['t_ar_s'] * 1e3:.2f} ms, t_draft = {costs['t_draft_s'] * 1e3:.2f} ms, {verify}.",
+        "With a = acceptance and E = (1 − a^(k+1)) / (1 − a): serial bound = E·t_ar / (k·t_draft + t_verify); "
+        "overlapped bound = E·t_ar / max(t_verify, k·t_draft); % of bound = speedup / bound.",
+        "",
+    ]
     for temperature, entry in grid.items():
         speeds = ", ".join(f"k={k}: {tps:.1f}" for k, tps in entry["tokens_per_second"].items())
         lines.append(f"HF assisted calibration at T={temperature} (tokens/s): {speeds}; best k = {entry['best']}.")
@@ -375,6 +514,10 @@ def cost_lines(results: dict) -> list[str]:
     specpipe_s = sum(r["seconds"] for r in results["trials"] if r["method"].startswith("specpipe_") and not r["error"])
     cpu = server["coordinator_cpu_s"]
     share = f"{cpu / specpipe_s:.1%} of one core" if cpu is not None and specpipe_s else "unknown"
-    lines += ["", f"Server over the run: {workers}; coordinator CPU {share} while serving; "
-                  f"{'state LEAKED on a worker' if server['leaked'] else 'no state left on the workers'}.", ""]
+    lines += [
+        "",
+        f"Server over the run: {workers}; coordinator CPU {share} while serving; "
+        f"{'state LEAKED on a worker' if server['leaked'] else 'no state left on the workers'}.",
+        "",
+    ]
     return lines

@@ -13,8 +13,8 @@ import dataclasses
 
 from specpipe.modes import Mode
 
-SETTINGS = ((1.0, 1.0), (0.7, 0.9))   # (temperature, top_p): the two the issue names
-RULES = {"leviathan": False, "drafter_invariant": True}   # rule -> GenerateRequest.drafter_invariant
+SETTINGS = ((1.0, 1.0), (0.7, 0.9))  # (temperature, top_p): the two the issue names
+RULES = {"leviathan": False, "drafter_invariant": True}  # rule -> GenerateRequest.drafter_invariant
 RULE_MODES = (Mode.SEQUENTIAL, Mode.SPECBRANCH)
 
 

@@ -3,6 +3,7 @@ flags -> BenchConfig, the reference outputs, the HF calibration, the interleaved
 one `specpipe serve` child, the latency axis and the step costs, gathered as one raw results dict
 for report.py. Talks to the server only through `specpipe.Client`; tables and plots are report's.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,16 @@ from pathlib import Path
 
 from specpipe.launch.bench.link import QUIET_ENV, choose_link
 from specpipe.launch.bench.load import run_load_axis
-from specpipe.launch.bench.runners import (HFRunner, TrialRunner, describe_error, interleaved, measure_costs,
-                                           specpipe_method, tune_assistant, warm_up)
+from specpipe.launch.bench.runners import (
+    HFRunner,
+    TrialRunner,
+    describe_error,
+    interleaved,
+    measure_costs,
+    specpipe_method,
+    tune_assistant,
+    warm_up,
+)
 from specpipe.launch.bench.rules import RULE_MODES, RULES, SETTINGS, with_params
 from specpipe.modes import MODE_NAMES, Mode
 
@@ -27,10 +36,22 @@ logger = logging.getLogger(__name__)
 # The modes whose draft sits behind the link: every mode that drafts.
 LATENCY_MODES = tuple(mode for mode in Mode if mode != Mode.AUTOREGRESSIVE)
 # Defaults: the full run fits 20 minutes on 2 cores with the demo pair; --quick about two.
-FULL = {"num_prompts": 6, "max_new_tokens": 64, "trials": 5, "latencies": "0,1,5", "assistant_grid": (2, 4, 6, 8),
-        "clients": "1,4,8,16,32"}
-QUICK = {"num_prompts": 3, "max_new_tokens": 32, "trials": 2, "latencies": "0,5", "assistant_grid": (2, 4),
-         "clients": "1,8"}
+FULL = {
+    "num_prompts": 6,
+    "max_new_tokens": 64,
+    "trials": 5,
+    "latencies": "0,1,5",
+    "assistant_grid": (2, 4, 6, 8),
+    "clients": "1,4,8,16,32",
+}
+QUICK = {
+    "num_prompts": 3,
+    "max_new_tokens": 32,
+    "trials": 2,
+    "latencies": "0,5",
+    "assistant_grid": (2, 4),
+    "clients": "1,8",
+}
 REQUEST_TIMEOUT_S = 300.0  # a hung mode becomes that method's error, not a hung benchmark
 
 
@@ -59,35 +80,65 @@ class BenchConfig:
 
 # --- flags ------------------------------------------------------------------------------------
 
+
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model folder or hub id (default: the demo pair)")
     parser.add_argument("--draft", help="draft model folder or hub id (default: the demo pair)")
-    parser.add_argument("--prompts-file", help="JSON list of strings (or of {'prompt': ...}), or a text file with "
-                                               "one prompt per line (default: the demo pair's held-out prompts)")
-    parser.add_argument("--num-prompts", type=int, help=f"first N prompts (default {FULL['num_prompts']}, "
-                                                        f"quick {QUICK['num_prompts']})")
-    parser.add_argument("--max-new-tokens", type=int, help=f"per request (default {FULL['max_new_tokens']}, "
-                                                           f"quick {QUICK['max_new_tokens']})")
-    parser.add_argument("--trials", type=int, help=f"interleaved repeats (default {FULL['trials']}, "
-                                                   f"quick {QUICK['trials']})")
+    parser.add_argument(
+        "--prompts-file",
+        help="JSON list of strings (or of {'prompt': ...}), or a text file with "
+        "one prompt per line (default: the demo pair's held-out prompts)",
+    )
+    parser.add_argument(
+        "--num-prompts", type=int, help=f"first N prompts (default {FULL['num_prompts']}, quick {QUICK['num_prompts']})"
+    )
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        help=f"per request (default {FULL['max_new_tokens']}, quick {QUICK['max_new_tokens']})",
+    )
+    parser.add_argument(
+        "--trials", type=int, help=f"interleaved repeats (default {FULL['trials']}, quick {QUICK['trials']})"
+    )
     parser.add_argument("--temperatures", default="0,1", help="comma-separated; 0 = greedy (default 0,1)")
     parser.add_argument("--modes", default=",".join(MODE_NAMES), help="specpipe modes to run (default all)")
-    parser.add_argument("--latencies", help="one-way draft link latencies in ms, comma-separated, or 'none' "
-                                            f"(default {FULL['latencies']}, quick {QUICK['latencies']})")
-    parser.add_argument("--clients", help="concurrent clients of the concurrency axis, comma-separated, or 'none' "
-                                          f"(default {FULL['clients']}, quick {QUICK['clients']})")
-    parser.add_argument("--rules", default="both", choices=["both", "none"],
-                        help="the sampling-rules axis: seeded requests at T=1 and at T=0.7 / top_p 0.9 with the "
-                             "default rule and with drafter_invariant, sequential and specbranch (default both)")
-    parser.add_argument("--link", default="auto", choices=["auto", "netns", "proxy"],
-                        help="latency link: network namespace + netem, or a simulated TCP delay relay "
-                             "(auto: netns where it works)")
-    parser.add_argument("--num-draft-tokens", type=int, default=6,
-                        help="specpipe draft tokens per block, the most (default 6, as `specpipe serve`)")
-    parser.add_argument("--pin", default="auto", choices=["auto", "none"],
-                        help="auto (default): with two or more usable cores, pin the target worker to the first "
-                             "and the draft worker and coordinator to the second (the in-process Hugging Face "
-                             "runs use one thread); none: leave placement to the OS")
+    parser.add_argument(
+        "--latencies",
+        help="one-way draft link latencies in ms, comma-separated, or 'none' "
+        f"(default {FULL['latencies']}, quick {QUICK['latencies']})",
+    )
+    parser.add_argument(
+        "--clients",
+        help="concurrent clients of the concurrency axis, comma-separated, or 'none' "
+        f"(default {FULL['clients']}, quick {QUICK['clients']})",
+    )
+    parser.add_argument(
+        "--rules",
+        default="both",
+        choices=["both", "none"],
+        help="the sampling-rules axis: seeded requests at T=1 and at T=0.7 / top_p 0.9 with the "
+        "default rule and with drafter_invariant, sequential and specbranch (default both)",
+    )
+    parser.add_argument(
+        "--link",
+        default="auto",
+        choices=["auto", "netns", "proxy"],
+        help="latency link: network namespace + netem, or a simulated TCP delay relay (auto: netns where it works)",
+    )
+    parser.add_argument(
+        "--num-draft-tokens",
+        type=int,
+        default=6,
+        help="specpipe draft tokens per block, the most (default 6, as `specpipe serve`)",
+    )
+    parser.add_argument(
+        "--pin",
+        default="auto",
+        choices=["auto", "none"],
+        help="auto (default): with two or more usable cores, pin the target worker to the first "
+        "and the draft worker and coordinator to the second (the in-process Hugging Face "
+        "runs use one thread); none: leave placement to the OS",
+    )
     parser.add_argument("--quick", action="store_true", help="fewer prompts, trials and tokens (about 2 minutes)")
     parser.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")
     parser.add_argument("--seed", type=int, default=0, help="method order and sampling seeds")
@@ -113,28 +164,43 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
     if any(n < 1 for n in clients):
         raise SystemExit("--clients must be >= 1")
     return BenchConfig(
-        target=args.target, draft=args.draft, prompts_file=args.prompts_file,
+        target=args.target,
+        draft=args.draft,
+        prompts_file=args.prompts_file,
         num_prompts=args.num_prompts or preset["num_prompts"],
-        max_new_tokens=args.max_new_tokens or preset["max_new_tokens"], trials=args.trials or preset["trials"],
-        temperatures=_floats(args.temperatures) or (0.0,), modes=modes, latencies_ms=latencies, clients=clients,
-        rules=args.rules == "both", link=args.link,
-        num_draft_tokens=args.num_draft_tokens, assistant_grid=preset["assistant_grid"], quick=args.quick,
-        pin=args.pin, out=args.out, seed=args.seed,
-        command_line=command_line)
+        max_new_tokens=args.max_new_tokens or preset["max_new_tokens"],
+        trials=args.trials or preset["trials"],
+        temperatures=_floats(args.temperatures) or (0.0,),
+        modes=modes,
+        latencies_ms=latencies,
+        clients=clients,
+        rules=args.rules == "both",
+        link=args.link,
+        num_draft_tokens=args.num_draft_tokens,
+        assistant_grid=preset["assistant_grid"],
+        quick=args.quick,
+        pin=args.pin,
+        out=args.out,
+        seed=args.seed,
+        command_line=command_line,
+    )
 
 
 def resolve_models(config: BenchConfig) -> tuple[str, str]:
     if config.target and config.draft:
         return config.target, config.draft
     from specpipe.demo_pair import demo_pair_dir
+
     root = demo_pair_dir()
     return config.target or str(root / "target"), config.draft or str(root / "draft")
 
 
 def load_prompts(config: BenchConfig) -> list[str]:
     import json
+
     if config.prompts_file is None:
         from specpipe.demo_pair import load_heldout_prompts
+
         prompts = load_heldout_prompts()
     else:
         text = Path(config.prompts_file).read_text()
@@ -144,7 +210,7 @@ def load_prompts(config: BenchConfig) -> list[str]:
             prompts = [line for line in text.splitlines() if line.strip()]
     if not prompts:
         raise SystemExit("no prompts to run")
-    return prompts[:config.num_prompts]
+    return prompts[: config.num_prompts]
 
 
 def process_cpu_s(pid: int) -> float | None:
@@ -158,6 +224,7 @@ def process_cpu_s(pid: int) -> float | None:
 
 # --- the run -----------------------------------------------------------------------------------
 
+
 def server_snapshot(client, coordinator_pid: int, cpu_start: float | None) -> dict:
     """Worker stats after the trials (live requests/branches must be 0: nothing leaked) and the
     coordinator's CPU seconds over them."""
@@ -166,15 +233,27 @@ def server_snapshot(client, coordinator_pid: int, cpu_start: float | None) -> di
     except Exception as err:
         return {"error": describe_error(err)}
     cpu_end = process_cpu_s(coordinator_pid)
-    workers = [{"role": w.role, "healthy": w.healthy, "live_requests": w.live_requests,
-                "live_branches": w.live_branches, "busy_fraction": w.busy_fraction} for w in stats.workers]
-    return {"workers": workers, "live_requests": stats.live_requests,
-            "leaked": stats.live_requests > 0 or any(w["live_requests"] or w["live_branches"] for w in workers),
-            "coordinator_cpu_s": None if cpu_start is None or cpu_end is None else cpu_end - cpu_start}
+    workers = [
+        {
+            "role": w.role,
+            "healthy": w.healthy,
+            "live_requests": w.live_requests,
+            "live_branches": w.live_branches,
+            "busy_fraction": w.busy_fraction,
+        }
+        for w in stats.workers
+    ]
+    return {
+        "workers": workers,
+        "live_requests": stats.live_requests,
+        "leaked": stats.live_requests > 0 or any(w["live_requests"] or w["live_branches"] for w in workers),
+        "coordinator_cpu_s": None if cpu_start is None or cpu_end is None else cpu_end - cpu_start,
+    }
 
 
-def serve_and_run(config: BenchConfig, serve_flags: list[str], runner: TrialRunner, modes, jobs, seed: int,
-                  before=None) -> tuple[list[dict], dict]:
+def serve_and_run(
+    config: BenchConfig, serve_flags: list[str], runner: TrialRunner, modes, jobs, seed: int, before=None
+) -> tuple[list[dict], dict]:
     """Start one server, warm up a method per mode, run `jobs(server methods)` interleaved; a server
     that does not start fails its modes (recorded), and the other jobs still run."""
     from specpipe.client import Client
@@ -196,16 +275,22 @@ def serve_and_run(config: BenchConfig, serve_flags: list[str], runner: TrialRunn
         return records, server_snapshot(client, server.process.pid, cpu_start) if client else {"error": error}
 
 
-def run_latency_axis(config: BenchConfig, serve_flags: list[str], draft: str, runner: TrialRunner,
-                     link_choice: tuple) -> dict:
+def run_latency_axis(
+    config: BenchConfig, serve_flags: list[str], draft: str, runner: TrialRunner, link_choice: tuple
+) -> dict:
     modes = [mode for mode in LATENCY_MODES if mode in config.modes]
     if not config.latencies_ms:
         return {"skipped": "no latencies asked for (--latencies none)"}
     if not modes:
         return {"skipped": "none of sequential, pipelined, specbranch in --modes"}
     link_class, problem = link_choice
-    result = {"link": link_class.kind, "simulated": link_class.simulated, "netns_problem": problem,
-              "latencies_ms": list(config.latencies_ms), "modes": modes}
+    result = {
+        "link": link_class.kind,
+        "simulated": link_class.simulated,
+        "netns_problem": problem,
+        "latencies_ms": list(config.latencies_ms),
+        "modes": modes,
+    }
     try:
         link = link_class(draft)
     except Exception as err:
@@ -213,14 +298,19 @@ def run_latency_axis(config: BenchConfig, serve_flags: list[str], draft: str, ru
         return {**result, "error": f"the link did not come up: {describe_error(err)}"}
     try:
         result["trials"], result["server"] = serve_and_run(
-            config, [*serve_flags, "--draft-addr", link.endpoint, *link.serve_flags], runner, modes,
+            config,
+            [*serve_flags, "--draft-addr", link.endpoint, *link.serve_flags],
+            runner,
+            modes,
             seed=config.seed + 1,
             jobs=lambda methods: [(m, 0.0, {"latency_ms": ms}) for ms in config.latencies_ms for m in methods],
-            before=lambda labels: link.set_delay(labels["latency_ms"]))
+            before=lambda labels: link.set_delay(labels["latency_ms"]),
+        )
     finally:
         link.close()
-    result["errors"] = {f"specpipe_{mode}": runner.failed[f"specpipe_{mode}"] for mode in modes
-                        if f"specpipe_{mode}" in runner.failed}
+    result["errors"] = {
+        f"specpipe_{mode}": runner.failed[f"specpipe_{mode}"] for mode in modes if f"specpipe_{mode}" in runner.failed
+    }
     return result
 
 
@@ -235,14 +325,25 @@ def run_rules_axis(config: BenchConfig, serve_flags: list[str], runner: TrialRun
     server_modes = [Mode.AUTOREGRESSIVE, *modes]
 
     def jobs(methods):  # autoregressive with each rule too: the rule decides how the target samples
-        return [(with_params(method, rule, top_p=top_p, drafter_invariant=invariant), temperature,
-                 {"top_p": top_p, "rule": rule})
-                for temperature, top_p in SETTINGS for rule, invariant in RULES.items() for method in methods]
+        return [
+            (
+                with_params(method, rule, top_p=top_p, drafter_invariant=invariant),
+                temperature,
+                {"top_p": top_p, "rule": rule},
+            )
+            for temperature, top_p in SETTINGS
+            for rule, invariant in RULES.items()
+            for method in methods
+        ]
 
-    result = {"settings": [list(setting) for setting in SETTINGS], "rules": list(RULES),
-              "modes": [str(mode) for mode in modes]}
-    result["trials"], result["server"] = serve_and_run(config, serve_flags, runner, server_modes,
-                                                       seed=config.seed + 2, jobs=jobs)
+    result = {
+        "settings": [list(setting) for setting in SETTINGS],
+        "rules": list(RULES),
+        "modes": [str(mode) for mode in modes],
+    }
+    result["trials"], result["server"] = serve_and_run(
+        config, serve_flags, runner, server_modes, seed=config.seed + 2, jobs=jobs
+    )
     result["errors"] = {name: error for name, error in runner.failed.items() if "+" in name}
     return result
 
@@ -251,12 +352,18 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     """Requests the run makes: reference, calibration grid, trials, warm-ups, latency axis."""
     latency_modes = [mode for mode in LATENCY_MODES if mode in config.modes] if config.latencies_ms else []
     methods = 4 + len(config.modes)
-    per_prompt = (1 + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
-                  + config.trials * len(config.latencies_ms) * len(latency_modes))
+    per_prompt = (
+        1
+        + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
+        + config.trials * len(config.latencies_ms) * len(latency_modes)
+    )
     load = len(config.clients) * len(config.temperatures) * len(config.modes)
     rule_modes = [mode for mode in RULE_MODES if mode in config.modes] if config.rules else []
-    rules = (len(SETTINGS) * config.trials * num_prompts * len(RULES) * (1 + len(rule_modes)) + 1 + len(rule_modes)
-             if rule_modes else 0)
+    rules = (
+        len(SETTINGS) * config.trials * num_prompts * len(RULES) * (1 + len(rule_modes)) + 1 + len(rule_modes)
+        if rule_modes
+        else 0
+    )
     return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load + rules
 
 
@@ -273,10 +380,17 @@ def run(config: BenchConfig) -> dict:
     tokenizer = load_tokenizer(target)
     prompts = [tokenizer(text)["input_ids"] for text in texts]
     hf = HFRunner(target, draft)
-    serve_flags = ["--target", target, "--draft", draft, "--num-draft-tokens", str(config.num_draft_tokens),
-                   "--pin", config.pin]   # auto: as `specpipe serve` defaults; none: left to the OS
-    with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req",
-              dynamic_ncols=True) as bar:
+    serve_flags = [
+        "--target",
+        target,
+        "--draft",
+        draft,
+        "--num-draft-tokens",
+        str(config.num_draft_tokens),
+        "--pin",
+        config.pin,
+    ]  # auto: as `specpipe serve` defaults; none: left to the OS
+    with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req", dynamic_ncols=True) as bar:
         reference = []
         for prompt_ids in prompts:  # also warms up the in-process models
             reference.append(hf.generate(prompt_ids, config.max_new_tokens, 0.0, 0).token_ids)
@@ -285,30 +399,54 @@ def run(config: BenchConfig) -> dict:
         grid = tune_assistant(hf, runner, config.temperatures, config.max_new_tokens, config.assistant_grid)
         hf_methods = hf.methods(config.max_new_tokens, grid)
         records, server = serve_and_run(
-            config, serve_flags, runner, config.modes, seed=config.seed,
-            jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods])
+            config,
+            serve_flags,
+            runner,
+            config.modes,
+            seed=config.seed,
+            jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods],
+        )
         errors = dict(runner.failed)
         latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
         bar.set_postfix_str("sampling rules")
         rules = run_rules_axis(config, serve_flags, runner)
         bar.set_postfix_str("concurrency axis")
-        load = (run_load_axis(config, serve_flags, hf, prompts, reference, bar) if config.clients
-                else {"skipped": "no levels asked for (--clients none)"})
+        load = (
+            run_load_axis(config, serve_flags, hf, prompts, reference, bar)
+            if config.clients
+            else {"skipped": "no levels asked for (--clients none)"}
+        )
         bar.set_postfix_str("timing one step of each model")
-        context = prompts[0] + reference[0][:config.max_new_tokens // 2]  # about the mean context of a request
+        context = prompts[0] + reference[0][: config.max_new_tokens // 2]  # about the mean context of a request
         costs = measure_costs(hf, context, report.needed_ks(records))
-    return {"command_line": config.command_line, "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z",
-                                                                              time.localtime(started)),
-            "elapsed_s": time.time() - started, "machine": report.machine(), "config": vars_of(config),
-            "models": {"target": target, "draft": draft, "target_params": hf.target.num_parameters(),
-                       "draft_params": hf.draft.num_parameters()},
-            "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
-            "reference_outputs": reference, "costs": costs, "hf_assisted_grid": grid, "trials": records,
-            "errors": errors, "server": server, "latency": latency, "load": load, "rules": rules}
+    return {
+        "command_line": config.command_line,
+        "started_at": time.strftime("%Y-%m-%dT%H:%M:%S%z", time.localtime(started)),
+        "elapsed_s": time.time() - started,
+        "machine": report.machine(),
+        "config": vars_of(config),
+        "models": {
+            "target": target,
+            "draft": draft,
+            "target_params": hf.target.num_parameters(),
+            "draft_params": hf.draft.num_parameters(),
+        },
+        "prompts": [{"text": text, "num_tokens": len(ids)} for text, ids in zip(texts, prompts)],
+        "reference_outputs": reference,
+        "costs": costs,
+        "hf_assisted_grid": grid,
+        "trials": records,
+        "errors": errors,
+        "server": server,
+        "latency": latency,
+        "load": load,
+        "rules": rules,
+    }
 
 
 def vars_of(config: BenchConfig) -> dict:
     from dataclasses import asdict
+
     return {**asdict(config), "request_timeout_s": REQUEST_TIMEOUT_S}
 
 
@@ -342,7 +480,9 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     paths = report.write_outputs(results, Path(config.out))
     print(f"wrote {', '.join(str(path) for path in paths)}")
     if not results["correctness"]["all_match"]:
-        logger.error("MISMATCH: greedy output differs from HF autoregressive for %s",
-                     sorted({m["method"] for m in results["correctness"]["mismatches"]}))
+        logger.error(
+            "MISMATCH: greedy output differs from HF autoregressive for %s",
+            sorted({m["method"] for m in results["correctness"]["mismatches"]}),
+        )
         return 1
     return 0

@@ -26,6 +26,7 @@ COST_REPEATS = 30  # interleaved repeats per micro-timing (medians), after specp
 @dataclass
 class Outcome:
     """One request: its tokens, client-side wall time and the counters of DESIGN §7's stats."""
+
     token_ids: list[int]
     seconds: float
     ttft_s: float
@@ -41,6 +42,7 @@ class Method:
 
 
 # --- Hugging Face, in this process -------------------------------------------------------------
+
 
 class _FirstTokenClock:
     """A `generate` streamer that notes when the first new token arrives (its first put is the prompt)."""
@@ -67,9 +69,10 @@ class HFRunner:
         self.target, self.draft = load_model(target_path), load_model(draft_path)
         eos = self.target.generation_config.eos_token_id or self.target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
-        self.assistant_defaults = {name: getattr(self.draft.generation_config, name, None) for name in
-                                   ("num_assistant_tokens", "num_assistant_tokens_schedule",
-                                    "assistant_confidence_threshold")}
+        self.assistant_defaults = {
+            name: getattr(self.draft.generation_config, name, None)
+            for name in ("num_assistant_tokens", "num_assistant_tokens_schedule", "assistant_confidence_threshold")
+        }
         self.calls = {"target": 0, "draft": 0}
         self.target_s, self._started = 0.0, 0.0
         self.target.register_forward_pre_hook(self._target_start)
@@ -88,21 +91,37 @@ class HFRunner:
 
     def configure_assistant(self, num_tokens: int | None) -> None:
         """None: the assistant's own settings; k: exactly k draft tokens per round."""
-        settings = self.assistant_defaults if num_tokens is None else {
-            "num_assistant_tokens": num_tokens, "num_assistant_tokens_schedule": "constant",
-            "assistant_confidence_threshold": 0.0}
+        settings = (
+            self.assistant_defaults
+            if num_tokens is None
+            else {
+                "num_assistant_tokens": num_tokens,
+                "num_assistant_tokens_schedule": "constant",
+                "assistant_confidence_threshold": 0.0,
+            }
+        )
         for name, value in settings.items():
             setattr(self.draft.generation_config, name, value)
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int, temperature: float, seed: int,
-                 threads: int = 1, assisted: bool = False) -> Outcome:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        temperature: float,
+        seed: int,
+        threads: int = 1,
+        assisted: bool = False,
+    ) -> Outcome:
         import torch
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
         input_ids = torch.tensor([prompt_ids])
-        sampling = {"do_sample": False} if temperature == 0 else {
-            "do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        sampling = (
+            {"do_sample": False}
+            if temperature == 0
+            else {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0}
+        )
         clock = _FirstTokenClock()
         self.calls.update(target=0, draft=0)
         self.target_s = 0.0
@@ -110,40 +129,64 @@ class HFRunner:
         try:
             with torch.inference_mode():
                 output = self.target.generate(
-                    input_ids, attention_mask=torch.ones_like(input_ids), max_new_tokens=max_new_tokens,
-                    pad_token_id=min(self.eos_ids) if self.eos_ids else 0, streamer=clock,
-                    assistant_model=self.draft if assisted else None, **sampling)
+                    input_ids,
+                    attention_mask=torch.ones_like(input_ids),
+                    max_new_tokens=max_new_tokens,
+                    pad_token_id=min(self.eos_ids) if self.eos_ids else 0,
+                    streamer=clock,
+                    assistant_model=self.draft if assisted else None,
+                    **sampling,
+                )
         finally:
             torch.set_num_threads(1)
         seconds = time.perf_counter() - start
-        token_ids = output[0, len(prompt_ids):].tolist()
+        token_ids = output[0, len(prompt_ids) :].tolist()
         for index, token_id in enumerate(token_ids):
             if token_id in self.eos_ids:
-                token_ids = token_ids[:index + 1]
+                token_ids = token_ids[: index + 1]
                 break
         verifications = self.calls["target"]
         drafted = self.calls["draft"] if assisted else 0
         accepted = max(0, min(drafted, len(token_ids) - verifications)) if assisted else 0
-        counters = {"draft_tokens": drafted, "accepted_tokens": accepted, "rolled_back_tokens": drafted - accepted,
-                    "verifications": verifications, "branches_forked": 0, "branches_hit": 0,
-                    "committed_tokens": len(token_ids)}
+        counters = {
+            "draft_tokens": drafted,
+            "accepted_tokens": accepted,
+            "rolled_back_tokens": drafted - accepted,
+            "verifications": verifications,
+            "branches_forked": 0,
+            "branches_hit": 0,
+            "committed_tokens": len(token_ids),
+        }
         return Outcome(token_ids, seconds, (clock.at or start + seconds) - start, counters, self.target_s)
 
-    def method(self, name: str, max_new_tokens: int, threads: int = 1, assisted: bool = False,
-               num_draft_tokens: Callable[[float], int | None] = lambda temperature: None) -> Method:
+    def method(
+        self,
+        name: str,
+        max_new_tokens: int,
+        threads: int = 1,
+        assisted: bool = False,
+        num_draft_tokens: Callable[[float], int | None] = lambda temperature: None,
+    ) -> Method:
         def run(prompt_ids: list[int], temperature: float, seed: int) -> Outcome:
             if assisted:
                 self.configure_assistant(num_draft_tokens(temperature))
             return self.generate(prompt_ids, max_new_tokens, temperature, seed, threads, assisted)
+
         return Method(name, run, num_draft_tokens)
 
     def methods(self, max_new_tokens: int, grid: dict) -> list[Method]:
         """The four HF methods; `hf_assisted_best` uses the calibrated k of each temperature."""
-        return [self.method("hf_autoregressive", max_new_tokens),
-                self.method("hf_autoregressive_2threads", max_new_tokens, threads=2),
-                self.method("hf_assisted_default", max_new_tokens, assisted=True),
-                self.method("hf_assisted_best", max_new_tokens, assisted=True,
-                            num_draft_tokens=lambda temperature: grid[f"{temperature:g}"]["best"])]
+        return [
+            self.method("hf_autoregressive", max_new_tokens),
+            self.method("hf_autoregressive_2threads", max_new_tokens, threads=2),
+            self.method("hf_assisted_default", max_new_tokens, assisted=True),
+            self.method(
+                "hf_assisted_best",
+                max_new_tokens,
+                assisted=True,
+                num_draft_tokens=lambda temperature: grid[f"{temperature:g}"]["best"],
+            ),
+        ]
 
 
 def measure_costs(hf: HFRunner, context_ids: list[int], ks: set[int]) -> dict:
@@ -151,18 +194,23 @@ def measure_costs(hf: HFRunner, context_ids: list[int], ks: set[int]) -> dict:
     for each k, each with `context_ids` already in the KV cache; interleaved so noise hits all."""
     import torch
 
-    from specpipe.tools.timing import median_step_seconds   # the demo build's c is timed the same way
+    from specpipe.tools.timing import median_step_seconds  # the demo build's c is timed the same way
 
     torch.set_num_threads(1)
     steps = [("t_ar", hf.target, 1), ("t_draft", hf.draft, 1)]
     steps += [(f"t_verify_{k}", hf.target, k + 1) for k in sorted(ks) if k + 1 <= len(context_ids)]
     medians = median_step_seconds(steps, torch.tensor([context_ids]), COST_REPEATS)
-    return {"context_tokens": len(context_ids), "repeats": COST_REPEATS, "t_ar_s": medians["t_ar"],
-            "t_draft_s": medians["t_draft"],
-            "t_verify_s": {str(k): medians[f"t_verify_{k}"] for k in sorted(ks) if f"t_verify_{k}" in medians}}
+    return {
+        "context_tokens": len(context_ids),
+        "repeats": COST_REPEATS,
+        "t_ar_s": medians["t_ar"],
+        "t_draft_s": medians["t_draft"],
+        "t_verify_s": {str(k): medians[f"t_verify_{k}"] for k in sorted(ks) if f"t_verify_{k}" in medians},
+    }
 
 
 # --- specpipe, through the server --------------------------------------------------------------
+
 
 class ModeFallback(RuntimeError):
     """The server answered a request in another mode than the one asked for."""
@@ -175,8 +223,14 @@ def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: i
         """params: more request fields (top_p, drafter_invariant)."""
         token_ids, first, last = [], None, None
         start = time.perf_counter()
-        for last in client.generate(prompt_ids=prompt_ids, max_new_tokens=max_new_tokens,
-                                    temperature=temperature, seed=seed, mode=mode, **params):
+        for last in client.generate(
+            prompt_ids=prompt_ids,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            seed=seed,
+            mode=mode,
+            **params,
+        ):
             if last.token_ids and first is None:
                 first = time.perf_counter()
             token_ids += last.token_ids
@@ -184,24 +238,37 @@ def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: i
         stats = last.stats
         if stats.mode not in (mode.proto, specpipe_pb2.MODE_UNSPECIFIED):
             raise ModeFallback(f"asked for {mode}, the server ran {specpipe_pb2.Mode.Name(stats.mode)}")
-        counters = {name: getattr(stats, name) for name in ("draft_tokens", "accepted_tokens", "rolled_back_tokens",
-                                                            "verifications", "branches_forked", "branches_hit")}
+        counters = {
+            name: getattr(stats, name)
+            for name in (
+                "draft_tokens",
+                "accepted_tokens",
+                "rolled_back_tokens",
+                "verifications",
+                "branches_forked",
+                "branches_hit",
+            )
+        }
         counters["committed_tokens"] = round(stats.mean_accepted_length * stats.verifications)
-        return Outcome(token_ids, seconds, (first or start + seconds) - start, counters,
-                       stats.target_busy_fraction * seconds)
+        return Outcome(
+            token_ids, seconds, (first or start + seconds) - start, counters, stats.target_busy_fraction * seconds
+        )
 
-    return Method(f"specpipe_{mode}", run,
-                  lambda temperature: None if mode == Mode.AUTOREGRESSIVE else num_draft_tokens)
+    return Method(
+        f"specpipe_{mode}", run, lambda temperature: None if mode == Mode.AUTOREGRESSIVE else num_draft_tokens
+    )
 
 
 def describe_error(err: BaseException) -> str:
     import grpc
+
     if isinstance(err, grpc.RpcError) and hasattr(err, "code"):
         return f"{err.code().name}: {err.details()}"
     return f"{type(err).__name__}: {err}"
 
 
 # --- trials --------------------------------------------------------------------------------------
+
 
 def request_seed(seed: int, trial: int, prompt_index: int) -> int:
     """The same seed for every method on one (trial, prompt): sampled runs see the same randomness budget."""
@@ -221,8 +288,14 @@ class TrialRunner:
             self.bar.update(len(self.prompts))
             return None
         self.bar.set_postfix_str(f"trial {trial + 1} T={temperature:g} {method.name}", refresh=False)
-        record = {"trial": trial, "temperature": temperature, "method": method.name, **labels,
-                  "configured_draft_tokens": method.num_draft_tokens(temperature), "error": None}
+        record = {
+            "trial": trial,
+            "temperature": temperature,
+            "method": method.name,
+            **labels,
+            "configured_draft_tokens": method.num_draft_tokens(temperature),
+            "error": None,
+        }
         outcomes = []
         for index, prompt_ids in enumerate(self.prompts):
             try:
@@ -236,18 +309,26 @@ class TrialRunner:
         seconds = sum(outcome.seconds for outcome in outcomes)
         tokens = sum(len(outcome.token_ids) for outcome in outcomes)
         record.update(
-            tokens=tokens, seconds=seconds, tokens_per_second=tokens / seconds,
+            tokens=tokens,
+            seconds=seconds,
+            tokens_per_second=tokens / seconds,
             ttft_s=[outcome.ttft_s for outcome in outcomes],
             target_busy_s=sum(outcome.target_busy_s for outcome in outcomes),
             counters={name: sum(outcome.counters[name] for outcome in outcomes) for name in outcomes[0].counters},
-            outputs=[outcome.token_ids for outcome in outcomes])
+            outputs=[outcome.token_ids for outcome in outcomes],
+        )
         if temperature == 0:
-            record["matches_autoregressive"] = [outcome.token_ids == expected
-                                                for outcome, expected in zip(outcomes, self.reference)]
+            record["matches_autoregressive"] = [
+                outcome.token_ids == expected for outcome, expected in zip(outcomes, self.reference)
+            ]
             if not all(record["matches_autoregressive"]):
-                logger.error("MISMATCH: %s greedy output differs from HF autoregressive on prompt(s) %s (trial %d%s)",
-                             method.name, [i for i, ok in enumerate(record["matches_autoregressive"]) if not ok],
-                             trial + 1, "".join(f", {key}={value}" for key, value in labels.items()))
+                logger.error(
+                    "MISMATCH: %s greedy output differs from HF autoregressive on prompt(s) %s (trial %d%s)",
+                    method.name,
+                    [i for i, ok in enumerate(record["matches_autoregressive"]) if not ok],
+                    trial + 1,
+                    "".join(f", {key}={value}" for key, value in labels.items()),
+                )
         return record
 
 
@@ -292,13 +373,18 @@ def tune_assistant(hf: HFRunner, runner: TrialRunner, temperatures, max_new_toke
                 hf.configure_assistant(k)
                 start, tokens = time.perf_counter(), 0
                 for index, prompt_ids in enumerate(runner.prompts):
-                    tokens += len(hf.generate(prompt_ids, max_new_tokens, temperature,
-                                              request_seed(runner.seed, -1, index), assisted=True).token_ids)
+                    tokens += len(
+                        hf.generate(
+                            prompt_ids, max_new_tokens, temperature, request_seed(runner.seed, -1, index), assisted=True
+                        ).token_ids
+                    )
                     runner.bar.update(1)
                 speeds[str(k)] = tokens / (time.perf_counter() - start)
         except Exception as err:
             runner.failed["hf_assisted_best"] = f"calibration failed: {describe_error(err)}"
             logger.error("HF assisted calibration failed at T=%g: %s", temperature, runner.failed["hf_assisted_best"])
-        grid[f"{temperature:g}"] = {"tokens_per_second": speeds,
-                                    "best": int(max(speeds, key=speeds.get)) if speeds else None}
+        grid[f"{temperature:g}"] = {
+            "tokens_per_second": speeds,
+            "best": int(max(speeds, key=speeds.get)) if speeds else None,
+        }
     return grid

@@ -23,6 +23,7 @@ training; the prompts are the first 1-3 lines of their functions and classes.
 runtime finds the pair specpipe/demo_pair.py's.
 This module knows nothing of workers or sockets.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -40,11 +41,25 @@ from tqdm.auto import tqdm
 from specpipe import demo_files
 from specpipe.demo_files import DEMO_VERSION, MODELS
 from specpipe.predictor import weights_sha256
-from specpipe.tools.corpus import (NUM_PROMPTS, encode_corpus, extract_prompts, read_source, stdlib_files,
-                                   train_tokenizer)
+from specpipe.tools.corpus import (
+    NUM_PROMPTS,
+    encode_corpus,
+    extract_prompts,
+    read_source,
+    stdlib_files,
+    train_tokenizer,
+)
 from specpipe.tools.decode import accepted_runs, continue_tokens
-from specpipe.tools.lm_training import (ModelSpec, deterministic, distill_batches, distill_loss, make_model,
-                                        save_model, train_lm, window_batches)
+from specpipe.tools.lm_training import (
+    ModelSpec,
+    deterministic,
+    distill_batches,
+    distill_loss,
+    make_model,
+    save_model,
+    train_lm,
+    window_batches,
+)
 from specpipe.tools.timing import median_step_seconds
 from specpipe.tools.train_predictor import DEFAULT_POSITIONS, train_predictor
 
@@ -73,14 +88,36 @@ class Preset:
 PRESETS = {
     # Verifying costs mostly per-layer overhead on a CPU, so the target is deep and narrow (20
     # layers: c ~ 0.1) and the draft has one layer; 640 target steps fill ~4 of the ~6.5 minutes.
-    "full": Preset(8192, 128, None, target=ModelSpec(192, 20, 3, 512, False, 640, 8, 3e-3),
-                   draft=ModelSpec(128, 1, 4, 384, True, 400, 24, 3e-3),
-                   distill_rounds=10, distill_batch=64, distill_prompt_len=48, distill_gen_len=80,
-                   eval_prompts=NUM_PROMPTS, eval_new_tokens=64, timing_repeats=60, predictor_positions=DEFAULT_POSITIONS),
-    "mini": Preset(320, 32, 12, target=ModelSpec(32, 2, 2, 64, False, 12, 4, 3e-3),
-                   draft=ModelSpec(16, 1, 1, 32, True, 8, 4, 3e-3),
-                   distill_rounds=2, distill_batch=4, distill_prompt_len=8, distill_gen_len=8,
-                   eval_prompts=3, eval_new_tokens=6, timing_repeats=3, predictor_positions=512),
+    "full": Preset(
+        8192,
+        128,
+        None,
+        target=ModelSpec(192, 20, 3, 512, False, 640, 8, 3e-3),
+        draft=ModelSpec(128, 1, 4, 384, True, 400, 24, 3e-3),
+        distill_rounds=10,
+        distill_batch=64,
+        distill_prompt_len=48,
+        distill_gen_len=80,
+        eval_prompts=NUM_PROMPTS,
+        eval_new_tokens=64,
+        timing_repeats=60,
+        predictor_positions=DEFAULT_POSITIONS,
+    ),
+    "mini": Preset(
+        320,
+        32,
+        12,
+        target=ModelSpec(32, 2, 2, 64, False, 12, 4, 3e-3),
+        draft=ModelSpec(16, 1, 1, 32, True, 8, 4, 3e-3),
+        distill_rounds=2,
+        distill_batch=4,
+        distill_prompt_len=8,
+        distill_gen_len=8,
+        eval_prompts=3,
+        eval_new_tokens=6,
+        timing_repeats=3,
+        predictor_positions=512,
+    ),
 }
 
 
@@ -89,13 +126,16 @@ def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar) -
     as prompts, continued by the target greedily (half the rounds) and by sampling at temperature
     1 (the other half), so the draft learns where both kinds of decoding go."""
     prompt_len = preset.distill_prompt_len
-    starts = torch.randint(0, len(tokens) - prompt_len,
-                           (2 * preset.distill_rounds, preset.distill_batch),
-                           generator=torch.Generator().manual_seed(seed))
+    starts = torch.randint(
+        0,
+        len(tokens) - prompt_len,
+        (2 * preset.distill_rounds, preset.distill_batch),
+        generator=torch.Generator().manual_seed(seed),
+    )
     sampler = torch.Generator().manual_seed(seed + 1)
     rows = []
     for index, round_starts in enumerate(starts.tolist()):
-        prompts = torch.stack([tokens[s:s + prompt_len] for s in round_starts])
+        prompts = torch.stack([tokens[s : s + prompt_len] for s in round_starts])
         generator = sampler if index >= preset.distill_rounds else None
         sequence, _ = continue_tokens(target, prompts, preset.distill_gen_len, generator)
         rows.append(sequence[:, :-1])
@@ -104,6 +144,7 @@ def distill_data(target, tokens: torch.Tensor, preset: Preset, seed: int, bar) -
 
 
 # --- measuring ------------------------------------------------------------------------------
+
 
 def measure_cost_ratio(target, draft, context: torch.Tensor, repeats: int) -> dict:
     """Medians of one draft step (1 token) and one target verify (DRAFT_BLOCK + 1 tokens), both
@@ -124,24 +165,28 @@ def measure_acceptance(target, draft, tokenizer, prompts: list[str], num_new_tok
         sequence, _ = continue_tokens(target, prompt_ids, num_new_tokens)
         draft_argmax = draft(input_ids=sequence[:, :-1]).logits.argmax(-1)
         start = prompt_ids.shape[1] - 1
-        agree = draft_argmax[:, start:] == sequence[:, start + 1:]     # [1, num_new_tokens]
+        agree = draft_argmax[:, start:] == sequence[:, start + 1 :]  # [1, num_new_tokens]
         matches += agree[0].tolist()
         runs, position = accepted_runs(agree, DRAFT_BLOCK)[0].tolist(), 0
         while position < len(runs):
             accepted.append(runs[position])
             position += runs[position] + 1  # the accepted tokens plus the target's correction or bonus
         sequences.append(sequence[0])
-    return {"acceptance_rate": sum(matches) / len(matches),
-            "mean_accepted_len": sum(accepted) / len(accepted),
-            "tokens_per_verify": 1 + sum(accepted) / len(accepted), "sequences": sequences}
+    return {
+        "acceptance_rate": sum(matches) / len(matches),
+        "mean_accepted_len": sum(accepted) / len(accepted),
+        "tokens_per_verify": 1 + sum(accepted) / len(accepted),
+        "sequences": sequences,
+    }
 
 
 # --- the build ------------------------------------------------------------------------------
 
+
 def _train_pair(out_dir: Path, preset: Preset, seed: int, bar) -> dict:
     """Tokenizer, target, distilled draft, saved under out_dir; returns what the build recorded."""
     root, train_files, heldout_files = stdlib_files()
-    train_files = train_files[:preset.max_files]
+    train_files = train_files[: preset.max_files]
     texts = [read_source(p) for p in train_files]
     bar.set_description("tokenizer")
     tokenizer = train_tokenizer(texts, preset.vocab_size)
@@ -162,12 +207,18 @@ def _train_pair(out_dir: Path, preset: Preset, seed: int, bar) -> dict:
     files_digest = hashlib.sha256()
     for path, text in zip(train_files, texts):
         files_digest.update(f"{path.relative_to(root).as_posix()}\n{text}".encode())
-    return {"params_target": target.num_parameters(), "params_draft": draft.num_parameters(),
-            "target_final_loss": target_loss, "draft_final_loss": draft_loss,
-            "corpus_tokens": len(tokens), "distill_tokens": inputs.numel(),
-            "train_files": len(train_files), "train_files_sha256": files_digest.hexdigest(),
-            "heldout_modules": [p.relative_to(root).as_posix() for p in heldout_files],
-            "prompts": extract_prompts(root, heldout_files)[:preset.eval_prompts]}
+    return {
+        "params_target": target.num_parameters(),
+        "params_draft": draft.num_parameters(),
+        "target_final_loss": target_loss,
+        "draft_final_loss": draft_loss,
+        "corpus_tokens": len(tokens),
+        "distill_tokens": inputs.numel(),
+        "train_files": len(train_files),
+        "train_files_sha256": files_digest.hexdigest(),
+        "heldout_modules": [p.relative_to(root).as_posix() for p in heldout_files],
+        "prompts": extract_prompts(root, heldout_files)[: preset.eval_prompts],
+    }
 
 
 def _measure_pair(out_dir: Path, preset: Preset, prompts: list[str], bar) -> dict:
@@ -175,8 +226,9 @@ def _measure_pair(out_dir: Path, preset: Preset, prompts: list[str], bar) -> dic
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     bar.set_description("acceptance")
-    target, draft = (AutoModelForCausalLM.from_pretrained(out_dir / name, dtype=torch.float32)
-                     .eval() for name in MODELS)
+    target, draft = (
+        AutoModelForCausalLM.from_pretrained(out_dir / name, dtype=torch.float32).eval() for name in MODELS
+    )
     tokenizer = AutoTokenizer.from_pretrained(out_dir / "target")
     acceptance = measure_acceptance(target, draft, tokenizer, prompts, preset.eval_new_tokens)
     bar.update(1)
@@ -206,8 +258,7 @@ def _build_settings():
             hf_logging.enable_progress_bar()
 
 
-def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full",
-                    progress: bool = True) -> dict:
+def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full", progress: bool = True) -> dict:
     """Builds tokenizer, target and draft into out_dir/{target,draft}, writes build_info.json
     and heldout.json there, and returns the build info (see the module docstring)."""
     import tokenizers
@@ -218,30 +269,37 @@ def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full",
     total = 3 + recipe.target.steps + 2 * recipe.distill_rounds + recipe.draft.steps
     start = time.perf_counter()
     with _build_settings(), tqdm(total=total, disable=not progress, unit="step") as bar:
-        info = {"demo_version": DEMO_VERSION, "preset": preset, "seed": seed,
-                **_train_pair(out_dir, recipe, seed, bar)}
+        info = {"demo_version": DEMO_VERSION, "preset": preset, "seed": seed, **_train_pair(out_dir, recipe, seed, bar)}
         info["train_seconds"] = time.perf_counter() - start
         prompts = info.pop("prompts")
         info.update(_measure_pair(out_dir, recipe, [p["prompt"] for p in prompts], bar))
         # The acceptance-length predictor of the `predictor` policy ships beside the target.
         info["accept_predictor"] = train_predictor(
-            out_dir / "target", out_dir / "draft", seed=seed, progress=False,
-            max_positions=recipe.predictor_positions)["metrics"]
+            out_dir / "target", out_dir / "draft", seed=seed, progress=False, max_positions=recipe.predictor_positions
+        )["metrics"]
     weights = [out_dir / name / "model.safetensors" for name in MODELS]
-    info.update({
-        "build_seconds": time.perf_counter() - start,
-        "param_ratio": info["params_target"] / info["params_draft"],
-        "num_prompts": len(prompts), "eval_new_tokens": recipe.eval_new_tokens,
-        "draft_block": DRAFT_BLOCK, "timing_context": TIMING_CONTEXT, "timing_threads": 1,
-        "build_threads": BUILD_THREADS, "vocab_size": recipe.vocab_size,
-        "target_config": dataclasses.asdict(recipe.target),
-        "draft_config": dataclasses.asdict(recipe.draft),
-        "weights_sha256": {name: weights_sha256(out_dir / name) for name in MODELS},
-        "weights_bytes": sum(path.stat().st_size for path in weights),
-        "python_version": platform.python_version(), "torch_version": torch.__version__,
-        "transformers_version": transformers.__version__,
-        "tokenizers_version": tokenizers.__version__,
-        "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus"})
+    info.update(
+        {
+            "build_seconds": time.perf_counter() - start,
+            "param_ratio": info["params_target"] / info["params_draft"],
+            "num_prompts": len(prompts),
+            "eval_new_tokens": recipe.eval_new_tokens,
+            "draft_block": DRAFT_BLOCK,
+            "timing_context": TIMING_CONTEXT,
+            "timing_threads": 1,
+            "build_threads": BUILD_THREADS,
+            "vocab_size": recipe.vocab_size,
+            "target_config": dataclasses.asdict(recipe.target),
+            "draft_config": dataclasses.asdict(recipe.draft),
+            "weights_sha256": {name: weights_sha256(out_dir / name) for name in MODELS},
+            "weights_bytes": sum(path.stat().st_size for path in weights),
+            "python_version": platform.python_version(),
+            "torch_version": torch.__version__,
+            "transformers_version": transformers.__version__,
+            "tokenizers_version": tokenizers.__version__,
+            "machine": f"{platform.machine()} {platform.system()}, {os.cpu_count()} cpus",
+        }
+    )
     (out_dir / "heldout.json").write_text(json.dumps(prompts, indent=1) + "\n")
     (out_dir / "build_info.json").write_text(json.dumps(info, indent=1) + "\n")
     refresh_shipped_prompts(out_dir, preset)
@@ -268,4 +326,5 @@ def summary_lines(info: dict, out_dir: Path) -> list[str]:
         f"{info['t_verify_ms']:.3f} ms = {info['c']:.3f} (one thread)",
         f"greedy acceptance rate {info['acceptance_rate']:.3f}, mean accepted length "
         f"{info['mean_accepted_len']:.2f} of {DRAFT_BLOCK} on {info['num_prompts']} prompts",
-        f"built in {info['build_seconds']:.0f} s into {out_dir}"]
+        f"built in {info['build_seconds']:.0f} s into {out_dir}",
+    ]

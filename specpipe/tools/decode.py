@@ -7,6 +7,7 @@ keep the target's last hidden state of every step (the acceptance-length predict
 starting at each position would get accepted. Both are exact references for offline measuring
 and training; the serving path has its own batched engines and uses neither.
 """
+
 from __future__ import annotations
 
 import torch
@@ -14,8 +15,9 @@ import torch.nn.functional as F
 
 
 @torch.inference_mode()
-def continue_tokens(model, input_ids: torch.Tensor, num_new_tokens: int, generator=None,
-                    keep_hidden: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+def continue_tokens(
+    model, input_ids: torch.Tensor, num_new_tokens: int, generator=None, keep_hidden: bool = False
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Greedy decoding with a KV cache (sampling at temperature 1 from `generator` when given).
     input_ids: [batch, prompt_len] (no padding). Returns (tokens [batch, prompt_len +
     num_new_tokens], hidden): with keep_hidden, hidden [batch, num_new_tokens, hidden_size] is
@@ -49,6 +51,6 @@ def accepted_runs(agree: torch.Tensor, max_len: int) -> torch.Tensor:
     the accepted length of a greedy block of max_len draft tokens judged from position s on (a
     run shorter than max_len ends at a rejection, or at the end of the row)."""
     assert agree.dim() == 2 and max_len >= 1, "agree is [batch, T]; max_len >= 1"
-    padded = F.pad(agree.long(), (0, max_len - 1))      # past the end: never agrees
-    windows = padded.unfold(1, max_len, 1)              # [batch, T, max_len]
+    padded = F.pad(agree.long(), (0, max_len - 1))  # past the end: never agrees
+    windows = padded.unfold(1, max_len, 1)  # [batch, T, max_len]
     return windows.cumprod(-1).sum(-1)

@@ -7,6 +7,7 @@ a token stream; `distill_batches`: rows with the teacher's logits, for `distill_
 count and the kernels while training, which with the seeds makes a build bit-for-bit. Knows
 nothing of the corpus (token ids in) or of the recipe (specs in).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,6 +22,7 @@ import torch.nn.functional as F
 @dataclasses.dataclass(frozen=True)
 class ModelSpec:
     """A Llama's shape, and its training: `steps` AdamW steps of `batch` sequences."""
+
     hidden: int
     layers: int
     heads: int
@@ -48,11 +50,20 @@ def make_model(spec: ModelSpec, tokenizer, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     eos = tokenizer.eos_token_id
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=spec.hidden,
-                         intermediate_size=spec.intermediate, num_hidden_layers=spec.layers,
-                         num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
-                         max_position_embeddings=2048, tie_word_embeddings=spec.tie_embeddings,
-                         bos_token_id=eos, eos_token_id=eos, pad_token_id=eos, dtype="float32")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=spec.hidden,
+        intermediate_size=spec.intermediate,
+        num_hidden_layers=spec.layers,
+        num_attention_heads=spec.heads,
+        num_key_value_heads=spec.heads,
+        max_position_embeddings=2048,
+        tie_word_embeddings=spec.tie_embeddings,
+        bos_token_id=eos,
+        eos_token_id=eos,
+        pad_token_id=eos,
+        dtype="float32",
+    )
     torch.manual_seed(seed)
     return LlamaForCausalLM(config)
 
@@ -62,8 +73,7 @@ def train_lm(model, batches, spec: ModelSpec, bar, loss_fn=None) -> float:
     `loss_fn(logits, labels)`: cross-entropy on next-token labels unless given."""
     loss_fn = loss_fn or (lambda logits, labels: F.cross_entropy(logits.flatten(0, 1), labels.flatten()))
     model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95),
-                                  weight_decay=0.0)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=spec.lr, betas=(0.9, 0.95), weight_decay=0.0)
     warmup = max(1, spec.steps // 20)
     for step in range(spec.steps):
         cosine = 0.1 + 0.45 * (1 + math.cos(math.pi * step / spec.steps))
@@ -96,8 +106,9 @@ def window_batches(tokens: torch.Tensor, batch: int, seq_len: int, seed: int):
 
     def batches():
         starts = torch.randint(0, len(tokens) - seq_len - 1, (batch,), generator=generator)
-        windows = torch.stack([tokens[s:s + seq_len + 1] for s in starts.tolist()])
+        windows = torch.stack([tokens[s : s + seq_len + 1] for s in starts.tolist()])
         return windows[:, :-1], windows[:, 1:]
+
     return batches
 
 
@@ -109,6 +120,7 @@ def distill_batches(target, inputs: torch.Tensor, batch: int, seed: int):
         rows = inputs[torch.randint(0, len(inputs), (batch,), generator=generator)]
         with torch.no_grad():
             return rows, target(input_ids=rows).logits
+
     return batches
 
 

@@ -6,6 +6,7 @@ so that noise on a shared machine hits all alike, and returns the median seconds
 times whatever thread count the caller set; it knows nothing of which step is a draft step or a
 verification: the callers name them.
 """
+
 from __future__ import annotations
 
 import statistics
@@ -17,8 +18,7 @@ WARMUP_REPEATS = 3  # the first runs of each step (allocations, caches) are not 
 
 
 @torch.inference_mode()
-def median_step_seconds(steps: list[tuple[str, object, int]], context: torch.Tensor,
-                        repeats: int) -> dict[str, float]:
+def median_step_seconds(steps: list[tuple[str, object, int]], context: torch.Tensor, repeats: int) -> dict[str, float]:
     """steps: (name, model, num_tokens). context: [1, context_len] token ids, prefilled into one
     KV cache per model first. Returns {name: median seconds of one step} over `repeats` runs."""
     from transformers import DynamicCache

@@ -42,7 +42,7 @@ def greedy(prompt: list[int], count: int) -> list[int]:
     tokens = list(prompt)
     for _ in range(count):
         tokens.append(target_next(tokens))
-    return tokens[len(prompt):]
+    return tokens[len(prompt) :]
 
 
 class FakeWorkers:
@@ -50,7 +50,7 @@ class FakeWorkers:
         """`stalls`: the draft has nothing to propose at some positions (as prompt lookup does)."""
         self.rng = random.Random(seed)
         self.stalls = stalls
-        self.stalled: list[tuple] = []            # (epoch, branch, position) of each "nothing to propose"
+        self.stalled: list[tuple] = []  # (epoch, branch, position) of each "nothing to propose"
         self.draft_down_after = draft_down_after
         self.draft_steps = 0
         self.draft_outbox: deque = deque()
@@ -59,7 +59,7 @@ class FakeWorkers:
         self.verifies: deque = deque()
         self.decode_until = 0
         self.branches: dict[int, list[int]] = {}
-        self.jobs: dict[int, list] = {}           # branch_id -> [epoch, remaining, min_confidence, num_candidates]
+        self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
         self.stale_answers = 0
         self.commands: list[str] = []
         self.request_id = ""
@@ -70,7 +70,7 @@ class FakeWorkers:
     def command(self, role: str, kind: str, msg) -> None:
         self.commands.append(f"{role}:{kind}")
         if role == "draft" and self.draft_down:
-            return                                   # a dead worker hears nothing
+            return  # a dead worker hears nothing
         getattr(self, f"_{role}_{kind}")(msg)
 
     def _target_prefill(self, msg) -> None:
@@ -94,10 +94,10 @@ class FakeWorkers:
             self.jobs[branch_id] = [msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates]
 
     def _draft_fork(self, msg) -> None:
-        self.branches[msg.branch_id] = self.branches[msg.parent_branch_id][:msg.position] + list(msg.token_ids)
+        self.branches[msg.branch_id] = self.branches[msg.parent_branch_id][: msg.position] + list(msg.token_ids)
 
     def _draft_sync(self, msg) -> None:
-        self.branches[msg.branch_id] = self.branches[msg.branch_id][:msg.keep_length] + list(msg.append_token_ids)
+        self.branches[msg.branch_id] = self.branches[msg.branch_id][: msg.keep_length] + list(msg.append_token_ids)
         self.jobs.pop(msg.branch_id, None)
 
     def _draft_cancel(self, msg) -> None:
@@ -140,19 +140,36 @@ class FakeWorkers:
         for branch_id, job in list(self.jobs.items()):
             epoch, remaining, min_confidence, num_candidates = job
             sequence = self.branches[branch_id]
-            if self.stalls and (sum(sequence) * 3 + len(sequence)) % 5 == 1:    # nothing to propose here
+            if self.stalls and (sum(sequence) * 3 + len(sequence)) % 5 == 1:  # nothing to propose here
                 self.stalled.append((epoch, branch_id, len(sequence)))
-                tokens.append(worker_pb2.DraftToken(request_id=self.request_id, branch_id=branch_id, epoch=epoch,
-                                                    position=len(sequence), token_id=-1, last=True))
+                tokens.append(
+                    worker_pb2.DraftToken(
+                        request_id=self.request_id,
+                        branch_id=branch_id,
+                        epoch=epoch,
+                        position=len(sequence),
+                        token_id=-1,
+                        last=True,
+                    )
+                )
                 del self.jobs[branch_id]
                 continue
             token, prob, candidates, probs = draft_next(sequence)
             job[1] = remaining = remaining - 1
             last = remaining <= 0 or prob < min_confidence
-            tokens.append(worker_pb2.DraftToken(request_id=self.request_id, branch_id=branch_id, epoch=epoch,
-                                                position=len(sequence), token_id=token, prob=prob, last=last,
-                                                candidate_ids=candidates[:num_candidates],
-                                                candidate_probs=probs[:num_candidates]))
+            tokens.append(
+                worker_pb2.DraftToken(
+                    request_id=self.request_id,
+                    branch_id=branch_id,
+                    epoch=epoch,
+                    position=len(sequence),
+                    token_id=token,
+                    prob=prob,
+                    last=last,
+                    candidate_ids=candidates[:num_candidates],
+                    candidate_probs=probs[:num_candidates],
+                )
+            )
             sequence.append(token)
             if last:
                 del self.jobs[branch_id]
@@ -163,17 +180,30 @@ class FakeWorkers:
             return Event("target", "verdict", self._verify(self.verifies.popleft()))
         token = target_next(self.committed)
         self.committed.append(token)
-        return Event("target", "verdict", worker_pb2.Verdict(request_id=self.request_id, next_token_id=token,
-                                                             committed_length=len(self.committed),
-                                                             verify_seconds=0.002))
+        return Event(
+            "target",
+            "verdict",
+            worker_pb2.Verdict(
+                request_id=self.request_id,
+                next_token_id=token,
+                committed_length=len(self.committed),
+                verify_seconds=0.002,
+            ),
+        )
 
     def _verify(self, msg) -> worker_pb2.Verdict:
-        stale = msg.HasField("expect_last_token") and (msg.start_length != len(self.committed) or
-                                                       self.committed[-1] != msg.expect_last_token)
+        stale = msg.HasField("expect_last_token") and (
+            msg.start_length != len(self.committed) or self.committed[-1] != msg.expect_last_token
+        )
         if stale or self.decode_until:
             self.stale_answers += 1
-            return worker_pb2.Verdict(request_id=self.request_id, block_id=msg.block_id, stale=True, next_token_id=-1,
-                                      committed_length=len(self.committed))
+            return worker_pb2.Verdict(
+                request_id=self.request_id,
+                block_id=msg.block_id,
+                stale=True,
+                next_token_id=-1,
+                committed_length=len(self.committed),
+            )
         assert msg.start_length == len(self.committed), "a block that does not extend the committed tokens"
         draft, accepted = list(msg.draft_token_ids), 0
         while accepted < len(draft) and draft[accepted] == target_next(self.committed + draft[:accepted]):
@@ -183,9 +213,14 @@ class FakeWorkers:
         if accepted < len(draft) or msg.emit_bonus:
             next_token = target_next(self.committed)
             self.committed.append(next_token)
-        return worker_pb2.Verdict(request_id=self.request_id, block_id=msg.block_id, num_accepted=accepted,
-                                  next_token_id=next_token, committed_length=len(self.committed),
-                                  verify_seconds=0.002 + 0.0005 * len(draft))
+        return worker_pb2.Verdict(
+            request_id=self.request_id,
+            block_id=msg.block_id,
+            num_accepted=accepted,
+            next_token_id=next_token,
+            committed_length=len(self.committed),
+            verify_seconds=0.002 + 0.0005 * len(draft),
+        )
 
 
 class _Client:
@@ -202,7 +237,7 @@ class _Client:
         pass
 
     async def command(self, **kind) -> None:
-        (name, msg), = kind.items()
+        ((name, msg),) = kind.items()
         self.workers.command(self.role, name, msg)
 
     def busy(self) -> bool:

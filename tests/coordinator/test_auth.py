@@ -25,17 +25,20 @@ def test_read_token_names_a_missing_file(tmp_path):
         read_token(tmp_path / "absent")
 
 
-@pytest.mark.parametrize("metadata, token", [
-    ((("authorization", "Bearer abc"),), "abc"),
-    ((("authorization", "bearer abc"),), "abc"),
-    ((("authorization", "BEARER   abc  "),), "abc"),
-    ((("Authorization", b"Bearer abc"),), "abc"),
-    ((("x-other", "1"), ("authorization", "Bearer abc")), "abc"),
-    ((("authorization", "Basic abc"),), None),
-    ((("authorization", "abc"),), None),
-    ((), None),
-    (None, None),
-])
+@pytest.mark.parametrize(
+    "metadata, token",
+    [
+        ((("authorization", "Bearer abc"),), "abc"),
+        ((("authorization", "bearer abc"),), "abc"),
+        ((("authorization", "BEARER   abc  "),), "abc"),
+        ((("Authorization", b"Bearer abc"),), "abc"),
+        ((("x-other", "1"), ("authorization", "Bearer abc")), "abc"),
+        ((("authorization", "Basic abc"),), None),
+        ((("authorization", "abc"),), None),
+        ((), None),
+        (None, None),
+    ],
+)
 def test_bearer_token(metadata, token):
     assert bearer_token(metadata) == token
 

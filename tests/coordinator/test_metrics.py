@@ -15,14 +15,19 @@ from specpipe.coordinator.schedules import RunStats
 
 def samples(metrics: ServerMetrics) -> dict:
     text = generate_latest(metrics.registry).decode()
-    return {(s.name, tuple(sorted(s.labels.items()))): s.value
-            for family in text_string_to_metric_families(text) for s in family.samples}
+    return {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
 
 
 def make():
     pong = SimpleNamespace(busy_seconds=3.0, uptime_seconds=12.0, live_requests=2, live_branches=5)
-    workers = [SimpleNamespace(role="draft", healthy=True, last_pong=pong, live_counts=lambda: (2, 5)),
-               SimpleNamespace(role="target", healthy=False, last_pong=None, live_counts=lambda: (0, 0))]
+    workers = [
+        SimpleNamespace(role="draft", healthy=True, last_pong=pong, live_counts=lambda: (2, 5)),
+        SimpleNamespace(role="target", healthy=False, last_pong=None, live_counts=lambda: (0, 0)),
+    ]
     admission = Admission(AdmissionLimits(4, 4))
     return ServerMetrics(admission, workers), admission
 
@@ -42,10 +47,19 @@ def test_observations_add_up():
     metrics, admission = make()
     admission.running, admission.tokens_in_flight = 2, 300
     metrics.observe_admitted(prompt_tokens=7, queue_seconds=0.2)
-    metrics.observe_chunk(3, since_arrival=0.05, since_last=None)   # first chunk: TTFT, 2 ITL of 0
-    metrics.observe_chunk(4, since_arrival=0.15, since_last=0.1)    # 4 ITL of 0.025
-    metrics.observe_run(RunStats(drafted_tokens=9, draft_tokens=8, accepted_tokens=5, verifications=2,
-                                 branches_forked=3, branches_hit=1, committed_per_verification=[3, 4]))
+    metrics.observe_chunk(3, since_arrival=0.05, since_last=None)  # first chunk: TTFT, 2 ITL of 0
+    metrics.observe_chunk(4, since_arrival=0.15, since_last=0.1)  # 4 ITL of 0.025
+    metrics.observe_run(
+        RunStats(
+            drafted_tokens=9,
+            draft_tokens=8,
+            accepted_tokens=5,
+            verifications=2,
+            branches_forked=3,
+            branches_hit=1,
+            committed_per_verification=[3, 4],
+        )
+    )
     metrics.observe_success("eos", 0.3)
     metrics.observe_batch("target", 8, 40)
     metrics.observe_batch("target", 16, 96)
@@ -75,7 +89,7 @@ def test_observations_add_up():
     assert got[("specpipe:live_branches", (("role", "draft"),))] == 5
     # A down worker holds nothing we know of: 0, beside worker_healthy 0 (never its old count).
     assert got[("specpipe:live_branches", (("role", "target"),))] == 0
-    assert ("specpipe:worker_busy_fraction", (("role", "target"),)) not in got   # no heartbeat yet: no figure
+    assert ("specpipe:worker_busy_fraction", (("role", "target"),)) not in got  # no heartbeat yet: no figure
 
 
 def test_two_servers_do_not_share_counters():

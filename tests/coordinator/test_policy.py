@@ -7,9 +7,18 @@ import random
 import pytest
 
 from specpipe.config import PolicyConfig
-from specpipe.coordinator.policy import (BRANCH_CAPTURE, BRANCH_MIN_SEEN, BRANCH_PRIOR, BRANCH_WINDOW, FORK_EXPLORE,
-                                         FORK_MIN_SEEN, FORK_WINDOW, MIN_VERDICTS_TO_STOP, AcceptanceModel,
-                                         DraftPolicy)
+from specpipe.coordinator.policy import (
+    BRANCH_CAPTURE,
+    BRANCH_MIN_SEEN,
+    BRANCH_PRIOR,
+    BRANCH_WINDOW,
+    FORK_EXPLORE,
+    FORK_MIN_SEEN,
+    FORK_WINDOW,
+    MIN_VERDICTS_TO_STOP,
+    AcceptanceModel,
+    DraftPolicy,
+)
 from specpipe.modes import Mode
 
 
@@ -74,7 +83,7 @@ def test_policy_kinds():
     pipelined = DraftPolicy(PolicyConfig(kind="confidence"), "pipelined")
     assert pipelined.min_confidence == 0.0 and pipelined.branch_width == 0
     specbranch = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "specbranch")
-    assert specbranch.min_confidence == 0.0          # pipelined modes never end a block on confidence
+    assert specbranch.min_confidence == 0.0  # pipelined modes never end a block on confidence
     sequential = DraftPolicy(PolicyConfig(kind="confidence", min_confidence=0.4), "sequential")
     assert sequential.min_confidence == 0.4
     predictor = DraftPolicy(PolicyConfig(kind="predictor", num_draft_tokens=6), "specbranch")
@@ -94,7 +103,7 @@ def test_fork_candidates_only_at_unsure_tokens_in_specbranch():
     config = PolicyConfig(branch_width=2, min_branch_prob=0.1, branch_confidence=0.8, max_branches=4)
     policy = DraftPolicy(config, "specbranch")
     assert policy.fork_candidates(0.6, [5, 6, 7], [0.3, 0.05, 0.2]) == [5, 7]
-    assert policy.fork_candidates(0.85, [5, 6, 7], [0.3, 0.05, 0.2]) == []     # sure enough
+    assert policy.fork_candidates(0.85, [5, 6, 7], [0.3, 0.05, 0.2]) == []  # sure enough
     assert DraftPolicy(config, "pipelined").fork_candidates(0.2, [5], [0.5]) == []
     assert DraftPolicy(PolicyConfig(max_branches=0), "specbranch").fork_candidates(0.2, [5], [0.5]) == []
 
@@ -105,11 +114,11 @@ def test_learnt_branch_threshold_flags_most_rejections():
     model = AcceptanceModel()
     policy = DraftPolicy(PolicyConfig(branch_width=1, min_branch_prob=0.0), "specbranch", model)
     assert policy.branch_threshold() == BRANCH_PRIOR
-    for prob in (0.1, 0.2, 0.3, 0.4)[:BRANCH_MIN_SEEN - 1]:
+    for prob in (0.1, 0.2, 0.3, 0.4)[: BRANCH_MIN_SEEN - 1]:
         model.observe_rejected_prob(prob)
     assert policy.branch_threshold() == BRANCH_PRIOR
     rng = random.Random(0)
-    probs = [rng.random() * 0.5 for _ in range(BRANCH_WINDOW)]   # a draft that is unsure where it is wrong
+    probs = [rng.random() * 0.5 for _ in range(BRANCH_WINDOW)]  # a draft that is unsure where it is wrong
     for prob in probs:
         model.observe_rejected_prob(prob)
     threshold = policy.branch_threshold()
@@ -117,11 +126,11 @@ def test_learnt_branch_threshold_flags_most_rejections():
     assert abs(flagged - BRANCH_CAPTURE) <= 1 / BRANCH_WINDOW
     assert policy.fork_candidates(threshold - 0.01, [7], [0.2]) == [7]
     assert policy.fork_candidates(threshold + 0.01, [7], [0.2]) == []
-    for _ in range(BRANCH_WINDOW):                  # the window forgets: now the draft is confidently wrong
+    for _ in range(BRANCH_WINDOW):  # the window forgets: now the draft is confidently wrong
         model.observe_rejected_prob(0.9)
     assert policy.branch_threshold() == 0.9
     fixed = DraftPolicy(PolicyConfig(branch_confidence=0.3), "specbranch", model)
-    assert fixed.branch_threshold() == 0.3           # a number on the command line wins
+    assert fixed.branch_threshold() == 0.3  # a number on the command line wins
 
 
 def test_forks_that_do_not_pay_are_turned_down_per_kind_of_request():
@@ -132,14 +141,14 @@ def test_forks_that_do_not_pay_are_turned_down_per_kind_of_request():
     config = PolicyConfig(branch_confidence=0.9, branch_width=1, min_branch_prob=0.0)
     sampled = DraftPolicy(config, "specbranch", model, greedy=False)
     greedy = DraftPolicy(config, "specbranch", model, greedy=True)
-    assert sampled.fork_candidates(0.5, [7], [0.3]) == [7]          # nothing known yet: fork
+    assert sampled.fork_candidates(0.5, [7], [0.3]) == [7]  # nothing known yet: fork
     for _ in range(FORK_MIN_SEEN):
         sampled.observe_fork(hit=False)
     assert model.fork_hit_rate(False) == 0.0 and model.fork_hit_rate(True) is None
     forked = sum(bool(sampled.fork_candidates(0.5, [7], [0.3])) for _ in range(10 * FORK_EXPLORE))
     assert forked == 10
     assert all(greedy.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
-    for index in range(FORK_WINDOW):                                  # a fifth of forks promoted now
+    for index in range(FORK_WINDOW):  # a fifth of forks promoted now
         sampled.observe_fork(hit=index % 5 == 0)
     assert model.fork_hit_rate(False) == pytest.approx(0.2)
     assert all(sampled.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
@@ -172,7 +181,7 @@ def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
     """With B requests sharing each forward, a round costs the forward over all their blocks; the
     chosen length is the one with the most tokens per second for the batch (computed apart here)."""
     model = AcceptanceModel()
-    model.counts[True] = [90.0, 10.0]                    # greedy acceptance rate 0.9
+    model.counts[True] = [90.0, 10.0]  # greedy acceptance rate 0.9
     for _ in range(200):
         model.observe_forward(rows, rows * 5, 0.007 + 0.0004 * rows * 5)
         model.observe_forward(rows, rows * 9, 0.007 + 0.0004 * rows * 9)
@@ -182,8 +191,8 @@ def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
     def batch_rate(k):
         forward = 0.007 + 0.0004 * rows * (k + 1)
         if pipelined:
-            reject = 1 - a ** k
-            return rows * (a * (1 - a ** k) / (1 - a) + reject) / (max(forward, k * t_draft) + reject * t_draft)
+            reject = 1 - a**k
+            return rows * (a * (1 - a**k) / (1 - a) + reject) / (max(forward, k * t_draft) + reject * t_draft)
         return rows * ((1 - a ** (k + 1)) / (1 - a)) / (k * t_draft + forward)
 
     rates = [batch_rate(k) for k in range(1, 11)]
@@ -193,13 +202,13 @@ def test_best_length_maximises_throughput_of_the_whole_batch(rows, pipelined):
 def test_acceptance_is_learnt_apart_for_greedy_and_sampled_requests_and_per_request():
     model = AcceptanceModel()
     for _ in range(200):
-        model.observe_block(4, 4, greedy=True)       # greedy: everything accepted
-        model.observe_block(4, 0, greedy=False)      # sampled: nothing
+        model.observe_block(4, 4, greedy=True)  # greedy: everything accepted
+        model.observe_block(4, 0, greedy=False)  # sampled: nothing
     assert model.rate(True) > 0.9 and model.rate(False) < 0.1
     request = DraftPolicy(PolicyConfig(), Mode.SPECBRANCH, model, greedy=True)
-    assert request.rate == pytest.approx(model.rate(True))      # the kind's rate as its prior
+    assert request.rate == pytest.approx(model.rate(True))  # the kind's rate as its prior
     for _ in range(40):
-        request.observe(4, 0)                                       # this request's text does not suit the draft
+        request.observe(4, 0)  # this request's text does not suit the draft
     assert request.rate < 0.3
 
 

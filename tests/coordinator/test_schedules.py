@@ -27,13 +27,25 @@ MAX_NEW = 60
 SEEDS = range(12)
 
 
-def run(mode: str, seed: int, draft_down_after: int | None = None, policy: PolicyConfig | None = None,
-        stalls: bool = False, model: AcceptanceModel | None = None):
+def run(
+    mode: str,
+    seed: int,
+    draft_down_after: int | None = None,
+    policy: PolicyConfig | None = None,
+    stalls: bool = False,
+    model: AcceptanceModel | None = None,
+):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
     workers = FakeWorkers(seed, draft_down_after, stalls)
-    plan = RequestPlan(request_id="r", prompt_ids=PROMPT, max_new_tokens=MAX_NEW, sampling=SamplingParams(),
-                       seed=seed, mode=mode,
-                       policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5))
+    plan = RequestPlan(
+        request_id="r",
+        prompt_ids=PROMPT,
+        max_new_tokens=MAX_NEW,
+        sampling=SamplingParams(),
+        seed=seed,
+        mode=mode,
+        policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5),
+    )
     channel = RequestChannel("r", workers.draft, workers.target, use_draft=mode != "autoregressive")
     channel.inbox = FakeInbox(workers)
     request = RequestRun(plan, channel, model or AcceptanceModel())
@@ -80,7 +92,7 @@ def test_draft_down_mid_request_finishes_target_only_and_exactly(mode, down_afte
         tokens, request, workers = run(mode, seed, draft_down_after=down_after)
         assert tokens == greedy(PROMPT, MAX_NEW), (seed, workers.commands[-8:])
         assert request.fell_back and workers.draft_down
-        assert "target:decode" in workers.commands                # the target went on by itself
+        assert "target:decode" in workers.commands  # the target went on by itself
 
 
 def test_the_draft_is_released_and_the_target_too():
@@ -108,7 +120,7 @@ def test_when_speculation_stops_paying_the_target_finishes_alone_and_the_draft_i
     for tokens in (2, 5, 9):
         for _ in range(30):
             model.observe_forward(1, tokens, 0.007 + 0.0005 * tokens)
-            model.observe_draft_step(0.05)                   # 50 ms a draft step: never worth it
+            model.observe_draft_step(0.05)  # 50 ms a draft step: never worth it
     tokens, request, workers = run(mode, 0, policy=PolicyConfig(kind="adaptive", num_draft_tokens=4), model=model)
     assert tokens == greedy(PROMPT, MAX_NEW)
     assert "target:decode" in workers.commands and not request.fell_back

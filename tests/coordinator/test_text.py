@@ -10,7 +10,7 @@ def stream_all(tokenizer, ids, stop=(), chunk=1):
     stream = TextStream(tokenizer, [], list(stop))
     pieces = []
     for start in range(0, len(ids), chunk):
-        part = ids[start:start + chunk]
+        part = ids[start : start + chunk]
         pieces.append(stream.push(part, final=start + chunk >= len(ids)))
         if stream.stopped:
             break

@@ -66,25 +66,42 @@ def test_random_fork_sync_cancel_keep_every_cache_exact(models):
         op = rng.choice(["draft", "draft", "fork", "sync", "cancel"])
         if op == "draft":
             ids = rng.sample(list(request.branches), k=min(2, len(request.branches)))
-            command(engine, draft=pb.Draft(request_id="r", branch_ids=ids, epoch=epoch, max_tokens=rng.randint(1, 4),
-                                           num_candidates=2))
+            command(
+                engine,
+                draft=pb.Draft(
+                    request_id="r", branch_ids=ids, epoch=epoch, max_tokens=rng.randint(1, 4), num_candidates=2
+                ),
+            )
             tokens, _ = run_jobs(engine)
             assert all(t.epoch == epoch for t in tokens)
         elif op == "fork" and len(branch.tokens) > 1:
             position = rng.randint(1, len(branch.tokens) - 1)
-            command(engine, fork=pb.Fork(request_id="r", parent_branch_id=branch_id, branch_id=next_id,
-                                         position=position, token_ids=[rng.randrange(200)]))
+            command(
+                engine,
+                fork=pb.Fork(
+                    request_id="r",
+                    parent_branch_id=branch_id,
+                    branch_id=next_id,
+                    position=position,
+                    token_ids=[rng.randrange(200)],
+                ),
+            )
             next_id += 1
         elif op == "sync":
             keep = rng.randint(1, len(branch.tokens))
-            command(engine, sync=pb.Sync(request_id="r", branch_id=branch_id, keep_length=keep,
-                                         append_token_ids=[rng.randrange(200)]))
+            command(
+                engine,
+                sync=pb.Sync(
+                    request_id="r", branch_id=branch_id, keep_length=keep, append_token_ids=[rng.randrange(200)]
+                ),
+            )
             epoch += 1
         elif op == "cancel" and branch_id != 0:
             command(engine, cancel=pb.Cancel(request_id="r", branch_ids=[branch_id]))
     for branch_id, branch in engine.requests["r"].branches.items():
-        torch.testing.assert_close(branch_logits(engine, model, "r", branch_id), fresh_logits(reference, branch.tokens),
-                                   atol=ATOL, rtol=0)
+        torch.testing.assert_close(
+            branch_logits(engine, model, "r", branch_id), fresh_logits(reference, branch.tokens), atol=ATOL, rtol=0
+        )
     command(engine, release=pb.Release(request_id="r"))
     assert engine.drafter.store.slots_in_use == 0 and not engine.requests
 
@@ -109,13 +126,12 @@ def test_one_step_advances_every_branch_of_every_request(models):
     engine = make_engine(model)
     for request_id in ("a", "b", "c"):
         command(engine, prefill=pb.Prefill(request_id=request_id, token_ids=[1, 2, 3, 4]))
-        command(engine, fork=pb.Fork(request_id=request_id, parent_branch_id=0, branch_id=1, position=3,
-                                     token_ids=[9]))
+        command(engine, fork=pb.Fork(request_id=request_id, parent_branch_id=0, branch_id=1, position=3, token_ids=[9]))
         command(engine, draft=pb.Draft(request_id=request_id, branch_ids=[0, 1], epoch=1, max_tokens=2))
     items, figures = engine.step()
     assert figures["batch_branches"] == 6 and len(items) == 6
     reply, _ = engine.pack(items, figures)
-    assert len(reply.draft_step.tokens) == 6                       # one message for the whole step
+    assert len(reply.draft_step.tokens) == 6  # one message for the whole step
     assert {(t.request_id, t.branch_id) for t in reply.draft_step.tokens} == {(r, b) for r in "abc" for b in (0, 1)}
     # Each request: its prompt on branch 0, and the fork's 4 tokens (forked before the parent was
     # cached, so it has no prefix to copy yet).
@@ -129,7 +145,7 @@ def test_a_long_prompt_is_fed_in_chunks_before_it_proposes(models):
     command(engine, prefill=pb.Prefill(request_id="r", token_ids=prompt))
     command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=1))
     proposed = [engine.step()[0] for _ in range(3)]
-    assert [len(items) for items in proposed] == [0, 0, 1]         # 8 + 8 fed, then the last 4 and a token
+    assert [len(items) for items in proposed] == [0, 0, 1]  # 8 + 8 fed, then the last 4 and a token
     assert proposed[2][0][1].token_id == int(torch.argmax(fresh_logits(reference, prompt)))
 
 
@@ -138,8 +154,10 @@ def test_cancel_and_release_free_the_slots(models):
     engine = make_engine(model)
     command(engine, prefill=pb.Prefill(request_id="r", token_ids=[1, 2]))
     for branch_id in (1, 2):
-        command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=branch_id, position=1,
-                                     token_ids=[branch_id]))
+        command(
+            engine,
+            fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=branch_id, position=1, token_ids=[branch_id]),
+        )
     assert engine.drafter.store.slots_in_use == 3
     command(engine, cancel=pb.Cancel(request_id="r", branch_ids=[1]))
     assert engine.drafter.store.slots_in_use == 2
@@ -147,12 +165,15 @@ def test_cancel_and_release_free_the_slots(models):
     assert engine.drafter.store.slots_in_use == 0
 
 
-@pytest.mark.parametrize("tokens, expected", [
-    ([1, 2, 3, 9, 1, 2], 3),              # the longest suffix seen before: [1, 2] -> 3
-    ([5, 6, 5, 7, 5], 7),                 # the most recent earlier occurrence wins
-    ([1, 2, 3, 4], None),                 # nothing repeats
-    ([4], None),
-])
+@pytest.mark.parametrize(
+    "tokens, expected",
+    [
+        ([1, 2, 3, 9, 1, 2], 3),  # the longest suffix seen before: [1, 2] -> 3
+        ([5, 6, 5, 7, 5], 7),  # the most recent earlier occurrence wins
+        ([1, 2, 3, 4], None),  # nothing repeats
+        ([4], None),
+    ],
+)
 def test_prompt_lookup(tokens, expected):
     assert lookup(tokens) == expected
 
@@ -167,7 +188,7 @@ def test_ngram_drafter_proposes_with_certainty_and_stops_when_it_has_nothing():
     command(engine, prefill=pb.Prefill(request_id="s", token_ids=[7, 8, 9]))
     command(engine, draft=pb.Draft(request_id="s", branch_ids=[0], epoch=1, max_tokens=4))
     tokens, _ = run_jobs(engine)
-    assert [(t.token_id, t.last) for t in tokens] == [(-1, True)]   # nothing to propose: the job ends
+    assert [(t.token_id, t.last) for t in tokens] == [(-1, True)]  # nothing to propose: the job ends
 
 
 def test_a_fork_without_a_free_slot_is_skipped_and_drafting_goes_on(models):
@@ -176,7 +197,7 @@ def test_a_fork_without_a_free_slot_is_skipped_and_drafting_goes_on(models):
     command(engine, prefill=pb.Prefill(request_id="r", token_ids=[1, 2, 3]))
     command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=1, position=2, token_ids=[7]))
     command(engine, fork=pb.Fork(request_id="r", parent_branch_id=0, branch_id=2, position=2, token_ids=[8]))
-    assert sorted(engine.requests["r"].branches) == [0, 1]            # the store had room for one fork
+    assert sorted(engine.requests["r"].branches) == [0, 1]  # the store had room for one fork
     command(engine, draft=pb.Draft(request_id="r", branch_ids=[0, 1, 2], epoch=1, max_tokens=2))
     tokens, _ = run_jobs(engine)
     assert sorted({t.branch_id for t in tokens}) == [0, 1] and len(tokens) == 4

@@ -52,15 +52,21 @@ def worker(stats, role: str):
 def listening_endpoints(pid: int) -> set[str]:
     """The TCP endpoints (`tcp://HOST:PORT`) process `pid` listens on: a worker's control socket,
     and the target's data-plane socket."""
-    return {f"tcp://{c.laddr.ip}:{c.laddr.port}" for c in psutil.Process(pid).net_connections("tcp")
-            if c.status == psutil.CONN_LISTEN}
+    return {
+        f"tcp://{c.laddr.ip}:{c.laddr.port}"
+        for c in psutil.Process(pid).net_connections("tcp")
+        if c.status == psutil.CONN_LISTEN
+    }
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} from a server's metrics endpoint."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
 
 
 def metric(samples, name: str, **labels) -> float:
@@ -86,15 +92,22 @@ def log_time(line: str) -> float:
 def draft_probs(shape: list[int], frames: list[bytes], frame: int = 0) -> list[bytes]:
     """A DraftProbs message for the target's data plane (ZeroMQ parts): one key, of no request;
     a float32 q header of `shape` naming tensor frame `frame`; then `frames`."""
-    message = worker_pb2.DraftProbs(handles=[10**9], branch_ids=[0], epochs=[1], positions=[3],
-                                    probs=worker_pb2.Tensor(dtype="float32", shape=shape, frame=frame))
+    message = worker_pb2.DraftProbs(
+        handles=[10**9],
+        branch_ids=[0],
+        epochs=[1],
+        positions=[3],
+        probs=worker_pb2.Tensor(dtype="float32", shape=shape, frame=frame),
+    )
     return [message.SerializeToString(), *frames]
 
 
 # The start-up summary's line on the internal sockets (launch/endpoints.py: describe), e.g.
 # `internal sockets: ipc in /tmp/specpipe-1-ab (mode 0700: this user only); TCP: target tcp://0.0.0.0:5; CURVE`.
-INTERNAL_SOCKETS = re.compile(r"^internal sockets: (?:ipc in (\S+) \(mode 0700: this user only\)|none spawned)"
-                              r"(?:; TCP: (.*?))?; (CURVE|no CURVE)$")
+INTERNAL_SOCKETS = re.compile(
+    r"^internal sockets: (?:ipc in (\S+) \(mode 0700: this user only\)|none spawned)"
+    r"(?:; TCP: (.*?))?; (CURVE|no CURVE)$"
+)
 
 
 def internal_sockets(server) -> tuple[Path | None, dict[str, list[str]], bool]:
@@ -104,7 +117,7 @@ def internal_sockets(server) -> tuple[Path | None, dict[str, list[str]], bool]:
     assert len(found) == 1, f"no (or several) internal-sockets lines in the summary: {server.summary}"
     folder, tcp, curve = found[0].groups()
     endpoints: dict[str, list[str]] = {}
-    for item in (tcp.split(", ") if tcp else []):
+    for item in tcp.split(", ") if tcp else []:
         role, endpoint = item.split(" ", 1)
         endpoints.setdefault(role, []).append(endpoint)
     return (Path(folder) if folder else None), endpoints, curve == "CURVE"

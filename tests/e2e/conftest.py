@@ -10,7 +10,6 @@ from transformers import AutoModelForCausalLM
 from specpipe.launch.local import ServerProcess
 
 
-
 @pytest.fixture(scope="session")
 def serve(tiny_models):
     """serve(draft="draft" | "draft_same", *extra flags) -> a running ServerProcess (cached)."""
@@ -19,12 +18,13 @@ def serve(tiny_models):
     def start(draft: str = "draft", *extra: str) -> ServerProcess:
         key = (draft, *extra)
         if key not in servers:
-            servers[key] = ServerProcess(["--target", str(tiny_models["target"]), "--draft",
-                                          str(tiny_models[draft]), *extra])
+            servers[key] = ServerProcess(
+                ["--target", str(tiny_models["target"]), "--draft", str(tiny_models[draft]), *extra]
+            )
         return servers[key]
 
     yield start
-    for server in servers.values():   # all at once: each takes seconds to exit
+    for server in servers.values():  # all at once: each takes seconds to exit
         server.terminate()
     for server in servers.values():
         server.stop()
@@ -48,16 +48,23 @@ def hf_greedy(tiny_models):
 
     def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
         with torch.no_grad():
-            out = model.generate(torch.tensor([prompt_ids]), max_new_tokens=max_new_tokens, do_sample=False,
-                                 attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
-                                 pad_token_id=eos, output_logits=True, return_dict_in_generate=True)
-        tokens = out.sequences[0, len(prompt_ids):].tolist()
-        tokens = tokens[:tokens.index(eos) + 1] if eos in tokens else tokens
-        for step, logits in enumerate(out.logits[:len(tokens)]):
+            out = model.generate(
+                torch.tensor([prompt_ids]),
+                max_new_tokens=max_new_tokens,
+                do_sample=False,
+                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long),
+                pad_token_id=eos,
+                output_logits=True,
+                return_dict_in_generate=True,
+            )
+        tokens = out.sequences[0, len(prompt_ids) :].tolist()
+        tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+        for step, logits in enumerate(out.logits[: len(tokens)]):
             best, second = torch.topk(logits[0].double(), 2).values.tolist()
             assert best - second >= GREEDY_MARGIN, (
                 f"prompt {prompt_ids}: greedy step {step} wins by {best - second:.2e} < {GREEDY_MARGIN:g}; "
-                f"its argmax depends on float rounding: choose another prompt")
+                f"its argmax depends on float rounding: choose another prompt"
+            )
         return tokens
 
     return generate

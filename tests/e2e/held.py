@@ -26,18 +26,25 @@ class HeldRequest:
 
     def __init__(self, server, **params):
         ca = getattr(server, "ca", None)
-        self.channel = (grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(ca), options=STALLING_CHANNEL)
-                        if ca else grpc.insecure_channel(server.addr, options=STALLING_CHANNEL))
+        self.channel = (
+            grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(ca), options=STALLING_CHANNEL)
+            if ca
+            else grpc.insecure_channel(server.addr, options=STALLING_CHANNEL)
+        )
         token = getattr(server, "token", None)
         stub = specpipe_pb2_grpc.SpecPipeStub(self.channel)
         request = specpipe_pb2.GenerateRequest(
-            prompt_ids=params["prompt_ids"], max_new_tokens=params["max_new_tokens"],
-            mode=Mode(params["mode"]).proto, request_id=params.get("request_id", ""),
-            temperature=params.get("temperature", 0.0))
+            prompt_ids=params["prompt_ids"],
+            max_new_tokens=params["max_new_tokens"],
+            mode=Mode(params["mode"]).proto,
+            request_id=params.get("request_id", ""),
+            temperature=params.get("temperature", 0.0),
+        )
         if "seed" in params:
             request.seed = params["seed"]
-        self.stream = stub.Generate(request, timeout=params.get("timeout"),
-                                    metadata=(("authorization", f"Bearer {token}"),) if token else ())
+        self.stream = stub.Generate(
+            request, timeout=params.get("timeout"), metadata=(("authorization", f"Bearer {token}"),) if token else ()
+        )
         self.token_ids: list[int] = []
         self.last: specpipe_pb2.GenerateResponse | None = None
 

@@ -38,21 +38,26 @@ CLIENTS = 8
 MAX_NEW = 48
 CHAOS_PROMPTS = [PROMPTS[0], PROMPTS[1], PROMPTS[3], [42, 42, 7, 99, 250], [3, 1, 4, 1, 5, 9, 2, 6]]
 PINNED = ["--target-cpus", "0", "--draft-cpus", "1", "--coordinator-cpus", "1"]
-UNPINNED = ["--pin", "none"]   # serve pins by default (--pin auto): unpinned must say so
+UNPINNED = ["--pin", "none"]  # serve pins by default (--pin auto): unpinned must say so
 # A restarted worker imports torch and loads its model again: seconds when the machine is idle,
 # much longer on a loaded 2-core box.
 RESTART_S = 90
-HEARTBEAT_TIMEOUT_S = 1.5      # the coordinator's default
-CALL_TIMEOUT_S = 120           # no request may hang: one that takes this long fails the test
+HEARTBEAT_TIMEOUT_S = 1.5  # the coordinator's default
+CALL_TIMEOUT_S = 120  # no request may hang: one that takes this long fails the test
 
-FULL_MATRIX = [pytest.param(mode, pin, marks=() if (mode, pin) == ("specbranch", "pinned") else pytest.mark.slow,
-                            id=f"{mode}-{pin}")
-               for mode in ("sequential", "pipelined", "specbranch") for pin in ("pinned", "unpinned")]
+FULL_MATRIX = [
+    pytest.param(
+        mode, pin, marks=() if (mode, pin) == ("specbranch", "pinned") else pytest.mark.slow, id=f"{mode}-{pin}"
+    )
+    for mode in ("sequential", "pipelined", "specbranch")
+    for pin in ("pinned", "unpinned")
+]
 
 
 @dataclass
 class Outcomes:
     """What the client threads saw, per status code; greedy mismatches listed apart."""
+
     codes: dict[str, int] = field(default_factory=dict)
     mismatches: list[str] = field(default_factory=list)
     max_gap_s: float = 0.0
@@ -63,8 +68,9 @@ class Outcomes:
             self.codes[code] = self.codes.get(code, 0) + 1
 
 
-def stream_until(stop: threading.Event, client: Client, mode: str, references: dict, outcomes: Outcomes,
-                 index: int) -> None:
+def stream_until(
+    stop: threading.Event, client: Client, mode: str, references: dict, outcomes: Outcomes, index: int
+) -> None:
     """One client: requests back to back until `stop`, each checked against its reference."""
     turn = index
     while not stop.is_set():
@@ -72,8 +78,9 @@ def stream_until(stop: threading.Event, client: Client, mode: str, references: d
         turn += 1
         tokens, last_at = [], time.monotonic()
         try:
-            for chunk in client.generate(prompt_ids=prompt_ids, max_new_tokens=MAX_NEW, mode=mode,
-                                         timeout=CALL_TIMEOUT_S):
+            for chunk in client.generate(
+                prompt_ids=prompt_ids, max_new_tokens=MAX_NEW, mode=mode, timeout=CALL_TIMEOUT_S
+            ):
                 tokens += chunk.token_ids
                 now = time.monotonic()
                 with outcomes.lock:
@@ -81,7 +88,7 @@ def stream_until(stop: threading.Event, client: Client, mode: str, references: d
                 last_at = now
         except grpc.RpcError as err:
             outcomes.add(err.code().name)
-            time.sleep(0.05)                 # as a client backs off; keeps the counts readable
+            time.sleep(0.05)  # as a client backs off; keeps the counts readable
             continue
         outcomes.add("OK")
         if tokens != references[tuple(prompt_ids)]:
@@ -95,9 +102,12 @@ class Load:
     def __init__(self, addr: str, mode: str, references: dict):
         self.stop, self.outcomes = threading.Event(), Outcomes()
         self.clients = [Client(addr) for _ in range(CLIENTS)]
-        self.threads = [threading.Thread(target=stream_until, daemon=True,
-                                         args=(self.stop, client, mode, references, self.outcomes, index))
-                        for index, client in enumerate(self.clients)]
+        self.threads = [
+            threading.Thread(
+                target=stream_until, daemon=True, args=(self.stop, client, mode, references, self.outcomes, index)
+            )
+            for index, client in enumerate(self.clients)
+        ]
         for thread in self.threads:
             thread.start()
 
@@ -126,8 +136,17 @@ def wait_completed(outcomes: Outcomes, more: int, timeout: float = 60) -> None:
 
 
 def start_server(tiny_models, pin: str, log_path) -> ServerProcess:
-    return ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                          *(PINNED if pin == "pinned" else UNPINNED)], stderr=open(log_path, "w"), log_level="INFO")
+    return ServerProcess(
+        [
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft_close"]),
+            *(PINNED if pin == "pinned" else UNPINNED),
+        ],
+        stderr=open(log_path, "w"),
+        log_level="INFO",
+    )
 
 
 @pytest.mark.parametrize("mode, pin", FULL_MATRIX)
@@ -137,19 +156,20 @@ def test_draft_killed_and_hung_under_load_costs_no_request(tiny_models, hf_greed
         control = Client(server.addr)
         load = Load(server.addr, mode, references)
         try:
-            for _ in range(2):                                   # killed, restarted, killed again
+            for _ in range(2):  # killed, restarted, killed again
                 wait_completed(load.outcomes, CLIENTS)
                 os.kill(worker(control, "draft").pid, signal.SIGKILL)
-                wait_for(lambda: control.stats().status == "degraded: draft unavailable", 10,
-                         "the draft to be marked down")
+                wait_for(
+                    lambda: control.stats().status == "degraded: draft unavailable", 10, "the draft to be marked down"
+                )
                 wait_for(lambda: control.stats().status == "ok", RESTART_S, "the restarted draft")
             wait_completed(load.outcomes, CLIENTS)
             hung = worker(control, "draft").pid
-            os.kill(hung, signal.SIGSTOP)                        # hung past the heartbeat timeout
+            os.kill(hung, signal.SIGSTOP)  # hung past the heartbeat timeout
             try:
                 wait_for(lambda: not worker(control, "draft").healthy, 10, "the hung draft to be marked down")
                 assert worker(control, "draft").live_requests == 0, "a down worker's old count reads as live"
-                wait_completed(load.outcomes, CLIENTS)           # served target-only meanwhile
+                wait_completed(load.outcomes, CLIENTS)  # served target-only meanwhile
             finally:
                 os.kill(hung, signal.SIGCONT)
             wait_for(lambda: control.stats().status == "ok", 30, "the draft to be re-admitted after SIGCONT")
@@ -164,8 +184,7 @@ def test_draft_killed_and_hung_under_load_costs_no_request(tiny_models, hf_greed
 
 
 @pytest.mark.parametrize("pin", ["pinned", pytest.param("unpinned", marks=pytest.mark.slow)])
-def test_target_killed_under_load_fails_running_requests_unavailable_then_serves(tiny_models, hf_greedy,
-                                                                               tmp_path, pin):
+def test_target_killed_under_load_fails_running_requests_unavailable_then_serves(tiny_models, hf_greedy, tmp_path, pin):
     references = references_for(hf_greedy)
     with start_server(tiny_models, pin, tmp_path / "server.log") as server:
         control = Client(server.addr)

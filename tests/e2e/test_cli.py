@@ -13,8 +13,13 @@ CLI_TIMEOUT_S = 120
 
 
 def generate(addr: str, *flags: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "generate", "--addr", addr, *flags],
-                          capture_output=True, text=True, timeout=CLI_TIMEOUT_S, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", "specpipe.launch.cli", "generate", "--addr", addr, *flags],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_generate_streams_and_reports(serve):

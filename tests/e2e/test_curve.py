@@ -39,8 +39,10 @@ from tiny import PROMPTS
 NO_ANSWER_S = 1.0
 # An accepted client's first Pong includes the CURVE handshake and ZAP round trip.
 ANSWER_S = 10.0
-REQUESTS = [dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="specbranch", temperature=0.0),
-            dict(prompt_ids=PROMPTS[1], max_new_tokens=24, mode="sequential", temperature=1.0, seed=11)]
+REQUESTS = [
+    dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="specbranch", temperature=0.0),
+    dict(prompt_ids=PROMPTS[1], max_new_tokens=24, mode="sequential", temperature=1.0, seed=11),
+]
 KEY_FILES = ["server.key", "server.key_secret", "client.key", "client.key_secret", "clients/client.key"]
 # A worker interface that is not loopback: the wildcard (every host may reach it; tests connect
 # through 127.0.0.1), so that serve must secure its TCP sockets.
@@ -94,13 +96,16 @@ def client_keys(keys) -> dict[str, tuple[bytes, bytes, bytes] | None]:
     """The peers of the tests: the folder's client key, a plain socket, a key outside clients/."""
     client_public, client_secret = zmq.auth.load_certificate(keys / "client.key_secret")
     server_public, _ = zmq.auth.load_certificate(keys / "server.key")
-    return {"allowed": (client_public, client_secret, server_public), "plain": None,
-            "stranger": (*zmq.curve_keypair(), server_public)}
+    return {
+        "allowed": (client_public, client_secret, server_public),
+        "plain": None,
+        "stranger": (*zmq.curve_keypair(), server_public),
+    }
 
 
 def test_curve_server_gives_the_plain_servers_outputs(serve, secure_server):
     secure = Client(secure_server.addr)
-    plain = Client(serve("draft_close", "--transport", "zmq").addr)   # test_transport's server
+    plain = Client(serve("draft_close", "--transport", "zmq").addr)  # test_transport's server
     for request in REQUESTS:
         assert secure.complete(**request)[0] == plain.complete(**request)[0], request
     assert all(worker.healthy for worker in secure.stats().workers)
@@ -137,8 +142,9 @@ def test_serve_across_hosts_lets_in_only_its_client_key(secure_server, keys):
     checks = {(who, endpoint): (ping, endpoint) for who in ("plain", "stranger") for endpoint in controls}
     checks.update({(who, data_plane): (handshakes, data_plane) for who in ("plain", "stranger")})
     with ThreadPoolExecutor(len(checks)) as pool:
-        answers = {key: pool.submit(check, endpoint, peers[key[0]], NO_ANSWER_S)
-                   for key, (check, endpoint) in checks.items()}
+        answers = {
+            key: pool.submit(check, endpoint, peers[key[0]], NO_ANSWER_S) for key, (check, endpoint) in checks.items()
+        }
     let_in = [key for key, answer in answers.items() if answer.result() not in (None, False)]
     assert not let_in, f"peers without the client key got an answer: {let_in}"
     token_ids = Client(secure_server.addr).complete(**REQUESTS[0])[0]
@@ -158,7 +164,8 @@ def test_worker_answers_only_clients_with_an_allowed_key(tiny_models, keys):
         probe = [sys.executable, "-m", "specpipe.launch.probe", worker.endpoint, "--timeout", str(ANSWER_S)]
         env = {name: value for name, value in os.environ.items() if name != "SPECPIPE_CURVE_KEYS"}
         assert subprocess.run([*probe, "--curve-keys", str(keys)], env=env, timeout=60).returncode == 0
-        assert subprocess.run([*probe[:-1], str(NO_ANSWER_S)], env=env, timeout=60,
-                              capture_output=True).returncode == 1, "a plain probe got an answer"
+        assert (
+            subprocess.run([*probe[:-1], str(NO_ANSWER_S)], env=env, timeout=60, capture_output=True).returncode == 1
+        ), "a plain probe got an answer"
     finally:
         stop_process(worker.process)

@@ -39,7 +39,18 @@ from specpipe import Client, wire
 from specpipe.launch.local import ServerProcess, free_port
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
-from checks import draft_probs, internal_sockets, listening_endpoints, log_lines, log_time, metric, scrape, wait_for, wait_idle, worker
+from checks import (
+    draft_probs,
+    internal_sockets,
+    listening_endpoints,
+    log_lines,
+    log_time,
+    metric,
+    scrape,
+    wait_for,
+    wait_idle,
+    worker,
+)
 from held import HeldRequest
 from tiny import PROMPTS
 
@@ -64,9 +75,22 @@ SAMPLED = dict(prompt_ids=PROMPTS[1], max_new_tokens=24, temperature=1.0, seed=5
 def server(tiny_models, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("failures") / "serve.log"
     metrics_port, data_port = free_port(), free_port()
-    with open(log_path, "w") as log, ServerProcess(
-            ["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-             "--metrics-port", str(metrics_port), "--target-data-port", str(data_port)], stderr=log) as server:
+    with (
+        open(log_path, "w") as log,
+        ServerProcess(
+            [
+                "--target",
+                str(tiny_models["target"]),
+                "--draft",
+                str(tiny_models["draft_close"]),
+                "--metrics-port",
+                str(metrics_port),
+                "--target-data-port",
+                str(data_port),
+            ],
+            stderr=log,
+        ) as server,
+    ):
         server.log_path, server.metrics_port = log_path, metrics_port
         server.data_endpoint = f"tcp://127.0.0.1:{data_port}"
         yield server
@@ -93,8 +117,10 @@ def oversized() -> bytes:
 
 def control_garbage() -> list[list[bytes]]:
     """Commands a worker must drop: not protobuf, empty (no kind), cut short."""
-    prefill = worker_pb2.Command(prefill=worker_pb2.Prefill(request_id="x" * 40, token_ids=list(range(50)))).SerializeToString()
-    return [[b"\xff\xff\xff"], [b""], [prefill[:len(prefill) // 2]]]
+    prefill = worker_pb2.Command(
+        prefill=worker_pb2.Prefill(request_id="x" * 40, token_ids=list(range(50)))
+    ).SerializeToString()
+    return [[b"\xff\xff\xff"], [b""], [prefill[: len(prefill) // 2]]]
 
 
 def data_garbage(vocab: int) -> list[list[bytes]]:
@@ -102,13 +128,18 @@ def data_garbage(vocab: int) -> list[list[bytes]]:
     (oversized) than its header's shape; a header naming a frame that is not there; more rows of
     q than keys."""
     whole = bytes(4 * vocab)
-    return [[b"\xff\xff\xff"], draft_probs([1, vocab], [whole[:-8]]), draft_probs([1, vocab], [whole + bytes(4)]),
-            draft_probs([1, vocab], []), draft_probs([2, vocab], [whole + whole])]
+    return [
+        [b"\xff\xff\xff"],
+        draft_probs([1, vocab], [whole[:-8]]),
+        draft_probs([1, vocab], [whole + bytes(4)]),
+        draft_probs([1, vocab], []),
+        draft_probs([2, vocab], [whole + whole]),
+    ]
 
 
 def send_all(endpoint: str, socket_type: int, messages: list[list[bytes]]) -> None:
     socket = zmq.Context.instance().socket(socket_type)
-    socket.setsockopt(zmq.LINGER, 2000)        # let the messages out before close
+    socket.setsockopt(zmq.LINGER, 2000)  # let the messages out before close
     socket.connect(endpoint)
     for message in messages:
         socket.send_multipart(message)
@@ -133,6 +164,7 @@ def refused_at_once(endpoint: str, socket_type: int) -> bool:
 
 def test_malformed_messages_are_logged_and_dropped_and_serving_goes_on(server, client, hf_greedy, tiny_models):
     from transformers import AutoConfig
+
     vocab = AutoConfig.from_pretrained(tiny_models["target"]).vocab_size
     before = client.complete(**SAMPLED)[0]
     stats = client.stats()
@@ -149,8 +181,11 @@ def test_malformed_messages_are_logged_and_dropped_and_serving_goes_on(server, c
     send_all(server.data_endpoint, zmq.PUSH, data_garbage(vocab))
     expected = {f"{role} worker dropped a malformed message": len(garbage[role]) for role in control}
     expected["data plane dropped a malformed message"] = len(data_garbage(vocab))
-    wait_for(lambda: all(len(log_lines(server.log_path, needle)) == count for needle, count in expected.items()),
-             30, f"the log lines {expected}")
+    wait_for(
+        lambda: all(len(log_lines(server.log_path, needle)) == count for needle, count in expected.items()),
+        30,
+        f"the log lines {expected}",
+    )
     for role, (endpoint,) in control.items():
         assert refused_at_once(endpoint, zmq.DEALER), f"the {role} worker read an oversized command"
     assert refused_at_once(server.data_endpoint, zmq.PUSH), "the target read an oversized q message"
@@ -173,17 +208,22 @@ def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:
                 pass
-        print(f"\n[failures] hung target: the running request ended {err.value.code().name} "
-              f"{time.monotonic() - stopped:.2f} s after SIGSTOP")
+        print(
+            f"\n[failures] hung target: the running request ended {err.value.code().name} "
+            f"{time.monotonic() - stopped:.2f} s after SIGSTOP"
+        )
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
         assert "target worker stopped answering" in err.value.details()
-        assert [line for line in log_lines(server.log_path, "target worker at ")
-                if f"missed heartbeats for {HEARTBEAT_TIMEOUT_S:.1f}s: marked down" in line], "not by the heartbeats"
+        assert [
+            line
+            for line in log_lines(server.log_path, "target worker at ")
+            if f"missed heartbeats for {HEARTBEAT_TIMEOUT_S:.1f}s: marked down" in line
+        ], "not by the heartbeats"
         stats = client.stats()
         target = worker(stats, "target")
         assert stats.status == "unavailable: target down"
         assert (target.healthy, target.live_requests, target.live_branches) == (False, 0, 0)
-        wait_for(lambda: health(server.addr) == NOT_SERVING, 5, "NOT_SERVING")     # (Health looks every 0.1 s)
+        wait_for(lambda: health(server.addr) == NOT_SERVING, 5, "NOT_SERVING")  # (Health looks every 0.1 s)
         with pytest.raises(grpc.RpcError) as err:
             client.complete(prompt_ids=PROMPTS[1], max_new_tokens=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "target worker is unavailable" in err.value.details()
@@ -191,7 +231,7 @@ def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_
         os.kill(pid, signal.SIGCONT)
     wait_for(lambda: client.stats().status == "ok", 30, "the target to be re-admitted after SIGCONT")
     assert worker(client.stats(), "target").pid == pid, "re-admitted, not restarted"
-    wait_for(lambda: health(server.addr) == SERVING, 5, "SERVING")       # (Health looks every 0.1 s)
+    wait_for(lambda: health(server.addr) == SERVING, 5, "SERVING")  # (Health looks every 0.1 s)
     assert client.complete(prompt_ids=PROMPTS[1], max_new_tokens=30)[0] == hf_greedy(PROMPTS[1], 30)
     idle, stats = wait_idle(client)
     assert idle, f"the failed request left state on a worker: {stats}"
@@ -206,8 +246,11 @@ def test_draft_killed_while_a_request_runs_degrades_losslessly_and_recovers(serv
     try:
         os.kill(worker(client.stats(), "draft").pid, signal.SIGKILL)
         # Caught while the draft is down: its restart (a fresh process loading torch) takes seconds.
-        stats = wait_for(lambda: (s := client.stats()).status == "degraded: draft unavailable" and s, 10,
-                         "the draft to be marked down")
+        stats = wait_for(
+            lambda: (s := client.stats()).status == "degraded: draft unavailable" and s,
+            10,
+            "the draft to be marked down",
+        )
         draft = worker(stats, "draft")
         assert (draft.healthy, draft.live_requests, draft.live_branches) == (False, 0, 0)
         assert stats.live_requests == 1, "the held request is still running"
@@ -242,12 +285,14 @@ def test_target_killed_ends_running_requests_unavailable_at_once_and_recovers(se
         for _ in stream:
             pass
     seen = time.monotonic() - killed
-    assert err.value.code() == grpc.StatusCode.UNAVAILABLE     # (a request that had finished would be OK)
+    assert err.value.code() == grpc.StatusCode.UNAVAILABLE  # (a request that had finished would be OK)
     (died,) = log_lines(server.log_path, f"target worker (pid {pid}) died: killed by SIGKILL")
     (failed,) = log_lines(server.log_path, "[target-killed] failed: ")
     reaction = log_time(failed) - log_time(died)
-    print(f"\n[failures] killed target: the server failed the request {reaction:.3f} s after it saw the exit; "
-          f"the client saw UNAVAILABLE {seen:.2f} s after the kill")
+    print(
+        f"\n[failures] killed target: the server failed the request {reaction:.3f} s after it saw the exit; "
+        f"the client saw UNAVAILABLE {seen:.2f} s after the kill"
+    )
     assert reaction < AT_ONCE_S and seen < CLIENT_BOUND_S
     wait_for(lambda: health(server.addr) == NOT_SERVING, 10, "NOT_SERVING")
     wait_for(lambda: health(server.addr) == SERVING, RESTART_S, "the restarted target")

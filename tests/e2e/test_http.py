@@ -26,7 +26,7 @@ from checks import wait_idle
 from tiny import PROMPTS
 
 MAX_NEW = 24
-LONG = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "mode": "sequential"}   # seconds of work
+LONG = {"prompt": PROMPTS[0], "max_tokens": 480, "temperature": 0, "mode": "sequential"}  # seconds of work
 STATS_FIELDS = set(specpipe_pb2.RequestStats.DESCRIPTOR.fields_by_name)
 
 
@@ -37,7 +37,7 @@ def server(serve):
 
 @pytest.fixture(scope="module")
 def model(tiny_models) -> str:
-    return str(tiny_models["target"])     # the served name: --target as given
+    return str(tiny_models["target"])  # the served name: --target as given
 
 
 @pytest.fixture(scope="module")
@@ -51,8 +51,9 @@ def client_for(server) -> openai.OpenAI:
 
 def post(server, path: str, body, **kwargs) -> httpx2.Response:
     content = body if isinstance(body, str) else json.dumps(body)
-    return httpx2.post(server.http_url + path, content=content, headers={"content-type": "application/json"},
-                       timeout=60, **kwargs)
+    return httpx2.post(
+        server.http_url + path, content=content, headers={"content-type": "application/json"}, timeout=60, **kwargs
+    )
 
 
 @pytest.mark.parametrize("mode", ["sequential", "specbranch"])
@@ -62,8 +63,9 @@ def test_greedy_completion_equals_grpc_and_hf(server, model, tokenizer, hf_greed
         expected = hf_greedy(prompt_ids, MAX_NEW)
         token_ids, text, _ = grpc_client.complete(prompt_ids=prompt_ids, max_new_tokens=MAX_NEW, mode=mode)
         assert token_ids == expected
-        completion = http.completions.create(model=model, prompt=prompt_ids, max_tokens=MAX_NEW, temperature=0,
-                                             extra_body={"mode": mode})
+        completion = http.completions.create(
+            model=model, prompt=prompt_ids, max_tokens=MAX_NEW, temperature=0, extra_body={"mode": mode}
+        )
         choice, usage = completion.choices[0], completion.usage
         assert choice.text == text == tokenizer.decode(expected, skip_special_tokens=True)
         assert (usage.prompt_tokens, usage.completion_tokens) == (len(prompt_ids), len(expected))
@@ -90,8 +92,9 @@ def test_streamed_completion_is_the_same_text_in_chunks(server, model, hf_greedy
 
 def test_text_prompt_counts_its_tokens(server, model, tokenizer):
     prompt = "def fib(n):"
-    completion = client_for(server).completions.create(model=model, prompt=prompt, max_tokens=8, temperature=0,
-                                                       stop=["\x00never"])
+    completion = client_for(server).completions.create(
+        model=model, prompt=prompt, max_tokens=8, temperature=0, stop=["\x00never"]
+    )
     assert completion.usage.prompt_tokens == len(tokenizer(prompt)["input_ids"])
     _, text, _ = Client(server.addr).complete(prompt, max_new_tokens=8, stop=["\x00never"])
     assert completion.choices[0].text == text
@@ -101,11 +104,14 @@ def test_seed_is_honoured(server, model):
     """A seeded sampled request gives the same text twice, the same as gRPC with that seed, and
     another seed gives another text."""
     http, grpc_client = client_for(server), Client(server.addr)
-    params = dict(model=model, prompt=PROMPTS[2], max_tokens=MAX_NEW, temperature=1.0, extra_body={"mode": "sequential"})
+    params = dict(
+        model=model, prompt=PROMPTS[2], max_tokens=MAX_NEW, temperature=1.0, extra_body={"mode": "sequential"}
+    )
     first = http.completions.create(seed=7, **params).choices[0].text
     assert http.completions.create(seed=7, **params).choices[0].text == first
-    _, grpc_text, _ = grpc_client.complete(prompt_ids=PROMPTS[2], max_new_tokens=MAX_NEW, temperature=1.0, seed=7,
-                                           mode="sequential")
+    _, grpc_text, _ = grpc_client.complete(
+        prompt_ids=PROMPTS[2], max_new_tokens=MAX_NEW, temperature=1.0, seed=7, mode="sequential"
+    )
     assert grpc_text == first
     assert any(http.completions.create(seed=seed, **params).choices[0].text != first for seed in (8, 9, 10))
 
@@ -202,8 +208,9 @@ def test_concurrent_http_and_grpc_clients(server, model, hf_greedy):
         if transport == "grpc":
             token_ids, text, _ = grpc_client.complete(prompt_ids=PROMPTS[i], max_new_tokens=MAX_NEW, mode=modes[i])
             return len(token_ids), text
-        completion = http.completions.create(model=model, prompt=PROMPTS[i], max_tokens=MAX_NEW, temperature=0,
-                                             extra_body={"mode": modes[i]})
+        completion = http.completions.create(
+            model=model, prompt=PROMPTS[i], max_tokens=MAX_NEW, temperature=0, extra_body={"mode": modes[i]}
+        )
         return completion.usage.completion_tokens, completion.choices[0].text
 
     jobs = [(transport, i) for i in range(4) for transport in ("http", "grpc")]

@@ -33,8 +33,10 @@ from tiny import PROMPTS
 
 TOKEN = "http-token-for-tests"
 MODEL = "tiny-chat"
-TEMPLATE = ("{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
-            "{% if add_generation_prompt %}<assistant>{% endif %}")
+TEMPLATE = (
+    "{% for m in messages %}<{{ m.role }}>{{ m.content }}\n{% endfor %}"
+    "{% if add_generation_prompt %}<assistant>{% endif %}"
+)
 MESSAGES = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "def fib(n):"}]
 MAX_NEW = 20
 # A stream that runs for seconds: sequential mode through a draft the target mostly rejects.
@@ -56,10 +58,28 @@ def templated(tiny_models, tmp_path_factory):
 def server(templated, tiny_models, tmp_path_factory):
     folder = make_certificates(tmp_path_factory.mktemp("tls"))
     (folder / "token").write_text(TOKEN + "\n")
-    server = ServerProcess(["--target", str(templated), "--draft", str(tiny_models["draft"]), "--http-port", "0",
-                            "--served-model-name", MODEL, "--auth-token-file", str(folder / "token"),
-                            "--tls-cert", str(folder / "server.pem"), "--tls-key", str(folder / "server.key"),
-                            "--max-concurrent-requests", "1", "--max-queued-requests", "0"])
+    server = ServerProcess(
+        [
+            "--target",
+            str(templated),
+            "--draft",
+            str(tiny_models["draft"]),
+            "--http-port",
+            "0",
+            "--served-model-name",
+            MODEL,
+            "--auth-token-file",
+            str(folder / "token"),
+            "--tls-cert",
+            str(folder / "server.pem"),
+            "--tls-key",
+            str(folder / "server.key"),
+            "--max-concurrent-requests",
+            "1",
+            "--max-queued-requests",
+            "0",
+        ]
+    )
     server.ca, server.token = (folder / "ca.pem").read_bytes(), TOKEN
     yield server
     server.stop()
@@ -70,8 +90,13 @@ def tls(server) -> ssl.SSLContext:
 
 
 def client_for(server, token: str = TOKEN) -> openai.OpenAI:
-    return openai.OpenAI(base_url=server.http_url + "/v1", api_key=token, max_retries=0, timeout=60,
-                         http_client=httpx2.Client(verify=tls(server)))
+    return openai.OpenAI(
+        base_url=server.http_url + "/v1",
+        api_key=token,
+        max_retries=0,
+        timeout=60,
+        http_client=httpx2.Client(verify=tls(server)),
+    )
 
 
 def grpc_client(server) -> Client:
@@ -85,7 +110,8 @@ def post(server, path: str, body: dict, token: str | None = TOKEN) -> httpx2.Res
 
 def test_chat_completion_renders_the_tokenizer_s_template(server, templated, hf_greedy):
     prompt_ids = AutoTokenizer.from_pretrained(templated).apply_chat_template(
-        MESSAGES, add_generation_prompt=True, tokenize=True)["input_ids"]
+        MESSAGES, add_generation_prompt=True, tokenize=True
+    )["input_ids"]
     expected = hf_greedy(prompt_ids, MAX_NEW)
     token_ids, text, _ = grpc_client(server).complete(prompt_ids=prompt_ids, max_new_tokens=MAX_NEW)
     assert token_ids == expected
@@ -96,8 +122,16 @@ def test_chat_completion_renders_the_tokenizer_s_template(server, templated, hf_
     assert (choice.message.role, choice.message.content) == ("assistant", text)
     assert (completion.usage.prompt_tokens, completion.usage.completion_tokens) == (len(prompt_ids), len(expected))
     assert completion.model_extra["specpipe"]["generated_tokens"] == len(expected)
-    chunks = list(http.chat.completions.create(model=MODEL, messages=MESSAGES, max_completion_tokens=MAX_NEW,
-                                               temperature=0, stream=True, stream_options={"include_usage": True}))
+    chunks = list(
+        http.chat.completions.create(
+            model=MODEL,
+            messages=MESSAGES,
+            max_completion_tokens=MAX_NEW,
+            temperature=0,
+            stream=True,
+            stream_options={"include_usage": True},
+        )
+    )
     deltas = [chunk.choices[0] for chunk in chunks if chunk.choices]
     assert all(chunk.object == "chat.completion.chunk" for chunk in chunks)
     assert deltas[0].delta.role == "assistant" and "".join(d.delta.content or "" for d in deltas) == text
@@ -105,19 +139,28 @@ def test_chat_completion_renders_the_tokenizer_s_template(server, templated, hf_
 
 
 def test_chat_max_tokens_default_to_what_fits_the_context(server):
-    completion = client_for(server).chat.completions.create(model=MODEL, messages=MESSAGES, temperature=0,
-                                                            extra_body={"mode": "autoregressive"})
+    completion = client_for(server).chat.completions.create(
+        model=MODEL, messages=MESSAGES, temperature=0, extra_body={"mode": "autoregressive"}
+    )
     usage = completion.usage
     assert completion.choices[0].finish_reason == "stop" or usage.total_tokens == 512, usage
 
 
-@pytest.mark.parametrize("headers", [{}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"},
-                                     {"x-api-key": TOKEN}], ids=["none", "wrong", "basic", "other-header"])
+@pytest.mark.parametrize(
+    "headers",
+    [{}, {"authorization": "Bearer wrong"}, {"authorization": f"Basic {TOKEN}"}, {"x-api-key": TOKEN}],
+    ids=["none", "wrong", "basic", "other-header"],
+)
 def test_a_missing_or_wrong_token_is_401(server, headers):
-    for method, path in (("POST", "/v1/completions"), ("POST", "/v1/chat/completions"), ("GET", "/v1/models"),
-                         ("GET", "/v1/nothing")):
-        response = httpx2.request(method, server.http_url + path, json={"prompt": [1], "max_tokens": 1},
-                                  headers=headers, verify=tls(server))
+    for method, path in (
+        ("POST", "/v1/completions"),
+        ("POST", "/v1/chat/completions"),
+        ("GET", "/v1/models"),
+        ("GET", "/v1/nothing"),
+    ):
+        response = httpx2.request(
+            method, server.http_url + path, json={"prompt": [1], "max_tokens": 1}, headers=headers, verify=tls(server)
+        )
         assert response.status_code == 401, (path, response.text)
         assert response.json()["error"]["code"] == "invalid_api_key"
         assert response.headers["www-authenticate"] == "Bearer"
@@ -127,9 +170,9 @@ def test_the_token_and_tls_let_clients_in_and_health_is_open(server):
     assert [m.id for m in client_for(server).models.list()] == [MODEL]
     with pytest.raises(openai.AuthenticationError):
         client_for(server, token="wrong").models.list()
-    health = httpx2.get(server.http_url + "/health", verify=tls(server))    # no token: probes need none
+    health = httpx2.get(server.http_url + "/health", verify=tls(server))  # no token: probes need none
     assert (health.status_code, health.json()) == (200, {"status": "ok"})
-    with pytest.raises(httpx2.ConnectError):    # a certificate the client does not trust
+    with pytest.raises(httpx2.ConnectError):  # a certificate the client does not trust
         httpx2.get(server.http_url + "/health")
     with pytest.raises(httpx2.TransportError):  # plain HTTP to a TLS port
         httpx2.get(server.http_url.replace("https://", "http://") + "/health")
@@ -150,9 +193,15 @@ def test_over_capacity_is_429_whichever_transport_holds_the_slot(server):
         holder.cancel()
     client = grpc_client(server)
     wait_for(lambda: wait_idle(client, 0.0)[0], 2.0, "the held request to be freed")
-    with httpx2.stream("POST", server.http_url + "/v1/completions", json=LONG_STREAM, verify=tls(server), timeout=60,
-                       headers={"authorization": f"Bearer {TOKEN}"}) as stream:
-        lines = stream.iter_lines()     # kept: a dropped iterator closes the response (a disconnect)
+    with httpx2.stream(
+        "POST",
+        server.http_url + "/v1/completions",
+        json=LONG_STREAM,
+        verify=tls(server),
+        timeout=60,
+        headers={"authorization": f"Bearer {TOKEN}"},
+    ) as stream:
+        lines = stream.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
         assert next(line for line in lines if line.startswith("data: "))
         with pytest.raises(grpc.RpcError) as err:
             client.complete(prompt_ids=[1], max_new_tokens=2)
@@ -166,8 +215,14 @@ def test_target_down_ends_a_stream_with_an_error_event_then_is_503(server):
     supervisor has restarted it, /health and new requests are 503; then it serves again."""
     client = grpc_client(server)
     target_pid = next(worker.pid for worker in client.stats().workers if worker.role == "target")
-    with httpx2.stream("POST", server.http_url + "/v1/completions", json=LONG_STREAM, verify=tls(server), timeout=60,
-                       headers={"authorization": f"Bearer {TOKEN}"}) as stream:
+    with httpx2.stream(
+        "POST",
+        server.http_url + "/v1/completions",
+        json=LONG_STREAM,
+        verify=tls(server),
+        timeout=60,
+        headers={"authorization": f"Bearer {TOKEN}"},
+    ) as stream:
         lines = (line for line in stream.iter_lines() if line.startswith("data: "))
         next(lines)
         os.kill(target_pid, signal.SIGKILL)
@@ -180,6 +235,9 @@ def test_target_down_ends_a_stream_with_an_error_event_then_is_503(server):
     response = post(server, "/v1/completions", {"prompt": [1], "max_tokens": 2})
     assert response.status_code == 503 and response.headers["retry-after"] == "1"
     assert response.json()["error"]["message"] == "the target worker is unavailable"
-    wait_for(lambda: httpx2.get(server.http_url + "/health", verify=tls(server)).status_code == 200, 60.0,
-             "the restarted target")
+    wait_for(
+        lambda: httpx2.get(server.http_url + "/health", verify=tls(server)).status_code == 200,
+        60.0,
+        "the restarted target",
+    )
     assert post(server, "/v1/completions", {"prompt": [1], "max_tokens": 2}).status_code == 200

@@ -43,7 +43,7 @@ LOAD_PROMPTS = [*PROMPTS, [42, 42, 7, 99, 250], [3, 1, 4, 1, 5, 9, 2, 6]]
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 MAX_NEW = 32
 MAX_RETRIES = 200
-CALL_TIMEOUT_S = 120.0     # a generous cap for requests without their own deadline: a hang fails
+CALL_TIMEOUT_S = 120.0  # a generous cap for requests without their own deadline: a hang fails
 
 
 @dataclass
@@ -52,7 +52,7 @@ class Job:
     prompt_ids: list[int]
     max_new_tokens: int
     mode: str
-    kind: str                          # greedy | sampled | cancel | deadline
+    kind: str  # greedy | sampled | cancel | deadline
     timeout: float | None = None
     seed: int | None = None
     # outcome
@@ -61,7 +61,7 @@ class Job:
     finish_reason: str = ""
     latency_s: float = 0.0
     retries: int = 0
-    cancelled_after: int | None = None     # tokens received when the client cancelled
+    cancelled_after: int | None = None  # tokens received when the client cancelled
 
 
 def make_jobs(count: int, seed: int) -> list[Job]:
@@ -79,11 +79,15 @@ def make_jobs(count: int, seed: int) -> list[Job]:
 
 
 def run_job(client: Client, job: Job) -> None:
-    params = dict(prompt_ids=job.prompt_ids, max_new_tokens=job.max_new_tokens, mode=job.mode,
-                  timeout=job.timeout or CALL_TIMEOUT_S)
+    params = dict(
+        prompt_ids=job.prompt_ids,
+        max_new_tokens=job.max_new_tokens,
+        mode=job.mode,
+        timeout=job.timeout or CALL_TIMEOUT_S,
+    )
     if job.kind == "sampled":
         params.update(temperature=0.8, top_k=20, seed=job.seed)
-    start = time.monotonic()      # latency as the client sees it: back-offs and retries included
+    start = time.monotonic()  # latency as the client sees it: back-offs and retries included
     for attempt in range(MAX_RETRIES):
         job.retries, job.token_ids = attempt, []
         stream = client.generate(**params)
@@ -132,9 +136,13 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
     codes = {}
     for job in jobs:
         codes[job.code.name] = codes.get(job.code.name, 0) + 1
-        expected = reference[tuple(job.prompt_ids)][:job.max_new_tokens]
-        allowed = {"greedy": {"OK"}, "sampled": {"OK"}, "cancel": {"OK", "CANCELLED"},
-                   "deadline": {"OK", "DEADLINE_EXCEEDED"}}[job.kind]
+        expected = reference[tuple(job.prompt_ids)][: job.max_new_tokens]
+        allowed = {
+            "greedy": {"OK"},
+            "sampled": {"OK"},
+            "cancel": {"OK", "CANCELLED"},
+            "deadline": {"OK", "DEADLINE_EXCEEDED"},
+        }[job.kind]
         assert job.code.name in allowed, f"job {job.index} ({job.kind}, {job.mode}) ended with {job.code}"
         if job.code == grpc.StatusCode.OK and job.kind != "cancel" or job.finish_reason:
             assert job.finish_reason in ("length", "eos"), f"job {job.index}: finish_reason {job.finish_reason!r}"
@@ -143,7 +151,7 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
         elif job.code == grpc.StatusCode.OK and job.finish_reason:
             assert job.token_ids == expected, f"job {job.index} ({job.mode}): greedy output differs"
         else:
-            assert job.token_ids == expected[:len(job.token_ids)], f"job {job.index}: not a prefix of greedy"
+            assert job.token_ids == expected[: len(job.token_ids)], f"job {job.index}: not a prefix of greedy"
     assert idle, f"requests or branches left after the load: {stats}"
     assert [w.kv_slots_used for w in stats.workers] == [0, 0], f"KV slots held after the load: {stats}"
     issued = sum(job.cancelled_after is not None for job in jobs)
@@ -153,14 +161,23 @@ def run_load(server, hf_greedy, capsys, count: int, clients: int, seed: int) -> 
     latencies = np.array([job.latency_s for job in done])
     tokens = sum(len(job.token_ids) for job in jobs)
     with capsys.disabled():
-        print(f"\n[load] {count} requests from {clients} clients in {wall:.1f} s: {len(done) / wall:.1f} requests/s, "
-              f"{tokens / wall:.0f} tokens/s streamed; outcomes {codes}; "
-              f"{sum(job.retries for job in jobs)} retries after RESOURCE_EXHAUSTED; {cancelled} of {issued} "
-              f"cancels landed mid-request")
-        print(f"[load] latency of completed requests (retries included): p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
-              f"p90 {np.percentile(latencies, 90) * 1000:.0f} ms, p99 {np.percentile(latencies, 99) * 1000:.0f} ms")
-        print("[load] worker RSS before -> after: " + ", ".join(
-            f"{role} {rss_before[role] / 2**20:.1f} -> {rss_after.get(role, 0) / 2**20:.1f} MB" for role in rss_before))
+        print(
+            f"\n[load] {count} requests from {clients} clients in {wall:.1f} s: {len(done) / wall:.1f} requests/s, "
+            f"{tokens / wall:.0f} tokens/s streamed; outcomes {codes}; "
+            f"{sum(job.retries for job in jobs)} retries after RESOURCE_EXHAUSTED; {cancelled} of {issued} "
+            f"cancels landed mid-request"
+        )
+        print(
+            f"[load] latency of completed requests (retries included): p50 {np.percentile(latencies, 50) * 1000:.0f} ms, "
+            f"p90 {np.percentile(latencies, 90) * 1000:.0f} ms, p99 {np.percentile(latencies, 99) * 1000:.0f} ms"
+        )
+        print(
+            "[load] worker RSS before -> after: "
+            + ", ".join(
+                f"{role} {rss_before[role] / 2**20:.1f} -> {rss_after.get(role, 0) / 2**20:.1f} MB"
+                for role in rss_before
+            )
+        )
     assert issued * 0.5 <= cancelled <= issued, f"the server cancelled {cancelled} requests, the clients {issued}"
 
 
@@ -176,8 +193,7 @@ def test_load_full(serve, hf_greedy, capsys):
 
 def test_job_mix_is_reproducible():
     first, second = make_jobs(50, seed=5), make_jobs(50, seed=5)
-    assert [(j.prompt_ids, j.max_new_tokens, j.mode, j.kind) for j in first] == \
-        [(j.prompt_ids, j.max_new_tokens, j.mode, j.kind) for j in second]
+    assert [(j.prompt_ids, j.max_new_tokens, j.mode, j.kind) for j in first] == [
+        (j.prompt_ids, j.max_new_tokens, j.mode, j.kind) for j in second
+    ]
     assert {j.kind for j in make_jobs(200, seed=1)} == {"greedy", "sampled", "cancel", "deadline"}
-
-

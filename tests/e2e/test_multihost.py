@@ -32,9 +32,10 @@ MODES = ["sequential", "pipelined", "specbranch"]
 MAX_NEW = 24
 # Seeded sampling reproduces where blocks are cut deterministically (sequential); in the pipelined
 # modes the cut depends on timing, so two runs are two exact samples rather than one.
-SAMPLING = [dict(prompt_ids=p, max_new_tokens=MAX_NEW, mode="sequential", temperature=1.0, seed=11)
-            for p in PROMPTS[:2]]
-LOOPBACK = ("draft_close", "--transport", "zmq")   # the serve fixture's key, shared with test_transport
+SAMPLING = [
+    dict(prompt_ids=p, max_new_tokens=MAX_NEW, mode="sequential", temperature=1.0, seed=11) for p in PROMPTS[:2]
+]
+LOOPBACK = ("draft_close", "--transport", "zmq")  # the serve fixture's key, shared with test_transport
 # The namespace is the test's own and empty: any port is free there, so the draft's is fixed and
 # serve can start (and wait for it) while the draft still loads.
 DRAFT_PORT = DEFAULT_DRAFT_PORT
@@ -60,27 +61,55 @@ def keys(tmp_path_factory):
 def start_draft_in(link: Netns, model: str, target_data_addr: str, keys):
     """Start the draft worker inside the namespace; returns (process, a function that waits for
     its READY line and returns its endpoint)."""
-    command = [*link.prefix, sys.executable, "-m", "specpipe.draft_worker", "--model", model,
-               "--host", link.ns_addr, "--port", str(DRAFT_PORT), "--target-data-addr", target_data_addr,
-               "--curve-keys", str(keys), "--exit-with-parent"]
+    command = [
+        *link.prefix,
+        sys.executable,
+        "-m",
+        "specpipe.draft_worker",
+        "--model",
+        model,
+        "--host",
+        link.ns_addr,
+        "--port",
+        str(DRAFT_PORT),
+        "--target-data-addr",
+        target_data_addr,
+        "--curve-keys",
+        str(keys),
+        "--exit-with-parent",
+    ]
     process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True)
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=_lines, args=(process.stdout, lines), daemon=True).start()
-    return process, lambda: _wait_line(process, lines, re.compile(r"READY (\S+)"), WORKER_READY_TIMEOUT_S,
-                                       "the draft worker in the namespace").group(1)
+    return process, lambda: _wait_line(
+        process, lines, re.compile(r"READY (\S+)"), WORKER_READY_TIMEOUT_S, "the draft worker in the namespace"
+    ).group(1)
 
 
 @pytest.fixture(scope="module")
 def remote_draft_server(namespace, tiny_models, serve, keys):
     data_port = free_port(namespace.host_addr)
-    draft, draft_ready = start_draft_in(namespace, str(tiny_models["draft_close"]),
-                                        f"tcp://{namespace.host_addr}:{data_port}", keys)
+    draft, draft_ready = start_draft_in(
+        namespace, str(tiny_models["draft_close"]), f"tcp://{namespace.host_addr}:{data_port}", keys
+    )
     try:
-        serve(*LOOPBACK)   # the reference server starts while the draft loads
-        with ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                            "--draft-addr", f"tcp://{namespace.ns_addr}:{DRAFT_PORT}",
-                            "--target-data-port", str(data_port), "--worker-host", namespace.host_addr,
-                            "--curve-keys", str(keys)]) as server:
+        serve(*LOOPBACK)  # the reference server starts while the draft loads
+        with ServerProcess(
+            [
+                "--target",
+                str(tiny_models["target"]),
+                "--draft",
+                str(tiny_models["draft_close"]),
+                "--draft-addr",
+                f"tcp://{namespace.ns_addr}:{DRAFT_PORT}",
+                "--target-data-port",
+                str(data_port),
+                "--worker-host",
+                namespace.host_addr,
+                "--curve-keys",
+                str(keys),
+            ]
+        ) as server:
             assert draft_ready() == f"tcp://{namespace.ns_addr}:{DRAFT_PORT}"
             yield server
     finally:

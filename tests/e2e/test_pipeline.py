@@ -26,11 +26,17 @@ MIN_POWER = 0.99
 # Of the specbranch requests, at least this share must go on through a promoted branch (about a
 # third do with the flattened draft; forks are promoted at every rejection where one was made).
 MIN_PROMOTED_SHARE = 0.15
-CALL_TIMEOUT_S = 120.0      # a generous cap per request: a hang fails
+CALL_TIMEOUT_S = 120.0  # a generous cap per request: a hang fails
 
 
-def joint_law(target_dir, draft_dir, prompt_ids, sampling: SamplingParams, length: int,
-              rule=lambda target_probs, draft_probs: target_probs) -> dict[tuple, float]:
+def joint_law(
+    target_dir,
+    draft_dir,
+    prompt_ids,
+    sampling: SamplingParams,
+    length: int,
+    rule=lambda target_probs, draft_probs: target_probs,
+) -> dict[tuple, float]:
     """The law of the first `length` sampled tokens, by enumeration, when each token follows
     `rule(target_probs, draft_probs)` given the ones before: by default the target's own law."""
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
@@ -41,10 +47,12 @@ def joint_law(target_dir, draft_dir, prompt_ids, sampling: SamplingParams, lengt
         for prefix, mass in joint.items():
             with torch.no_grad():
                 ids = torch.tensor([prompt_ids + list(prefix)])
-                probs = rule(logits_to_probs(target(ids).logits[0, -1], sampling).double(),
-                             logits_to_probs(draft(ids).logits[0, -1], sampling).double())
+                probs = rule(
+                    logits_to_probs(target(ids).logits[0, -1], sampling).double(),
+                    logits_to_probs(draft(ids).logits[0, -1], sampling).double(),
+                )
             for token in torch.nonzero(probs).flatten().tolist():
-                grown[prefix + (token,)] = mass * float(probs[token])   # float64 from here on
+                grown[prefix + (token,)] = mass * float(probs[token])  # float64 from here on
         joint = grown
     return joint
 
@@ -52,8 +60,8 @@ def joint_law(target_dir, draft_dir, prompt_ids, sampling: SamplingParams, lengt
 # Each token's law under broken plumbing (the unit tests' biased samplers, end to end).
 BROKEN_RULES = {
     "draft tokens passed unverified": lambda target_probs, draft_probs: draft_probs,
-    "ratio inverted (q over p)": lambda target_probs, draft_probs:
-        torch.minimum(target_probs, draft_probs) + torch.clamp(draft_probs - target_probs, min=0.0),
+    "ratio inverted (q over p)": lambda target_probs, draft_probs: torch.minimum(target_probs, draft_probs)
+    + torch.clamp(draft_probs - target_probs, min=0.0),
 }
 
 
@@ -84,17 +92,26 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
     promoted = forked = 0
 
     def run(seed):
-        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=3, temperature=1.0, top_k=2,
-                                             seed=seed, mode=mode, drafter_invariant=drafter_invariant)
+        token_ids, _, last = client.complete(
+            prompt_ids=prompt_ids,
+            max_new_tokens=3,
+            temperature=1.0,
+            top_k=2,
+            seed=seed,
+            mode=mode,
+            drafter_invariant=drafter_invariant,
+        )
         return tuple(token_ids), last.stats
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
         for tokens, stats in pool.map(run, range(NUM_SEEDS)):
-            counts[tokens] += 1                         # KeyError: a sequence the target forbids
+            counts[tokens] += 1  # KeyError: a sequence the target forbids
             promoted += stats.branches_hit > 0
             forked += stats.branches_forked
-    print(f"\n[branches] {mode}, {'coupled' if drafter_invariant else 'leviathan'}: {promoted} of {NUM_SEEDS} "
-          f"requests went on through a promoted branch ({forked} forked)")
+    print(
+        f"\n[branches] {mode}, {'coupled' if drafter_invariant else 'leviathan'}: {promoted} of {NUM_SEEDS} "
+        f"requests went on through a promoted branch ({forked} forked)"
+    )
     if mode == "specbranch":
         assert promoted >= MIN_PROMOTED_SHARE * NUM_SEEDS and forked > promoted
     else:
@@ -131,8 +148,20 @@ def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy, rollback_awa
     several per block, each its own cache length, batched in one forward) are promoted when the
     target's token is their first, and the output is still exactly Hugging Face greedy; also with
     the main branch held to one token past its first unsure position (rollback-aware)."""
-    server = serve("draft_close", "--branch-confidence", "0.95", "--branch-width", "2", "--max-branches", "6",
-                   "--min-branch-prob", "0", "--num-draft-tokens", "8", *rollback_aware)
+    server = serve(
+        "draft_close",
+        "--branch-confidence",
+        "0.95",
+        "--branch-width",
+        "2",
+        "--max-branches",
+        "6",
+        "--min-branch-prob",
+        "0",
+        "--num-draft-tokens",
+        "8",
+        *rollback_aware,
+    )
     client = Client(server.addr)
     forked = hits = 0
     for prompt_ids in PROMPTS:

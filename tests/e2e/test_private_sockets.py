@@ -28,7 +28,7 @@ from specpipe import Client
 from checks import internal_sockets
 from tiny import PROMPTS
 
-STRANGER_UID = 65534   # nobody
+STRANGER_UID = 65534  # nobody
 # Run by the stranger: list the folder, then connect to each socket in it (NAME) and to each
 # internal TCP port on loopback (tcp:PORT); print what each did.
 STRANGER = """
@@ -58,8 +58,12 @@ def server(serve):
 
 def listening_tcp_ports(pid: int) -> set[int]:
     processes = [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]
-    return {conn.laddr.port for process in processes for conn in process.net_connections(kind="inet")
-            if conn.status == psutil.CONN_LISTEN}
+    return {
+        conn.laddr.port
+        for process in processes
+        for conn in process.net_connections(kind="inet")
+        if conn.status == psutil.CONN_LISTEN
+    }
 
 
 def test_internal_sockets_are_in_a_private_folder_and_not_on_tcp(server):
@@ -71,23 +75,40 @@ def test_internal_sockets_are_in_a_private_folder_and_not_on_tcp(server):
     assert listening_tcp_ports(server.process.pid) == {int(server.addr.rsplit(":", 1)[1])}
 
 
-@pytest.mark.skipif(os.geteuid() != 0 or not shutil.which("setpriv"),
-                    reason="needs root and setpriv to run a child as another user")
+@pytest.mark.skipif(
+    os.geteuid() != 0 or not shutil.which("setpriv"), reason="needs root and setpriv to run a child as another user"
+)
 def test_another_user_cannot_reach_them_and_the_server_keeps_serving(server):
-    python = shutil.which("python3", path="/usr/bin:/bin")   # one that user may run (ours may sit under /root)
+    python = shutil.which("python3", path="/usr/bin:/bin")  # one that user may run (ours may sit under /root)
     if python is None:
         pytest.skip("no /usr/bin/python3 for the other user to run")
     folder, _, _ = internal_sockets(server)
     names = sorted(entry.name for entry in folder.iterdir() if entry.is_socket())
     grpc_port = int(server.addr.rsplit(":", 1)[1])
     internal_tcp = [f"tcp:{port}" for port in sorted(listening_tcp_ports(server.process.pid) - {grpc_port})]
-    out = subprocess.run(["setpriv", f"--reuid={STRANGER_UID}", f"--regid={STRANGER_UID}", "--clear-groups",
-                          python, "-I", "-c", STRANGER, str(folder), *names, *internal_tcp],
-                         capture_output=True, text=True, timeout=60, cwd="/")
+    out = subprocess.run(
+        [
+            "setpriv",
+            f"--reuid={STRANGER_UID}",
+            f"--regid={STRANGER_UID}",
+            "--clear-groups",
+            python,
+            "-I",
+            "-c",
+            STRANGER,
+            str(folder),
+            *names,
+            *internal_tcp,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd="/",
+    )
     assert out.returncode == 0, out.stderr
     seen = json.loads(out.stdout)
     refused = {name: "Permission denied" for name in [str(folder), *names]}
-    assert seen == refused, seen   # and no internal TCP port to try (each one tried shows up here)
+    assert seen == refused, seen  # and no internal TCP port to try (each one tried shows up here)
     assert SOCKETS <= set(names), names
     token_ids = Client(server.addr).complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")[0]
     assert len(token_ids) > 0

@@ -39,7 +39,7 @@ from tiny import PROMPTS
 
 TOKEN = "s3cret-token-for-tests"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
-LONG = dict(prompt_ids=PROMPTS[0], max_new_tokens=480, mode="autoregressive")   # 4 + 480 = 484 tokens
+LONG = dict(prompt_ids=PROMPTS[0], max_new_tokens=480, mode="autoregressive")  # 4 + 480 = 484 tokens
 # A request that must wait in the queue until its deadline: long enough to reach the queue on a
 # loaded 2-core box (the log line proves it did).
 QUEUED_DEADLINE_S = 2.0
@@ -59,8 +59,11 @@ def free_port() -> int:
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
     """{(sample name, sorted labels): value} from the metrics endpoint."""
     body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
-    return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
-            for family in text_string_to_metric_families(body) for sample in family.samples}
+    return {
+        (sample.name, tuple(sorted(sample.labels.items()))): sample.value
+        for family in text_string_to_metric_families(body)
+        for sample in family.samples
+    }
 
 
 def metric(samples, name: str, **labels) -> float:
@@ -89,9 +92,11 @@ def log_entries(server, request_id: str) -> list[dict]:
 
 def expired_where(server, request_id: str) -> str:
     """Where the server saw `request_id`'s deadline pass ("queued" / "running"), from its log."""
-    (entry,) = wait_for(lambda: [e for e in log_entries(server, request_id)
-                                 if e["message"].startswith("deadline_exceeded while ")], 5.0,
-                        f"the log line of {request_id}'s deadline")
+    (entry,) = wait_for(
+        lambda: [e for e in log_entries(server, request_id) if e["message"].startswith("deadline_exceeded while ")],
+        5.0,
+        f"the log line of {request_id}'s deadline",
+    )
     return entry["message"].removeprefix("deadline_exceeded while ")
 
 
@@ -116,12 +121,33 @@ def server(tiny_models, tmp_path_factory):
     folder = make_certificates(tmp_path_factory.mktemp("tls"))
     (folder / "token").write_text(TOKEN + "\n")
     port, health_port = free_port(), free_port()
-    server = LoggedServer(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]),
-                           "--auth-token-file", str(folder / "token"), "--tls-cert", str(folder / "server.pem"),
-                           "--tls-key", str(folder / "server.key"), "--metrics-port", str(port),
-                           "--health-port", str(health_port),
-                           "--max-concurrent-requests", "3", "--max-queued-requests", "2",
-                           "--max-tokens-in-flight", "1000", "--log-format", "json"], folder / "serve.log")
+    server = LoggedServer(
+        [
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft"]),
+            "--auth-token-file",
+            str(folder / "token"),
+            "--tls-cert",
+            str(folder / "server.pem"),
+            "--tls-key",
+            str(folder / "server.key"),
+            "--metrics-port",
+            str(port),
+            "--health-port",
+            str(health_port),
+            "--max-concurrent-requests",
+            "3",
+            "--max-queued-requests",
+            "2",
+            "--max-tokens-in-flight",
+            "1000",
+            "--log-format",
+            "json",
+        ],
+        folder / "serve.log",
+    )
     server.metrics_port, server.ca, server.folder = port, (folder / "ca.pem").read_bytes(), folder
     server.health_port = health_port
     server.token = TOKEN
@@ -142,8 +168,9 @@ def test_queue_is_fifo_bounded_and_refuses_with_the_limit_named(server, hf_greed
     try:
         assert running() == 2
         # 968 + 4 + 60 > 1000 tokens: waits though a slot is free.
-        small_thread = threading.Thread(target=lambda: small.append(
-            client.complete(prompt_ids=PROMPTS[1], max_new_tokens=60, mode="sequential")))
+        small_thread = threading.Thread(
+            target=lambda: small.append(client.complete(prompt_ids=PROMPTS[1], max_new_tokens=60, mode="sequential"))
+        )
         small_thread.start()
         wait_for(lambda: waiting() == 1, what="the first request to queue")
         # Would fit (968 + 2 + 20), but may not overtake the head of the queue.
@@ -163,8 +190,15 @@ def test_queue_is_fifo_bounded_and_refuses_with_the_limit_named(server, hf_greed
         assert tiny == [grpc.StatusCode.CANCELLED]
         wait_for(lambda: waiting() == 1, what="the cancelled request to leave the queue")
         # A queued request whose deadline passes leaves it too.
-        late_thread = threading.Thread(target=lambda: late.append(_outcome(client.generate(
-            prompt_ids=PROMPTS[1], max_new_tokens=5, timeout=QUEUED_DEADLINE_S, request_id="late-in-queue"))))
+        late_thread = threading.Thread(
+            target=lambda: late.append(
+                _outcome(
+                    client.generate(
+                        prompt_ids=PROMPTS[1], max_new_tokens=5, timeout=QUEUED_DEADLINE_S, request_id="late-in-queue"
+                    )
+                )
+            )
+        )
         late_thread.start()
         late_thread.join(QUEUED_DEADLINE_S + CLIENT_BOUND_S)
         assert late == [grpc.StatusCode.DEADLINE_EXCEEDED]
@@ -225,19 +259,21 @@ def test_deadline_mid_generation_frees_both_workers(server, held):
             if held:
                 request = HeldRequest(server, **LONG, timeout=deadline, request_id=request_id).first()
                 received = len(request.token_ids)
-                time.sleep(max(0.0, deadline - (time.monotonic() - start)) + 0.2)   # past it, still not reading
+                time.sleep(max(0.0, deadline - (time.monotonic() - start)) + 0.2)  # past it, still not reading
                 request.rest()
             else:
-                for response in client.generate(**{**LONG, "mode": "sequential"}, timeout=deadline,
-                                                 request_id=request_id):
+                for response in client.generate(
+                    **{**LONG, "mode": "sequential"}, timeout=deadline, request_id=request_id
+                ):
                     received += len(response.token_ids)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         overrun = time.monotonic() - start - deadline
         if received:
             break
         wait_for(lambda: idle(client), FREED_S, "0 live requests and branches")
-    print(f"\n[production] deadline {deadline} s passed after {received} tokens; the client saw it "
-          f"{overrun:.2f} s late")
+    print(
+        f"\n[production] deadline {deadline} s passed after {received} tokens; the client saw it {overrun:.2f} s late"
+    )
     assert received > 0, f"no token within {deadline} s: the deadline never passed mid-generation"
     assert overrun < CLIENT_BOUND_S
     assert expired_where(server, request_id) == "running"
@@ -258,14 +294,16 @@ def test_json_logs_carry_the_request_id(server):
         return log_entries(server, "json-log-probe")
 
     # The request after it is logged, so anything about the refused one would be there by now.
-    wait_for(lambda: any(e["message"] == "finished: length" for e in log_entries(server, "json-log-after")),
-             what="the next request's log lines")
+    wait_for(
+        lambda: any(e["message"] == "finished: length" for e in log_entries(server, "json-log-after")),
+        what="the next request's log lines",
+    )
     assert "never-logged" not in open(server.log_path).read()
     lines = wait_for(lambda: len(probe_lines()) >= 2 and probe_lines(), what="the request's log lines")
     messages = [line["message"] for line in lines]
     assert any(m.startswith("started:") for m in messages) and "finished: length" in messages
     assert all(line["process"] == "coordinator" and line["level"] and line["ts"] for line in lines)
-    assert not any("json-log-probe" in m for m in messages)   # the id is a field, not in the text
+    assert not any("json-log-probe" in m for m in messages)  # the id is a field, not in the text
 
 
 # -- auth, TLS and metrics ----------------------------------------------------------------------
@@ -289,8 +327,12 @@ def test_missing_or_wrong_token_is_unauthenticated(server, token):
 def test_bad_authorization_header_shapes(server):
     channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca))
     stub = specpipe_pb2_grpc.SpecPipeStub(channel)
-    for metadata in ((("authorization", TOKEN),), (("authorization", f"Basic {TOKEN}"),),
-                     (("x-token", TOKEN),), (("authorization", f"Bearer  {TOKEN}  "),)):
+    for metadata in (
+        (("authorization", TOKEN),),
+        (("authorization", f"Basic {TOKEN}"),),
+        (("x-token", TOKEN),),
+        (("authorization", f"Bearer  {TOKEN}  "),),
+    ):
         try:
             stub.GetStats(specpipe_pb2.StatsRequest(), metadata=metadata, timeout=10)
             code = grpc.StatusCode.OK
@@ -311,8 +353,9 @@ def test_health_and_reflection_need_no_token(server):
         response = health.Check(health_pb2.HealthCheckRequest(service=service), timeout=10)
         assert response.status == health_pb2.HealthCheckResponse.SERVING
     reflection = reflection_pb2_grpc.ServerReflectionStub(channel)
-    replies = reflection.ServerReflectionInfo(iter([reflection_pb2.ServerReflectionRequest(list_services="")]),
-                                              timeout=10)
+    replies = reflection.ServerReflectionInfo(
+        iter([reflection_pb2.ServerReflectionRequest(list_services="")]), timeout=10
+    )
     names = {service.name for reply in replies for service in reply.list_services_response.service}
     assert "specpipe.v1.SpecPipe" in names
     channel.close()
@@ -328,14 +371,16 @@ def test_plaintext_health_port_serves_health_alone(server):
             assert response.status == health_pb2.HealthCheckResponse.SERVING, service
         with pytest.raises(grpc.RpcError) as err:
             specpipe_pb2_grpc.SpecPipeStub(channel).GetStats(
-                specpipe_pb2.StatsRequest(), metadata=(("authorization", f"bearer {TOKEN}"),), timeout=10)
+                specpipe_pb2.StatsRequest(), metadata=(("authorization", f"bearer {TOKEN}"),), timeout=10
+            )
         assert err.value.code() == grpc.StatusCode.UNIMPLEMENTED, "the API must not be reachable in plain text"
 
 
 def test_plaintext_or_untrusted_clients_fail(server):
-    for client in (Client(server.addr, token=TOKEN, timeout=5),
-                   Client(server.addr, token=TOKEN, root_certificates=(server.folder / "other-ca.pem").read_bytes(),
-                          timeout=5)):
+    for client in (
+        Client(server.addr, token=TOKEN, timeout=5),
+        Client(server.addr, token=TOKEN, root_certificates=(server.folder / "other-ca.pem").read_bytes(), timeout=5),
+    ):
         with client, pytest.raises(grpc.RpcError) as err:
             client.stats()
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -346,9 +391,11 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
     Hugging Face's output lengths; the speculation counters by the sums of the requests' own stats
     (each sequential block commits its accepted tokens plus one of the target's)."""
     port = server.metrics_port
-    requests = [dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="sequential"),
-                dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="specbranch"),
-                dict(prompt_ids=PROMPTS[1], max_new_tokens=8, stop=["\x00never"], mode="autoregressive")]
+    requests = [
+        dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="sequential"),
+        dict(prompt_ids=PROMPTS[0], max_new_tokens=24, mode="specbranch"),
+        dict(prompt_ids=PROMPTS[1], max_new_tokens=8, stop=["\x00never"], mode="autoregressive"),
+    ]
     before = scrape(port)
     with connect(server, timeout=30) as client:
         results = [client.complete(**request) for request in requests]
@@ -370,12 +417,17 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
     assert moved("specpipe:prompt_tokens_total") == 2 * len(PROMPTS[0]) + len(PROMPTS[1])
     generated = sum(len(tokens) for tokens in expected_tokens)
     assert moved("specpipe:generation_tokens_total") == generated
-    for name, field in (("num_draft_tokens", "draft_tokens"), ("num_drafts", "verifications"),
-                        ("num_accepted_tokens", "accepted_tokens"), ("num_rolled_back_tokens", "rolled_back_tokens"),
-                        ("branches_forked", "branches_forked"), ("branches_hit", "branches_hit")):
+    for name, field in (
+        ("num_draft_tokens", "draft_tokens"),
+        ("num_drafts", "verifications"),
+        ("num_accepted_tokens", "accepted_tokens"),
+        ("num_rolled_back_tokens", "rolled_back_tokens"),
+        ("branches_forked", "branches_forked"),
+        ("branches_hit", "branches_hit"),
+    ):
         assert moved(f"specpipe:spec_decode_{name}_total") == sum(getattr(s, field) for s in stats), name
     assert moved("specpipe:time_to_first_token_seconds_count") == 3
-    assert moved("specpipe:inter_token_latency_seconds_count") == generated - 3   # every token but the first
+    assert moved("specpipe:inter_token_latency_seconds_count") == generated - 3  # every token but the first
     assert moved("specpipe:e2e_request_latency_seconds_count") == 3
     assert metric(after, "specpipe:mean_acceptance_length") >= 1.0
     for role in ("draft", "target"):
@@ -389,8 +441,9 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
 
 def test_unknown_methods_are_unauthenticated_without_the_token(server):
     channel = grpc.secure_channel(server.addr, grpc.ssl_channel_credentials(server.ca))
-    probe = channel.unary_unary("/specpipe.v1.SpecPipe/NoSuchMethod", request_serializer=lambda x: x,
-                                response_deserializer=lambda x: x)
+    probe = channel.unary_unary(
+        "/specpipe.v1.SpecPipe/NoSuchMethod", request_serializer=lambda x: x, response_deserializer=lambda x: x
+    )
     for metadata, code in ((None, grpc.StatusCode.UNAUTHENTICATED), (AUTH, grpc.StatusCode.UNIMPLEMENTED)):
         with pytest.raises(grpc.RpcError) as err:
             probe(b"", metadata=metadata, timeout=10)
@@ -400,21 +453,41 @@ def test_unknown_methods_are_unauthenticated_without_the_token(server):
 
 def run_generate(server, *flags: str) -> subprocess.CompletedProcess:
     """`specpipe generate` (the real command line) against this module's TLS + token server."""
-    return subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "generate", "--addr", server.addr, "def f(",
-                           "--max-new-tokens", "4", *flags], capture_output=True, text=True, timeout=120,
-                          stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specpipe.launch.cli",
+            "generate",
+            "--addr",
+            server.addr,
+            "def f(",
+            "--max-new-tokens",
+            "4",
+            *flags,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
-@pytest.mark.parametrize("flags, needles", [
-    ([], ["UNAVAILABLE", "may serve TLS", "--tls-ca"]),                               # plain text to TLS
-    (["--tls-ca", "other-ca.pem"], ["UNAVAILABLE", "not signed by --tls-ca"]),        # a CA that did not sign it
-    (["--tls-ca", "ca.pem"], ["UNAUTHENTICATED", "bearer token", "--token-file"]),    # no token
-    (["--tls-ca", "ca.pem", "--token-file", "wrong-token"], ["UNAUTHENTICATED", "not the server's"]),
-], ids=["plaintext", "untrusted", "no-token", "wrong-token"])
+@pytest.mark.parametrize(
+    "flags, needles",
+    [
+        ([], ["UNAVAILABLE", "may serve TLS", "--tls-ca"]),  # plain text to TLS
+        (["--tls-ca", "other-ca.pem"], ["UNAVAILABLE", "not signed by --tls-ca"]),  # a CA that did not sign it
+        (["--tls-ca", "ca.pem"], ["UNAUTHENTICATED", "bearer token", "--token-file"]),  # no token
+        (["--tls-ca", "ca.pem", "--token-file", "wrong-token"], ["UNAUTHENTICATED", "not the server's"]),
+    ],
+    ids=["plaintext", "untrusted", "no-token", "wrong-token"],
+)
 def test_generate_tls_and_token_mismatches_are_one_line(server, flags, needles):
     (server.folder / "wrong-token").write_text("not-the-token\n")
-    out = run_generate(server, *[str(server.folder / flag) if flag.endswith((".pem", "-token")) else flag
-                                 for flag in flags])
+    out = run_generate(
+        server, *[str(server.folder / flag) if flag.endswith((".pem", "-token")) else flag for flag in flags]
+    )
     lines = out.stderr.strip().splitlines()
     assert out.returncode == 1 and "Traceback" not in out.stderr and len(lines) == 1, out.stderr
     assert lines[0].startswith(f"specpipe generate: error: {needles[0]} from {server.addr}: ")

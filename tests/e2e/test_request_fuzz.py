@@ -25,7 +25,7 @@ from checks import wait_idle
 # The tiny tokenizer's vocabulary is ~300 ids; ids around it probe the bound.
 VOCAB_PROBE = 320
 CALL_TIMEOUT_S = 30.0
-UINT32_MAX, INT32_MIN, INT32_MAX, UINT64_MAX = 2**32 - 1, -2**31, 2**31 - 1, 2**64 - 1
+UINT32_MAX, INT32_MIN, INT32_MAX, UINT64_MAX = 2**32 - 1, -(2**31), 2**31 - 1, 2**64 - 1
 
 
 def mostly(valid, garbage, one_in: int = 8):
@@ -34,17 +34,24 @@ def mostly(valid, garbage, one_in: int = 8):
     return st.integers(0, one_in - 1).flatmap(lambda draw: garbage if draw == 0 else valid)
 
 
-floats32 = st.floats(width=32)   # every float32, NaN and infinities included
+floats32 = st.floats(width=32)  # every float32, NaN and infinities included
 edge_floats = st.sampled_from([1e-45, 1e-38, 1e-7, 3.4e38, -0.0, -1e-45, float("nan"), float("inf"), -float("inf")])
 texts = st.text(min_size=1, max_size=40)
 long_texts = st.text(min_size=257, max_size=300)
 prompt_fields = mostly(
-    st.one_of(texts.map(lambda text: dict(prompt=text)),
-              st.lists(st.integers(0, 299), min_size=1, max_size=40).map(lambda ids: dict(prompt_ids=ids))),
-    st.one_of(st.just({}), st.just(dict(prompt="x", prompt_ids=[1])), st.just(dict(prompt_ids=[1] * 505)),
-              st.sampled_from(["", " ", "\x00", "数学 ✓"]).map(lambda text: dict(prompt=text)),
-              st.lists(st.integers(INT32_MIN, INT32_MAX), min_size=1, max_size=5).map(lambda ids: dict(prompt_ids=ids))),
-    one_in=6)
+    st.one_of(
+        texts.map(lambda text: dict(prompt=text)),
+        st.lists(st.integers(0, 299), min_size=1, max_size=40).map(lambda ids: dict(prompt_ids=ids)),
+    ),
+    st.one_of(
+        st.just({}),
+        st.just(dict(prompt="x", prompt_ids=[1])),
+        st.just(dict(prompt_ids=[1] * 505)),
+        st.sampled_from(["", " ", "\x00", "数学 ✓"]).map(lambda text: dict(prompt=text)),
+        st.lists(st.integers(INT32_MIN, INT32_MAX), min_size=1, max_size=5).map(lambda ids: dict(prompt_ids=ids)),
+    ),
+    one_in=6,
+)
 
 requests = st.builds(
     dict,
@@ -55,9 +62,13 @@ requests = st.builds(
     top_k=mostly(st.one_of(st.just(0), st.integers(0, 400)), st.integers(0, UINT32_MAX)),
     top_p=mostly(st.sampled_from([0.0, 1.0, 0.5, 0.95]), st.one_of(edge_floats, floats32)),
     seed=st.one_of(st.none(), st.integers(0, UINT64_MAX)),
-    stop=mostly(st.lists(st.text(min_size=1, max_size=8), max_size=3),
-                st.one_of(st.lists(st.one_of(st.just(""), long_texts), min_size=1, max_size=2),
-                          st.lists(st.just("x"), min_size=17, max_size=20))),
+    stop=mostly(
+        st.lists(st.text(min_size=1, max_size=8), max_size=3),
+        st.one_of(
+            st.lists(st.one_of(st.just(""), long_texts), min_size=1, max_size=2),
+            st.lists(st.just("x"), min_size=17, max_size=20),
+        ),
+    ),
     mode=mostly(st.integers(0, 4), st.integers(INT32_MIN, INT32_MAX)),
 )
 
@@ -71,8 +82,13 @@ def build(fields: dict) -> specpipe_pb2.GenerateRequest:
     return request
 
 
-@settings(max_examples=int(os.environ.get("SPECPIPE_FUZZ_EXAMPLES", 100)), deadline=None, database=None, print_blob=True,
-          suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
+@settings(
+    max_examples=int(os.environ.get("SPECPIPE_FUZZ_EXAMPLES", 100)),
+    deadline=None,
+    database=None,
+    print_blob=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture],
+)
 @given(fields=requests)
 def test_any_request_ends_cleanly(serve, fields):
     client = Client(serve("draft").addr)
@@ -82,8 +98,9 @@ def test_any_request_ends_cleanly(serve, fields):
         for response in client.stub.Generate(request, timeout=CALL_TIMEOUT_S):
             responses.append(response)
     except grpc.RpcError as err:
-        assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), \
+        assert err.code() in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED), (
             f"{err.code()}: {err.details()} for {request}"
+        )
         assert err.details(), f"{err.code()} without a message for {request}"
         assert not responses, f"an error after {len(responses)} streamed messages for {request}"
         event(f"{err.code().name}: {err.details().split(' ')[0]}")

@@ -23,8 +23,10 @@ SEEDED = dict(prompt_ids=PROMPTS[2], max_new_tokens=48, temperature=1.0, top_k=4
 
 def under_load(client: Client, request: dict, others: int = 8) -> list[int]:
     """The request's tokens while `others` requests of other seeds and lengths run beside it."""
-    others = [dict(prompt_ids=PROMPTS[i % 4], max_new_tokens=12 + 5 * i, temperature=1.0, seed=100 + i,
-                   mode=MODES[i % 4]) for i in range(others)]
+    others = [
+        dict(prompt_ids=PROMPTS[i % 4], max_new_tokens=12 + 5 * i, temperature=1.0, seed=100 + i, mode=MODES[i % 4])
+        for i in range(others)
+    ]
     with concurrent.futures.ThreadPoolExecutor(len(others) + 1) as pool:
         background = [pool.submit(client.complete, **other) for other in others]
         mine = pool.submit(client.complete, **request)

@@ -64,8 +64,9 @@ def test_eight_concurrent_requests_share_the_workers_forwards(serve, hf_greedy):
     before = {w.role: w for w in client.stats().workers}
     jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % len(MODES)]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
-        results = list(pool.map(lambda job: client.complete(prompt_ids=job[0], max_new_tokens=MAX_NEW,
-                                                            mode=job[1])[0], jobs))
+        results = list(
+            pool.map(lambda job: client.complete(prompt_ids=job[0], max_new_tokens=MAX_NEW, mode=job[1])[0], jobs)
+        )
     for (prompt_ids, _), token_ids in zip(jobs, results):
         assert token_ids == hf_greedy(prompt_ids, MAX_NEW)
     after = {w.role: w for w in client.stats().workers}
@@ -85,8 +86,11 @@ def split_characters(tokenizer, token_ids: list[int]) -> set[str]:
     """The multi-byte characters of the decoded text that no token decodes to alone: each one's
     bytes are split across tokens."""
     alone = "".join(tokenizer.decode([token_id]) for token_id in token_ids)
-    return {char for char in tokenizer.decode(token_ids, skip_special_tokens=True)
-            if ord(char) > 127 and char != "\ufffd" and char not in alone}
+    return {
+        char
+        for char in tokenizer.decode(token_ids, skip_special_tokens=True)
+        if ord(char) > 127 and char != "\ufffd" and char not in alone
+    }
 
 
 @pytest.mark.parametrize("mode", ["sequential", "specbranch"])
@@ -106,12 +110,12 @@ def test_streamed_text_is_the_decoded_tokens_and_a_stop_string_ends_it(serve, to
     assert chunks[-1].stats.generated_tokens == len(expected) and chunks[-1].stats.time_to_first_token_s > 0
 
     at = min(text.index(char) for char in split)
-    stop = text[at:at + 2]
+    stop = text[at : at + 2]
     chunks = list(client.generate(TEXT_PROMPT, max_new_tokens=MAX_NEW, mode=mode, stop=[stop]))
     streamed = [t for c in chunks for t in c.token_ids]
     assert chunks[-1].finish_reason == "stop", (stop, chunks[-1])
-    assert "".join(c.text for c in chunks) == text[:text.index(stop)]
-    assert streamed == expected[:len(streamed)] and stop in tokenizer.decode(streamed)
+    assert "".join(c.text for c in chunks) == text[: text.index(stop)]
+    assert streamed == expected[: len(streamed)] and stop in tokenizer.decode(streamed)
 
 
 def test_same_seed_same_output(serve):
@@ -137,10 +141,12 @@ def first_token_laws(target_probs: np.ndarray, draft_probs: np.ndarray) -> dict[
     are the laws of broken plumbing (the unit tests' biased samplers, end to end)."""
     both = np.minimum(target_probs, draft_probs)
     rejected = 1.0 - both.sum()
-    return {"exact": np.concatenate([both, np.maximum(0.0, target_probs - draft_probs)]),
-            "correction resampled from p": np.concatenate([both, rejected * target_probs]),
-            "ratio inverted (q over p)": np.concatenate([both, np.maximum(0.0, draft_probs - target_probs)]),
-            "every draft token accepted": np.concatenate([draft_probs, np.zeros_like(draft_probs)])}
+    return {
+        "exact": np.concatenate([both, np.maximum(0.0, target_probs - draft_probs)]),
+        "correction resampled from p": np.concatenate([both, rejected * target_probs]),
+        "ratio inverted (q over p)": np.concatenate([both, np.maximum(0.0, draft_probs - target_probs)]),
+        "every draft token accepted": np.concatenate([draft_probs, np.zeros_like(draft_probs)]),
+    }
 
 
 @pytest.mark.parametrize("draft", ["draft", "draft_close"])
@@ -159,8 +165,9 @@ def test_sampling_follows_target_distribution(serve, tiny_models, draft):
     counts = np.zeros(2 * vocab)
 
     def run(seed):
-        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=2, temperature=1.0, top_k=6,
-                                             seed=seed, mode="sequential")
+        token_ids, _, last = client.complete(
+            prompt_ids=prompt_ids, max_new_tokens=2, temperature=1.0, top_k=6, seed=seed, mode="sequential"
+        )
         return token_ids[0], last.stats.accepted_tokens
 
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
@@ -168,8 +175,10 @@ def test_sampling_follows_target_distribution(serve, tiny_models, draft):
             assert num_accepted in (0, 1), "the first block had more than one draft token"
             counts[token_id + (0 if num_accepted else vocab)] += 1
     accepted = int(counts[:vocab].sum())
-    print(f"\n[sampling] {draft}: {accepted} of {NUM_SEEDS} first tokens accepted from the draft "
-          f"(exact law: {laws['exact'][:vocab].sum() * NUM_SEEDS:.0f})")
+    print(
+        f"\n[sampling] {draft}: {accepted} of {NUM_SEEDS} first tokens accepted from the draft "
+        f"(exact law: {laws['exact'][:vocab].sum() * NUM_SEEDS:.0f})"
+    )
     assert chi_square_pvalue(counts, laws["exact"]) > P_VALUE_THRESHOLD
     for name, law in laws.items():
         if name != "exact" and np.abs(law - laws["exact"]).sum() > 1e-6:
@@ -214,8 +223,10 @@ def test_cancel_mid_stream_frees_both_workers(serve):
     held = HeldRequest(server, prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential").first()
     try:
         stats = client.stats()
-        assert stats.live_requests == 1 and [(w.live_requests > 0, w.kv_slots_used > 0) for w in stats.workers] \
-            == [(True, True), (True, True)], stats
+        assert stats.live_requests == 1 and [(w.live_requests > 0, w.kv_slots_used > 0) for w in stats.workers] == [
+            (True, True),
+            (True, True),
+        ], stats
     finally:
         held.cancel()
     with pytest.raises(grpc.RpcError) as err:
@@ -238,8 +249,11 @@ def test_every_policy_is_lossless(serve, hf_greedy, policy):
 
 
 def _children(pid: int) -> list[int]:
-    return [int(child) for task in os.listdir(f"/proc/{pid}/task")
-            for child in open(f"/proc/{pid}/task/{task}/children").read().split()]
+    return [
+        int(child)
+        for task in os.listdir(f"/proc/{pid}/task")
+        for child in open(f"/proc/{pid}/task/{task}/children").read().split()
+    ]
 
 
 def _role(pid: int) -> str:
@@ -251,10 +265,11 @@ def test_cpu_pinning_puts_each_process_on_its_cpus(serve, hf_greedy):
     """--target-cpus / --draft-cpus / --coordinator-cpus pin every thread of each process (the
     target on the first usable CPU, the draft and the coordinator on the last: pin_flags())."""
     from specpipe.launch.local import pin_flags
+
     usable = sorted(os.sched_getaffinity(0))
     first, last = str(usable[0]), str(usable[-1])
     flags = ["--target-cpus", first, "--draft-cpus", last, "--coordinator-cpus", last]
-    if len(usable) >= 2:      # what the demo and the bench pin with: the same layout
+    if len(usable) >= 2:  # what the demo and the bench pin with: the same layout
         assert pin_flags() == flags
     server = serve("draft", *flags)
     client = Client(server.addr)
@@ -270,24 +285,55 @@ def test_cpu_pinning_puts_each_process_on_its_cpus(serve, hf_greedy):
 
 def test_bad_cpu_list_is_refused_with_the_flag_named(tiny_models):
     from specpipe.config import parse_cpus
+
     assert parse_cpus("0-2,5") == {0, 1, 2, 5}
     for bad in ("x", "3-1", "1,", "-1"):
         with pytest.raises(ValueError, match="bad CPU list"):
             parse_cpus(bad)
-    out = subprocess.run([sys.executable, "-m", "specpipe.launch.cli", "serve", "--target", str(tiny_models["target"]),
-                          "--draft", str(tiny_models["draft"]), "--target-cpus", "0-x"],
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specpipe.launch.cli",
+            "serve",
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft"]),
+            "--target-cpus",
+            "0-x",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "--target-cpus: bad CPU list '0-x'" in out.stderr
-    out = subprocess.run([sys.executable, "-m", "specpipe.draft_worker", "--model", str(tiny_models["draft"]),
-                          "--port", "0", "--cpus", "100000"], capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "specpipe.draft_worker",
+            "--model",
+            str(tiny_models["draft"]),
+            "--port",
+            "0",
+            "--cpus",
+            "100000",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode != 0 and "--cpus: CPU list '100000' names CPUs outside" in out.stderr
 
 
 def _affinities(server_pid: int) -> dict[str, set[frozenset]]:
     """role -> the distinct CPU sets of the process's threads, for the coordinator and its workers."""
     pids = {"coordinator": server_pid, **{_role(pid): pid for pid in _children(server_pid)}}
-    return {role: {frozenset(os.sched_getaffinity(int(thread))) for thread in os.listdir(f"/proc/{pid}/task")}
-            for role, pid in pids.items()}
+    return {
+        role: {frozenset(os.sched_getaffinity(int(thread))) for thread in os.listdir(f"/proc/{pid}/task")}
+        for role, pid in pids.items()
+    }
 
 
 def test_serve_pins_by_default_exactly_as_pin_auto(serve):
@@ -295,13 +341,17 @@ def test_serve_pins_by_default_exactly_as_pin_auto(serve):
     the demo and the bench use (pin_flags): the target alone on the first core, the draft and the
     coordinator on the second, every thread."""
     from specpipe.launch.local import pin_flags
+
     usable = sorted(os.sched_getaffinity(0))
     if len(usable) < 2:
         pytest.skip("one usable core: --pin auto pins nothing")
     first, second = usable[0], usable[1]
     assert pin_flags() == ["--target-cpus", str(first), "--draft-cpus", str(second), "--coordinator-cpus", str(second)]
-    assert _affinities(serve("draft").process.pid) == {"coordinator": {frozenset({second})},
-                                                       "target": {frozenset({first})}, "draft": {frozenset({second})}}
+    assert _affinities(serve("draft").process.pid) == {
+        "coordinator": {frozenset({second})},
+        "target": {frozenset({first})},
+        "draft": {frozenset({second})},
+    }
 
 
 def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves(tiny_models, capsys):
@@ -310,8 +360,20 @@ def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves
     private folder of its internal sockets (issue 23), which Ctrl-C (SIGINT to its process group,
     as a terminal sends it) removes with everything in it."""
     from specpipe.launch.local import ServerProcess
-    with ServerProcess(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft"]), "--pin", "none",
-                        "--metrics-port", "0"], echo=True) as server:
+
+    with ServerProcess(
+        [
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft"]),
+            "--pin",
+            "none",
+            "--metrics-port",
+            "0",
+        ],
+        echo=True,
+    ) as server:
         unpinned = frozenset(os.sched_getaffinity(0))
         assert _affinities(server.process.pid) == {role: {unpinned} for role in ("coordinator", "target", "draft")}
         folder, _, _ = internal_sockets(server)
@@ -319,10 +381,14 @@ def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves
         server.stop(signal.SIGINT)
         assert server.process.returncode == 0 and not os.path.exists(folder), (server.process.returncode, folder)
     summary = capsys.readouterr().out
-    for needle in (f"target  {tiny_models['target']}  ", f"draft   {tiny_models['draft']}  ",
-                   "K parameters, float32, on cpu, not pinned (pid ", "coordinator not pinned; pinning: --pin none",
-                   "default mode specbranch, policy adaptive, up to 6 draft tokens",
-                   "limits: 32 requests running, 256 queued, no limit on tokens in flight, max_new_tokens <= 4096",
-                   f"gRPC {server.addr} (plain text, no token); metrics http://127.0.0.1:",
-                   f"specpipe serving on {server.addr}"):
+    for needle in (
+        f"target  {tiny_models['target']}  ",
+        f"draft   {tiny_models['draft']}  ",
+        "K parameters, float32, on cpu, not pinned (pid ",
+        "coordinator not pinned; pinning: --pin none",
+        "default mode specbranch, policy adaptive, up to 6 draft tokens",
+        "limits: 32 requests running, 256 queued, no limit on tokens in flight, max_new_tokens <= 4096",
+        f"gRPC {server.addr} (plain text, no token); metrics http://127.0.0.1:",
+        f"specpipe serving on {server.addr}",
+    ):
         assert needle in summary, (needle, summary)

@@ -56,8 +56,12 @@ def health(port: int, service: str = "") -> int | None:
 
 
 def probe(endpoint: str, timeout: float) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "specpipe.launch.probe", endpoint, "--timeout", str(timeout)],
-                          capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "specpipe.launch.probe", endpoint, "--timeout", str(timeout)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 class Processes:
@@ -94,11 +98,30 @@ def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_mod
     ports = {name: free_port() for name in ("grpc", "health", "target", "data", "draft")}
     target, draft = str(tiny_models["target"]), str(tiny_models["draft_same"])
     draft_endpoint = f"tcp://127.0.0.1:{ports['draft']}"
-    serve = processes.start("serve", [
-        "-m", "specpipe.launch.cli", "--log-level", "INFO", "serve", "--target", target, "--draft", draft,
-        "--port", str(ports["grpc"]), "--health-port", str(ports["health"]),
-        "--target-addr", f"tcp://127.0.0.1:{ports['target']}", "--draft-addr", draft_endpoint,
-        "--draft-startup-timeout", "1"])
+    serve = processes.start(
+        "serve",
+        [
+            "-m",
+            "specpipe.launch.cli",
+            "--log-level",
+            "INFO",
+            "serve",
+            "--target",
+            target,
+            "--draft",
+            draft,
+            "--port",
+            str(ports["grpc"]),
+            "--health-port",
+            str(ports["health"]),
+            "--target-addr",
+            f"tcp://127.0.0.1:{ports['target']}",
+            "--draft-addr",
+            draft_endpoint,
+            "--draft-startup-timeout",
+            "1",
+        ],
+    )
     # No worker runs yet: both ports answer, NOT_SERVING; the liveness service is SERVING.
     assert wait_for(lambda: health(ports["health"]), START_S, "the health port") == NOT_SERVING
     assert health(ports["grpc"]) == NOT_SERVING and health(ports["grpc"], "specpipe.v1.SpecPipe") == NOT_SERVING
@@ -109,8 +132,19 @@ def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_mod
     assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
     assert "specpipe serving on" not in processes.text("serve", "out")
 
-    processes.start("target", ["-m", "specpipe.target_worker", "--model", target, "--port", str(ports["target"]),
-                               "--data-port", str(ports["data"])])
+    processes.start(
+        "target",
+        [
+            "-m",
+            "specpipe.target_worker",
+            "--model",
+            target,
+            "--port",
+            str(ports["target"]),
+            "--data-port",
+            str(ports["data"]),
+        ],
+    )
     wait_for(lambda: health(ports["health"]) == SERVING, START_S, "health SERVING once the target is up")
     assert health(ports["grpc"]) == SERVING
     wait_for(lambda: "specpipe serving on" in processes.text("serve", "out"), 30, "serve's ready line")
@@ -122,8 +156,19 @@ def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_mod
     # Past --draft-startup-timeout: a warning, and serve goes on.
     wait_for(lambda: "--draft-startup-timeout" in processes.text("serve"), 30, "the draft warning")
     assert probe(draft_endpoint, 0.5).returncode == 1
-    processes.start("draft", ["-m", "specpipe.draft_worker", "--model", draft, "--port", str(ports["draft"]),
-                              "--target-data-addr", f"tcp://127.0.0.1:{ports['data']}"])
+    processes.start(
+        "draft",
+        [
+            "-m",
+            "specpipe.draft_worker",
+            "--model",
+            draft,
+            "--port",
+            str(ports["draft"]),
+            "--target-data-addr",
+            f"tcp://127.0.0.1:{ports['data']}",
+        ],
+    )
     wait_for(lambda: client.stats().status == "ok", START_S, "the late draft to be admitted")
     assert serve.poll() is None
     token_ids, _, last = client.complete(prompt_ids=PROMPTS[0], max_new_tokens=MAX_NEW, mode="specbranch")
@@ -136,10 +181,26 @@ def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_mod
 
 
 def test_target_that_never_answers_ends_serve_naming_the_flag(tiny_models, processes):
-    serve = processes.start("serve", [
-        "-m", "specpipe.launch.cli", "serve", "--target", str(tiny_models["target"]), "--draft",
-        str(tiny_models["draft"]), "--port", "0", "--target-addr", f"tcp://127.0.0.1:{free_port()}",
-        "--draft-addr", f"tcp://127.0.0.1:{free_port()}", "--target-startup-timeout", "2"])
+    serve = processes.start(
+        "serve",
+        [
+            "-m",
+            "specpipe.launch.cli",
+            "serve",
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft"]),
+            "--port",
+            "0",
+            "--target-addr",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--draft-addr",
+            f"tcp://127.0.0.1:{free_port()}",
+            "--target-startup-timeout",
+            "2",
+        ],
+    )
     assert serve.wait(START_S) != 0
     last_line = processes.text("serve").strip().splitlines()[-1]
     assert "--target-startup-timeout" in last_line and "did not answer within 2s" in last_line, last_line

@@ -31,21 +31,31 @@ MODES = ["sequential", "pipelined", "specbranch"]
 MAX_NEW = 24
 # Seeded sampling reproduces where blocks are cut deterministically (sequential); in the pipelined
 # modes the cut depends on timing, so two runs are two exact samples rather than one.
-SAMPLING = [dict(prompt_ids=p, max_new_tokens=MAX_NEW, mode="sequential", temperature=1.0, seed=11)
-            for p in PROMPTS[:2]]
-LOOPBACK = ("draft_close", "--transport", "zmq")   # the serve fixture's key, shared with test_transport
+SAMPLING = [
+    dict(prompt_ids=p, max_new_tokens=MAX_NEW, mode="sequential", temperature=1.0, seed=11) for p in PROMPTS[:2]
+]
+LOOPBACK = ("draft_close", "--transport", "zmq")  # the serve fixture's key, shared with test_transport
 READY_TIMEOUT_S = 180
-STOP_TIMEOUT_S = 10     # "within a few seconds", with room for this busy 2-core box
+STOP_TIMEOUT_S = 10  # "within a few seconds", with room for this busy 2-core box
 
 
 class Torchrun:
     def __init__(self, args: list[str], torchrun_args: tuple[str, ...] = ()):
         torchrun = Path(sys.executable).with_name("torchrun")
-        env = {**os.environ, "SPECPIPE_LOG_LEVEL": "INFO", "HF_HUB_DISABLE_PROGRESS_BARS": "1",
-               "TRANSFORMERS_VERBOSITY": "error"}
-        self.process = subprocess.Popen([str(torchrun), "--nproc-per-node", "2", *torchrun_args, "-m", "specpipe.launch.torchrun",
-                                         *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                                        env=env, start_new_session=True)
+        env = {
+            **os.environ,
+            "SPECPIPE_LOG_LEVEL": "INFO",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+            "TRANSFORMERS_VERBOSITY": "error",
+        }
+        self.process = subprocess.Popen(
+            [str(torchrun), "--nproc-per-node", "2", *torchrun_args, "-m", "specpipe.launch.torchrun", *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+            start_new_session=True,
+        )
         self.lines: list[str] = []
         self.fresh: queue.Queue = queue.Queue()
         threading.Thread(target=self._read, daemon=True).start()
@@ -59,7 +69,7 @@ class Torchrun:
     def wait_ready(self) -> str:
         deadline = time.monotonic() + READY_TIMEOUT_S
         while (line := self.fresh.get(timeout=max(0.01, deadline - time.monotonic()))) is not None:
-            if line.startswith("specpipe serving on") and (match := READY_SERVER.search(line)):   # not the log line
+            if line.startswith("specpipe serving on") and (match := READY_SERVER.search(line)):  # not the log line
                 return f"{match.group(1)}:{match.group(2)}"
         raise AssertionError(f"torchrun exited before serving:\n{self.output()[-4000:]}")
 
@@ -92,10 +102,11 @@ class Torchrun:
 
 @pytest.fixture(scope="module")
 def torchrun_server(tiny_models, serve):
-    server = Torchrun(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                       "--port", "0"])
+    server = Torchrun(
+        ["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]), "--port", "0"]
+    )
     try:
-        serve(*LOOPBACK)   # the reference server starts while torchrun's ranks load
+        serve(*LOOPBACK)  # the reference server starts while torchrun's ranks load
         server.addr = server.wait_ready()
         yield server
     finally:
@@ -131,7 +142,7 @@ def test_sigterm_to_torchrun_stops_both_ranks_cleanly(torchrun_server):
     assert all(os.stat(folder).st_mode & 0o777 == 0o700 for folder in folders.values())
     began = time.monotonic()
     torchrun_server.process.send_signal(signal.SIGTERM)
-    torchrun_server.process.wait(STOP_TIMEOUT_S)      # (raises TimeoutExpired past the bound)
+    torchrun_server.process.wait(STOP_TIMEOUT_S)  # (raises TimeoutExpired past the bound)
     print(f"\n[torchrun] SIGTERM to exit: {time.monotonic() - began:.2f} s")
     output = torchrun_server.output()
     for rank, role in ((0, "target"), (1, "draft")):
@@ -145,9 +156,12 @@ def test_draft_rank_killed_restarts_the_pair_and_serves_again(tiny_models, hf_gr
     cannot carry on alone as under `specpipe serve`); with `--max-restarts N` the pair comes back
     on the same gRPC port and serves exactly again (the README says so)."""
     from specpipe.launch.local import free_port
+
     port = free_port()
-    server = Torchrun(["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                       "--port", str(port)], torchrun_args=("--max-restarts", "1"))
+    server = Torchrun(
+        ["--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]), "--port", str(port)],
+        torchrun_args=("--max-restarts", "1"),
+    )
     try:
         addr = server.wait_ready()
         client = Client(addr, timeout=60)

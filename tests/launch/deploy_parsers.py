@@ -13,8 +13,15 @@ from specpipe.launch import worker as worker_entry
 from specpipe.launch.cli import add_serve_args
 
 # Environment variables the parsers take defaults from: the files must not depend on the test's.
-ADDRESS_ENV = ("SPECPIPE_DRAFT_ADDR", "SPECPIPE_TARGET_ADDR", "SPECPIPE_BIND_HOST", "SPECPIPE_TARGET_DATA_ADDR",
-               "SPECPIPE_AUTH_TOKEN_FILE", "SPECPIPE_CURVE_KEYS", "SPECPIPE_TRANSPORT")
+ADDRESS_ENV = (
+    "SPECPIPE_DRAFT_ADDR",
+    "SPECPIPE_TARGET_ADDR",
+    "SPECPIPE_BIND_HOST",
+    "SPECPIPE_TARGET_DATA_ADDR",
+    "SPECPIPE_AUTH_TOKEN_FILE",
+    "SPECPIPE_CURVE_KEYS",
+    "SPECPIPE_TRANSPORT",
+)
 
 
 class StrictParser(argparse.ArgumentParser):

@@ -21,7 +21,7 @@ from deploy_parsers import parse_draft_worker, parse_serve
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "launch" / "k8s"
-VARIANTS = {"deployments": K8S, "lws": K8S / "lws"}   # launch/k8s itself is the Deployments variant
+VARIANTS = {"deployments": K8S, "lws": K8S / "lws"}  # launch/k8s itself is the Deployments variant
 COMPONENTS = ["auth", "tls", "servicemonitor"]
 LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 # The LeaderWorkerSet's names for group 0 (pods <name>-0 and <name>-0-1, DNS under Service <name>)
@@ -29,8 +29,9 @@ LWS_NAME_LABEL = "leaderworkerset.sigs.k8s.io/name"
 LWS_GROUP = 0
 
 # For the test modules: `pytestmark = NEEDS_KUBECTL`.
-NEEDS_KUBECTL = pytest.mark.skipif(shutil.which("kubectl") is None,
-                                   reason="kubectl (for `kubectl kustomize`) is not installed")
+NEEDS_KUBECTL = pytest.mark.skipif(
+    shutil.which("kubectl") is None, reason="kubectl (for `kubectl kustomize`) is not installed"
+)
 
 
 def kustomize(path: Path) -> dict[tuple[str, str], dict]:
@@ -54,13 +55,15 @@ def rendered(tmp_path_factory) -> dict[str, dict]:
         overlay = tmp_path_factory.mktemp(f"overlay-{name}")
         # kustomize refuses absolute paths
         components = [os.path.relpath(K8S / "components" / component, overlay) for component in COMPONENTS]
-        (overlay / "kustomization.yaml").write_text(yaml.safe_dump({
-            "resources": [os.path.relpath(path, overlay)], "components": components}))
+        (overlay / "kustomization.yaml").write_text(
+            yaml.safe_dump({"resources": [os.path.relpath(path, overlay)], "components": components})
+        )
         out[f"{name}+all"] = kustomize(overlay)
     return out
 
 
 # ---- reading pods out of either variant ------------------------------------------------------
+
 
 def pod_templates(objects: dict) -> dict[str, dict]:
     """role ("target" / "draft") -> pod template (metadata + spec), whatever the workload kind."""
@@ -88,8 +91,11 @@ def container_env(container: dict, objects: dict, pod_name: str, lws: dict | Non
     """The environment the kubelet gives the container: envFrom ConfigMaps, env values, downward-API
     fields of the pod named `pod_name`, and (in a LeaderWorkerSet) the variables it injects."""
     labels = {LWS_NAME_LABEL: lws["metadata"]["name"]} if lws else {}
-    fields = {"metadata.name": pod_name, "metadata.namespace": "default",
-              **{f"metadata.labels['{key}']": value for key, value in labels.items()}}
+    fields = {
+        "metadata.name": pod_name,
+        "metadata.namespace": "default",
+        **{f"metadata.labels['{key}']": value for key, value in labels.items()},
+    }
     env = {}
     if lws:
         env["LWS_LEADER_ADDRESS"] = f"{lws['metadata']['name']}-{LWS_GROUP}.{lws['metadata']['name']}.default"
@@ -130,7 +136,7 @@ def argv_of(role: str, objects: dict) -> tuple[list[str], dict]:
 def serve_args(objects: dict, monkeypatch):
     argv, env = argv_of("target", objects)
     assert argv[:2] == ["specpipe", "serve"]
-    for name in ("SPECPIPE_AUTH_TOKEN_FILE", ENV_CURVE_KEYS):   # defaults the CLI reads from the env
+    for name in ("SPECPIPE_AUTH_TOKEN_FILE", ENV_CURVE_KEYS):  # defaults the CLI reads from the env
         if name in env:
             monkeypatch.setenv(name, env[name])
     return parse_serve(argv[2:])

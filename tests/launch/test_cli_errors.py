@@ -35,8 +35,14 @@ AFTER_BIND = {"a worker that cannot load its model"}
 
 
 def run_cli(*args: str, module: str = "specpipe.launch.cli", env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=CLI_TIMEOUT_S, env={**os.environ, **(env or {})}, stdin=subprocess.DEVNULL)
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=CLI_TIMEOUT_S,
+        env={**os.environ, **(env or {})},
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def one_line(out: subprocess.CompletedProcess, code: int, *needles: str, logs_first: bool = False) -> str:
@@ -67,11 +73,11 @@ def listening():
 def files(tiny_models, tmp_path_factory):
     """Model folders and files, good and bad."""
     root = tmp_path_factory.mktemp("cli_errors")
-    other = root / "other_tokenizer"           # the draft's config, a tokenizer of another vocabulary
+    other = root / "other_tokenizer"  # the draft's config, a tokenizer of another vocabulary
     other.mkdir()
     shutil.copy(tiny_models["draft"] / "config.json", other)
     build_tokenizer(other, vocab_size=280)
-    broken = root / "broken"                   # a model folder whose weights file is garbage
+    broken = root / "broken"  # a model folder whose weights file is garbage
     shutil.copytree(tiny_models["target"], broken)
     (broken / "model.safetensors").write_bytes(b"not safetensors")
     (root / "empty_token").write_text("\n")
@@ -82,18 +88,33 @@ def files(tiny_models, tmp_path_factory):
 
 
 def serve_args(tiny_models, *extra: str, target=None, draft=None) -> list[str]:
-    return ["serve", "--port", "0", "--target", str(target or tiny_models["target"]),
-            "--draft", str(draft or tiny_models["draft"]), *extra]
+    return [
+        "serve",
+        "--port",
+        "0",
+        "--target",
+        str(target or tiny_models["target"]),
+        "--draft",
+        str(draft or tiny_models["draft"]),
+        *extra,
+    ]
 
 
 # (case, serve flags given (tiny models, files, a taken port), exit code, what the line must name)
 MISTAKES = [
-    ("missing model folder", lambda t, f, p: dict(target=f["root"] / "nowhere"), 2,
-     ["--target", "does not exist"]),
-    ("folder without config.json", lambda t, f, p: dict(draft=f["root"] / "no_config"), 2,
-     ["--draft", "no config.json"]),
-    ("tokenizers differ", lambda t, f, p: dict(draft=f["other"]), 2,
-     ["do not share a tokenizer", "vocabulary sizes differ"]),
+    ("missing model folder", lambda t, f, p: dict(target=f["root"] / "nowhere"), 2, ["--target", "does not exist"]),
+    (
+        "folder without config.json",
+        lambda t, f, p: dict(draft=f["root"] / "no_config"),
+        2,
+        ["--draft", "no config.json"],
+    ),
+    (
+        "tokenizers differ",
+        lambda t, f, p: dict(draft=f["other"]),
+        2,
+        ["do not share a tokenizer", "vocabulary sizes differ"],
+    ),
     ("gRPC port in use", lambda t, f, p: ["--port", str(p)], 2, ["--port {port}", "already in use"]),
     ("metrics port in use", lambda t, f, p: ["--metrics-port", str(p)], 2, ["--metrics-port {port}", "already in use"]),
     ("HTTP port in use", lambda t, f, p: ["--http-port", str(p)], 2, ["--http-port {port}", "already in use"]),
@@ -102,25 +123,61 @@ MISTAKES = [
     ("not a device", lambda t, f, p: ["--draft-device", "gpu"], 2, ["--draft-device gpu", "not a device name"]),
     ("bad CPU list", lambda t, f, p: ["--target-cpus", "0-x"], 2, ["--target-cpus", "bad CPU list"]),
     ("CPU the host lacks", lambda t, f, p: ["--draft-cpus", "4095"], 2, ["--draft-cpus 4095", "no CPU 4095"]),
-    ("token file missing", lambda t, f, p: ["--auth-token-file", str(f["root"] / "nope")], 2,
-     ["--auth-token-file", "cannot read"]),
-    ("token file empty", lambda t, f, p: ["--auth-token-file", str(f["root"] / "empty_token")], 2,
-     ["--auth-token-file", "empty"]),
-    ("TLS cert without key", lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem")], 2,
-     ["--tls-cert and --tls-key go together"]),
-    ("TLS file unreadable", lambda t, f, p: ["--tls-cert", str(f["root"] / "nope"), "--tls-key",
-                                             str(f["root"] / "not.pem")], 2, ["--tls-cert", "cannot read"]),
-    ("TLS files not PEM", lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem"), "--tls-key",
-                                           str(f["root"] / "not.pem")], 2, ["not a PEM certificate chain"]),
-    ("chat template missing", lambda t, f, p: ["--http-port", "0", "--chat-template", str(f["root"] / "nope.jinja")],
-     2, ["--chat-template", "nope.jinja", "cannot read"]),
-    ("chat template not UTF-8", lambda t, f, p: ["--chat-template", str(f["root"] / "latin1.jinja")], 2,
-     ["--chat-template", "not UTF-8"]),
+    (
+        "token file missing",
+        lambda t, f, p: ["--auth-token-file", str(f["root"] / "nope")],
+        2,
+        ["--auth-token-file", "cannot read"],
+    ),
+    (
+        "token file empty",
+        lambda t, f, p: ["--auth-token-file", str(f["root"] / "empty_token")],
+        2,
+        ["--auth-token-file", "empty"],
+    ),
+    (
+        "TLS cert without key",
+        lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem")],
+        2,
+        ["--tls-cert and --tls-key go together"],
+    ),
+    (
+        "TLS file unreadable",
+        lambda t, f, p: ["--tls-cert", str(f["root"] / "nope"), "--tls-key", str(f["root"] / "not.pem")],
+        2,
+        ["--tls-cert", "cannot read"],
+    ),
+    (
+        "TLS files not PEM",
+        lambda t, f, p: ["--tls-cert", str(f["root"] / "not.pem"), "--tls-key", str(f["root"] / "not.pem")],
+        2,
+        ["not a PEM certificate chain"],
+    ),
+    (
+        "chat template missing",
+        lambda t, f, p: ["--http-port", "0", "--chat-template", str(f["root"] / "nope.jinja")],
+        2,
+        ["--chat-template", "nope.jinja", "cannot read"],
+    ),
+    (
+        "chat template not UTF-8",
+        lambda t, f, p: ["--chat-template", str(f["root"] / "latin1.jinja")],
+        2,
+        ["--chat-template", "not UTF-8"],
+    ),
     ("CURVE folder missing", lambda t, f, p: ["--curve-keys", str(f["root"] / "nokeys")], 2, ["--curve-keys"]),
-    ("worker interface off loopback without keys", lambda t, f, p: ["--worker-host", "0.0.0.0"], 2,
-     ["--worker-host 0.0.0.0", "plain text", "--curve-keys DIR", "--insecure-internal"]),
-    ("a worker that cannot load its model", lambda t, f, p: dict(target=f["broken"]), 2,
-     ["the target worker could not start", "cannot load model", "broken"]),
+    (
+        "worker interface off loopback without keys",
+        lambda t, f, p: ["--worker-host", "0.0.0.0"],
+        2,
+        ["--worker-host 0.0.0.0", "plain text", "--curve-keys DIR", "--insecure-internal"],
+    ),
+    (
+        "a worker that cannot load its model",
+        lambda t, f, p: dict(target=f["broken"]),
+        2,
+        ["the target worker could not start", "cannot load model", "broken"],
+    ),
 ]
 
 
@@ -128,16 +185,22 @@ MISTAKES = [
 def test_serve_mistake_is_one_line(tiny_models, files, listening, case, flags, code, needles):
     given = flags(tiny_models, files, listening)
     argv = serve_args(tiny_models, **given) if isinstance(given, dict) else serve_args(tiny_models, *given)
-    one_line(run_cli(*argv), code, *(needle.format(port=listening) for needle in needles),
-             logs_first=case in AFTER_BIND)
+    one_line(
+        run_cli(*argv), code, *(needle.format(port=listening) for needle in needles), logs_first=case in AFTER_BIND
+    )
 
 
 def test_unreachable_hub_id_is_one_line_and_fast(tiny_models, tmp_path):
     """A hub id, no network (the hub endpoint refuses), nothing in the cache: named at once, exit
     1 (not the flags' fault), instead of ~25 s of retries and two tracebacks."""
     env = {"HF_ENDPOINT": REFUSED, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""}
-    line = one_line(run_cli(*serve_args(tiny_models, target="some-org/some-model"), env=env), 1,
-                    "--target some-org/some-model", "cannot connect", "hf download some-org/some-model")
+    line = one_line(
+        run_cli(*serve_args(tiny_models, target="some-org/some-model"), env=env),
+        1,
+        "--target some-org/some-model",
+        "cannot connect",
+        "hf download some-org/some-model",
+    )
     assert REFUSED in line
 
 
@@ -150,13 +213,20 @@ def test_cached_hub_id_goes_on_from_the_cache_when_the_hub_is_unreachable(tiny_m
     (repo / "refs").mkdir()
     (repo / "refs" / "main").write_text(revision)
     env = {"HF_ENDPOINT": REFUSED, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": ""}
-    one_line(run_cli(*serve_args(tiny_models, target="some-org/cached", draft=files["other"]), env=env), 2,
-             "do not share a tokenizer")
+    one_line(
+        run_cli(*serve_args(tiny_models, target="some-org/cached", draft=files["other"]), env=env),
+        2,
+        "do not share a tokenizer",
+    )
 
 
 def test_worker_alone_says_one_line(tiny_models, tmp_path):
-    one_line(run_cli("--model", str(tmp_path / "nowhere"), "--port", "0", module="specpipe.draft_worker"), 2,
-             "specpipe draft worker: error:", "does not exist")
+    one_line(
+        run_cli("--model", str(tmp_path / "nowhere"), "--port", "0", module="specpipe.draft_worker"),
+        2,
+        "specpipe draft worker: error:",
+        "does not exist",
+    )
 
 
 def test_debug_shows_the_traceback(tiny_models, tmp_path):
@@ -165,10 +235,18 @@ def test_debug_shows_the_traceback(tiny_models, tmp_path):
 
 
 GENERATE_MISTAKES = [
-    ("no server", lambda port, root: ["--addr", f"127.0.0.1:{port}"], 1,
-     ["UNAVAILABLE", "Connection refused", "nothing listens", "specpipe serve"]),
-    ("unresolvable host", lambda port, root: ["--addr", "no-such-host.invalid:50051"], 1,
-     ["UNAVAILABLE", "cannot resolve"]),
+    (
+        "no server",
+        lambda port, root: ["--addr", f"127.0.0.1:{port}"],
+        1,
+        ["UNAVAILABLE", "Connection refused", "nothing listens", "specpipe serve"],
+    ),
+    (
+        "unresolvable host",
+        lambda port, root: ["--addr", "no-such-host.invalid:50051"],
+        1,
+        ["UNAVAILABLE", "cannot resolve"],
+    ),
     ("not HOST:PORT", lambda port, root: ["--addr", "127.0.0.1"], 2, ["--addr 127.0.0.1", "HOST:PORT"]),
     ("port out of range", lambda port, root: ["--addr", "127.0.0.1:99999"], 2, ["--addr 127.0.0.1:99999"]),
     ("token file missing", lambda port, root: ["--token-file", str(root / "nope")], 2, ["--token-file"]),
@@ -178,7 +256,7 @@ GENERATE_MISTAKES = [
 
 @pytest.mark.parametrize("case, flags, code, needles", GENERATE_MISTAKES, ids=[c[0] for c in GENERATE_MISTAKES])
 def test_generate_mistake_is_one_line(tmp_path, case, flags, code, needles):
-    with socket.socket() as sock:    # a port that was free a moment ago, and nobody listens on
+    with socket.socket() as sock:  # a port that was free a moment ago, and nobody listens on
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     out = run_cli("generate", "def f(", "--max-new-tokens", "4", *flags(port, tmp_path))

@@ -17,8 +17,15 @@ import pytest
 import yaml
 from packaging.specifiers import SpecifierSet
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT,
-                             DEFAULT_METRICS_PORT, DEFAULT_TARGET_PORT, zmq_endpoint)
+from specpipe.config import (
+    DEFAULT_DATA_PORT,
+    DEFAULT_DRAFT_PORT,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_METRICS_PORT,
+    DEFAULT_TARGET_PORT,
+    zmq_endpoint,
+)
 
 from deploy_parsers import flag_value, parse_draft_worker, parse_serve, strict_parsers  # noqa: F401
 
@@ -91,8 +98,14 @@ def test_exposes_the_default_ports():
     for target, body in stages().items():
         if target in ("cuda", "cpu"):
             exposed = {int(port.split("/")[0]) for op, rest in body if op == "EXPOSE" for port in rest.split()}
-            assert exposed == {DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_DRAFT_PORT, DEFAULT_TARGET_PORT,
-                               DEFAULT_DATA_PORT, DEFAULT_METRICS_PORT}
+            assert exposed == {
+                DEFAULT_GRPC_PORT,
+                DEFAULT_HEALTH_PORT,
+                DEFAULT_DRAFT_PORT,
+                DEFAULT_TARGET_PORT,
+                DEFAULT_DATA_PORT,
+                DEFAULT_METRICS_PORT,
+            }
 
 
 def test_entrypoint_and_user(pyproject):
@@ -116,7 +129,7 @@ def test_docker_run_examples_publish_mount_and_give_gpus(strict_parsers):
     for run in (re.sub(r"\\\n#\s*", " ", r) for r in runs):
         words = shlex.split(run)
         image = next(i for i, word in enumerate(words) if word.startswith("specpipe:"))
-        options, command = words[:image], words[image + 1:]
+        options, command = words[:image], words[image + 1 :]
         if flag_value(options, "--entrypoint") == "python":
             assert command[:2] == ["-m", "specpipe.draft_worker"]
             config = parse_draft_worker(command[2:])
@@ -135,8 +148,14 @@ def test_docker_run_examples_publish_mount_and_give_gpus(strict_parsers):
 
 
 def test_dockerignore_keeps_what_the_install_needs(pyproject):
-    ignored = {line.strip().strip("/") for line in (ROOT / ".dockerignore").read_text().splitlines()
-               if line.strip() and not line.startswith("#")}
-    needed = {"pyproject.toml", pyproject["project"]["readme"],
-              *pyproject["tool"]["setuptools"]["package-dir"].values()}
+    ignored = {
+        line.strip().strip("/")
+        for line in (ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
+    }
+    needed = {
+        "pyproject.toml",
+        pyproject["project"]["readme"],
+        *pyproject["tool"]["setuptools"]["package-dir"].values(),
+    }
     assert not ignored & needed

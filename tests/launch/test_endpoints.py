@@ -21,13 +21,29 @@ from specpipe.launch.preflight import UsageError
 from specpipe.launch.runtime_dir import RuntimeDir
 
 
-@pytest.mark.parametrize("address, crosses", [
-    ("127.0.0.1", False), ("127.8.9.10", False), ("localhost", False), ("::1", False), ("[::1]", False),
-    ("tcp://127.0.0.1:50061", False), ("tcp://[::1]:5", False), ("ipc:///run/user/0/x.sock", False),
-    ("inproc://x", False),
-    ("0.0.0.0", True), ("*", True), ("::", True), ("10.0.0.2", True), ("node7", True), ("eth0", True),
-    ("tcp://0.0.0.0:*", True), ("tcp://10.0.0.1:5", True), ("tcp://127.0.0.1:9;10.0.0.1:5", True),
-])
+@pytest.mark.parametrize(
+    "address, crosses",
+    [
+        ("127.0.0.1", False),
+        ("127.8.9.10", False),
+        ("localhost", False),
+        ("::1", False),
+        ("[::1]", False),
+        ("tcp://127.0.0.1:50061", False),
+        ("tcp://[::1]:5", False),
+        ("ipc:///run/user/0/x.sock", False),
+        ("inproc://x", False),
+        ("0.0.0.0", True),
+        ("*", True),
+        ("::", True),
+        ("10.0.0.2", True),
+        ("node7", True),
+        ("eth0", True),
+        ("tcp://0.0.0.0:*", True),
+        ("tcp://10.0.0.1:5", True),
+        ("tcp://127.0.0.1:9;10.0.0.1:5", True),
+    ],
+)
 def test_what_crosses_hosts(address, crosses):
     assert endpoints.crosses_hosts(address) == crosses
 
@@ -43,52 +59,78 @@ def test_plain_text_across_hosts_is_refused_allowed_with_keys_and_warned_when_in
     with caplog.at_level(logging.WARNING):
         endpoints.require_secure(named, curve_keys="", insecure=True)
     assert [record.getMessage().split(" crosses")[0] for record in caplog.records] == [
-        "--insecure-internal: --draft-addr tcp://10.0.0.2:50061"]
+        "--insecure-internal: --draft-addr tcp://10.0.0.2:50061"
+    ]
     endpoints.require_secure([("--worker-host", "127.0.0.1"), ("--draft-addr", "")], curve_keys="", insecure=False)
 
 
 def worker(role: str, **fields) -> WorkerConfig:
-    return WorkerConfig(role=role, model="m", **{"bind": "tcp://127.0.0.1:*", "data_bind": "tcp://127.0.0.1:*",
-                                                 **fields})
+    return WorkerConfig(
+        role=role, model="m", **{"bind": "tcp://127.0.0.1:*", "data_bind": "tcp://127.0.0.1:*", **fields}
+    )
 
 
 def test_a_lone_worker_checks_its_binds_and_its_data_plane_connection(tmp_path):
     endpoints.check_worker(worker("target"))
-    for config, needle in ((worker("target", data_bind="tcp://0.0.0.0:50063"), "the data-plane socket"),
-                           (worker("draft", bind="tcp://10.1.1.1:50061"), "the control socket"),
-                           (worker("draft", target_data_addr="tcp://10.1.1.2:50063"), "--target-data-addr")):
+    for config, needle in (
+        (worker("target", data_bind="tcp://0.0.0.0:50063"), "the data-plane socket"),
+        (worker("draft", bind="tcp://10.1.1.1:50061"), "the control socket"),
+        (worker("draft", target_data_addr="tcp://10.1.1.2:50063"), "--target-data-addr"),
+    ):
         with pytest.raises(UsageError, match=needle):
             endpoints.check_worker(config)
     endpoints.check_worker(worker("draft", bind="tcp://10.1.1.1:50061", curve_keys="/keys"))
     open_folder = tmp_path / "open"
     open_folder.mkdir(mode=0o755)
     open_folder.chmod(0o755)
-    with pytest.raises(UsageError, match=r"open has mode 0755: other users may enter it.*mkdir -m 700 DIR\), "
-                                         r"or give --insecure-internal"):
+    with pytest.raises(
+        UsageError,
+        match=r"open has mode 0755: other users may enter it.*mkdir -m 700 DIR\), "
+        r"or give --insecure-internal",
+    ):
         endpoints.check_worker(worker("draft", bind=f"ipc://{open_folder}/draft.sock"))
     with RuntimeDir(str(tmp_path)) as runtime:
         endpoints.check_worker(worker("draft", bind=runtime.endpoint("draft.sock")))
 
 
 def serve_args(**given) -> argparse.Namespace:
-    defaults = dict(worker_host="127.0.0.1", draft_addr=None, target_addr=None, target_data_addr="",
-                    target_data_port=0, curve_keys="", insecure_internal=False)
+    defaults = dict(
+        worker_host="127.0.0.1",
+        draft_addr=None,
+        target_addr=None,
+        target_data_addr="",
+        target_data_port=0,
+        curve_keys="",
+        insecure_internal=False,
+    )
     return argparse.Namespace(**{**defaults, **given})
 
 
 def test_serve_binds_its_workers_in_the_private_folder(tmp_path):
     with RuntimeDir(str(tmp_path)) as runtime:
         flags = endpoints.serve_worker_flags(serve_args(), runtime, {"target": ["--kv-slots", "4"]})
-        assert flags == {"target": ["--kv-slots", "4", "--bind", f"ipc://{runtime.path}/target.sock",
-                                    "--data-bind", f"ipc://{runtime.path}/target-data.sock"],
-                         "draft": ["--bind", f"ipc://{runtime.path}/draft.sock"]}
+        assert flags == {
+            "target": [
+                "--kv-slots",
+                "4",
+                "--bind",
+                f"ipc://{runtime.path}/target.sock",
+                "--data-bind",
+                f"ipc://{runtime.path}/target-data.sock",
+            ],
+            "draft": ["--bind", f"ipc://{runtime.path}/draft.sock"],
+        }
         # A draft elsewhere reaches the data plane over TCP (--worker-host); control stays ipc.
-        remote = endpoints.serve_worker_flags(serve_args(draft_addr="tcp://10.0.0.2:1", worker_host="10.0.0.1",
-                                                         insecure_internal=True), runtime, {})
-        assert remote == {"target": ["--bind", f"ipc://{runtime.path}/target.sock", "--insecure-internal"],
-                          "draft": ["--bind", f"ipc://{runtime.path}/draft.sock", "--insecure-internal"]}
+        remote = endpoints.serve_worker_flags(
+            serve_args(draft_addr="tcp://10.0.0.2:1", worker_host="10.0.0.1", insecure_internal=True), runtime, {}
+        )
+        assert remote == {
+            "target": ["--bind", f"ipc://{runtime.path}/target.sock", "--insecure-internal"],
+            "draft": ["--bind", f"ipc://{runtime.path}/draft.sock", "--insecure-internal"],
+        }
     assert endpoints.serve_worker_flags(serve_args(), None, {"draft": ["x"]}) == {"draft": ["x"]}
     with pytest.raises(UsageError, match="--worker-host 0.0.0.0"):
         endpoints.check_serve(serve_args(worker_host="0.0.0.0"))
-    endpoints.check_serve(serve_args(worker_host="0.0.0.0", target_addr="tcp://127.0.0.1:1",
-                                     draft_addr="tcp://127.0.0.1:2"))   # nothing spawned binds it
+    endpoints.check_serve(
+        serve_args(worker_host="0.0.0.0", target_addr="tcp://127.0.0.1:1", draft_addr="tcp://127.0.0.1:2")
+    )  # nothing spawned binds it

@@ -19,14 +19,34 @@ import copy
 import pytest
 import yaml
 
-from specpipe.config import (DEFAULT_DATA_PORT, DEFAULT_DRAFT_PORT, DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT,
-                             DEFAULT_METRICS_PORT, zmq_endpoint)
+from specpipe.config import (
+    DEFAULT_DATA_PORT,
+    DEFAULT_DRAFT_PORT,
+    DEFAULT_GRPC_PORT,
+    DEFAULT_HEALTH_PORT,
+    DEFAULT_METRICS_PORT,
+    zmq_endpoint,
+)
 from specpipe.coordinator.server import LIVENESS_SERVICE, SERVICE_NAME
 from specpipe.launch import probe as probe_entry
 
 from deploy_parsers import flag_value, strict_parsers  # noqa: F401
-from k8s_render import (K8S, LWS_GROUP, NEEDS_KUBECTL, VARIANTS, argv_of, bytes_of, container_ports, draft_config,
-                        kustomize, lws_of, pod_templates, rendered, serve_args, the_container)  # noqa: F401
+from k8s_render import (
+    K8S,
+    LWS_GROUP,
+    NEEDS_KUBECTL,
+    VARIANTS,
+    argv_of,
+    bytes_of,
+    container_ports,
+    draft_config,
+    kustomize,
+    lws_of,
+    pod_templates,
+    rendered,  # noqa: F401  (a pytest fixture)
+    serve_args,
+    the_container,
+)  # noqa: F401
 
 pytestmark = NEEDS_KUBECTL
 GPU = "nvidia.com/gpu"
@@ -40,6 +60,7 @@ EXAMPLE_TARGET_BYTES = 16e9
 
 # ---- rendering and layout ---------------------------------------------------------------------
 
+
 def test_every_folder_lists_its_yaml_files():
     for kustomization in K8S.rglob("kustomization.yaml"):
         folder = kustomization.parent
@@ -48,8 +69,9 @@ def test_every_folder_lists_its_yaml_files():
         for path in folder.glob("*.yaml"):
             if path.name != "kustomization.yaml":
                 assert path.name in named, f"{path.relative_to(K8S)} is in no kustomization"
-        assert not listed.get("namePrefix") and not listed.get("nameSuffix"), \
+        assert not listed.get("namePrefix") and not listed.get("nameSuffix"), (
             f"{folder.name}: a name prefix would break the names inside container args"
+        )
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, *(f"{name}+all" for name in VARIANTS)])
@@ -61,8 +83,9 @@ def test_variant_renders_one_pair(rendered, variant):
     for (kind, _), doc in objects.items():
         if kind in ("Deployment", "LeaderWorkerSet", "Service", "NetworkPolicy", "ConfigMap"):
             assert doc["metadata"]["labels"]["app.kubernetes.io/part-of"] == "specpipe"
-    assert not [key for key in objects if key[0] == "PersistentVolumeClaim"], \
+    assert not [key for key in objects if key[0] == "PersistentVolumeClaim"], (
         "the model volume must live outside the app (launch/k8s/models): deleting the app keeps the models"
+    )
 
 
 def test_models_volume_can_be_filled_and_is_what_the_pods_mount(rendered):
@@ -73,8 +96,9 @@ def test_models_volume_can_be_filled_and_is_what_the_pods_mount(rendered):
     job_pod = job["spec"]["template"]["spec"]
     [mount] = the_container(job["spec"]["template"])["volumeMounts"]
     assert not mount.get("readOnly"), "the fill job writes the volume"
-    assert {v["name"]: v for v in job_pod["volumes"]}[mount["name"]]["persistentVolumeClaim"]["claimName"] == \
-        claim["metadata"]["name"]
+    assert {v["name"]: v for v in job_pod["volumes"]}[mount["name"]]["persistentVolumeClaim"]["claimName"] == claim[
+        "metadata"
+    ]["name"]
     script = " ".join(the_container(job["spec"]["template"])["command"])
     env = {item["name"] for item in the_container(job["spec"]["template"])["env"]}
     assert {"TARGET_MODEL", "DRAFT_MODEL"} <= env and "/models/{role}" in script
@@ -92,6 +116,7 @@ def test_models_volume_can_be_filled_and_is_what_the_pods_mount(rendered):
 
 # ---- commands and addresses -------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("variant", VARIANTS)
 def test_serve_command(rendered, variant, strict_parsers, monkeypatch):
     objects = rendered[variant]
@@ -99,10 +124,18 @@ def test_serve_command(rendered, variant, strict_parsers, monkeypatch):
     container = the_container(pod_templates(objects)["target"])
     ports = container_ports(container)
     assert args.host == "0.0.0.0" and args.worker_host == "0.0.0.0", "a pod's processes must bind its interfaces"
-    assert (args.port, args.health_port, args.metrics_port, args.target_data_port) == \
-        (DEFAULT_GRPC_PORT, DEFAULT_HEALTH_PORT, DEFAULT_METRICS_PORT, DEFAULT_DATA_PORT)
-    assert (ports["grpc"], ports["health"], ports["metrics"], ports["data"]) == \
-        (args.port, args.health_port, args.metrics_port, args.target_data_port)
+    assert (args.port, args.health_port, args.metrics_port, args.target_data_port) == (
+        DEFAULT_GRPC_PORT,
+        DEFAULT_HEALTH_PORT,
+        DEFAULT_METRICS_PORT,
+        DEFAULT_DATA_PORT,
+    )
+    assert (ports["grpc"], ports["health"], ports["metrics"], ports["data"]) == (
+        args.port,
+        args.health_port,
+        args.metrics_port,
+        args.target_data_port,
+    )
     assert args.target_device == "cuda", "a CPU-only image must fail, not run a GPU pod on the CPU"
     assert args.target_startup_timeout == 0, "the startup probe decides how long a load may take"
     assert args.target_addr is None and args.target and args.draft
@@ -116,15 +149,17 @@ def test_serve_reaches_its_draft_and_the_draft_the_target_data_plane(rendered, v
     assert config.bind == zmq_endpoint("0.0.0.0", DEFAULT_DRAFT_PORT)
     assert config.device == "cuda"
     lws = lws_of(objects)
-    if lws is None:   # Services: the draft's, and the target's data-plane port
+    if lws is None:  # Services: the draft's, and the target's data-plane port
         draft_service = objects[("Service", "specpipe-draft")]
-        assert draft_service["spec"]["selector"].items() <= pod_templates(objects)["draft"]["metadata"]["labels"].items()
+        assert (
+            draft_service["spec"]["selector"].items() <= pod_templates(objects)["draft"]["metadata"]["labels"].items()
+        )
         [port] = draft_service["spec"]["ports"]
         assert args.draft_addr == f"tcp://specpipe-draft:{port['port']}" and port["targetPort"] == "draft"
         target_service = objects[("Service", "specpipe")]
         [data] = [p for p in target_service["spec"]["ports"] if p["name"] == "data"]
         assert config.target_data_addr == f"tcp://specpipe:{data['port']}" and data["targetPort"] == "data"
-    else:             # pod DNS names in the LeaderWorkerSet's headless Service
+    else:  # pod DNS names in the LeaderWorkerSet's headless Service
         name = lws["metadata"]["name"]
         assert lws["spec"]["networkConfig"]["subdomainPolicy"] == "Shared"
         assert args.draft_addr == f"tcp://{name}-{LWS_GROUP}-1.{name}:{DEFAULT_DRAFT_PORT}"
@@ -160,6 +195,7 @@ def test_lws_pairs_are_one_unit_running_the_deployments_containers(rendered):
 
 
 # ---- probes, resources, placement --------------------------------------------------------------
+
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "deployments+all"])
 def test_target_probes_ask_the_plain_health_port(rendered, variant, strict_parsers, monkeypatch):
@@ -208,8 +244,9 @@ def test_resources_and_gpu_placement(rendered, variant):
         for kind in ("requests", "limits"):
             assert int(resources[kind][GPU]) == 1, (role, kind)
             assert resources[kind]["cpu"] and resources[kind]["memory"], (role, kind)
-        assert bytes_of(resources["requests"]["memory"]) == bytes_of(resources["limits"]["memory"]), \
+        assert bytes_of(resources["requests"]["memory"]) == bytes_of(resources["limits"]["memory"]), (
             f"{role}: memory requests equal limits (not evicted first, not OOM-killed for a neighbour)"
+        )
         memory[role] = bytes_of(resources["limits"]["memory"])
         assert pod["spec"]["nodeSelector"], f"{role}: no GPU node selection knob"
         assert any(t["key"] == GPU for t in pod["spec"]["tolerations"]), f"{role}: no GPU taint toleration"

@@ -19,13 +19,31 @@ from specpipe.launch import endpoints
 from specpipe.launch.preflight import UsageError
 
 from deploy_parsers import strict_parsers  # noqa: F401
-from k8s_render import (K8S, NEEDS_KUBECTL, VARIANTS, container_ports, draft_config, kustomize, pod_templates,
-                        rendered, serve_args, the_container)  # noqa: F401
+from k8s_render import (
+    K8S,
+    NEEDS_KUBECTL,
+    VARIANTS,
+    container_ports,
+    draft_config,
+    kustomize,
+    pod_templates,
+    rendered,  # noqa: F401  (a pytest fixture)
+    serve_args,
+    the_container,
+)  # noqa: F401
 
 pytestmark = NEEDS_KUBECTL
 # The volume types Pod Security "restricted" allows.
-RESTRICTED_VOLUMES = {"configMap", "csi", "downwardAPI", "emptyDir", "ephemeral", "persistentVolumeClaim",
-                      "projected", "secret"}
+RESTRICTED_VOLUMES = {
+    "configMap",
+    "csi",
+    "downwardAPI",
+    "emptyDir",
+    "ephemeral",
+    "persistentVolumeClaim",
+    "projected",
+    "secret",
+}
 
 
 def restricted_problems(where: str, pod_spec: dict) -> list[str]:
@@ -44,8 +62,9 @@ def restricted_problems(where: str, pod_spec: dict) -> list[str]:
         name = f"{where}/{container['name']}"
         if ctx.get("allowPrivilegeEscalation") is not False:
             problems.append(f"{name}: allowPrivilegeEscalation must be false")
-        if ctx.get("capabilities", {}).get("drop") != ["ALL"] or \
-                set(ctx.get("capabilities", {}).get("add", [])) - {"NET_BIND_SERVICE"}:
+        if ctx.get("capabilities", {}).get("drop") != ["ALL"] or set(ctx.get("capabilities", {}).get("add", [])) - {
+            "NET_BIND_SERVICE"
+        }:
             problems.append(f"{name}: capabilities must drop ALL")
         if ctx.get("runAsNonRoot", pod_ctx.get("runAsNonRoot")) is not True:
             problems.append(f"{name}: runAsNonRoot")
@@ -73,6 +92,7 @@ def test_every_pod_meets_pod_security_restricted(rendered):
 
 
 # ---- Secrets ------------------------------------------------------------------------------------
+
 
 def mounted_secret(pod: dict, mount_path: str) -> dict:
     """The `secret` source of the volume mounted at mount_path (read-only)."""
@@ -106,11 +126,12 @@ def test_curve_keys_come_from_a_secret_the_key_loader_reads(rendered, variant, t
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
-def test_the_sockets_between_the_pods_pass_the_check_across_hosts_with_the_keys(rendered, variant, strict_parsers,
-                                                                                monkeypatch):
+def test_the_sockets_between_the_pods_pass_the_check_across_hosts_with_the_keys(
+    rendered, variant, strict_parsers, monkeypatch
+):
     """serve (--worker-host 0.0.0.0, a draft in another pod) and the draft (--host 0.0.0.0) cross
     the network: they start only with CURVE keys (issue 23), which the pods' env names."""
-    args = serve_args(rendered[variant], monkeypatch)   # the target container's env, the keys' folder among it
+    args = serve_args(rendered[variant], monkeypatch)  # the target container's env, the keys' folder among it
     draft = draft_config(rendered[variant])
     assert args.curve_keys == draft.curve_keys != "" and not args.insecure_internal and not draft.insecure_internal
     endpoints.check_serve(args)
@@ -130,17 +151,22 @@ def test_auth_and_tls_components_mount_their_secrets(rendered, variant, strict_p
     assert os.path.dirname(args.tls_key) == cert_folder
     tls_secret = mounted_secret(pod, cert_folder)
     assert tls_secret["secretName"] == "specpipe-tls"
-    assert (os.path.basename(args.tls_cert), os.path.basename(args.tls_key)) == ("tls.crt", "tls.key"), \
+    assert (os.path.basename(args.tls_cert), os.path.basename(args.tls_key)) == ("tls.crt", "tls.key"), (
         "the file names of a kubernetes.io/tls Secret"
+    )
     # The draft pod is untouched: it serves no API.
     assert pod_templates(objects)["draft"] == pod_templates(rendered[variant])["draft"]
 
 
 # ---- network ------------------------------------------------------------------------------------
 
+
 def policy_for(objects: dict, labels: dict) -> dict:
-    found = [doc for (kind, _), doc in objects.items() if kind == "NetworkPolicy"
-             and doc["spec"]["podSelector"]["matchLabels"].items() <= labels.items()]
+    found = [
+        doc
+        for (kind, _), doc in objects.items()
+        if kind == "NetworkPolicy" and doc["spec"]["podSelector"]["matchLabels"].items() <= labels.items()
+    ]
     assert len(found) == 1, f"expected one NetworkPolicy selecting {labels}"
     return found[0]
 
@@ -163,10 +189,12 @@ def test_network_policies_open_only_what_the_processes_use(rendered, variant, st
     args, config = serve_args(objects, monkeypatch), draft_config(objects)
 
     def only_from(sources: list, role: str) -> bool:
-        return bool(sources) and all(source["podSelector"]["matchLabels"].items() <= labels[role].items()
-                                     and not source["podSelector"]["matchLabels"].items() <= labels[
-                                         "draft" if role == "target" else "target"].items()
-                                     for source in sources)
+        return bool(sources) and all(
+            source["podSelector"]["matchLabels"].items() <= labels[role].items()
+            and not source["podSelector"]["matchLabels"].items()
+            <= labels["draft" if role == "target" else "target"].items()
+            for source in sources
+        )
 
     draft_policy = policy_for(objects, labels["draft"])
     assert not draft_policy["spec"]["podSelector"]["matchLabels"].items() <= labels["target"].items()
@@ -178,8 +206,11 @@ def test_network_policies_open_only_what_the_processes_use(rendered, variant, st
     target_policy = policy_for(objects, labels["target"])
     target_allowed = allowed(target_policy)
     assert only_from(target_allowed[args.target_data_port], "draft"), "the data plane: from the draft pod only"
-    assert {port for port, sources in target_allowed.items() if not sources} == \
-        {args.port, args.health_port, args.metrics_port}, "open to all: the API, the probes' port, metrics"
+    assert {port for port, sources in target_allowed.items() if not sources} == {
+        args.port,
+        args.health_port,
+        args.metrics_port,
+    }, "open to all: the API, the probes' port, metrics"
     for role, policy in (("draft", draft_policy), ("target", target_policy)):
         assert set(allowed(policy)) <= set(container_ports(the_container(pods[role])).values())
 
@@ -192,8 +223,11 @@ def test_metrics_are_scraped(rendered, variant, strict_parsers, monkeypatch):
     assert annotations["prometheus.io/scrape"] == "true" and int(annotations["prometheus.io/port"]) == args.metrics_port
     objects = rendered[f"{variant}+all"]
     [monitor] = [doc for (kind, _), doc in objects.items() if kind == "ServiceMonitor"]
-    [service] = [doc for (kind, _), doc in objects.items() if kind == "Service"
-                 and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()]
+    [service] = [
+        doc
+        for (kind, _), doc in objects.items()
+        if kind == "Service" and monitor["spec"]["selector"]["matchLabels"].items() <= doc["metadata"]["labels"].items()
+    ]
     [endpoint] = monitor["spec"]["endpoints"]
     [port] = [p for p in service["spec"]["ports"] if p["name"] == endpoint["port"]]
     assert container_ports(the_container(pod))[port["targetPort"]] == args.metrics_port

@@ -17,22 +17,32 @@ def test_cpu_list_round_trips(cpus, text):
     assert cpu_list(cpus) == text and parse_cpus(text) == cpus
 
 
-@pytest.mark.parametrize("threads, usable, devices, want", [
-    (1, {0, 1}, ["cpu", "cpu"], {"target": "0", "draft": "1", "coordinator": "1"}),      # the bench's layout
-    (1, {2, 5, 7}, ["cpu", "cpu"], {"target": "2", "draft": "5", "coordinator": "5"}),   # a taskset/cgroup subset
-    (2, {0, 1, 2, 3}, ["cpu", "cpu"], {"target": "0-1", "draft": "2-3", "coordinator": "2-3"}),
-    (1, {0}, ["cpu", "cpu"], {}),                                   # one core: nothing to separate
-    (2, {0, 1, 2}, ["cpu", "cpu"], {}),                             # fewer than 2 x threads
-    (1, {0, 1}, ["cuda", "cpu"], {}),                               # a GPU worker: placement is the device's
-])
+@pytest.mark.parametrize(
+    "threads, usable, devices, want",
+    [
+        (1, {0, 1}, ["cpu", "cpu"], {"target": "0", "draft": "1", "coordinator": "1"}),  # the bench's layout
+        (1, {2, 5, 7}, ["cpu", "cpu"], {"target": "2", "draft": "5", "coordinator": "5"}),  # a taskset/cgroup subset
+        (2, {0, 1, 2, 3}, ["cpu", "cpu"], {"target": "0-1", "draft": "2-3", "coordinator": "2-3"}),
+        (1, {0}, ["cpu", "cpu"], {}),  # one core: nothing to separate
+        (2, {0, 1, 2}, ["cpu", "cpu"], {}),  # fewer than 2 x threads
+        (1, {0, 1}, ["cuda", "cpu"], {}),  # a GPU worker: placement is the device's
+    ],
+)
 def test_auto_pins(threads, usable, devices, want):
     pins, why = auto_pins(threads, devices, usable)
     assert pins == want and why
 
 
 def args(**given) -> argparse.Namespace:
-    flags = dict(target_cpus="", draft_cpus="", coordinator_cpus="", pin="auto", threads=1, target_device="cpu",
-                 draft_device="cpu")
+    flags = dict(
+        target_cpus="",
+        draft_cpus="",
+        coordinator_cpus="",
+        pin="auto",
+        threads=1,
+        target_device="cpu",
+        draft_device="cpu",
+    )
     return argparse.Namespace(**{**flags, **given})
 
 

@@ -22,8 +22,10 @@ from specpipe.launch import runtime_dir
 from specpipe.launch.runtime_dir import RuntimeDir, remove_stale, why_not_private
 
 # A child that makes a runtime folder in BASE, prints its path, and waits to be killed.
-HOLDER = ("import sys, time; from specpipe.launch.runtime_dir import RuntimeDir; "
-          "print(RuntimeDir(sys.argv[1]).path, flush=True); time.sleep(60)")
+HOLDER = (
+    "import sys, time; from specpipe.launch.runtime_dir import RuntimeDir; "
+    "print(RuntimeDir(sys.argv[1]).path, flush=True); time.sleep(60)"
+)
 
 
 def mode(path) -> int:
@@ -57,7 +59,7 @@ def test_xdg_runtime_dir_only_when_it_is_ours_and_private(short_tmp, tmp_path, m
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(xdg))
     with RuntimeDir() as runtime:
         assert runtime.path.parent == xdg
-    xdg.chmod(0o755)                      # open to others: not a runtime dir of the XDG spec's kind
+    xdg.chmod(0o755)  # open to others: not a runtime dir of the XDG spec's kind
     assert str(xdg) not in runtime_dir.candidate_bases()
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path / "missing"))
     assert runtime_dir.candidate_bases()[0] != str(tmp_path / "missing")
@@ -81,19 +83,21 @@ def test_why_not_private_names_the_problem(tmp_path):
 
 
 def test_stale_folders_go_live_ones_and_others_stay(tmp_path):
-    holders = [subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-               for _ in range(2)]
+    holders = [
+        subprocess.Popen([sys.executable, "-c", HOLDER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]
     try:
         live, killed = (holder.stdout.readline().strip() for holder in holders)
         holders[1].kill()
         holders[1].wait()
-        unlocked = tmp_path / "specpipe-1-abcdefgh"   # ours by name but no lock file: being made
+        unlocked = tmp_path / "specpipe-1-abcdefgh"  # ours by name but no lock file: being made
         unlocked.mkdir(mode=0o700)
         other = tmp_path / "specpipe-cache"
         other.mkdir()
         assert remove_stale(str(tmp_path)) == [killed]
         assert os.path.isdir(live) and unlocked.is_dir() and other.is_dir() and not os.path.exists(killed)
-        with RuntimeDir(str(tmp_path)):       # a new folder sweeps too: nothing left to sweep now
+        with RuntimeDir(str(tmp_path)):  # a new folder sweeps too: nothing left to sweep now
             assert os.path.isdir(live)
     finally:
         for holder in holders:

@@ -39,7 +39,7 @@ STUBS = {
     "scontrol": 'test "$1 $2" = "show hostnames" || exit 2\ntr "," "\\n" <<< "$3"\n',
     "getent": 'test "$1" = ahostsv4 || exit 2\necho "10.0.0.${2//[!0-9]/} STREAM $2"\n',
     # Record the command line (NUL-separated), then print what the real step prints once up.
-    "srun": r'''printf '%s\0' "$@" > "$STUB_LOG/srun.$$.$RANDOM"
+    "srun": r"""printf '%s\0' "$@" > "$STUB_LOG/srun.$$.$RANDOM"
 words=" $* "
 value() { local flag="$1" previous=""; shift; for word in "$@"; do [ "$previous" = "$flag" ] && { echo "$word"; return; }; previous="$word"; done; }
 case "$words" in
@@ -49,7 +49,7 @@ case "$words" in
       echo "specpipe serving on $host:$(value --port "$@")" ;;
 esac
 sleep 0.2
-''',
+""",
 }
 
 
@@ -66,12 +66,21 @@ def dry_run(tmp_path):
         path.chmod(0o755)
 
     def run(script: Path, **extra) -> tuple[subprocess.CompletedProcess, list[list[str]]]:
-        env = {"HOME": "/home/user", "PATH": f"{bin_dir}:/usr/bin:/bin", "STUB_LOG": str(log),
-               "SLURM_JOB_ID": str(JOB_ID), "SLURM_JOB_NODELIST": ",".join(NODES), "SLURM_CPUS_PER_TASK": "8",
-               "SLURM_JOB_NODELIST_HET_GROUP_0": "node1", "SLURM_JOB_NODELIST_HET_GROUP_1": "node2",
-               "CURVE_KEYS": str(tmp_path / "keys"), **extra}
-        result = subprocess.run(["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True,
-                                timeout=60)
+        env = {
+            "HOME": "/home/user",
+            "PATH": f"{bin_dir}:/usr/bin:/bin",
+            "STUB_LOG": str(log),
+            "SLURM_JOB_ID": str(JOB_ID),
+            "SLURM_JOB_NODELIST": ",".join(NODES),
+            "SLURM_CPUS_PER_TASK": "8",
+            "SLURM_JOB_NODELIST_HET_GROUP_0": "node1",
+            "SLURM_JOB_NODELIST_HET_GROUP_1": "node2",
+            "CURVE_KEYS": str(tmp_path / "keys"),
+            **extra,
+        }
+        result = subprocess.run(
+            ["bash", str(script)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60
+        )
         commands = [path.read_text().split("\0")[:-1] for path in sorted(log.iterdir())]
         for path in log.iterdir():
             path.unlink()
@@ -93,8 +102,15 @@ def steps(commands: list[list[str]]) -> dict[str, tuple[list[str], list[str]]]:
     found = {}
     for argv in commands:
         options, command = split_srun(argv)
-        role = ("draft" if "specpipe.draft_worker" in command else "torchrun" if "specpipe.launch.torchrun" in command
-                else "serve" if "serve" in command else None)
+        role = (
+            "draft"
+            if "specpipe.draft_worker" in command
+            else "torchrun"
+            if "specpipe.launch.torchrun" in command
+            else "serve"
+            if "serve" in command
+            else None
+        )
         assert role and role not in found, f"unexpected step {argv}"
         found[role] = (options, command)
     return found
@@ -119,10 +135,10 @@ def test_sbatch_is_valid_bash_and_asks_for_memory(script):
 @pytest.mark.parametrize("name", ["specpipe.sbatch", "specpipe-hetjob.sbatch"])
 def test_zmq_scripts_wire_serve_and_the_draft(dry_run, name, strict_parsers):
     result, commands = dry_run(SLURM / name)
-    assert result.returncode == 1 and "serve ended" in result.stderr, result.stderr   # the stub serve exits
+    assert result.returncode == 1 and "serve ended" in result.stderr, result.stderr  # the stub serve exits
     found = steps(commands)
     (draft_options, draft), (serve_options, serve) = found["draft"], found["serve"]
-    if name == "specpipe-hetjob.sbatch":   # each step on its own component
+    if name == "specpipe-hetjob.sbatch":  # each step on its own component
         assert "--het-group=1" in draft_options and "--het-group=0" in serve_options
     else:
         assert draft_options[draft_options.index("-w") + 1] == "node2"
@@ -150,7 +166,7 @@ def test_container_variant_runs_the_same_commands_in_the_image(dry_run, runtime,
     ready_address(result)
     for role, (options, command) in steps(commands).items():
         keys = command[command.index("--curve-keys") + 1]
-        mounts = f"/shared:/shared,{keys}:{keys}:ro"   # the key folder too, read-only
+        mounts = f"/shared:/shared,{keys}:{keys}:ro"  # the key folder too, read-only
         if runtime == "pyxis":
             assert f"--container-image={image}" in options and f"--container-mounts={mounts}" in options
         else:
@@ -176,14 +192,14 @@ def test_torchrun_scripts(dry_run, name, strict_parsers):
     args = parse_torchrun_entry(launcher.training_script_args)
     assert (args.port, args.health_port, args.metrics_port) == (PORT_BASE, PORT_BASE + 1, PORT_BASE + 4)
     assert args.transport == "torch" and args.dist_timeout >= 1800
-    if name == "specpipe-torchrun.sbatch":   # across nodes: the ranks' control sockets under CURVE
+    if name == "specpipe-torchrun.sbatch":  # across nodes: the ranks' control sockets under CURVE
         assert args.curve_keys.endswith("/keys")
     assert args.target_device is None and args.draft_device is None, "devices come from LOCAL_RANK"
-    if name == "specpipe-1node.sbatch":   # two ranks, two GPUs, one node
+    if name == "specpipe-1node.sbatch":  # two ranks, two GPUs, one node
         assert launcher.standalone and launcher.nproc_per_node == "2" and "--nodes=1" in options
         assert args.worker_host == "127.0.0.1" and args.host == "auto"
         assert re.search(r"^#SBATCH --gpus-per-node=2\b", (SLURM / name).read_text(), re.M)
-    else:                                  # one rank per node, the same command on both
+    else:  # one rank per node, the same command on both
         assert (launcher.nnodes, launcher.nproc_per_node) == ("2", "1") and "--nodes=2" in options
         assert launcher.rdzv_backend == "c10d" and launcher.rdzv_endpoint == f"node1:{PORT_BASE + 5}"
         assert args.host == args.worker_host == "auto"
@@ -191,12 +207,11 @@ def test_torchrun_scripts(dry_run, name, strict_parsers):
 
 
 @pytest.mark.parametrize("name", ["specpipe.sbatch", "specpipe-hetjob.sbatch", "specpipe-torchrun.sbatch"])
-def test_across_nodes_no_keys_is_one_line_and_insecure_internal_is_explicit(dry_run, tmp_path, name,
-                                                                            strict_parsers):
+def test_across_nodes_no_keys_is_one_line_and_insecure_internal_is_explicit(dry_run, tmp_path, name, strict_parsers):
     result, commands = dry_run(SLURM / name, CURVE_KEYS=str(tmp_path / "nowhere"))
     assert result.returncode == 1 and not commands and result.stderr.count("\n") == 1, result.stderr
     assert "specpipe curve-keygen" in result.stderr and "INSECURE_INTERNAL=1" in result.stderr
-    if name != "specpipe.sbatch":   # the others pass the same SECURITY array: one dry run (2 s) each saved
+    if name != "specpipe.sbatch":  # the others pass the same SECURITY array: one dry run (2 s) each saved
         return
     result, commands = dry_run(SLURM / name, CURVE_KEYS=str(tmp_path / "nowhere"), INSECURE_INTERNAL="1")
     ready_address(result)
@@ -212,13 +227,18 @@ def test_derived_ports_keep_jobs_apart():
         assert f'PORT_BASE="${{PORT_BASE:-{expression}}}"' in script.read_text(), f"{script.name} derives otherwise"
 
     def base(job_id: int) -> int:
-        result = subprocess.run(["bash", "-c", f"SLURM_JOB_ID={job_id}; echo {expression}"], capture_output=True,
-                                text=True, timeout=5, env={"PATH": os.environ["PATH"]})
+        result = subprocess.run(
+            ["bash", "-c", f"SLURM_JOB_ID={job_id}; echo {expression}"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            env={"PATH": os.environ["PATH"]},
+        )
         return int(result.stdout)
 
     bases = [base(job_id) for job_id in (0, 1, 2, 1199, JOB_ID, 10**7 + 3)]
     assert bases[4] == PORT_BASE
     for first in bases:
         assert 1024 < first and first + 9 < 32768
-    for first, second in itertools.combinations(bases[:4], 2):   # ids 0, 1, 2, 1199: ten ports apart at least
+    for first, second in itertools.combinations(bases[:4], 2):  # ids 0, 1, 2, 1199: ten ports apart at least
         assert abs(first - second) >= 10

@@ -30,12 +30,34 @@ def test_help_lists_the_serve_flags():
 
 
 def test_coordinator_gets_its_flags_and_the_worker_endpoints():
-    argv = ["--target", "/m/t", "--draft=/m/d", "--port", "0", "--mode", "pipelined", "--dtype", "bfloat16",
-            "--worker-host", "auto", "--host", "auto", "--threads=2", "--max-concurrent-requests", "4",
-            "--dist-timeout", "9", "--log-level", "DEBUG", "--policy", "fixed"]
+    argv = [
+        "--target",
+        "/m/t",
+        "--draft=/m/d",
+        "--port",
+        "0",
+        "--mode",
+        "pipelined",
+        "--dtype",
+        "bfloat16",
+        "--worker-host",
+        "auto",
+        "--host",
+        "auto",
+        "--threads=2",
+        "--max-concurrent-requests",
+        "4",
+        "--dist-timeout",
+        "9",
+        "--log-level",
+        "DEBUG",
+        "--policy",
+        "fixed",
+    ]
     assert torchrun.build_parser().parse_args(argv).dist_timeout == 9
-    command = torchrun.coordinator_argv(argv, "10.0.0.1", "/m/t", "/m/d", "tcp://127.0.0.1:7", "tcp://10.0.0.2:8",
-                                        "DEBUG")
+    command = torchrun.coordinator_argv(
+        argv, "10.0.0.1", "/m/t", "/m/d", "tcp://127.0.0.1:7", "tcp://10.0.0.2:8", "DEBUG"
+    )
     assert command[1:6] == ["-m", "specpipe.launch.cli", "--log-level", "DEBUG", "serve"]
     serve = argparse.ArgumentParser()
     add_serve_args(serve)
@@ -54,14 +76,19 @@ def test_auto_host_is_an_address_of_this_host(monkeypatch):
     assert torchrun.resolve_host("192.0.2.7") == "192.0.2.7"
     address = torchrun.resolve_host("auto")
     with socket.socket() as probe:
-        probe.bind((address, 0))   # only an address of this host can be bound
+        probe.bind((address, 0))  # only an address of this host can be bound
 
 
-@pytest.mark.parametrize("env, message", [
-    ({}, "start this under torchrun"),
-    ({"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
-     "exactly 2 ranks"),
-])
+@pytest.mark.parametrize(
+    "env, message",
+    [
+        ({}, "start this under torchrun"),
+        (
+            {"RANK": "0", "WORLD_SIZE": "3", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "1"},
+            "exactly 2 ranks",
+        ),
+    ],
+)
 def test_outside_a_two_rank_torchrun_it_says_why(monkeypatch, capsys, env, message):
     for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         monkeypatch.delenv(name, raising=False)

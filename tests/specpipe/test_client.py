@@ -71,8 +71,10 @@ def test_a_stream_that_delivered_a_token_is_not_retried(scripted_server):
     assert (received, servicer.calls) == ([0], 1)
 
 
-@pytest.mark.parametrize("retries, code", [(0, grpc.StatusCode.UNAVAILABLE), (4, grpc.StatusCode.INTERNAL),
-                                           (4, grpc.StatusCode.INVALID_ARGUMENT)])
+@pytest.mark.parametrize(
+    "retries, code",
+    [(0, grpc.StatusCode.UNAVAILABLE), (4, grpc.StatusCode.INTERNAL), (4, grpc.StatusCode.INVALID_ARGUMENT)],
+)
 def test_no_retry_when_off_or_for_other_codes(scripted_server, retries, code):
     servicer = Scripted(failures=1, code=code)
     with pytest.raises(grpc.RpcError) as err:

@@ -3,6 +3,7 @@ assets, one build into the user cache; and the shipped pair (loads, has the prom
 round-trips UTF-8, and its build_info records c <= 0.12 and acceptance >= 0.7 for exactly these
 weights).
 The build itself is tested in tests/specpipe/tools/test_build_demo.py."""
+
 import hashlib
 import json
 
@@ -29,6 +30,7 @@ def test_without_shipped_assets_the_pair_is_built_once_into_the_user_cache(tmp_p
     def mini_build(out_dir, **kwargs):
         builds.append(out_dir)
         return build(out_dir, preset="mini", progress=False)
+
     build = build_demo.build_demo_pair
     monkeypatch.setattr(build_demo, "build_demo_pair", mini_build)
     folder = demo_pair.demo_pair_dir()
@@ -59,7 +61,7 @@ def test_shipped_build_info_meets_the_targets():
     assert info["preset"] == "full"
     assert info["c"] <= 0.12
     assert info["acceptance_rate"] >= 0.7
-    assert info["build_seconds"] <= 900   # KL distillation runs the target per batch: ~14 min on 2 cores
+    assert info["build_seconds"] <= 900  # KL distillation runs the target per batch: ~14 min on 2 cores
     for name in ("target", "draft"):  # the figures were measured on exactly these weights
         weights = demo_files.DEMO_DIR / name / "model.safetensors"
         assert _sha256(weights) == info["weights_sha256"][name]

@@ -17,7 +17,7 @@ import pytest
 import torch
 import transformers
 
-from specpipe.kv_store import (SPARSE_RANGE_FACTOR, KVStore, Row, UnsupportedModel, forward_packed, prepare_model)
+from specpipe.kv_store import SPARSE_RANGE_FACTOR, KVStore, Row, UnsupportedModel, forward_packed, prepare_model
 
 from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, twin
 
@@ -40,10 +40,10 @@ def test_packed_rows_of_unequal_lengths_equal_plain_forwards(pair):
     sequences = [[rng.randrange(300) for _ in range(n)] for n in (9, 3, 14, 1)]
     slots = [store.allocate() for _ in sequences]
     cached = [0] * len(sequences)
-    for chunk in (4, 3, 5, 7):                 # feed each sequence in chunks, all rows packed together
+    for chunk in (4, 3, 5, 7):  # feed each sequence in chunks, all rows packed together
         rows, ids, keep, owners = [], [], [], []
         for index, (slot, tokens) in enumerate(zip(slots, sequences)):
-            fed = tokens[cached[index]:cached[index] + chunk]
+            fed = tokens[cached[index] : cached[index] + chunk]
             if fed:
                 rows.append(Row(slot, cached[index], len(fed)))
                 keep += [len(ids) + offset for offset in range(len(fed))]
@@ -55,7 +55,7 @@ def test_packed_rows_of_unequal_lengths_equal_plain_forwards(pair):
         with torch.inference_mode():
             logits = forward_packed(model, store, rows, torch.tensor(ids), keep).logits
         for row_logits, (index, position) in zip(logits, owners):
-            expected = fresh_logits(reference, sequences[index][:position + 1])
+            expected = fresh_logits(reference, sequences[index][: position + 1])
             torch.testing.assert_close(row_logits, expected, atol=ATOL, rtol=0)
 
 
@@ -68,16 +68,19 @@ def test_rollback_is_forgetting_positions_and_fork_copies_a_prefix(pair):
         forward_packed(model, store, [Row(slot, 0, len(tokens))], torch.tensor(tokens), keep=[6])
     # Roll back to 4 positions and go on with other tokens: positions 4.. are overwritten.
     rolled = tokens[:4] + [40, 41]
-    torch.testing.assert_close(store_logits(model, store, slot, 4, rolled), fresh_logits(reference, rolled),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        store_logits(model, store, slot, 4, rolled), fresh_logits(reference, rolled), atol=ATOL, rtol=0
+    )
     child = store.allocate()
     store.copy_prefix(slot, child, 3)
     forked = tokens[:3] + [50, 51, 52]
-    torch.testing.assert_close(store_logits(model, store, child, 3, forked), fresh_logits(reference, forked),
-                               atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        store_logits(model, store, child, 3, forked), fresh_logits(reference, forked), atol=ATOL, rtol=0
+    )
     # The parent is untouched by the child.
-    torch.testing.assert_close(store_logits(model, store, slot, 7, tokens + [60]),
-                               fresh_logits(reference, tokens + [60]), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        store_logits(model, store, slot, 7, tokens + [60]), fresh_logits(reference, tokens + [60]), atol=ATOL, rtol=0
+    )
 
 
 def test_scattered_slots_take_the_gather_path_and_agree():
@@ -85,12 +88,13 @@ def test_scattered_slots_take_the_gather_path_and_agree():
     model = twin(reference)
     prepare_model(model)
     store = KVStore(num_slots=32, slot_len=32)
-    far = [0, 31]                               # a range far wider than the rows: gathered
+    far = [0, 31]  # a range far wider than the rows: gathered
     assert 32 > SPARSE_RANGE_FACTOR * len(far)
     sequences = [[3, 4, 5], [7, 8]]
     with torch.inference_mode():
-        out = forward_packed(model, store, [Row(far[0], 0, 3), Row(far[1], 0, 2)], torch.tensor([3, 4, 5, 7, 8]),
-                             keep=[2, 4]).logits
+        out = forward_packed(
+            model, store, [Row(far[0], 0, 3), Row(far[1], 0, 2)], torch.tensor([3, 4, 5, 7, 8]), keep=[2, 4]
+        ).logits
     for logits, tokens in zip(out, sequences):
         torch.testing.assert_close(logits, fresh_logits(reference, tokens), atol=ATOL, rtol=0)
 
@@ -107,15 +111,24 @@ def test_store_slots_are_reused_lowest_first_and_bounded():
 
 def test_non_attention_layers_are_refused_naming_the_model_type():
     model = transformers.AutoModelForCausalLM.from_config(
-        transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100))
+        transformers.MambaConfig(hidden_size=32, num_hidden_layers=1, vocab_size=100)
+    )
     with pytest.raises(UnsupportedModel, match="model type 'mamba'.*cannot be rolled back"):
         prepare_model(model)
 
 
 def test_attention_the_store_cannot_express_is_refused():
-    model = transformers.AutoModelForCausalLM.from_config(transformers.Gemma2Config(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, num_key_value_heads=1,
-        head_dim=16, vocab_size=100))
+    model = transformers.AutoModelForCausalLM.from_config(
+        transformers.Gemma2Config(
+            hidden_size=32,
+            intermediate_size=64,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            num_key_value_heads=1,
+            head_dim=16,
+            vocab_size=100,
+        )
+    )
     with pytest.raises(UnsupportedModel, match="model type 'gemma2'.*soft-capping"):
         prepare_model(model)
     # A refused model is left as it was: its own forward still works.
@@ -134,13 +147,13 @@ def test_memory_never_written_is_never_read_into_a_result():
     with torch.inference_mode():
         forward_packed(model, store, [Row(store.allocate(), 0, 2)], torch.tensor([1, 2]), keep=[1])
     with torch.inference_mode():
-        for tensor in store.keys + store.values:      # as if the allocator handed over garbage
+        for tensor in store.keys + store.values:  # as if the allocator handed over garbage
             tensor.fill_(float("nan"))
     store.initialized = [0] * store.num_slots
     store.free(0)
     slots = [store.allocate() for _ in range(3)]
     sequences = [[3, 4, 5, 6, 7], [8, 9], [10, 11, 12]]
-    rows = [Row(slots[0], 0, 5), Row(slots[2], 0, 3)]        # slot 1 idle inside the range
+    rows = [Row(slots[0], 0, 5), Row(slots[2], 0, 3)]  # slot 1 idle inside the range
     with torch.inference_mode():
         out = forward_packed(model, store, rows, torch.tensor(sequences[0] + sequences[2]), keep=[4, 7]).logits
     torch.testing.assert_close(out[0], fresh_logits(reference, sequences[0]), atol=ATOL, rtol=0)
@@ -155,4 +168,5 @@ def test_reserve_allocates_every_layer_and_leaves_the_store_empty():
     assert len(store.keys) == model.config.num_hidden_layers and store.slots_in_use == 0
     assert tuple(store.keys[0].shape) == (3, model.config.num_key_value_heads, 16, model.config.head_dim)
     from specpipe.kv_store import bytes_per_position
-    assert bytes_per_position(model) == 2 * 2 * 2 * 16 * 4      # K and V, 2 layers, 2 kv heads, 16 dims, fp32
+
+    assert bytes_per_position(model) == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, 16 dims, fp32

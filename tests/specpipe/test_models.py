@@ -3,8 +3,15 @@
 import pytest
 import torch
 
-from specpipe.models import (ModelLoadError, TokenizerMismatchError, check_same_tokenizer, context_length,
-                             load_model, load_tokenizer, vocab_size)
+from specpipe.models import (
+    ModelLoadError,
+    TokenizerMismatchError,
+    check_same_tokenizer,
+    context_length,
+    load_model,
+    load_tokenizer,
+    vocab_size,
+)
 from tiny import build_tokenizer
 
 

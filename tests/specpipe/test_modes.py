@@ -1,6 +1,7 @@
 """The one Mode enum (specpipe/modes.py): exactly the proto's modes, in its order, round-tripping
 through the proto's values; MODE_UNSPECIFIED reads as "no mode" and an undefined number is an
 error; a member is spelled (flags, logs, JSON) as its lower-case name."""
+
 import json
 
 import pytest

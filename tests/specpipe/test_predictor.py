@@ -2,6 +2,7 @@
 models by the offline tool, whose own tests are tests/specpipe/tools/test_train_predictor.py), and
 the target engine filling `predicted_accept_length` from the hidden state of the row that
 predicted the last committed token."""
+
 import random
 import shutil
 
@@ -16,7 +17,7 @@ from specpipe.target_worker.engine import TargetEngine
 from tiny import twin
 from specpipe.tools.train_predictor import train_predictor
 
-STEPS = 100    # fit steps in the tests: enough to leave the initialisation, a second on one thread
+STEPS = 100  # fit steps in the tests: enough to leave the initialisation, a second on one thread
 POSITIONS = 160
 
 
@@ -29,8 +30,9 @@ def trained(tiny_models, tmp_path_factory):
     """The tiny target copied to a folder of its own, with a predictor trained into it."""
     folder = tmp_path_factory.mktemp("predictor") / "target"
     shutil.copytree(tiny_models["target"], folder)
-    info = train_predictor(folder, tiny_models["draft_close"], seed=0, max_positions=POSITIONS,
-                           progress=False, steps=STEPS)
+    info = train_predictor(
+        folder, tiny_models["draft_close"], seed=0, max_positions=POSITIONS, progress=False, steps=STEPS
+    )
     return folder, info
 
 
@@ -46,13 +48,13 @@ def test_save_load_round_trip_predict_and_stale_files(trained, tmp_path):
     value = model.predict(hidden[0])
     assert isinstance(value, float) and 0.0 <= value <= predictor.MAX_LEN
     assert value == pytest.approx(float(expected[0]), abs=1e-6)
-    assert predictor.load_predictor(tmp_path) is None                      # none saved there
+    assert predictor.load_predictor(tmp_path) is None  # none saved there
     assert predictor.load_predictor("some-org/some-hub-model") is None
     stale = tmp_path / "stale"
     shutil.copytree(folder, stale)
     meta = stale / f"{predictor.FILE_STEM}.json"
     meta.write_text(meta.read_text().replace(info["target_weights_sha256"], "0" * 64))
-    assert predictor.load_predictor(stale) is None                         # made for other weights
+    assert predictor.load_predictor(stale) is None  # made for other weights
 
 
 def test_target_engine_fills_the_prediction(trained, tiny_models):
@@ -76,12 +78,22 @@ def test_target_engine_fills_the_prediction(trained, tiny_models):
         with torch.no_grad():
             for _ in range(4):
                 greedy.append(int(model(torch.tensor([greedy])).logits[0, -1].argmax()))
-        draft = greedy[len(before):len(before) + rng.randint(1, 4)] if rng.random() < 0.6 else \
-            [rng.randrange(200) for _ in range(3)]
-        verify = pb.Verify(request_id="r", block_id=block_id, start_length=len(before), draft_token_ids=draft,
-                           emit_bonus=rng.random() < 0.5, want_features=True, want_prediction=True)
+        draft = (
+            greedy[len(before) : len(before) + rng.randint(1, 4)]
+            if rng.random() < 0.6
+            else [rng.randrange(200) for _ in range(3)]
+        )
+        verify = pb.Verify(
+            request_id="r",
+            block_id=block_id,
+            start_length=len(before),
+            draft_token_ids=draft,
+            emit_bonus=rng.random() < 0.5,
+            want_features=True,
+            want_prediction=True,
+        )
         engine.handle(pb.Command(verify=verify), [])
-        (_, verdict, frames), = engine.step()[0]
+        ((_, verdict, frames),) = engine.step()[0]
         cases.add((from_kept_row, verdict.num_accepted == 0, verdict.next_token_id >= 0))
         with torch.no_grad():
             reference = model(torch.tensor([state.tokens[:-1]]), output_hidden_states=True).hidden_states[-1][0, -1]
@@ -90,8 +102,8 @@ def test_target_engine_fills_the_prediction(trained, tiny_models):
         assert verdict.predicted_accept_length == pytest.approx(accept.predict(reference), abs=1e-3)
         assert 0.0 <= verdict.predicted_accept_length <= predictor.MAX_LEN
         bare.handle(pb.Command(verify=verify), [])
-        (_, bare_verdict, _), = bare.step()[0]
-        assert bare_verdict.predicted_accept_length == -1.0                  # no predictor loaded
+        ((_, bare_verdict, _),) = bare.step()[0]
+        assert bare_verdict.predicted_accept_length == -1.0  # no predictor loaded
         assert bare_verdict.num_accepted == verdict.num_accepted
     # Seen: a correction at the first token right after a block kept without bonus (the row
     # predicting it came from the previous verify), and a block kept without bonus.

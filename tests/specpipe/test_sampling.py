@@ -24,7 +24,6 @@ from specpipe.sampling import (
 )
 
 
-
 def log_of(probs: list[float]) -> list[float]:
     return [math.log(p) for p in probs]
 
@@ -152,8 +151,12 @@ def test_draft_and_target_masks_differ_when_their_logits_do():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize(
     "params",
-    [SamplingParams(0.7), SamplingParams(1.3, top_k=7), SamplingParams(1.0, top_p=0.9),
-     SamplingParams(0.5, top_k=20, top_p=0.3)],
+    [
+        SamplingParams(0.7),
+        SamplingParams(1.3, top_k=7),
+        SamplingParams(1.0, top_p=0.9),
+        SamplingParams(0.5, top_k=20, top_p=0.3),
+    ],
 )
 def test_rows_sum_to_one_in_float32_and_input_untouched(dtype, params):
     logits = (torch.randn(4, 5, 50, generator=torch.Generator().manual_seed(1)) * 4).to(dtype)
@@ -202,8 +205,18 @@ def test_make_generator_is_reproducible():
 
 
 def test_make_generator_differs_across_seeds_positions_streams_and_order():
-    keys = [(42,), (43,), (42, 0), (42, 1), (42, 1, STREAM_DRAFT), (42, 1, STREAM_VERIFY),
-            (42, 2, STREAM_DRAFT), (42, 5, 9), (42, 9, 5), (2**64 - 1, -1)]
+    keys = [
+        (42,),
+        (43,),
+        (42, 0),
+        (42, 1),
+        (42, 1, STREAM_DRAFT),
+        (42, 1, STREAM_VERIFY),
+        (42, 2, STREAM_DRAFT),
+        (42, 5, 9),
+        (42, 9, 5),
+        (2**64 - 1, -1),
+    ]
     draws = {tuple(torch.rand(4, generator=make_generator(*key)).tolist()) for key in keys}
     assert len(draws) == len(keys)
 

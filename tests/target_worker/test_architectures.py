@@ -28,14 +28,21 @@ def greedy_with_margin(reference, prompt: list[int]) -> list[int] | None:
     """Hugging Face's greedy continuation, or None if some step's top-2 logit gap is under
     GREEDY_MARGIN (its argmax would depend on the CPU's rounding: not a fair reference)."""
     with torch.no_grad():
-        out = reference.generate(torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
-                                 max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False,
-                                 pad_token_id=0, output_logits=True, return_dict_in_generate=True)
+        out = reference.generate(
+            torch.tensor([prompt]),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            max_new_tokens=NEW_TOKENS,
+            min_new_tokens=NEW_TOKENS,
+            do_sample=False,
+            pad_token_id=0,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
     for logits in out.logits:
         best, second = torch.topk(logits[0].double(), 2).values.tolist()
         if best - second < GREEDY_MARGIN:
             return None
-    return out.sequences[0, len(prompt):].tolist()
+    return out.sequences[0, len(prompt) :].tolist()
 
 
 @pytest.fixture(scope="module", params=ARCHITECTURES)
@@ -78,7 +85,7 @@ def test_decoding_eight_requests_together_equals_generate_on_each(served):
         rows.append(figures["batch_requests"])
     assert max(rows) == 8, "the requests shared forwards"
     for index, prompt in enumerate(prompts):
-        assert engine.requests[f"r{index}"].tokens[len(prompt):] == expected[index], f"request {index}"
+        assert engine.requests[f"r{index}"].tokens[len(prompt) :] == expected[index], f"request {index}"
 
 
 def test_verifying_blocks_of_eight_requests_together_equals_generate_on_each(served):
@@ -94,15 +101,24 @@ def test_verifying_blocks_of_eight_requests_together_equals_generate_on_each(ser
             produced = len(state.tokens) - len(prompt)
             if done[request_id] or state.verifies:
                 continue
-            truth = expected[index][produced:produced + rng.randint(1, 5)]
-            draft = [t if rng.random() < 0.8 else (t + 1) % 250 for t in truth[:-1]]   # some wrong tokens
+            truth = expected[index][produced : produced + rng.randint(1, 5)]
+            draft = [t if rng.random() < 0.8 else (t + 1) % 250 for t in truth[:-1]]  # some wrong tokens
             block_id += 1
-            engine.handle(pb.Command(verify=pb.Verify(request_id=request_id, block_id=block_id,
-                                                      start_length=len(state.tokens), draft_token_ids=draft,
-                                                      emit_bonus=True)), [])
+            engine.handle(
+                pb.Command(
+                    verify=pb.Verify(
+                        request_id=request_id,
+                        block_id=block_id,
+                        start_length=len(state.tokens),
+                        draft_token_ids=draft,
+                        emit_bonus=True,
+                    )
+                ),
+                [],
+            )
         items, _ = engine.step()
         for request_id, _, _ in items:
             index = int(request_id[1:])
-            produced = engine.requests[request_id].tokens[len(prompts[index]):]
-            assert produced == expected[index][:len(produced)], f"request {index}"
+            produced = engine.requests[request_id].tokens[len(prompts[index]) :]
+            assert produced == expected[index][: len(produced)], f"request {index}"
             done[request_id] = len(produced) >= NEW_TOKENS - 1

@@ -40,8 +40,19 @@ def prefill(engine, request_id, tokens):
 
 
 def verify(engine, request_id, start_length, draft, emit_bonus, block_id=1, **fields):
-    engine.handle(pb.Command(verify=pb.Verify(request_id=request_id, block_id=block_id, start_length=start_length,
-                                              draft_token_ids=draft, emit_bonus=emit_bonus, **fields)), [])
+    engine.handle(
+        pb.Command(
+            verify=pb.Verify(
+                request_id=request_id,
+                block_id=block_id,
+                start_length=start_length,
+                draft_token_ids=draft,
+                emit_bonus=emit_bonus,
+                **fields,
+            )
+        ),
+        [],
+    )
 
 
 def step(engine):
@@ -59,7 +70,7 @@ def greedy(reference, tokens, count):
     out = list(tokens)
     for _ in range(count):
         out.append(int(torch.argmax(fresh_logits(reference, out))))
-    return out[len(tokens):]
+    return out[len(tokens) :]
 
 
 def test_cache_and_commits_after_random_verifies(models):
@@ -73,19 +84,23 @@ def test_cache_and_commits_after_random_verifies(models):
         state = engine.requests["r"]
         before = list(state.tokens)
         draft = [rng.randrange(200) for _ in range(rng.randint(0, 4))]
-        if rng.random() < 0.5:                       # sometimes the target's own tokens: all accepted
+        if rng.random() < 0.5:  # sometimes the target's own tokens: all accepted
             draft = greedy(reference, before, len(draft))
         verify(engine, "r", len(before), draft, emit_bonus=rng.random() < 0.5 or not draft, block_id=block_id)
         verdict = step(engine)[0]["r"]
         assert (verdict.prefill_seconds > 0) == (block_id == 0), (block_id, verdict.prefill_seconds)
-        committed = state.tokens[len(before):]
+        committed = state.tokens[len(before) :]
         assert len(committed) == verdict.num_accepted + (verdict.next_token_id >= 0)
         assert committed == greedy(reference, before, len(committed))
         if state.next_logits is not None:
             torch.testing.assert_close(state.next_logits, fresh_logits(reference, state.tokens), atol=ATOL, rtol=0)
         else:
-            torch.testing.assert_close(store_logits(model, engine.store, state.slot, state.cached, state.tokens),
-                                       fresh_logits(reference, state.tokens), atol=ATOL, rtol=0)
+            torch.testing.assert_close(
+                store_logits(model, engine.store, state.slot, state.cached, state.tokens),
+                fresh_logits(reference, state.tokens),
+                atol=ATOL,
+                rtol=0,
+            )
     engine.handle(pb.Command(release=pb.Release(request_id="r")), [])
     assert not engine.requests and engine.store.slots_in_use == 0
 
@@ -93,11 +108,11 @@ def test_cache_and_commits_after_random_verifies(models):
 def test_many_requests_are_verified_in_one_forward(models):
     model, reference = models
     engine = make_engine(model)
-    prompts = {f"r{i}": [i + 1, 2 * i + 5, 7] * (i + 1) for i in range(6)}   # prompts of unequal lengths
+    prompts = {f"r{i}": [i + 1, 2 * i + 5, 7] * (i + 1) for i in range(6)}  # prompts of unequal lengths
     for request_id, prompt in prompts.items():
         prefill(engine, request_id, prompt)
         draft = greedy(reference, prompt, 3)
-        draft[2] = (draft[2] + 1) % 300                   # the third draft token is wrong
+        draft[2] = (draft[2] + 1) % 300  # the third draft token is wrong
         verify(engine, request_id, len(prompt), draft, emit_bonus=True)
     verdicts, figures = step(engine)
     assert figures["batch_requests"] == 6 and set(verdicts) == set(prompts)
@@ -122,7 +137,7 @@ def test_budgets_bound_each_forward_and_every_request_gets_its_turn(models):
         verdicts, figures = step(engine)
         assert figures["batch_requests"] <= 2 and figures["batch_tokens"] <= 12
         served.append(sorted(verdicts))
-    assert sorted(sum(served, [])) == [f"r{i}" for i in range(5)]      # each once, none starved
+    assert sorted(sum(served, [])) == [f"r{i}" for i in range(5)]  # each once, none starved
     assert len(served) == 3
 
 
@@ -135,13 +150,13 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_other_requests(models):
     prefill(engine, "long", long_prompt)
     verify(engine, "long", 60, [], emit_bonus=True)
     verdicts, figures = step(engine)
-    assert set(verdicts) == {"short"}                  # the long prompt took a chunk, the short one its verdict
+    assert set(verdicts) == {"short"}  # the long prompt took a chunk, the short one its verdict
     assert figures["batch_tokens"] == 5 + 16 and engine.requests["long"].cached == 16
     iterations = 1
     while "long" not in verdicts:
         verdicts, _ = step(engine)
         iterations += 1
-    assert iterations == 4                             # 16 + 16 + 16 + the last 12 with the verify
+    assert iterations == 4  # 16 + 16 + 16 + the last 12 with the verify
     assert verdicts["long"].next_token_id == greedy(reference, long_prompt, 1)[0]
     assert verdicts["long"].prefill_seconds > 0
 
@@ -181,15 +196,19 @@ def test_verify_with_nothing_to_feed_uses_the_kept_logits(models):
     assert (alone["r"].num_accepted, alone["r"].next_token_id) == (0, expected[2]) and figures["batch_tokens"] == 0
     state = engine.requests["r"]
     assert state.tokens == prompt + expected
-    torch.testing.assert_close(store_logits(model, engine.store, state.slot, state.cached, state.tokens),
-                               fresh_logits(reference, prompt + expected), atol=ATOL, rtol=0)
+    torch.testing.assert_close(
+        store_logits(model, engine.store, state.slot, state.cached, state.tokens),
+        fresh_logits(reference, prompt + expected),
+        atol=ATOL,
+        rtol=0,
+    )
 
 
 def test_stale_block_is_answered_without_compute(models):
     model, reference = models
     engine = make_engine(model)
     prefill(engine, "r", [5, 6])
-    verify(engine, "r", 2, [299, 298], emit_bonus=False)                        # rejected at once
+    verify(engine, "r", 2, [299, 298], emit_bonus=False)  # rejected at once
     verify(engine, "r", 4, [1], emit_bonus=False, block_id=2, expect_last_token=298)
     first = step(engine)[0]["r"]
     assert first.num_accepted == 0

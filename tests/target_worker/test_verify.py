@@ -24,8 +24,13 @@ from specpipe.sampling import (
     make_generator,
     sample_from_probs,
 )
-from specpipe.target_worker.verify import (VerifyResult, rejection_sample, rejection_sample_at, verify_coupled,
-                                           verify_greedy)
+from specpipe.target_worker.verify import (
+    VerifyResult,
+    rejection_sample,
+    rejection_sample_at,
+    verify_coupled,
+    verify_greedy,
+)
 
 POWER_THRESHOLD = 1e-6  # a biased sampler must be rejected far more decisively than that
 NUM_TRIALS = 40_000  # rows per statistical test: tight enough to catch the biased samplers
@@ -216,9 +221,7 @@ def test_matches_reference_loop_with_one_generator_per_row():
     block = random_block(batch, num_draft_tokens, vocab=12, seed=5)
     result = rejection_sample(*block, [make_generator(5, row) for row in range(batch)])
     replays = [make_generator(5, row) for row in range(batch)]
-    accept_uniforms = torch.stack(
-        [torch.rand(num_draft_tokens, generator=g, dtype=torch.float64) for g in replays]
-    )
+    accept_uniforms = torch.stack([torch.rand(num_draft_tokens, generator=g, dtype=torch.float64) for g in replays])
     final_uniforms = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in replays])
     num_accepted, next_token_ids = reference_rejection_sample(*block, accept_uniforms, final_uniforms)
     assert result.num_accepted.tolist() == num_accepted
@@ -242,8 +245,12 @@ def test_per_row_generators_make_a_row_independent_of_its_batch():
     generators = [make_generator(row) for row in range(8)]
     together = rejection_sample(draft_token_ids, draft_probs, target_probs, generators)
     for row in range(8):
-        alone = rejection_sample(draft_token_ids[row:row + 1], draft_probs[row:row + 1],
-                                 target_probs[row:row + 1], [make_generator(row)])
+        alone = rejection_sample(
+            draft_token_ids[row : row + 1],
+            draft_probs[row : row + 1],
+            target_probs[row : row + 1],
+            [make_generator(row)],
+        )
         assert alone.num_accepted[0] == together.num_accepted[row]
         assert alone.next_token_ids[0] == together.next_token_ids[row]
 
@@ -283,12 +290,18 @@ def processed(logits: list[float], params=SamplingParams(temperature=1.0)) -> to
 DIFFERENT_MASKS = SamplingParams(temperature=0.8, top_k=5, top_p=0.9)
 # name -> (draft q, target p), both [vocab=8] processed rows.
 LAWS = {
-    "near draft": (processed([1.0, 0.2, -0.5, 0.8, 0.0, -1.0, 0.3, 0.5]),
-                   processed([0.8, 0.4, -0.3, 1.0, -0.2, -0.9, 0.1, 0.6])),
-    "far draft, nearly disjoint": (processed([-4.0, -4.0, -4.0, -4.0, 1.0, 2.0, 1.5, 0.5]),
-                                   processed([1.5, 2.0, 0.5, 1.0, -3.0, -3.0, -3.0, -3.0])),
-    "different top-k/top-p masks": (processed([2.0, 1.8, 0.1, 1.5, 1.0, -0.5, 0.9, -1.0], DIFFERENT_MASKS),
-                                    processed([0.2, 1.9, 1.0, 1.4, -1.0, 1.2, 0.8, 1.1], DIFFERENT_MASKS)),
+    "near draft": (
+        processed([1.0, 0.2, -0.5, 0.8, 0.0, -1.0, 0.3, 0.5]),
+        processed([0.8, 0.4, -0.3, 1.0, -0.2, -0.9, 0.1, 0.6]),
+    ),
+    "far draft, nearly disjoint": (
+        processed([-4.0, -4.0, -4.0, -4.0, 1.0, 2.0, 1.5, 0.5]),
+        processed([1.5, 2.0, 0.5, 1.0, -3.0, -3.0, -3.0, -3.0]),
+    ),
+    "different top-k/top-p masks": (
+        processed([2.0, 1.8, 0.1, 1.5, 1.0, -0.5, 0.9, -1.0], DIFFERENT_MASKS),
+        processed([0.2, 1.9, 1.0, 1.4, -1.0, 1.2, 0.8, 1.1], DIFFERENT_MASKS),
+    ),
 }
 
 
@@ -336,8 +349,9 @@ def first_two_tokens(sampler, seed: int):
     draft_token_ids = torch.stack([first_draft, second_draft], dim=1)
     draft_probs = torch.stack([draft_first.expand(batch, vocab), draft_next[first_draft]], dim=1)
     # The bonus row (after two tokens) is any law; reuse the next-token table after the second.
-    target_probs = torch.stack([target_first.expand(batch, vocab), target_next[first_draft],
-                                target_next[second_draft]], dim=1)
+    target_probs = torch.stack(
+        [target_first.expand(batch, vocab), target_next[first_draft], target_next[second_draft]], dim=1
+    )
     result = sampler(draft_token_ids, draft_probs, target_probs, make_generator(seed, 0, STREAM_VERIFY))
 
     first = torch.where(result.num_accepted >= 1, first_draft, result.next_token_ids)
@@ -346,9 +360,12 @@ def first_two_tokens(sampler, seed: int):
     # fresh one-token draft after `first`, verified against the target's law after `first`.
     redo = result.num_accepted == 0
     redo_draft = sample_from_probs(draft_next[first[redo]], make_generator(seed, 2, STREAM_DRAFT))
-    redo_result = sampler(redo_draft[:, None], draft_next[first[redo]][:, None],
-                          torch.stack([target_next[first[redo]], target_next[redo_draft]], dim=1),
-                          make_generator(seed, 2, STREAM_VERIFY))
+    redo_result = sampler(
+        redo_draft[:, None],
+        draft_next[first[redo]][:, None],
+        torch.stack([target_next[first[redo]], target_next[redo_draft]], dim=1),
+        make_generator(seed, 2, STREAM_VERIFY),
+    )
     second[redo] = torch.where(redo_result.num_accepted == 1, redo_draft, redo_result.next_token_ids)
     return first, second, redo
 
@@ -453,7 +470,8 @@ def test_positional_uniforms_match_the_reference_loop(num_draft_tokens, seed):
     final = torch.rand(64, num_draft_tokens + 1, generator=generator, dtype=torch.float64)
     result = rejection_sample_at(*block, accept, final)
     num_accepted, next_token_ids = reference_rejection_sample(
-        *block, accept, final.gather(1, result.num_accepted[:, None])[:, 0])
+        *block, accept, final.gather(1, result.num_accepted[:, None])[:, 0]
+    )
     assert result.num_accepted.tolist() == num_accepted and result.next_token_ids.tolist() == next_token_ids
 
 
@@ -467,13 +485,15 @@ def test_block_cuts_do_not_change_the_outcome_of_a_position():
         accept = torch.rand(1, 6, generator=generator, dtype=torch.float64)
         final = torch.rand(1, 7, generator=generator, dtype=torch.float64)
         whole = rejection_sample_at(draft_ids, draft_probs, target_probs, accept, final)
-        first = rejection_sample_at(draft_ids[:, :3], draft_probs[:, :3], target_probs[:, :4], accept[:, :3],
-                                    final[:, :4])
+        first = rejection_sample_at(
+            draft_ids[:, :3], draft_probs[:, :3], target_probs[:, :4], accept[:, :3], final[:, :4]
+        )
         if first.num_accepted[0] < 3:
             assert (first.num_accepted, first.next_token_ids) == (whole.num_accepted, whole.next_token_ids)
             continue
-        second = rejection_sample_at(draft_ids[:, 3:], draft_probs[:, 3:], target_probs[:, 3:], accept[:, 3:],
-                                     final[:, 3:])
+        second = rejection_sample_at(
+            draft_ids[:, 3:], draft_probs[:, 3:], target_probs[:, 3:], accept[:, 3:], final[:, 3:]
+        )
         assert 3 + int(second.num_accepted[0]) == int(whole.num_accepted[0])
         assert second.next_token_ids.tolist() == whole.next_token_ids.tolist()
 
@@ -506,10 +526,12 @@ def test_coupled_output_is_argmax_of_the_noisy_target_whatever_the_draft(law):
     draft_row, target_row = LAWS[law]
     noise = gumbel((NUM_TRIALS, 2, target_row.shape[0]), seed=7)
     target_probs = target_row.expand(NUM_TRIALS, 2, -1)
-    own = gumbel_argmax(target_probs[:, 0], noise[:, 0])                    # target-only sampling
+    own = gumbel_argmax(target_probs[:, 0], noise[:, 0])  # target-only sampling
     assert token_pvalue(own, target_row) > P_VALUE_THRESHOLD
-    for drafts in (gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), noise[:, 0]),     # coupled draft
-                   torch.zeros(NUM_TRIALS, dtype=torch.long)):                       # a useless one
+    for drafts in (
+        gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), noise[:, 0]),  # coupled draft
+        torch.zeros(NUM_TRIALS, dtype=torch.long),
+    ):  # a useless one
         result = verify_coupled(drafts[:, None], target_probs, noise)
         first = torch.where(result.num_accepted > 0, drafts, result.next_token_ids)
         assert torch.equal(first, own)
@@ -524,7 +546,7 @@ def test_coupling_with_the_same_noise_accepts_more_than_with_other_noise():
     target_probs = target_row.expand(NUM_TRIALS, 2, -1)
     shared = verify_coupled(gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), noise[:, 0])[:, None], target_probs, noise)
     apart = verify_coupled(gumbel_argmax(draft_row.expand(NUM_TRIALS, -1), other)[:, None], target_probs, noise)
-    overlap = float(torch.minimum(draft_row, target_row).sum())          # the Leviathan rule's rate
+    overlap = float(torch.minimum(draft_row, target_row).sum())  # the Leviathan rule's rate
     shared_rate, apart_rate = shared.num_accepted.double().mean(), apart.num_accepted.double().mean()
     assert apart_rate < shared_rate - 0.1, (shared_rate, apart_rate)
-    assert shared_rate <= overlap + 0.01                                 # it accepts no more than Leviathan
+    assert shared_rate <= overlap + 0.01  # it accepts no more than Leviathan

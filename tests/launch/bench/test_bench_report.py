@@ -1,6 +1,7 @@
 """The benchmark's bounds (launch/bench/report.py) on numbers worked by hand, and the acceptance
 rate implied by a measured number of tokens per verification (the inverse of E(a, k), whose own
 values are checked in tests/specpipe/test_acceptance.py)."""
+
 import pytest
 
 from specpipe.acceptance import expected_tokens
@@ -15,8 +16,12 @@ def test_implied_acceptance_inverts_expected_tokens(a, k):
 def test_bounds_on_hand_worked_numbers():
     # a = 0.5, k = 4: E = 1.9375. t_ar = 10, t_draft = 1, t_verify = 12 (ms).
     costs = {"t_ar_s": 0.010, "t_draft_s": 0.001, "t_verify_s": {"4": 0.012}}
-    summary = {"speedup": {"median": 1.0}, "acceptance_rate": 0.5, "draft_tokens_per_verification": 4.0,
-               "tokens_per_verification": 1.9375}
+    summary = {
+        "speedup": {"median": 1.0},
+        "acceptance_rate": 0.5,
+        "draft_tokens_per_verification": 4.0,
+        "tokens_per_verification": 1.9375,
+    }
     serial = report.bound(summary, "serial", costs)
     assert serial["expected_tokens_per_round"] == pytest.approx(1.9375)
     assert serial["serial"] == pytest.approx(1.9375 * 10 / (4 * 1 + 12))

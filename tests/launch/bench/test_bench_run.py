@@ -15,20 +15,80 @@ from specpipe.launch import bench
 from specpipe.launch.bench import run
 
 PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
-ALWAYS_RUN = {"hf_autoregressive", "hf_autoregressive_2threads", "hf_assisted_default", "hf_assisted_best",
-              "specpipe_autoregressive", "specpipe_sequential"}
-TOP_LEVEL = {"schema_version", "command_line", "started_at", "elapsed_s", "machine", "config", "models", "prompts",
-             "reference_outputs", "costs", "hf_assisted_grid", "trials", "errors", "server", "summary",
-             "correctness", "latency", "load", "rules"}
-METHOD_FIELDS = {"error", "trials", "tokens_per_second", "speedup", "tokens_per_verification",
-                 "accepted_per_verification", "acceptance_rate", "draft_tokens", "rolled_back_tokens",
-                 "branches_forked", "branches_hit", "branch_hit_rate", "time_to_first_token_s",
-                 "target_busy_fraction", "generated_tokens", "draft_tokens_per_verification",
-                 "matches_autoregressive", "bound"}
-MACHINE_FIELDS = {"cpu_model", "logical_cores", "usable_cores", "load_average", "platform", "python", "torch",
-                  "transformers", "grpcio"}
-RECORD_FIELDS = {"trial", "temperature", "method", "configured_draft_tokens", "error", "tokens", "seconds",
-                 "tokens_per_second", "ttft_s", "target_busy_s", "counters", "outputs"}
+ALWAYS_RUN = {
+    "hf_autoregressive",
+    "hf_autoregressive_2threads",
+    "hf_assisted_default",
+    "hf_assisted_best",
+    "specpipe_autoregressive",
+    "specpipe_sequential",
+}
+TOP_LEVEL = {
+    "schema_version",
+    "command_line",
+    "started_at",
+    "elapsed_s",
+    "machine",
+    "config",
+    "models",
+    "prompts",
+    "reference_outputs",
+    "costs",
+    "hf_assisted_grid",
+    "trials",
+    "errors",
+    "server",
+    "summary",
+    "correctness",
+    "latency",
+    "load",
+    "rules",
+}
+METHOD_FIELDS = {
+    "error",
+    "trials",
+    "tokens_per_second",
+    "speedup",
+    "tokens_per_verification",
+    "accepted_per_verification",
+    "acceptance_rate",
+    "draft_tokens",
+    "rolled_back_tokens",
+    "branches_forked",
+    "branches_hit",
+    "branch_hit_rate",
+    "time_to_first_token_s",
+    "target_busy_fraction",
+    "generated_tokens",
+    "draft_tokens_per_verification",
+    "matches_autoregressive",
+    "bound",
+}
+MACHINE_FIELDS = {
+    "cpu_model",
+    "logical_cores",
+    "usable_cores",
+    "load_average",
+    "platform",
+    "python",
+    "torch",
+    "transformers",
+    "grpcio",
+}
+RECORD_FIELDS = {
+    "trial",
+    "temperature",
+    "method",
+    "configured_draft_tokens",
+    "error",
+    "tokens",
+    "seconds",
+    "tokens_per_second",
+    "ttft_s",
+    "target_busy_s",
+    "counters",
+    "outputs",
+}
 SPREAD_FIELDS = {"median", "min", "max", "q1", "q3", "n"}
 
 
@@ -37,9 +97,25 @@ def bench_run(tiny_models, tmp_path_factory):
     out = tmp_path_factory.mktemp("bench")
     prompts = out / "prompts.json"
     prompts.write_text(json.dumps(PROMPTS))
-    status = bench.main(["--quick", "--target", str(tiny_models["target"]), "--draft", str(tiny_models["draft_close"]),
-                         "--prompts-file", str(prompts), "--max-new-tokens", "12", "--trials", "2",
-                         "--latencies", "none", "--out", str(out)])
+    status = bench.main(
+        [
+            "--quick",
+            "--target",
+            str(tiny_models["target"]),
+            "--draft",
+            str(tiny_models["draft_close"]),
+            "--prompts-file",
+            str(prompts),
+            "--max-new-tokens",
+            "12",
+            "--trials",
+            "2",
+            "--latencies",
+            "none",
+            "--out",
+            str(out),
+        ]
+    )
     return status, out, json.loads((out / "results.json").read_text())
 
 
@@ -96,8 +172,12 @@ def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run
     mean batch; greedy outputs equal the target's own."""
     _, out, results = bench_run
     load = results["load"]
-    assert [(level["clients"], level["temperature"]) for level in load["levels"]] == \
-        [(1, 0.0), (1, 1.0), (8, 0.0), (8, 1.0)]
+    assert [(level["clients"], level["temperature"]) for level in load["levels"]] == [
+        (1, 0.0),
+        (1, 1.0),
+        (8, 0.0),
+        (8, 1.0),
+    ]
     for level in load["levels"]:
         assert set(level["hf_static_batch"]) == {"1", "2"} and level["hf_best"]["tokens_per_second"] > 0
         for mode, record in level["specpipe"].items():
@@ -133,8 +213,10 @@ def test_the_rules_axis_compares_both_sampling_rules_on_seeded_requests(bench_ru
         outputs[record["method"], record["temperature"], record["top_p"], record["trial"]] = record["outputs"]
     for temperature, top_p in rules["settings"]:
         for trial in range(2):
+
             def got(name):
                 return outputs[name, temperature, top_p, trial]
+
             assert got("specpipe_sequential+drafter_invariant") == got("specpipe_autoregressive+drafter_invariant")
             assert got("specpipe_specbranch+drafter_invariant") == got("specpipe_autoregressive+drafter_invariant")
     assert "## Sampling rules" in (out / "results.md").read_text()
@@ -143,8 +225,13 @@ def test_the_rules_axis_compares_both_sampling_rules_on_seeded_requests(bench_ru
 def test_markdown_and_plot_exist(bench_run):
     _, out, results = bench_run
     markdown = (out / "results.md").read_text()
-    for heading in ("## Greedy (temperature 0)", "## Sampling, temperature 1", "## Draft link latency",
-                    "## Costs and bounds", results["command_line"]):
+    for heading in (
+        "## Greedy (temperature 0)",
+        "## Sampling, temperature 1",
+        "## Draft link latency",
+        "## Costs and bounds",
+        results["command_line"],
+    ):
         assert heading in markdown
     assert "MISMATCH" not in markdown
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

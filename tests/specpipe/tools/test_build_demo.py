@@ -2,6 +2,7 @@
 share a tokenizer, are bit-identical, record every build_info field), `specpipe build-demo` as
 the one entry point, and the shipped prompts refreshed only by a full build into the shipped
 folder."""
+
 import hashlib
 import json
 
@@ -13,10 +14,28 @@ from specpipe import demo_files
 from specpipe.launch import cli
 from specpipe.tools import build_demo
 
-INFO_FIELDS = ("params_target", "params_draft", "param_ratio", "c", "t_draft_step_ms",
-               "t_verify_ms", "acceptance_rate", "mean_accepted_len", "build_seconds", "sample",
-               "samples", "python_version", "torch_version", "train_files", "train_files_sha256",
-               "heldout_modules", "weights_sha256", "weights_bytes", "seed", "preset")
+INFO_FIELDS = (
+    "params_target",
+    "params_draft",
+    "param_ratio",
+    "c",
+    "t_draft_step_ms",
+    "t_verify_ms",
+    "acceptance_rate",
+    "mean_accepted_len",
+    "build_seconds",
+    "sample",
+    "samples",
+    "python_version",
+    "torch_version",
+    "train_files",
+    "train_files_sha256",
+    "heldout_modules",
+    "weights_sha256",
+    "weights_bytes",
+    "seed",
+    "preset",
+)
 UTF8_TEXT = "naïve café — 日本語 🐍 \tdef f(x):\n    return x ** 2  # ∑ ≤ ∞\r\n"
 
 
@@ -50,11 +69,11 @@ def test_mini_pair_loads_and_shares_the_tokenizer(mini_builds):
 
 def test_mini_builds_are_bit_identical(mini_builds):
     (first, second), _ = mini_builds
-    files = sorted(p.relative_to(first) for p in first.rglob("*")
-                   if p.is_file() and p.name != "build_info.json")
+    files = sorted(p.relative_to(first) for p in first.rglob("*") if p.is_file() and p.name != "build_info.json")
     assert any(p.suffix == ".safetensors" for p in files)
-    assert files == sorted(p.relative_to(second) for p in second.rglob("*")
-                           if p.is_file() and p.name != "build_info.json")
+    assert files == sorted(
+        p.relative_to(second) for p in second.rglob("*") if p.is_file() and p.name != "build_info.json"
+    )
     for path in files:
         assert _sha256(first / path) == _sha256(second / path), f"{path} differs"
 

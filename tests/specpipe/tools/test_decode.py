@@ -2,6 +2,7 @@
 runs on a hand-checked mask, the KV-cache continuation against Hugging Face greedy `generate`
 (with and without the kept hidden states, which are the ones a full forward gives), seeded
 sampling, and the step medians."""
+
 import torch
 from transformers import AutoModelForCausalLM
 
@@ -21,13 +22,14 @@ def test_continue_tokens_is_greedy_generate_and_keeps_the_choosing_hidden_states
     prompts = torch.tensor([[4, 8, 15, 16], [23, 42, 7, 9]])
     tokens, hidden = continue_tokens(model, prompts, 6)
     assert hidden is None
-    reference = model.generate(prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6,
-                               do_sample=False, pad_token_id=0)
+    reference = model.generate(
+        prompts, attention_mask=torch.ones_like(prompts), max_new_tokens=6, do_sample=False, pad_token_id=0
+    )
     assert torch.equal(tokens, reference)
     kept_tokens, kept = continue_tokens(model, prompts, 6, keep_hidden=True)
     assert torch.equal(kept_tokens, tokens) and kept.shape == (2, 6, model.config.hidden_size)
     with torch.no_grad():
-        full = model(tokens, output_hidden_states=True).hidden_states[-1]    # [2, 10, hidden]
+        full = model(tokens, output_hidden_states=True).hidden_states[-1]  # [2, 10, hidden]
     torch.testing.assert_close(kept, full[:, 3:9], atol=1e-4, rtol=1e-4)
 
 
