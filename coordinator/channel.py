@@ -1,7 +1,8 @@
 """A request's line to the two workers: the commands it sends and the events it receives.
 
-`RequestChannel` owns, for one request, its number on the data plane (`handle`), its inbox and
-its attachment to the two WorkerClients, and it sends the commands (Prefill, Draft, Fork, Sync,
+`RequestChannel` owns, for one request, its number on the data plane (`handle`), its name on the
+workers (`wire_id`: the client's request_id and the handle, so that a late reply to an earlier
+request of the same id never reaches this one), its inbox and its attachment to the two WorkerClients, and it sends the commands (Prefill, Draft, Fork, Sync,
 Cancel, Verify, Decode, Release). `next_event` hands the schedule the next event it asked for and
 turns a worker's failure into an exception: the draft down (or an error from it) is `DraftDown`,
 the schedule then goes on target-only; the target down is `WorkerDown`, an error from it
@@ -38,11 +39,14 @@ class RequestChannel:
         self.request_id, self.draft, self.target = request_id, draft, target
         self.inbox: asyncio.Queue[Event] = asyncio.Queue()
         self.handle = next(HANDLES)
+        # A client may reuse a request_id once its request ended; replies to that one may still be
+        # on their way, so the workers know each request by a name used once.
+        self.wire_id = f"{request_id}#{self.handle}"
         self.uses_draft = use_draft
         self.prefilled_draft = False
-        target.attach(request_id, self.inbox)
+        target.attach(self.wire_id, self.inbox)
         if use_draft:
-            draft.attach(request_id, self.inbox)
+            draft.attach(self.wire_id, self.inbox)
 
     # -- commands -----------------------------------------------------------------------------
     async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0) -> None:
@@ -55,7 +59,7 @@ class RequestChannel:
             noise_vocab=noise_vocab,
         )
         message = worker_pb2.Prefill(
-            request_id=self.request_id, token_ids=prompt_ids, handle=self.handle, sampling=wire_sampling
+            request_id=self.wire_id, token_ids=prompt_ids, handle=self.handle, sampling=wire_sampling
         )
         await self.target.command(prefill=message)
         if self.uses_draft:
@@ -73,7 +77,7 @@ class RequestChannel:
     ) -> None:
         await self.draft.command(
             draft=worker_pb2.Draft(
-                request_id=self.request_id,
+                request_id=self.wire_id,
                 branch_ids=branch_ids,
                 epoch=epoch,
                 max_tokens=max_tokens,
@@ -86,7 +90,7 @@ class RequestChannel:
     async def fork(self, parent_branch_id: int, branch_id: int, position: int, token_ids: list[int]) -> None:
         await self.draft.command(
             fork=worker_pb2.Fork(
-                request_id=self.request_id,
+                request_id=self.wire_id,
                 parent_branch_id=parent_branch_id,
                 branch_id=branch_id,
                 position=position,
@@ -97,19 +101,19 @@ class RequestChannel:
     async def sync(self, branch_id: int, keep_length: int, append: list[int]) -> None:
         await self.draft.command(
             sync=worker_pb2.Sync(
-                request_id=self.request_id, branch_id=branch_id, keep_length=keep_length, append_token_ids=append
+                request_id=self.wire_id, branch_id=branch_id, keep_length=keep_length, append_token_ids=append
             )
         )
 
     async def cancel(self, branch_ids: list[int]) -> None:
-        await self.draft.command(cancel=worker_pb2.Cancel(request_id=self.request_id, branch_ids=branch_ids))
+        await self.draft.command(cancel=worker_pb2.Cancel(request_id=self.wire_id, branch_ids=branch_ids))
 
     async def verify(self, verify: worker_pb2.Verify) -> None:
-        verify.request_id = self.request_id
+        verify.request_id = self.wire_id
         await self.target.command(verify=verify)
 
     async def decode(self, max_length: int) -> None:
-        await self.target.command(decode=worker_pb2.Decode(request_id=self.request_id, max_length=max_length))
+        await self.target.command(decode=worker_pb2.Decode(request_id=self.wire_id, max_length=max_length))
 
     def target_busy(self) -> bool:
         """The target has work queued (ours or other requests'): its next forward follows this one."""
@@ -118,20 +122,20 @@ class RequestChannel:
     def drop_draft(self) -> None:
         """Stop listening to the draft (it went down): its late replies are dropped."""
         self.uses_draft = False
-        self.draft.detach(self.request_id)
+        self.draft.detach(self.wire_id)
 
     async def release_draft(self) -> None:
         """Done with the draft for this request (it stopped paying): free its state there now."""
         self.drop_draft()
         if self.prefilled_draft:
             self.prefilled_draft = False
-            await self.draft.command(release=worker_pb2.Release(request_id=self.request_id))
+            await self.draft.command(release=worker_pb2.Release(request_id=self.wire_id))
 
     async def release(self) -> None:
         """Free the request on both workers (also after a failure or a cancel)."""
-        release = worker_pb2.Release(request_id=self.request_id)
+        release = worker_pb2.Release(request_id=self.wire_id)
         for worker in (self.target, self.draft) if self.prefilled_draft else (self.target,):
-            worker.detach(self.request_id)
+            worker.detach(self.wire_id)
             try:
                 await worker.command(release=release)
             except Exception:  # the socket may be gone at shutdown; the worker drops it on restart
