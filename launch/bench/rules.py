@@ -4,7 +4,9 @@ same Gumbel noise, keyed by seed and position, on both sides), on seeded request
 
 Both rules are exact samplers of the target, so only their acceptance (accepted / drafted) and
 speed differ; specpipe autoregressive with the same rule and setting (the rule decides how the
-target alone samples: inverse CDF or Gumbel argmax) is the reference for speed. run.run_rules_axis runs it, report.summarize_rules / rules_lines report it.
+target alone samples: inverse CDF or Gumbel argmax) is the reference for speed.
+run.plan_rules_axis adds its trials to the main ones (interleaved, on the same server);
+report.summarize_rules / rules_lines report it.
 """
 
 from __future__ import annotations

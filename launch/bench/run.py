@@ -314,38 +314,29 @@ def run_latency_axis(
     return result
 
 
-def run_rules_axis(config: BenchConfig, serve_flags: list[str], runner: TrialRunner) -> dict:
-    """Seeded trials of every (setting, rule, mode), autoregressive included, interleaved, through
-    one server (rules.py)."""
+def plan_rules_axis(config: BenchConfig):
+    """The sampling-rules axis (rules.py), run on the main trials' server: (its result so far, or
+    why it is skipped; jobs(methods by mode) -> its trial jobs). Every (setting, rule, mode),
+    autoregressive included: the rule decides how the target alone samples too."""
     modes = [mode for mode in RULE_MODES if mode in config.modes]
     if not config.rules:
-        return {"skipped": "not asked for (--rules none)"}
-    if not modes:
-        return {"skipped": "none of sequential, specbranch in --modes"}
-    server_modes = [Mode.AUTOREGRESSIVE, *modes]
+        return {"skipped": "not asked for (--rules none)"}, lambda by_mode: []
+    if Mode.AUTOREGRESSIVE not in config.modes or not modes:
+        return {"skipped": "needs autoregressive and one of sequential, specbranch in --modes"}, lambda by_mode: []
 
-    def jobs(methods):  # autoregressive with each rule too: the rule decides how the target samples
+    def jobs(by_mode):
         return [
             (
-                with_params(method, rule, top_p=top_p, drafter_invariant=invariant),
+                with_params(by_mode[mode], rule, top_p=top_p, drafter_invariant=invariant),
                 temperature,
                 {"top_p": top_p, "rule": rule},
             )
             for temperature, top_p in SETTINGS
             for rule, invariant in RULES.items()
-            for method in methods
+            for mode in (Mode.AUTOREGRESSIVE, *modes)
         ]
 
-    result = {
-        "settings": [list(setting) for setting in SETTINGS],
-        "rules": list(RULES),
-        "modes": [str(mode) for mode in modes],
-    }
-    result["trials"], result["server"] = serve_and_run(
-        config, serve_flags, runner, server_modes, seed=config.seed + 2, jobs=jobs
-    )
-    result["errors"] = {name: error for name, error in runner.failed.items() if "+" in name}
-    return result
+    return {"settings": [list(s) for s in SETTINGS], "rules": list(RULES), "modes": [str(m) for m in modes]}, jobs
 
 
 def progress_total(config: BenchConfig, num_prompts: int) -> int:
@@ -359,11 +350,7 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     )
     load = len(config.clients) * len(config.temperatures) * len(config.modes)
     rule_modes = [mode for mode in RULE_MODES if mode in config.modes] if config.rules else []
-    rules = (
-        len(SETTINGS) * config.trials * num_prompts * len(RULES) * (1 + len(rule_modes)) + 1 + len(rule_modes)
-        if rule_modes
-        else 0
-    )
+    rules = len(SETTINGS) * config.trials * num_prompts * len(RULES) * (1 + len(rule_modes)) if rule_modes else 0
     return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load + rules
 
 
@@ -398,18 +385,22 @@ def run(config: BenchConfig) -> dict:
         runner = TrialRunner(prompts, reference, config.seed, bar)
         grid = tune_assistant(hf, runner, config.temperatures, config.max_new_tokens, config.assistant_grid)
         hf_methods = hf.methods(config.max_new_tokens, grid)
+        rules, rule_jobs = plan_rules_axis(config)
         records, server = serve_and_run(
             config,
             serve_flags,
             runner,
             config.modes,
             seed=config.seed,
-            jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods],
+            jobs=lambda methods: [(m, t, {}) for t in config.temperatures for m in hf_methods + methods]
+            + rule_jobs(dict(zip(config.modes, methods))),
         )
-        errors = dict(runner.failed)
+        if "skipped" not in rules:  # its trials ran beside the main ones, on the same server
+            rules["trials"] = [record for record in records if "rule" in record]
+            rules["errors"] = {name: error for name, error in runner.failed.items() if "+" in name}
+        records = [record for record in records if "rule" not in record]
+        errors = {name: error for name, error in runner.failed.items() if "+" not in name}
         latency = run_latency_axis(config, serve_flags, draft, runner, link_choice)
-        bar.set_postfix_str("sampling rules")
-        rules = run_rules_axis(config, serve_flags, runner)
         bar.set_postfix_str("concurrency axis")
         load = (
             run_load_axis(config, serve_flags, hf, prompts, reference, bar)

@@ -121,3 +121,21 @@ def internal_sockets(server) -> tuple[Path | None, dict[str, list[str]], bool]:
         role, endpoint = item.split(" ", 1)
         endpoints.setdefault(role, []).append(endpoint)
     return (Path(folder) if folder else None), endpoints, curve == "CURVE"
+
+
+# `specpipe serve`'s own defaults (launch/cli.py): a test that names one gets the server started
+# without it, so tests that differ only in saying a default share one server (each start costs
+# seconds of the suite's budget). test_serving.py::test_serve_defaults_are_what_the_tests_assume checks them.
+SERVE_DEFAULTS = {"--policy": "adaptive", "--num-draft-tokens": "6", "--transport": "zmq"}
+
+
+def without_defaults(flags: tuple[str, ...]) -> tuple[str, ...]:
+    """`flags` less every `FLAG VALUE` pair that says a default of SERVE_DEFAULTS."""
+    out, i = [], 0
+    while i < len(flags):
+        if i + 1 < len(flags) and SERVE_DEFAULTS.get(flags[i]) == flags[i + 1]:
+            i += 2
+            continue
+        out.append(flags[i])
+        i += 1
+    return tuple(out)

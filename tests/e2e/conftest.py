@@ -9,13 +9,17 @@ from transformers import AutoModelForCausalLM
 
 from specpipe.launch.local import ServerProcess
 
+from checks import without_defaults
+
 
 @pytest.fixture(scope="session")
 def serve(tiny_models):
-    """serve(draft="draft" | "draft_same", *extra flags) -> a running ServerProcess (cached)."""
+    """serve(draft="draft" | "draft_same", *extra flags) -> a running ServerProcess (cached, one
+    per draft and flags, defaults left out)."""
     servers: dict[tuple, ServerProcess] = {}
 
     def start(draft: str = "draft", *extra: str) -> ServerProcess:
+        extra = without_defaults(extra)
         key = (draft, *extra)
         if key not in servers:
             servers[key] = ServerProcess(

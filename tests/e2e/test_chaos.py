@@ -19,6 +19,7 @@ and the bench run); `-m slow` runs every speculative mode, pinned and unpinned.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -136,7 +137,7 @@ def wait_completed(outcomes: Outcomes, more: int, timeout: float = 60) -> None:
 
 
 def start_server(tiny_models, pin: str, log_path) -> ServerProcess:
-    return ServerProcess(
+    server = ServerProcess(
         [
             "--target",
             str(tiny_models["target"]),
@@ -147,12 +148,44 @@ def start_server(tiny_models, pin: str, log_path) -> ServerProcess:
         stderr=open(log_path, "w"),
         log_level="INFO",
     )
+    server.log_path = log_path
+    return server
+
+
+@pytest.fixture(scope="module")
+def pinned_server(tiny_models, tmp_path_factory):
+    """One pinned server for the default tests (each start costs seconds of the suite's budget):
+    every test leaves it whole, its workers restarted or re-admitted."""
+    with start_server(tiny_models, "pinned", tmp_path_factory.mktemp("chaos") / "server.log") as server:
+        yield server
+
+
+@contextlib.contextmanager
+def server_for(request, tiny_models, pin: str, tmp_path):
+    """The module's pinned server once whole (its log read from `log_from`), else a server of
+    this test's own."""
+    if pin == "pinned":
+        server = request.getfixturevalue("pinned_server")
+        wait_for(lambda: Client(server.addr).stats().status == "ok", RESTART_S, "the shared server whole")
+        server.log_from = server.log_path.stat().st_size
+        yield server
+    else:
+        with start_server(tiny_models, pin, tmp_path / "server.log") as server:
+            server.log_from = 0
+            yield server
+
+
+def log_since(server) -> str:
+    """What the server logged since this test began with it."""
+    with open(server.log_path, errors="replace") as log:
+        log.seek(server.log_from)
+        return log.read()
 
 
 @pytest.mark.parametrize("mode, pin", FULL_MATRIX)
-def test_draft_killed_and_hung_under_load_costs_no_request(tiny_models, hf_greedy, tmp_path, mode, pin):
+def test_draft_killed_and_hung_under_load_costs_no_request(request, tiny_models, hf_greedy, tmp_path, mode, pin):
     references = references_for(hf_greedy)
-    with start_server(tiny_models, pin, tmp_path / "server.log") as server:
+    with server_for(request, tiny_models, pin, tmp_path) as server:
         control = Client(server.addr)
         load = Load(server.addr, mode, references)
         try:
@@ -184,9 +217,11 @@ def test_draft_killed_and_hung_under_load_costs_no_request(tiny_models, hf_greed
 
 
 @pytest.mark.parametrize("pin", ["pinned", pytest.param("unpinned", marks=pytest.mark.slow)])
-def test_target_killed_under_load_fails_running_requests_unavailable_then_serves(tiny_models, hf_greedy, tmp_path, pin):
+def test_target_killed_under_load_fails_running_requests_unavailable_then_serves(
+    request, tiny_models, hf_greedy, tmp_path, pin
+):
     references = references_for(hf_greedy)
-    with start_server(tiny_models, pin, tmp_path / "server.log") as server:
+    with server_for(request, tiny_models, pin, tmp_path) as server:
         control = Client(server.addr)
         load = Load(server.addr, "specbranch", references)
         try:
@@ -202,13 +237,12 @@ def test_target_killed_under_load_fails_running_requests_unavailable_then_serves
         print(f"\n[chaos] target lost, {pin}: {outcomes.codes}")
         assert set(outcomes.codes) <= {"OK", "UNAVAILABLE"} and outcomes.codes.get("UNAVAILABLE"), outcomes.codes
         assert not outcomes.mismatches, outcomes.mismatches[:3]
-        assert "restart of the target worker failed" not in (tmp_path / "server.log").read_text()
+        assert "restart of the target worker failed" not in log_since(server)
 
 
-def test_huge_prompts_are_refused_at_once_without_stalling_other_streams(tiny_models, hf_greedy, tmp_path):
+def test_huge_prompts_are_refused_at_once_without_stalling_other_streams(request, tiny_models, hf_greedy, tmp_path):
     references = references_for(hf_greedy)
-    log = tmp_path / "server.log"
-    with start_server(tiny_models, "pinned", log) as server:
+    with server_for(request, tiny_models, "pinned", tmp_path) as server:
         control = Client(server.addr)
         load = Load(server.addr, "specbranch", references)
         try:
@@ -227,7 +261,7 @@ def test_huge_prompts_are_refused_at_once_without_stalling_other_streams(tiny_mo
         assert not outcomes.mismatches, outcomes.mismatches[:3]
         stats = control.stats()
         assert stats.status == "ok" and all(w.healthy for w in stats.workers)
-        assert "marked down" not in log.read_text(), "the coordinator blamed its own stall on a worker"
+        assert "marked down" not in log_since(server), "the coordinator blamed its own stall on a worker"
         # A stall of the coordinator's loop shows as a gap in every stream; a few verifies' worth is
         # normal under 8 clients on 2 cores. Reported; bounded well under the heartbeat timeout.
         print(f"[chaos] longest gap between chunks of the other streams: {outcomes.max_gap_s:.3f} s")

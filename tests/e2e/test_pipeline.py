@@ -127,9 +127,12 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
         assert chi_square_pvalue(observed, broken) < P_VALUE_THRESHOLD, f"these samples fit: {name}"
 
 
-@pytest.mark.parametrize("draft", ["draft", "draft_close", "draft_same"])
+# draft_same with test_serving's flags for it: the same server (one start fewer)
+@pytest.mark.parametrize(
+    "draft", [("draft",), ("draft_close",), ("draft_same", "--policy", "fixed", "--num-draft-tokens", "4")]
+)
 def test_no_branch_outlives_its_request(serve, draft):
-    client = Client(serve(draft).addr)
+    client = Client(serve(*draft).addr)
     for mode, prompt_ids in itertools.product(["pipelined", "specbranch"], PROMPTS[:2]):
         client.complete(prompt_ids=prompt_ids, max_new_tokens=30, mode=mode)
         deadline = time.monotonic() + 1.0
@@ -142,26 +145,21 @@ def test_no_branch_outlives_its_request(serve, draft):
         assert stats.live_requests == 0 and live == [(0, 0), (0, 0)], (mode, live)
 
 
+# Branches forked at many unsure positions, a fixed threshold: a server that promotes often.
+PROMOTING = (
+    "draft_close",
+    *("--branch-confidence", "0.95", "--branch-width", "2", "--max-branches", "6"),
+    *("--min-branch-prob", "0", "--num-draft-tokens", "8"),
+)
+
+
 @pytest.mark.parametrize("rollback_aware", [[], ["--main-lookahead", "1"]], ids=["main-runs-on", "main-lookahead-1"])
 def test_greedy_promotes_branches_and_stays_exact(serve, hf_greedy, rollback_aware):
     """Greedy with a noisy draft: branches forked at many unsure positions (threshold 0.95,
     several per block, each its own cache length, batched in one forward) are promoted when the
     target's token is their first, and the output is still exactly Hugging Face greedy; also with
     the main branch held to one token past its first unsure position (rollback-aware)."""
-    server = serve(
-        "draft_close",
-        "--branch-confidence",
-        "0.95",
-        "--branch-width",
-        "2",
-        "--max-branches",
-        "6",
-        "--min-branch-prob",
-        "0",
-        "--num-draft-tokens",
-        "8",
-        *rollback_aware,
-    )
+    server = serve(*PROMOTING, *rollback_aware)
     client = Client(server.addr)
     forked = hits = 0
     for prompt_ids in PROMPTS:
@@ -186,7 +184,7 @@ def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
     assert 0.0 < policy.acceptance_rate < 1.0 and policy.draft_step_s > 0 and policy.verify_s > 0
     for rate in (policy.fork_hit_rate, policy.sampled_fork_hit_rate):
         assert rate == -1.0 or 0.0 <= rate <= 1.0
-    fixed = Client(serve("draft", "--branch-confidence", "0.9").addr)
+    fixed = Client(serve(*PROMOTING).addr)  # (test_greedy_promotes_branches_and_stays_exact's server)
     fixed.complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")
     policy = fixed.stats().policy
-    assert not policy.branch_threshold_learnt and policy.branch_threshold == pytest.approx(0.9)
+    assert not policy.branch_threshold_learnt and policy.branch_threshold == pytest.approx(0.95)

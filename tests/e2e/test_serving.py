@@ -22,7 +22,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 
-from checks import internal_sockets, wait_idle
+from checks import SERVE_DEFAULTS, internal_sockets, wait_idle
 from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
 from held import HeldRequest
 from tiny import PROMPTS
@@ -269,9 +269,9 @@ def test_cpu_pinning_puts_each_process_on_its_cpus(serve, hf_greedy):
     usable = sorted(os.sched_getaffinity(0))
     first, last = str(usable[0]), str(usable[-1])
     flags = ["--target-cpus", first, "--draft-cpus", last, "--coordinator-cpus", last]
-    if len(usable) >= 2:  # what the demo and the bench pin with: the same layout
-        assert pin_flags() == flags
-    server = serve("draft", *flags)
+    if len(usable) >= 2:  # what the demo and the bench pin with, and serve by default: the same layout,
+        assert pin_flags() == flags  # so the default server is this one (its start saved)
+    server = serve("draft") if pin_flags() == flags else serve("draft", *flags)
     client = Client(server.addr)
     token_ids, _, _ = client.complete(prompt_ids=PROMPTS[1], max_new_tokens=MAX_NEW, mode="specbranch")
     assert token_ids == hf_greedy(PROMPTS[1], MAX_NEW)
@@ -334,6 +334,19 @@ def _affinities(server_pid: int) -> dict[str, set[frozenset]]:
         role: {frozenset(os.sched_getaffinity(int(thread))) for thread in os.listdir(f"/proc/{pid}/task")}
         for role, pid in pids.items()
     }
+
+
+def test_serve_defaults_are_what_the_tests_assume():
+    """The serve fixture leaves out flags that say a default (checks.SERVE_DEFAULTS): they must
+    be serve's defaults, or two tests would share a server started with other flags."""
+    import argparse
+
+    from specpipe.launch.cli import add_serve_args
+
+    parser = argparse.ArgumentParser()
+    add_serve_args(parser)
+    for flag, value in SERVE_DEFAULTS.items():
+        assert str(parser.get_default(flag.lstrip("-").replace("-", "_"))) == value, flag
 
 
 def test_serve_pins_by_default_exactly_as_pin_auto(serve):

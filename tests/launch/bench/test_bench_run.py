@@ -112,6 +112,8 @@ def bench_run(tiny_models, tmp_path_factory):
             "2",
             "--latencies",
             "none",
+            "--clients",
+            "1,4",
             "--out",
             str(out),
         ]
@@ -167,7 +169,7 @@ def test_json_has_every_documented_field(bench_run):
 
 
 def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run):
-    """--quick runs 1 and 8 clients: for each level and temperature, the HF static batch (1 and 2
+    """--clients 1,4 (--quick alone: 1 and 8): for each level and temperature, the HF static batch (1 and 2
     threads) and every mode, with its ratio over the batch, latency percentiles and the workers'
     mean batch; greedy outputs equal the target's own."""
     _, out, results = bench_run
@@ -175,8 +177,8 @@ def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run
     assert [(level["clients"], level["temperature"]) for level in load["levels"]] == [
         (1, 0.0),
         (1, 1.0),
-        (8, 0.0),
-        (8, 1.0),
+        (4, 0.0),
+        (4, 1.0),
     ]
     for level in load["levels"]:
         assert set(level["hf_static_batch"]) == {"1", "2"} and level["hf_best"]["tokens_per_second"] > 0
@@ -186,7 +188,7 @@ def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run
             assert record["latency_p50_s"] <= record["latency_p99_s"] <= record["latency_max_s"]
             if level["temperature"] == 0:
                 assert record["matches_reference"] is True, mode
-            if level["clients"] == 8:
+            if level["clients"] == 4:
                 assert record["mean_batch"]["target"]["rows"] > 1, (mode, record["mean_batch"])
     assert "## Concurrency" in (out / "results.md").read_text()
     assert results["config"]["trials"] == 2 and results["command_line"].startswith("specpipe bench --quick")
