@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 
 from specpipe.config import CoordinatorConfig, pin_cpus
-from specpipe.launch.preflight import StartupError, UsageError, auto_pins
+from specpipe.launch.errors import StartupError, UsageError
+from specpipe.launch.preflight import auto_pins
 
 logger = logging.getLogger(__name__)
 

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from specpipe.config import NGRAM_DRAFTER, parse_cpus
 from specpipe.launch import endpoints
-from specpipe.launch.errors import StartupError, UsageError  # noqa: F401  (raised here, imported from here too)
+from specpipe.launch.errors import StartupError, UsageError
 
 # Where the kernel lists the CPUs a process may be pinned to: the cgroup's cpuset (a container's
 # share of the host), else every online CPU.

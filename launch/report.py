@@ -25,7 +25,8 @@ import traceback
 from collections.abc import Callable
 from pathlib import Path
 
-from specpipe.launch.preflight import StartupError, UsageError, one_line
+from specpipe.launch.errors import StartupError, UsageError
+from specpipe.launch.preflight import one_line
 
 # Exit code of a command stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT_CODE = 130

@@ -246,7 +246,7 @@ def run_rank(role: str, args, argv: list[str], target: str, draft: str) -> int:
     """Serve this rank's role, its control socket an ipc path in a private folder of its own (removed
     at the end) when the ranks share a node (a loopback --worker-host), else TCP on --worker-host."""
     from specpipe.launch.endpoints import is_loopback, require_secure
-    from specpipe.launch.preflight import UsageError
+    from specpipe.launch.errors import UsageError
     from specpipe.launch.runtime_dir import RuntimeDir
 
     host = resolve_host(args.worker_host)

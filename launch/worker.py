@@ -29,7 +29,7 @@ from specpipe.config import (
     pin_cpus,
     zmq_endpoint,
 )
-from specpipe.launch.preflight import UsageError
+from specpipe.launch.errors import UsageError
 from specpipe.launch.report import reporting
 
 # Set by the launcher (launch/local.py) in a worker's environment: report a start-up failure on

@@ -17,7 +17,7 @@ import pytest
 
 from specpipe.config import WorkerConfig
 from specpipe.launch import endpoints
-from specpipe.launch.preflight import UsageError
+from specpipe.launch.errors import UsageError
 from specpipe.launch.runtime_dir import RuntimeDir
 
 

@@ -16,7 +16,7 @@ import pytest
 from specpipe import curve
 from specpipe.config import ENV_CURVE_KEYS
 from specpipe.launch import endpoints
-from specpipe.launch.preflight import UsageError
+from specpipe.launch.errors import UsageError
 
 from deploy_parsers import strict_parsers  # noqa: F401
 from k8s_render import (
