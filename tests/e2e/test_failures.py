@@ -1,7 +1,7 @@
 """Worker failures and bad input on a real server's internal sockets.
 
 Method: one `specpipe serve` for the module (its stderr in a file, metrics on, the target's data
-plane on a known port); each test starts once the server says `ok` (a worker killed by the test
+plane on a known port, the fixed draft policy so that no request stops speculating by itself); each test starts once the server says `ok` (a worker killed by the test
 before is back). A request is held running across the damage by a client that stops reading
 (tests/e2e/held.py), so the damage lands on a live request whatever the machine's speed, and what
 the request did is read from its stats and the server's log:
@@ -87,6 +87,12 @@ def server(tiny_models, tmp_path_factory):
                 str(metrics_port),
                 "--target-data-port",
                 str(data_port),
+                # Speculation stays on for the whole of every request: the adaptive policy may hand
+                # a request over to the target alone once its acceptance says drafting stopped
+                # paying (timing-driven), and a held request handed over before the kill would
+                # never meet the dead draft.
+                "--policy",
+                "fixed",
             ],
             stderr=log,
         ) as server,
