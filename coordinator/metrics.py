@@ -96,6 +96,11 @@ METRIC_NAMES = [
     "specpipe:spec_decode_num_committed_tokens_total",
     "specpipe:spec_decode_branches_forked_total",
     "specpipe:spec_decode_branches_hit_total",
+    "specpipe:spec_decode_num_rejections_total",
+    "specpipe:spec_decode_num_main_rolled_back_tokens_total",
+    "specpipe:spec_decode_num_rejections_at_fork_total",
+    "specpipe:spec_decode_branch_rank_tried_total",
+    "specpipe:spec_decode_branch_rank_hits_total",
     "specpipe:mean_acceptance_length",
     "specpipe:worker_healthy",
     "specpipe:worker_busy_fraction",
@@ -203,6 +208,26 @@ class ServerMetrics:
         )
         self.branches_forked = counter("spec_decode_branches_forked", "Alternative draft branches forked.")
         self.branches_hit = counter("spec_decode_branches_hit", "Forked branches promoted by a verdict.")
+        self.rejections = counter("spec_decode_num_rejections", "Verifications that rejected a draft token.")
+        self.main_rolled_back_tokens = counter(
+            "spec_decode_num_main_rolled_back_tokens",
+            "Main-line draft tokens thrown away by rejections (the rejected one and those drafted past it).",
+        )
+        self.rejections_at_fork = counter(
+            "spec_decode_num_rejections_at_fork", "Rejections at a position where alternative branches were forked."
+        )
+        self.rank_tried = counter(
+            "spec_decode_branch_rank_tried",
+            "Rejections where an alternative branch of this rank (0: the draft's second choice) was forked there.",
+            ["rank"],
+        )
+        self.rank_hits = counter(
+            "spec_decode_branch_rank_hits",
+            "Rejections where the alternative branch of this rank held the target's token (promoted).",
+            ["rank"],
+        )
+        for by_rank in (self.rank_tried, self.rank_hits):
+            by_rank.labels("0")  # exported at 0 from the start (the best alternative)
         self.ttft = Histogram(
             PREFIX + "time_to_first_token_seconds",
             "Seconds from arrival to the first token.",
@@ -279,6 +304,13 @@ class ServerMetrics:
         self.committed_tokens.inc(committed)
         self.branches_forked.inc(stats.branches_forked)
         self.branches_hit.inc(stats.branches_hit)
+        self.rejections.inc(stats.rejections)
+        self.main_rolled_back_tokens.inc(stats.main_rolled_back_tokens)
+        self.rejections_at_fork.inc(stats.rejections_at_fork)
+        for rank, count in enumerate(stats.rank_tried):
+            self.rank_tried.labels(str(rank)).inc(count)
+        for rank, count in enumerate(stats.rank_hits):
+            self.rank_hits.labels(str(rank)).inc(count)
         self.batch_wait.observe(stats.queue_seconds)
 
     def observe_batch(self, role: str, rows: int, tokens: int) -> None:

@@ -67,6 +67,7 @@ class BranchView:
     probs: dict[int, float] = field(default_factory=dict)  # unverified position -> the draft's probability
     forked: set[int] = field(default_factory=set)  # positions already forked (main line)
     stalled_at: int = -1  # length at which the drafter had nothing to propose
+    rank: int = -1  # a fork: its token's rank among the alternatives at fork_at (0: the best)
 
 
 class Pipelined(Schedule):
@@ -75,6 +76,7 @@ class Pipelined(Schedule):
         self.branching = plan.mode == Mode.SPECBRANCH
         self.branches = {ROOT_BRANCH: BranchView(list(self.tokens), job_end=len(self.tokens))}
         self.main = ROOT_BRANCH
+        self.main_ids = {ROOT_BRANCH}  # every branch that was the main line (for its late tokens)
         self.next_branch_id = ROOT_BRANCH + 1
 
     async def run(self):
@@ -86,8 +88,11 @@ class Pipelined(Schedule):
             event = await self.channel.next_event("draft_tokens", "verdict")
             if event.kind == "draft_tokens":
                 for token in self.observe_draft(event):
-                    if token.epoch == self.epoch:  # (an older epoch's: drafted before a resync, dropped)
+                    if token.epoch == self.epoch and token.branch_id in self.branches:
                         await self.on_draft_token(token)
+                    elif token.branch_id in self.main_ids and token.token_id >= 0:
+                        # Drafted on the main line before a resync or promotion reached the draft.
+                        self.stats.main_rolled_back_tokens += 1
             else:
                 new_tokens = await self.on_verdict(event.payload)
                 if new_tokens:
@@ -134,9 +139,7 @@ class Pipelined(Schedule):
         return view.job_end > len(view.tokens)
 
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
-        view = self.branches.get(token.branch_id)
-        if view is None:
-            return  # a cancelled branch's late token: dropped
+        view = self.branches[token.branch_id]
         if token.token_id < 0:  # its job ended with no token (the drafter had none)
             view.job_end = view.stalled_at = len(view.tokens)
             return
@@ -166,11 +169,15 @@ class Pipelined(Schedule):
             if position < len(self.tokens) or position in view.forked:
                 continue
             view.forked.add(position)
-            for token_id in view.alternatives[position][:budget]:
+            for rank, token_id in enumerate(view.alternatives[position][:budget]):
                 branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
                 await self.channel.fork(self.main, branch_id, position, [token_id])
                 self.branches[branch_id] = BranchView(
-                    view.tokens[:position] + [token_id], fork_at=position, epoch=view.epoch, job_end=position + 1
+                    view.tokens[:position] + [token_id],
+                    fork_at=position,
+                    epoch=view.epoch,
+                    job_end=position + 1,
+                    rank=rank,
                 )
                 self.stats.branches_forked += 1
                 self.stats.drafted_tokens += 1  # its first token: proposed, kept only on a hit
@@ -228,17 +235,27 @@ class Pipelined(Schedule):
         new_tokens = self.commit(verdict)
         if verdict.stale:
             return []
+        forked_ranks = None
         if verdict.num_accepted < len(head.token_ids):
-            rejected = self.branches[self.main].probs.get(start + verdict.num_accepted)
+            at = start + verdict.num_accepted
+            main = self.branches[self.main]
+            rejected = main.probs.get(at)
             if rejected is not None:  # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
             for block in self.in_flight:
                 block.doomed = True  # the target will answer them stale
+            # The main line's tokens past the verified block go too (commit counted the block's).
+            self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (start + len(head.token_ids)))
+            forked_ranks = [view.rank for view in self.branches.values() if view.fork_at == at]
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
+        main_before = self.main
         await self.prune(start)
+        if forked_ranks:
+            promoted = self.main != main_before
+            self.stats.on_forked_rejection(forked_ranks, self.branches[self.main].rank if promoted else None)
         await self.keep_drafting()
         return new_tokens
 
@@ -264,6 +281,7 @@ class Pipelined(Schedule):
             for branch_id in losers:
                 del self.branches[branch_id]
         self.main = survivor
+        self.main_ids.add(survivor)
         view = self.branches[survivor]
         view.fork_at = None  # (promoted: it is the main line now)
         if survivor not in agree:  # nothing agrees: roll main back to the committed tokens

@@ -39,7 +39,11 @@ class RunStats:
     branches); draft_tokens: those sent to the target for verification (part of drafted);
     accepted_tokens: those the target accepted (part of draft_tokens); rolled_back_tokens: drafted
     and thrown away (drafted_tokens - accepted_tokens: rejected, on a cancelled branch, or drafted
-    past the end)."""
+    past the end). rejections: verdicts that rejected a draft token; main_rolled_back_tokens: the
+    main line's tokens they threw away (the rejected one and every one drafted past it, not the
+    cancelled branches'). Specbranch: rejections_at_fork, those at a position with alternative
+    branches forked; rank_tried[r] / rank_hits[r], rejections where a branch of rank r (0: the
+    draft's second choice there) existed / held the target's token."""
 
     drafted_tokens: int = 0
     draft_tokens: int = 0
@@ -47,6 +51,11 @@ class RunStats:
     verifications: int = 0
     branches_forked: int = 0
     branches_hit: int = 0
+    rejections: int = 0
+    rejections_at_fork: int = 0
+    main_rolled_back_tokens: int = 0
+    rank_tried: list[int] = field(default_factory=list)
+    rank_hits: list[int] = field(default_factory=list)
     target_seconds: float = 0.0  # target compute spent on this request (its share of batches)
     queue_seconds: float = 0.0  # time its blocks waited, ready, for a place in a batch
     committed_per_verification: list[int] = field(default_factory=list)
@@ -64,6 +73,24 @@ class RunStats:
         self.draft_tokens += num_draft
         self.accepted_tokens += verdict.num_accepted
         self.committed_per_verification.append(committed)
+        if verdict.num_accepted < num_draft:
+            self.rejections += 1
+            self.main_rolled_back_tokens += num_draft - verdict.num_accepted
+
+    def on_forked_rejection(self, ranks: list[int], hit_rank: int | None) -> None:
+        """A rejection at a position where branches of `ranks` were forked; `hit_rank`: the rank of
+        the one promoted (it held the target's token), None if none did."""
+        self.rejections_at_fork += 1
+        for rank in ranks:
+            grow(self.rank_tried, rank)[rank] += 1
+        if hit_rank is not None:
+            grow(self.rank_hits, hit_rank)[hit_rank] += 1
+
+
+def grow(counts: list[int], index: int) -> list[int]:
+    """`counts`, zero-extended to hold `index`."""
+    counts.extend([0] * (index + 1 - len(counts)))
+    return counts
 
 
 class SpeculationStopped(Exception):

@@ -37,7 +37,7 @@ from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloade
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, open_channel
-from specpipe.coordinator.schedules import RunStats
+from specpipe.coordinator.schedules import RunStats, grow
 from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
 from specpipe.modes import Mode
@@ -363,10 +363,17 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
             "verifications",
             "branches_forked",
             "branches_hit",
+            "rejections",
+            "rejections_at_fork",
+            "main_rolled_back_tokens",
             "target_seconds",
             "queue_seconds",
         ):
             setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
+        for name in ("rank_tried", "rank_hits"):
+            totals = getattr(self.totals, name)
+            for rank, count in enumerate(getattr(stats, name)):
+                grow(totals, rank)[rank] += count
         self.totals.committed_per_verification.append(sum(stats.committed_per_verification))
         self.totals_generated += generated
 
@@ -431,6 +438,11 @@ def stats_message(stats: RunStats, generated: int) -> specpipe_pb2.RequestStats:
         verifications=stats.verifications,
         branches_forked=stats.branches_forked,
         branches_hit=stats.branches_hit,
+        rejections=stats.rejections,
+        main_rolled_back_tokens=stats.main_rolled_back_tokens,
+        rejections_at_fork=stats.rejections_at_fork,
+        branch_rank_tried=stats.rank_tried,
+        branch_rank_hits=stats.rank_hits,
         generated_tokens=generated,
         mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
         acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,

@@ -19,7 +19,7 @@ from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 3  # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules")
+SCHEMA_VERSION = 4  # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules"); 4: rejections, main-line rollback, hits per rank
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -76,6 +76,10 @@ SUMMARY_KEYS = (
     "branches_forked",
     "branches_hit",
     "branch_hit_rate",
+    "rejections",
+    "main_rolled_back_tokens",
+    "rejection_hit_rate",
+    "rank_hit_rates",
     "time_to_first_token_s",
     "target_busy_fraction",
     "generated_tokens",
@@ -176,6 +180,7 @@ def method_summary(records: list[dict], baseline: dict[int, float], error: str |
         branches_forked=totals["branches_forked"] / len(ok),
         branches_hit=totals["branches_hit"] / len(ok),
         branch_hit_rate=totals["branches_hit"] / totals["branches_forked"] if totals["branches_forked"] else None,
+        **rejection_summary(totals, len(ok)),
         time_to_first_token_s=spread([ttft for r in ok for ttft in r["ttft_s"]]),
         target_busy_fraction=sum(r["target_busy_s"] for r in ok) / sum(r["seconds"] for r in ok),
         generated_tokens=sum(r["tokens"] for r in ok) / len(ok),
@@ -183,6 +188,25 @@ def method_summary(records: list[dict], baseline: dict[int, float], error: str |
         matches_autoregressive=all(all(r["matches_autoregressive"]) for r in ok) if greedy else None,
     )
     return summary
+
+
+def rejection_summary(totals: Counter, trials: int) -> dict:
+    """Per trial: rejections and the main-line tokens they threw away; the share of rejections a
+    promoted branch answered (its prepared draft held the target's token); per rank of the
+    alternative, hits over the rejections where a branch of that rank was there. None where the
+    method does not report them (Hugging Face's)."""
+    if "rejections" not in totals:
+        return dict(rejections=None, main_rolled_back_tokens=None, rejection_hit_rate=None, rank_hit_rates=None)
+    ranks = []
+    while f"rank{len(ranks)}_tried" in totals:
+        tried, hits = totals[f"rank{len(ranks)}_tried"], totals[f"rank{len(ranks)}_hits"]
+        ranks.append({"tried": tried / trials, "hits": hits / trials, "rate": hits / tried if tried else None})
+    return dict(
+        rejections=totals["rejections"] / trials,
+        main_rolled_back_tokens=totals["main_rolled_back_tokens"] / trials,
+        rejection_hit_rate=totals["branches_hit"] / totals["rejections"] if totals["rejections"] else None,
+        rank_hit_rates=ranks or None,
+    )
 
 
 def bound(summary: dict, kind: str | None, costs: dict) -> dict | None:
@@ -338,6 +362,25 @@ def _cell(text: str) -> str:
     return str(text).replace("|", "\\|").replace("\n", " ")
 
 
+def _rolled_back_text(s: dict) -> str:
+    if not s["draft_tokens"]:
+        return "–"
+    main = s.get("main_rolled_back_tokens")
+    return f"{s['rolled_back_tokens']:.0f}" + ("" if main is None else f" (main {main:.0f})")
+
+
+def _branch_hits_text(s: dict) -> str:
+    """Hits over forks; over rejections, and per rank over the rejections that rank was there for."""
+    if s["branch_hit_rate"] is None:
+        return "–"
+    text = f"{s['branch_hit_rate']:.0%} of forks"
+    if s.get("rejection_hit_rate") is not None:
+        text += f", {s['rejection_hit_rate']:.0%} of rejections"
+    if s.get("rank_hit_rates"):
+        text += "; by rank " + " / ".join(_number(rank["rate"], "{:.0%}") for rank in s["rank_hit_rates"])
+    return text
+
+
 def method_row(name: str, s: dict) -> str:
     if s["trials"] == 0:
         return f"| {LABELS[name]} | **error:** {_cell(s['error'])} |" + " |" * 11
@@ -350,8 +393,8 @@ def method_row(name: str, s: dict) -> str:
         _number(s["tokens_per_verification"]),
         _number(s["acceptance_rate"]),
         _number(s["draft_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
-        _number(s["rolled_back_tokens"] if s["draft_tokens"] else None, "{:.0f}"),
-        _number(s["branch_hit_rate"], "{:.0%}"),
+        _rolled_back_text(s),
+        _branch_hits_text(s),
         _spread_text(s["time_to_first_token_s"], 1e3),
         _number(s["target_busy_fraction"], "{:.0%}"),
         bound_text,
@@ -371,7 +414,10 @@ def markdown(results: dict) -> str:
         f"Target {models['target_params'] / 1e6:.2f}M parameters, draft {models['draft_params'] / 1e6:.2f}M. "
         f"{len(results['prompts'])} prompts × up to {config['max_new_tokens']} new tokens, "
         f"{config['trials']} interleaved trials; cells are the median [min–max] over trials; speedup is "
-        "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial.",
+        "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial (main: "
+        "the main line's part, the rest is cancelled branches). Branch hits: promoted branches over those "
+        "forked, over the rejections, and per rank of the alternative (the draft's 2nd, 3rd choice) over the "
+        "rejections where a branch of that rank was there.",
         "",
     ]
     correctness = results["correctness"]

@@ -10,6 +10,7 @@ files or knows about tables.
 
 from __future__ import annotations
 
+import itertools
 import logging
 import random
 import time
@@ -247,9 +248,14 @@ def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: i
                 "verifications",
                 "branches_forked",
                 "branches_hit",
+                "rejections",
+                "main_rolled_back_tokens",
+                "rejections_at_fork",
             )
         }
         counters["committed_tokens"] = round(stats.mean_accepted_length * stats.verifications)
+        for rank, (tried, hits) in enumerate(itertools.zip_longest(stats.branch_rank_tried, stats.branch_rank_hits)):
+            counters[f"rank{rank}_tried"], counters[f"rank{rank}_hits"] = tried or 0, hits or 0
         return Outcome(
             token_ids, seconds, (first or start + seconds) - start, counters, stats.target_busy_fraction * seconds
         )
@@ -257,6 +263,16 @@ def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: i
     return Method(
         f"specpipe_{mode}", run, lambda temperature: None if mode == Mode.AUTOREGRESSIVE else num_draft_tokens
     )
+
+
+def add_counters(counters) -> dict:
+    """The sum of counter dicts, key by key (a key some lack counts 0 there: a request that met
+    no branch of rank 1 reports no rank 1)."""
+    total: dict = {}
+    for one in counters:
+        for name, value in one.items():
+            total[name] = total.get(name, 0) + value
+    return total
 
 
 def describe_error(err: BaseException) -> str:
@@ -314,7 +330,7 @@ class TrialRunner:
             tokens_per_second=tokens / seconds,
             ttft_s=[outcome.ttft_s for outcome in outcomes],
             target_busy_s=sum(outcome.target_busy_s for outcome in outcomes),
-            counters={name: sum(outcome.counters[name] for outcome in outcomes) for name in outcomes[0].counters},
+            counters=add_counters(outcome.counters for outcome in outcomes),
             outputs=[outcome.token_ids for outcome in outcomes],
         )
         if temperature == 0:

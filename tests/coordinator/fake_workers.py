@@ -61,6 +61,7 @@ class FakeWorkers:
         self.branches: dict[int, list[int]] = {}
         self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
         self.stale_answers = 0
+        self.rejections = 0  # blocks answered with a draft token rejected
         self.commands: list[str] = []
         self.request_id = ""
         self.draft = _Client(self, "draft")
@@ -209,6 +210,7 @@ class FakeWorkers:
         while accepted < len(draft) and draft[accepted] == target_next(self.committed + draft[:accepted]):
             accepted += 1
         self.committed += draft[:accepted]
+        self.rejections += accepted < len(draft)
         next_token = -1
         if accepted < len(draft) or msg.emit_bonus:
             next_token = target_next(self.committed)

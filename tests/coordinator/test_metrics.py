@@ -57,6 +57,11 @@ def test_observations_add_up():
             verifications=2,
             branches_forked=3,
             branches_hit=1,
+            rejections=2,
+            rejections_at_fork=1,
+            main_rolled_back_tokens=6,
+            rank_tried=[1, 1],
+            rank_hits=[0, 1],
             committed_per_verification=[3, 4],
         )
     )
@@ -79,6 +84,12 @@ def test_observations_add_up():
     assert got[("specpipe:spec_decode_num_rolled_back_tokens_total", ())] == 4
     assert got[("specpipe:spec_decode_branches_forked_total", ())] == 3
     assert got[("specpipe:spec_decode_branches_hit_total", ())] == 1
+    assert got[("specpipe:spec_decode_num_rejections_total", ())] == 2
+    assert got[("specpipe:spec_decode_num_rejections_at_fork_total", ())] == 1
+    assert got[("specpipe:spec_decode_num_main_rolled_back_tokens_total", ())] == 6
+    assert got[("specpipe:spec_decode_branch_rank_tried_total", (("rank", "1"),))] == 1
+    assert got[("specpipe:spec_decode_branch_rank_hits_total", (("rank", "0"),))] == 0
+    assert got[("specpipe:spec_decode_branch_rank_hits_total", (("rank", "1"),))] == 1
     assert got[("specpipe:mean_acceptance_length", ())] == 3.5
     assert got[("specpipe:request_success_total", (("finished_reason", "eos"),))] == 1
     assert got[("specpipe:num_requests_running", ())] == 2

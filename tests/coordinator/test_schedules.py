@@ -95,6 +95,32 @@ def test_draft_down_mid_request_finishes_target_only_and_exactly(mode, down_afte
         assert "target:decode" in workers.commands  # the target went on by itself
 
 
+@pytest.mark.parametrize("mode", ["sequential", "pipelined", "specbranch"])
+def test_rejections_and_what_they_cost_the_main_line_are_counted(mode):
+    """Every rejection the target made is counted once; the main line's tokens it threw away are
+    part of the rolled back tokens, and all of them without branches (sequential and pipelined:
+    every drafted token is on the main line, also those that reach the coordinator after the
+    resync); specbranch's per-rank counts add up to its hits."""
+    for seed in SEEDS:
+        _, request, workers = run(mode, seed)
+        stats = request.stats
+        assert stats.rejections == workers.rejections > 0
+        assert stats.rejections <= stats.verifications
+        assert stats.rejections <= stats.main_rolled_back_tokens <= stats.rolled_back_tokens
+        if mode != "specbranch":
+            assert stats.main_rolled_back_tokens == stats.rolled_back_tokens
+        if mode == "specbranch":
+            assert stats.rejections_at_fork <= stats.rejections
+            assert sum(stats.rank_hits) == stats.branches_hit
+            assert all(hits <= tried for hits, tried in zip(stats.rank_hits, stats.rank_tried))
+            assert len(stats.rank_hits) <= len(stats.rank_tried)
+            assert sum(stats.rank_tried) >= stats.rejections_at_fork
+        else:
+            assert stats.rejections_at_fork == stats.branches_hit == 0 and not stats.rank_tried
+    tried = [sum(run("specbranch", seed)[1].stats.rank_tried[:1]) for seed in SEEDS]
+    assert sum(tried) > 0, "no rejection ever met a forked branch"
+
+
 def test_the_draft_is_released_and_the_target_too():
     _, _, workers = run("specbranch", 0)
     assert workers.commands[-2:] == ["target:release", "draft:release"]

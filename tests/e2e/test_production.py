@@ -398,9 +398,11 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
     ]
     before = scrape(port)
     with connect(server, timeout=30) as client:
+        totals_before = client.stats().totals
         results = [client.complete(**request) for request in requests]
         with pytest.raises(grpc.RpcError):
             client.complete(prompt_ids=[1], max_new_tokens=5, temperature=-1.0)
+        totals_after = client.stats().totals
     after = scrape(port)
     moved = lambda name, **labels: metric(after, name, **labels) - metric(before, name, **labels)  # noqa: E731
     expected_tokens = [hf_greedy(r["prompt_ids"], r["max_new_tokens"]) for r in requests]
@@ -424,8 +426,26 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
         ("num_rolled_back_tokens", "rolled_back_tokens"),
         ("branches_forked", "branches_forked"),
         ("branches_hit", "branches_hit"),
+        ("num_rejections", "rejections"),
+        ("num_main_rolled_back_tokens", "main_rolled_back_tokens"),
+        ("num_rejections_at_fork", "rejections_at_fork"),
     ):
         assert moved(f"specpipe:spec_decode_{name}_total") == sum(getattr(s, field) for s in stats), name
+    for name, field in (("branch_rank_tried", "branch_rank_tried"), ("branch_rank_hits", "branch_rank_hits")):
+        for rank in range(max(len(getattr(s, field)) for s in stats)):
+            by_request = sum(getattr(s, field)[rank] for s in stats if rank < len(getattr(s, field)))
+            assert moved(f"specpipe:spec_decode_{name}_total", rank=str(rank)) == by_request, (name, rank)
+    assert sum(s.rejections for s in stats) > 0, "the requests met no rejection"
+    # GetStats' totals: the sums of the requests' own stats (per rank too).
+    for field in ("draft_tokens", "accepted_tokens", "branches_hit", "rejections", "main_rolled_back_tokens"):
+        assert getattr(totals_after, field) - getattr(totals_before, field) == sum(getattr(s, field) for s in stats)
+    for field in ("branch_rank_tried", "branch_rank_hits"):
+        grown = [
+            a - (getattr(totals_before, field)[i] if i < len(getattr(totals_before, field)) else 0)
+            for i, a in enumerate(getattr(totals_after, field))
+        ]
+        by_request = [sum(getattr(s, field)[i] for s in stats if i < len(getattr(s, field))) for i in range(len(grown))]
+        assert grown == by_request, field
     assert moved("specpipe:time_to_first_token_seconds_count") == 3
     assert moved("specpipe:inter_token_latency_seconds_count") == generated - 3  # every token but the first
     assert moved("specpipe:e2e_request_latency_seconds_count") == 3

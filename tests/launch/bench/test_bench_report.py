@@ -31,3 +31,35 @@ def test_bounds_on_hand_worked_numbers():
     assert serial["a_implied"] == pytest.approx(0.5, abs=1e-9)
     assert report.bound(summary, "overlapped", costs)["bound"] == pytest.approx(1.9375 * 10 / 12)
     assert report.bound(summary, None, costs) is None
+
+
+def test_rejections_and_hits_per_rank_are_summarised_per_trial_and_shown():
+    """Two trials of a specbranch method: per-trial means, hits over rejections, per rank hits
+    over the rejections that rank was there for; Hugging Face's counters have none of them."""
+    counters = [
+        dict(draft_tokens=40, accepted_tokens=30, rolled_back_tokens=20, verifications=10, branches_forked=8,
+             branches_hit=3, committed_tokens=40, rejections=6, main_rolled_back_tokens=12, rejections_at_fork=4,
+             rank0_tried=4, rank0_hits=2, rank1_tried=2, rank1_hits=1),
+        dict(draft_tokens=40, accepted_tokens=30, rolled_back_tokens=10, verifications=10, branches_forked=4,
+             branches_hit=1, committed_tokens=40, rejections=4, main_rolled_back_tokens=8, rejections_at_fork=2,
+             rank0_tried=2, rank0_hits=1),
+    ]  # fmt: skip
+    records = [
+        dict(trial=t, error=None, tokens_per_second=100.0, counters=c, ttft_s=[0.05], target_busy_s=0.9, seconds=1.0,
+             tokens=40, matches_autoregressive=[True])
+        for t, c in enumerate(counters)
+    ]  # fmt: skip
+    summary = report.method_summary(records, {0: 50.0, 1: 50.0}, None, greedy=True)
+    assert summary["rejections"] == 5 and summary["main_rolled_back_tokens"] == 10
+    assert summary["rejection_hit_rate"] == 4 / 10
+    assert summary["rank_hit_rates"] == [
+        {"tried": 3.0, "hits": 1.5, "rate": 0.5},
+        {"tried": 1.0, "hits": 0.5, "rate": 0.5},
+    ]
+    summary["bound"] = None
+    row = report.method_row("specpipe_specbranch", summary)
+    assert "15 (main 10)" in row and "33% of forks, 40% of rejections; by rank 50% / 50%" in row
+    hf = [dict(r, counters={k: v for k, v in r["counters"].items() if "rank" not in k and "reject" not in k})
+          for r in records]  # fmt: skip
+    for name, value in report.rejection_summary(report.Counter(hf[0]["counters"]), 1).items():
+        assert value is None, name
