@@ -289,6 +289,7 @@ class Pipelined(Schedule):
             view.tokens, view.job_end = list(self.tokens), length
             view.alternatives.clear()
             view.probs.clear()
+            view.forked.clear()  # (its forks were cancelled: the redrafted positions fork afresh)
             await self.channel.sync(survivor, keep_length=length - 1, append=self.tokens[-1:])
         view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
         view.probs = {p: prob for p, prob in view.probs.items() if p >= length}

@@ -46,8 +46,19 @@ def greedy(prompt: list[int], count: int) -> list[int]:
 
 
 class FakeWorkers:
-    def __init__(self, seed: int, draft_down_after: int | None = None, stalls: bool = False):
-        """`stalls`: the draft has nothing to propose at some positions (as prompt lookup does)."""
+    def __init__(
+        self,
+        seed: int,
+        draft_down_after: int | None = None,
+        stalls: bool = False,
+        misleading: bool = False,
+        slow_target: bool = False,
+    ):
+        """`stalls`: the draft has nothing to propose at some positions (as prompt lookup does).
+        `misleading`: at half of its wrong positions the draft's alternatives miss the target's
+        token too (a fork there is not hit: the main line is resynced). `slow_target`: the target
+        answers one time in four that it could, so the draft runs further ahead."""
+        self.misleading, self.slow_target = misleading, slow_target
         self.rng = random.Random(seed)
         self.stalls = stalls
         self.stalled: list[tuple] = []  # (epoch, branch, position) of each "nothing to propose"
@@ -123,7 +134,8 @@ class FakeWorkers:
             if self.verifies or self.decode_until > len(self.committed):
                 choices.append("verdict")
             assert choices, f"the schedule waits, but no worker has anything to send ({self.commands[-6:]})"
-            choice = self.rng.choice(choices)
+            weights = [0.25 if self.slow_target and c == "verdict" else 1.0 for c in choices]
+            choice = self.rng.choices(choices, weights)[0]
             if choice == "draft":
                 self.draft_outbox.append(self._draft_step())
             elif choice == "deliver":
@@ -156,6 +168,8 @@ class FakeWorkers:
                 del self.jobs[branch_id]
                 continue
             token, prob, candidates, probs = draft_next(sequence)
+            if self.misleading and prob < 0.5 and len(sequence) % 2:
+                candidates = [(candidate + 3) % VOCAB for candidate in candidates]
             job[1] = remaining = remaining - 1
             last = remaining <= 0 or prob < min_confidence
             tokens.append(

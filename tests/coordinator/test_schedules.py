@@ -34,9 +34,11 @@ def run(
     policy: PolicyConfig | None = None,
     stalls: bool = False,
     model: AcceptanceModel | None = None,
+    misleading: bool = False,
+    slow_target: bool = False,
 ):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
-    workers = FakeWorkers(seed, draft_down_after, stalls)
+    workers = FakeWorkers(seed, draft_down_after, stalls, misleading, slow_target)
     plan = RequestPlan(
         request_id="r",
         prompt_ids=PROMPT,
@@ -119,6 +121,26 @@ def test_rejections_and_what_they_cost_the_main_line_are_counted(mode):
             assert stats.rejections_at_fork == stats.branches_hit == 0 and not stats.rank_tried
     tried = [sum(run("specbranch", seed)[1].stats.rank_tried[:1]) for seed in SEEDS]
     assert sum(tried) > 0, "no rejection ever met a forked branch"
+
+
+@pytest.mark.parametrize("misleading", [False, True])
+def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading):
+    """The fake draft is unsure exactly where it is wrong: with branches enough, every rejection
+    finds a fork at its position, also at positions redrafted after a resync (they fork afresh).
+    Where its best alternative is the target's token the fork holds it; `misleading`: at half of
+    them it does not, the main line is resynced there. The target is slow: the draft runs ahead
+    (forks past the rejection are cancelled with the main line's tokens)."""
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32)
+    for seed in SEEDS:
+        tokens, request, _ = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
+        assert tokens == greedy(PROMPT, MAX_NEW)
+        stats = request.stats
+        assert stats.rejections > 0
+        assert stats.rejections_at_fork == stats.rejections == stats.rank_tried[0], seed
+        if misleading:
+            assert 0 < stats.rank_hits[0] < stats.rank_tried[0], seed
+        else:
+            assert stats.rank_hits[0] == stats.rank_tried[0], seed
 
 
 def test_the_draft_is_released_and_the_target_too():
