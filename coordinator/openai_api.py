@@ -358,7 +358,10 @@ def api_error(err: Refused, call: Call) -> ApiError:
 def stats_object(stats: specpipe_pb2.RequestStats) -> dict:
     """The request's speculation stats under the gRPC RequestStats names (mode as the `mode` field
     takes it)."""
-    values = {descriptor.name: getattr(stats, descriptor.name) for descriptor in stats.DESCRIPTOR.fields}
+    values = {
+        field.name: list(getattr(stats, field.name)) if field.is_repeated else getattr(stats, field.name)
+        for field in stats.DESCRIPTOR.fields
+    }
     mode = Mode.from_proto(stats.mode)
     values["mode"] = mode.value if mode else ""
     return values

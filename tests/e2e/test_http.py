@@ -74,6 +74,7 @@ def test_greedy_completion_equals_grpc_and_hf(server, model, tokenizer, hf_greed
         stats = completion.model_extra["specpipe"]
         assert set(stats) == STATS_FIELDS and stats["mode"] == mode and stats["generated_tokens"] == len(expected)
         assert stats["verifications"] > 0 and stats["draft_tokens"] > 0
+        assert isinstance(stats["branch_rank_tried"], list)  # (repeated fields: JSON lists)
 
 
 def test_streamed_completion_is_the_same_text_in_chunks(server, model, hf_greedy):
