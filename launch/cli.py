@@ -111,15 +111,17 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--policy",
-        default="adaptive",
+        default=PolicyConfig.kind,
         choices=POLICIES,
         help="draft-length policy: fixed | confidence | adaptive (coordinator/policy.py)",
     )
-    parser.add_argument("--num-draft-tokens", type=int, default=6, help="draft tokens per block (the most)")
+    parser.add_argument(
+        "--num-draft-tokens", type=int, default=PolicyConfig.num_draft_tokens, help="draft tokens per block (the most)"
+    )
     parser.add_argument(
         "--min-confidence",
         type=float,
-        default=0.3,
+        default=PolicyConfig.min_confidence,
         help="sequential mode: end a block after a draft token less likely than this",
     )
     parser.add_argument(
@@ -131,14 +133,24 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "(default): learnt, so that about 80%% of the target's rejections fall on a branch "
         "point",
     )
-    parser.add_argument("--branch-width", type=int, default=2, help="most branches forked at a branch point")
     parser.add_argument(
-        "--min-branch-prob", type=float, default=0.1, help="fork only candidates at least this likely under the draft"
+        "--branch-width", type=int, default=PolicyConfig.branch_width, help="most branches forked at a branch point"
     )
     parser.add_argument(
-        "--branch-lookahead", type=int, default=4, help="tokens an alternative branch drafts past its fork point"
+        "--min-branch-prob",
+        type=float,
+        default=PolicyConfig.min_branch_prob,
+        help="fork only candidates at least this likely under the draft",
     )
-    parser.add_argument("--max-branches", type=int, default=4, help="live alternative branches per request")
+    parser.add_argument(
+        "--branch-lookahead",
+        type=int,
+        default=PolicyConfig.branch_lookahead,
+        help="tokens an alternative branch drafts past its fork point",
+    )
+    parser.add_argument(
+        "--max-branches", type=int, default=PolicyConfig.max_branches, help="live alternative branches per request"
+    )
     parser.add_argument(
         "--main-lookahead",
         type=int,
