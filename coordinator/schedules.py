@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import logging
 from collections import deque
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.policy import DraftPolicy
@@ -76,6 +76,19 @@ class RunStats:
         if verdict.num_accepted < num_draft:
             self.rejections += 1
             self.main_rolled_back_tokens += num_draft - verdict.num_accepted
+
+    def add(self, other: "RunStats") -> None:
+        """Add another request's counters to these (the server's totals): numbers summed, the
+        per-rank counts rank by rank, and its tokens per verification as one entry (their sum)."""
+        for item in fields(self):
+            mine, theirs = getattr(self, item.name), getattr(other, item.name)
+            if item.name == "committed_per_verification":
+                mine.append(sum(theirs))
+            elif isinstance(mine, list):
+                for index, count in enumerate(theirs):
+                    grow(mine, index)[index] += count
+            else:
+                setattr(self, item.name, mine + theirs)
 
     def on_forked_rejection(self, ranks: list[int], hit_rank: int | None) -> None:
         """A rejection at a position where branches of `ranks` were forked; `hit_rank`: the rank of

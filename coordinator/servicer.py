@@ -37,7 +37,7 @@ from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloade
 from specpipe.coordinator.metrics import ServerMetrics
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, open_channel
-from specpipe.coordinator.schedules import RunStats, grow
+from specpipe.coordinator.schedules import RunStats
 from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
 from specpipe.modes import Mode
@@ -356,25 +356,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         return stats
 
     def _add_totals(self, stats: RunStats, generated: int) -> None:
-        for name in (
-            "drafted_tokens",
-            "draft_tokens",
-            "accepted_tokens",
-            "verifications",
-            "branches_forked",
-            "branches_hit",
-            "rejections",
-            "rejections_at_fork",
-            "main_rolled_back_tokens",
-            "target_seconds",
-            "queue_seconds",
-        ):
-            setattr(self.totals, name, getattr(self.totals, name) + getattr(stats, name))
-        for name in ("rank_tried", "rank_hits"):
-            totals = getattr(self.totals, name)
-            for rank, count in enumerate(getattr(stats, name)):
-                grow(totals, rank)[rank] += count
-        self.totals.committed_per_verification.append(sum(stats.committed_per_verification))
+        self.totals.add(stats)
         self.totals_generated += generated
 
     # -- GetStats -------------------------------------------------------------------------------

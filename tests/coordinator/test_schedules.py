@@ -17,6 +17,7 @@ import pytest
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun
+from specpipe.coordinator.schedules import RunStats
 from specpipe.sampling import SamplingParams
 
 from fake_workers import FakeInbox, FakeWorkers, greedy
@@ -174,3 +175,16 @@ def test_when_speculation_stops_paying_the_target_finishes_alone_and_the_draft_i
     assert "target:decode" in workers.commands and not request.fell_back
     released = workers.commands.index("draft:release")
     assert released < len(workers.commands) - 2, "the draft was freed when speculation stopped, not at the end"
+
+
+def test_totals_add_every_counter_and_ranks_rank_by_rank():
+    totals = RunStats()
+    first = RunStats(draft_tokens=4, accepted_tokens=3, rejections=1, rank_tried=[1], queue_seconds=0.5)
+    second = RunStats(
+        draft_tokens=6, rejections=2, rank_tried=[2, 1], rank_hits=[0, 1], committed_per_verification=[2, 3]
+    )
+    totals.add(first)
+    totals.add(second)
+    assert (totals.draft_tokens, totals.accepted_tokens, totals.rejections) == (10, 3, 3)
+    assert (totals.rank_tried, totals.rank_hits, totals.queue_seconds) == ([3, 1], [0, 1], 0.5)
+    assert totals.committed_per_verification == [0, 5]  # one entry per request: its sum
