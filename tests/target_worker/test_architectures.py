@@ -22,15 +22,25 @@ NEW_TOKENS = 20
 # The least top-2 logit gap of the references (see tests/e2e/conftest.py GREEDY_MARGIN).
 GREEDY_MARGIN = 1e-3
 LENGTHS = [1, 3, 5, 7, 9, 11, 13, 15]
+# Each family on the CPU, and on a GPU where one is (marked `gpu`: `pytest -m gpu` runs those).
+CASES = [pytest.param((name, "cpu"), id=name) for name in ARCHITECTURES] + [
+    pytest.param(
+        (name, "cuda"),
+        id=f"{name}-cuda",
+        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
+    )
+    for name in ARCHITECTURES
+]
 
 
 def greedy_with_margin(reference, prompt: list[int]) -> list[int] | None:
     """Hugging Face's greedy continuation, or None if some step's top-2 logit gap is under
     GREEDY_MARGIN (its argmax would depend on the CPU's rounding: not a fair reference)."""
     with torch.no_grad():
+        device = reference.device
         out = reference.generate(
-            torch.tensor([prompt]),
-            attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+            torch.tensor([prompt], device=device),
+            attention_mask=torch.ones(1, len(prompt), dtype=torch.long, device=device),
             max_new_tokens=NEW_TOKENS,
             min_new_tokens=NEW_TOKENS,
             do_sample=False,
@@ -45,13 +55,14 @@ def greedy_with_margin(reference, prompt: list[int]) -> list[int] | None:
     return out.sequences[0, len(prompt) :].tolist()
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=CASES)
 def served(request):
     """(the model routed through the store, 8 prompts of lengths 1 to 15 with clear greedy
-    references, their references)."""
-    reference = tiny_architecture(request.param)
+    references, their references), on the case's device."""
+    name, device = request.param
+    reference = tiny_architecture(name).to(device)
     model = twin(reference)
-    prepare_model(model)
+    prepare_model(model, device)
     rng = random.Random(0)
     prompts, expected = [], []
     for length in LENGTHS:
@@ -63,12 +74,15 @@ def served(request):
                 expected.append(continuation)
                 break
         else:
-            pytest.fail(f"{request.param}: no prompt of {length} tokens with a clear greedy path")
+            pytest.fail(f"{name}: no prompt of {length} tokens with a clear greedy path")
     return model, prompts, expected
 
 
 def engine_for(model, prompts) -> TargetEngine:
-    engine = TargetEngine(model, KVStore(8, 64), limits=BatchLimits(max_batch_tokens=256, prefill_chunk=8))
+    device = model.device
+    engine = TargetEngine(
+        model, KVStore(8, 64, device), device=device, limits=BatchLimits(max_batch_tokens=256, prefill_chunk=8)
+    )
     for index, prompt in enumerate(prompts):
         engine.handle(pb.Command(prefill=pb.Prefill(request_id=f"r{index}", token_ids=prompt)), [])
     return engine
