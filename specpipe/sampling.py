@@ -190,7 +190,7 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """[..., vocab] processed probabilities and noise of the same width -> [...] int64
     argmax(log p + noise): tokens of probability 0 (masked by top-k / top-p) never win."""
-    return (torch.log(probs.double()) + noise).argmax(dim=-1)
+    return (torch.log(probs.double()) + noise.to(probs.device)).argmax(dim=-1)
 
 
 def _splitmix64(state: int) -> int:

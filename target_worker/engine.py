@@ -354,8 +354,10 @@ class TargetEngine:
 
     def _decide(self, request: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
         """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab].
-        Sampled draws are keyed by the sequence position they decide, never by the block."""
-        draft_ids = torch.tensor([draft], dtype=torch.long)
+        Sampled draws are keyed by the sequence position they decide, never by the block; they are
+        drawn on the CPU (the same on every device) and moved to the rows' device."""
+        device = rows.device
+        draft_ids = torch.tensor([draft], dtype=torch.long, device=device)
         sampling, start = request.sampling, msg.start_length
         if sampling.greedy:
             result = verify_greedy(draft_ids, rows[None])
@@ -363,13 +365,13 @@ class TargetEngine:
             target_probs = self._padded(logits_to_probs(rows, sampling), request.noise_vocab)
             noise = torch.stack(
                 [gumbel_noise(request.seed, start + i, target_probs.shape[-1]) for i in range(len(draft) + 1)]
-            )
+            ).to(device)
             result = verify_coupled(draft_ids, target_probs[None], noise[None])
         else:
             target_probs = logits_to_probs(rows, sampling)[None]
             draft_probs = self._draft_probs(request, msg, rows.shape[-1])
-            accept = position_uniforms(request.seed, range(start, start + len(draft)), STREAM_ACCEPT)
-            final = position_uniforms(request.seed, range(start, start + len(draft) + 1), STREAM_FINAL)
+            accept = position_uniforms(request.seed, range(start, start + len(draft)), STREAM_ACCEPT).to(device)
+            final = position_uniforms(request.seed, range(start, start + len(draft) + 1), STREAM_FINAL).to(device)
             result = rejection_sample_at(draft_ids, draft_probs, target_probs, accept[None], final[None])
         return int(result.num_accepted[0]), int(result.next_token_ids[0])
 
@@ -387,7 +389,7 @@ class TargetEngine:
         when the draft's head is narrower (padding rows have no mass)."""
         num_draft = len(msg.draft_token_ids)
         if not num_draft:
-            return torch.zeros(1, 0, vocab)
+            return torch.zeros(1, 0, vocab, device=self.device)
         positions = range(msg.start_length, msg.start_length + num_draft)
         if not self.table.ready(request.handle, msg.branch_id, msg.epoch, positions):
             raise TimeoutError(
