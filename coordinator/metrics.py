@@ -101,6 +101,7 @@ METRIC_NAMES = [
     "specpipe:spec_decode_num_rejections_at_fork_total",
     "specpipe:spec_decode_branch_rank_tried_total",
     "specpipe:spec_decode_branch_rank_hits_total",
+    "specpipe:spec_decode_num_prepared_hits_total",
     "specpipe:mean_acceptance_length",
     "specpipe:worker_healthy",
     "specpipe:worker_busy_fraction",
@@ -216,6 +217,10 @@ class ServerMetrics:
         self.rejections_at_fork = counter(
             "spec_decode_num_rejections_at_fork", "Rejections at a position where alternative branches were forked."
         )
+        self.prepared_hits = counter(
+            "spec_decode_num_prepared_hits",
+            "Verifications of a block prepared for the previous verdict's outcome (no coordinator round trip).",
+        )
         self.rank_tried = counter(
             "spec_decode_branch_rank_tried",
             "Rejections where an alternative branch of this rank (0: the draft's second choice) was forked there.",
@@ -307,6 +312,7 @@ class ServerMetrics:
         self.rejections.inc(stats.rejections)
         self.main_rolled_back_tokens.inc(stats.main_rolled_back_tokens)
         self.rejections_at_fork.inc(stats.rejections_at_fork)
+        self.prepared_hits.inc(stats.prepared_hits)
         for rank, count in enumerate(stats.rank_tried):
             self.rank_tried.labels(str(rank)).inc(count)
         for rank, count in enumerate(stats.rank_hits):

@@ -28,9 +28,17 @@ slot. If none agrees, the main branch is synced back to the committed tokens und
 (its stale tokens still in flight are dropped) and drafting restarts.
 
 Two blocks may be in flight: the next block is queued on the target behind the one it is
-verifying, marked with the token it assumes at its start, so the target goes from one to the next
-without waiting for the coordinator. If the first is not fully accepted, the queued one is
-answered `stale` (nothing computed) and dropped here.
+verifying, marked with the block whose verdict it assumes and the token it assumes at its start,
+so the target goes from one to the next without waiting for the coordinator. If the first is not
+fully accepted, the queued one is answered `stale` (nothing computed) and dropped here.
+
+Outcome-keyed (prepared) blocks, specbranch: once a fork's drafting job ends and its fork point
+is in a block in flight, its drafted tokens are queued on the target too, conditional on that
+block's verdict emitting the fork's token there (`send_prepared`). The target checks every queued
+block against its own verdict: the one made for the outcome it reached runs in its next
+iteration, the others are answered stale in the same iteration, so a rejection a branch foresaw
+costs no round trip through the coordinator. Here the verdict arms that block (it joins the main
+line; `resolve_prepared`) and the branch is promoted as before.
 
 Sampling stays exact: a promoted branch starts with exactly the token the rejection sampler
 emitted (it agrees with the committed tokens), and the q sent for its tokens are those the draft
@@ -68,6 +76,7 @@ class BranchView:
     forked: set[int] = field(default_factory=set)  # positions already forked (main line)
     stalled_at: int = -1  # length at which the drafter had nothing to propose
     rank: int = -1  # a fork: its token's rank among the alternatives at fork_at (0: the best)
+    prepared: bool = False  # a fork: its block is queued on the target (conditional on its token)
 
 
 class Pipelined(Schedule):
@@ -100,7 +109,8 @@ class Pipelined(Schedule):
                 self.stop_if_unpaid()
 
     def live(self) -> list[Block]:
-        return [block for block in self.in_flight if not block.doomed]
+        """The main line's blocks in flight (not doomed, not waiting on an outcome)."""
+        return [block for block in self.in_flight if not block.doomed and not block.conditional]
 
     # -- drafting ---------------------------------------------------------------------------------
     def anchor(self) -> int:
@@ -156,6 +166,8 @@ class Pipelined(Schedule):
             view.job_end = len(view.tokens)
         if token.branch_id == self.main and alternatives:
             await self.fork_where_unsure()
+        elif view.fork_at is not None and not self.drafting(view):
+            await self.send_prepared()
 
     async def fork_where_unsure(self) -> None:
         """Fork the main branch's alternatives at its unverified unsure positions, nearest first,
@@ -217,8 +229,41 @@ class Pipelined(Schedule):
         block = Block(
             start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch, done_at=begins + forward_s
         )
-        await self.send_verify(block, emit_bonus=False, expect_last_token=view.tokens[start - 1] if live else None)
+        await self.send_verify(
+            block,
+            emit_bonus=False,
+            expect_last_token=view.tokens[start - 1] if live else None,
+            after=live[-1] if live else None,
+        )
+        await self.send_prepared()
         await self.keep_drafting()
+
+    async def send_prepared(self) -> None:
+        """Outcome-keyed blocks: queue on the target the drafted tokens of every fork whose position
+        is in a main-line block in flight, conditional on the fork's token: the target verifies it
+        right after that block's verdict if the verdict emits that token there (start and last token
+        match), with no round trip through the coordinator, and otherwise answers it stale. Sent
+        once the fork's drafting job has ended."""
+        if not self.policy.prepare_branch_blocks:
+            return
+        live = self.live()
+        for branch_id, view in self.branches.items():
+            at = view.fork_at
+            if at is None or view.prepared or self.drafting(view) or len(view.tokens) <= at + 1:
+                continue
+            holder = next((b for b in live if b.start <= at < b.start + len(b.token_ids)), None)
+            if holder is None:
+                continue
+            view.prepared = True
+            block = Block(
+                start=at + 1,
+                token_ids=view.tokens[at + 1 :],
+                branch_id=branch_id,
+                epoch=view.epoch,
+                conditional=True,
+                expect=view.tokens[at],
+            )
+            await self.send_verify(block, emit_bonus=False, expect_last_token=block.expect, after=holder)
 
     def send_deadline(self, live: list[Block], now: float) -> float | None:
         """The latest moment to cut the next block and still have it in the target's next forward:
@@ -243,21 +288,40 @@ class Pipelined(Schedule):
             if rejected is not None:  # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
             for block in self.in_flight:
-                block.doomed = True  # the target will answer them stale
+                if not block.conditional:
+                    block.doomed = True  # the target will answer them stale
             # The main line's tokens past the verified block go too (commit counted the block's).
             self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (start + len(head.token_ids)))
             forked_ranks = [view.rank for view in self.branches.values() if view.fork_at == at]
+        armed = self.resolve_prepared(head, rejected=verdict.num_accepted < len(head.token_ids))
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
         main_before = self.main
         await self.prune(start)
+        assert armed is None or armed.branch_id == self.main, "the prepared block's branch is the main line"
+        self.stats.prepared_hits += armed is not None
         if forked_ranks:
             promoted = self.main != main_before
             self.stats.on_forked_rejection(forked_ranks, self.branches[self.main].rank if promoted else None)
         await self.keep_drafting()
         return new_tokens
+
+    def resolve_prepared(self, head: Block, rejected: bool) -> Block | None:
+        """After `head`'s verdict, as the target sees it: the block prepared for this outcome of it
+        (its start and token match the committed tokens) is on the main line now (the target
+        verifies it next: returned); the others whose fork point is decided, or past a rejection,
+        will be answered stale."""
+        armed = None
+        for block in self.in_flight:
+            if not block.conditional or block.doomed:
+                continue
+            if block.after == head.block_id and block.start == len(self.tokens) and block.expect == self.tokens[-1]:
+                block.conditional, armed = False, block
+            elif rejected or block.start <= len(self.tokens):
+                block.doomed = True
+        return armed
 
     async def prune(self, start: int) -> None:
         """Keep the branches that agree with the committed tokens; promote or resync main."""

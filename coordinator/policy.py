@@ -17,7 +17,8 @@ Kinds (`--policy`):
 
 Branches (specbranch): a draft token whose probability is under the branch threshold is a branch
 point; fork one branch per next-best candidate there whose draft probability is at least
-`min_branch_prob`, at most `branch_width` of them, while the request has fewer than
+`min_branch_prob` (`min_branch_prob_alone` while the target's batches hold under ALONE_BATCH_ROWS
+requests on average: forks then cost only idle draft time), at most `branch_width` of them, while the request has fewer than
 `max_branches` alternatives alive; each drafts `branch_lookahead` tokens past its fork point.
 The threshold is `branch_confidence`, or by default (None: `--branch-confidence auto`) learnt: the
 BRANCH_CAPTURE quantile of the draft's probability of the tokens the target rejected lately, so
@@ -66,6 +67,8 @@ REQUEST_PRIOR_WEIGHT = 8.0
 MIN_VERDICTS_TO_STOP, STOP_MARGIN = 8, 0.05
 # Running means of the target's batch (rows and tokens per forward): about the last 20 forwards count.
 BATCH_FORGET = 0.95
+# Below this running mean of requests per target forward a request has the workers to itself.
+ALONE_BATCH_ROWS = 1.5
 
 # Learnt branch threshold: the share of rejections it should flag, over the draft probabilities of
 # the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
@@ -252,6 +255,10 @@ class DraftPolicy:
         return self.config.main_lookahead
 
     @property
+    def prepare_branch_blocks(self) -> bool:
+        return self.config.prepare_branch_blocks and self.mode == Mode.SPECBRANCH
+
+    @property
     def wants_prediction(self) -> bool:
         """Ask the target for its acceptance-length prediction with each verify."""
         return self.config.kind == "predictor" and self.mode != Mode.AUTOREGRESSIVE
@@ -296,10 +303,20 @@ class DraftPolicy:
         verify costs little more per token) and the draft fills the next one meanwhile."""
         return min(self.block_length(), IDLE_SEND_TOKENS)
 
+    def min_branch_prob(self) -> float:
+        """The least draft probability of a candidate worth forking: lower while the request has the
+        workers to itself (the draft idles most of the time; more forks meet more rejections), the
+        configured bar while the target's batches hold other requests (forks cost the shared draft)."""
+        rows, config = self.model.batch_rows, self.config
+        if rows is not None and rows < ALONE_BATCH_ROWS:
+            return min(config.min_branch_prob, config.min_branch_prob_alone)
+        return config.min_branch_prob
+
     def branch_candidates(self, candidate_ids: list[int], candidate_probs: list[float]) -> list[int]:
-        return [
-            token_id for token_id, prob in zip(candidate_ids, candidate_probs) if prob >= self.config.min_branch_prob
-        ][: self.branch_width]
+        least = self.min_branch_prob()
+        return [token_id for token_id, prob in zip(candidate_ids, candidate_probs) if prob >= least][
+            : self.branch_width
+        ]
 
     def branch_threshold(self) -> float:
         """A drafted token less likely than this is a branch point (specbranch)."""

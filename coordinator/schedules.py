@@ -43,7 +43,8 @@ class RunStats:
     main line's tokens they threw away (the rejected one and every one drafted past it, not the
     cancelled branches'). Specbranch: rejections_at_fork, those at a position with alternative
     branches forked; rank_tried[r] / rank_hits[r], rejections where a branch of rank r (0: the
-    draft's second choice there) existed / held the target's token."""
+    draft's second choice there) existed / held the target's token; prepared_hits, verifications
+    of a block prepared for the outcome of the verdict before it (no round trip through us)."""
 
     drafted_tokens: int = 0
     draft_tokens: int = 0
@@ -56,6 +57,7 @@ class RunStats:
     main_rolled_back_tokens: int = 0
     rank_tried: list[int] = field(default_factory=list)
     rank_hits: list[int] = field(default_factory=list)
+    prepared_hits: int = 0
     target_seconds: float = 0.0  # target compute spent on this request (its share of batches)
     queue_seconds: float = 0.0  # time its blocks waited, ready, for a place in a batch
     committed_per_verification: list[int] = field(default_factory=list)
@@ -122,6 +124,12 @@ class Block:
     done: bool = False  # its drafting job ended
     done_at: float = 0.0  # pipelined: when the target should be done with it
     doomed: bool = False  # pipelined: a block before it was not fully accepted: answered stale
+    # specbranch: a block prepared for one outcome of a block in flight (the target's token at
+    # start - 1 being `expect`): the target verifies it only on that outcome, else answers stale.
+    conditional: bool = False
+    expect: int = -1
+    block_id: int = 0  # set when sent
+    after: int = 0  # the block_id of the block whose verdict it assumes (0: none)
 
     def add(self, token: worker_pb2.DraftToken) -> None:
         if token.token_id >= 0:
@@ -159,10 +167,13 @@ class Schedule:
         (the last token of a block always comes from the target)."""
         return max(0, min(self.policy.block_length(), self.end - len(self.tokens) - 1))
 
-    async def send_verify(self, block: Block, emit_bonus: bool, expect_last_token: int | None = None) -> None:
-        """Queue a block on the target. `expect_last_token`: the block goes behind one still in
-        flight; if that one is not fully accepted, the target answers this one `stale`."""
+    async def send_verify(
+        self, block: Block, emit_bonus: bool, expect_last_token: int | None = None, after: Block | None = None
+    ) -> None:
+        """Queue a block on the target. `after`: the block in flight whose verdict this one assumes,
+        ending with `expect_last_token` at start - 1; otherwise the target answers this one `stale`."""
         self.block_id += 1
+        block.block_id, block.after = self.block_id, after.block_id if after is not None else 0
         await self.channel.verify(
             worker_pb2.Verify(
                 block_id=self.block_id,
@@ -172,6 +183,7 @@ class Schedule:
                 epoch=block.epoch,
                 emit_bonus=emit_bonus,
                 expect_last_token=expect_last_token,
+                after_block_id=after.block_id if after is not None else None,
                 want_prediction=self.policy.wants_prediction,
             )
         )
@@ -197,9 +209,10 @@ class Schedule:
         """Apply the verdict of the oldest block in flight: the tokens it commits ([] if stale)."""
         block = self.in_flight.popleft()
         if verdict.stale:
-            assert block.doomed, f"block at {block.start} answered stale but was expected to hold"
+            assert block.doomed or block.conditional, f"block at {block.start} answered stale but was expected to hold"
             self.stats.on_verdict(verdict, 0, 0)
             return []
+        assert not block.conditional, f"a prepared block at {block.start} was verified but not armed"
         assert block.start == len(self.tokens), f"verdict for a block at {block.start}, committed {len(self.tokens)}"
         accepted = block.token_ids[: verdict.num_accepted]
         new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])

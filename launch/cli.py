@@ -140,7 +140,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--min-branch-prob",
         type=float,
         default=PolicyConfig.min_branch_prob,
-        help="fork only candidates at least this likely under the draft",
+        help="fork only candidates at least this likely under the draft (while the target's batches hold "
+        "other requests)",
+    )
+    parser.add_argument(
+        "--min-branch-prob-alone",
+        type=float,
+        default=PolicyConfig.min_branch_prob_alone,
+        help="the same bar while a request has the workers to itself (the target's batches hold under "
+        "1.5 requests on average): its forks cost only idle draft time",
     )
     parser.add_argument(
         "--branch-lookahead",
@@ -158,6 +166,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         metavar="N",
         help="specbranch mode, rollback-aware: the main branch drafts only N tokens past its "
         "first unsure token (default: no cap; fewer rolled-back tokens, but slower here)",
+    )
+    parser.add_argument(
+        "--prepare-branch-blocks",
+        action=argparse.BooleanOptionalAction,
+        default=PolicyConfig.prepare_branch_blocks,
+        help="specbranch mode: queue each drafted branch on the target behind the block holding its fork "
+        "point, so that a verdict emitting the branch's token goes on to verify it without waiting for "
+        "the coordinator (default: on)",
     )
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument(
@@ -417,10 +433,12 @@ def run_serve(args, plan, runtime) -> None:
             min_confidence=args.min_confidence,
             branch_width=args.branch_width,
             min_branch_prob=args.min_branch_prob,
+            min_branch_prob_alone=args.min_branch_prob_alone,
             branch_confidence=args.branch_confidence,
             branch_lookahead=args.branch_lookahead,
             max_branches=args.max_branches,
             main_lookahead=args.main_lookahead,
+            prepare_branch_blocks=args.prepare_branch_blocks,
         ),
         max_concurrent_requests=args.max_concurrent_requests,
         max_queued_requests=args.max_queued_requests,

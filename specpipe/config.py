@@ -97,14 +97,20 @@ class PolicyConfig:
     num_draft_tokens: int = 6  # block length (the most, for `adaptive` / `predictor`)
     min_confidence: float = 0.3  # end a block after a token less likely than this
     branch_width: int = 2  # most alternatives forked at a branch point
-    # Skip candidates the draft itself finds this unlikely. (0.02 lets 72% of the demo pair's greedy
-    # rejections meet a branch holding the target's token, against 49%, and pays behind a slow
-    # draft link, but its extra forks cost the shared draft 7-11% of throughput at 8-16 clients.)
+    # Skip candidates the draft itself finds this unlikely: `min_branch_prob` while the target's
+    # batches hold other requests, `min_branch_prob_alone` while a request has the workers to itself.
+    # (On the demo pair 0.02 lets 71% of greedy rejections meet a branch holding the target's token,
+    # against 49% at 0.1, and serves one request 1.08x faster; but at 8-16 clients its extra forks
+    # cost the shared draft 5-11% of throughput.)
     min_branch_prob: float = 0.1
+    min_branch_prob_alone: float = 0.02
     branch_confidence: float | None = None  # specbranch: fork at a draft token less likely; None: learnt
     branch_lookahead: int = 4  # tokens an alternative branch drafts past its fork point
     max_branches: int = 4  # live alternative branches per request
     main_lookahead: int | None = None  # specbranch: main drafts this far past its first unsure token; None: no cap
+    # specbranch: queue each drafted branch on the target behind the block holding its fork point,
+    # verified there the moment the verdict emits the branch's token (no round trip through us).
+    prepare_branch_blocks: bool = True
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"

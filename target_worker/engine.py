@@ -1,8 +1,8 @@
 """The target worker's executor: prefill, verify, decode and release, batched over every request.
 
 Each iteration (`step`) takes the next piece of work of every request (target_worker/requests.py:
-a verify row of pending committed tokens plus draft tokens, a prefill chunk, a decode row, or a
-stale block to answer without compute), within the budgets (`BatchLimits`: tokens fed and rows
+a verify row of pending committed tokens plus draft tokens, a prefill chunk or a decode row; the
+stale blocks at the head of a request's queue are answered first, without compute), within the budgets (`BatchLimits`: tokens fed and rows
 per forward), and runs them as ONE packed forward over the KV store (specpipe/kv_store.py: a slot
 per request, no copy of any cache). Each verify then gets its own accept/reject decision from the
 pure math in `verify.py`, with its own generator keyed by (seed, start position), so a request's
@@ -45,7 +45,7 @@ from specpipe.sampling import (
     logits_to_probs,
     position_uniforms,
 )
-from specpipe.target_worker.requests import TargetRequest, Work, next_work
+from specpipe.target_worker.requests import TargetRequest, Work, is_stale, next_work
 from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
 logger = logging.getLogger(__name__)
@@ -186,6 +186,7 @@ class TargetEngine:
         return works
 
     def step(self) -> tuple[list, dict]:
+        stale = self._answer_stale()
         works = self._plan()
         self._turn += 1
         now = time.monotonic()
@@ -197,7 +198,7 @@ class TargetEngine:
         forward_s = time.perf_counter() - begin
         total = sum(len(w.fed) for w in fed)
         self.last_batch = (len(fed), total)
-        items = []
+        items = stale
         for work in works:
             share = forward_s * len(work.fed) / total if total else 0.0
             try:
@@ -216,6 +217,24 @@ class TargetEngine:
             if item is not None:
                 items.append(item)
         return items, {"batch_requests": len(fed), "batch_tokens": total, "forward_seconds": forward_s}
+
+    def _answer_stale(self) -> list:
+        """Answer every request's stale blocks at the head of its queue (no compute), in order, so
+        that the block behind them is this iteration's work: a request may queue several blocks
+        for outcomes that exclude each other (prepared branch blocks), and all but one are stale."""
+        items = []
+        for request_id, request in self.requests.items():
+            while request.verifies and (request.decode_until or is_stale(request, request.verifies[0][0])):
+                msg, _ = request.verifies.popleft()
+                verdict = worker_pb2.Verdict(
+                    request_id=request_id,
+                    block_id=msg.block_id,
+                    stale=True,
+                    next_token_id=-1,
+                    committed_length=len(request.tokens),
+                )
+                items.append((request_id, verdict, []))
+        return items
 
     def _forward(self, works: list[Work]) -> dict:
         """One packed forward over the works' fed tokens: {id(work): (logits [n, vocab], hidden or None)}."""
@@ -262,19 +281,6 @@ class TargetEngine:
             return None
         queue_s = time.monotonic() - request.ready_since if request.ready_since else 0.0
         request.ready_since = None
-        if work.kind == "stale":
-            request.verifies.popleft()
-            return (
-                work.request_id,
-                worker_pb2.Verdict(
-                    request_id=work.request_id,
-                    block_id=work.verify.block_id,
-                    stale=True,
-                    next_token_id=-1,
-                    committed_length=len(request.tokens),
-                ),
-                [],
-            )
         if work.kind == "verify":
             request.verifies.popleft()
             verdict, frames = self._verify(work, output)
@@ -308,6 +314,7 @@ class TargetEngine:
         want_hidden = self._wants_hidden(work)
         rows, hidden_rows = self._rows(request, output, want_hidden)
         num_accepted, next_token = self._decide(request, msg, draft, rows)
+        request.last_block_id = msg.block_id
         if num_accepted == len(draft) and not msg.emit_bonus:
             request.tokens += draft
             request.next_logits = rows[-1]

@@ -38,6 +38,7 @@ class TargetRequest:
     next_logits: torch.Tensor | None = None  # [vocab] after tokens[-1], when cached == len(tokens)
     next_hidden: torch.Tensor | None = None  # [hidden] the last hidden state of that row, when kept
     verifies: deque = field(default_factory=deque)  # (Verify, queued_at), oldest first
+    last_block_id: int = 0  # the last block verified (not stale) for it
     decode_until: int = 0  # decode by itself up to this many tokens (Decode)
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
@@ -56,7 +57,8 @@ class TargetRequest:
 
 @dataclass
 class Work:
-    """One request's part of an iteration. kind: stale | prefill | verify | decode."""
+    """One request's part of an iteration. kind: prefill | verify | decode; or stale: its head
+    block is to be answered stale (the engine answers those before it plans the iteration)."""
 
     request_id: str
     request: TargetRequest
@@ -82,9 +84,17 @@ class Work:
 
 
 def is_stale(request: TargetRequest, msg: worker_pb2.Verify) -> bool:
-    """A queued block whose predecessor was not fully accepted."""
+    return block_is_stale(msg, request.tokens, request.last_block_id)
+
+
+def block_is_stale(msg: worker_pb2.Verify, tokens: list[int], last_block_id: int) -> bool:
+    """A queued block whose assumption failed, given the committed `tokens` and the last block
+    verified: the block it follows was not the last verified, or did not end where and with the
+    token this one assumes."""
     return msg.HasField("expect_last_token") and (
-        msg.start_length != len(request.tokens) or request.tokens[-1] != msg.expect_last_token
+        msg.start_length != len(tokens)
+        or tokens[-1] != msg.expect_last_token
+        or (msg.HasField("after_block_id") and msg.after_block_id != last_block_id)
     )
 
 

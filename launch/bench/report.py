@@ -19,7 +19,9 @@ from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 4  # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules"); 4: rejections, main-line rollback, hits per rank
+# 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules"); 4: rejections, main-line
+# rollback, hits per rank; 5: prepared hits (hits verified with no coordinator round trip)
+SCHEMA_VERSION = 5
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -80,6 +82,7 @@ SUMMARY_KEYS = (
     "main_rolled_back_tokens",
     "rejection_hit_rate",
     "rank_hit_rates",
+    "prepared_hit_rate",
     "time_to_first_token_s",
     "target_busy_fraction",
     "generated_tokens",
@@ -193,10 +196,17 @@ def method_summary(records: list[dict], baseline: dict[int, float], error: str |
 def rejection_summary(totals: Counter, trials: int) -> dict:
     """Per trial: rejections and the main-line tokens they threw away; the share of rejections a
     promoted branch answered (its prepared draft held the target's token); per rank of the
-    alternative, hits over the rejections where a branch of that rank was there. None where the
-    method does not report them (Hugging Face's)."""
+    alternative, hits over the rejections where a branch of that rank was there; the share of hits
+    whose block was already queued on the target (prepared: no coordinator round trip). None where
+    the method does not report them (Hugging Face's)."""
     if "rejections" not in totals:
-        return dict(rejections=None, main_rolled_back_tokens=None, rejection_hit_rate=None, rank_hit_rates=None)
+        return dict(
+            rejections=None,
+            main_rolled_back_tokens=None,
+            rejection_hit_rate=None,
+            rank_hit_rates=None,
+            prepared_hit_rate=None,
+        )
     ranks = []
     while f"rank{len(ranks)}_tried" in totals:
         tried, hits = totals[f"rank{len(ranks)}_tried"], totals[f"rank{len(ranks)}_hits"]
@@ -206,6 +216,11 @@ def rejection_summary(totals: Counter, trials: int) -> dict:
         main_rolled_back_tokens=totals["main_rolled_back_tokens"] / trials,
         rejection_hit_rate=totals["branches_hit"] / totals["rejections"] if totals["rejections"] else None,
         rank_hit_rates=ranks or None,
+        prepared_hit_rate=(
+            totals["prepared_hits"] / totals["branches_hit"]
+            if totals["branches_hit"] and "prepared_hits" in totals
+            else None
+        ),
     )
 
 
@@ -378,6 +393,8 @@ def _branch_hits_text(s: dict) -> str:
         text += f", {s['rejection_hit_rate']:.0%} of rejections"
     if s.get("rank_hit_rates"):
         text += "; by rank " + " / ".join(_number(rank["rate"], "{:.0%}") for rank in s["rank_hit_rates"])
+    if s.get("prepared_hit_rate") is not None:
+        text += f"; {s['prepared_hit_rate']:.0%} of hits prepared"
     return text
 
 
@@ -417,7 +434,8 @@ def markdown(results: dict) -> str:
         "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial (main: "
         "the main line's part, the rest is cancelled branches). Branch hits: promoted branches over those "
         "forked, over the rejections, and per rank of the alternative (the draft's 2nd, 3rd choice) over the "
-        "rejections where a branch of that rank was there.",
+        "rejections where a branch of that rank was there; prepared: the hits whose block was already queued "
+        "on the target, verified without a round trip through the coordinator.",
         "",
     ]
     correctness = results["correctness"]

@@ -251,6 +251,7 @@ def specpipe_method(client, mode: Mode, max_new_tokens: int, num_draft_tokens: i
                 "rejections",
                 "main_rolled_back_tokens",
                 "rejections_at_fork",
+                "prepared_hits",
             )
         }
         counters["committed_tokens"] = round(stats.mean_accepted_length * stats.verifications)

@@ -18,6 +18,7 @@ from collections import deque
 
 from specpipe.coordinator.workers import Event
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.target_worker.requests import block_is_stale
 
 VOCAB = 50
 # Draft steps the fake draft may have sent that the schedule has not read yet.
@@ -72,6 +73,7 @@ class FakeWorkers:
         self.branches: dict[int, list[int]] = {}
         self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
         self.stale_answers = 0
+        self.last_block_id = 0  # the last block verified
         self.rejections = 0  # blocks answered with a draft token rejected
         self.commands: list[str] = []
         self.request_id = ""
@@ -207,10 +209,7 @@ class FakeWorkers:
         )
 
     def _verify(self, msg) -> worker_pb2.Verdict:
-        stale = msg.HasField("expect_last_token") and (
-            msg.start_length != len(self.committed) or self.committed[-1] != msg.expect_last_token
-        )
-        if stale or self.decode_until:
+        if block_is_stale(msg, self.committed, self.last_block_id) or self.decode_until:
             self.stale_answers += 1
             return worker_pb2.Verdict(
                 request_id=self.request_id,
@@ -220,6 +219,7 @@ class FakeWorkers:
                 committed_length=len(self.committed),
             )
         assert msg.start_length == len(self.committed), "a block that does not extend the committed tokens"
+        self.last_block_id = msg.block_id
         draft, accepted = list(msg.draft_token_ids), 0
         while accepted < len(draft) and draft[accepted] == target_next(self.committed + draft[:accepted]):
             accepted += 1

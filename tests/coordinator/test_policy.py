@@ -99,6 +99,21 @@ def test_branch_candidates_filter_and_cap():
     assert DraftPolicy(PolicyConfig(), "sequential").branch_candidates([5], [0.9]) == []
 
 
+def test_the_candidate_bar_is_lower_while_a_request_has_the_workers_to_itself():
+    """Forks cost only idle draft time while the target's batches hold one request: the bar is
+    min_branch_prob_alone then, min_branch_prob once others share the batches (and before any
+    forward is seen)."""
+    policy = DraftPolicy(PolicyConfig(branch_width=2, min_branch_prob=0.1, min_branch_prob_alone=0.02), "specbranch")
+    candidates = ([5, 6, 7], [0.3, 0.05, 0.01])
+    assert policy.branch_candidates(*candidates) == [5]  # nothing measured yet
+    for _ in range(30):
+        policy.model.observe_forward(rows=1, tokens=7, seconds=0.017)
+    assert policy.branch_candidates(*candidates) == [5, 6]
+    for _ in range(30):
+        policy.model.observe_forward(rows=8, tokens=40, seconds=0.05)
+    assert policy.branch_candidates(*candidates) == [5]
+
+
 def test_fork_candidates_only_at_unsure_tokens_in_specbranch():
     config = PolicyConfig(branch_width=2, min_branch_prob=0.1, branch_confidence=0.8, max_branches=4)
     policy = DraftPolicy(config, "specbranch")

@@ -10,6 +10,8 @@ committed tokens and blocks in flight to target-only decoding, which finishes ex
 
 from __future__ import annotations
 
+import dataclasses
+
 import asyncio
 
 import pytest
@@ -130,8 +132,11 @@ def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading
     finds a fork at its position, also at positions redrafted after a resync (they fork afresh).
     Where its best alternative is the target's token the fork holds it; `misleading`: at half of
     them it does not, the main line is resynced there. The target is slow: the draft runs ahead
-    (forks past the rejection are cancelled with the main line's tokens)."""
-    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32)
+    (forks past the rejection are cancelled with the main line's tokens). Without prepared blocks:
+    a block verified at once after its fork point's verdict has had no forks of its own."""
+    policy = PolicyConfig(
+        kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32, prepare_branch_blocks=False
+    )
     for seed in SEEDS:
         tokens, request, _ = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
         assert tokens == greedy(PROMPT, MAX_NEW)
@@ -142,6 +147,26 @@ def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading
             assert 0 < stats.rank_hits[0] < stats.rank_tried[0], seed
         else:
             assert stats.rank_hits[0] == stats.rank_tried[0], seed
+
+
+@pytest.mark.parametrize("misleading", [False, True])
+def test_prepared_blocks_take_the_target_on_from_the_verdicts_it_was_made_for(misleading):
+    """Each fork's drafted tokens are queued on the target conditional on its token: where the
+    verdict emits it, the target verifies them next, with no round trip (a prepared hit), and
+    answers the others stale; the output is the greedy output whatever the ordering of events.
+    `misleading`: half of the forks hold a wrong token; their blocks are all answered stale."""
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32)
+    prepared = 0
+    for seed in SEEDS:
+        tokens, request, workers = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
+        assert tokens == greedy(PROMPT, MAX_NEW), seed
+        stats = request.stats
+        assert stats.prepared_hits <= stats.branches_hit, seed
+        assert workers.stale_answers > 0, seed
+        prepared += stats.prepared_hits
+    assert prepared > 0, "no verdict went on to a prepared block"
+    off = dataclasses.replace(policy, prepare_branch_blocks=False)
+    assert all(run("specbranch", seed, policy=off)[1].stats.prepared_hits == 0 for seed in SEEDS)
 
 
 def test_the_draft_is_released_and_the_target_too():

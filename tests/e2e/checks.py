@@ -12,6 +12,42 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
+# The least gap between the target's best and second-best logit at every step of a greedy
+# reference. Speculative decoding computes the same positions in forwards of other shapes (a block
+# of k tokens, a padded batch), whose float32 rounding differs from one CPU to another (Intel or
+# AMD, with or without AVX-512) by ~1e-5 on these logits; a greedy-equality test is only a test of
+# the system, not of rounding luck, where every step's argmax wins by far more than that.
+GREEDY_MARGIN = 1e-3
+
+
+def greedy_reference(model, prompt_ids: list[int], max_new_tokens: int) -> list[int]:
+    """The model's own greedy tokens (through EOS), on the model's device. Fails, naming the step,
+    if any step's top-2 logit gap is under GREEDY_MARGIN: such a prompt would make the comparison
+    depend on the device's rounding (pick another prompt)."""
+    import torch
+
+    eos, device = model.config.eos_token_id, model.device
+    with torch.no_grad():
+        out = model.generate(
+            torch.tensor([prompt_ids], device=device),
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device=device),
+            pad_token_id=eos,
+            output_logits=True,
+            return_dict_in_generate=True,
+        )
+    tokens = out.sequences[0, len(prompt_ids) :].tolist()
+    tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
+    for step, logits in enumerate(out.logits[: len(tokens)]):
+        best, second = torch.topk(logits[0].double(), 2).values.tolist()
+        assert best - second >= GREEDY_MARGIN, (
+            f"prompt {prompt_ids}: greedy step {step} wins by {best - second:.2e} < {GREEDY_MARGIN:g}; "
+            f"its argmax depends on float rounding: choose another prompt"
+        )
+    return tokens
+
+
 # How long a server may take to free a finished, cancelled or failed request on both workers. It
 # is done at once (the release goes out as the request ends, the next heartbeat reports it); the
 # bound is for a loaded 2-core box, and a wait returns as soon as the server is idle.

@@ -25,6 +25,7 @@ from transformers import AutoModelForCausalLM
 from specpipe import Client
 from specpipe.launch.local import ServerProcess
 
+from checks import greedy_reference
 from tiny import PROMPTS
 
 pytestmark = [
@@ -34,8 +35,6 @@ pytestmark = [
 
 MODES = ["autoregressive", "sequential", "pipelined", "specbranch"]
 MAX_NEW = 40
-# As tests/e2e/conftest.py GREEDY_MARGIN: the least top-2 logit gap of a fair greedy reference.
-GREEDY_MARGIN = 1e-3
 SEEDED = dict(max_new_tokens=48, temperature=1.0, top_k=40, seed=4242, drafter_invariant=True)
 
 
@@ -59,30 +58,9 @@ def gpu_server(tiny_models):
 
 @pytest.fixture(scope="module")
 def cuda_greedy(tiny_models):
-    """The target's own greedy tokens on the GPU (through EOS), each step's argmax clear by
-    GREEDY_MARGIN (else the prompt is not a fair reference: the test fails naming it)."""
+    """The target's own greedy tokens on the GPU, each step's argmax clear (checks.greedy_reference)."""
     model = AutoModelForCausalLM.from_pretrained(tiny_models["target"]).eval().to("cuda:0")
-    eos = model.config.eos_token_id
-
-    def generate(prompt_ids: list[int], max_new_tokens: int) -> list[int]:
-        with torch.no_grad():
-            out = model.generate(
-                torch.tensor([prompt_ids], device="cuda:0"),
-                attention_mask=torch.ones(1, len(prompt_ids), dtype=torch.long, device="cuda:0"),
-                max_new_tokens=max_new_tokens,
-                do_sample=False,
-                pad_token_id=eos,
-                output_logits=True,
-                return_dict_in_generate=True,
-            )
-        tokens = out.sequences[0, len(prompt_ids) :].tolist()
-        tokens = tokens[: tokens.index(eos) + 1] if eos in tokens else tokens
-        for step, logits in enumerate(out.logits[: len(tokens)]):
-            best, second = torch.topk(logits[0].double(), 2).values.tolist()
-            assert best - second >= GREEDY_MARGIN, f"prompt {prompt_ids}: step {step} is a rounding coin-flip"
-        return tokens
-
-    return generate
+    return lambda prompt_ids, max_new_tokens: greedy_reference(model, prompt_ids, max_new_tokens)
 
 
 def test_workers_run_on_cuda(gpu_server):

@@ -429,6 +429,7 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
         ("num_rejections", "rejections"),
         ("num_main_rolled_back_tokens", "main_rolled_back_tokens"),
         ("num_rejections_at_fork", "rejections_at_fork"),
+        ("num_prepared_hits", "prepared_hits"),
     ):
         assert moved(f"specpipe:spec_decode_{name}_total") == sum(getattr(s, field) for s in stats), name
     for name, field in (("branch_rank_tried", "branch_rank_tried"), ("branch_rank_hits", "branch_rank_hits")):
@@ -437,7 +438,14 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
             assert moved(f"specpipe:spec_decode_{name}_total", rank=str(rank)) == by_request, (name, rank)
     assert sum(s.rejections for s in stats) > 0, "the requests met no rejection"
     # GetStats' totals: the sums of the requests' own stats (per rank too).
-    for field in ("draft_tokens", "accepted_tokens", "branches_hit", "rejections", "main_rolled_back_tokens"):
+    for field in (
+        "draft_tokens",
+        "accepted_tokens",
+        "branches_hit",
+        "rejections",
+        "main_rolled_back_tokens",
+        "prepared_hits",
+    ):
         assert getattr(totals_after, field) - getattr(totals_before, field) == sum(getattr(s, field) for s in stats)
     for field in ("branch_rank_tried", "branch_rank_hits"):
         grown = [

@@ -19,7 +19,7 @@ from specpipe.target_worker.engine import BatchLimits, TargetEngine
 from tiny import ARCHITECTURES, tiny_architecture, twin
 
 NEW_TOKENS = 20
-# The least top-2 logit gap of the references (see tests/e2e/conftest.py GREEDY_MARGIN).
+# The least top-2 logit gap of the references (see tests/e2e/checks.py GREEDY_MARGIN).
 GREEDY_MARGIN = 1e-3
 LENGTHS = [1, 3, 5, 7, 9, 11, 13, 15]
 # Each family on the CPU, and on a GPU where one is (marked `gpu`: `pytest -m gpu` runs those).

@@ -168,9 +168,10 @@ def test_decode_runs_alone_and_answers_queued_verifies_stale(models):
     prefill(engine, "r", prompt)
     verify(engine, "r", len(prompt), [1, 2, 3], emit_bonus=False)
     engine.handle(pb.Command(decode=pb.Decode(request_id="r", max_length=len(prompt) + 5)), [])
-    verdicts, figures = step(engine)
-    assert verdicts["r"].stale and figures["batch_requests"] == 0
-    tokens = []
+    items, figures = engine.step()  # the queued block answered stale, then the first decoded token
+    first, second = [item for _, item, _ in items]
+    assert first.stale and not second.stale and figures["batch_requests"] == 1
+    tokens = [second.next_token_id]
     while engine.ready():
         verdict = step(engine)[0]["r"]
         assert verdict.num_accepted == 0 and not verdict.stale
@@ -214,6 +215,60 @@ def test_stale_block_is_answered_without_compute(models):
     assert first.num_accepted == 0
     second, figures = step(engine)
     assert second["r"].stale and figures["batch_tokens"] == 0
+
+
+@pytest.mark.parametrize("outcome", ["rejected at the fork", "fully accepted"])
+def test_the_block_prepared_for_the_verdicts_outcome_runs_next_and_the_others_are_stale(models, outcome):
+    """Queued behind block 1: a block prepared for each outcome at its first position (the
+    target's token there, or another), and block 1's successor. Whatever the verdict, exactly the
+    block made for it is verified in the next iteration, its stale neighbours answered in the
+    same iteration without compute, and the result equals greedy decoding."""
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [4, 8, 15, 16]
+    prefill(engine, "r", prompt)
+    expected = greedy(reference, prompt, 8)
+    wrong = (expected[0] + 1) % 250
+    first = [wrong, 7] if outcome == "rejected at the fork" else expected[:2]
+    start = len(prompt)
+    verify(engine, "r", start, first, emit_bonus=False, block_id=1)
+    for block_id, token in ((2, wrong), (3, expected[0])):  # prepared: one per outcome at `start`
+        tail = expected[1:4] if token == expected[0] else [9, 9]
+        verify(engine, "r", start + 1, tail, False, block_id=block_id, expect_last_token=token, after_block_id=1)
+    successor = expected[2:5] if outcome == "fully accepted" else [3, 3]
+    verify(engine, "r", start + 2, successor, False, block_id=4, expect_last_token=first[-1], after_block_id=1)
+    verdict = step(engine)[0]["r"]
+    assert verdict.num_accepted == (0 if outcome == "rejected at the fork" else 2)
+    items, figures = engine.step()
+    answered = {item.block_id: item for _, item, _ in items}
+    assert figures["batch_requests"] == 1
+    if outcome == "rejected at the fork":  # the correction is expected[0]: block 3 holds it
+        assert answered[2].stale and answered[3].num_accepted == 3 and not answered[3].stale
+        assert 4 not in answered, "the successor waits behind block 3 (answered with it next)"
+        assert step(engine)[0]["r"].stale
+        assert engine.requests["r"].tokens == prompt + expected[:4]  # correction + block 3's three
+    else:  # both prepared blocks are stale (the fork point was accepted); the successor runs
+        assert answered[2].stale and answered[3].stale and answered[4].num_accepted == 3
+        assert engine.requests["r"].tokens == prompt + expected[:5]
+
+
+def test_a_block_is_stale_when_its_length_and_token_are_reached_by_another_path(models):
+    """A block assumes the verdict of the block it follows: matching the committed length and
+    last token is not enough when another block was verified last (a prepared block took the
+    request to the same place by another path)."""
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [4, 8, 15, 16]
+    prefill(engine, "r", prompt)
+    expected = greedy(reference, prompt, 6)
+    start = len(prompt)
+    verify(engine, "r", start, [(expected[0] + 1) % 250] + expected[1:3], emit_bonus=False, block_id=1)
+    verify(engine, "r", start + 1, expected[1:3], False, block_id=2, expect_last_token=expected[0], after_block_id=1)
+    # Cut behind block 1, assuming it all accepted: the same length and last token as block 2 gives.
+    verify(engine, "r", start + 3, expected[3:5], False, block_id=3, expect_last_token=expected[2], after_block_id=1)
+    assert step(engine)[0]["r"].num_accepted == 0
+    assert step(engine)[0]["r"].num_accepted == 2  # block 2: the request is at start + 3, ending expected[2]
+    assert step(engine)[0]["r"].stale  # block 3 assumed block 1's verdict
 
 
 def test_a_prompt_longer_than_a_slot_is_refused_and_slots_are_bounded(models):

@@ -61,6 +61,7 @@ METHOD_FIELDS = {
     "main_rolled_back_tokens",
     "rejection_hit_rate",
     "rank_hit_rates",
+    "prepared_hit_rate",
     "time_to_first_token_s",
     "target_busy_fraction",
     "generated_tokens",

@@ -97,7 +97,7 @@ class Cancel(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ...) -> None: ...
 
 class Verify(_message.Message):
-    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features", "want_prediction", "expect_last_token")
+    __slots__ = ("request_id", "block_id", "start_length", "draft_token_ids", "branch_id", "epoch", "emit_bonus", "want_features", "want_prediction", "expect_last_token", "after_block_id")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     START_LENGTH_FIELD_NUMBER: _ClassVar[int]
@@ -108,6 +108,7 @@ class Verify(_message.Message):
     WANT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     WANT_PREDICTION_FIELD_NUMBER: _ClassVar[int]
     EXPECT_LAST_TOKEN_FIELD_NUMBER: _ClassVar[int]
+    AFTER_BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     start_length: int
@@ -118,7 +119,8 @@ class Verify(_message.Message):
     want_features: bool
     want_prediction: bool
     expect_last_token: int
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ..., expect_last_token: _Optional[int] = ...) -> None: ...
+    after_block_id: int
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ..., expect_last_token: _Optional[int] = ..., after_block_id: _Optional[int] = ...) -> None: ...
 
 class Decode(_message.Message):
     __slots__ = ("request_id", "max_length")
