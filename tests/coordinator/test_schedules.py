@@ -17,9 +17,10 @@ import asyncio
 import pytest
 
 from specpipe.coordinator.channel import RequestChannel
-from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
+from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun
-from specpipe.coordinator.schedules import RunStats
+from specpipe.coordinator.schedules import Block, RunStats, Schedule
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import SamplingParams
 
 from fake_workers import FakeInbox, FakeWorkers, greedy
@@ -167,6 +168,30 @@ def test_prepared_blocks_take_the_target_on_from_the_verdicts_it_was_made_for(mi
     assert prepared > 0, "no verdict went on to a prepared block"
     off = dataclasses.replace(policy, prepare_branch_blocks=False)
     assert all(run("specbranch", seed, policy=off)[1].stats.prepared_hits == 0 for seed in SEEDS)
+
+
+def test_a_prepared_block_verified_before_a_hand_over_is_committed_by_the_schedule_taking_over():
+    """The draft went down (or speculation stopped) with a prepared block queued: the target may
+    have verified it before the Decode reached it, and the target-only schedule, which marks every
+    block in flight doomed and never arms one, must commit that verdict as the target did."""
+    plan = RequestPlan(
+        request_id="r",
+        prompt_ids=[1, 2, 3],
+        max_new_tokens=8,
+        sampling=SamplingParams(),
+        seed=0,
+        mode="specbranch",
+        policy=PolicyConfig(),
+    )
+    schedule = Schedule(plan, None, DraftPolicy(PolicyConfig(), "specbranch"), RunStats())
+    head = Block(start=3, token_ids=[7, 8], block_id=1)
+    prepared = Block(start=4, token_ids=[5, 6], conditional=True, expect=9, block_id=2, after=1)
+    schedule.in_flight.extend([head, prepared])
+    for block in schedule.in_flight:
+        block.doomed = True  # (TargetOnly: a stale answer is expected now)
+    assert schedule.commit(worker_pb2.Verdict(num_accepted=0, next_token_id=9, committed_length=4)) == [9]
+    assert schedule.commit(worker_pb2.Verdict(num_accepted=2, next_token_id=-1, committed_length=6)) == [5, 6]
+    assert schedule.tokens == [1, 2, 3, 9, 5, 6]
 
 
 def test_the_draft_is_released_and_the_target_too():
