@@ -29,6 +29,7 @@ from specpipe.launch.bench.runners import (
     warm_up,
 )
 from specpipe.launch.bench.rules import RULE_MODES, RULES, SETTINGS, with_params
+from specpipe.config import PolicyConfig
 from specpipe.modes import MODE_NAMES, Mode
 
 logger = logging.getLogger(__name__)
@@ -128,8 +129,8 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--num-draft-tokens",
         type=int,
-        default=6,
-        help="specpipe draft tokens per block, the most (default 6, as `specpipe serve`)",
+        default=PolicyConfig.num_draft_tokens,
+        help=f"specpipe draft tokens per block, the most (default {PolicyConfig.num_draft_tokens}, as `specpipe serve`)",
     )
     parser.add_argument(
         "--pin",

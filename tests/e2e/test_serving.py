@@ -242,7 +242,7 @@ def test_cancel_mid_stream_frees_both_workers(serve):
 @pytest.mark.parametrize("policy", ["fixed", "adaptive", "predictor"])
 def test_every_policy_is_lossless(serve, hf_greedy, policy):
     """The policy only decides how much to draft and where to branch; output never changes."""
-    client = Client(serve("draft_close", "--policy", policy, "--num-draft-tokens", "6").addr)
+    client = Client(serve("draft_close", "--policy", policy, "--num-draft-tokens", "8").addr)
     for mode in ("sequential", "specbranch"):
         token_ids, _, _ = client.complete(prompt_ids=PROMPTS[2], max_new_tokens=MAX_NEW, mode=mode)
         assert token_ids == hf_greedy(PROMPTS[2], MAX_NEW), (policy, mode)
@@ -399,7 +399,7 @@ def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves
         f"draft   {tiny_models['draft']}  ",
         "K parameters, float32, on cpu, not pinned (pid ",
         "coordinator not pinned; pinning: --pin none",
-        "default mode specbranch, policy adaptive, up to 6 draft tokens",
+        "default mode specbranch, policy adaptive, up to 8 draft tokens",
         "limits: 32 requests running, 256 queued, no limit on tokens in flight, max_new_tokens <= 4096",
         f"gRPC {server.addr} (plain text, no token); metrics http://127.0.0.1:",
         f"specpipe serving on {server.addr}",
