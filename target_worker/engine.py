@@ -1,14 +1,15 @@
 """The target worker's executor: prefill, verify, decode and release, batched over every request.
 
-Each iteration (`step`) takes the next piece of work of every request (target_worker/requests.py:
-a verify row of pending committed tokens plus draft tokens, a prefill chunk or a decode row; the
-stale blocks at the head of a request's queue are answered first, without compute), within the budgets (`BatchLimits`: tokens fed and rows
-per forward), and runs them as ONE packed forward over the KV store (specpipe/kv_store.py: a slot
-per request, no copy of any cache). Each verify then gets its own accept/reject decision from the
-pure math in `verify.py`, with its own generator keyed by (seed, start position), so a request's
-output does not depend on its batch neighbours; the request's cache is rolled back to the accepted
-prefix by forgetting positions. Requests are taken in turn from a rotating start, so when the
-budget cuts a batch short no request waits more than a few iterations (fairness).
+Each iteration (`step`) takes the next piece of work of every request (target_worker/requests.py: a
+verify row of pending committed tokens plus draft tokens, a prefill chunk or a decode row; the
+stale blocks at the head of a request's queue are answered first, without compute), within the
+budgets (`BatchLimits`: tokens fed and rows per forward), and runs them as ONE packed forward over
+the KV store (specpipe/kv_store.py: a slot per request, no copy of any cache). Each verify then
+gets its own accept/reject decision from the pure math in `verify.py`, with its own generator keyed
+by (seed, start position), so a request's output does not depend on its batch neighbours; the
+request's cache is rolled back to the accepted prefix by forgetting positions. Requests are taken
+in turn from a rotating start, so when the budget cuts a batch short no request waits more than a
+few iterations (fairness).
 
 For sampling, the draft's q of a block arrive over the data plane (specpipe.dataplane), not with
 the Verify command: a block runs once all of its q are in the table (one that waits past
@@ -45,7 +46,7 @@ from specpipe.sampling import (
     logits_to_probs,
     position_uniforms,
 )
-from specpipe.target_worker.requests import TargetRequest, Work, is_stale, next_work
+from specpipe.target_worker.requests import TargetRequest, Work, head_is_stale, next_work
 from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
 logger = logging.getLogger(__name__)
@@ -224,7 +225,7 @@ class TargetEngine:
         for outcomes that exclude each other (prepared branch blocks), and all but one are stale."""
         items = []
         for request_id, request in self.requests.items():
-            while request.verifies and (request.decode_until or is_stale(request, request.verifies[0][0])):
+            while head_is_stale(request):
                 msg, _ = request.verifies.popleft()
                 verdict = worker_pb2.Verdict(
                     request_id=request_id,

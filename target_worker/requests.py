@@ -83,8 +83,12 @@ class Work:
         return list(range(max(first, 0), len(self.fed)))
 
 
-def is_stale(request: TargetRequest, msg: worker_pb2.Verify) -> bool:
-    return block_is_stale(msg, request.tokens, request.last_block_id)
+def head_is_stale(request: TargetRequest) -> bool:
+    """The request's next queued block is to be answered stale: its assumption failed, or the
+    request decodes by itself now (its drafts may never come)."""
+    return bool(request.verifies) and bool(
+        request.decode_until or block_is_stale(request.verifies[0][0], request.tokens, request.last_block_id)
+    )
 
 
 def block_is_stale(msg: worker_pb2.Verify, tokens: list[int], last_block_id: int) -> bool:
@@ -106,7 +110,7 @@ def next_work(
     pending = request.pending
     if request.verifies:
         msg, queued_at = request.verifies[0]
-        if request.decode_until or is_stale(request, msg):  # (decoding alone now: answered stale)
+        if head_is_stale(request):
             return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
         if len(pending) <= prefill_chunk:
             fed = pending + list(msg.draft_token_ids)
