@@ -85,8 +85,11 @@ def idle(client: Client) -> bool:
 
 
 def log_entries(server, request_id: str) -> list[dict]:
-    """The server's JSON log entries about `request_id`."""
-    entries = [json.loads(line) for line in open(server.log_path) if line.startswith("{")]
+    """The server's JSON log entries about `request_id`. A line the server is still writing (no
+    newline yet) is left for the next read."""
+    with open(server.log_path) as log:
+        lines = log.readlines()
+    entries = [json.loads(line) for line in lines if line.startswith("{") and line.endswith("\n")]
     return [entry for entry in entries if entry.get("request_id") == request_id]
 
 
