@@ -1,6 +1,7 @@
 """The coordinator's connection to one worker: send commands, route replies, watch heartbeats.
 
-One DEALER socket per worker (the worker binds a ROUTER). A reader task decodes every message
+One DEALER socket per worker (the worker binds a ROUTER). The commands of one turn of the event
+loop go out as one message (a `Commands` batch when there are several). A reader task decodes every message
 and fans it out: a worker sends one message per iteration (the draft a DraftStep with the tokens
 of every branch it advanced, the target a Verdicts with every verdict of its batched forward), and
 each request's inbox gets one Event with its part. Pongs update the worker's health and counters;
@@ -86,6 +87,8 @@ class WorkerClient:
         self.forwards = self.forward_rows = self.forward_tokens = 0  # batched forwards seen, and their sizes
         self.outstanding: dict[str, int] = {}  # request_id -> its verifies not answered yet
         self.decoding: set[str] = set()  # requests the target decodes by itself
+        self._pending = worker_pb2.Command()  # commands queued this loop turn (in its batch)
+        self._flush_scheduled = False
 
     def connect(self, address: str) -> None:
         """Connect a client made without an address (a worker that `specpipe serve` spawns after its
@@ -101,6 +104,7 @@ class WorkerClient:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        self.flush()
         self.socket.close(0)
 
     # -- requests -----------------------------------------------------------------------------
@@ -110,14 +114,34 @@ class WorkerClient:
     def detach(self, request_id: str) -> None:
         self.inboxes.pop(request_id, None)
 
-    async def send(self, command: worker_pb2.Command, frames: list[bytes] | None = None) -> None:
-        await self.socket.send_multipart(wire.encode(command, frames))
-
     async def command(self, **kind) -> None:
-        """send(Command(<kind>=<message>)), e.g. command(release=Release(request_id=...))."""
-        frames = kind.pop("frames", None)
+        """Send Command(<kind>=<message>), e.g. command(release=Release(request_id=...)). The
+        commands issued in one turn of the event loop (every request's, for every event that
+        turn handled) go to the worker as ONE message, in order, at the turn's end (`flush`)."""
         self._count_work(kind)
-        await self.send(worker_pb2.Command(**kind), frames)
+        self._pending.batch.commands.add(**kind)
+        if not self._flush_scheduled:
+            self._flush_scheduled = True
+            asyncio.get_running_loop().call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Send the queued commands: one alone as itself, several as one `Commands` batch."""
+        self._flush_scheduled = False
+        commands = self._pending.batch.commands
+        if not commands:
+            return
+        data = (commands[0] if len(commands) == 1 else self._pending).SerializeToString()
+        self._pending = worker_pb2.Command()
+        try:
+            sent = self.socket.send(data)
+        except zmq.ZMQError as err:  # the socket is closed (shutdown)
+            logger.warning("could not send %d command(s) to the %s worker: %s", len(commands), self.role, err)
+            return
+        sent.add_done_callback(self._check_sent)
+
+    def _check_sent(self, sent: asyncio.Future) -> None:
+        if not sent.cancelled() and sent.exception() is not None:
+            logger.warning("could not send commands to the %s worker: %s", self.role, sent.exception())
 
     def _count_work(self, kind: dict) -> None:
         """What the target has to do: verifies sent and not answered, requests decoding alone."""

@@ -1,13 +1,14 @@
 """The single-threaded event loop shared by both workers (DESIGN §2).
 
 A worker binds a ZeroMQ ROUTER socket; the coordinator connects to it. Between iterations the loop
-drains every waiting command, so drafting is interruptible between forward steps and pings are
-answered within one step. The engine (draft or target) is an executor with the methods of
-`Engine`: commands apply at once (`handle`), what arrives without a command is taken in its own
-step (`poll`: the data plane), and `step` runs one iteration — one batched forward over the ready
-work of every request — returning one item per request it advanced. The loop sends each
-coordinator connection one message per iteration with that connection's items (`pack`), so the
-coordinator's message rate does not grow with requests or branches.
+drains every waiting command (a `Commands` batch applies its commands in order), so drafting is
+interruptible between forward steps and pings are answered within one step. The engine (draft or
+target) is an executor with the methods of `Engine`: commands apply at once (`handle`), what
+arrives without a command is taken in its own step (`poll`: the data plane), and `step` runs one
+iteration — one batched forward over the ready work of every request — returning one item per
+request it advanced. The loop sends each coordinator connection one message per iteration with
+that connection's items (`pack`), so the coordinator's message rate does not grow with requests
+or branches.
 
 A command that fails is answered with an Error reply and the loop carries on; undecodable input
 (a wrong peer, garbage, an oversized frame) is logged and dropped (STYLE §5).
@@ -139,14 +140,17 @@ class WorkerLoop:
             except wire.WireError as err:
                 logger.warning("%s worker dropped a malformed message from peer %r: %s", self.role, identity, err)
                 continue
-            reply = self._handle(identity, command, frames)
-            if reply is not None:
-                self._send(identity, reply, [])
+            batch = command.batch.commands if command.WhichOneof("kind") == "batch" else (command,)
+            for one in batch:  # in order; one that fails is answered and the rest still apply
+                reply = self._handle(identity, one, frames)
+                if reply is not None:
+                    self._send(identity, reply, [])
 
     def _handle(self, identity: bytes, command, frames) -> worker_pb2.Reply | None:
         kind = command.WhichOneof("kind")
-        if kind is None:
-            logger.warning("%s worker dropped an empty command from peer %r", self.role, identity)
+        if kind is None or kind == "batch":
+            what = "an empty command" if kind is None else "a batch inside a batch"
+            logger.warning("%s worker dropped %s from peer %r", self.role, what, identity)
             return None
         if kind == "ping":
             pong = worker_pb2.Pong(

@@ -1,5 +1,6 @@
 """RequestChannel's routing of worker replies (coordinator/channel.py), on real WorkerClients
-(ZeroMQ sockets left unconnected: the test feeds the replies the read loop would hand over).
+(ZeroMQ sockets left unconnected: the test feeds the replies the read loop would hand over), and
+how a WorkerClient batches the commands of one loop turn (a real ROUTER socket in their place).
 
 Found by the request fuzz test: a client may reuse a request_id as soon as its request ended,
 while a verdict of that request is still on its way; routed by the client's id, it reached the new
@@ -8,8 +9,12 @@ request, whose schedule had no block in flight for it (IndexError, the request e
 
 from __future__ import annotations
 
+import asyncio
+
+import zmq
 import zmq.asyncio
 
+from specpipe import wire
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
@@ -42,3 +47,36 @@ def test_a_late_reply_to_an_ended_request_never_reaches_a_new_request_of_the_sam
         for worker in (draft, target):
             worker.socket.close(0)
         context.term()
+
+
+def test_the_commands_of_one_loop_turn_reach_the_worker_as_one_message_in_order():
+    """Every command a turn of the coordinator's loop issues (any request's) goes in one message;
+    one command alone goes as itself."""
+
+    async def run() -> list[worker_pb2.Command]:
+        context = zmq.asyncio.Context()
+        worker = context.socket(zmq.ROUTER)
+        port = worker.bind_to_random_port("tcp://127.0.0.1")
+        draft = WorkerClient("draft", f"tcp://127.0.0.1:{port}", context, 0.5, 1.5)
+        try:
+            await draft.command(cancel=worker_pb2.Cancel(request_id="a#1", branch_ids=[2]))
+            await draft.command(sync=worker_pb2.Sync(request_id="a#1", branch_id=1, keep_length=5))
+            await draft.command(draft=worker_pb2.Draft(request_id="b#2", branch_ids=[1], max_tokens=4))
+            await asyncio.sleep(0)  # the turn ends
+            await draft.command(release=worker_pb2.Release(request_id="a#1"))
+            received = []
+            for _ in range(2):
+                parts = await asyncio.wait_for(worker.recv_multipart(), 10)
+                received.append(wire.decode(worker_pb2.Command, parts[1:])[0])
+            assert not await worker.poll(200), "more messages than turns"
+            return received
+        finally:
+            draft.socket.close(0)
+            worker.close(0)
+            context.term()
+
+    first, second = asyncio.run(run())
+    assert first.WhichOneof("kind") == "batch"
+    assert [command.WhichOneof("kind") for command in first.batch.commands] == ["cancel", "sync", "draft"]
+    assert first.batch.commands[1].sync.keep_length == 5 and first.batch.commands[2].draft.request_id == "b#2"
+    assert second.WhichOneof("kind") == "release" and second.release.request_id == "a#1"

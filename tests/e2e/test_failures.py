@@ -203,6 +203,33 @@ def test_malformed_messages_are_logged_and_dropped_and_serving_goes_on(server, c
     assert all(len(log_lines(server.log_path, needle)) == count for needle, count in expected.items())
 
 
+def test_a_batch_of_commands_applies_in_order_and_one_that_fails_spares_the_rest(server, client):
+    """The coordinator sends the commands of one loop turn as one `Commands` batch: the worker
+    applies them in order, answers each that fails, and drops a batch nested in a batch."""
+    folder, _, _ = internal_sockets(server)
+    socket = zmq.Context.instance().socket(zmq.DEALER)
+    socket.setsockopt(zmq.LINGER, 0)
+    try:
+        socket.connect(f"ipc://{folder / 'target.sock'}")
+        ping = lambda nonce: worker_pb2.Command(ping=worker_pb2.Ping(nonce=nonce))  # noqa: E731
+        nested = worker_pb2.Command(batch=worker_pb2.Commands(commands=[ping(99)]))
+        verify = worker_pb2.Command(verify=worker_pb2.Verify(request_id="nobody#1", draft_token_ids=[1]))
+        batch = worker_pb2.Commands(commands=[ping(1), verify, nested, ping(2)])
+        socket.send(worker_pb2.Command(batch=batch).SerializeToString())
+        replies = []
+        while len(replies) < 3 and socket.poll(10_000):
+            reply, _ = wire.decode(worker_pb2.Reply, socket.recv_multipart())
+            replies.append(reply)
+        assert [reply.WhichOneof("kind") for reply in replies] == ["pong", "error", "pong"]
+        assert [replies[0].pong.nonce, replies[2].pong.nonce] == [1, 2]
+        assert (replies[1].error.request_id, replies[1].error.command) == ("nobody#1", "verify")
+        assert not socket.poll(500), "the nested batch was applied"
+        wait_for(lambda: log_lines(server.log_path, "target worker dropped a batch inside a batch"), 10, "the log line")
+    finally:
+        socket.close()
+    assert client.stats().status == "ok"
+
+
 # -- a hung target ------------------------------------------------------------------------------
 def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_sigcont(server, client, hf_greedy):
     stream = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=LONG, mode="sequential", request_id="target-hung")

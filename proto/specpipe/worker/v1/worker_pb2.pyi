@@ -143,7 +143,8 @@ class Ping(_message.Message):
     def __init__(self, nonce: _Optional[int] = ...) -> None: ...
 
 class Command(_message.Message):
-    __slots__ = ("prefill", "draft", "fork", "sync", "cancel", "verify", "release", "ping", "decode")
+    __slots__ = ("batch", "prefill", "draft", "fork", "sync", "cancel", "verify", "release", "ping", "decode")
+    BATCH_FIELD_NUMBER: _ClassVar[int]
     PREFILL_FIELD_NUMBER: _ClassVar[int]
     DRAFT_FIELD_NUMBER: _ClassVar[int]
     FORK_FIELD_NUMBER: _ClassVar[int]
@@ -153,6 +154,7 @@ class Command(_message.Message):
     RELEASE_FIELD_NUMBER: _ClassVar[int]
     PING_FIELD_NUMBER: _ClassVar[int]
     DECODE_FIELD_NUMBER: _ClassVar[int]
+    batch: Commands
     prefill: Prefill
     draft: Draft
     fork: Fork
@@ -162,7 +164,13 @@ class Command(_message.Message):
     release: Release
     ping: Ping
     decode: Decode
-    def __init__(self, prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., decode: _Optional[_Union[Decode, _Mapping]] = ...) -> None: ...
+    def __init__(self, batch: _Optional[_Union[Commands, _Mapping]] = ..., prefill: _Optional[_Union[Prefill, _Mapping]] = ..., draft: _Optional[_Union[Draft, _Mapping]] = ..., fork: _Optional[_Union[Fork, _Mapping]] = ..., sync: _Optional[_Union[Sync, _Mapping]] = ..., cancel: _Optional[_Union[Cancel, _Mapping]] = ..., verify: _Optional[_Union[Verify, _Mapping]] = ..., release: _Optional[_Union[Release, _Mapping]] = ..., ping: _Optional[_Union[Ping, _Mapping]] = ..., decode: _Optional[_Union[Decode, _Mapping]] = ...) -> None: ...
+
+class Commands(_message.Message):
+    __slots__ = ("commands",)
+    COMMANDS_FIELD_NUMBER: _ClassVar[int]
+    commands: _containers.RepeatedCompositeFieldContainer[Command]
+    def __init__(self, commands: _Optional[_Iterable[_Union[Command, _Mapping]]] = ...) -> None: ...
 
 class DraftToken(_message.Message):
     __slots__ = ("request_id", "branch_id", "epoch", "position", "token_id", "prob", "candidate_ids", "candidate_probs", "last")
