@@ -49,7 +49,11 @@ class RequestChannel:
             draft.attach(self.wire_id, self.inbox)
 
     # -- commands -----------------------------------------------------------------------------
-    async def prefill(self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0) -> None:
+    async def prefill(
+        self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0, hold_s: float = 0.0
+    ) -> None:
+        """Start the request on both workers. `hold_s`: how long the target may keep the prompt
+        waiting for the first block, to feed both in one forward."""
         wire_sampling = worker_pb2.Sampling(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -59,7 +63,11 @@ class RequestChannel:
             noise_vocab=noise_vocab,
         )
         message = worker_pb2.Prefill(
-            request_id=self.wire_id, token_ids=prompt_ids, handle=self.handle, sampling=wire_sampling
+            request_id=self.wire_id,
+            token_ids=prompt_ids,
+            handle=self.handle,
+            sampling=wire_sampling,
+            hold_seconds=hold_s if self.uses_draft else 0.0,
         )
         await self.target.command(prefill=message)
         if self.uses_draft:

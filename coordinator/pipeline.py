@@ -89,7 +89,9 @@ class Pipelined(Schedule):
         self.next_branch_id = ROOT_BRANCH + 1
 
     async def run(self):
-        await self.prefill()
+        # The first block goes as soon as a few tokens are drafted (the target looks idle): the target
+        # waits for it to feed the prompt with it, for at most what a forward of its own would cost.
+        await self.prefill(hold_s=self.policy.model.verify_seconds(1) or DEFAULT_VERIFY_S)
         self.epoch = 1
         await self.keep_drafting()
         while True:

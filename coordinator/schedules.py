@@ -153,8 +153,12 @@ class Schedule:
         raise NotImplementedError
         yield
 
-    async def prefill(self) -> None:
-        await self.channel.prefill(self.plan.prompt_ids, self.plan.sampling, self.plan.seed, self.plan.noise_vocab)
+    async def prefill(self, hold_s: float = 0.0) -> None:
+        """`hold_s`: the target may keep the prompt waiting that long for the first block (both
+        then go in one forward)."""
+        await self.channel.prefill(
+            self.plan.prompt_ids, self.plan.sampling, self.plan.seed, self.plan.noise_vocab, hold_s=hold_s
+        )
 
     @property
     def sends_probs(self) -> bool:

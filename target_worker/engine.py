@@ -46,7 +46,7 @@ from specpipe.sampling import (
     logits_to_probs,
     position_uniforms,
 )
-from specpipe.target_worker.requests import TargetRequest, Work, head_is_stale, next_work
+from specpipe.target_worker.requests import TargetRequest, Work, head_is_stale, holding, next_work
 from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
 logger = logging.getLogger(__name__)
@@ -54,6 +54,8 @@ logger = logging.getLogger(__name__)
 # How long a verify may wait for its q on the data plane before it fails (the draft died, or the
 # data plane is misconfigured).
 DATA_TIMEOUT_S = 10.0
+# The longest a prompt waits for its request's first block (a wrong or hostile hold_seconds).
+MAX_HOLD_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -130,6 +132,7 @@ class TargetEngine:
             msg.handle,
             noise_vocab=wire_sampling.noise_vocab,
             prompt_left=len(msg.token_ids) - 1,
+            hold_until=time.monotonic() + max(0.0, min(msg.hold_seconds, MAX_HOLD_S)),
         )
 
     def _request(self, request_id: str) -> TargetRequest:
@@ -150,7 +153,8 @@ class TargetEngine:
         return bool(self._plan(first_only=True))
 
     def waiting(self) -> bool:
-        return any(r.verifies for r in self.requests.values()) and not self.ready()
+        now = time.monotonic()
+        return any(r.verifies or holding(r, now) for r in self.requests.values()) and not self.ready()
 
     def fill_pong(self, pong: worker_pb2.Pong) -> None:
         pong.live_requests = pong.live_branches = len(self.requests)

@@ -9,7 +9,9 @@ decodes by itself (autoregressive, or target-only after the draft went down: `de
 `next_work` turns the request's state into at most one piece of work for an iteration: answer a
 stale block (no compute), a prefill chunk (the prompt, or committed tokens piled up, fed in chunks
 so one long prompt never stalls the other requests), a verify row (pending + draft tokens), or a
-decode row. The engine packs the rows of every request into one forward.
+decode row. The engine packs the rows of every request into one forward. A prompt that fits one
+chunk may wait a little for the request's first block (`holding`): prompt and block then cost one
+forward instead of two.
 
 This module knows nothing about models, sockets or the store's layout.
 """
@@ -43,6 +45,7 @@ class TargetRequest:
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
     ready_since: float | None = None  # when its head work became ready (queue time)
+    hold_until: float = 0.0  # its prompt waits for its first block until then (Prefill.hold_seconds)
 
     def __repr__(self) -> str:
         return (
@@ -81,6 +84,12 @@ class Work:
             return []
         first = len(self.fed) - len(self.draft) - 1  # the last pending token, or -1: kept logits
         return list(range(max(first, 0), len(self.fed)))
+
+
+def holding(request: TargetRequest, now: float) -> bool:
+    """The request's prompt waits for its first block, to go in the block's forward: nothing of it
+    is cached, no block is queued yet, and the hold has not run out."""
+    return request.cached == 0 and not request.verifies and now < request.hold_until
 
 
 def head_is_stale(request: TargetRequest) -> bool:
@@ -127,6 +136,8 @@ def next_work(
         if len(pending) <= token_budget and (pending or request.next_logits is not None):
             return Work(request_id, request, "decode", fed=pending)
     if len(pending) > 1:  # prompt or piled-up tokens: a chunk, keeping the last pending
+        if len(pending) <= prefill_chunk and holding(request, time.monotonic()):
+            return None  # its first block comes soon: prompt and block in one forward
         size = min(prefill_chunk, len(pending) - 1, token_budget)
         if size > 0:
             return Work(request_id, request, "prefill", fed=pending[:size])

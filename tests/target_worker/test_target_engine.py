@@ -5,11 +5,13 @@ plain reference. Checks: after any run of verifies (random blocks, with and with
 request's cache and committed tokens equal a fresh forward and its commits follow the target's
 argmax; many requests are verified in ONE forward per iteration and each gets its own verdict;
 budgets bound every forward; a long prompt is prefilled in chunks while other requests go on;
-Decode runs the target alone and answers queued verifies stale; the edge case of a verify with
+a prompt held for its first block goes in that block's forward; Decode runs the target alone and
+answers queued verifies stale; the edge case of a verify with
 nothing to feed uses the kept logits; a release frees the slot.
 """
 
 import random
+import time
 
 import pytest
 import torch
@@ -159,6 +161,32 @@ def test_a_long_prompt_is_prefilled_in_chunks_beside_other_requests(models):
     assert iterations == 4  # 16 + 16 + 16 + the last 12 with the verify
     assert verdicts["long"].next_token_id == greedy(reference, long_prompt, 1)[0]
     assert verdicts["long"].prefill_seconds > 0
+
+
+def test_a_held_prompt_goes_in_its_first_block_s_forward_and_a_hold_that_runs_out_feeds_it_alone(models):
+    """Prefill.hold_seconds: the prompt waits for the request's first block, so both cost one
+    forward; once the hold runs out the prompt is fed alone. A request not held (another's work
+    meanwhile) is not delayed by it."""
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [5, 9, 14, 3, 8, 2]
+    engine.handle(pb.Command(prefill=pb.Prefill(request_id="held", token_ids=prompt, hold_seconds=30)), [])
+    assert not engine.ready() and engine.waiting()  # nothing to run: the loop looks again soon
+    prefill(engine, "other", [7, 7, 1])
+    verdicts, figures = step(engine)  # the other prompt is fed; the held one waits
+    assert not verdicts and figures["batch_tokens"] == 2 and engine.requests["held"].cached == 0
+    draft = greedy(reference, prompt, 3)
+    verify(engine, "held", len(prompt), draft, emit_bonus=True)
+    verdicts, figures = step(engine)
+    assert (figures["batch_requests"], figures["batch_tokens"]) == (1, len(prompt) + 3)  # one forward
+    assert verdicts["held"].num_accepted == 3 and verdicts["held"].committed_length == len(prompt) + 4
+
+    engine.handle(pb.Command(prefill=pb.Prefill(request_id="late", token_ids=prompt, hold_seconds=0.05)), [])
+    assert not engine.ready()
+    time.sleep(0.06)
+    assert engine.ready()
+    verdicts, figures = step(engine)
+    assert not verdicts and figures["batch_tokens"] == len(prompt) - 1  # fed alone, keeping the last
 
 
 def test_decode_runs_alone_and_answers_queued_verifies_stale(models):
