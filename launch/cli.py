@@ -414,6 +414,7 @@ def run_serve(args, plan, runtime) -> None:
         dtype=args.dtype,
         threads=args.threads,
         target_data_addr=args.target_data_addr,
+        target_data_bind=endpoints.spawned_data_bind(args, runtime),
         curve_keys=curve_keys,
         target_cpus=pins.get("target", ""),
         draft_cpus=pins.get("draft", ""),

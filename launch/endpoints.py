@@ -139,6 +139,15 @@ def data_plane_over_tcp(args) -> bool:
     return bool(args.draft_addr) or bool(args.target_data_port) or not is_loopback(args.worker_host)
 
 
+def spawned_data_bind(args, runtime) -> str:
+    """Where serve's spawned target binds its data plane when that is known before it starts: an
+    ipc path in `runtime` (then the draft starts beside the target instead of after it); "" when
+    the target picks a TCP port, the transport is torch, or no target is spawned."""
+    if runtime is None or args.target_addr or args.transport != "zmq" or data_plane_over_tcp(args):
+        return ""
+    return runtime.endpoint(DATA_SOCKET)
+
+
 def serve_worker_flags(args, runtime, flags: dict[str, list[str]]) -> dict[str, list[str]]:
     """The spawned workers' flags ({role: flags}) plus those that bind their sockets in `runtime`
     (a RuntimeDir; None: nothing is spawned) and pass --insecure-internal on."""

@@ -218,6 +218,7 @@ async def spawn_workers(
     dtype: str = "float32",
     threads: int = 1,
     target_data_addr: str = "",
+    target_data_bind: str = "",
     curve_keys: str = "",
     target_cpus: str = "",
     draft_cpus: str = "",
@@ -226,7 +227,9 @@ async def spawn_workers(
     role_flags: dict[str, list[str]] | None = None,
 ) -> dict[str, WorkerProcess]:
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
-    up first, and the draft is pointed at its data-plane endpoint. torch: both start together
+    up first, and the draft is pointed at its data-plane endpoint; when that endpoint is known
+    before the target starts (`target_data_bind`, an ipc path), both start together (each loads
+    its libraries and model on its own core; ZeroMQ connects the draft once the target binds). torch: both start together
     and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
     passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus; `role_flags`: {role: more
     flags} (the KV store and batching). `timeouts`: {role: seconds
@@ -269,31 +272,29 @@ async def spawn_workers(
             }
             await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
             return workers
-        if target:
-            await up(
-                "target",
-                start_worker(
-                    "target",
-                    target,
-                    device=target_device,
-                    ready_timeout_s=timeouts.get("target"),
-                    extra=["--data-port", str(target_data_port), *secure, *pins["target"]],
-                    **common,
-                ),
+
+        def start(role: str, data_addr: str = ""):
+            model, device = (target, target_device) if role == "target" else (draft, draft_device)
+            extra = ["--data-port", str(target_data_port)] if role == "target" else ["--target-data-addr", data_addr]
+            return start_worker(
+                role,
+                model,
+                device=device,
+                ready_timeout_s=timeouts.get(role),
+                extra=[*extra, *secure, *pins[role]],
+                **common,
             )
+
+        if target and draft and target_data_bind:
+            starts = {"target": start("target"), "draft": start("draft", target_data_bind)}
+            await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
+            assert workers["target"].data_endpoint == target_data_bind, workers["target"].data_endpoint
+            return workers
+        if target:
+            await up("target", start("target"))
             target_data_addr = workers["target"].data_endpoint
         if draft:
-            await up(
-                "draft",
-                start_worker(
-                    "draft",
-                    draft,
-                    device=draft_device,
-                    ready_timeout_s=timeouts.get("draft"),
-                    extra=["--target-data-addr", target_data_addr, *secure, *pins["draft"]],
-                    **common,
-                ),
-            )
+            await up("draft", start("draft", target_data_addr))
         return workers
     except BaseException:
         for ready in waiting.values():

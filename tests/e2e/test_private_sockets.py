@@ -9,7 +9,8 @@ nothing internal is on 127.0.0.1 where any local user could connect. Then (root 
 privileges) a child running as another user (setpriv to nobody, no groups) tries to list the
 folder and to connect() to every socket in it, and every attempt fails with EACCES; the server
 still answers a request afterwards. That the folder goes away on Ctrl-C is tested with the server
-of tests/e2e/test_serving.py that is stopped anyway (test_pin_none_...).
+of tests/e2e/test_serving.py that is stopped anyway (test_pin_none_...). Because the data socket's
+path is known before the target starts, the draft starts beside the target, not after it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ import pytest
 
 from specpipe import Client
 
-from checks import internal_sockets
+from checks import internal_sockets, worker
 from tiny import PROMPTS
 
 STRANGER_UID = 65534  # nobody
@@ -112,3 +113,13 @@ def test_another_user_cannot_reach_them_and_the_server_keeps_serving(server):
     assert SOCKETS <= set(names), names
     token_ids = Client(server.addr).complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")[0]
     assert len(token_ids) > 0
+
+
+def test_the_draft_starts_beside_the_target_not_after_it(server):
+    """The draft is pointed at the target's data socket before that is bound (ZeroMQ connects once
+    it is), so the two load at once: serve is ready in about one worker's start-up, not two. Their
+    processes start within a second or two of each other; one after the other, the draft would
+    start only once the target had imported torch and loaded its model (seconds here)."""
+    stats = Client(server.addr).stats()
+    started = {role: psutil.Process(worker(stats, role).pid).create_time() for role in ("target", "draft")}
+    assert abs(started["draft"] - started["target"]) < 2.0, started

@@ -26,11 +26,14 @@ from tiny import build_tokenizer
 CLI_TIMEOUT_S = 120
 # An address where nothing listens and nothing can: port 1 on loopback is refused at once.
 REFUSED = "http://127.0.0.1:1"
-# A log line of serve's own process at INFO (cli.py's format), e.g. the gRPC bind it logs before
-# the workers load.
-COORDINATOR_LOG = re.compile(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO coordinator ")
+# A start-up line at INFO (cli.py's format) of serve's own process (e.g. the gRPC bind it logs
+# before the workers load) or of a worker it spawned, and transformers' weight-loading progress.
+STARTUP_LOG = re.compile(
+    r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO (coordinator|draft-worker|target-worker) |Loading weights:)"
+)
 # Mistakes only a worker finds, after serve has bound its gRPC port (health NOT_SERVING while the
-# workers load) and logged it: the coordinator's INFO lines may precede the one error line.
+# workers load) and logged it: the INFO lines of the coordinator, and of the other worker loading
+# beside the failing one, may precede the one error line.
 AFTER_BIND = {"a worker that cannot load its model"}
 
 
@@ -46,11 +49,11 @@ def run_cli(*args: str, module: str = "specpipe.launch.cli", env: dict | None = 
 
 
 def one_line(out: subprocess.CompletedProcess, code: int, *needles: str, logs_first: bool = False) -> str:
-    """Assert the documented failure shape; return the line. `logs_first`: the coordinator's own
-    INFO log lines may come before it (a mistake found after serve bound its gRPC port)."""
+    """Assert the documented failure shape; return the line. `logs_first`: start-up INFO lines may
+    come before it (a mistake found after serve bound its gRPC port)."""
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     if logs_first:
-        lines = [line for line in lines if not COORDINATOR_LOG.match(line)]
+        lines = [line for line in lines if not STARTUP_LOG.match(line)]
     assert "Traceback" not in out.stderr, out.stderr
     assert len(lines) == 1, out.stderr
     assert out.stderr.strip().splitlines()[-1] == lines[0], out.stderr

@@ -102,6 +102,7 @@ def serve_args(**given) -> argparse.Namespace:
         target_data_port=0,
         curve_keys="",
         insecure_internal=False,
+        transport="zmq",
     )
     return argparse.Namespace(**{**defaults, **given})
 
@@ -128,7 +129,18 @@ def test_serve_binds_its_workers_in_the_private_folder(tmp_path):
             "target": ["--bind", f"ipc://{runtime.path}/target.sock", "--insecure-internal"],
             "draft": ["--bind", f"ipc://{runtime.path}/draft.sock", "--insecure-internal"],
         }
+        # Known before the target starts (an ipc path): the draft starts beside it. Not for TCP (the
+        # target may pick its port), the torch transport, or a target not spawned.
+        assert endpoints.spawned_data_bind(serve_args(), runtime) == f"ipc://{runtime.path}/target-data.sock"
+        for other in (
+            dict(draft_addr="tcp://10.0.0.2:1", worker_host="10.0.0.1"),
+            dict(target_data_port=5555),
+            dict(transport="torch"),
+            dict(target_addr="tcp://127.0.0.1:1"),
+        ):
+            assert endpoints.spawned_data_bind(serve_args(**other), runtime) == "", other
     assert endpoints.serve_worker_flags(serve_args(), None, {"draft": ["x"]}) == {"draft": ["x"]}
+    assert endpoints.spawned_data_bind(serve_args(), None) == ""
     with pytest.raises(UsageError, match="--worker-host 0.0.0.0"):
         endpoints.check_serve(serve_args(worker_host="0.0.0.0"))
     endpoints.check_serve(
