@@ -67,7 +67,7 @@ class RequestChannel:
             token_ids=prompt_ids,
             handle=self.handle,
             sampling=wire_sampling,
-            hold_seconds=hold_s if self.uses_draft else 0.0,
+            hold_seconds=hold_s,
         )
         await self.target.command(prefill=message)
         if self.uses_draft:

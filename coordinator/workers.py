@@ -1,10 +1,10 @@
 """The coordinator's connection to one worker: send commands, route replies, watch heartbeats.
 
 One DEALER socket per worker (the worker binds a ROUTER). The commands of one turn of the event
-loop go out as one message (a `Commands` batch when there are several). A reader task decodes every message
-and fans it out: a worker sends one message per iteration (the draft a DraftStep with the tokens
-of every branch it advanced, the target a Verdicts with every verdict of its batched forward), and
-each request's inbox gets one Event with its part. Pongs update the worker's health and counters;
+loop go out as one message (a `Commands` batch when there are several). A reader task decodes
+every message and fans it out: a worker sends one message per iteration (the draft a DraftStep
+with the tokens of every branch it advanced, the target a Verdicts with every verdict of its
+batched forward), and each request's inbox gets one Event with its part. Pongs update the worker's health and counters;
 the iteration figures (rows and tokens per forward) go to `on_batch` (the metrics).
 A ping goes out every `heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s` is
 declared down and every request waiting on it is told at once (its scheduler then fails the
@@ -137,7 +137,10 @@ class WorkerClient:
         except zmq.ZMQError as err:  # the socket is closed (shutdown)
             logger.warning("could not send %d command(s) to the %s worker: %s", len(commands), self.role, err)
             return
-        sent.add_done_callback(self._check_sent)
+        if sent.done():  # (the usual case: sent at once; a callback would cost another loop turn)
+            self._check_sent(sent)
+        else:
+            sent.add_done_callback(self._check_sent)
 
     def _check_sent(self, sent: asyncio.Future) -> None:
         if not sent.cancelled() and sent.exception() is not None:

@@ -229,11 +229,11 @@ async def spawn_workers(
     """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
     up first, and the draft is pointed at its data-plane endpoint; when that endpoint is known
     before the target starts (`target_data_bind`, an ipc path), both start together (each loads
-    its libraries and model on its own core; ZeroMQ connects the draft once the target binds). torch: both start together
-    and form a two-rank group on a free local port (target rank 0, draft rank 1). `curve_keys`:
-    passed on as --curve-keys; `target_cpus` / `draft_cpus`: as --cpus; `role_flags`: {role: more
-    flags} (the KV store and batching). `timeouts`: {role: seconds
-    for its READY line, None = no limit}; `attach(role, endpoint)`: told as each one is up.
+    its libraries and model on its own core; ZeroMQ connects the draft once the target binds).
+    torch: both start together and form a two-rank group on a free local port (target rank 0,
+    draft rank 1). `curve_keys`: passed on as --curve-keys; `target_cpus` / `draft_cpus`: as
+    --cpus; `role_flags`: {role: more flags} (the KV store and batching). `timeouts`: {role:
+    seconds for its READY line, None = no limit}; `attach(role, endpoint)`: told as each one is up.
     Processes start from this (the event loop's) thread: their exit-with-parent signal follows the
     thread that started them. Cancelled or failed, it stops what it started."""
     secure = ["--curve-keys", curve_keys] if curve_keys else []
