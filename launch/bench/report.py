@@ -20,8 +20,9 @@ from specpipe.modes import Mode
 logger = logging.getLogger(__name__)
 
 # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules"); 4: rejections, main-line
-# rollback, hits per rank; 5: prepared hits (hits verified with no coordinator round trip)
-SCHEMA_VERSION = 5
+# rollback, hits per rank; 5: prepared hits (hits verified with no coordinator round trip); 6: the
+# side-by-side ratios ("pairs")
+SCHEMA_VERSION = 6
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -44,6 +45,17 @@ BOUND_KIND = {
     "specpipe_pipelined": "overlapped",
     "specpipe_specbranch": "overlapped",
 }
+# Side by side: (method, over method), each ratio taken within one trial, where the two ran minutes
+# apart at most, so a box that slows between trials moves both alike. In table order.
+PAIRS = (
+    ("specpipe_autoregressive", "hf_autoregressive"),
+    ("specpipe_sequential", "hf_assisted_best"),
+    ("specpipe_pipelined", "specpipe_sequential"),
+    ("specpipe_specbranch", "specpipe_sequential"),
+    ("specpipe_specbranch", "specpipe_pipelined"),
+    ("specpipe_specbranch", "hf_assisted_best"),
+    ("specpipe_specbranch", "hf_autoregressive"),
+)
 RESULT_KEYS = (
     "schema_version",
     "command_line",
@@ -60,6 +72,7 @@ RESULT_KEYS = (
     "errors",
     "server",
     "summary",
+    "pairs",
     "correctness",
     "latency",
     "load",
@@ -271,6 +284,21 @@ def summarize_group(
     return summaries
 
 
+def pair_ratios(records: list[dict]) -> dict:
+    """Per PAIRS entry whose two methods both ran: the spread of their per-trial tokens/s ratios
+    (trials where either failed are left out), keyed "method/over"."""
+    rates: dict[str, dict[int, float]] = {}
+    for record in records:
+        if record["error"] is None:
+            rates.setdefault(record["method"], {})[record["trial"]] = record["tokens_per_second"]
+    pairs = {}
+    for name, over in PAIRS:
+        trials = sorted(set(rates.get(name, {})) & set(rates.get(over, {})))
+        if trials:
+            pairs[f"{name}/{over}"] = spread([rates[name][t] / rates[over][t] for t in trials])
+    return pairs
+
+
 def summarize_rules(rules: dict) -> None:
     """rules["summary"][setting][method]: the method summary; speedup is × over specpipe
     autoregressive with the same rule and setting in the same trial."""
@@ -321,6 +349,9 @@ def summarize(results: dict) -> dict:
             [r for r in results["trials"] if r["temperature"] == t], t, results["errors"], results["costs"], BASELINE
         )
         for t in temperatures
+    }
+    results["pairs"] = {
+        f"{t:g}": pair_ratios([r for r in results["trials"] if r["temperature"] == t]) for t in temperatures
     }
     latency = results["latency"]
     if "trials" in latency:
@@ -458,13 +489,35 @@ def markdown(results: dict) -> str:
     if errors:
         lines += ["Errors: " + "; ".join(f"`{name}`: {_cell(error)}" for name, error in errors.items()), ""]
     lines += (
-        load_lines(results["load"])
+        pair_lines(results["pairs"])
+        + load_lines(results["load"])
         + rules_lines(results["rules"])
         + latency_lines(results["latency"])
         + cost_lines(results)
         + ["Made with:", "", "```", results["command_line"], "```", ""]
     )
     return "\n".join(lines)
+
+
+def pair_lines(pairs: dict) -> list[str]:
+    """The side-by-side table: a row per pair, a column per temperature."""
+    names = [f"{name}/{over}" for name, over in PAIRS if any(f"{name}/{over}" in p for p in pairs.values())]
+    if not names:
+        return []
+    lines = [
+        "## Side by side",
+        "",
+        "Each cell: the ratio of two methods' tokens/s within one trial (they ran in the same interleaved "
+        "trial, so a box that slows between trials moves both alike), median [min–max] over trials.",
+        "",
+        "| | " + " | ".join(f"T = {t}" for t in pairs) + " |",
+        "|" + "---|" * (len(pairs) + 1),
+    ]
+    for key in names:
+        name, over = key.split("/")
+        cells = [_spread_text(p.get(key), digits=2) + ("×" if key in p else "") for p in pairs.values()]
+        lines.append(f"| {LABELS[name]} over {LABELS[over].removesuffix(' (baseline)')} | " + " | ".join(cells) + " |")
+    return lines + [""]
 
 
 def load_lines(load: dict) -> list[str]:

@@ -63,3 +63,28 @@ def test_rejections_and_hits_per_rank_are_summarised_per_trial_and_shown():
           for r in records]  # fmt: skip
     for name, value in report.rejection_summary(report.Counter(hf[0]["counters"]), 1).items():
         assert value is None, name
+
+
+def test_side_by_side_ratios_are_taken_within_each_trial():
+    """Per-trial ratios, not a ratio of medians: trial 1 ran on a box twice as slow, and both
+    methods slowed alike; a trial where either method failed is left out; a pair with a method
+    that never ran is absent."""
+    rates = {
+        "specpipe_specbranch": [120.0, 60.0, 130.0],
+        "specpipe_sequential": [100.0, 50.0, 0.0],
+        "hf_autoregressive": [50.0, 40.0, 52.0],
+    }
+    records = [
+        dict(method=name, trial=t, tokens_per_second=tps, error="boom" if tps == 0 else None)
+        for name, values in rates.items()
+        for t, tps in enumerate(values)
+    ]
+    pairs = report.pair_ratios(records)
+    assert set(pairs) == {"specpipe_specbranch/specpipe_sequential", "specpipe_specbranch/hf_autoregressive"}
+    assert pairs["specpipe_specbranch/specpipe_sequential"]["n"] == 2
+    assert pairs["specpipe_specbranch/specpipe_sequential"]["median"] == pytest.approx(1.2)
+    assert pairs["specpipe_specbranch/specpipe_sequential"]["min"] == pytest.approx(1.2)
+    assert pairs["specpipe_specbranch/hf_autoregressive"]["median"] == pytest.approx(2.4)
+    assert pairs["specpipe_specbranch/hf_autoregressive"]["min"] == pytest.approx(1.5)
+    lines = report.pair_lines({"0": pairs, "1": {}})
+    assert "| specpipe specbranch over specpipe sequential | 1.20 [1.20–1.20]× | – |" in lines

@@ -12,7 +12,7 @@ import json
 import pytest
 
 from specpipe.launch import bench
-from specpipe.launch.bench import run
+from specpipe.launch.bench import report, run
 
 PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
 ALWAYS_RUN = {
@@ -39,6 +39,7 @@ TOP_LEVEL = {
     "errors",
     "server",
     "summary",
+    "pairs",
     "correctness",
     "latency",
     "load",
@@ -171,6 +172,12 @@ def test_json_has_every_documented_field(bench_run):
     assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
     assert results["server"]["leaked"] is False
     assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
+    for temperature, pairs in results["pairs"].items():  # both methods of each pair ran in both trials
+        ran = {name for name, s in results["summary"][temperature].items() if s["trials"] == 2}
+        assert set(pairs) == {f"{a}/{b}" for a, b in report.PAIRS if {a, b} <= ran}
+        assert "specpipe_autoregressive/hf_autoregressive" in pairs
+        for pair in pairs.values():
+            assert set(pair) == SPREAD_FIELDS and pair["n"] == 2
 
 
 def test_the_concurrency_axis_measures_every_mode_against_the_hf_batch(bench_run):
@@ -237,6 +244,8 @@ def test_markdown_and_plot_exist(bench_run):
         "## Sampling, temperature 1",
         "## Draft link latency",
         "## Costs and bounds",
+        "## Side by side",
+        "| specpipe autoregressive over HF autoregressive, 1 thread |",
         results["command_line"],
     ):
         assert heading in markdown
