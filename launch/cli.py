@@ -394,11 +394,15 @@ def run_serve(args, plan, runtime) -> None:
     None when both run elsewhere), until SIGINT/SIGTERM."""
     from specpipe.launch import endpoints
     from specpipe.launch.local import serve, spawn_workers
+    from specpipe.launch.preflight import worker_nice
     from specpipe.launch.report import summary_lines
 
     os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level  # the spawned workers log (and report) alike
     target, draft, pins = plan.target, plan.draft, plan.pins
     role_flags = endpoints.serve_worker_flags(args, runtime, worker_flags(args))
+    nice = worker_nice(pins)
+    for role, value in nice.items():
+        role_flags[role] = [*role_flags.get(role, []), "--nice", str(value)]
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
     # The workers are spawned from serve's event loop, after the gRPC port is bound (health
     # NOT_SERVING meanwhile), each pinned as the plan says; the coordinator is pinned after them.
@@ -469,6 +473,7 @@ def run_serve(args, plan, runtime) -> None:
             models=models,
             workers=workers,
             pins=pins,
+            nice=nice,
             pin_why=plan.pin_why,
             config=config,
             port=coordinator.port,

@@ -35,6 +35,10 @@ DEFAULT_HUB = "https://huggingface.co"  # huggingface_hub's default endpoint (en
 
 
 # -- CPU lists and the --pin auto layout -----------------------------------------------------------
+# The niceness a worker that shares the coordinator's CPUs runs at (worker_nice).
+SHARED_CPU_NICE = 10
+
+
 def host_cpus() -> set[int]:
     """The CPUs this host lets a process be pinned to (whatever this process's own affinity)."""
     for source in CPU_SOURCES:
@@ -95,6 +99,16 @@ def auto_pins(threads: int, devices: list[str], usable: set[int] | None = None) 
         return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
     target, draft = cpu_list(cores[:threads]), cpu_list(cores[threads : 2 * threads])
     return {"target": target, "draft": draft, "coordinator": draft}, "--pin auto"
+
+
+def worker_nice(pins: dict[str, str]) -> dict[str, int]:
+    """role -> the niceness added to a spawned worker that runs on exactly the coordinator's CPUs
+    (`--pin auto` puts the draft there). The coordinator sleeps on its sockets and wakes for each
+    verdict and draft step, and the next block waits on it; at equal priority it also waits for the
+    draft's time slice, while the draft, drafting ahead, gives up nothing it needs by yielding.
+    Measured on the demo pair, one client, interleaved: 1.03-1.04x at greedy and at temperature 1."""
+    coordinator = pins.get("coordinator")
+    return {role: SHARED_CPU_NICE for role in ("target", "draft") if coordinator and pins.get(role) == coordinator}
 
 
 # -- files -----------------------------------------------------------------------------------------

@@ -86,15 +86,16 @@ def _size(parameters: int) -> str:
     return str(parameters)
 
 
-def worker_line(role: str, model: str, worker, pins: str) -> str:
-    """`target  MODEL  12.0M parameters, float32, on cpu, CPUs 0 (pid 123)`; a remote worker:
-    its address."""
+def worker_line(role: str, model: str, worker, pins: str, nice: int = 0) -> str:
+    """`target  MODEL  12.0M parameters, float32, on cpu, CPUs 0 (pid 123)` (`CPUs 1 at nice 10`
+    for a worker that yields to the coordinator); a remote worker: its address."""
     if worker is None:
         return f"{role:<7} remote at {model}"
     info = worker.info
     size = f"{_size(int(info['params']))} parameters, " if "params" in info else ""
     where = f"{size}{info.get('dtype', '?')}, on {info.get('device', '?')}"
-    return f"{role:<7} {model}  {where}, {f'CPUs {pins}' if pins else 'not pinned'} (pid {worker.process.pid})"
+    placed = (f"CPUs {pins}" if pins else "not pinned") + (f" at nice {nice}" if nice else "")
+    return f"{role:<7} {model}  {where}, {placed} (pid {worker.process.pid})"
 
 
 def summary_lines(
@@ -103,15 +104,21 @@ def summary_lines(
     workers: dict,
     pins: dict[str, str],
     pin_why: str,
+    nice: dict[str, int] | None = None,
     config,
     port: int,
     metrics_port: int | None,
     extra_ports: dict[str, str] | None = None,
 ) -> list[str]:
     """The start-up summary. `models`: role -> model name (or the remote address); `workers`: role ->
-    WorkerProcess (absent: remote); `pins`: role -> CPU list ("" = not pinned); `config`: the
+    WorkerProcess (absent: remote); `pins`: role -> CPU list ("" = not pinned); `nice`: role -> the
+    niceness a worker was started at (absent: 0); `config`: the
     CoordinatorConfig; `extra_ports`: further listeners, name -> HOST:PORT."""
-    lines = [worker_line(role, models[role], workers.get(role), pins.get(role, "")) for role in ("target", "draft")]
+    nice = nice or {}
+    lines = [
+        worker_line(role, models[role], workers.get(role), pins.get(role, ""), nice.get(role, 0))
+        for role in ("target", "draft")
+    ]
     coordinator = f"CPUs {pins['coordinator']}" if pins.get("coordinator") else "not pinned"
     lines.append(f"coordinator {coordinator}; pinning: {pin_why}")
     policy = config.policy

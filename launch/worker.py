@@ -17,6 +17,7 @@ import torch
 import zmq
 
 from specpipe.config import (
+    add_niceness,
     DEFAULT_DATA_PORT,
     DEFAULT_DRAFT_PORT,
     DEFAULT_DRAFT_SLOTS,
@@ -35,6 +36,8 @@ from specpipe.launch.report import reporting
 # Set by the launcher (launch/local.py) in a worker's environment: report a start-up failure on
 # stdout as `FAILED CODE MESSAGE`, beside the READY line it waits for, instead of on stderr.
 ENV_STARTUP_REPORT = "SPECPIPE_STARTUP_REPORT"
+# The most a worker's niceness may be raised by (Linux's range ends at 19).
+MAX_NICE = 19
 
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
@@ -73,6 +76,14 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"
+    )
+    parser.add_argument(
+        "--nice",
+        type=int,
+        default=0,
+        metavar="N",
+        help="add N (0-19) to the process's niceness: a worker that shares its CPUs with the "
+        "coordinator then yields them to it when it wakes (default 0)",
     )
     parser.add_argument("--exit-with-parent", action="store_true", help="exit when the parent process dies")
     parser.add_argument(
@@ -161,6 +172,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         use_predictor=not args.no_predictor,
         curve_keys=args.curve_keys,
         cpus=args.cpus,
+        nice=args.nice,
         kv_slots=args.kv_slots,
         max_seq_len=args.max_seq_len,
         max_batch_tokens=args.max_batch_tokens,
@@ -207,6 +219,9 @@ def start(config: WorkerConfig):
         pin_cpus(config.cpus)  # before torch starts its threads
     except ValueError as err:
         raise UsageError(f"--cpus: {err}") from None
+    if not 0 <= config.nice <= MAX_NICE:
+        raise UsageError(f"--nice: {config.nice} is outside 0..{MAX_NICE}")
+    add_niceness(config.nice)
     check_worker(config)  # no plain text across hosts, no ipc socket others may reach
     if config.exit_with_parent:
         exit_with_parent()

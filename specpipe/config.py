@@ -71,6 +71,20 @@ def pin_cpus(spec: str) -> None:
         ) from None
 
 
+def add_niceness(amount: int) -> None:
+    """Raise this process's niceness by `amount` (0: leave it): its threads so far, and so every
+    thread it starts (Linux keeps one per thread). Raising it needs no privilege."""
+    if not amount:
+        return
+    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
+    for thread in threads:  # threads started before (torch's, at import) as well
+        try:
+            now = os.getpriority(os.PRIO_PROCESS, int(thread))
+            os.setpriority(os.PRIO_PROCESS, int(thread), now + amount)
+        except ProcessLookupError:  # ended meanwhile
+            continue
+
+
 def _cpuset_text() -> str:
     """The CPUs this process may be moved to, as the cgroup writes them (best effort)."""
     for path in (
@@ -141,6 +155,7 @@ class WorkerConfig:
     curve_keys: str = ""  # CURVE key folder (specpipe/curve.py): secure the sockets; "" = plain
     insecure_internal: bool = False  # allow a non-loopback endpoint without curve_keys (launch/endpoints.py)
     cpus: str = ""  # CPU list to pin the process to ("0", "2-3"); "" = wherever the OS puts it
+    nice: int = 0  # added to the process's niceness at start (0..19): yield the CPU to the coordinator
     # The KV store (specpipe/kv_store.py): sequences it holds (target: requests; draft: branches)
     # and positions per sequence (0 = the model's context length).
     kv_slots: int = 0  # 0 = DEFAULT_TARGET_SLOTS / DEFAULT_DRAFT_SLOTS

@@ -21,6 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
+from specpipe.launch.preflight import SHARED_CPU_NICE
 
 from checks import SERVE_DEFAULTS, internal_sockets, wait_idle
 from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
@@ -325,6 +326,13 @@ def test_bad_cpu_list_is_refused_with_the_flag_named(tiny_models):
         timeout=120,
     )
     assert out.returncode != 0 and "--cpus: CPU list '100000' names CPUs outside" in out.stderr
+    out = subprocess.run(
+        [sys.executable, "-m", "specpipe.draft_worker", "--model", str(tiny_models["draft"]), "--nice", "20"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0 and "--nice: 20 is outside 0..19" in out.stderr
 
 
 def _affinities(server_pid: int) -> dict[str, set[frozenset]]:
@@ -334,6 +342,18 @@ def _affinities(server_pid: int) -> dict[str, set[frozenset]]:
         role: {frozenset(os.sched_getaffinity(int(thread))) for thread in os.listdir(f"/proc/{pid}/task")}
         for role, pid in pids.items()
     }
+
+
+def _niceness(server_pid: int) -> dict[str, int]:
+    """role -> how much nicer than this process the coordinator and its workers run (every thread)."""
+    pids = {"coordinator": server_pid, **{_role(pid): pid for pid in _children(server_pid)}}
+    ours = os.getpriority(os.PRIO_PROCESS, 0)
+    found = {}
+    for role, pid in pids.items():
+        values = {os.getpriority(os.PRIO_PROCESS, int(thread)) for thread in os.listdir(f"/proc/{pid}/task")}
+        assert len(values) == 1, (role, values)
+        found[role] = values.pop() - ours
+    return found
 
 
 def test_serve_defaults_are_what_the_tests_assume():
@@ -360,11 +380,14 @@ def test_serve_pins_by_default_exactly_as_pin_auto(serve):
         pytest.skip("one usable core: --pin auto pins nothing")
     first, second = usable[0], usable[1]
     assert pin_flags() == ["--target-cpus", str(first), "--draft-cpus", str(second), "--coordinator-cpus", str(second)]
-    assert _affinities(serve("draft").process.pid) == {
+    server = serve("draft")
+    assert _affinities(server.process.pid) == {
         "coordinator": {frozenset({second})},
         "target": {frozenset({first})},
         "draft": {frozenset({second})},
     }
+    # The draft, on the coordinator's core, yields it to the coordinator (preflight.worker_nice).
+    assert _niceness(server.process.pid) == {"coordinator": 0, "target": 0, "draft": SHARED_CPU_NICE}
 
 
 def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves(tiny_models, capsys):
@@ -389,6 +412,7 @@ def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves
     ) as server:
         unpinned = frozenset(os.sched_getaffinity(0))
         assert _affinities(server.process.pid) == {role: {unpinned} for role in ("coordinator", "target", "draft")}
+        assert _niceness(server.process.pid) == {"coordinator": 0, "target": 0, "draft": 0}
         folder, _, _ = internal_sockets(server)
         assert folder is not None and stat.S_IMODE(os.stat(folder).st_mode) == 0o700
         server.stop(signal.SIGINT)

@@ -9,7 +9,7 @@ import argparse
 import pytest
 
 from specpipe.config import parse_cpus
-from specpipe.launch.preflight import auto_pins, choose_pins, cpu_list
+from specpipe.launch.preflight import SHARED_CPU_NICE, auto_pins, choose_pins, cpu_list, worker_nice
 
 
 @pytest.mark.parametrize("cpus, text", [({0}, "0"), ({0, 1, 2, 5}, "0-2,5"), ({1, 3, 4, 5, 9}, "1,3-5,9")])
@@ -54,3 +54,17 @@ def test_explicit_cpu_flags_replace_the_automatic_layout():
 def test_pin_none_and_remote_workers_pin_nothing():
     assert choose_pins(args(pin="none"), spawns_both=True)[0] == {}
     assert choose_pins(args(), spawns_both=False)[0] == {}
+
+
+@pytest.mark.parametrize(
+    "pins, want",
+    [
+        ({"target": "0", "draft": "1", "coordinator": "1"}, {"draft": SHARED_CPU_NICE}),  # --pin auto
+        ({"target": "2-3", "draft": "0-1", "coordinator": "2-3"}, {"target": SHARED_CPU_NICE}),
+        ({"target": "0", "draft": "1", "coordinator": "1-2"}, {}),  # overlapping, not the same: left alone
+        ({"target": "1", "draft": "", "coordinator": ""}, {}),  # the coordinator not pinned
+        ({}, {}),  # --pin none
+    ],
+)
+def test_a_worker_on_the_coordinators_cpus_yields_to_it(pins, want):
+    assert worker_nice(pins) == want
