@@ -393,8 +393,8 @@ def run_serve(args, plan, runtime) -> None:
     """Run `specpipe serve` as checked (`plan`), its workers' sockets in `runtime` (a RuntimeDir;
     None when both run elsewhere), until SIGINT/SIGTERM."""
     from specpipe.launch import endpoints
-    from specpipe.launch.local import serve, spawn_workers
-    from specpipe.launch.preflight import worker_nice
+    from specpipe.launch.local import WorkerOptions, serve, spawn_workers, start_together, stop_process
+    from specpipe.launch.preflight import check_tokenizers, worker_nice
     from specpipe.launch.report import summary_lines
 
     os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level  # the spawned workers log (and report) alike
@@ -404,12 +404,7 @@ def run_serve(args, plan, runtime) -> None:
     for role, value in nice.items():
         role_flags[role] = [*role_flags.get(role, []), "--nice", str(value)]
     curve_keys = os.path.abspath(args.curve_keys) if args.curve_keys else ""
-    # The workers are spawned from serve's event loop, after the gRPC port is bound (health
-    # NOT_SERVING meanwhile), each pinned as the plan says; the coordinator is pinned after them.
-    spawn = functools.partial(
-        spawn_workers,
-        None if args.target_addr else target,
-        None if args.draft_addr else draft,
+    options = WorkerOptions(
         host=args.worker_host,
         transport=args.transport,
         target_data_port=args.target_data_port,
@@ -424,6 +419,22 @@ def run_serve(args, plan, runtime) -> None:
         draft_cpus=pins.get("draft", ""),
         role_flags=role_flags,
     )
+    spawned = (None if args.target_addr else target, None if args.draft_addr else draft)
+    # Workers that need not wait for each other start now, each pinned as the plan says: they load
+    # torch and their models while this process checks the tokenizers and builds the coordinator
+    # (seconds of imports); the rest are spawned from serve's event loop once the gRPC port is bound
+    # (health NOT_SERVING meanwhile). The coordinator is pinned after them. Both from this thread,
+    # which runs the loop: the workers' exit-with-parent signal follows the thread that started them.
+    timeouts = {"target": args.target_startup_timeout or None, "draft": args.draft_startup_timeout or None}
+    early = start_together(*spawned, options, timeouts)
+    try:
+        if plan.tokenizer_pair:
+            check_tokenizers(*plan.tokenizer_pair)
+    except BaseException:
+        for ready in (early or {}).values():
+            stop_process(ready.process)
+        raise
+    spawn = functools.partial(spawn_workers, *spawned, options, started=early)
     config = CoordinatorConfig(
         target_model=target,
         draft_addr=args.draft_addr or "",
@@ -481,9 +492,15 @@ def run_serve(args, plan, runtime) -> None:
             extra_ports=extra,
         ) + [endpoints.describe(runtime, workers, bool(config.curve_keys))]
 
-    asyncio.run(
-        serve(config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""), describe)
-    )
+    try:
+        asyncio.run(
+            serve(
+                config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""), describe
+            )
+        )
+    finally:  # serve stops what it spawned; early workers it never took over (it failed first) too
+        for ready in (early or {}).values():
+            stop_process(ready.process)
 
 
 def cmd_generate(args) -> None:

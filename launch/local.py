@@ -206,44 +206,97 @@ def free_port(host: str = "127.0.0.1") -> int:
         return probe.getsockname()[1]
 
 
+@dataclass
+class WorkerOptions:
+    """How `specpipe serve` starts its local workers (see spawn_workers). `curve_keys`: passed on as
+    --curve-keys; `target_cpus` / `draft_cpus`: as --cpus; `role_flags`: {role: more flags} (the KV
+    store and batching)."""
+
+    host: str
+    transport: str
+    target_data_port: int = 0
+    target_device: str = "cpu"
+    draft_device: str = "cpu"
+    dtype: str = "float32"
+    threads: int = 1
+    target_data_addr: str = ""
+    target_data_bind: str = ""
+    curve_keys: str = ""
+    target_cpus: str = ""
+    draft_cpus: str = ""
+    role_flags: dict[str, list[str]] = field(default_factory=dict)
+
+    def start(self, role: str, model: str, ready_timeout_s: float | None, data_addr: str = "", env=None):
+        """Start one worker: start_worker's function that waits for its READY line."""
+        secure = ["--curve-keys", self.curve_keys] if self.curve_keys else []
+        cpus = self.target_cpus if role == "target" else self.draft_cpus
+        own = (["--cpus", cpus] if cpus else []) + self.role_flags.get(role, [])
+        if self.transport == "torch":
+            plane = ["--transport", "torch"]
+        elif role == "target":
+            plane = ["--data-port", str(self.target_data_port)]
+        else:
+            plane = ["--target-data-addr", data_addr]
+        return start_worker(
+            role,
+            model,
+            host=self.host,
+            device=self.target_device if role == "target" else self.draft_device,
+            dtype=self.dtype,
+            threads=self.threads,
+            extra=[*plane, *secure, *own],
+            env=env,
+            ready_timeout_s=ready_timeout_s,
+        )
+
+
+def start_together(target: str | None, draft: str | None, options: WorkerOptions, timeouts: dict | None = None):
+    """Start both workers now when neither has to wait for the other: torch (they form a two-rank
+    group on a free local port, target rank 0, draft rank 1), or zmq with the target's data socket
+    known before it starts (`target_data_bind`, an ipc path: ZeroMQ connects the draft once the
+    target binds). Returns {role: the function that waits for its READY line}, or None (one of
+    them runs elsewhere, or the draft needs the endpoint the target will bind: spawn_workers starts
+    them in turn). `timeouts`: {role: seconds for its READY line, None = no limit}."""
+    timeouts = timeouts or {}
+    if not (target and draft):
+        return None
+    if options.transport == "torch":
+        rendezvous = {"MASTER_ADDR": options.host, "MASTER_PORT": str(free_port(options.host)), "WORLD_SIZE": "2"}
+        env = {
+            role: {**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)}
+            for role, rank in (("target", 0), ("draft", 1))
+        }
+    elif options.target_data_bind:
+        env = {"target": None, "draft": None}
+    else:
+        return None
+    starts = {"target": options.start("target", target, timeouts.get("target"), env=env["target"])}
+    try:
+        starts["draft"] = options.start("draft", draft, timeouts.get("draft"), options.target_data_bind, env["draft"])
+    except BaseException:
+        stop_process(starts["target"].process)
+        raise
+    return starts
+
+
 async def spawn_workers(
     target: str | None,
     draft: str | None,
+    options: WorkerOptions,
     *,
-    host: str,
-    transport: str,
-    target_data_port: int = 0,
-    target_device: str = "cpu",
-    draft_device: str = "cpu",
-    dtype: str = "float32",
-    threads: int = 1,
-    target_data_addr: str = "",
-    target_data_bind: str = "",
-    curve_keys: str = "",
-    target_cpus: str = "",
-    draft_cpus: str = "",
     timeouts: dict | None = None,
     attach=None,
-    role_flags: dict[str, list[str]] | None = None,
+    started: dict | None = None,
 ) -> dict[str, WorkerProcess]:
-    """Spawn the workers that are named (None: that worker runs elsewhere). zmq: the target comes
-    up first, and the draft is pointed at its data-plane endpoint; when that endpoint is known
-    before the target starts (`target_data_bind`, an ipc path), both start together (each loads
-    its libraries and model on its own core; ZeroMQ connects the draft once the target binds).
-    torch: both start together and form a two-rank group on a free local port (target rank 0,
-    draft rank 1). `curve_keys`: passed on as --curve-keys; `target_cpus` / `draft_cpus`: as
-    --cpus; `role_flags`: {role: more flags} (the KV store and batching). `timeouts`: {role:
-    seconds for its READY line, None = no limit}; `attach(role, endpoint)`: told as each one is up.
-    Processes start from this (the event loop's) thread: their exit-with-parent signal follows the
-    thread that started them. Cancelled or failed, it stops what it started."""
-    secure = ["--curve-keys", curve_keys] if curve_keys else []
-    pins = {
-        role: (["--cpus", cpus] if cpus else []) + (role_flags or {}).get(role, [])
-        for role, cpus in (("target", target_cpus), ("draft", draft_cpus))
-    }  # and the role's own flags
+    """Spawn the workers that are named (None: that worker runs elsewhere) and wait until they are
+    ready. Both start at once where they can (start_together; `started`: what an earlier
+    start_together returned, already running); else, zmq: the target comes up first, and the draft
+    is pointed at its data-plane endpoint. `timeouts`: {role: seconds for its READY line, None = no
+    limit}; `attach(role, endpoint)`: told as each one is up. Processes start from the thread
+    that runs this loop: their exit-with-parent signal follows the thread that started them.
+    Cancelled or failed, it stops what it started (and what `started` holds)."""
     timeouts = timeouts or {}
-    common = dict(host=host, dtype=dtype, threads=threads)
-    waiting, workers = {}, {}
+    waiting, workers = dict(started or {}), {}
 
     async def up(role: str, ready) -> WorkerProcess:
         waiting[role] = ready
@@ -253,48 +306,19 @@ async def spawn_workers(
         return workers[role]
 
     try:
-        if transport == "torch":
-            rendezvous = {"MASTER_ADDR": host, "MASTER_PORT": str(free_port(host)), "WORLD_SIZE": "2"}
-            starts = {
-                role: start_worker(
-                    role,
-                    model,
-                    device=device,
-                    extra=["--transport", "torch", *secure, *pins[role]],
-                    env={**rendezvous, "RANK": str(rank), "LOCAL_RANK": str(rank)},
-                    ready_timeout_s=timeouts.get(role),
-                    **common,
-                )
-                for role, model, device, rank in (
-                    ("target", target, target_device, 0),
-                    ("draft", draft, draft_device, 1),
-                )
-            }
+        starts = started or start_together(target, draft, options, timeouts)
+        if starts:
+            waiting.update(starts)
             await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
+            if options.transport == "zmq":
+                assert workers["target"].data_endpoint == options.target_data_bind, workers["target"].data_endpoint
             return workers
-
-        def start(role: str, data_addr: str = ""):
-            model, device = (target, target_device) if role == "target" else (draft, draft_device)
-            extra = ["--data-port", str(target_data_port)] if role == "target" else ["--target-data-addr", data_addr]
-            return start_worker(
-                role,
-                model,
-                device=device,
-                ready_timeout_s=timeouts.get(role),
-                extra=[*extra, *secure, *pins[role]],
-                **common,
-            )
-
-        if target and draft and target_data_bind:
-            starts = {"target": start("target"), "draft": start("draft", target_data_bind)}
-            await asyncio.gather(*(up(role, ready) for role, ready in starts.items()))
-            assert workers["target"].data_endpoint == target_data_bind, workers["target"].data_endpoint
-            return workers
+        target_data_addr = options.target_data_addr
         if target:
-            await up("target", start("target"))
+            await up("target", options.start("target", target, timeouts.get("target")))
             target_data_addr = workers["target"].data_endpoint
         if draft:
-            await up("draft", start("draft", target_data_addr))
+            await up("draft", options.start("draft", draft, timeouts.get("draft"), target_data_addr))
         return workers
     except BaseException:
         for ready in waiting.values():

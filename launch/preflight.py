@@ -333,12 +333,15 @@ class ServePlan:
     pins: dict[str, str]  # "target" / "draft" / "coordinator" -> CPU list; missing or "" = not pinned
     pin_why: str  # for the start-up summary
     chat_template: str = ""  # --chat-template's text; "" = none given
+    # (target, draft) whose tokenizers must match, checked last (check_tokenizers: it imports
+    # transformers, seconds), after the workers that need no check started; None: nothing to check.
+    tokenizer_pair: tuple[str, str] | None = None
 
 
 def check_serve(args, demo_models) -> ServePlan:
     """Every check of the `specpipe serve` flags (launch/cli.py) that can run before a process
-    starts: cheap ones first, tokenizers last. `demo_models()` -> (target, draft) folders of the
-    demo pair, for the model flags not given."""
+    starts (all but the tokenizers' match, which the plan names: check_tokenizers). `demo_models()`
+    -> (target, draft) folders of the demo pair, for the model flags not given."""
     spawn_target, spawn_draft = not args.target_addr, not args.draft_addr
     if args.transport == "torch" and not (spawn_target and spawn_draft):
         raise UsageError(
@@ -378,13 +381,14 @@ def check_serve(args, demo_models) -> ServePlan:
         demo_target, demo_draft = demo_models()
         target, draft = target or demo_target, draft or demo_draft
     check_model("--target", target)  # the coordinator reads its tokenizer even when it runs elsewhere
+    pair = None
     if draft == NGRAM_DRAFTER:
         draft = target  # prompt lookup: no model; its worker reads the target's vocabulary
     elif spawn_draft:
         check_model("--draft", draft)
-        check_tokenizers(target, draft)
+        pair = (target, draft)
     pins, why = choose_pins(args, spawn_target and spawn_draft)
-    return ServePlan(target, draft, pins, why, chat_template)
+    return ServePlan(target, draft, pins, why, chat_template, pair)
 
 
 def choose_pins(args, spawns_both: bool) -> tuple[dict[str, str], str]:

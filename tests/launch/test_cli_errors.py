@@ -31,10 +31,11 @@ REFUSED = "http://127.0.0.1:1"
 STARTUP_LOG = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO (coordinator|draft-worker|target-worker) |Loading weights:)"
 )
-# Mistakes only a worker finds, after serve has bound its gRPC port (health NOT_SERVING while the
-# workers load) and logged it: the INFO lines of the coordinator, and of the other worker loading
-# beside the failing one, may precede the one error line.
-AFTER_BIND = {"a worker that cannot load its model"}
+# Mistakes found once the workers have started: one only a worker finds, after serve has bound its
+# gRPC port (health NOT_SERVING while the workers load) and logged it; and the tokenizers' match,
+# checked while the workers load (it imports transformers, seconds). The INFO lines of the
+# coordinator and of the workers loading may precede the one error line.
+WORKERS_STARTED = {"a worker that cannot load its model", "tokenizers differ"}
 
 
 def run_cli(*args: str, module: str = "specpipe.launch.cli", env: dict | None = None) -> subprocess.CompletedProcess:
@@ -189,8 +190,24 @@ def test_serve_mistake_is_one_line(tiny_models, files, listening, case, flags, c
     given = flags(tiny_models, files, listening)
     argv = serve_args(tiny_models, **given) if isinstance(given, dict) else serve_args(tiny_models, *given)
     one_line(
-        run_cli(*argv), code, *(needle.format(port=listening) for needle in needles), logs_first=case in AFTER_BIND
+        run_cli(*argv), code, *(needle.format(port=listening) for needle in needles), logs_first=case in WORKERS_STARTED
     )
+    if case in WORKERS_STARTED:  # serve stopped the workers it had started before it exited
+        models = {str(path) for path in given.values()} | {str(tiny_models["target"]), str(tiny_models["draft"])}
+        assert not _workers_running(models)
+
+
+def _workers_running(models: set[str]) -> list[str]:
+    """Command lines of worker processes still running any of these models."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            argv = open(f"/proc/{pid}/cmdline").read().split("\0")
+        except OSError:
+            continue
+        if any(role in argv for role in ("specpipe.draft_worker", "specpipe.target_worker")) and models & set(argv):
+            found.append(" ".join(argv))
+    return found
 
 
 def test_unreachable_hub_id_is_one_line_and_fast(tiny_models, tmp_path):
@@ -209,7 +226,7 @@ def test_unreachable_hub_id_is_one_line_and_fast(tiny_models, tmp_path):
 
 def test_cached_hub_id_goes_on_from_the_cache_when_the_hub_is_unreachable(tiny_models, files, tmp_path):
     """The check does not refuse a hub id it finds in the local cache: it goes on, offline (here
-    to the tokenizer check, made to fail on purpose so that no model loads)."""
+    to the tokenizer check, made to fail on purpose so that serve stops there)."""
     revision = "0" * 40
     repo = tmp_path / "hf" / "hub" / "models--some-org--cached"
     shutil.copytree(tiny_models["target"], repo / "snapshots" / revision)
@@ -220,6 +237,7 @@ def test_cached_hub_id_goes_on_from_the_cache_when_the_hub_is_unreachable(tiny_m
         run_cli(*serve_args(tiny_models, target="some-org/cached", draft=files["other"]), env=env),
         2,
         "do not share a tokenizer",
+        logs_first=True,
     )
 
 
