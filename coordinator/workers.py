@@ -4,8 +4,9 @@ One DEALER socket per worker (the worker binds a ROUTER). The commands of one tu
 loop go out as one message (a `Commands` batch when there are several). A reader task decodes
 every message and fans it out: a worker sends one message per iteration (the draft a DraftStep
 with the tokens of every branch it advanced, the target a Verdicts with every verdict of its
-batched forward), and each request's inbox gets one Event with its part. Pongs update the worker's health and counters;
-the iteration figures (rows and tokens per forward) go to `on_batch` (the metrics).
+batched forward), and each request's inbox gets one Event with its part. Pongs update the
+worker's health and counters; the iteration figures (rows and tokens per forward) go to
+`on_batch` (the metrics).
 A ping goes out every `heartbeat_interval_s`; a worker silent for `heartbeat_timeout_s` is
 declared down and every request waiting on it is told at once (its scheduler then fails the
 request instead of hanging).

@@ -419,22 +419,6 @@ def run_serve(args, plan, runtime) -> None:
         draft_cpus=pins.get("draft", ""),
         role_flags=role_flags,
     )
-    spawned = (None if args.target_addr else target, None if args.draft_addr else draft)
-    # Workers that need not wait for each other start now, each pinned as the plan says: they load
-    # torch and their models while this process checks the tokenizers and builds the coordinator
-    # (seconds of imports); the rest are spawned from serve's event loop once the gRPC port is bound
-    # (health NOT_SERVING meanwhile). The coordinator is pinned after them. Both from this thread,
-    # which runs the loop: the workers' exit-with-parent signal follows the thread that started them.
-    timeouts = {"target": args.target_startup_timeout or None, "draft": args.draft_startup_timeout or None}
-    early = start_together(*spawned, options, timeouts)
-    try:
-        if plan.tokenizer_pair:
-            check_tokenizers(*plan.tokenizer_pair)
-    except BaseException:
-        for ready in (early or {}).values():
-            stop_process(ready.process)
-        raise
-    spawn = functools.partial(spawn_workers, *spawned, options, started=early)
     config = CoordinatorConfig(
         target_model=target,
         draft_addr=args.draft_addr or "",
@@ -492,13 +476,20 @@ def run_serve(args, plan, runtime) -> None:
             extra_ports=extra,
         ) + [endpoints.describe(runtime, workers, bool(config.curve_keys))]
 
+    spawned = (None if args.target_addr else target, None if args.draft_addr else draft)
+    # Workers that need not wait for each other start now, each pinned as the plan says: they load
+    # torch and their models while this process checks the tokenizers and builds the coordinator
+    # (seconds of imports); the rest are spawned from serve's event loop once the gRPC port is bound
+    # (health NOT_SERVING meanwhile). The coordinator is pinned after them. Both from this thread,
+    # which runs the loop: the workers' exit-with-parent signal follows the thread that started them.
+    timeouts = {"target": args.target_startup_timeout or None, "draft": args.draft_startup_timeout or None}
+    early = start_together(*spawned, options, timeouts)
     try:
-        asyncio.run(
-            serve(
-                config, None if args.target_addr and args.draft_addr else spawn, pins.get("coordinator", ""), describe
-            )
-        )
-    finally:  # serve stops what it spawned; early workers it never took over (it failed first) too
+        if plan.tokenizer_pair:
+            check_tokenizers(*plan.tokenizer_pair)
+        spawn = functools.partial(spawn_workers, *spawned, options, started=early)
+        asyncio.run(serve(config, spawn if any(spawned) else None, pins.get("coordinator", ""), describe))
+    finally:  # serve stops what it took over; early workers it never did (a check or serve failed first) too
         for ready in (early or {}).values():
             stop_process(ready.process)
 

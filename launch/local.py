@@ -296,7 +296,7 @@ async def spawn_workers(
     that runs this loop: their exit-with-parent signal follows the thread that started them.
     Cancelled or failed, it stops what it started (and what `started` holds)."""
     timeouts = timeouts or {}
-    waiting, workers = dict(started or {}), {}
+    waiting, workers = {}, {}
 
     async def up(role: str, ready) -> WorkerProcess:
         waiting[role] = ready

@@ -61,9 +61,8 @@ def pin_cpus(spec: str) -> None:
     if not spec:
         return
     cpus = parse_cpus(spec)
-    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
     try:
-        for thread in threads:  # threads started before (torch's, at import) as well
+        for thread in _own_threads():  # threads started before (torch's, at import) as well
             os.sched_setaffinity(int(thread), cpus)
     except OSError as err:
         raise ValueError(
@@ -76,13 +75,17 @@ def add_niceness(amount: int) -> None:
     thread it starts (Linux keeps one per thread). Raising it needs no privilege."""
     if not amount:
         return
-    threads = os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
-    for thread in threads:  # threads started before (torch's, at import) as well
+    for thread in _own_threads():  # threads started before (torch's, at import) as well
         try:
             now = os.getpriority(os.PRIO_PROCESS, int(thread))
             os.setpriority(os.PRIO_PROCESS, int(thread), now + amount)
         except ProcessLookupError:  # ended meanwhile
             continue
+
+
+def _own_threads() -> list[str]:
+    """This process's thread ids (Linux); ["0"], this thread, where /proc has none."""
+    return os.listdir("/proc/self/task") if os.path.isdir("/proc/self/task") else ["0"]
 
 
 def _cpuset_text() -> str:
