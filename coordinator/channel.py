@@ -120,8 +120,11 @@ class RequestChannel:
         verify.request_id = self.wire_id
         await self.target.command(verify=verify)
 
-    async def decode(self, max_length: int) -> None:
-        await self.target.command(decode=worker_pb2.Decode(request_id=self.wire_id, max_length=max_length))
+    async def decode(self, max_length: int, until_block: bool = False) -> None:
+        """The target decodes by itself up to `max_length`; `until_block`: only until a block comes."""
+        await self.target.command(
+            decode=worker_pb2.Decode(request_id=self.wire_id, max_length=max_length, until_block=until_block)
+        )
 
     def target_busy(self) -> bool:
         """The target has work queued (ours or other requests'): its next forward follows this one."""

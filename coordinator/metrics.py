@@ -102,6 +102,7 @@ METRIC_NAMES = [
     "specpipe:spec_decode_branch_rank_tried_total",
     "specpipe:spec_decode_branch_rank_hits_total",
     "specpipe:spec_decode_num_prepared_hits_total",
+    "specpipe:spec_decode_num_filled_tokens_total",
     "specpipe:mean_acceptance_length",
     "specpipe:worker_healthy",
     "specpipe:worker_busy_fraction",
@@ -221,6 +222,10 @@ class ServerMetrics:
             "spec_decode_num_prepared_hits",
             "Verifications of a block prepared for the previous verdict's outcome (no coordinator round trip).",
         )
+        self.filled_tokens = counter(
+            "spec_decode_num_filled_tokens",
+            "Tokens the target decoded by itself while it waited for a redrafted block (--idle-decode).",
+        )
         self.rank_tried = counter(
             "spec_decode_branch_rank_tried",
             "Rejections where an alternative branch of this rank (0: the draft's second choice) was forked there.",
@@ -313,6 +318,7 @@ class ServerMetrics:
         self.main_rolled_back_tokens.inc(stats.main_rolled_back_tokens)
         self.rejections_at_fork.inc(stats.rejections_at_fork)
         self.prepared_hits.inc(stats.prepared_hits)
+        self.filled_tokens.inc(stats.filled_tokens)
         for rank, count in enumerate(stats.rank_tried):
             self.rank_tried.labels(str(rank)).inc(count)
         for rank, count in enumerate(stats.rank_hits):

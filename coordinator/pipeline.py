@@ -51,6 +51,7 @@ import logging
 import time
 from dataclasses import dataclass, field
 
+from specpipe.blocks import left_to_verify
 from specpipe.modes import Mode
 from specpipe.coordinator.schedules import ROOT_BRANCH, Block, Schedule
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
@@ -87,6 +88,8 @@ class Pipelined(Schedule):
         self.main = ROOT_BRANCH
         self.main_ids = {ROOT_BRANCH}  # every branch that was the main line (for its late tokens)
         self.next_branch_id = ROOT_BRANCH + 1
+        # Since when the target waits for a block after a rejection nothing foresaw (not filled).
+        self.waiting_since: float | None = None
 
     async def run(self):
         # The first block goes as soon as a few tokens are drafted (the target looks idle): the target
@@ -118,7 +121,7 @@ class Pipelined(Schedule):
     def anchor(self) -> int:
         """The end of everything in flight (assuming it is accepted): the draft keeps one block
         past it."""
-        return len(self.tokens) + sum(len(block.token_ids) for block in self.live())
+        return max([len(self.tokens)] + [block.start + len(block.token_ids) for block in self.live()])
 
     async def keep_drafting(self) -> None:
         """Make every live branch draft up to its horizon: the main branch a block past the
@@ -161,6 +164,12 @@ class Pipelined(Schedule):
         view.tokens.append(token.token_id)
         view.probs[token.position] = token.prob
         view.epoch = token.epoch
+        if token.branch_id == self.main and token.position < len(self.tokens):  # catching up with decoded tokens
+            if token.token_id != self.tokens[token.position]:
+                self.stats.main_rolled_back_tokens += 1
+                await self.prune(token.position)  # (it disagrees: resynced)
+                await self.keep_drafting()
+                return
         alternatives = self.policy.fork_candidates(token.prob, token.candidate_ids, token.candidate_probs)
         if alternatives:
             view.alternatives[token.position] = alternatives
@@ -215,6 +224,7 @@ class Pipelined(Schedule):
         block_ids = view.tokens[start:stop]
         if not block_ids:
             if not live and view.stalled_at == len(view.tokens) == start:  # the drafter has nothing here:
+                self.waiting_since = None
                 await self.send_verify(Block(start=start, epoch=view.epoch), emit_bonus=True)  # the target goes on
             return  # (else more tokens are on their way)
         now = time.monotonic()
@@ -231,6 +241,9 @@ class Pipelined(Schedule):
         block = Block(
             start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch, done_at=begins + forward_s
         )
+        if self.waiting_since is not None:  # the first block after a rejection nothing foresaw
+            self.policy.model.observe_redraft_wait(now - self.waiting_since)
+            self.waiting_since = None
         await self.send_verify(
             block,
             emit_bonus=False,
@@ -277,6 +290,8 @@ class Pipelined(Schedule):
         return self.policy.model.iteration_end(now) if self.channel.target_busy() else None
 
     async def on_verdict(self, verdict: worker_pb2.Verdict) -> list[int]:
+        if verdict.decoded:
+            return await self.on_decoded(verdict)
         head = self.in_flight[0]
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
@@ -284,7 +299,7 @@ class Pipelined(Schedule):
             return []
         forked_ranks = None
         if verdict.num_accepted < len(head.token_ids):
-            at = start + verdict.num_accepted
+            at = head.start + verdict.num_accepted
             main = self.branches[self.main]
             rejected = main.probs.get(at)
             if rejected is not None:  # (a promoted branch's first token has none)
@@ -293,20 +308,61 @@ class Pipelined(Schedule):
                 if not block.conditional:
                     block.doomed = True  # the target will answer them stale
             # The main line's tokens past the verified block go too (commit counted the block's).
-            self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (start + len(head.token_ids)))
+            self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (head.start + len(head.token_ids)))
             forked_ranks = [view.rank for view in self.branches.values() if view.fork_at == at]
         armed = self.resolve_prepared(head, rejected=verdict.num_accepted < len(head.token_ids))
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
-        main_before = self.main
+        main_before, epoch_before = self.main, self.epoch
         await self.prune(start)
         assert armed is None or armed.branch_id == self.main, "the prepared block's branch is the main line"
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
             promoted = self.main != main_before
             self.stats.on_forked_rejection(forked_ranks, self.branches[self.main].rank if promoted else None)
+        if forked_ranks is not None and not live and self.epoch != epoch_before:
+            await self.fill_or_wait()  # nothing foresaw this rejection: the draft redrafts from scratch
+        await self.keep_drafting()
+        return new_tokens
+
+    async def fill_or_wait(self) -> None:
+        """After a rejection no branch foresaw (the main line resynced, nothing queued holds), the
+        target waits for the redrafted block: the sync's hop, the draft's first steps, the block's
+        hop. Where that wait is longer than a forward of its own (the policy's call, from the waits
+        measured), it decodes as many tokens as fit by itself meanwhile (Decode.until_block), if
+        the request's decoded token is the one a verify would emit (greedy and drafter-invariant):
+        the block, when it comes, is verified past the tokens decoded so. Otherwise the wait is
+        measured."""
+        sampling = self.plan.sampling
+        count = self.policy.fill_tokens() if sampling.greedy or sampling.coupled else 0
+        if count:
+            await self.channel.decode(min(self.end, len(self.tokens) + count), until_block=True)
+        else:
+            self.waiting_since = time.monotonic()
+
+    async def on_decoded(self, verdict: worker_pb2.Verdict) -> list[int]:
+        """A token the target decoded by itself while it waited for a block (Decode.until_block):
+        commit it, as a verdict of an empty block. If the main line drafted
+        that position, it goes on when it has that token (a fork that has it is promoted), else it
+        is resynced; if it has not drafted it yet, it drafts on, its token checked when it comes
+        (`on_draft_token`), so a draft catching up is never restarted. A block in flight whose
+        first tokens are not the decoded ones, and every block behind it, will be answered stale."""
+        start = len(self.tokens)
+        new_tokens = self.commit(verdict)
+        main = self.branches[self.main]
+        if len(main.tokens) > start:
+            if main.tokens[start] != new_tokens[0]:
+                self.stats.main_rolled_back_tokens += len(main.tokens) - start
+            await self.prune(start)
+        doomed = set()  # (a block queued behind a doomed one assumes its verdict: doomed too)
+        for block in self.in_flight:
+            if not block.doomed and not block.conditional:
+                stale = left_to_verify(block.start, block.token_ids, self.tokens) is None
+                block.doomed = stale or block.after in doomed
+            if block.doomed:
+                doomed.add(block.block_id)
         await self.keep_drafting()
         return new_tokens
 
@@ -352,11 +408,16 @@ class Pipelined(Schedule):
         view.fork_at = None  # (promoted: it is the main line now)
         if survivor not in agree:  # nothing agrees: roll main back to the committed tokens
             self.epoch += 1
+            # The draft keeps its tokens up to the first that differs (the correction's position;
+            # earlier when it had not drafted as far as the tokens the target decoded by itself).
+            drafted = view.tokens
+            keep = min(len(drafted), length - 1)
+            keep = next((i for i in range(start, keep) if drafted[i] != self.tokens[i]), keep)
             view.tokens, view.job_end = list(self.tokens), length
             view.alternatives.clear()
             view.probs.clear()
             view.forked.clear()  # (its forks were cancelled: the redrafted positions fork afresh)
-            await self.channel.sync(survivor, keep_length=length - 1, append=self.tokens[-1:])
+            await self.channel.sync(survivor, keep_length=keep, append=self.tokens[keep:])
         view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
         view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
         view.forked = {p for p in view.forked if p >= length}

@@ -65,6 +65,13 @@ REQUEST_PRIOR_WEIGHT = 8.0
 # Speculation stops for a request (the target decodes the rest alone) once, after this many of its
 # verdicts, the target alone is expected faster than its best block length by more than this share.
 MIN_VERDICTS_TO_STOP, STOP_MARGIN = 8, 0.05
+# The target decodes by itself after a rejection nothing foresaw (Decode.until_block) when the
+# draft's redraft (the running mean of the measured waits: from such a verdict to the next block)
+# takes longer than FILL_MARGIN times a one-token forward: the decoded token then costs the block
+# little delay. While it does, one wait in FILL_EXPLORE is not filled, so it is measured. It decodes
+# as many tokens as fit in the wait, at most FILL_MAX_TOKENS: a draft that must catch up with
+# every token decoded would never catch up with a target that decodes as fast as it drafts.
+FILL_MARGIN, FILL_EXPLORE, FILL_MAX_TOKENS = 1.0, 10, 4
 # Running means of the target's batch (rows and tokens per forward): about the last 20 forwards count.
 BATCH_FORGET = 0.95
 # Below this running mean of requests per target forward a request has the workers to itself.
@@ -96,6 +103,8 @@ class AcceptanceModel:
         self.batch_rows: float | None = None  # requests per target forward (running mean)
         self.batch_tokens: float | None = None  # tokens per target forward (running mean)
         self.last_forward_end: float | None = None
+        self.redraft_wait: float | None = None  # seconds from a rejection nothing foresaw to the next block
+        self._fill_turn = 0
 
     def rate(self, greedy: bool = True) -> float:
         accepted, rejected = self.counts[greedy]
@@ -144,6 +153,26 @@ class AcceptanceModel:
             return True
         self._unpaid_points += 1
         return self._unpaid_points % FORK_EXPLORE == 0
+
+    def observe_redraft_wait(self, seconds: float) -> None:
+        """The target waited this long for the next block after a rejection nothing foresaw (the
+        sync, the draft's first steps and the hops), without decoding meanwhile."""
+        self.redraft_wait = seconds if self.redraft_wait is None else 0.9 * self.redraft_wait + 0.1 * seconds
+
+    def fill_tokens(self) -> int:
+        """How many tokens the target should decode by itself while the draft redrafts after a
+        rejection: as many one-token forwards as fit in the measured redraft wait (at most
+        FILL_MAX_TOKENS), when that is at least FILL_MARGIN of them; 0 while the batches hold
+        other requests (a forward is theirs too), and for one wait in FILL_EXPLORE, which is
+        measured afresh."""
+        one = self.verify_seconds(1)  # (the decoded token's forward: its pending token alone)
+        alone = self.batch_rows is None or self.batch_rows < ALONE_BATCH_ROWS
+        if self.redraft_wait is None or not one or not alone or self.redraft_wait <= FILL_MARGIN * one:
+            return 0
+        self._fill_turn += 1
+        if self._fill_turn % FILL_EXPLORE == 0:
+            return 0
+        return max(1, min(FILL_MAX_TOKENS, int(self.redraft_wait / one)))
 
     def observe_verify(self, num_fed: int, seconds: float) -> None:
         sums = [FORGET * s for s in self._verify]
@@ -257,6 +286,16 @@ class DraftPolicy:
     @property
     def prepare_branch_blocks(self) -> bool:
         return self.config.prepare_branch_blocks and self.mode == Mode.SPECBRANCH
+
+    def fill_tokens(self) -> int:
+        """How many tokens the target decodes by itself after a rejection while the draft redrafts
+        (pipelined modes; `--idle-decode`: auto asks the acceptance model, on fills with at least
+        one token, off never; 0: it waits)."""
+        setting = self.config.idle_decode
+        if setting == "off" or self.mode not in (Mode.PIPELINED, Mode.SPECBRANCH):
+            return 0
+        tokens = self.model.fill_tokens()
+        return max(1, tokens) if setting == "on" else tokens
 
     @property
     def wants_prediction(self) -> bool:

@@ -44,7 +44,8 @@ class RunStats:
     cancelled branches'). Specbranch: rejections_at_fork, those at a position with alternative
     branches forked; rank_tried[r] / rank_hits[r], rejections where a branch of rank r (0: the
     draft's second choice there) existed / held the target's token; prepared_hits, verifications
-    of a block prepared for the outcome of the verdict before it (no round trip through us)."""
+    of a block prepared for the outcome of the verdict before it (no round trip through us);
+    filled_tokens, tokens the target decoded by itself while it waited for a redrafted block."""
 
     drafted_tokens: int = 0
     draft_tokens: int = 0
@@ -58,6 +59,7 @@ class RunStats:
     rank_tried: list[int] = field(default_factory=list)
     rank_hits: list[int] = field(default_factory=list)
     prepared_hits: int = 0
+    filled_tokens: int = 0  # tokens the target decoded by itself while it waited for a block
     target_seconds: float = 0.0  # target compute spent on this request (its share of batches)
     queue_seconds: float = 0.0  # time its blocks waited, ready, for a place in a batch
     committed_per_verification: list[int] = field(default_factory=list)
@@ -210,7 +212,15 @@ class Schedule:
         return tokens
 
     def commit(self, verdict: worker_pb2.Verdict) -> list[int]:
-        """Apply the verdict of the oldest block in flight: the tokens it commits ([] if stale)."""
+        """Apply a verdict: the tokens it commits ([] if stale). A `decoded` verdict is a token the
+        target decoded by itself (Decode); any other is the oldest block's in flight, which may
+        start behind tokens decoded so (its verdict counts them, as accepted)."""
+        if verdict.decoded:
+            self.stats.on_verdict(verdict, 0, 1)
+            self.stats.filled_tokens += 1
+            self.tokens.append(verdict.next_token_id)
+            assert len(self.tokens) == verdict.committed_length, "decoded token out of step"
+            return [verdict.next_token_id]
         block = self.in_flight.popleft()
         if verdict.stale:
             assert block.doomed or block.conditional, f"block at {block.start} answered stale but was expected to hold"
@@ -221,9 +231,13 @@ class Schedule:
         assert not block.conditional or self.tokens[-1] == block.expect, (
             f"a prepared block at {block.start} verified after another token"
         )
-        assert block.start == len(self.tokens), f"verdict for a block at {block.start}, committed {len(self.tokens)}"
+        behind = len(self.tokens) - block.start  # tokens the target decoded by itself past its start
         accepted = block.token_ids[: verdict.num_accepted]
-        new_tokens = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
+        decided = accepted + ([verdict.next_token_id] if verdict.next_token_id >= 0 else [])
+        assert behind >= 0 and decided[:behind] == self.tokens[block.start :], (
+            f"verdict for a block at {block.start} that does not extend the {len(self.tokens)} committed tokens"
+        )
+        new_tokens = decided[behind:]
         self.stats.on_verdict(verdict, len(block.token_ids), len(new_tokens))
         self.policy.observe(len(block.token_ids), len(accepted), verdict.predicted_accept_length)
         self.tokens += new_tokens

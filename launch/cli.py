@@ -26,6 +26,7 @@ from specpipe.config import (
     DEFAULT_STARTUP_TIMEOUT_S,
     ENV_CURVE_KEYS,
     NGRAM_DRAFTER,
+    IDLE_DECODE,
     POLICIES,
     CoordinatorConfig,
     PolicyConfig,
@@ -174,6 +175,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="specbranch mode: queue each drafted branch on the target behind the block holding its fork "
         "point, so that a verdict emitting the branch's token goes on to verify it without waiting for "
         "the coordinator (default: on)",
+    )
+    parser.add_argument(
+        "--idle-decode",
+        choices=IDLE_DECODE,
+        default=PolicyConfig.idle_decode,
+        help="pipelined modes: after a rejection no prepared block foresaw, the target decodes by itself "
+        "until the redrafted block comes (greedy and drafter-invariant requests); auto: when the measured "
+        "redraft takes longer than a one-token forward (default: auto)",
     )
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument(
@@ -439,6 +448,7 @@ def run_serve(args, plan, runtime) -> None:
             max_branches=args.max_branches,
             main_lookahead=args.main_lookahead,
             prepare_branch_blocks=args.prepare_branch_blocks,
+            idle_decode=args.idle_decode,
         ),
         max_concurrent_requests=args.max_concurrent_requests,
         max_queued_requests=args.max_queued_requests,

@@ -104,6 +104,7 @@ def _cpuset_text() -> str:
 
 
 POLICIES = ("fixed", "confidence", "adaptive", "predictor")  # the kinds (coordinator/policy.py explains each)
+IDLE_DECODE = ("auto", "on", "off")  # PolicyConfig.idle_decode
 
 
 @dataclass(frozen=True)
@@ -131,9 +132,14 @@ class PolicyConfig:
     # specbranch: queue each drafted branch on the target behind the block holding its fork point,
     # verified there the moment the verdict emits the branch's token (no round trip through us).
     prepare_branch_blocks: bool = True
+    # Pipelined modes: after a rejection nothing foresaw, the target decodes by itself until the
+    # redrafted block comes (greedy and drafter-invariant requests): auto (when the measured redraft
+    # takes longer than a one-token forward), on, off.
+    idle_decode: str = "auto"
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
+        assert self.idle_decode in IDLE_DECODE, f"idle_decode must be one of {IDLE_DECODE}"
         assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
         assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
         assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"

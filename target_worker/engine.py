@@ -23,7 +23,9 @@ Randomness is keyed by the sequence position a draw decides (specpipe.sampling):
 accepts or rejects the draft token at position t by (seed, t, STREAM_ACCEPT), the draw of the
 target's own token at t by (seed, t, STREAM_FINAL), the drafter-invariant noise at t by (seed, t);
 so a seeded request's tokens do not depend on where its blocks were cut or what ran beside it. A
-decoded token at position t is a verification of an empty block there.
+decoded token at position t is a verification of an empty block there: for greedy and
+drafter-invariant requests the very token a verify would emit, which is why only they may fill the
+wait for a block by decoding (Decode.until_block) and have the block verified past those tokens.
 """
 
 from __future__ import annotations
@@ -102,6 +104,10 @@ class TargetEngine:
             if kind == "verify":
                 request.decode_until = 0
                 request.verifies.append((msg, time.monotonic()))
+            elif msg.until_block:
+                if not (request.sampling.greedy or request.sampling.coupled):
+                    raise ValueError("Decode.until_block needs a greedy or drafter-invariant request")
+                request.fill_until = min(msg.max_length, self.store.slot_len)
             else:
                 request.decode_until = msg.max_length
         elif kind == "release":
@@ -310,31 +316,35 @@ class TargetEngine:
         return torch.cat([request.next_logits[None], logits]), hidden_rows
 
     def _verify(self, work: Work, output):
+        """Decide the block's draft tokens left to verify (`work.draft`: all of them, unless the
+        block starts behind tokens the target decoded by itself, which were its first ones)."""
         request, msg = work.request, work.verify
-        if msg.start_length != len(request.tokens):
+        if not len(request.tokens) - request.decoded <= msg.start_length <= len(request.tokens):
             raise ValueError(
                 f"block {msg.block_id} starts at {msg.start_length}, committed length is {len(request.tokens)}"
+                + (f" ({request.decoded} decoded by the target)" if request.decoded else "")
             )
-        draft = work.draft
+        draft, skipped = work.draft, len(request.tokens) - msg.start_length
         want_hidden = self._wants_hidden(work)
         rows, hidden_rows = self._rows(request, output, want_hidden)
-        num_accepted, next_token = self._decide(request, msg, draft, rows)
-        request.last_block_id = msg.block_id
+        num_accepted, next_token = self._decide(request, len(request.tokens), draft, rows, msg)
+        request.last_block_id, request.decoded, request.fill_until = msg.block_id, 0, 0
         if num_accepted == len(draft) and not msg.emit_bonus:
             request.tokens += draft
             request.next_logits = rows[-1]
             request.next_hidden = hidden_rows[-1] if hidden_rows is not None else None
             next_token, last_row = -1, num_accepted - 1  # the row that predicted the last accepted token
         else:
+            start = len(request.tokens)
             request.tokens += draft[:num_accepted] + [next_token]
-            request.cached = msg.start_length + num_accepted  # roll back: forget the rejected positions
+            request.cached = start + num_accepted  # roll back: forget the rejected positions
             request.next_logits = request.next_hidden = None
             last_row = num_accepted  # the row that predicted the correction or bonus
         self.table.drop_below(request.handle, len(request.tokens))
         verdict = worker_pb2.Verdict(
             request_id=work.request_id,
             block_id=msg.block_id,
-            num_accepted=num_accepted,
+            num_accepted=skipped + num_accepted,  # (counted from the block's start)
             next_token_id=next_token,
             committed_length=len(request.tokens),
             predicted_accept_length=-1.0,
@@ -351,26 +361,29 @@ class TargetEngine:
         """One token decoded by the target alone: a verification of an empty block."""
         request = work.request
         rows, _ = self._rows(request, output, want_hidden=False)
-        start = len(request.tokens)
-        msg = worker_pb2.Verify(request_id=work.request_id, start_length=start, emit_bonus=True)
-        _, token = self._decide(request, msg, [], rows[-1:])
+        _, token = self._decide(request, len(request.tokens), [], rows[-1:])
         request.tokens.append(token)
+        request.decoded += 1
         request.next_logits = request.next_hidden = None
         return worker_pb2.Verdict(
             request_id=work.request_id,
+            decoded=True,
             num_accepted=0,
             next_token_id=token,
             committed_length=len(request.tokens),
             predicted_accept_length=-1.0,
         )
 
-    def _decide(self, request: TargetRequest, msg, draft: list[int], rows: torch.Tensor) -> tuple[int, int]:
-        """Accept/reject the block: (num_accepted, next token) from the target's rows [k + 1, vocab].
-        Sampled draws are keyed by the sequence position they decide, never by the block; they are
-        drawn on the CPU (the same on every device) and moved to the rows' device."""
+    def _decide(
+        self, request: TargetRequest, start: int, draft: list[int], rows: torch.Tensor, msg=None
+    ) -> tuple[int, int]:
+        """Accept/reject `draft` (at positions start...; `msg`: its Verify, None for a decoded
+        token): (num_accepted, next token) from the target's rows [k + 1, vocab]. Sampled draws are
+        keyed by the sequence position they decide, never by the block; they are drawn on the CPU
+        (the same on every device) and moved to the rows' device."""
         device = rows.device
         draft_ids = torch.tensor([draft], dtype=torch.long, device=device)
-        sampling, start = request.sampling, msg.start_length
+        sampling = request.sampling
         if sampling.greedy:
             result = verify_greedy(draft_ids, rows[None])
         elif sampling.coupled:
@@ -381,7 +394,7 @@ class TargetEngine:
             result = verify_coupled(draft_ids, target_probs[None], noise[None])
         else:
             target_probs = logits_to_probs(rows, sampling)[None]
-            draft_probs = self._draft_probs(request, msg, rows.shape[-1])
+            draft_probs = self._draft_probs(request, msg, start, len(draft), rows.shape[-1])
             accept = position_uniforms(request.seed, range(start, start + len(draft)), STREAM_ACCEPT).to(device)
             final = position_uniforms(request.seed, range(start, start + len(draft) + 1), STREAM_FINAL).to(device)
             result = rejection_sample_at(draft_ids, draft_probs, target_probs, accept[None], final[None])
@@ -396,13 +409,13 @@ class TargetEngine:
             return torch.nn.functional.pad(probs, (0, width - probs.shape[-1]))
         return probs[..., :width]
 
-    def _draft_probs(self, request: TargetRequest, msg, vocab: int) -> torch.Tensor:
-        """[1, num_draft_tokens, vocab] q from the data plane, zero-padded to the target's width
-        when the draft's head is narrower (padding rows have no mass)."""
-        num_draft = len(msg.draft_token_ids)
+    def _draft_probs(self, request: TargetRequest, msg, start: int, num_draft: int, vocab: int) -> torch.Tensor:
+        """[1, num_draft, vocab] q of the draft tokens at positions start... from the data plane,
+        zero-padded to the target's width when the draft's head is narrower (padding rows have no
+        mass)."""
         if not num_draft:
             return torch.zeros(1, 0, vocab, device=self.device)
-        positions = range(msg.start_length, msg.start_length + num_draft)
+        positions = range(start, start + num_draft)
         if not self.table.ready(request.handle, msg.branch_id, msg.epoch, positions):
             raise TimeoutError(
                 f"the draft's q for block {msg.block_id} did not arrive on the data plane within {DATA_TIMEOUT_S:.0f}s"

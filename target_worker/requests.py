@@ -4,12 +4,14 @@ A `TargetRequest` owns the request's committed tokens, its KV slot and how many 
 tokens are cached there (`cached`; the rest are pending: fed with the next forward), the logits at
 the next position when a block was kept without a bonus (`next_logits`), its queued verifies (run
 in order: a queued block's staleness depends on the one before) and the length up to which it
-decodes by itself (autoregressive, or target-only after the draft went down: `decode_until`).
+decodes by itself (autoregressive, or target-only after the draft went down: `decode_until`; or,
+after a rejection, until the next block comes: `fill_until`).
 
 `next_work` turns the request's state into at most one piece of work for an iteration: answer a
 stale block (no compute), a prefill chunk (the prompt, or committed tokens piled up, fed in chunks
-so one long prompt never stalls the other requests), a verify row (pending + draft tokens), or a
-decode row. The engine packs the rows of every request into one forward. A prompt that fits one
+so one long prompt never stalls the other requests), a verify row (pending + draft tokens: those
+left to verify when the block starts behind tokens the target decoded meanwhile,
+specpipe/blocks.py), or a decode row. The engine packs the rows of every request into one forward. A prompt that fits one
 chunk may wait a little for the request's first block (`holding`): prompt and block then cost one
 forward instead of two.
 
@@ -24,6 +26,7 @@ from dataclasses import dataclass, field
 
 import torch
 
+from specpipe.blocks import left_to_verify
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import SamplingParams
 
@@ -41,7 +44,9 @@ class TargetRequest:
     next_hidden: torch.Tensor | None = None  # [hidden] the last hidden state of that row, when kept
     verifies: deque = field(default_factory=deque)  # (Verify, queued_at), oldest first
     last_block_id: int = 0  # the last block verified (not stale) for it
+    decoded: int = 0  # committed tokens it decoded by itself since it last verified a block
     decode_until: int = 0  # decode by itself up to this many tokens (Decode)
+    fill_until: int = 0  # decode by itself up to this length until a block comes (Decode.until_block)
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
     ready_since: float | None = None  # when its head work became ready (queue time)
@@ -50,12 +55,17 @@ class TargetRequest:
     def __repr__(self) -> str:
         return (
             f"TargetRequest(tokens={len(self.tokens)}, cached={self.cached}, slot={self.slot}, "
-            f"verifies={len(self.verifies)}, decode_until={self.decode_until})"
+            f"verifies={len(self.verifies)}, decode_until={self.decode_until}, fill_until={self.fill_until})"
         )
 
     @property
     def pending(self) -> list[int]:
         return self.tokens[self.cached :]
+
+    def decodes_to(self) -> int:
+        """The length it decodes to by itself now (0: none): `decode_until`, or `fill_until` while
+        no block is queued for it."""
+        return self.decode_until or (0 if self.verifies else self.fill_until)
 
 
 @dataclass
@@ -70,10 +80,7 @@ class Work:
     verify: worker_pb2.Verify | None = None
     queued_at: float = 0.0
     fed_prompt: int = 0  # how many of `fed` are prompt tokens
-
-    @property
-    def draft(self) -> list[int]:
-        return list(self.verify.draft_token_ids) if self.verify is not None else []
+    draft: list[int] = field(default_factory=list)  # the verify's draft tokens left to verify
 
     def keep_offsets(self) -> list[int]:
         """Offsets into `fed` whose logits the work needs: the row before each draft token (when
@@ -96,19 +103,27 @@ def head_is_stale(request: TargetRequest) -> bool:
     """The request's next queued block is to be answered stale: its assumption failed, or the
     request decodes by itself now (its drafts may never come)."""
     return bool(request.verifies) and bool(
-        request.decode_until or block_is_stale(request.verifies[0][0], request.tokens, request.last_block_id)
+        request.decode_until
+        or block_is_stale(request.verifies[0][0], request.tokens, request.last_block_id, request.decoded)
     )
 
 
-def block_is_stale(msg: worker_pb2.Verify, tokens: list[int], last_block_id: int) -> bool:
-    """A queued block whose assumption failed, given the committed `tokens` and the last block
-    verified: the block it follows was not the last verified, or did not end where and with the
-    token this one assumes."""
-    return msg.HasField("expect_last_token") and (
-        msg.start_length != len(tokens)
-        or tokens[-1] != msg.expect_last_token
+def block_is_stale(msg: worker_pb2.Verify, tokens: list[int], last_block_id: int, decoded: int = 0) -> bool:
+    """A queued block whose assumption failed, given the committed `tokens`, the last block
+    verified and how many tokens the target decoded by itself since (`decoded`, the last ones of
+    `tokens`): the block it follows was not the last verified, or did not end where and with the
+    token this one assumes (its verdict's end, not a decoded token: the coordinator decides from
+    that verdict which blocks hold); or it starts behind decoded tokens that are not its own first
+    ones (or cover all of it). A block may start behind decoded tokens only, never behind verified
+    ones."""
+    start, verified = msg.start_length, len(tokens) - decoded
+    if msg.HasField("expect_last_token") and (
+        start != verified
+        or tokens[start - 1] != msg.expect_last_token
         or (msg.HasField("after_block_id") and msg.after_block_id != last_block_id)
-    )
+    ):
+        return True
+    return start >= verified and left_to_verify(start, msg.draft_token_ids, tokens) is None
 
 
 def next_work(
@@ -122,7 +137,8 @@ def next_work(
         if head_is_stale(request):
             return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
         if len(pending) <= prefill_chunk:
-            fed = pending + list(msg.draft_token_ids)
+            draft = left_to_verify(msg.start_length, msg.draft_token_ids, request.tokens) or []
+            fed = pending + draft
             waited_out = time.monotonic() - queued_at > data_timeout_s
             sampled_ok = (
                 request.sampling.greedy
@@ -131,8 +147,8 @@ def next_work(
                 or probs_ready(request, msg)
             )
             if (sampled_ok or waited_out) and (fed or request.next_logits is not None) and len(fed) <= token_budget:
-                return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at)
-    elif request.decode_until > len(request.tokens) and len(pending) <= prefill_chunk:
+                return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at, draft=draft)
+    elif request.decodes_to() > len(request.tokens) and len(pending) <= prefill_chunk:
         if len(pending) <= token_budget and (pending or request.next_logits is not None):
             return Work(request_id, request, "decode", fed=pending)
     if len(pending) > 1:  # prompt or piled-up tokens: a chunk, keeping the last pending

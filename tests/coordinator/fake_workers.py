@@ -7,7 +7,9 @@ right most of the time would propose (`draft_next`, unsure where it is wrong, wi
 token among its next-best candidates, so branches can be promoted). Its inbox decides, with a
 seeded random choice, whether the next event the schedule sees is the draft's step or the
 target's verdict: every test seed is another ordering of late verdicts, early drafts and stale
-blocks. `draft_down_after=N` makes the draft go down after its N-th step.
+blocks. `draft_down_after=N` makes the draft go down after its N-th step. Like the real target, it
+fills the wait after a rejection by decoding by itself when asked to
+(Decode.until_block), and verifies what is left of a block that starts behind those tokens.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import hashlib
 import random
 from collections import deque
 
+from specpipe.blocks import left_to_verify
 from specpipe.coordinator.workers import Event
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.target_worker.requests import block_is_stale
@@ -70,6 +73,9 @@ class FakeWorkers:
         self.committed: list[int] = []
         self.verifies: deque = deque()
         self.decode_until = 0
+        self.fill_until = 0  # after a rejection: decode by itself up to this length until a block comes
+        self.decoded = 0  # tokens decoded by itself since the last block verified
+        self.fills = 0  # tokens decoded so
         self.branches: dict[int, list[int]] = {}
         self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
         self.stale_answers = 0
@@ -95,7 +101,10 @@ class FakeWorkers:
         self.verifies.append(msg)
 
     def _target_decode(self, msg) -> None:
-        self.decode_until = msg.max_length
+        if msg.until_block:
+            self.fill_until = msg.max_length
+        else:
+            self.decode_until = msg.max_length
 
     def _target_release(self, msg) -> None:
         self.verifies.clear()
@@ -133,7 +142,7 @@ class FakeWorkers:
                 choices.append("deliver")
             if self.jobs and not self.draft_down and len(self.draft_outbox) < DRAFT_AHEAD:
                 choices.append("draft")
-            if self.verifies or self.decode_until > len(self.committed):
+            if self.verifies or self.decodes_to() > len(self.committed):
                 choices.append("verdict")
             assert choices, f"the schedule waits, but no worker has anything to send ({self.commands[-6:]})"
             weights = [0.25 if self.slow_target and c == "verdict" else 1.0 for c in choices]
@@ -144,6 +153,9 @@ class FakeWorkers:
                 return self.draft_outbox.popleft()
             else:
                 return self._verdict()
+
+    def decodes_to(self) -> int:
+        return self.decode_until or (0 if self.verifies else self.fill_until)
 
     def _draft_step(self) -> Event:
         self.draft_steps += 1
@@ -197,11 +209,14 @@ class FakeWorkers:
             return Event("target", "verdict", self._verify(self.verifies.popleft()))
         token = target_next(self.committed)
         self.committed.append(token)
+        self.decoded += 1
+        self.fills += not self.decode_until
         return Event(
             "target",
             "verdict",
             worker_pb2.Verdict(
                 request_id=self.request_id,
+                decoded=True,
                 next_token_id=token,
                 committed_length=len(self.committed),
                 verify_seconds=0.002,
@@ -209,7 +224,7 @@ class FakeWorkers:
         )
 
     def _verify(self, msg) -> worker_pb2.Verdict:
-        if block_is_stale(msg, self.committed, self.last_block_id) or self.decode_until:
+        if block_is_stale(msg, self.committed, self.last_block_id, self.decoded) or self.decode_until:
             self.stale_answers += 1
             return worker_pb2.Verdict(
                 request_id=self.request_id,
@@ -218,13 +233,17 @@ class FakeWorkers:
                 next_token_id=-1,
                 committed_length=len(self.committed),
             )
-        assert msg.start_length == len(self.committed), "a block that does not extend the committed tokens"
-        self.last_block_id = msg.block_id
-        draft, accepted = list(msg.draft_token_ids), 0
+        assert len(self.committed) - self.decoded <= msg.start_length <= len(self.committed), (
+            "a block that does not extend the committed tokens"
+        )
+        self.last_block_id, self.decoded = msg.block_id, 0
+        skipped = len(self.committed) - msg.start_length
+        draft, accepted = left_to_verify(msg.start_length, msg.draft_token_ids, self.committed), 0
         while accepted < len(draft) and draft[accepted] == target_next(self.committed + draft[:accepted]):
             accepted += 1
         self.committed += draft[:accepted]
         self.rejections += accepted < len(draft)
+        self.fill_until = 0
         next_token = -1
         if accepted < len(draft) or msg.emit_bonus:
             next_token = target_next(self.committed)
@@ -232,7 +251,7 @@ class FakeWorkers:
         return worker_pb2.Verdict(
             request_id=self.request_id,
             block_id=msg.block_id,
-            num_accepted=accepted,
+            num_accepted=skipped + accepted,
             next_token_id=next_token,
             committed_length=len(self.committed),
             verify_seconds=0.002 + 0.0005 * len(draft),
@@ -258,7 +277,7 @@ class _Client:
 
     def busy(self) -> bool:
         workers = self.workers
-        return bool(workers.verifies) or workers.decode_until > len(workers.committed)
+        return bool(workers.verifies) or workers.decodes_to() > len(workers.committed)
 
 
 class FakeInbox:

@@ -15,6 +15,8 @@ from specpipe.coordinator.policy import (
     FORK_EXPLORE,
     FORK_MIN_SEEN,
     FORK_WINDOW,
+    FILL_EXPLORE,
+    FILL_MAX_TOKENS,
     MIN_VERDICTS_TO_STOP,
     AcceptanceModel,
     DraftPolicy,
@@ -252,3 +254,32 @@ def test_speculation_stops_paying_when_the_target_alone_is_faster(mode):
     for _ in range(MIN_VERDICTS_TO_STOP):
         fixed.observe(4, 0)
     assert fixed.speculation_pays(), "only the adaptive policies decide by the measured costs"
+
+
+def test_the_target_fills_a_wait_only_where_the_redraft_takes_longer_than_its_own_forward():
+    """--idle-decode auto: nothing until a wait is measured; then as many tokens as one-token
+    forwards fit in the measured redraft wait (running mean; at most FILL_MAX_TOKENS) when at least
+    one does, except one wait in FILL_EXPLORE (measured afresh); never while the target's batches
+    hold other requests; on fills at least one token, off none, and only the pipelined modes fill."""
+    model = AcceptanceModel()
+    auto = DraftPolicy(PolicyConfig(), Mode.SPECBRANCH, model)
+    assert auto.fill_tokens() == 0
+    for _ in range(20):
+        model.observe_verify(1, 0.010)
+        model.observe_verify(5, 0.014)
+    model.observe_redraft_wait(0.008)  # shorter than a one-token forward (10 ms)
+    assert auto.fill_tokens() == 0
+    for _ in range(60):
+        model.observe_redraft_wait(0.025)
+    decisions = [auto.fill_tokens() for _ in range(3 * FILL_EXPLORE)]
+    assert decisions.count(0) == 3 and set(decisions) == {0, 2}, "two forwards fit in 25 ms"
+    for _ in range(60):
+        model.observe_redraft_wait(0.200)
+    assert max(auto.fill_tokens() for _ in range(3)) == FILL_MAX_TOKENS
+    model.batch_rows = 4.0  # the target's batches hold four requests
+    assert auto.fill_tokens() == 0
+    assert DraftPolicy(PolicyConfig(idle_decode="on"), Mode.PIPELINED, AcceptanceModel()).fill_tokens() == 1
+    assert DraftPolicy(PolicyConfig(idle_decode="off"), Mode.SPECBRANCH, model).fill_tokens() == 0
+    assert DraftPolicy(PolicyConfig(idle_decode="on"), Mode.SEQUENTIAL, model).fill_tokens() == 0
+    with pytest.raises(AssertionError, match="idle_decode"):
+        PolicyConfig(idle_decode="sometimes")

@@ -238,3 +238,31 @@ def test_totals_add_every_counter_and_ranks_rank_by_rank():
     assert (totals.draft_tokens, totals.accepted_tokens, totals.rejections) == (10, 3, 3)
     assert (totals.rank_tried, totals.rank_hits, totals.queue_seconds) == ([3, 1], [0, 1], 0.5)
     assert totals.committed_per_verification == [0, 5]  # one entry per request: its sum
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
+@pytest.mark.parametrize("seed", SEEDS)
+def test_the_target_filling_the_wait_after_a_rejection_keeps_every_ordering_exact(mode, seed):
+    """With --idle-decode on, the target decodes by itself after a rejection nothing foresaw (the
+    main line resynced, nothing queued holds), until a block comes; blocks then start behind those tokens (verified past them, or stale when
+    the draft guessed otherwise) and a decoded token may promote a branch or resync the main line:
+    whatever the ordering, the committed tokens are the target's greedy ones, and the counters
+    keep their invariants."""
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, idle_decode="on")
+    tokens, request, workers = run(mode, seed, policy=policy, slow_target=seed % 2 == 1, misleading=seed % 3 > 0)
+    assert tokens == greedy(PROMPT, MAX_NEW)
+    stats = request.stats
+    assert stats.accepted_tokens <= stats.draft_tokens <= stats.drafted_tokens
+    assert stats.rejections == workers.rejections
+    assert stats.rejections <= stats.main_rolled_back_tokens <= stats.rolled_back_tokens
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
+def test_the_target_fills_waits_only_when_asked(mode):
+    """On: over the seeds, the target decodes by itself in some waits (the test above covers the
+    path); off (and auto before any wait is measured): never."""
+    fills = {}
+    for setting in ("on", "off", "auto"):
+        policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, idle_decode=setting)
+        fills[setting] = sum(run(mode, seed, policy=policy, misleading=True)[2].fills for seed in SEEDS)
+    assert fills["on"] > 0 and fills["off"] == fills["auto"] == 0

@@ -188,3 +188,25 @@ def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
     fixed.complete(prompt_ids=PROMPTS[0], max_new_tokens=8, mode="specbranch")
     policy = fixed.stats().policy
     assert not policy.branch_threshold_learnt and policy.branch_threshold == pytest.approx(0.95)
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
+def test_the_target_fills_the_wait_after_a_rejection_and_stays_exact(serve, hf_greedy, mode):
+    """--idle-decode on: after each rejection nothing foresaw, the target decodes by itself while
+    the draft redrafts, and the block that comes is verified past those tokens (or answered stale).
+    Greedy output is still exactly Hugging Face greedy; drafter-invariant sampling still gives the
+    autoregressive tokens of the same seed (the decoded token is the coupled draw a verify makes);
+    and the requests report the tokens decoded so."""
+    server = serve("draft", "--idle-decode", "on")
+    client = Client(server.addr)
+    filled = 0
+    for prompt_ids in PROMPTS:
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=40, mode=mode)
+        assert token_ids == hf_greedy(prompt_ids, 40), f"prompt {prompt_ids}"
+        filled += last.stats.filled_tokens
+        coupled = {"temperature": 1.0, "drafter_invariant": True, "seed": 7, "max_new_tokens": 40}
+        alone = client.complete(prompt_ids=prompt_ids, mode="autoregressive", **coupled)[0]
+        token_ids, _, last = client.complete(prompt_ids=prompt_ids, mode=mode, **coupled)
+        assert token_ids == alone, f"prompt {prompt_ids}"
+        filled += last.stats.filled_tokens
+    assert filled > 0, "the target never filled a wait"

@@ -125,12 +125,14 @@ class Verify(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., start_length: _Optional[int] = ..., draft_token_ids: _Optional[_Iterable[int]] = ..., branch_id: _Optional[int] = ..., epoch: _Optional[int] = ..., emit_bonus: _Optional[bool] = ..., want_features: _Optional[bool] = ..., want_prediction: _Optional[bool] = ..., expect_last_token: _Optional[int] = ..., after_block_id: _Optional[int] = ...) -> None: ...
 
 class Decode(_message.Message):
-    __slots__ = ("request_id", "max_length")
+    __slots__ = ("request_id", "max_length", "until_block")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     MAX_LENGTH_FIELD_NUMBER: _ClassVar[int]
+    UNTIL_BLOCK_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     max_length: int
-    def __init__(self, request_id: _Optional[str] = ..., max_length: _Optional[int] = ...) -> None: ...
+    until_block: bool
+    def __init__(self, request_id: _Optional[str] = ..., max_length: _Optional[int] = ..., until_block: _Optional[bool] = ...) -> None: ...
 
 class Release(_message.Message):
     __slots__ = ("request_id",)
@@ -209,7 +211,7 @@ class DraftStep(_message.Message):
     def __init__(self, tokens: _Optional[_Iterable[_Union[DraftToken, _Mapping]]] = ..., step_seconds: _Optional[float] = ..., batch_branches: _Optional[int] = ..., batch_tokens: _Optional[int] = ...) -> None: ...
 
 class Verdict(_message.Message):
-    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale", "prefill_seconds", "queue_seconds")
+    __slots__ = ("request_id", "block_id", "num_accepted", "next_token_id", "committed_length", "features", "verify_seconds", "predicted_accept_length", "stale", "prefill_seconds", "queue_seconds", "decoded")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BLOCK_ID_FIELD_NUMBER: _ClassVar[int]
     NUM_ACCEPTED_FIELD_NUMBER: _ClassVar[int]
@@ -221,6 +223,7 @@ class Verdict(_message.Message):
     STALE_FIELD_NUMBER: _ClassVar[int]
     PREFILL_SECONDS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DECODED_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     block_id: int
     num_accepted: int
@@ -232,7 +235,8 @@ class Verdict(_message.Message):
     stale: bool
     prefill_seconds: float
     queue_seconds: float
-    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ...) -> None: ...
+    decoded: bool
+    def __init__(self, request_id: _Optional[str] = ..., block_id: _Optional[int] = ..., num_accepted: _Optional[int] = ..., next_token_id: _Optional[int] = ..., committed_length: _Optional[int] = ..., features: _Optional[_Union[Tensor, _Mapping]] = ..., verify_seconds: _Optional[float] = ..., predicted_accept_length: _Optional[float] = ..., stale: _Optional[bool] = ..., prefill_seconds: _Optional[float] = ..., queue_seconds: _Optional[float] = ..., decoded: _Optional[bool] = ...) -> None: ...
 
 class Verdicts(_message.Message):
     __slots__ = ("verdicts", "batch_requests", "batch_tokens", "forward_seconds")
