@@ -75,6 +75,16 @@ def greedy(reference, tokens, count):
     return out[len(tokens) :]
 
 
+def one_request(models, count):
+    """(engine model, a fresh engine holding request "r" with its prompt prefilled, the prompt, the
+    target's `count` greedy tokens after it)."""
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [4, 8, 15, 16]
+    prefill(engine, "r", prompt)
+    return model, engine, prompt, greedy(reference, prompt, count)
+
+
 def test_cache_and_commits_after_random_verifies(models):
     """Random blocks through verify (with and without bonus): the cache and committed tokens
     equal a fresh forward, and commits follow the target's argmax; the prefill time is reported once."""
@@ -284,11 +294,7 @@ def test_a_block_is_stale_when_its_length_and_token_are_reached_by_another_path(
     """A block assumes the verdict of the block it follows: matching the committed length and
     last token is not enough when another block was verified last (a prepared block took the
     request to the same place by another path)."""
-    model, reference = models
-    engine = make_engine(model)
-    prompt = [4, 8, 15, 16]
-    prefill(engine, "r", prompt)
-    expected = greedy(reference, prompt, 6)
+    model, engine, prompt, expected = one_request(models, 6)
     start = len(prompt)
     verify(engine, "r", start, [(expected[0] + 1) % 250] + expected[1:3], emit_bonus=False, block_id=1)
     verify(engine, "r", start + 1, expected[1:3], False, block_id=2, expect_last_token=expected[0], after_block_id=1)
@@ -369,11 +375,8 @@ def test_a_block_that_starts_behind_decoded_tokens_is_verified_past_them_or_stal
     same forward's budget: the skipped tokens are not fed) and num_accepted counts from the
     block's start; if they differ, or nothing of it is left, it is answered stale. The result is
     greedy decoding either way, and the cache matches a fresh forward."""
-    model, reference = models
-    engine = make_engine(model)
-    prompt = [4, 8, 15, 16]
-    prefill(engine, "r", prompt)
-    expected = greedy(reference, prompt, 8)
+    model, engine, prompt, expected = one_request(models, 8)
+    reference = models[1]
     start = len(prompt)
     verify(engine, "r", start, [(expected[0] + 1) % 250], emit_bonus=False)
     assert step(engine)[0]["r"].next_token_id == expected[0]
