@@ -134,8 +134,10 @@ class PolicyConfig:
     prepare_branch_blocks: bool = True
     # Pipelined modes: after a rejection nothing foresaw, the target decodes by itself until the
     # redrafted block comes (greedy and drafter-invariant requests): auto (when the measured redraft
-    # takes longer than a one-token forward), on, off.
-    idle_decode: str = "auto"
+    # takes longer than a one-token forward), on, off. Off by default: on the demo pair, A/B against
+    # off, auto 0.997x with the draft on this host (it never fills there) and 0.95x twice with the
+    # draft behind a 10 ms one-way link (where it fills); on 0.97-0.98x.
+    idle_decode: str = "off"
 
     def __post_init__(self):
         assert self.kind in POLICIES, f"policy kind must be one of {POLICIES}"
