@@ -220,7 +220,9 @@ class DraftEngine:
 
     def _choose(self, active: list[BranchKey], proposals: dict) -> list:
         """Turn each proposal into the branch's next token: argmax (greedy) or a draw from q. A
-        branch the drafter cannot advance (None) ends its job; one it is still feeding waits."""
+        branch the drafter cannot advance (None) ends its job; one it is still feeding waits. The
+        rows of one sampling kind are processed together: one softmax, one argmax (greedy), one
+        gather of the chosen tokens' probabilities and one top-k for the fork candidates."""
         items, sent_keys, sent_probs = [], [], []
         by_sampling: dict[SamplingParams, list[BranchKey]] = {}
         for key in active:
@@ -233,12 +235,23 @@ class DraftEngine:
         for sampling, keys in by_sampling.items():
             logits = torch.stack([proposals[key] for key in keys])  # [n, vocab]
             probs = torch.softmax(logits.float(), -1) if sampling.greedy else logits_to_probs(logits, sampling)
-            for key, row_logits, row_probs in zip(keys, logits, probs):
-                token, probs_key = self._emit(key, row_logits, row_probs)
+            if sampling.greedy:
+                token_ids = torch.argmax(logits, dim=-1).tolist()
+            else:
+                token_ids = [self._draw(key, row_probs) for key, row_probs in zip(keys, probs)]
+            chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])[:, 0].tolist()
+            width = max(self.requests[key[0]].branches[key[1]].job.num_candidates for key in keys)
+            top_ids = top_probs = None
+            if width:
+                top = torch.topk(probs, min(width + 1, probs.shape[-1]), dim=-1)
+                top_ids, top_probs = top.indices.tolist(), top.values.tolist()
+            for i, key in enumerate(keys):
+                top_row = (top_ids[i], top_probs[i]) if top_ids is not None else None
+                token, probs_key = self._emit(key, token_ids[i], chosen[i], top_row)
                 items.append(token)
                 if probs_key is not None:
                     sent_keys.append(probs_key)
-                    sent_probs.append(row_probs)
+                    sent_probs.append(probs[i])
         if sent_keys:
             self.probs_sender.send(sent_keys, torch.stack(sent_probs))
         return items
@@ -260,24 +273,26 @@ class DraftEngine:
             [],
         )
 
-    def _emit(self, key: BranchKey, logits: torch.Tensor, probs: torch.Tensor):
-        """Choose one branch's next token from its logits and processed probs [vocab]."""
+    def _draw(self, key: BranchKey, probs: torch.Tensor) -> int:
+        """A sampled request's token at the branch's next position from its processed q [vocab]."""
+        request = self.requests[key[0]]
+        position = len(request.branches[key[1]].tokens)
+        if request.sampling.coupled:  # argmax(log q + g): the same g the target uses at this position
+            width = request.noise_vocab or probs.shape[-1]
+            coupled = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:width]
+            return int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width)))
+        generator = make_generator(request.seed, position, STREAM_DRAFT)
+        return int(sample_from_probs(probs[None], generator)[0])
+
+    def _emit(self, key: BranchKey, token_id: int, prob: float, top: tuple[list, list] | None):
+        """Append the chosen token (of draft probability `prob`) to the branch and report it, with
+        its next-best candidates from `top` (the row's top-k ids and probabilities)."""
         request_id, branch_id = key
         request = self.requests[request_id]
         branch, job = request.branches[branch_id], request.branches[branch_id].job
         position = len(branch.tokens)
-        if request.sampling.greedy:
-            token_id = int(torch.argmax(logits))
-        elif request.sampling.coupled:  # argmax(log q + g): the same g the target uses at this position
-            width = request.noise_vocab or probs.shape[-1]
-            coupled = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:width]
-            token_id = int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width)))
-        else:
-            generator = make_generator(request.seed, position, STREAM_DRAFT)
-            token_id = int(sample_from_probs(probs[None], generator)[0])
         branch.tokens.append(token_id)
         job.remaining -= 1
-        prob = float(probs[token_id])
         last = job.remaining <= 0 or prob < job.min_confidence
         msg = worker_pb2.DraftToken(
             request_id=request_id,
@@ -288,11 +303,10 @@ class DraftEngine:
             prob=prob,
             last=last,
         )
-        if job.num_candidates:
-            top = torch.topk(probs, min(job.num_candidates + 1, probs.numel()))
-            pairs = [(int(t), float(p)) for t, p in zip(top.indices, top.values) if int(t) != token_id]
-            msg.candidate_ids[:] = [t for t, _ in pairs[: job.num_candidates]]
-            msg.candidate_probs[:] = [p for _, p in pairs[: job.num_candidates]]
+        if job.num_candidates and top is not None:
+            pairs = [(t, p) for t, p in zip(*top) if t != token_id][: job.num_candidates]
+            msg.candidate_ids[:] = [t for t, _ in pairs]
+            msg.candidate_probs[:] = [p for _, p in pairs]
         probs_key = (request.handle, branch_id, job.epoch, position) if job.send_probs else None
         if last:
             branch.job = None

@@ -121,6 +121,30 @@ def test_draft_tokens_follow_greedy_and_report_candidates(models):
         sequence.append(token.token_id)
 
 
+def test_rows_chosen_together_get_each_its_own_token_probability_and_candidates(models):
+    """Rows of one step and sampling kind are chosen together (one softmax, argmax, gather and
+    top-k): each still gets its own argmax, its token's probability under its own q, and as many
+    next-best candidates as its own job asked for (none, one, two), best first."""
+    model, reference = models
+    engine = make_engine(model)
+    prompts = {"a": [5, 6], "b": [7, 8, 9], "c": [1, 2, 3, 4]}
+    for (request_id, prompt), width in zip(prompts.items(), (0, 1, 2)):
+        command(engine, prefill=pb.Prefill(request_id=request_id, token_ids=prompt))
+        command(
+            engine, draft=pb.Draft(request_id=request_id, branch_ids=[0], epoch=1, max_tokens=1, num_candidates=width)
+        )
+    items, _ = engine.step()
+    assert len(items) == 3
+    for (request_id, token, _), width in zip(sorted(items, key=lambda item: item[0]), (0, 1, 2)):
+        probs = torch.softmax(fresh_logits(reference, prompts[request_id]), -1)
+        assert token.token_id == int(torch.argmax(probs))
+        assert token.prob == pytest.approx(float(probs.max()), abs=1e-5)
+        assert list(token.candidate_ids) == torch.topk(probs, 3).indices[1 : 1 + width].tolist()
+        assert list(token.candidate_probs) == pytest.approx(
+            torch.topk(probs, 3).values[1 : 1 + width].tolist(), abs=1e-5
+        )
+
+
 def test_one_step_advances_every_branch_of_every_request(models):
     model, _ = models
     engine = make_engine(model)
