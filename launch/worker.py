@@ -26,6 +26,7 @@ from specpipe.config import (
     DEFAULT_TARGET_PORT,
     DEFAULT_TARGET_SLOTS,
     ENV_CURVE_KEYS,
+    WEIGHT_LAYOUTS,
     WorkerConfig,
     pin_cpus,
     zmq_endpoint,
@@ -74,6 +75,13 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
     parser.add_argument("--device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: one core)")
+    parser.add_argument(
+        "--weight-layout",
+        choices=WEIGHT_LAYOUTS,
+        default="auto",
+        help="memory order of the model's Linear weights: column (faster on the CPU for forwards of "
+        "several tokens), row; auto: column for a target on the CPU, row otherwise",
+    )
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"
     )
@@ -163,6 +171,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         device=args.device,
         dtype=args.dtype,
         num_threads=args.threads,
+        weight_layout=args.weight_layout,
         exit_with_parent=args.exit_with_parent,
         transport=args.transport,
         data_bind=args.data_bind or zmq_endpoint(args.host, args.data_port),
@@ -208,11 +217,20 @@ def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageEr
     return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
 
 
+def weight_layout(config: WorkerConfig, device: torch.device) -> str:
+    """The Linear weights' memory order for this worker: as configured, or (auto) column-major for
+    a target on the CPU, whose forwards carry blocks of tokens (specpipe/models.py says why), and
+    row-major elsewhere (the draft's steps feed one token per branch; GPUs' kernels take either)."""
+    if config.weight_layout != "auto":
+        return config.weight_layout
+    return "column" if config.role == "target" and device.type == "cpu" else "row"
+
+
 def start(config: WorkerConfig):
     """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
     Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
     from specpipe.launch.endpoints import check_worker
-    from specpipe.models import ModelLoadError, load_model, resolve_device
+    from specpipe.models import ModelLoadError, load_model, resolve_device, use_weight_layout
     from specpipe.worker_loop import WorkerLoop, exit_with_parent
 
     try:
@@ -232,6 +250,11 @@ def start(config: WorkerConfig):
     except ModelLoadError as err:
         raise UsageError(f"--device: {err}") from None
     model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
+    if model is not None:
+        layout = weight_layout(config, device)
+        logging.getLogger(__name__).info(
+            "%s: %d Linear weights in %s-major order", config.role, use_weight_layout(model, layout), layout
+        )
     from specpipe.kv_store import UnsupportedModel
 
     try:

@@ -104,6 +104,7 @@ def _cpuset_text() -> str:
 
 
 POLICIES = ("fixed", "confidence", "adaptive", "predictor")  # the kinds (coordinator/policy.py explains each)
+WEIGHT_LAYOUTS = ("auto", "row", "column")  # WorkerConfig.weight_layout
 IDLE_DECODE = ("auto", "on", "off")  # PolicyConfig.idle_decode
 
 
@@ -157,6 +158,9 @@ class WorkerConfig:
     device: str = "cpu"
     dtype: str = "float32"
     num_threads: int = 1  # torch threads: one core per worker so both run in parallel
+    # How each Linear's weight is laid out in memory (specpipe/models.py, use_weight_layout): auto
+    # is column-major for a target on the CPU (its forwards carry blocks of tokens), row otherwise.
+    weight_layout: str = "auto"
     exit_with_parent: bool = False
     transport: str = "zmq"  # data plane for the draft's q: zmq or torch (torch.distributed)
     data_bind: str = ""  # target, zmq: endpoint of its data-plane socket

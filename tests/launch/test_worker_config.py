@@ -1,0 +1,28 @@
+"""A worker's settings from its flags: the Linear weights' memory order (auto: column-major for a
+target on the CPU, row-major for the draft and on GPUs; an explicit choice is kept)."""
+
+import pytest
+import torch
+
+from specpipe.launch.worker import parse_config, weight_layout
+
+
+@pytest.mark.parametrize(
+    "role, flags, device, layout",
+    [
+        ("target", [], "cpu", "column"),
+        ("draft", [], "cpu", "row"),
+        ("target", [], "cuda:0", "row"),
+        ("target", ["--weight-layout", "row"], "cpu", "row"),
+        ("draft", ["--weight-layout", "column"], "cpu", "column"),
+    ],
+)
+def test_weight_layout(role, flags, device, layout):
+    config = parse_config(role, ["--model", "m", *flags])
+    assert weight_layout(config, torch.device(device)) == layout
+
+
+def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
+    with pytest.raises(SystemExit):
+        parse_config("target", ["--model", "m", "--weight-layout", "diagonal"])
+    assert "--weight-layout" in capsys.readouterr().err
