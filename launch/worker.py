@@ -230,7 +230,7 @@ def start(config: WorkerConfig):
     """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
     Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
     from specpipe.launch.endpoints import check_worker
-    from specpipe.models import ModelLoadError, load_model, resolve_device, use_weight_layout
+    from specpipe.models import ModelLoadError, load_model, resolve_device
     from specpipe.worker_loop import WorkerLoop, exit_with_parent
 
     try:
@@ -250,11 +250,6 @@ def start(config: WorkerConfig):
     except ModelLoadError as err:
         raise UsageError(f"--device: {err}") from None
     model = None if config.drafter == "ngram" else load_model(config.model, device=str(device), dtype=config.dtype)
-    if model is not None:
-        layout = weight_layout(config, device)
-        logging.getLogger(__name__).info(
-            "%s: %d Linear weights in %s-major order", config.role, use_weight_layout(model, layout), layout
-        )
     from specpipe.kv_store import UnsupportedModel
 
     try:
@@ -310,8 +305,15 @@ def secure(config: WorkerConfig):
 def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     """The role's engine wired to its data plane; returns (engine, data endpoint or "").
     `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs). `model`:
-    None for the ngram drafter."""
+    None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`), so
+    every launch (serve, a worker alone, torchrun) gets the same."""
     from specpipe import dataplane
+    from specpipe.models import use_weight_layout
+
+    if model is not None:
+        layout = weight_layout(config, torch.device(device))
+        changed = use_weight_layout(model, layout)
+        logging.getLogger(__name__).info("%s: %d Linear weights in %s-major order", config.role, changed, layout)
 
     group = None
     if config.transport == "torch":

@@ -26,3 +26,17 @@ def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
     with pytest.raises(SystemExit):
         parse_config("target", ["--model", "m", "--weight-layout", "diagonal"])
     assert "--weight-layout" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("role, column", [("target", True), ("draft", False)])
+def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role, column):
+    """build_engine (shared by `serve`'s workers, a worker alone and torchrun) lays the model's
+    Linear weights out by the rule above before the engine takes the model."""
+    from specpipe.launch.worker import build_engine
+    from specpipe.models import load_model
+
+    config = parse_config(role, ["--model", str(tiny_models[role]), "--port", "0"])
+    model = load_model(config.model)
+    build_engine(config, model, "cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() == column for m in linears)
