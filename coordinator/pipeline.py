@@ -335,8 +335,7 @@ class Pipelined(Schedule):
         the request's decoded token is the one a verify would emit (greedy and drafter-invariant):
         the block, when it comes, is verified past the tokens decoded so. Otherwise the wait is
         measured."""
-        sampling = self.plan.sampling
-        count = self.policy.fill_tokens() if sampling.greedy or sampling.coupled else 0
+        count = self.policy.fill_tokens() if self.plan.sampling.drafter_free else 0
         if count:
             await self.channel.decode(min(self.end, len(self.tokens) + count), until_block=True)
         else:

@@ -199,8 +199,7 @@ class Schedule:
         """Raise SpeculationStopped when drafting stopped paying for this request. Never for a seeded
         request sampled by the default rule: where its positions switch to the target's own draw
         would depend on timing, and a seed must fix the output."""
-        sampling = self.plan.sampling
-        switchable = sampling.greedy or sampling.coupled or not self.plan.seeded
+        switchable = self.plan.sampling.drafter_free or not self.plan.seeded
         if switchable and not self.policy.speculation_pays():
             raise SpeculationStopped(f"acceptance {self.policy.rate:.2f}: the target alone is faster")
 

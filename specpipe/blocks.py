@@ -2,7 +2,7 @@
 what is left of it) and the coordinator (which knows which of its blocks will be answered stale).
 
 After a rejection no prepared block foresaw, the target may decode by itself while the draft
-redrafts (worker.proto, Verify.idle_decode_until). The block the draft then sends starts where the
+redrafts (worker.proto, Decode.until_block). The block the draft then sends starts where the
 committed tokens ended when it was cut, behind the target's end by the tokens decoded meanwhile. Its
 first tokens are then either the decoded ones (the draft guessed them: only the rest is left to
 verify) or not (the block drafted a sequence that is not the target's: it is stale). Pure: tokens

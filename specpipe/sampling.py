@@ -67,6 +67,12 @@ class SamplingParams:
         """Sampled by the drafter-invariant coupling (greedy needs none: argmax is invariant)."""
         return self.drafter_invariant and not self.greedy
 
+    @property
+    def drafter_free(self) -> bool:
+        """The target's token at a position is fixed by the prefix (and seed) alone, not by the
+        draft or by where blocks were cut: greedy, or the drafter-invariant coupling."""
+        return self.greedy or self.coupled
+
 
 def logits_to_probs(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """[..., vocab] logits -> [..., vocab] float32 probabilities: temperature, then top-k, then top-p.

@@ -105,7 +105,7 @@ class TargetEngine:
                 request.decode_until = 0
                 request.verifies.append((msg, time.monotonic()))
             elif msg.until_block:
-                if not (request.sampling.greedy or request.sampling.coupled):
+                if not request.sampling.drafter_free:
                     raise ValueError("Decode.until_block needs a greedy or drafter-invariant request")
                 request.fill_until = min(msg.max_length, self.store.slot_len)
             else:
