@@ -26,6 +26,7 @@ from specpipe.config import (
     DEFAULT_TARGET_PORT,
     DEFAULT_TARGET_SLOTS,
     ENV_CURVE_KEYS,
+    TWO_LAYOUT_MEMORY_SHARE,
     WEIGHT_LAYOUTS,
     WorkerConfig,
     pin_cpus,
@@ -80,7 +81,10 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         choices=WEIGHT_LAYOUTS,
         default="auto",
         help="memory order of the model's Linear weights: column (faster on the CPU for forwards of "
-        "several tokens), row; auto: column for a target on the CPU, row otherwise",
+        "several tokens), row (for 1-2 tokens), both (a column-major copy beside the row-major "
+        "weights: twice their memory, each forward takes the faster); auto: both for a target on the "
+        f"CPU when the copy takes at most {TWO_LAYOUT_MEMORY_SHARE * 100:g}%% of the machine's memory, else "
+        "column; row otherwise",
     )
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"
@@ -217,13 +221,19 @@ def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageEr
     return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
 
 
-def weight_layout(config: WorkerConfig, device: torch.device) -> str:
-    """The Linear weights' memory order for this worker: as configured, or (auto) column-major for
-    a target on the CPU, whose forwards carry blocks of tokens (specpipe/models.py says why), and
-    row-major elsewhere (the draft's steps feed one token per branch; GPUs' kernels take either)."""
+def weight_layout(config: WorkerConfig, device: torch.device, copy_bytes: int = 0, memory_bytes: int = 0) -> str:
+    """The Linear weights' memory order for this worker: as configured, or (auto) for a target on
+    the CPU both orders (row-major for its 1-2-token forwards, column-major for blocks: see
+    specpipe/models.py) when the second copy, `copy_bytes`, takes at most
+    TWO_LAYOUT_MEMORY_SHARE of the machine's `memory_bytes` (default: this machine's), else
+    column-major alone; row-major for the draft (its steps feed one token per branch) and on GPUs
+    (their kernels take either)."""
     if config.weight_layout != "auto":
         return config.weight_layout
-    return "column" if config.role == "target" and device.type == "cpu" else "row"
+    if config.role != "target" or device.type != "cpu":
+        return "row"
+    memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    return "both" if copy_bytes <= TWO_LAYOUT_MEMORY_SHARE * memory_bytes else "column"
 
 
 def start(config: WorkerConfig):
@@ -308,12 +318,12 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`), so
     every launch (serve, a worker alone, torchrun) gets the same."""
     from specpipe import dataplane
-    from specpipe.models import use_weight_layout
+    from specpipe.models import linear_weight_bytes, use_weight_layout
 
     if model is not None:
-        layout = weight_layout(config, torch.device(device))
+        layout = weight_layout(config, torch.device(device), linear_weight_bytes(model))
         changed = use_weight_layout(model, layout)
-        logging.getLogger(__name__).info("%s: %d Linear weights in %s-major order", config.role, changed, layout)
+        logging.getLogger(__name__).info("%s: %d Linear weights laid out %s-major", config.role, changed, layout)
 
     group = None
     if config.transport == "torch":

@@ -85,24 +85,58 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
     return model
 
 
+# A forward of at most this many tokens multiplies by the row-major weight when a Linear keeps both
+# orders ("both"); longer ones by the column-major copy (demo target, one thread, interleaved:
+# column-major is 0.93x as fast as row-major at 1 token and 0.97x at 2, 1.05-1.17x from 6 up).
+ROW_MAJOR_MAX_TOKENS = 2
+
+
+class TwoLayoutLinear(torch.nn.Linear):
+    """A Linear that keeps its weight in both memory orders ("both" in `use_weight_layout`): the
+    row-major parameter for a forward of at most ROW_MAJOR_MAX_TOKENS tokens, a column-major copy
+    (not a parameter: the state dict is unchanged) for longer ones."""
+
+    column_weight: torch.Tensor
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        small = x.numel() <= ROW_MAJOR_MAX_TOKENS * self.in_features
+        return torch.nn.functional.linear(x, self.weight if small else self.column_weight, self.bias)
+
+
+def linear_weight_bytes(model: PreTrainedModel) -> int:
+    """Bytes of the model's Linear weights: what a second, column-major copy of them costs."""
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    return sum(w.numel() * w.element_size() for w in weights.values())
+
+
 def use_weight_layout(model: PreTrainedModel, layout: str) -> int:
     """Lay every Linear's weight out in memory as `layout` says: "column" stores it transposed (a
     contiguous [in, out] buffer, seen as the same [out, in] weight; the same values, the same
-    memory), "row" leaves it. Returns how many weights were laid out anew.
+    memory), "both" keeps the row-major weight and adds a column-major copy beside it (twice the
+    Linear weights' memory; `TwoLayoutLinear` picks by the forward's token count), "row" leaves
+    it. Returns how many weights were laid out anew.
 
     Why: on the CPU, a Linear over several tokens multiplies faster with the weight in column-major
     order (torch 2.13, MKL/oneDNN; demo target, one thread, interleaved: a forward of 6 tokens
-    1.08x, 9 tokens 1.12x, 17-64 tokens 1.17x faster; 1-2 tokens 0.95x). Served, target only: one
-    greedy specbranch client 1.055x, 8 clients 1.09x, 8 autoregressive clients 1.12x, one
-    autoregressive client 0.95x. A tied output embedding is laid out with its input embedding (the
-    lookup of a few rows does not mind the order)."""
+    1.08x, 9 tokens 1.12x, 17-64 tokens 1.17x faster), and a forward of 1-2 tokens slower (0.93x
+    at 1 token). Served, target only, column against row: one greedy specbranch client 1.055x, 8
+    clients 1.09x, 8 autoregressive clients 1.12x, one autoregressive client 0.95x. A tied output
+    embedding is laid out with its input embedding (the lookup of a few rows does not mind the
+    order)."""
     if layout == "row":
         return 0
     changed = 0
     for module in model.modules():
-        if isinstance(module, torch.nn.Linear) and module.weight.is_contiguous():
+        if not isinstance(module, torch.nn.Linear) or not module.weight.is_contiguous():
+            continue  # not a Linear, or laid out already
+        if layout == "column":
             module.weight.data = module.weight.data.t().contiguous().t()
-            changed += 1
+        elif type(module) is torch.nn.Linear:  # (a subclass may have a forward of its own)
+            module.column_weight = module.weight.detach().t().contiguous().t()
+            module.__class__ = TwoLayoutLinear
+        else:
+            continue
+        changed += 1
     return changed
 
 

@@ -9,6 +9,9 @@ from specpipe.models import (
     check_same_tokenizer,
     context_length,
     load_model,
+    ROW_MAJOR_MAX_TOKENS,
+    TwoLayoutLinear,
+    linear_weight_bytes,
     load_tokenizer,
     use_weight_layout,
     vocab_size,
@@ -70,3 +73,46 @@ def test_column_major_weights_keep_the_model_and_its_memory(tiny_models, role):
     ids = torch.tensor([[5, 9, 2, 7, 7, 1, 3, 8]])
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, row_major(ids).logits, atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_both_layouts_keep_the_model_and_add_a_column_major_copy(tiny_models, role):
+    """use_weight_layout("both"): every Linear keeps its row-major parameter and gets a column-major
+    copy of the same values beside it (not a parameter: the state dict and the parameter count are
+    unchanged, a tied output embedding stays tied), and the logits of a forward of 1 token and of 8
+    are those of the row-major model (to rounding); a second call changes nothing."""
+    row_major = load_model(tiny_models[role])
+    model = load_model(tiny_models[role])
+    keys, before = set(model.state_dict()), sum(p.numel() for p in model.parameters())
+    tied = model.get_output_embeddings().weight is model.get_input_embeddings().weight
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert use_weight_layout(model, "both") == len(linears) > 0
+    for module in linears:
+        assert type(module) is TwoLayoutLinear and module.weight.is_contiguous()
+        assert module.column_weight.t().is_contiguous() and torch.equal(module.column_weight, module.weight)
+    assert use_weight_layout(model, "both") == 0
+    assert set(model.state_dict()) == keys and sum(p.numel() for p in model.parameters()) == before
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+    with torch.no_grad():
+        for ids in (torch.tensor([[5]]), torch.tensor([[5, 9, 2, 7, 7, 1, 3, 8]])):
+            torch.testing.assert_close(model(ids).logits, row_major(ids).logits, atol=1e-4, rtol=0)
+
+
+def test_a_two_layout_linear_takes_the_row_major_weight_for_short_forwards_only():
+    """Up to ROW_MAJOR_MAX_TOKENS tokens the row-major parameter multiplies, beyond them the
+    column-major copy (told apart here by giving the copy other values)."""
+    torch.manual_seed(0)
+    module = torch.nn.Linear(6, 4)
+    use_weight_layout(torch.nn.Sequential(module), "both")
+    module.column_weight = torch.zeros_like(module.column_weight)
+    short = torch.randn(1, ROW_MAJOR_MAX_TOKENS, 6)
+    long = torch.randn(1, ROW_MAJOR_MAX_TOKENS + 1, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(module(short), short @ module.weight.t() + module.bias)
+        torch.testing.assert_close(module(long), module.bias.expand(1, ROW_MAJOR_MAX_TOKENS + 1, 4))
+
+
+def test_linear_weight_bytes_counts_a_tied_weight_once(tiny_models):
+    model = load_model(tiny_models["draft"])
+    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    assert linear_weight_bytes(model) == 4 * sum(w.numel() for w in weights.values()) > 0
