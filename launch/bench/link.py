@@ -84,7 +84,7 @@ class NetnsLink:
     simulated = False
     kind = "network namespace, veth pair, tc netem on both ends, CURVE on the sockets"
 
-    def __init__(self, draft_model: str):
+    def __init__(self, draft_model: str, device: str = "cpu"):
         from specpipe import curve
         from specpipe.launch.local import stop_process
         from specpipe.launch.runtime_dir import RuntimeDir
@@ -110,7 +110,7 @@ class NetnsLink:
             _run(*self.in_ns, "ip", "link", "set", self.ns_dev, "up")
             _run(*self.in_ns, "ip", "link", "set", "lo", "up")
             self.worker, self.endpoint = _start_draft_worker(
-                self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT, tuple(self.serve_flags)
+                self.in_ns, draft_model, f"{subnet}.2", NETNS_DRAFT_PORT, (*self.serve_flags, "--device", device)
             )
         except BaseException:
             self.close()
@@ -146,8 +146,8 @@ class ProxyLink:
     kind = "userspace TCP delay relay on loopback"
     serve_flags: list[str] = []  # loopback only: nothing crosses hosts
 
-    def __init__(self, draft_model: str):
-        self.worker, endpoint = _start_draft_worker((), draft_model, "127.0.0.1", 0)
+    def __init__(self, draft_model: str, device: str = "cpu"):
+        self.worker, endpoint = _start_draft_worker((), draft_model, "127.0.0.1", 0, ("--device", device))
         host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
         self.upstream, self.delay_ms, self.server = (host, int(port)), 0.0, None
         self.loop = asyncio.new_event_loop()

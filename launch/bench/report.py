@@ -131,6 +131,7 @@ def machine() -> dict:
         "torch": torch.__version__,
         "transformers": transformers.__version__,
         "grpcio": grpc.__version__,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
     }
 
 
@@ -457,9 +458,11 @@ def markdown(results: dict) -> str:
     lines = [
         "# specpipe benchmark",
         "",
-        f"{machine_info['cpu_model']}, {machine_info['usable_cores']} usable cores; Python "
+        f"{machine_info['cpu_model']}, {machine_info['usable_cores']} usable cores"
+        f"{''.join(f', {name}' for name in machine_info.get('gpus', []))}; Python "
         f"{machine_info['python']}, torch {machine_info['torch']}, transformers {machine_info['transformers']}. "
-        f"Target {models['target_params'] / 1e6:.2f}M parameters, draft {models['draft_params'] / 1e6:.2f}M. "
+        f"Target {models['target_params'] / 1e6:.2f}M parameters on {config.get('target_device', 'cpu')}, "
+        f"draft {models['draft_params'] / 1e6:.2f}M on {config.get('draft_device', 'cpu')}. "
         f"{len(results['prompts'])} prompts × up to {config['max_new_tokens']} new tokens, "
         f"{config['trials']} interleaved trials; cells are the median [min–max] over trials; speedup is "
         "over HF autoregressive (1 thread) in the same trial; drafted and rolled back are per trial (main: "

@@ -60,6 +60,8 @@ REQUEST_TIMEOUT_S = 300.0  # a hung mode becomes that method's error, not a hung
 class BenchConfig:
     target: str | None
     draft: str | None
+    target_device: str  # cpu, cuda:N or auto: the server's target worker and HF's target
+    draft_device: str  # the server's draft worker (also the latency axis' remote one) and HF's assistant
     prompts_file: str | None
     num_prompts: int
     max_new_tokens: int
@@ -85,6 +87,16 @@ class BenchConfig:
 def add_bench_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model folder or hub id (default: the demo pair)")
     parser.add_argument("--draft", help="draft model folder or hub id (default: the demo pair)")
+    parser.add_argument(
+        "--target-device",
+        default="cpu",
+        help="cpu, cuda:N or auto: the target worker's device, and the Hugging Face target's (default cpu)",
+    )
+    parser.add_argument(
+        "--draft-device",
+        default="cpu",
+        help="cpu, cuda:N or auto: the draft worker's device, and the Hugging Face assistant's (default cpu)",
+    )
     parser.add_argument(
         "--prompts-file",
         help="JSON list of strings (or of {'prompt': ...}), or a text file with "
@@ -167,6 +179,8 @@ def config_from_args(args: argparse.Namespace, command_line: str) -> BenchConfig
     return BenchConfig(
         target=args.target,
         draft=args.draft,
+        target_device=args.target_device,
+        draft_device=args.draft_device,
         prompts_file=args.prompts_file,
         num_prompts=args.num_prompts or preset["num_prompts"],
         max_new_tokens=args.max_new_tokens or preset["max_new_tokens"],
@@ -293,7 +307,7 @@ def run_latency_axis(
         "modes": modes,
     }
     try:
-        link = link_class(draft)
+        link = link_class(draft, config.draft_device)
     except Exception as err:
         logger.error("latency axis: the link did not come up: %s", describe_error(err))
         return {**result, "error": f"the link did not come up: {describe_error(err)}"}
@@ -355,6 +369,17 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     return num_prompts * per_prompt + len(config.modes) + len(latency_modes) + load + rules
 
 
+def server_flags(config: BenchConfig, target: str, draft: str) -> list[str]:
+    """`specpipe serve`'s flags for every server of the run: the models on their devices, the
+    block length, and the placement (auto: as `specpipe serve` defaults; none: left to the OS)."""
+    return [
+        *("--target", target, "--draft", draft),
+        *("--target-device", config.target_device, "--draft-device", config.draft_device),
+        *("--num-draft-tokens", str(config.num_draft_tokens)),
+        *("--pin", config.pin),
+    ]
+
+
 def run(config: BenchConfig) -> dict:
     from tqdm.auto import tqdm
 
@@ -367,17 +392,8 @@ def run(config: BenchConfig) -> dict:
     texts = load_prompts(config)
     tokenizer = load_tokenizer(target)
     prompts = [tokenizer(text)["input_ids"] for text in texts]
-    hf = HFRunner(target, draft)
-    serve_flags = [
-        "--target",
-        target,
-        "--draft",
-        draft,
-        "--num-draft-tokens",
-        str(config.num_draft_tokens),
-        "--pin",
-        config.pin,
-    ]  # auto: as `specpipe serve` defaults; none: left to the OS
+    hf = HFRunner(target, draft, config.target_device, config.draft_device)
+    serve_flags = server_flags(config, target, draft)
     with tqdm(total=progress_total(config, len(prompts)), desc="specpipe bench", unit="req", dynamic_ncols=True) as bar:
         reference = []
         for prompt_ids in prompts:  # also warms up the in-process models

@@ -64,10 +64,14 @@ class HFRunner:
     """Target-only and assisted `generate`, counting forward calls (draft tokens and verifications
     of assisted generation come from those counts) and timing the target's forwards."""
 
-    def __init__(self, target_path: str, draft_path: str):
+    def __init__(self, target_path: str, draft_path: str, target_device: str = "cpu", draft_device: str = "cpu"):
         from specpipe.models import load_model
+        from specpipe.tools.timing import synchronize
 
-        self.target, self.draft = load_model(target_path), load_model(draft_path)
+        self.synchronize = synchronize  # (a GPU's forward ends after its call returns)
+        self.target = load_model(target_path, device=target_device)
+        self.draft = load_model(draft_path, device=draft_device)
+        self.device = self.target.device
         eos = self.target.generation_config.eos_token_id or self.target.config.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos]) - {None}
         self.assistant_defaults = {
@@ -85,9 +89,11 @@ class HFRunner:
 
     def _target_start(self, module, args) -> None:
         self.calls["target"] += 1
+        self.synchronize(self.device)
         self._started = time.perf_counter()
 
     def _target_end(self, module, args, output) -> None:
+        self.synchronize(self.device)
         self.target_s += time.perf_counter() - self._started
 
     def configure_assistant(self, num_tokens: int | None) -> None:
@@ -117,7 +123,7 @@ class HFRunner:
 
         torch.set_num_threads(threads)
         torch.manual_seed(seed)
-        input_ids = torch.tensor([prompt_ids])
+        input_ids = torch.tensor([prompt_ids], device=self.device)
         sampling = (
             {"do_sample": False}
             if temperature == 0
@@ -140,8 +146,8 @@ class HFRunner:
                 )
         finally:
             torch.set_num_threads(1)
+        token_ids = output[0, len(prompt_ids) :].tolist()  # (waits for a GPU's last kernels)
         seconds = time.perf_counter() - start
-        token_ids = output[0, len(prompt_ids) :].tolist()
         for index, token_id in enumerate(token_ids):
             if token_id in self.eos_ids:
                 token_ids = token_ids[: index + 1]

@@ -7,6 +7,7 @@ formulas are checked apart, on numbers worked by hand (test_bench_report.py)."""
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import pytest
@@ -80,6 +81,7 @@ MACHINE_FIELDS = {
     "torch",
     "transformers",
     "grpcio",
+    "gpus",
 }
 RECORD_FIELDS = {
     "trial",
@@ -251,3 +253,18 @@ def test_markdown_and_plot_exist(bench_run):
         assert heading in markdown
     assert "MISMATCH" not in markdown
     assert (out / "speedup.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_devices_reach_every_server_and_the_hf_models(bench_run):
+    """--target-device / --draft-device: recorded in the config, passed to every server the run
+    starts (the latency axis' remote draft worker takes --device), and the HF models are on them."""
+    _, out, results = bench_run
+    assert results["config"]["target_device"] == results["config"]["draft_device"] == "cpu"
+    assert "on cpu" in (out / "results.md").read_text()
+    parser = argparse.ArgumentParser()
+    run.add_bench_args(parser)
+    config = run.config_from_args(parser.parse_args(["--target-device", "cuda:0", "--draft-device", "cuda:1"]), "")
+    flags = run.server_flags(config, "T", "D")
+    assert (
+        flags[flags.index("--target-device") + 1] == "cuda:0" and flags[flags.index("--draft-device") + 1] == "cuda:1"
+    )
