@@ -27,7 +27,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import grpc
-import zmq.asyncio
+import zmq
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from transformers import AutoConfig
@@ -139,7 +139,7 @@ class Coordinator:
         self.health_server: grpc.aio.Server | None = None
         self.health_port: int | None = None
         self.created = time.monotonic()  # the start-up timeouts count from here
-        self.zmq_context: zmq.asyncio.Context | None = None
+        self.zmq_context: zmq.Context | None = None
         self.draft: WorkerClient | None = None
         self.target: WorkerClient | None = None
         self.http: HttpServer | None = None
@@ -156,7 +156,7 @@ class Coordinator:
         credentials = server_credentials(config.tls_cert, config.tls_key) if config.tls_cert or config.tls_key else None
         curve_keys = load_keys(config.curve_keys, client=True) if config.curve_keys else None
         tokenizer, limits = serving_limits(config)
-        self.zmq_context = zmq.asyncio.Context()
+        self.zmq_context = zmq.Context()
         self.draft = WorkerClient(
             "draft",
             config.draft_addr,

@@ -80,3 +80,50 @@ def test_the_commands_of_one_loop_turn_reach_the_worker_as_one_message_in_order(
     assert [command.WhichOneof("kind") for command in first.batch.commands] == ["cancel", "sync", "draft"]
     assert first.batch.commands[1].sync.keep_length == 5 and first.batch.commands[2].draft.request_id == "b#2"
     assert second.WhichOneof("kind") == "release" and second.release.request_id == "a#1"
+
+
+def test_commands_sent_before_the_worker_is_connected_go_once_it_is_and_its_replies_are_read():
+    """`specpipe serve` makes its worker clients before it spawns the workers: a command issued
+    before `connect` waits (in order) and goes once connected; the worker's replies, several at
+    once, are all read from the plain socket the loop watches (a pong marks it up, verdicts reach
+    the request's inbox)."""
+
+    async def run() -> tuple[list[str], list[worker_pb2.Verdict], bool]:
+        context = zmq.asyncio.Context()
+        target = WorkerClient("target", "", context, 0.5, 1.5)
+        worker = context.socket(zmq.ROUTER)
+        try:
+            target.start()
+            inbox: asyncio.Queue = asyncio.Queue()
+            target.attach("a#1", inbox)
+            await target.command(release=worker_pb2.Release(request_id="x#1"))
+            await asyncio.sleep(0)  # the turn ends: sent, or waiting for a peer
+            await target.command(release=worker_pb2.Release(request_id="x#2"))
+            await asyncio.sleep(0.05)
+            port = worker.bind_to_random_port("tcp://127.0.0.1")
+            target.connect(f"tcp://127.0.0.1:{port}")
+            released: list[str] = []
+
+            async def until_released() -> bytes:  # (pings come too, alone or batched with them)
+                while len(released) < 2:
+                    parts = await worker.recv_multipart()
+                    command = wire.decode(worker_pb2.Command, parts[1:])[0]
+                    batch = command.batch.commands if command.WhichOneof("kind") == "batch" else [command]
+                    released.extend(one.release.request_id for one in batch if one.WhichOneof("kind") == "release")
+                return parts[0]
+
+            identity = await asyncio.wait_for(until_released(), 10)
+            for reply in (worker_pb2.Reply(pong=worker_pb2.Pong(nonce=1, role="target")),) + tuple(
+                worker_pb2.Reply(verdicts=verdicts("a#1")) for _ in range(3)
+            ):
+                await worker.send_multipart([identity, *wire.encode(reply, [])])
+            got = [await asyncio.wait_for(inbox.get(), 10) for _ in range(3)]
+            return released, [event.payload for event in got], target.healthy
+        finally:
+            await target.close()
+            worker.close(0)
+            context.term()
+
+    released, got, healthy = asyncio.run(run())
+    assert released == ["x#1", "x#2"]
+    assert [verdict.block_id for verdict in got] == [1, 1, 1] and healthy
