@@ -84,7 +84,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         "several tokens), row (for 1-2 tokens), both (a column-major copy beside the row-major "
         "weights: twice their memory, each forward takes the faster); auto: both for a target on the "
         f"CPU when the copy takes at most {TWO_LAYOUT_MEMORY_SHARE * 100:g}%% of the machine's memory, else "
-        "column; row otherwise",
+        "column; column for a draft on the CPU; row on GPUs",
     )
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"
@@ -222,16 +222,19 @@ def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageEr
 
 
 def weight_layout(config: WorkerConfig, device: torch.device, copy_bytes: int = 0, memory_bytes: int = 0) -> str:
-    """The Linear weights' memory order for this worker: as configured, or (auto) for a target on
-    the CPU both orders (row-major for its 1-2-token forwards, column-major for blocks: see
+    """The Linear weights' memory order for this worker: as configured, or (auto) on the CPU: for a
+    target both orders (row-major for its 1-2-token forwards, column-major for blocks: see
     specpipe/models.py) when the second copy, `copy_bytes`, takes at most
     TWO_LAYOUT_MEMORY_SHARE of the machine's `memory_bytes` (default: this machine's), else
-    column-major alone; row-major for the draft (its steps feed one token per branch) and on GPUs
+    column-major alone; for the draft column-major (a small model's step is dominated by its
+    vocabulary projection, which multiplies a few rows faster column-major); row-major on GPUs
     (their kernels take either)."""
     if config.weight_layout != "auto":
         return config.weight_layout
-    if config.role != "target" or device.type != "cpu":
+    if device.type != "cpu":
         return "row"
+    if config.role != "target":
+        return "column"
     memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     return "both" if copy_bytes <= TWO_LAYOUT_MEMORY_SHARE * memory_bytes else "column"
 

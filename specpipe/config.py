@@ -163,7 +163,8 @@ class WorkerConfig:
     num_threads: int = 1  # torch threads: one core per worker so both run in parallel
     # How each Linear's weight is laid out in memory (specpipe/models.py, use_weight_layout): auto
     # is both orders for a target on the CPU (row-major for 1-2 tokens, column-major for its blocks)
-    # where the copy fits TWO_LAYOUT_MEMORY_SHARE, else column-major; row otherwise.
+    # where the copy fits TWO_LAYOUT_MEMORY_SHARE, else column-major; column-major for a draft on
+    # the CPU (its vocabulary projection of a few rows); row on GPUs.
     weight_layout: str = "auto"
     exit_with_parent: bool = False
     transport: str = "zmq"  # data plane for the draft's q: zmq or torch (torch.distributed)

@@ -1,6 +1,6 @@
 """A worker's settings from its flags: the Linear weights' memory order (auto: both orders for a
 target on the CPU whose copy fits TWO_LAYOUT_MEMORY_SHARE of the memory, else column-major;
-row-major for the draft and on GPUs; an explicit choice is kept)."""
+column-major for a draft on the CPU; row-major on GPUs; an explicit choice is kept)."""
 
 import pytest
 import torch
@@ -13,10 +13,11 @@ from specpipe.launch.worker import parse_config, weight_layout
     "role, flags, device, layout",
     [
         ("target", [], "cpu", "both"),
-        ("draft", [], "cpu", "row"),
+        ("draft", [], "cpu", "column"),
         ("target", [], "cuda:0", "row"),
+        ("draft", [], "cuda:0", "row"),
         ("target", ["--weight-layout", "row"], "cpu", "row"),
-        ("draft", ["--weight-layout", "column"], "cpu", "column"),
+        ("draft", ["--weight-layout", "row"], "cpu", "row"),
         ("target", ["--weight-layout", "both"], "cuda:0", "both"),
     ],
 )
@@ -42,7 +43,8 @@ def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
 @pytest.mark.parametrize("role, both", [("target", True), ("draft", False)])
 def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role, both):
     """build_engine (shared by `serve`'s workers, a worker alone and torchrun) lays the model's
-    Linear weights out by the rule above before the engine takes the model."""
+    Linear weights out by the rule above before the engine takes the model: the target keeps its
+    row-major parameters beside column-major copies, the draft's parameters become column-major."""
     from specpipe.launch.worker import build_engine
     from specpipe.models import load_model
 
@@ -50,4 +52,5 @@ def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_model
     model = load_model(config.model)
     build_engine(config, model, "cpu")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(hasattr(m, "column_weight") == both and m.weight.is_contiguous() for m in linears)
+    assert linears and all(hasattr(m, "column_weight") == both for m in linears)
+    assert all(m.weight.is_contiguous() == both for m in linears)  # (the draft's: transposed buffers)
