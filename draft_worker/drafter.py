@@ -84,7 +84,9 @@ class ModelDrafter:
 
     def propose(self, branches: list[tuple[BranchKey, list[int]]]) -> dict[BranchKey, torch.Tensor]:
         rows, ids, keep, proposing = [], [], [], []
-        for key, tokens in branches:
+        # In slot order: where the slots are contiguous, the step's queries are the attention block
+        # as they come (kv_store.PackedLayout.in_order).
+        for key, tokens in sorted(branches, key=lambda branch: self.slots[branch[0]]):
             assert len(tokens) < self.store.slot_len, f"branch {key} would run past its KV slot"
             self.cached[key] = min(self.cached[key], len(tokens) - 1)  # the last token is always fed
             fed = tokens[self.cached[key] : self.cached[key] + self.chunk]

@@ -148,27 +148,35 @@ class PackedLayout:
             self.zero_ranges = []  # it reads only positions it or earlier forwards wrote
             store.initialized[row.slot] = max(store.initialized[row.slot], self.kv_len)
             return
-        counts = torch.tensor([r.num_tokens for r in rows])
-        self.num_tokens = int(counts.sum())
-        self.q_max = int(counts.max())
+        counts = [r.num_tokens for r in rows]
+        self.num_tokens, self.q_max = sum(counts), max(counts)
         slots = [r.slot for r in rows]
         low, high = min(slots), max(slots) + 1
         self.dense = high - low <= SPARSE_RANGE_FACTOR * len(rows)
         # Rows of the attention block: the slot range (dense), or the rows themselves (gathered).
         block_rows = [s - low for s in slots] if self.dense else list(range(len(rows)))
+        num_block_rows = high - low if self.dense else len(rows)
         self.slot_range = (low, high)
         self.slot_index = torch.tensor(slots, device=device)  # [rows]
-        self.token_slot = torch.repeat_interleave(self.slot_index, counts.to(device))  # [T]
-        offsets = torch.cat([torch.arange(r.num_tokens) for r in rows]).to(device)  # [T]
-        starts = torch.repeat_interleave(torch.tensor([r.start for r in rows]), counts).to(device)
-        self.positions = starts + offsets  # [T]
-        self.token_block_row = torch.repeat_interleave(torch.tensor(block_rows), counts).to(device)  # [T]
-        self.token_offset = offsets  # [T]
-        num_block_rows = high - low if self.dense else len(rows)
+        # Per token, row after row: its slot, position, row of the attention block and offset in
+        # it, built as one list and made one tensor (a step's layout costs a few tensor creations,
+        # not a few per row).
+        per_token = [
+            (row.slot, row.start + offset, block_row, offset)
+            for block_row, row in zip(block_rows, rows)
+            for offset in range(row.num_tokens)
+        ]
+        self.token_slot, self.positions, self.token_block_row, self.token_offset = (
+            torch.tensor(per_token, device=device).t().contiguous()
+        )  # [T] each
+        # One token per row, the block's rows in the rows' order: the queries are the block as they
+        # are (no scatter into it, no gather out of it).
+        self.in_order = self.q_max == 1 and block_rows == list(range(num_block_rows))
         # Query i of block row b sits at position row_start[b] + i; it sees keys at <= that.
-        row_start = torch.zeros(num_block_rows, dtype=torch.long)
-        row_start[block_rows] = torch.tensor([r.start for r in rows])
-        query_pos = row_start[:, None] + torch.arange(self.q_max)  # [B, q_max]
+        row_start = [0] * num_block_rows
+        for block_row, row in zip(block_rows, rows):
+            row_start[block_row] = row.start
+        query_pos = torch.tensor(row_start)[:, None] + torch.arange(self.q_max)  # [B, q_max]
         self.query_pos = query_pos.to(device)
         key_pos = torch.arange(self.kv_len)
         self.causal = (key_pos[None, None, :] <= query_pos[:, :, None]).to(device)  # [B, q_max, kv_len]
@@ -262,8 +270,11 @@ def slot_attention(
             scaling,
         )
         return out.transpose(1, 2), None  # [1, T, heads, head_dim]
-    block = query.new_zeros(layout.num_block_rows, heads, layout.q_max, head_dim)
-    block[layout.token_block_row, :, layout.token_offset] = query[0].transpose(0, 1)
+    if layout.in_order:
+        block = query[0].transpose(0, 1)[:, :, None]  # [B, heads, 1, head_dim]
+    else:
+        block = query.new_zeros(layout.num_block_rows, heads, layout.q_max, head_dim)
+        block[layout.token_block_row, :, layout.token_offset] = query[0].transpose(0, 1)
     if layout.dense:
         low, high = layout.slot_range
         block_keys, block_values = key[low:high, :, : layout.kv_len], value[low:high, :, : layout.kv_len]
@@ -271,6 +282,8 @@ def slot_attention(
         block_keys = key[layout.slot_index, :, : layout.kv_len]
         block_values = value[layout.slot_index, :, : layout.kv_len]
     out = _sdpa(block, block_keys, block_values, layout.mask(sliding_window), scaling)  # [B, heads, q_max, head_dim]
+    if layout.in_order:
+        return out[:, :, 0][None], None  # [1, T, heads, head_dim]
     return out[layout.token_block_row, :, layout.token_offset][None], None  # [1, T, heads, head_dim]
 
 

@@ -17,7 +17,15 @@ import pytest
 import torch
 import transformers
 
-from specpipe.kv_store import SPARSE_RANGE_FACTOR, KVStore, Row, UnsupportedModel, forward_packed, prepare_model
+from specpipe.kv_store import (
+    SPARSE_RANGE_FACTOR,
+    KVStore,
+    PackedLayout,
+    Row,
+    UnsupportedModel,
+    forward_packed,
+    prepare_model,
+)
 
 from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, twin
 
@@ -57,6 +65,33 @@ def test_packed_rows_of_unequal_lengths_equal_plain_forwards(pair):
         for row_logits, (index, position) in zip(logits, owners):
             expected = fresh_logits(reference, sequences[index][: position + 1])
             torch.testing.assert_close(row_logits, expected, atol=ATOL, rtol=0)
+
+
+@pytest.mark.parametrize(
+    "slots, in_order",
+    [([0, 1, 2], True), ([2, 0, 1], False), ([0, 1, 3], False)],
+    ids=["slot-order", "rotated", "gap"],
+)
+def test_one_token_rows_equal_plain_forwards_in_any_slot_arrangement(pair, slots, in_order):
+    """Decode steps (every row one token, as the draft's branches and many clients' autoregressive
+    rows): in slot order over contiguous slots the queries are the attention block as they come
+    (no scatter, no gather); rotated or with a gap between slots they are scattered. Each agrees."""
+    model, reference = pair
+    rng = random.Random(1)
+    store = KVStore(num_slots=8, slot_len=32)
+    for slot in range(4):
+        assert store.allocate() == slot
+    sequences = {slot: [rng.randrange(300) for _ in range(3 + slot)] for slot in slots}
+    with torch.inference_mode():
+        for slot, tokens in sequences.items():  # the prompts, each alone, all but the last token
+            forward_packed(model, store, [Row(slot, 0, len(tokens) - 1)], torch.tensor(tokens[:-1]), keep=[0])
+        rows = [Row(slot, len(sequences[slot]) - 1, 1) for slot in slots]
+        ids = torch.tensor([sequences[slot][-1] for slot in slots])
+        logits = forward_packed(model, store, rows, ids, keep=list(range(len(rows)))).logits
+    # (after the forward: a layout marks the memory its forward will zero as zeroed)
+    assert PackedLayout(store, rows, torch.device("cpu")).in_order == in_order
+    for row_logits, slot in zip(logits, slots):
+        torch.testing.assert_close(row_logits, fresh_logits(reference, sequences[slot]), atol=ATOL, rtol=0)
 
 
 def test_rollback_is_forgetting_positions_and_fork_copies_a_prefix(pair):
