@@ -250,6 +250,9 @@ class TargetEngine:
     def _forward(self, works: list[Work]) -> dict:
         """One packed forward over the works' fed tokens: {id(work): (logits [n, vocab], hidden or None)}."""
         rows, ids, keep, spans = [], [], [], []
+        # In slot order: many one-token rows (decoding) over contiguous slots are then the attention
+        # block as they come (kv_store.PackedLayout.in_order); results are mapped back per work.
+        works = sorted(works, key=lambda work: work.request.slot)
         for work in works:
             request = work.request
             offsets = work.keep_offsets()

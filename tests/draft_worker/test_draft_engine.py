@@ -162,6 +162,27 @@ def test_one_step_advances_every_branch_of_every_request(models):
     assert figures["batch_tokens"] == 3 * (4 + 4)
 
 
+def test_a_step_feeds_its_branches_in_slot_order_whatever_the_turn(models, monkeypatch):
+    """Branches take turns from a rotating start, but each step's forward packs them in slot order
+    (one token per branch over contiguous slots then needs no scatter)."""
+    import specpipe.draft_worker.drafter as drafter_module
+
+    model, _ = models
+    engine = make_engine(model)
+    packed = []
+    real = drafter_module.forward_packed
+    monkeypatch.setattr(
+        drafter_module,
+        "forward_packed",
+        lambda m, store, rows, *a, **k: packed.append(rows) or real(m, store, rows, *a, **k),
+    )
+    for request_id in ("a", "b", "c"):
+        command(engine, prefill=pb.Prefill(request_id=request_id, token_ids=[1, 2, 3, 4]))
+        command(engine, draft=pb.Draft(request_id=request_id, branch_ids=[0], epoch=1, max_tokens=3))
+    run_jobs(engine)
+    assert len(packed) == 3 and all([row.slot for row in rows] == sorted(row.slot for row in rows) for rows in packed)
+
+
 def test_a_long_prompt_is_fed_in_chunks_before_it_proposes(models):
     model, reference = models
     engine = make_engine(model, chunk=8)

@@ -137,6 +137,33 @@ def test_many_requests_are_verified_in_one_forward(models):
     assert not engine.ready()
 
 
+def test_a_forward_packs_its_rows_in_slot_order_whatever_the_turn(models, monkeypatch):
+    """Requests take turns from a rotating start, but each forward packs their rows in slot order
+    (one-token rows over contiguous slots then need no scatter), and each gets its own verdict."""
+    import specpipe.target_worker.engine as target_engine
+
+    model, reference = models
+    engine = make_engine(model)
+    packed = []
+    real = target_engine.forward_packed
+    monkeypatch.setattr(
+        target_engine,
+        "forward_packed",
+        lambda m, store, rows, *a, **k: packed.append(rows) or real(m, store, rows, *a, **k),
+    )
+    prompts = {f"r{i}": [i + 2, 9, 4 + i] for i in range(4)}
+    for request_id, prompt in prompts.items():
+        prefill(engine, request_id, prompt)
+    for turn in range(3):
+        for request_id, prompt in prompts.items():
+            state = engine.requests[request_id]
+            verify(engine, request_id, len(state.tokens), [], emit_bonus=True, block_id=turn + 1)
+        verdicts, _ = step(engine)
+        for request_id, prompt in prompts.items():
+            assert engine.requests[request_id].tokens == prompt + greedy(reference, prompt, turn + 1)
+    assert len(packed) == 3 and all([row.slot for row in rows] == sorted(row.slot for row in rows) for rows in packed)
+
+
 def test_budgets_bound_each_forward_and_every_request_gets_its_turn(models):
     model, _ = models
     limits = BatchLimits(max_batch_tokens=12, max_batch_requests=2, prefill_chunk=8)
