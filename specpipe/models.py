@@ -94,7 +94,8 @@ ROW_MAJOR_MAX_TOKENS = 2
 class TwoLayoutLinear(torch.nn.Linear):
     """A Linear that keeps its weight in both memory orders ("both" in `use_weight_layout`): the
     row-major parameter for a forward of at most ROW_MAJOR_MAX_TOKENS tokens, a column-major copy
-    (not a parameter: the state dict is unchanged) for longer ones."""
+    (a buffer that is not saved: the state dict is unchanged; it moves with the module) for longer
+    ones."""
 
     column_weight: torch.Tensor
 
@@ -132,7 +133,8 @@ def use_weight_layout(model: PreTrainedModel, layout: str) -> int:
         if layout == "column":
             module.weight.data = module.weight.data.t().contiguous().t()
         elif type(module) is torch.nn.Linear:  # (a subclass may have a forward of its own)
-            module.column_weight = module.weight.detach().t().contiguous().t()
+            # A buffer, not kept in the state dict: it follows the module's .to() (device, dtype).
+            module.register_buffer("column_weight", module.weight.detach().t().contiguous().t(), persistent=False)
             module.__class__ = TwoLayoutLinear
         else:
             continue

@@ -98,6 +98,20 @@ def test_both_layouts_keep_the_model_and_add_a_column_major_copy(tiny_models, ro
             torch.testing.assert_close(model(ids).logits, row_major(ids).logits, atol=1e-4, rtol=0)
 
 
+def test_the_column_major_copy_follows_the_model_to_another_dtype(tiny_models):
+    """The copy is a buffer: moving the model (dtype, device) moves it too, still column-major and
+    equal to the weight, and still out of the state dict."""
+    model = load_model(tiny_models["target"])
+    keys = set(model.state_dict())
+    use_weight_layout(model, "both")
+    model.to(torch.float64)
+    linears = [m for m in model.modules() if isinstance(m, TwoLayoutLinear)]
+    assert linears and set(model.state_dict()) == keys
+    for module in linears:
+        assert module.column_weight.dtype == torch.float64 and module.column_weight.t().is_contiguous()
+        assert torch.equal(module.column_weight, module.weight)
+
+
 def test_a_two_layout_linear_takes_the_row_major_weight_for_short_forwards_only():
     """Up to ROW_MAJOR_MAX_TOKENS tokens the row-major parameter multiplies, beyond them the
     column-major copy (told apart here by giving the copy other values)."""
