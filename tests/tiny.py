@@ -179,3 +179,21 @@ def store_logits(model, store, slot: int, cached: int, tokens: list[int]) -> tor
             ).logits[0]
     finally:
         store.free(scratch)
+
+
+def record_packed_rows(monkeypatch, module) -> list:
+    """Wrap `module`'s forward_packed so the rows of every forward it runs are recorded (the forward
+    still runs); returns the record, one list of Rows per forward."""
+    packed = []
+    real = module.forward_packed
+
+    def recording(model, store, rows, *args, **kwargs):
+        packed.append(rows)
+        return real(model, store, rows, *args, **kwargs)
+
+    monkeypatch.setattr(module, "forward_packed", recording)
+    return packed
+
+
+def in_slot_order(rows) -> bool:
+    return [row.slot for row in rows] == sorted(row.slot for row in rows)

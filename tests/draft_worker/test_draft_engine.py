@@ -14,7 +14,7 @@ from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter, lookup
 from specpipe.draft_worker.engine import DraftEngine
 from specpipe.kv_store import KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
-from tiny import fresh_logits, load, store_logits, twin
+from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
 
 ATOL = 1e-4
 
@@ -169,18 +169,12 @@ def test_a_step_feeds_its_branches_in_slot_order_whatever_the_turn(models, monke
 
     model, _ = models
     engine = make_engine(model)
-    packed = []
-    real = drafter_module.forward_packed
-    monkeypatch.setattr(
-        drafter_module,
-        "forward_packed",
-        lambda m, store, rows, *a, **k: packed.append(rows) or real(m, store, rows, *a, **k),
-    )
+    packed = record_packed_rows(monkeypatch, drafter_module)
     for request_id in ("a", "b", "c"):
         command(engine, prefill=pb.Prefill(request_id=request_id, token_ids=[1, 2, 3, 4]))
         command(engine, draft=pb.Draft(request_id=request_id, branch_ids=[0], epoch=1, max_tokens=3))
     run_jobs(engine)
-    assert len(packed) == 3 and all([row.slot for row in rows] == sorted(row.slot for row in rows) for rows in packed)
+    assert len(packed) == 3 and all(in_slot_order(rows) for rows in packed)
 
 
 def test_a_long_prompt_is_fed_in_chunks_before_it_proposes(models):

@@ -19,7 +19,7 @@ import torch
 from specpipe.kv_store import KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import BatchLimits, TargetEngine
-from tiny import fresh_logits, load, store_logits, twin
+from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
 
 ATOL = 1e-4
 
@@ -144,13 +144,7 @@ def test_a_forward_packs_its_rows_in_slot_order_whatever_the_turn(models, monkey
 
     model, reference = models
     engine = make_engine(model)
-    packed = []
-    real = target_engine.forward_packed
-    monkeypatch.setattr(
-        target_engine,
-        "forward_packed",
-        lambda m, store, rows, *a, **k: packed.append(rows) or real(m, store, rows, *a, **k),
-    )
+    packed = record_packed_rows(monkeypatch, target_engine)
     prompts = {f"r{i}": [i + 2, 9, 4 + i] for i in range(4)}
     for request_id, prompt in prompts.items():
         prefill(engine, request_id, prompt)
@@ -161,7 +155,7 @@ def test_a_forward_packs_its_rows_in_slot_order_whatever_the_turn(models, monkey
         verdicts, _ = step(engine)
         for request_id, prompt in prompts.items():
             assert engine.requests[request_id].tokens == prompt + greedy(reference, prompt, turn + 1)
-    assert len(packed) == 3 and all([row.slot for row in rows] == sorted(row.slot for row in rows) for rows in packed)
+    assert len(packed) == 3 and all(in_slot_order(rows) for rows in packed)
 
 
 def test_budgets_bound_each_forward_and_every_request_gets_its_turn(models):
