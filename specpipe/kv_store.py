@@ -44,6 +44,8 @@ SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 # A packed forward must match the model's plain forward this closely at start-up (float32 logits
 # of a random prompt; rounding of a different kernel order is ~1e-5).
 CHECK_ATOL = 1e-3
+# The model attribute holding (base model, output embedding) when packed forwards call them directly.
+SPLIT_FORWARD = "_specpipe_split_forward"
 # On a GPU, the share of the free memory the KV store may take (the rest: activations of a batch).
 KV_MEMORY_SHARE = 0.8
 
@@ -314,7 +316,9 @@ class PackedOutput:
 def prepare_model(model, device: torch.device | str = "cpu") -> None:
     """Route the model's attention through the slot store, after checking that it can be: its
     layer kinds, its use of the AttentionInterface, and a packed forward that reproduces its own
-    plain forward (else UnsupportedModel naming the model type and why)."""
+    plain forward (else UnsupportedModel naming the model type and why). Then, where it gives the
+    same logits, let packed forwards call the base model and the output embedding directly
+    (`split_forward`)."""
     check_layer_types(model)
     model_type = model.config.get_text_config(decoder=True).model_type
     if not model._can_set_attn_implementation():
@@ -330,6 +334,28 @@ def prepare_model(model, device: torch.device | str = "cpu") -> None:
     except Exception:
         model.set_attn_implementation(before)
         raise
+    _try_split_forward(model, model_type, sequences, expected, device)
+
+
+def split_forward(model) -> tuple | None:
+    """(base model, output embedding) when packed forwards call them directly, else None."""
+    return model.__dict__.get(SPLIT_FORWARD)
+
+
+def _try_split_forward(model, model_type: str, sequences, expected, device) -> None:
+    """A packed forward may skip the causal LM's own forward (its wrappers cost a small model a
+    tenth of its step: demo draft, one token, 0.87x the time) and run the base model, then the
+    output embedding over the kept positions, when the two checks of `_check_packed` give the
+    model's own logits that way too. A head that does more than the output embedding (a logit
+    scale, soft-capping) fails the check and keeps the full forward."""
+    base, head = getattr(model, "base_model", model), model.get_output_embeddings()
+    if base is model or head is None:
+        return
+    model.__dict__[SPLIT_FORWARD] = (base, head)  # (not a registered submodule: a plain attribute)
+    try:
+        _check_packed(model, model_type, sequences, expected, device)
+    except UnsupportedModel:
+        del model.__dict__[SPLIT_FORWARD]
 
 
 def bytes_per_position(model) -> int:
@@ -360,6 +386,17 @@ def forward_packed(
     layout = PackedLayout(store, rows, device)
     assert input_ids.shape == (layout.num_tokens,), f"{tuple(input_ids.shape)} ids for {layout.num_tokens} tokens"
     keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+    split = split_forward(model)
+    if split is not None and not want_hidden:
+        base, head = split
+        hidden = base(
+            input_ids=input_ids[None],
+            position_ids=layout.positions[None],
+            cache=PackedCache(layout),
+            use_cache=True,
+            specpipe_layout=layout,
+        ).last_hidden_state
+        return PackedOutput(logits=head(hidden[0, keep_index]).float())
     out = model(
         input_ids=input_ids[None],
         position_ids=layout.positions[None],

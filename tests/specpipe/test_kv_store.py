@@ -25,6 +25,7 @@ from specpipe.kv_store import (
     UnsupportedModel,
     forward_packed,
     prepare_model,
+    split_forward,
 )
 
 from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, twin
@@ -116,6 +117,31 @@ def test_rollback_is_forgetting_positions_and_fork_copies_a_prefix(pair):
     torch.testing.assert_close(
         store_logits(model, store, slot, 7, tokens + [60]), fresh_logits(reference, tokens + [60]), atol=ATOL, rtol=0
     )
+
+
+def test_packed_forwards_skip_the_causal_lm_forward_only_where_its_logits_stay_the_same():
+    """prepare_model lets packed forwards run the base model and the output embedding directly
+    (every architecture above does, so every test here goes that way), except for a model whose
+    head does more than its output embedding: there the full forward keeps its logits right."""
+    reference = tiny_architecture("llama")
+
+    class ScaledHead(type(reference)):
+        def forward(self, *args, **kwargs):
+            out = super().forward(*args, **kwargs)
+            out.logits = out.logits * 2
+            return out
+
+    plain, scaled = twin(reference), twin(reference)
+    scaled.__class__ = ScaledHead
+    prepare_model(plain)
+    prepare_model(scaled)
+    assert split_forward(plain) is not None and split_forward(scaled) is None
+    tokens = [3, 4, 5]
+    for model, factor in ((plain, 1), (scaled, 2)):
+        store = KVStore(num_slots=2, slot_len=16)
+        with torch.inference_mode():
+            got = forward_packed(model, store, [Row(store.allocate(), 0, 3)], torch.tensor(tokens), keep=[2]).logits
+        torch.testing.assert_close(got[0], factor * fresh_logits(reference, tokens), atol=ATOL, rtol=0)
 
 
 def test_scattered_slots_take_the_gather_path_and_agree():
