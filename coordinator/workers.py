@@ -18,12 +18,11 @@ request instead of hanging).
 from __future__ import annotations
 
 import asyncio
+import collections
 import itertools
 import logging
 import time
 from dataclasses import dataclass, field
-
-import collections
 
 import zmq
 

@@ -386,26 +386,19 @@ def forward_packed(
     layout = PackedLayout(store, rows, device)
     assert input_ids.shape == (layout.num_tokens,), f"{tuple(input_ids.shape)} ids for {layout.num_tokens} tokens"
     keep_index = torch.tensor(keep, dtype=torch.long, device=device)
-    split = split_forward(model)
-    if split is not None and not want_hidden:
-        base, head = split
-        hidden = base(
-            input_ids=input_ids[None],
-            position_ids=layout.positions[None],
-            cache=PackedCache(layout),
-            use_cache=True,
-            specpipe_layout=layout,
-        ).last_hidden_state
-        return PackedOutput(logits=head(hidden[0, keep_index]).float())
-    out = model(
+    inputs = dict(
         input_ids=input_ids[None],
         position_ids=layout.positions[None],
         cache=PackedCache(layout),
         use_cache=True,
-        logits_to_keep=keep_index,
-        output_hidden_states=want_hidden,
         specpipe_layout=layout,
     )
+    split = split_forward(model)
+    if split is not None and not want_hidden:
+        base, head = split
+        hidden = base(**inputs).last_hidden_state
+        return PackedOutput(logits=head(hidden[0, keep_index]).float())
+    out = model(**inputs, logits_to_keep=keep_index, output_hidden_states=want_hidden)
     hidden = out.hidden_states[-1][0, keep_index] if want_hidden else None
     return PackedOutput(logits=out.logits[0].float(), hidden=hidden)
 
