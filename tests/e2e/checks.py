@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import re
+import signal
 import time
 import urllib.request
 from pathlib import Path
@@ -78,6 +81,18 @@ def wait_for(predicate, timeout: float, what: str):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+@contextlib.contextmanager
+def paused(pid: int):
+    """Process `pid` SIGSTOPped for the block. A worker paused well under the coordinator's 1.5 s
+    heartbeat timeout stays admitted, and no request it serves can finish meanwhile, however fast
+    the machine: what a test needs to act while a request is surely still running."""
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        yield
+    finally:
+        os.kill(pid, signal.SIGCONT)
 
 
 def worker(stats, role: str):

@@ -14,8 +14,6 @@ from __future__ import annotations
 import concurrent.futures
 import contextlib
 import json
-import os
-import signal
 
 import httpx2
 import openai
@@ -25,7 +23,7 @@ from transformers import AutoTokenizer
 from specpipe import Client
 from specpipe.proto.specpipe.v1 import specpipe_pb2
 
-from checks import wait_for, wait_idle, worker
+from checks import paused, wait_for, wait_idle, worker
 from tiny import PROMPTS
 
 MAX_NEW = 24
@@ -179,18 +177,6 @@ def test_chat_without_a_chat_template_is_refused_saying_so(server, model):
     assert "--chat-template FILE" in error["message"]
 
 
-@contextlib.contextmanager
-def target_paused(grpc_client):
-    """The target worker SIGSTOPped for the block (well under the coordinator's 1.5 s heartbeat
-    timeout): no request can finish meanwhile, however fast the machine."""
-    pid = worker(grpc_client.stats(), "target").pid
-    os.kill(pid, signal.SIGSTOP)
-    try:
-        yield
-    finally:
-        os.kill(pid, signal.SIGCONT)
-
-
 @pytest.mark.parametrize("stream", [True, False], ids=["streamed", "whole"])
 def test_a_client_that_disconnects_frees_the_request(server, stream):
     """Mid-stream (the client closes after two events) or mid-request (a non-streamed call whose
@@ -203,14 +189,14 @@ def test_a_client_that_disconnects_frees_the_request(server, stream):
     def cancelled() -> bool:
         return grpc_client.stats().finished["cancelled"] == before["cancelled"] + 1
 
-    with httpx2.Client(timeout=30) as http, contextlib.ExitStack() as paused:
+    with httpx2.Client(timeout=30) as http, contextlib.ExitStack() as target:
         if stream:
             with http.stream("POST", server.http_url + "/v1/completions", json={**LONG, "stream": True}) as response:
                 events = (line for line in response.iter_lines() if line.startswith("data: "))
                 next(events), next(events)
-                paused.enter_context(target_paused(grpc_client))
+                target.enter_context(paused(worker(grpc_client.stats(), "target").pid))
         else:
-            paused.enter_context(target_paused(grpc_client))
+            target.enter_context(paused(worker(grpc_client.stats(), "target").pid))
             with pytest.raises(httpx2.ReadTimeout):
                 http.post(server.http_url + "/v1/completions", json=LONG, timeout=0.3)
         wait_for(cancelled, 1.0, "the request to be cancelled")  # the client has gone; the target still paused

@@ -33,7 +33,7 @@ from specpipe.launch.local import ServerProcess
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
 from certificates import make_certificates
-from checks import FREED_S, is_idle
+from checks import FREED_S, is_idle, paused, worker
 from held import HeldRequest
 from tiny import PROMPTS
 
@@ -250,10 +250,11 @@ def test_token_budget_makes_a_second_big_request_wait(server):
 
 @pytest.mark.parametrize("held", [False, True], ids=["reading", "stalled-on-write"])
 def test_deadline_mid_generation_frees_both_workers(server, held):
-    """The deadline passes while the request decodes (reading: the handler waits on a worker) or
-    while the server waits to write to a client that stopped reading (stalled): the server says it
-    expired while running, after tokens were streamed. A deadline that passed before the first
-    token (a loaded box) is retried longer."""
+    """The deadline passes while the request decodes (reading: the handler waits on the target,
+    paused after the first token until past the deadline, so that a fast box cannot finish LONG
+    first) or while the server waits to write to a client that stopped reading (stalled): the
+    server says it expired while running, after tokens were streamed. A deadline that passed before
+    the first token (a loaded box) is retried longer."""
     client = connect(server)
     for attempt, deadline in enumerate(MID_GENERATION_DEADLINES_S):
         request_id, received = f"deadline-{'held' if held else 'reading'}-{attempt}", 0
@@ -268,6 +269,9 @@ def test_deadline_mid_generation_frees_both_workers(server, held):
                 for response in client.generate(
                     **{**LONG, "mode": "sequential"}, timeout=deadline, request_id=request_id
                 ):
+                    if not received:  # the target paused until past the deadline: LONG cannot end first
+                        with paused(worker(client.stats(), "target").pid):
+                            time.sleep(max(0.0, deadline - (time.monotonic() - start)) + 0.2)
                     received += len(response.token_ids)
         assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         overrun = time.monotonic() - start - deadline
