@@ -27,7 +27,7 @@ from specpipe import Client
 from specpipe.launch.local import ServerProcess
 
 from certificates import make_certificates
-from checks import wait_for, wait_idle
+from checks import paused, wait_for, wait_idle, worker
 from held import HeldRequest
 from tiny import PROMPTS
 
@@ -203,8 +203,8 @@ def test_over_capacity_is_429_whichever_transport_holds_the_slot(server):
     ) as stream:
         lines = stream.iter_lines()  # kept: a dropped iterator closes the response (a disconnect)
         assert next(line for line in lines if line.startswith("data: "))
-        with pytest.raises(grpc.RpcError) as err:
-            client.complete(prompt_ids=[1], max_new_tokens=2)
+        with paused(worker(client.stats(), "target").pid), pytest.raises(grpc.RpcError) as err:
+            client.complete(prompt_ids=[1], max_new_tokens=2)  # the stream surely still runs
         assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
     wait_for(lambda: wait_idle(client, 0.0)[0], 2.0, "the stream to be freed")
     assert post(server, "/v1/completions", {"prompt": [1], "max_tokens": 2}).status_code == 200
