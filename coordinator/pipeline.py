@@ -55,6 +55,7 @@ from specpipe.blocks import left_to_verify
 from specpipe.modes import Mode
 from specpipe.coordinator.schedules import ROOT_BRANCH, Block, Schedule
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.trace import trace
 
 logger = logging.getLogger(__name__)
 
@@ -336,6 +337,7 @@ class Pipelined(Schedule):
         the block, when it comes, is verified past the tokens decoded so. Otherwise the wait is
         measured."""
         count = self.policy.fill_tokens() if self.plan.sampling.drafter_free else 0
+        trace("unforeseen", self.plan.request_id, count)
         if count:
             await self.channel.decode(min(self.end, len(self.tokens) + count), until_block=True)
         else:
@@ -417,6 +419,7 @@ class Pipelined(Schedule):
             view.probs.clear()
             view.forked.clear()  # (its forks were cancelled: the redrafted positions fork afresh)
             await self.channel.sync(survivor, keep_length=keep, append=self.tokens[keep:])
+            trace("sync", self.plan.request_id, self.epoch)
         view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
         view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
         view.forked = {p for p in view.forked if p >= length}

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, fields
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.policy import DraftPolicy
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.trace import trace
 
 logger = logging.getLogger(__name__)
 
@@ -194,6 +195,7 @@ class Schedule:
             )
         )
         self.in_flight.append(block)
+        trace("send", self.plan.request_id, block.block_id, block.start, len(block.token_ids), int(block.conditional))
 
     def stop_if_unpaid(self) -> None:
         """Raise SpeculationStopped when drafting stopped paying for this request. Never for a seeded
@@ -206,6 +208,8 @@ class Schedule:
     def observe_draft(self, event) -> list[worker_pb2.DraftToken]:
         """Count a draft step's tokens for the request and note the step's time; return them."""
         tokens = event.payload
+        if trace.on:
+            trace("dtoks", self.plan.request_id, ",".join(f"{t.branch_id}:{t.epoch}:{t.position}" for t in tokens))
         self.stats.drafted_tokens += sum(t.token_id >= 0 for t in tokens)
         self.policy.observe_draft_step(event.step_seconds)
         return tokens
@@ -221,6 +225,7 @@ class Schedule:
             assert len(self.tokens) == verdict.committed_length, "decoded token out of step"
             return [verdict.next_token_id]
         block = self.in_flight.popleft()
+        trace("verdict", self.plan.request_id, block.block_id, int(verdict.stale), verdict.num_accepted)
         if verdict.stale:
             assert block.doomed or block.conditional, f"block at {block.start} answered stale but was expected to hold"
             self.stats.on_verdict(verdict, 0, 0)

@@ -42,6 +42,7 @@ from specpipe.coordinator.workers import WorkerClient, WorkerDown
 from specpipe.curve import load_keys
 from specpipe.models import load_tokenizer
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
+from specpipe.trace import trace
 
 logger = logging.getLogger(__name__)
 
@@ -150,6 +151,7 @@ class Coordinator:
         waiting for any worker: health is NOT_SERVING until the target answers (`wait_ready`)."""
         config = self.config
         configure_logging(config.log_format)
+        trace.open("coordinator")
         # Read the secrets first: a wrong path fails at once, before any worker is waited for.
         token = read_token(config.auth_token_file) if config.auth_token_file else ""
         interceptors = [BearerTokenInterceptor(token)] if token else []

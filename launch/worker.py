@@ -196,9 +196,11 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
 
 
 def main(role: str, argv=None) -> None:
+    from specpipe.trace import trace
     from specpipe.worker_loop import run
 
     config = parse_config(role, argv)
+    trace.open(role)
     with startup_errors(role):
         loop, authenticator, ready = start(config)
     run(loop, ready)

@@ -29,6 +29,7 @@ import zmq
 from specpipe import curve, wire
 from specpipe.curve import CurveKeys
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
+from specpipe.trace import trace
 
 logger = logging.getLogger(__name__)
 
@@ -123,7 +124,9 @@ class WorkerLoop:
             engine.poll()
             if engine.ready():
                 begin = time.perf_counter()
+                trace("stepb")
                 items, figures = engine.step()
+                trace("stepe", len(items), figures.get("batch_tokens", 0))
                 self.busy_seconds += time.perf_counter() - begin
                 self._send_items(items, figures)
         self.socket.close(0)
@@ -142,6 +145,7 @@ class WorkerLoop:
                 continue
             batch = command.batch.commands if command.WhichOneof("kind") == "batch" else (command,)
             for one in batch:  # in order; one that fails is answered and the rest still apply
+                trace("cmd", one.WhichOneof("kind"))
                 reply = self._handle(identity, one, frames)
                 if reply is not None:
                     self._send(identity, reply, [])

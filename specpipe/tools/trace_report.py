@@ -1,0 +1,195 @@
+"""Where the time goes, from a per-block trace (specpipe/trace.py): `python -m
+specpipe.tools.trace_report DIR` after serving requests with `SPECPIPE_TRACE_DIR=DIR`.
+
+It merges the processes' files into one timeline and prints each worker's step costs, the target's
+busy share, its idle gaps between forwards by cause, and the hops of the wait after a rejection no
+prepared branch foresaw (the resync's way to the draft, the draft's redrafting, the new block's
+way to the target). The workers' events carry no request id: read the last two with one request
+in flight at a time (the benchmark's single-client runs); the gaps' causes hold for any load.
+
+Gap causes, between the end of one target forward and the start of the next: `new request` (a
+prefill reached the target meanwhile: a client's own pause), `unforeseen rejection` (the
+coordinator saw one meanwhile), `waited for a block` (a verify or decode reached the target
+meanwhile), `block was queued` (none did: the worker loop's own turn).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+@dataclass
+class Event:
+    time: float
+    role: str
+    kind: str
+    fields: list[str]
+
+
+@dataclass
+class Report:
+    steps: dict[str, list[float]] = field(default_factory=dict)  # role -> compute step seconds
+    target_busy: float = 0.0  # share of the span from the first target forward to the last
+    gaps: dict[str, list[float]] = field(default_factory=dict)  # cause -> target idle seconds
+    rejection_hops: dict[str, list[float]] = field(default_factory=dict)  # hop -> seconds
+
+
+def read_events(folder: Path) -> list[Event]:
+    """Every event of every `<role>-<pid>.trace` in `folder`, in time order."""
+    events = []
+    for path in sorted(folder.glob("*.trace")):
+        role = path.stem.rsplit("-", 1)[0]
+        for line in path.read_text().splitlines():
+            parts = line.split()
+            if len(parts) >= 2:
+                events.append(Event(float(parts[0]), role, parts[1], parts[2:]))
+    events.sort(key=lambda e: e.time)
+    return events
+
+
+def forwards(events: list[Event], role: str) -> list[tuple[float, float]]:
+    """(begin, end) of each of `role`'s steps that ran a forward (fed tokens > 0)."""
+    spans, begin = [], None
+    for event in events:
+        if event.role != role:
+            continue
+        if event.kind == "stepb":
+            begin = event.time
+        elif event.kind == "stepe" and begin is not None:
+            if len(event.fields) > 1 and int(event.fields[1]) > 0:  # (fed tokens: not only stale answers)
+                spans.append((begin, event.time))
+            begin = None
+    return spans
+
+
+def gap_cause(between: list[Event]) -> str:
+    if any(e.role == "target" and e.kind == "cmd" and e.fields[:1] == ["prefill"] for e in between):
+        return "new request"
+    if any(e.role == "coordinator" and e.kind == "unforeseen" for e in between):
+        return "unforeseen rejection"
+    if any(e.role == "target" and e.kind == "cmd" and e.fields[:1] in (["verify"], ["decode"]) for e in between):
+        return "waited for a block"
+    return "block was queued"
+
+
+def target_gaps(events: list[Event], spans: list[tuple[float, float]]) -> dict[str, list[float]]:
+    gaps: dict[str, list[float]] = {}
+    i = 0
+    for (_, end), (begin, _) in zip(spans, spans[1:]):
+        while i < len(events) and events[i].time < end:
+            i += 1
+        j = i
+        while j < len(events) and events[j].time < begin:
+            j += 1
+        gaps.setdefault(gap_cause(events[i:j]), []).append(begin - end)
+    return gaps
+
+
+def _next(events: list[Event], start: int, test) -> int | None:
+    return next((j for j in range(start, len(events)) if test(events[j])), None)
+
+
+def _previous(events: list[Event], start: int, test) -> int | None:
+    return next((j for j in range(start, -1, -1) if test(events[j])), None)
+
+
+def _forward_end(event: Event) -> bool:
+    return event.role == "target" and event.kind == "stepe" and len(event.fields) > 1 and int(event.fields[1]) > 0
+
+
+def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
+    """For each unforeseen rejection, the seconds of each hop from the target's verdict to its
+    next forward (one request in flight at a time)."""
+    hops: dict[str, list[float]] = {}
+    for i, event in enumerate(events):
+        if event.kind != "unforeseen":
+            continue
+        verdict = _previous(events, i, lambda e: e.kind == "verdict")
+        sync = _previous(events, i, lambda e: e.kind == "sync")
+        if verdict is None or sync is None or events[sync].time < events[verdict].time:
+            continue
+        forward_end = _previous(events, verdict, _forward_end)
+        if forward_end is None:
+            continue
+        epoch = events[sync].fields[1]
+        got_sync = _next(events, sync, lambda e: e.role == "draft" and e.kind == "cmd" and e.fields[:1] == ["sync"])
+        send = _next(events, i, lambda e: e.kind == "send" and e.fields[4] == "0")
+        if got_sync is None or send is None:
+            continue
+        first = _next(
+            events,
+            sync,
+            lambda e: e.kind == "dtoks" and any(t.split(":")[1] == epoch for t in e.fields[1].split(",")),
+        )
+        arrived = _next(events, send, lambda e: e.role == "target" and e.kind == "cmd")
+        started = _next(events, send, lambda e: e.role == "target" and e.kind == "stepb")
+        if first is None or first > send or arrived is None or started is None:
+            continue
+        times = [
+            ("verdict to the coordinator", events[forward_end].time, events[verdict].time),
+            ("the coordinator's turn", events[verdict].time, events[sync].time),
+            ("the resync to the draft", events[sync].time, events[got_sync].time),
+            ("the draft's first token", events[got_sync].time, events[first].time),
+            ("the rest of the block", events[first].time, events[send].time),
+            ("the block to the target", events[send].time, events[arrived].time),
+            ("the target's turn", events[arrived].time, events[started].time),
+            ("total", events[forward_end].time, events[started].time),
+        ]
+        for name, begin, end in times:
+            hops.setdefault(name, []).append(end - begin)
+    return hops
+
+
+def report(folder: Path) -> Report:
+    events = read_events(folder)
+    result = Report()
+    for role in ("draft", "target"):
+        spans = forwards(events, role)
+        if spans:
+            result.steps[role] = [end - begin for begin, end in spans]
+    spans = forwards(events, "target")
+    if len(spans) > 1:
+        result.gaps = target_gaps(events, spans)
+        requests = sum(result.gaps.get("new request", []))
+        span = spans[-1][1] - spans[0][0] - requests
+        result.target_busy = sum(end - begin for begin, end in spans) / span if span > 0 else 0.0
+    result.rejection_hops = rejection_hops(events)
+    return result
+
+
+def _ms(values: list[float]) -> str:
+    return f"median {1e3 * statistics.median(values):7.3f} ms, mean {1e3 * statistics.fmean(values):7.3f} ms"
+
+
+def text(result: Report) -> str:
+    lines = []
+    for role, seconds in result.steps.items():
+        lines.append(f"{role} forwards: {len(seconds)}, {_ms(seconds)}")
+    lines.append(f"target busy: {result.target_busy:.1%} (pauses between requests left out)")
+    total = sum(sum(v) for cause, v in result.gaps.items() if cause != "new request")
+    for cause, seconds in sorted(result.gaps.items()):
+        share = "" if cause == "new request" else f", {sum(seconds) / total:.0%} of the idle time" if total else ""
+        lines.append(f"  idle, {cause}: {len(seconds)} gaps, {_ms(seconds)}{share}")
+    if result.rejection_hops:
+        count = len(result.rejection_hops["total"])
+        lines.append(f"after a rejection no branch foresaw ({count}), until the target's next forward:")
+        for hop, seconds in result.rejection_hops.items():
+            lines.append(f"  {hop}: {_ms(seconds)}")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("folder", type=Path, help="the SPECPIPE_TRACE_DIR the server wrote")
+    args = parser.parse_args(argv)
+    if not any(args.folder.glob("*.trace")):
+        sys.exit(f"no *.trace files in {args.folder}")
+    print(text(report(args.folder)))
+
+
+if __name__ == "__main__":
+    main()

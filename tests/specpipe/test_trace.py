@@ -1,0 +1,93 @@
+"""The per-block trace (specpipe/trace.py) and its report (specpipe/tools/trace_report.py).
+
+Method: the tracer is exercised off (no folder: writes nothing) and on (one line per event); the
+report runs over a hand-written trace of three processes whose every gap and hop is known, so
+each figure it prints is checked exactly (times in whole milliseconds: no rounding to depend on).
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from specpipe.tools import trace_report
+from specpipe.trace import TRACE_DIR_ENV, Tracer
+
+
+def test_off_without_a_folder_and_one_line_per_event_with_one(tmp_path, monkeypatch):
+    monkeypatch.delenv(TRACE_DIR_ENV, raising=False)
+    tracer = Tracer()
+    tracer.open("draft")
+    tracer("stepb")  # off: nothing to write to, no error
+    assert tracer.file is None
+    monkeypatch.setenv(TRACE_DIR_ENV, str(tmp_path / "trace"))
+    tracer.open("draft")
+    tracer("stepe", 3, 7)
+    tracer("cmd", "sync")
+    lines = (tmp_path / "trace" / f"draft-{os.getpid()}.trace").read_text().splitlines()
+    assert [line.split()[1:] for line in lines] == [["stepe", "3", "7"], ["cmd", "sync"]]
+    assert float(lines[0].split()[0]) <= float(lines[1].split()[0])  # monotonic seconds
+
+
+# One request. Target forwards (ms): 0-10, 11-21 (its block was queued), 24-34 (it waited 3 ms for
+# a block), 41-51 (a rejection nothing foresaw: 7 ms), 60-70 (a new request's prefill: 9 ms).
+TARGET = """
+0.000 stepb
+0.010 stepe 1 4
+0.011 stepb
+0.021 stepe 1 5
+0.022 cmd verify
+0.024 stepb
+0.034 stepe 1 3
+0.035 stepb
+0.035 stepe 1 0
+0.040 cmd verify
+0.041 stepb
+0.051 stepe 1 2
+0.055 cmd prefill
+0.060 stepb
+0.070 stepe 1 9
+"""
+COORDINATOR = """
+0.0345 verdict r 3 0 1
+0.0350 sync r 2
+0.0350 unforeseen r 0
+0.0380 dtoks r 0:2:30
+0.0390 dtoks r 0:2:31
+0.0395 send r 5 30 2 0
+"""
+DRAFT = """
+0.0360 cmd sync
+0.0362 stepb
+0.0370 stepe 1 1
+"""
+
+
+def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
+    for name, body in (("target-1", TARGET), ("coordinator-2", COORDINATOR), ("draft-3", DRAFT)):
+        (tmp_path / f"{name}.trace").write_text(body.lstrip())
+    result = trace_report.report(tmp_path)
+    assert [round(s * 1e3) for s in result.steps["target"]] == [10, 10, 10, 10, 10]
+    assert [round(s * 1e3) for s in result.steps["draft"]] == [1]
+    gaps = {cause: [round(s * 1e3) for s in seconds] for cause, seconds in result.gaps.items()}
+    assert gaps == {
+        "block was queued": [1],
+        "waited for a block": [3],
+        "unforeseen rejection": [7],
+        "new request": [9],
+    }
+    assert result.target_busy == pytest.approx(50 / (70 - 9))
+    hops = {hop: [round(s * 1e4) for s in seconds] for hop, seconds in result.rejection_hops.items()}
+    assert hops == {  # (tenths of a millisecond)
+        "verdict to the coordinator": [5],
+        "the coordinator's turn": [5],
+        "the resync to the draft": [10],
+        "the draft's first token": [20],
+        "the rest of the block": [15],
+        "the block to the target": [5],
+        "the target's turn": [10],
+        "total": [70],
+    }
+    text = trace_report.text(result)
+    assert "target busy: 82.0%" in text and "idle, unforeseen rejection: 1 gaps" in text
