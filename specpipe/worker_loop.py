@@ -119,6 +119,8 @@ class WorkerLoop:
             timeout = 0 if engine.ready() else WAITING_POLL_MS if engine.waiting() else IDLE_POLL_MS
             if timeout == IDLE_POLL_MS and self.should_stop():
                 break
+            if timeout:
+                trace("wait")  # nothing to compute: waiting for a command
             if self.socket in dict(poller.poll(timeout)):
                 self._drain()
             engine.poll()

@@ -7,10 +7,10 @@ prepared branch foresaw (the resync's way to the draft, the draft's redrafting, 
 way to the target). The workers' events carry no request id: read the last two with one request
 in flight at a time (the benchmark's single-client runs); the gaps' causes hold for any load.
 
-Gap causes, between the end of one target forward and the start of the next: `new request` (a
-prefill reached the target meanwhile: a client's own pause), `unforeseen rejection` (the
-coordinator saw one meanwhile), `waited for a block` (a verify or decode reached the target
-meanwhile), `block was queued` (none did: the worker loop's own turn).
+Gap causes, between the end of one target forward and the start of the next: `no wait` (the
+target had its next work queued: the gap is its loop's own turn, sending the verdicts and reading
+commands), else it waited for a command: `new request` (a prefill reached it meanwhile: a client's
+own pause), `unforeseen rejection` (the coordinator saw one meanwhile), `waited for a block`.
 """
 
 from __future__ import annotations
@@ -67,13 +67,13 @@ def forwards(events: list[Event], role: str) -> list[tuple[float, float]]:
 
 
 def gap_cause(between: list[Event]) -> str:
+    if not any(e.role == "target" and e.kind == "wait" for e in between):
+        return "no wait"
     if any(e.role == "target" and e.kind == "cmd" and e.fields[:1] == ["prefill"] for e in between):
         return "new request"
     if any(e.role == "coordinator" and e.kind == "unforeseen" for e in between):
         return "unforeseen rejection"
-    if any(e.role == "target" and e.kind == "cmd" and e.fields[:1] in (["verify"], ["decode"]) for e in between):
-        return "waited for a block"
-    return "block was queued"
+    return "waited for a block"
 
 
 def target_gaps(events: list[Event], spans: list[tuple[float, float]]) -> dict[str, list[float]]:

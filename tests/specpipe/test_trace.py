@@ -30,21 +30,26 @@ def test_off_without_a_folder_and_one_line_per_event_with_one(tmp_path, monkeypa
     assert float(lines[0].split()[0]) <= float(lines[1].split()[0])  # monotonic seconds
 
 
-# One request. Target forwards (ms): 0-10, 11-21 (its block was queued), 24-34 (it waited 3 ms for
-# a block), 41-51 (a rejection nothing foresaw: 7 ms), 60-70 (a new request's prefill: 9 ms).
+# One request. Target forwards (ms): 0-10, 11-21 (its block was queued: no wait, though a command
+# came in the gap), 24-34 (it waited 3 ms for a block), 41-51 (a rejection nothing foresaw: 7 ms),
+# 60-70 (a new request's prefill: 9 ms).
 TARGET = """
 0.000 stepb
 0.010 stepe 1 4
+0.0105 cmd verify
 0.011 stepb
 0.021 stepe 1 5
+0.0215 wait
 0.022 cmd verify
 0.024 stepb
 0.034 stepe 1 3
 0.035 stepb
 0.035 stepe 1 0
+0.0355 wait
 0.040 cmd verify
 0.041 stepb
 0.051 stepe 1 2
+0.052 wait
 0.055 cmd prefill
 0.060 stepb
 0.070 stepe 1 9
@@ -72,7 +77,7 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
     assert [round(s * 1e3) for s in result.steps["draft"]] == [1]
     gaps = {cause: [round(s * 1e3) for s in seconds] for cause, seconds in result.gaps.items()}
     assert gaps == {
-        "block was queued": [1],
+        "no wait": [1],
         "waited for a block": [3],
         "unforeseen rejection": [7],
         "new request": [9],
