@@ -200,8 +200,8 @@ def main(role: str, argv=None) -> None:
     from specpipe.worker_loop import run
 
     config = parse_config(role, argv)
-    trace.open(role)
     with startup_errors(role):
+        trace.open(role)
         loop, authenticator, ready = start(config)
     run(loop, ready)
     if authenticator is not None:

@@ -5,11 +5,12 @@ each process appends one line per event to its own file `DIR/<role>-<pid>.trace`
 `<time.monotonic()> <event> <fields...>`. One host's processes share the monotonic clock, so the
 files merge into one timeline (`python -m specpipe.tools.trace_report DIR` summarises it).
 
-Events: every worker logs each command it takes (`cmd KIND`), each iteration's compute (`stepb` /
-`stepe ITEMS FED_TOKENS`) and each time it has nothing to compute (`wait`); the coordinator logs each block it sends (`send`), each verdict
-(`verdict`), each draft step it reads (`dtoks`), each resync of the main line (`sync`) and each
-rejection no prepared branch foresaw (`unforeseen`). Without the variable every call is a no-op
-(one attribute test): the trace costs the serving path nothing unless asked for.
+Events: every worker logs each command it takes (`cmd KIND`), each iteration's compute (`stepb`
+/ `stepe ITEMS FED_TOKENS`) and the start of each wait with nothing to compute (`wait`); the
+coordinator logs each block it sends (`send`), each verdict (`verdict`), each draft step it reads
+(`dtoks`), each resync of the main line (`sync`) and each rejection no prepared branch foresaw
+(`unforeseen`). Without the variable every call is a no-op (one attribute test): the trace costs
+the serving path nothing unless asked for.
 """
 
 from __future__ import annotations

@@ -114,18 +114,21 @@ class WorkerLoop:
         for socket in self.engine.sockets():
             poller.register(socket, zmq.POLLIN)
         engine = self.engine
+        waiting = False
         while self.running:
             engine.poll()
             timeout = 0 if engine.ready() else WAITING_POLL_MS if engine.waiting() else IDLE_POLL_MS
             if timeout == IDLE_POLL_MS and self.should_stop():
                 break
-            if timeout:
-                trace("wait")  # nothing to compute: waiting for a command
+            if timeout and not waiting:
+                waiting = True
+                trace("wait")  # nothing to compute: waiting for a command (once per wait)
             if self.socket in dict(poller.poll(timeout)):
                 self._drain()
             engine.poll()
             if engine.ready():
                 begin = time.perf_counter()
+                waiting = False
                 trace("stepb")
                 items, figures = engine.step()
                 trace("stepe", len(items), figures.get("batch_tokens", 0))
