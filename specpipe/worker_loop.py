@@ -150,7 +150,8 @@ class WorkerLoop:
                 continue
             batch = command.batch.commands if command.WhichOneof("kind") == "batch" else (command,)
             for one in batch:  # in order; one that fails is answered and the rest still apply
-                trace("cmd", one.WhichOneof("kind"))
+                if trace.on:
+                    trace("cmd", one.WhichOneof("kind"))
                 reply = self._handle(identity, one, frames)
                 if reply is not None:
                     self._send(identity, reply, [])

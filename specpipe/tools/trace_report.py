@@ -147,11 +147,9 @@ def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
 def report(folder: Path) -> Report:
     events = read_events(folder)
     result = Report()
-    for role in ("draft", "target"):
-        spans = forwards(events, role)
-        if spans:
-            result.steps[role] = [end - begin for begin, end in spans]
-    spans = forwards(events, "target")
+    by_role = {role: forwards(events, role) for role in ("draft", "target")}
+    result.steps = {role: [end - begin for begin, end in spans] for role, spans in by_role.items() if spans}
+    spans = by_role["target"]
     if len(spans) > 1:
         result.gaps = target_gaps(events, spans)
         requests = sum(result.gaps.get("new request", []))

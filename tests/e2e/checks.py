@@ -85,9 +85,10 @@ def wait_for(predicate, timeout: float, what: str):
 
 @contextlib.contextmanager
 def paused(pid: int):
-    """Process `pid` SIGSTOPped for the block. A worker paused well under the coordinator's 1.5 s
-    heartbeat timeout stays admitted, and no request it serves can finish meanwhile, however fast
-    the machine: what a test needs to act while a request is surely still running."""
+    """Process `pid` SIGSTOPped for the block (SIGCONT after it, whatever happens). A worker paused
+    well under the coordinator's 1.5 s heartbeat timeout stays admitted, and no request it serves
+    can finish meanwhile, however fast the machine: what a test needs to act while a request is
+    surely still running. Paused past the timeout, it is a hung worker."""
     os.kill(pid, signal.SIGSTOP)
     try:
         yield

@@ -32,7 +32,7 @@ import pytest
 from specpipe import Client
 from specpipe.launch.local import ServerProcess
 
-from checks import wait_for
+from checks import paused, wait_for
 from tiny import PROMPTS
 
 CLIENTS = 8
@@ -198,13 +198,10 @@ def test_draft_killed_and_hung_under_load_costs_no_request(request, tiny_models,
                 wait_for(lambda: control.stats().status == "ok", RESTART_S, "the restarted draft")
             wait_completed(load.outcomes, CLIENTS)
             hung = worker(control, "draft").pid
-            os.kill(hung, signal.SIGSTOP)  # hung past the heartbeat timeout
-            try:
+            with paused(hung):  # hung past the heartbeat timeout
                 wait_for(lambda: not worker(control, "draft").healthy, 10, "the hung draft to be marked down")
                 assert worker(control, "draft").live_requests == 0, "a down worker's old count reads as live"
                 wait_completed(load.outcomes, CLIENTS)  # served target-only meanwhile
-            finally:
-                os.kill(hung, signal.SIGCONT)
             wait_for(lambda: control.stats().status == "ok", 30, "the draft to be re-admitted after SIGCONT")
             wait_completed(load.outcomes, CLIENTS)
         finally:

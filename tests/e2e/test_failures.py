@@ -46,6 +46,7 @@ from checks import (
     log_lines,
     log_time,
     metric,
+    paused,
     scrape,
     wait_for,
     wait_idle,
@@ -235,9 +236,8 @@ def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_
     stream = client.generate(prompt_ids=PROMPTS[0], max_new_tokens=LONG, mode="sequential", request_id="target-hung")
     next(stream)
     pid = worker(client.stats(), "target").pid
-    os.kill(pid, signal.SIGSTOP)
-    stopped = time.monotonic()
-    try:
+    with paused(pid):
+        stopped = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             for _ in stream:
                 pass
@@ -260,8 +260,6 @@ def test_hung_target_fails_running_requests_unavailable_and_is_readmitted_after_
         with pytest.raises(grpc.RpcError) as err:
             client.complete(prompt_ids=PROMPTS[1], max_new_tokens=5)
         assert err.value.code() == grpc.StatusCode.UNAVAILABLE and "target worker is unavailable" in err.value.details()
-    finally:
-        os.kill(pid, signal.SIGCONT)
     wait_for(lambda: client.stats().status == "ok", 30, "the target to be re-admitted after SIGCONT")
     assert worker(client.stats(), "target").pid == pid, "re-admitted, not restarted"
     wait_for(lambda: health(server.addr) == SERVING, 5, "SERVING")  # (Health looks every 0.1 s)
