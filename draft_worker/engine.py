@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 import torch
 
 from specpipe.draft_worker.drafter import BranchKey, Drafter
+from specpipe.proposal import ProposalTemperatures
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.sampling import (
     STREAM_DRAFT,
@@ -66,9 +67,11 @@ class DraftRequest:
 
 
 class DraftEngine:
-    def __init__(self, drafter: Drafter, probs_sender=None):
-        """`probs_sender`: the data plane to the target (specpipe.dataplane), needed for sampling."""
-        self.drafter, self.probs_sender = drafter, probs_sender
+    def __init__(self, drafter: Drafter, probs_sender=None, proposal: ProposalTemperatures = ProposalTemperatures()):
+        """`probs_sender`: the data plane to the target (specpipe.dataplane), needed for sampling.
+        `proposal`: the temperature a sampled request's tokens are drawn at (specpipe/proposal.py);
+        the q sent is always the law they were drawn from, so the target's rule stays exact."""
+        self.drafter, self.probs_sender, self.proposal = drafter, probs_sender, proposal
         self.requests: dict[str, DraftRequest] = {}
         self._turn = 0
         self.last_batch = (0, 0)
@@ -83,8 +86,10 @@ class DraftEngine:
         if msg.request_id in self.requests:
             raise ValueError(f"request {msg.request_id!r} exists already")
         wire_sampling = msg.sampling
-        sampling = SamplingParams(
-            wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p, wire_sampling.drafter_invariant
+        sampling = self.proposal.proposal(
+            SamplingParams(
+                wire_sampling.temperature, wire_sampling.top_k, wire_sampling.top_p, wire_sampling.drafter_invariant
+            )
         )
         tokens = list(msg.token_ids)
         self.drafter.open((msg.request_id, 0), tokens)

@@ -75,6 +75,17 @@ def log_level(text: str) -> str:
     return text.upper()
 
 
+def temperature_scale_arg(text: str) -> str:
+    """--draft-temperature-scale: 'auto' or a factor > 0, checked here (the draft worker takes it as is)."""
+    from specpipe.config import parse_scale
+
+    try:
+        parse_scale(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+    return text
+
+
 def add_serve_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--target", help="target model: folder or hub id (default: the demo pair)")
     parser.add_argument(
@@ -89,6 +100,16 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--target-device", default="cpu", help="cpu, cuda:N or auto")
     parser.add_argument("--draft-device", default="cpu", help="cpu, cuda:N or auto")
+    parser.add_argument(
+        "--draft-temperature-scale",
+        default="auto",
+        type=temperature_scale_arg,
+        metavar="auto|S",
+        help="a sampled request's draft tokens are drawn at S times its temperature (the default rule "
+        "stays exact: the target judges each by the law it was drawn from; S only moves how many are "
+        "accepted); auto (default): the table `specpipe calibrate-draft` saved beside the draft's "
+        "weights, else 1",
+    )
     parser.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default 1)")
     parser.add_argument(
@@ -383,6 +404,8 @@ def worker_flags(args) -> dict[str, list[str]]:
     ]
     if args.draft == NGRAM_DRAFTER:
         draft += ["--drafter", "ngram"]
+    elif args.draft_temperature_scale != "auto":
+        draft += ["--temperature-scale", args.draft_temperature_scale]
     return {"target": target + store, "draft": draft + store}
 
 

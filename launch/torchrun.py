@@ -37,7 +37,7 @@ import subprocess
 import sys
 import time
 
-from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, zmq_endpoint
+from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, parse_scale, zmq_endpoint
 from specpipe.launch.cli import add_serve_args
 from specpipe.launch.report import exit_code, known_errors, one_line
 
@@ -283,6 +283,7 @@ def serve_rank(role: str, args, argv: list[str], target: str, draft: str, bind: 
         transport="torch",
         dist_timeout_s=args.dist_timeout,
         curve_keys=args.curve_keys,
+        temperature_scale=parse_scale(args.draft_temperature_scale),
     )
     curve_keys, authenticator = secure(config)  # the control socket only: the data plane is the group
     torch.set_num_threads(config.num_threads)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import logging
 import os
+from pathlib import Path
 
 import torch
 import zmq
@@ -29,10 +30,13 @@ from specpipe.config import (
     TWO_LAYOUT_MEMORY_SHARE,
     WEIGHT_LAYOUTS,
     WorkerConfig,
+    parse_scale,
     pin_cpus,
     zmq_endpoint,
 )
 from specpipe.launch.errors import UsageError
+from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
+from specpipe.proposal import ProposalTemperatures, load_table
 from specpipe.launch.report import reporting
 
 # Set by the launcher (launch/local.py) in a worker's environment: report a start-up failure on
@@ -163,8 +167,20 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         help="draft: a causal LM (--model), or prompt lookup with no model (ngram; --model names "
         "the target, for its vocabulary)",
     )
+    parser.add_argument(
+        "--temperature-scale",
+        default="auto",
+        metavar="auto|S",
+        help="draft: sample a request's draft tokens at S times its temperature (default rule only; the "
+        "output law is the target's whatever S); auto: the table beside the draft's weights "
+        f"({PROPOSAL_FILE}, made by `specpipe calibrate-draft`), else 1",
+    )
     parser.add_argument("--log-level", default=os.environ.get("SPECPIPE_LOG_LEVEL", "INFO"))
     args = parser.parse_args(argv)
+    try:
+        temperature_scale = parse_scale(args.temperature_scale)
+    except ValueError as err:
+        parser.error(f"--temperature-scale: {err}")
     logging.basicConfig(
         level=args.log_level.upper(), format=f"%(asctime)s %(levelname)s {role}-worker %(name)s: %(message)s"
     )
@@ -192,6 +208,7 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         max_batch_requests=args.max_batch_requests,
         prefill_chunk=args.prefill_chunk,
         drafter=args.drafter,
+        temperature_scale=temperature_scale,
     )
 
 
@@ -344,7 +361,9 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
             sender = (
                 dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys) if config.target_data_addr else None
             )
-        return DraftEngine(build_drafter(config, model, device), probs_sender=sender), ""
+        return DraftEngine(
+            build_drafter(config, model, device), probs_sender=sender, proposal=proposal_table(config)
+        ), ""
     from specpipe.models import vocab_size
     from specpipe.predictor import load_predictor
     from specpipe.target_worker.engine import BatchLimits, TargetEngine
@@ -362,6 +381,20 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
         data_endpoint = receiver.endpoint
     engine = TargetEngine(model, store, device, limits, probs_receiver=receiver, predictor=predictor)
     return engine, data_endpoint
+
+
+def proposal_table(config: WorkerConfig) -> ProposalTemperatures:
+    """The draft's proposal temperatures: --temperature-scale's factor, else the table beside a
+    model draft's weights, else the request's own temperature (an ngram drafter has no table)."""
+    if config.temperature_scale is not None:
+        table = ProposalTemperatures.uniform(config.temperature_scale)
+    else:
+        found = load_table(config.model) if config.drafter == "model" and Path(config.model).is_dir() else None
+        table = found or ProposalTemperatures()
+    logging.getLogger(__name__).info(
+        "draft proposal temperature scales %s at request temperatures %s", table.scales, table.temperatures
+    )
+    return table
 
 
 def build_store(config: WorkerConfig, model, device, slots: int):

@@ -6,6 +6,7 @@ shared by all processes. Knows nothing of how any process uses its configuration
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -185,6 +186,9 @@ class WorkerConfig:
     max_batch_requests: int = 64
     prefill_chunk: int = 128
     drafter: str = "model"  # draft: model (a causal LM) or ngram (prompt lookup, no model)
+    # Draft: the factor on a sampled request's temperature the draft proposes at
+    # (specpipe/proposal.py); None = the table beside the draft's weights, or 1 without one.
+    temperature_scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -233,3 +237,17 @@ class CoordinatorConfig:
     log_format: str = "text"  # text | json (one JSON object per line)
     # CURVE key folder (specpipe/curve.py): the DEALERs to the workers connect as CURVE clients; "" = plain.
     curve_keys: str = ""
+
+
+def parse_scale(text: str) -> float | None:
+    """A draft temperature scale flag: None for "auto" (the table beside the draft's weights,
+    specpipe/proposal.py), else a factor > 0."""
+    if text == "auto":
+        return None
+    try:
+        scale = float(text)
+    except ValueError:
+        scale = math.nan
+    if not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"the draft temperature scale must be 'auto' or a number > 0, got {text!r}")
+    return scale
