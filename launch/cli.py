@@ -1,5 +1,6 @@
-"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, train-predictor, bench,
-curve-keygen. The offline tools (build-demo, train-predictor) are imported only when they run.
+"""The `specpipe` command line (DESIGN §7): serve, generate, demo, build-demo, train-predictor,
+calibrate-draft, bench, curve-keygen. The offline tools (build-demo, train-predictor,
+calibrate-draft) are imported only when they run.
 
 A user's mistake ends a command with one line on stderr naming the cause and the fix, and a
 non-zero exit code (2 for a flag's value); tracebacks only with --log-level debug (launch/report.py).
@@ -602,6 +603,13 @@ def cmd_train_predictor(args) -> None:
     print("\n".join(summary_lines(info)))
 
 
+def cmd_calibrate_draft(args) -> None:
+    from specpipe.tools.calibrate_draft import calibrate_draft, summary_lines
+
+    info = calibrate_draft(args.target, args.draft, args.out, seed=args.seed, corpus_files=args.corpus or None)
+    print("\n".join(summary_lines(info)))
+
+
 def add_tool_commands(sub) -> None:
     """The offline tools' subcommands (specpipe/tools/, imported only when one runs)."""
     build = sub.add_parser(
@@ -632,6 +640,27 @@ def add_tool_commands(sub) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--max-positions", type=int, default=16384, help="labelled training rows (about)")
     train.set_defaults(func=cmd_train_predictor)
+
+    calibrate = sub.add_parser(
+        "calibrate-draft",
+        help="fit the temperatures the draft samples at for a target/draft pair",
+        description="Measure, at a few request temperatures, which multiple of the temperature the "
+        "draft should draw its tokens at for the target to accept the most of them, and save the "
+        "table beside the draft's weights (serve's --draft-temperature-scale auto reads it). The "
+        "output law stays the target's whatever the table.",
+    )
+    calibrate.add_argument("--target", required=True, help="target model folder (with its tokenizer)")
+    calibrate.add_argument("--draft", required=True, help="draft model folder")
+    calibrate.add_argument("--out", default=None, help="output JSON (default: DRAFT/draft_temperature.json)")
+    calibrate.add_argument(
+        "--corpus",
+        nargs="+",
+        default=[],
+        metavar="FILE",
+        help="text files to take the calibration prompts from (default: the standard library's source)",
+    )
+    calibrate.add_argument("--seed", type=int, default=0)
+    calibrate.set_defaults(func=cmd_calibrate_draft)
 
 
 def main(argv=None) -> None:

@@ -8,8 +8,8 @@ divergence from the target's next-token distribution plus the cross-entropy on i
 two agree often both at greedy and when sampling. It writes
 `out_dir/{target,draft}` (each loads alone with `AutoModelForCausalLM` / `AutoTokenizer`
 `.from_pretrained`: fp16 safetensors under a float32 config, so they load as float32), the
-acceptance-length predictor beside the target (train_predictor.py), `out_dir/heldout.json` (the
-prompts) and `out_dir/build_info.json`: parameter counts, c = t_draft_step / t_verify on one CPU
+acceptance-length predictor beside the target (train_predictor.py), the draft's proposal
+temperatures beside the draft (calibrate_draft.py), `out_dir/heldout.json` (the prompts) and `out_dir/build_info.json`: parameter counts, c = t_draft_step / t_verify on one CPU
 thread, the greedy acceptance rate and mean accepted length on the held-out prompts, build time,
 greedy samples, the Python and files used. A full build into the shipped folder
 (specpipe/assets/demo) also refreshes the shipped held-out prompts (specpipe/assets/prompts).
@@ -61,6 +61,7 @@ from specpipe.tools.lm_training import (
     window_batches,
 )
 from specpipe.tools.timing import median_step_seconds
+from specpipe.tools.calibrate_draft import calibrate_draft
 from specpipe.tools.train_predictor import DEFAULT_POSITIONS, train_predictor
 
 BUILD_THREADS = 2  # the thread count while training: part of what makes the build bit-for-bit
@@ -277,6 +278,9 @@ def build_demo_pair(out_dir: Path, *, seed: int = 0, preset: str = "full", progr
         info["accept_predictor"] = train_predictor(
             out_dir / "target", out_dir / "draft", seed=seed, progress=False, max_positions=recipe.predictor_positions
         )["metrics"]
+        # The draft's proposal temperatures (specpipe/proposal.py) ship beside the draft.
+        calibrated = calibrate_draft(out_dir / "target", out_dir / "draft", seed=seed)
+        info["draft_temperature"] = {"temperatures": calibrated["temperatures"], "scales": calibrated["scales"]}
     weights = [out_dir / name / "model.safetensors" for name in MODELS]
     info.update(
         {

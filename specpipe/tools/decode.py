@@ -1,7 +1,7 @@
 """Decoding helpers of the tools, written once: a model's continuation with a KV cache, and the
 accepted runs of greedy speculative decoding along it.
 
-`continue_tokens` decodes greedily (or samples at temperature 1 from a given generator) and can
+`continue_tokens` decodes greedily (or samples at a temperature from a given generator) and can
 keep the target's last hidden state of every step (the acceptance-length predictor's input).
 `accepted_runs` turns a draft/target agreement mask into the number of draft tokens a block
 starting at each position would get accepted. Both are exact references for offline measuring
@@ -16,9 +16,14 @@ import torch.nn.functional as F
 
 @torch.inference_mode()
 def continue_tokens(
-    model, input_ids: torch.Tensor, num_new_tokens: int, generator=None, keep_hidden: bool = False
+    model,
+    input_ids: torch.Tensor,
+    num_new_tokens: int,
+    generator=None,
+    keep_hidden: bool = False,
+    temperature: float = 1.0,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Greedy decoding with a KV cache (sampling at temperature 1 from `generator` when given).
+    """Greedy decoding with a KV cache (sampling at `temperature` from `generator` when given).
     input_ids: [batch, prompt_len] (no padding). Returns (tokens [batch, prompt_len +
     num_new_tokens], hidden): with keep_hidden, hidden [batch, num_new_tokens, hidden_size] is
     the last-layer hidden state that chose each new token (hidden[:, i] chose tokens[:,
@@ -28,7 +33,7 @@ def continue_tokens(
     def choose(logits):  # [batch, vocab] -> [batch, 1]
         if generator is None:
             return logits.argmax(-1, keepdim=True)
-        return torch.multinomial(torch.softmax(logits.float(), -1), 1, generator=generator)
+        return torch.multinomial(torch.softmax(logits.float() / temperature, -1), 1, generator=generator)
 
     # Only the last row's logits are needed; the demo build's recipe (keep_hidden=False) computes
     # them all, as it always did, so that a rebuild stays bit-for-bit.

@@ -240,3 +240,52 @@ def test_a_fork_without_a_free_slot_is_skipped_and_drafting_goes_on(models):
     command(engine, draft=pb.Draft(request_id="r", branch_ids=[0, 1, 2], epoch=1, max_tokens=2))
     tokens, _ = run_jobs(engine)
     assert sorted({t.branch_id for t in tokens}) == [0, 1] and len(tokens) == 4
+
+
+def test_a_sampled_request_is_drafted_at_the_proposal_temperature_and_its_q_sent_with_it(models):
+    """With a proposal table (x1.5 here), a default-rule request at temperature 0.8 draws its draft
+    tokens from q at 1.2, and that q is what reaches the target over the data plane (a real ZeroMQ
+    PUSH/PULL pair on loopback): the target's rule stays exact only if it judges each token by the
+    law it was drawn from. Greedy and drafter-invariant requests keep their own laws."""
+    import time
+
+    from specpipe.dataplane import ZmqReceiver, ZmqSender
+    from specpipe.proposal import ProposalTemperatures
+    from specpipe.sampling import SamplingParams, logits_to_probs
+
+    model, reference = models
+    receiver = ZmqReceiver("tcp://127.0.0.1:*")
+    engine = DraftEngine(
+        ModelDrafter(model, KVStore(16, 256), torch.device("cpu"), 128),
+        probs_sender=ZmqSender(receiver.endpoint),
+        proposal=ProposalTemperatures.uniform(1.5),
+    )
+    laws = {
+        "sampled": pb.Sampling(temperature=0.8, top_k=20, seed=3),
+        "greedy": pb.Sampling(),
+        "coupled": pb.Sampling(temperature=0.8, drafter_invariant=True, noise_vocab=300),
+    }
+    for handle, (request_id, sampling) in enumerate(laws.items()):
+        command(
+            engine, prefill=pb.Prefill(request_id=request_id, token_ids=[5, 6, 7], sampling=sampling, handle=handle)
+        )
+    drawn = {request_id: engine.requests[request_id].sampling for request_id in laws}
+    assert drawn["sampled"].temperature == pytest.approx(1.2) and drawn["sampled"].top_k == 20
+    assert drawn["greedy"].greedy
+    assert drawn["coupled"].temperature == pytest.approx(0.8) and drawn["coupled"].coupled
+
+    command(engine, draft=pb.Draft(request_id="sampled", branch_ids=[0], epoch=1, max_tokens=3, send_probs=True))
+    tokens, _ = run_jobs(engine)
+    arrived, deadline = [], time.monotonic() + 10
+    while len(arrived) < len(tokens) and time.monotonic() < deadline:
+        arrived += receiver.drain()
+        time.sleep(0.01)
+    assert [key[3] for key, _ in arrived] == [t.position for t in tokens] == [3, 4, 5]
+    sequence = [5, 6, 7]
+    for token, (_, sent) in zip(tokens, arrived):
+        logits = fresh_logits(reference, sequence)
+        expected = logits_to_probs(logits, SamplingParams(temperature=1.2, top_k=20))
+        torch.testing.assert_close(sent, expected, atol=1e-5, rtol=0)
+        assert (sent - logits_to_probs(logits, SamplingParams(temperature=0.8, top_k=20))).abs().max() > 1e-3
+        assert sent[token.token_id] > 0 and token.prob == pytest.approx(float(sent[token.token_id]), abs=1e-5)
+        sequence.append(token.token_id)

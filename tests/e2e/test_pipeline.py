@@ -36,9 +36,11 @@ def joint_law(
     sampling: SamplingParams,
     length: int,
     rule=lambda target_probs, draft_probs: target_probs,
+    draft_sampling: SamplingParams | None = None,
 ) -> dict[tuple, float]:
     """The law of the first `length` sampled tokens, by enumeration, when each token follows
-    `rule(target_probs, draft_probs)` given the ones before: by default the target's own law."""
+    `rule(target_probs, draft_probs)` given the ones before: by default the target's own law.
+    `draft_sampling`: the law the draft draws from (default `sampling`)."""
     target = AutoModelForCausalLM.from_pretrained(target_dir).eval()
     draft = AutoModelForCausalLM.from_pretrained(draft_dir).eval()
     joint = {(): 1.0}
@@ -49,7 +51,7 @@ def joint_law(
                 ids = torch.tensor([prompt_ids + list(prefix)])
                 probs = rule(
                     logits_to_probs(target(ids).logits[0, -1], sampling).double(),
-                    logits_to_probs(draft(ids).logits[0, -1], sampling).double(),
+                    logits_to_probs(draft(ids).logits[0, -1], draft_sampling or sampling).double(),
                 )
             for token in torch.nonzero(probs).flatten().tolist():
                 grown[prefix + (token,)] = mass * float(probs[token])  # float64 from here on
@@ -67,9 +69,20 @@ BROKEN_RULES = {
 
 # The coupling first: the fork policy is the server's, shared by all sampled requests, and its forks
 # pay; after the Leviathan prompt's (which rarely hit) it would turn forking down.
-@pytest.mark.parametrize("drafter_invariant", [True, False], ids=["coupled", "leviathan"])
-@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
-def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode, drafter_invariant):
+# The last case draws the draft at 1.7 times the request's temperature (--draft-temperature-scale):
+# the target must still judge each token by the q it was drawn from.
+@pytest.mark.parametrize(
+    "mode, drafter_invariant, scale",
+    [
+        ("pipelined", True, 1.0),
+        ("pipelined", False, 1.0),
+        ("specbranch", True, 1.0),
+        ("specbranch", False, 1.0),
+        ("specbranch", False, 1.7),
+    ],
+    ids=["pipelined-coupled", "pipelined-leviathan", "specbranch-coupled", "specbranch-leviathan", "specbranch-x1.7"],
+)
+def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, mode, drafter_invariant, scale):
     """The joint law of the first 3 tokens (temperature 1, top-k 2: 8 outcomes) over NUM_SEEDS
     seeds, by each sampling rule: the default (Leviathan) and the drafter-invariant coupling.
     The pair makes promotions happen: the draft ranks every token as the target does, flatter
@@ -79,13 +92,15 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
     branch. The same samples reject the laws of broken plumbing, and the test has the power to.
     (A drafter that proposed its argmax on forked branches instead of sampling q, so that only
     promoted tokens are off, fails the Leviathan case: p ~ 1e-8.)"""
-    server = serve("draft_flat", "--branch-confidence", "0.9", "--branch-width", "1", "--num-draft-tokens", "3")
+    flags = ("--draft-temperature-scale", str(scale)) if scale != 1.0 else ()
+    server = serve("draft_flat", "--branch-confidence", "0.9", "--branch-width", "1", "--num-draft-tokens", "3", *flags)
     client = Client(server.addr, timeout=CALL_TIMEOUT_S)
     # Leviathan: a prompt after which the target is unsure, so the tokens that follow a promotion
     # carry the most of any bias of the promoted path; the coupling: one whose forks pay more (the
     # fork policy turns forking down for all sampled requests when they rarely hit).
     prompt_ids, sampling = PROMPTS[1 if drafter_invariant else 3], SamplingParams(temperature=1.0, top_k=2)
     models = tiny_models["target"], tiny_models["draft_flat"]
+    drawn = SamplingParams(temperature=scale, top_k=2)  # the draft's law
     joint = joint_law(*models, prompt_ids, sampling, 3)
     outcomes = list(joint)
     counts = dict.fromkeys(outcomes, 0)
@@ -120,7 +135,7 @@ def test_sampling_with_branches_follows_target_distribution(serve, tiny_models, 
     exact = [joint[o] for o in outcomes]
     assert chi_square_pvalue(observed, exact) > P_VALUE_THRESHOLD
     for name, rule in BROKEN_RULES.items():
-        broken = joint_law(*models, prompt_ids, sampling, 3, rule)
+        broken = joint_law(*models, prompt_ids, sampling, 3, rule, drawn)
         assert set(broken) <= set(joint), name
         broken = [broken.get(o, 0.0) for o in outcomes]
         assert chi_square_power(exact, broken, NUM_SEEDS) > MIN_POWER, name
