@@ -35,6 +35,7 @@ INFO_FIELDS = (
     "weights_bytes",
     "seed",
     "preset",
+    "draft_temperature",
 )
 UTF8_TEXT = "naïve café — 日本語 🐍 \tdef f(x):\n    return x ** 2  # ∑ ≤ ∞\r\n"
 
