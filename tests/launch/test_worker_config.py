@@ -1,12 +1,20 @@
 """A worker's settings from its flags: the Linear weights' memory order (auto: both orders for a
 target on the CPU whose copy fits TWO_LAYOUT_MEMORY_SHARE of the memory, else column-major;
-column-major for a draft on the CPU; row-major on GPUs; an explicit choice is kept)."""
+column-major for a draft on the CPU; row-major on GPUs; an explicit choice is kept), and the
+draft's proposal temperature (--temperature-scale, serve's --draft-temperature-scale, the table
+a draft worker starts with: the flag's factor, else the file beside a model draft's weights, else 1)."""
+
+import argparse
+import json
 
 import pytest
 import torch
 
-from specpipe.config import TWO_LAYOUT_MEMORY_SHARE
-from specpipe.launch.worker import parse_config, weight_layout
+from specpipe.config import TWO_LAYOUT_MEMORY_SHARE, WorkerConfig
+from specpipe.launch.cli import add_serve_args, worker_flags
+from specpipe.launch.worker import parse_config, proposal_table, weight_layout
+from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
+from specpipe.proposal import ProposalTemperatures
 
 
 @pytest.mark.parametrize(
@@ -54,3 +62,84 @@ def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(hasattr(m, "column_weight") == both for m in linears)
     assert all(m.weight.is_contiguous() == both for m in linears)  # (the draft's: transposed buffers)
+
+
+# ---------------------------------------------------------------------------------------------
+# The draft's proposal temperature (specpipe/proposal.py): --temperature-scale on the draft
+# worker, --draft-temperature-scale on serve, and the table a draft worker starts with.
+
+
+@pytest.mark.parametrize("text, scale", [("auto", None), ("1.3", 1.3), ("0.5", 0.5)])
+def test_the_draft_worker_reads_its_temperature_scale(text, scale):
+    config = parse_config("draft", ["--model", "m", "--temperature-scale", text])
+    assert config.temperature_scale == scale
+    assert parse_config("draft", ["--model", "m"]).temperature_scale is None  # auto by default
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "x", "nan", "inf"])
+def test_a_bad_temperature_scale_is_refused_with_the_flag_named(capsys, text):
+    with pytest.raises(SystemExit) as stopped:
+        parse_config("draft", ["--model", "m", "--temperature-scale", text])
+    assert stopped.value.code == 2
+    assert "--temperature-scale" in capsys.readouterr().err
+
+
+def draft_config(folder, **given) -> WorkerConfig:
+    return WorkerConfig(role="draft", model=str(folder), bind="tcp://127.0.0.1:0", **given)
+
+
+def save_table(folder, table: ProposalTemperatures) -> None:
+    (folder / PROPOSAL_FILE).write_text(json.dumps(table.to_json()))
+
+
+def test_an_explicit_temperature_scale_is_one_factor_at_every_temperature(tmp_path):
+    save_table(tmp_path, ProposalTemperatures((0.5, 1.0), (1.6, 1.2)))  # the flag wins over the file
+    assert proposal_table(draft_config(tmp_path, temperature_scale=1.3)) == ProposalTemperatures.uniform(1.3)
+
+
+def test_auto_takes_the_table_beside_the_draft_weights(tmp_path):
+    table = ProposalTemperatures((0.5, 0.7, 1.0), (1.6, 1.4, 1.2))
+    save_table(tmp_path, table)
+    assert proposal_table(draft_config(tmp_path)) == table
+
+
+def test_auto_without_a_table_proposes_at_the_request_temperature(tmp_path):
+    assert proposal_table(draft_config(tmp_path)) == ProposalTemperatures()
+    assert proposal_table(draft_config("some-org/some-hub-model")).is_identity
+
+
+def test_an_ngram_drafter_takes_no_table(tmp_path):
+    """Its q is one-hot: no temperature moves it, and the folder is the target's anyway."""
+    save_table(tmp_path, ProposalTemperatures((0.5, 1.0), (1.6, 1.2)))
+    assert proposal_table(draft_config(tmp_path, drafter="ngram")) == ProposalTemperatures()
+
+
+def parse_serve(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="specpipe serve")
+    add_serve_args(parser)
+    return parser.parse_args(argv)
+
+
+@pytest.mark.parametrize("text", ["0", "-1", "x"])
+def test_serve_refuses_a_bad_draft_temperature_scale_with_the_flag_named(capsys, text):
+    with pytest.raises(SystemExit) as stopped:
+        parse_serve(["--draft-temperature-scale", text])
+    assert stopped.value.code == 2
+    assert "--draft-temperature-scale" in capsys.readouterr().err
+
+
+def test_serve_passes_an_explicit_draft_temperature_scale_to_the_draft_only():
+    flags = worker_flags(parse_serve(["--draft-temperature-scale", "1.4"]))
+    draft = flags["draft"]
+    assert draft[draft.index("--temperature-scale") + 1] == "1.4"
+    assert "--temperature-scale" not in flags["target"]
+    # What the draft worker then makes of it.
+    assert parse_config("draft", ["--model", "m", *draft]).temperature_scale == 1.4
+    ngram = worker_flags(parse_serve(["--draft", "ngram", "--draft-temperature-scale", "1.4"]))
+    assert "--temperature-scale" not in ngram["draft"]  # its one-hot q has no temperature
+
+
+@pytest.mark.parametrize("argv", [[], ["--draft-temperature-scale", "auto"]])
+def test_serve_passes_no_temperature_scale_when_auto(argv):
+    flags = worker_flags(parse_serve(argv))
+    assert "--temperature-scale" not in flags["draft"] + flags["target"]
