@@ -32,6 +32,7 @@ LAZY_TOOL_USES = {
     ("specpipe.demo_pair", "demo_pair_dir"),
     ("specpipe.launch.cli", "cmd_build_demo"),
     ("specpipe.launch.cli", "cmd_train_predictor"),
+    ("specpipe.launch.cli", "cmd_calibrate_draft"),
 }
 # Cycles known and being removed: none (the schedules' rewrite removed scheduler <-> pipeline).
 KNOWN_CYCLES: list[list[str]] = []
