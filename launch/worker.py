@@ -35,9 +35,9 @@ from specpipe.config import (
     zmq_endpoint,
 )
 from specpipe.launch.errors import UsageError
+from specpipe.launch.report import reporting
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
 from specpipe.proposal import ProposalTemperatures, load_table
-from specpipe.launch.report import reporting
 
 # Set by the launcher (launch/local.py) in a worker's environment: report a start-up failure on
 # stdout as `FAILED CODE MESSAGE`, beside the READY line it waits for, instead of on stderr.
@@ -389,7 +389,12 @@ def proposal_table(config: WorkerConfig) -> ProposalTemperatures:
     if config.temperature_scale is not None:
         table = ProposalTemperatures.uniform(config.temperature_scale)
     else:
-        found = load_table(config.model) if config.drafter == "model" and Path(config.model).is_dir() else None
+        try:
+            found = load_table(config.model) if config.drafter == "model" and Path(config.model).is_dir() else None
+        except ValueError as err:  # a file there that is not a table: the user's to fix
+            raise UsageError(
+                f"{err}: refit it with `specpipe calibrate-draft`, or pass --temperature-scale 1"
+            ) from None
         table = found or ProposalTemperatures()
     logging.getLogger(__name__).info(
         "draft proposal temperature scales %s at request temperatures %s", table.scales, table.temperatures

@@ -106,7 +106,9 @@ def load_table(draft_dir, path=None) -> ProposalTemperatures | None:
         table = ProposalTemperatures(
             tuple(float(t) for t in info["temperatures"]), tuple(float(s) for s in info["scales"])
         )
-    except (ValueError, KeyError, TypeError) as err:
+    except KeyError as err:
+        raise ValueError(f"{path}: not a draft temperature table (no {err} field)") from None
+    except (ValueError, TypeError) as err:
         raise ValueError(f"{path}: not a draft temperature table ({err})") from None
     expected = info.get("draft_weights_sha256")
     if expected is not None and weights_sha256(draft_dir) not in (None, expected):

@@ -12,6 +12,7 @@ import torch
 
 from specpipe.config import TWO_LAYOUT_MEMORY_SHARE, WorkerConfig
 from specpipe.launch.cli import add_serve_args, worker_flags
+from specpipe.launch.errors import UsageError
 from specpipe.launch.worker import parse_config, proposal_table, weight_layout
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
 from specpipe.proposal import ProposalTemperatures
@@ -106,6 +107,15 @@ def test_auto_takes_the_table_beside_the_draft_weights(tmp_path):
 def test_auto_without_a_table_proposes_at_the_request_temperature(tmp_path):
     assert proposal_table(draft_config(tmp_path)) == ProposalTemperatures()
     assert proposal_table(draft_config("some-org/some-hub-model")).is_identity
+
+
+def test_a_file_beside_the_draft_that_is_not_a_table_fails_the_start_naming_it_and_the_fix(tmp_path):
+    (tmp_path / "draft_temperature.json").write_text('{"temperatures": [1.0]}')
+    with pytest.raises(
+        UsageError,
+        match=r"draft_temperature\.json: not a draft temperature table \(no 'scales' field\).*calibrate-draft",
+    ):
+        proposal_table(draft_config(tmp_path))
 
 
 def test_an_ngram_drafter_takes_no_table(tmp_path):
