@@ -46,6 +46,8 @@ SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 CHECK_ATOL = 1e-3
 # The model attribute holding (base model, output embedding) when packed forwards call them directly.
 SPLIT_FORWARD = "_specpipe_split_forward"
+# The model attribute holding its written-out packed forward (specpipe/lean_forward.py), if any.
+LEAN_FORWARD = "_specpipe_lean_forward"
 # On a GPU, the share of the free memory the KV store may take (the rest: activations of a batch).
 KV_MEMORY_SHARE = 0.8
 
@@ -313,12 +315,12 @@ class PackedOutput:
     hidden: torch.Tensor | None = None  # [num_kept, hidden] last layer, when asked for
 
 
-def prepare_model(model, device: torch.device | str = "cpu") -> None:
+def prepare_model(model, device: torch.device | str = "cpu", lean: bool = False) -> None:
     """Route the model's attention through the slot store, after checking that it can be: its
     layer kinds, its use of the AttentionInterface, and a packed forward that reproduces its own
     plain forward (else UnsupportedModel naming the model type and why). Then, where it gives the
     same logits, let packed forwards call the base model and the output embedding directly
-    (`split_forward`)."""
+    (`split_forward`), and with `lean` (drafts) run the layers written out (lean_forward.py)."""
     check_layer_types(model)
     model_type = model.config.get_text_config(decoder=True).model_type
     if not model._can_set_attn_implementation():
@@ -335,6 +337,8 @@ def prepare_model(model, device: torch.device | str = "cpu") -> None:
         model.set_attn_implementation(before)
         raise
     _try_split_forward(model, model_type, sequences, expected, device)
+    if lean:
+        _try_lean_forward(model, model_type, sequences, expected, device)
 
 
 def split_forward(model) -> tuple | None:
@@ -356,6 +360,21 @@ def _try_split_forward(model, model_type: str, sequences, expected, device) -> N
         _check_packed(model, model_type, sequences, expected, device)
     except UnsupportedModel:
         del model.__dict__[SPLIT_FORWARD]
+
+
+def _try_lean_forward(model, model_type: str, sequences, expected, device) -> None:
+    """Packed forwards run the model's layers written out (specpipe/lean_forward.py) when it has
+    them and they give the model's own logits in the two checks of `_check_packed`."""
+    from specpipe.lean_forward import lean_forward
+
+    forward = lean_forward(model)
+    if forward is None:
+        return
+    model.__dict__[LEAN_FORWARD] = forward
+    try:
+        _check_packed(model, model_type, sequences, expected, device)
+    except UnsupportedModel:
+        del model.__dict__[LEAN_FORWARD]
 
 
 def bytes_per_position(model) -> int:
@@ -393,6 +412,9 @@ def forward_packed(
         use_cache=True,
         specpipe_layout=layout,
     )
+    lean = model.__dict__.get(LEAN_FORWARD)
+    if lean is not None and not want_hidden:
+        return PackedOutput(logits=lean(layout, input_ids, keep_index).float())
     split = split_forward(model)
     if split is not None and not want_hidden:
         base, head = split

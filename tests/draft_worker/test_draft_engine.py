@@ -12,7 +12,7 @@ import torch
 
 from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter, lookup
 from specpipe.draft_worker.engine import DraftEngine
-from specpipe.kv_store import KVStore, prepare_model
+from specpipe.kv_store import LEAN_FORWARD, KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
 
@@ -23,7 +23,8 @@ ATOL = 1e-4
 def models(tiny_models):
     reference = load(tiny_models["draft"])
     model = twin(reference)
-    prepare_model(model)
+    prepare_model(model, lean=True)  # as the draft worker does: the layers written out (lean_forward.py)
+    assert LEAN_FORWARD in model.__dict__
     return model, reference
 
 

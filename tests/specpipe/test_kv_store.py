@@ -5,7 +5,8 @@ a sliding window shorter than the sequences, Phi-3, GPT-2, GPT-NeoX, OPT), a twi
 routed through the store and compared, to float tolerance, with the plain model's logits over
 the same tokens: rows of unequal starts and lengths packed together, slots dense and scattered
 (the gather path), rollback by forgetting positions then feeding others, a fork by copying a
-prefix. Models whose layers are not attention (recurrent, linear attention) or whose attention
+prefix. Llama runs these once more through the written-out forward drafts use (lean_forward.py),
+which is kept only for the models it reproduces. Models whose layers are not attention (recurrent, linear attention) or whose attention
 the store cannot express are refused, naming their type.
 """
 
@@ -18,6 +19,7 @@ import torch
 import transformers
 
 from specpipe.kv_store import (
+    LEAN_FORWARD,
     SPARSE_RANGE_FACTOR,
     KVStore,
     PackedLayout,
@@ -33,12 +35,15 @@ from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, t
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=ARCHITECTURES)
+@pytest.fixture(scope="module", params=[*ARCHITECTURES, "llama-lean"])
 def pair(request):
-    """(model routed through the store, the plain reference with the same weights)."""
-    reference = tiny_architecture(request.param)
+    """(model routed through the store, the plain reference with the same weights); llama-lean:
+    the Llama through the written-out forward."""
+    name, lean = request.param.removesuffix("-lean"), request.param.endswith("-lean")
+    reference = tiny_architecture(name)
     model = twin(reference)
-    prepare_model(model)
+    prepare_model(model, lean=lean)
+    assert (LEAN_FORWARD in model.__dict__) == lean
     return model, reference
 
 
@@ -231,3 +236,33 @@ def test_reserve_allocates_every_layer_and_leaves_the_store_empty():
     from specpipe.kv_store import bytes_per_position
 
     assert bytes_per_position(model) == 2 * 2 * 2 * 16 * 4  # K and V, 2 layers, 2 kv heads, 16 dims, fp32
+
+
+def test_the_written_out_forward_is_kept_only_for_the_models_it_reproduces(monkeypatch):
+    """Llama with static rotary embeddings gets it; another family, a rotary kind that changes per
+    forward or rescales, another activation, a sliding window do not; and one that would give
+    other logits than the model's own is dropped by the start-up check."""
+    from specpipe import lean_forward as lean_module
+
+    assert lean_module.lean_forward(tiny_architecture("llama")) is not None
+    assert lean_module.lean_forward(tiny_architecture("qwen2")) is None
+    assert lean_module.lean_forward(tiny_architecture("mistral")) is None
+    for change in (
+        lambda m: setattr(m.model.rotary_emb, "rope_type", "dynamic"),
+        lambda m: setattr(m.model.rotary_emb, "attention_scaling", 1.5),
+        lambda m: setattr(m.config, "hidden_act", "gelu"),
+        lambda m: setattr(m.config, "sliding_window", 4),
+    ):
+        model = tiny_architecture("llama")
+        change(model)
+        assert lean_module.lean_forward(model) is None
+    off_by_one = lean_module.lean_forward  # a forward whose logits are not the model's own
+
+    def wrong(model):
+        forward = off_by_one(model)
+        return lambda layout, input_ids, keep: forward(layout, input_ids, keep) + 0.01
+
+    monkeypatch.setattr(lean_module, "lean_forward", wrong)
+    model = twin(tiny_architecture("llama"))
+    prepare_model(model, lean=True)
+    assert LEAN_FORWARD not in model.__dict__

@@ -1,6 +1,6 @@
 """The batched target serves the model families people bring (issue 13): for tiny random Llama,
 Qwen2, Qwen3, Mistral (a sliding window shorter than the sequences), Phi-3, GPT-2, GPT-NeoX and
-OPT, 8 requests of different prompt lengths run together in one engine, each step one forward
+OPT (and Llama once more through the written-out packed forward drafts use, lean_forward.py), 8 requests of different prompt lengths run together in one engine, each step one forward
 over all of them, and each request's greedy output equals Hugging Face `generate` on it alone:
 decoded by the target alone, and verified in blocks of draft tokens (right and wrong ones mixed).
 """
@@ -12,7 +12,7 @@ import random
 import pytest
 import torch
 
-from specpipe.kv_store import KVStore, prepare_model
+from specpipe.kv_store import LEAN_FORWARD, KVStore, prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import BatchLimits, TargetEngine
 
@@ -23,14 +23,13 @@ NEW_TOKENS = 20
 GREEDY_MARGIN = 1e-3
 LENGTHS = [1, 3, 5, 7, 9, 11, 13, 15]
 # Each family on the CPU, and on a GPU where one is (marked `gpu`: `pytest -m gpu` runs those).
-CASES = [pytest.param((name, "cpu"), id=name) for name in ARCHITECTURES] + [
-    pytest.param(
-        (name, "cuda"),
-        id=f"{name}-cuda",
-        marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")],
-    )
-    for name in ARCHITECTURES
-]
+GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+CASES = (
+    [pytest.param((name, "cpu", False), id=name) for name in ARCHITECTURES]
+    + [pytest.param(("llama", "cpu", True), id="llama-lean")]
+    + [pytest.param((name, "cuda", False), id=f"{name}-cuda", marks=GPU) for name in ARCHITECTURES]
+    + [pytest.param(("llama", "cuda", True), id="llama-lean-cuda", marks=GPU)]
+)
 
 
 def greedy_with_margin(reference, prompt: list[int]) -> list[int] | None:
@@ -59,10 +58,11 @@ def greedy_with_margin(reference, prompt: list[int]) -> list[int] | None:
 def served(request):
     """(the model routed through the store, 8 prompts of lengths 1 to 15 with clear greedy
     references, their references), on the case's device."""
-    name, device = request.param
+    name, device, lean = request.param
     reference = tiny_architecture(name).to(device)
     model = twin(reference)
-    prepare_model(model, device)
+    prepare_model(model, device, lean=lean)
+    assert (LEAN_FORWARD in model.__dict__) == lean, "the lean case must run the written-out forward"
     rng = random.Random(0)
     prompts, expected = [], []
     for length in LENGTHS:

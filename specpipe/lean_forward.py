@@ -1,0 +1,89 @@
+"""A packed forward written out for Llama-architecture drafts: the same arithmetic as the model's
+own layers, without transformers' module calls, wrappers and mask builders around each op.
+
+Why: a small draft's step is mostly that overhead, and the draft's step bounds how soon a block is
+ready after a rejection nothing foresaw. The demo draft (one layer, width 128), one thread, a
+forward over a 100-token cache: one row 0.62 -> 0.40 ms, two rows 0.79 -> 0.58 ms (bit-identical
+logits); served A/B against the model's own forward, one client: greedy specbranch 1.03x / 1.04x
+(both server orders), temperature 1 1.02x, 8 greedy clients 1.04x.
+
+`lean_forward(model)` returns the function, or None when the model is not one it reproduces: not
+the Llama classes, rotary embeddings other than the static kinds, an activation other than SiLU,
+biased MLPs, sliding windows. kv_store.prepare_model keeps it only where a packed forward through
+it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
+are long, and its Linear layers may pick between two weight layouts by token count, which the
+module calls here skip). Attention and the KV writes are kv_store's own (slot_attention,
+PackedCache), so the store's layout has one owner. Knows nothing of workers or sockets.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Rotary kinds whose inverse frequencies are fixed at load (no update per forward) and whose
+# cos / sin are not rescaled.
+STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
+
+
+def lean_forward(model):
+    """fn(layout, input_ids [T], keep [K]) -> logits [K, vocab], or None (see the module doc)."""
+    from specpipe.kv_store import PackedCache, slot_attention
+
+    config = model.config
+    base = getattr(model, "model", None)
+    if type(model).__name__ != "LlamaForCausalLM" or type(base).__name__ != "LlamaModel":
+        return None
+    rotary = base.rotary_emb
+    if (
+        getattr(rotary, "rope_type", None) not in STATIC_ROPE_TYPES
+        or getattr(rotary, "attention_scaling", 1.0) != 1.0
+        or config.hidden_act != "silu"
+        or getattr(config, "mlp_bias", False)
+        or getattr(config, "sliding_window", None)
+    ):
+        return None
+    heads, kv_heads = config.num_attention_heads, config.num_key_value_heads
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    half, eps = head_dim // 2, config.rms_norm_eps
+    layers, lm_head = base.layers, model.lm_head
+
+    def norm(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=eps).to(x.dtype) * weight
+
+    def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x [T, heads, head_dim]
+        return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
+
+    def forward(layout, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+        tokens = input_ids.shape[0]
+        hidden = F.embedding(input_ids, base.embed_tokens.weight)  # [T, hidden]
+        freqs = layout.positions[:, None].float() * rotary.inv_freq.float()
+        angles = torch.cat((freqs, freqs), -1)
+        cos, sin = angles.cos().to(hidden.dtype)[:, None], angles.sin().to(hidden.dtype)[:, None]  # [T, 1, d]
+        cache = PackedCache(layout)
+        for index, layer in enumerate(layers):
+            attention, mlp = layer.self_attn, layer.mlp
+            x = norm(hidden, layer.input_layernorm.weight)
+            query = F.linear(x, attention.q_proj.weight, attention.q_proj.bias).view(tokens, heads, head_dim)
+            key = F.linear(x, attention.k_proj.weight, attention.k_proj.bias).view(tokens, kv_heads, head_dim)
+            value = F.linear(x, attention.v_proj.weight, attention.v_proj.bias).view(tokens, kv_heads, head_dim)
+            query, key = rotate(query, cos, sin), rotate(key, cos, sin)
+            keys, values = cache.update(key.transpose(0, 1)[None], value.transpose(0, 1)[None], index)
+            out, _ = slot_attention(
+                attention,
+                query.transpose(0, 1)[None],
+                keys,
+                values,
+                None,
+                scaling=attention.scaling,
+                specpipe_layout=layout,
+            )  # [1, T, heads, head_dim]
+            hidden = hidden + F.linear(
+                out.reshape(tokens, heads * head_dim), attention.o_proj.weight, attention.o_proj.bias
+            )
+            x = norm(hidden, layer.post_attention_layernorm.weight)
+            gated = F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight)
+            hidden = hidden + F.linear(gated, mlp.down_proj.weight)
+        return F.linear(norm(hidden[keep], base.norm.weight), lm_head.weight, lm_head.bias)
+
+    return forward
