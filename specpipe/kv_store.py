@@ -414,7 +414,7 @@ def forward_packed(
     )
     lean = model.__dict__.get(LEAN_FORWARD)
     if lean is not None and not want_hidden:
-        return PackedOutput(logits=lean(layout, input_ids, keep_index).float())
+        return PackedOutput(logits=lean(layout, input_ids, keep_index, PackedCache(layout), slot_attention).float())
     split = split_forward(model)
     if split is not None and not want_hidden:
         base, head = split

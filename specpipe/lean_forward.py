@@ -13,7 +13,7 @@ biased MLPs, sliding windows. kv_store.prepare_model keeps it only where a packe
 it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
 are long, and its Linear layers may pick between two weight layouts by token count, which the
 module calls here skip). Attention and the KV writes are kv_store's own (slot_attention,
-PackedCache), so the store's layout has one owner. Knows nothing of workers or sockets.
+PackedCache, passed in), so the store's layout has one owner. Knows nothing of workers or sockets.
 """
 
 from __future__ import annotations
@@ -27,9 +27,9 @@ STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
 
 
 def lean_forward(model):
-    """fn(layout, input_ids [T], keep [K]) -> logits [K, vocab], or None (see the module doc)."""
-    from specpipe.kv_store import PackedCache, slot_attention
-
+    """fn(layout, input_ids [T], keep [K], cache, attend) -> logits [K, vocab], or None (see the
+    module doc). `cache` and `attend` are the packed forward's PackedCache and attention function
+    (kv_store's: this module does not import it)."""
     config = model.config
     base = getattr(model, "model", None)
     if type(model).__name__ != "LlamaForCausalLM" or type(base).__name__ != "LlamaModel":
@@ -54,13 +54,12 @@ def lean_forward(model):
     def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:  # x [T, heads, head_dim]
         return x * cos + torch.cat((-x[..., half:], x[..., :half]), -1) * sin
 
-    def forward(layout, input_ids: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    def forward(layout, input_ids: torch.Tensor, keep: torch.Tensor, cache, attend) -> torch.Tensor:
         tokens = input_ids.shape[0]
         hidden = F.embedding(input_ids, base.embed_tokens.weight)  # [T, hidden]
         freqs = layout.positions[:, None].float() * rotary.inv_freq.float()
         angles = torch.cat((freqs, freqs), -1)
         cos, sin = angles.cos().to(hidden.dtype)[:, None], angles.sin().to(hidden.dtype)[:, None]  # [T, 1, d]
-        cache = PackedCache(layout)
         for index, layer in enumerate(layers):
             attention, mlp = layer.self_attn, layer.mlp
             x = norm(hidden, layer.input_layernorm.weight)
@@ -69,7 +68,7 @@ def lean_forward(model):
             value = F.linear(x, attention.v_proj.weight, attention.v_proj.bias).view(tokens, kv_heads, head_dim)
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
             keys, values = cache.update(key.transpose(0, 1)[None], value.transpose(0, 1)[None], index)
-            out, _ = slot_attention(
+            out, _ = attend(
                 attention,
                 query.transpose(0, 1)[None],
                 keys,
