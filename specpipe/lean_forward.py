@@ -1,5 +1,5 @@
-"""A packed forward written out for Llama-architecture drafts: the same arithmetic as the model's
-own layers, without transformers' module calls, wrappers and mask builders around each op.
+"""A packed forward written out for Llama- and Qwen2-architecture drafts: the same arithmetic as
+the model's own layers, without transformers' module calls, wrappers and mask builders around each op.
 
 Why: a small draft's step is mostly that overhead, and the draft's step bounds how soon a block is
 ready after a rejection nothing foresaw. The demo draft (one layer, width 128), one thread, a
@@ -8,8 +8,9 @@ logits); served A/B against the model's own forward, one client: greedy specbran
 (both server orders), temperature 1 1.02x, 8 greedy clients 1.04x.
 
 `lean_forward(model)` returns the function, or None when the model is not one it reproduces: not
-the Llama classes, rotary embeddings other than the static kinds, an activation other than SiLU,
-biased MLPs, sliding windows. kv_store.prepare_model keeps it only where a packed forward through
+the Llama or Qwen2 classes (Qwen2 is Llama with biased q/k/v projections, which the code takes as
+they come), rotary embeddings other than the static kinds, an activation other than SiLU, biased
+MLPs, a layer with a sliding window. kv_store.prepare_model keeps it only where a packed forward through
 it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
 are long, and its Linear layers may pick between two weight layouts by token count, which the
 module calls here skip). Attention and the KV writes are kv_store's own (slot_attention,
@@ -24,6 +25,8 @@ import torch.nn.functional as F
 # Rotary kinds whose inverse frequencies are fixed at load (no update per forward) and whose
 # cos / sin are not rescaled.
 STATIC_ROPE_TYPES = {"default", "llama3", "linear"}
+# The causal LM classes it writes out, with their base model's.
+FAMILIES = {"LlamaForCausalLM": "LlamaModel", "Qwen2ForCausalLM": "Qwen2Model"}
 
 
 def lean_forward(model):
@@ -32,7 +35,7 @@ def lean_forward(model):
     (kv_store's: this module does not import it)."""
     config = model.config
     base = getattr(model, "model", None)
-    if type(model).__name__ != "LlamaForCausalLM" or type(base).__name__ != "LlamaModel":
+    if FAMILIES.get(type(model).__name__) != type(base).__name__:
         return None
     rotary = base.rotary_emb
     if (
@@ -40,7 +43,7 @@ def lean_forward(model):
         or getattr(rotary, "attention_scaling", 1.0) != 1.0
         or config.hidden_act != "silu"
         or getattr(config, "mlp_bias", False)
-        or getattr(config, "sliding_window", None)
+        or any(getattr(layer.self_attn, "sliding_window", None) for layer in base.layers)
     ):
         return None
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads

@@ -150,6 +150,11 @@ def tiny_architecture(name: str, vocab_size: int = 300, seed: int = 0):
     model = AutoModelForCausalLM.from_config(configs[name]()).eval()
     with torch.no_grad():  # sharper logits: greedy runs with real structure
         model.get_output_embeddings().weight.mul_(8.0)
+        # Non-zero biases, as trained models have (the init's zeros would hide a bias a packed
+        # forward drops).
+        for module in model.modules():
+            if isinstance(module, torch.nn.Linear) and module.bias is not None:
+                module.bias.normal_(0.0, 0.05)
     return model
 
 

@@ -35,10 +35,10 @@ from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, t
 ATOL = 1e-4
 
 
-@pytest.fixture(scope="module", params=[*ARCHITECTURES, "llama-lean"])
+@pytest.fixture(scope="module", params=[*ARCHITECTURES, "llama-lean", "qwen2-lean"])
 def pair(request):
-    """(model routed through the store, the plain reference with the same weights); llama-lean:
-    the Llama through the written-out forward."""
+    """(model routed through the store, the plain reference with the same weights); *-lean: the
+    family through the written-out forward."""
     name, lean = request.param.removesuffix("-lean"), request.param.endswith("-lean")
     reference = tiny_architecture(name)
     model = twin(reference)
@@ -239,19 +239,20 @@ def test_reserve_allocates_every_layer_and_leaves_the_store_empty():
 
 
 def test_the_written_out_forward_is_kept_only_for_the_models_it_reproduces(monkeypatch):
-    """Llama with static rotary embeddings gets it; another family, a rotary kind that changes per
-    forward or rescales, another activation, a sliding window do not; and one that would give
-    other logits than the model's own is dropped by the start-up check."""
+    """Llama and Qwen2 with static rotary embeddings get it; another family, a rotary kind that
+    changes per forward or rescales, another activation, a layer with a sliding window do not; and
+    one that would give other logits than the model's own is dropped by the start-up check."""
     from specpipe import lean_forward as lean_module
 
     assert lean_module.lean_forward(tiny_architecture("llama")) is not None
-    assert lean_module.lean_forward(tiny_architecture("qwen2")) is None
-    assert lean_module.lean_forward(tiny_architecture("mistral")) is None
+    assert lean_module.lean_forward(tiny_architecture("qwen2")) is not None
+    for other in ("qwen3", "mistral", "phi3", "gpt2"):
+        assert lean_module.lean_forward(tiny_architecture(other)) is None, other
     for change in (
         lambda m: setattr(m.model.rotary_emb, "rope_type", "dynamic"),
         lambda m: setattr(m.model.rotary_emb, "attention_scaling", 1.5),
         lambda m: setattr(m.config, "hidden_act", "gelu"),
-        lambda m: setattr(m.config, "sliding_window", 4),
+        lambda m: setattr(m.model.layers[0].self_attn, "sliding_window", 4),
     ):
         model = tiny_architecture("llama")
         change(model)
