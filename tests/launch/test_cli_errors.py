@@ -28,6 +28,8 @@ CLI_TIMEOUT_S = 120
 REFUSED = "http://127.0.0.1:1"
 # A start-up line at INFO (cli.py's format) of serve's own process (e.g. the gRPC bind it logs
 # before the workers load) or of a worker it spawned, and transformers' weight-loading progress.
+# One refresh of transformers' weight-loading progress bar (tqdm: no newline of its own).
+PROGRESS_BAR = re.compile(r"\r?Loading weights: [^\n]*?it/s\]")
 STARTUP_LOG = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO (coordinator|draft-worker|target-worker) |Loading weights:)"
 )
@@ -52,12 +54,15 @@ def run_cli(*args: str, module: str = "specpipe.launch.cli", env: dict | None = 
 def one_line(out: subprocess.CompletedProcess, code: int, *needles: str, logs_first: bool = False) -> str:
     """Assert the documented failure shape; return the line. `logs_first`: start-up INFO lines may
     come before it (a mistake found after serve bound its gRPC port)."""
-    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    stderr = out.stderr
+    if logs_first:  # a worker's model-loading bar may share serve's line (two writers, one stderr)
+        stderr = PROGRESS_BAR.sub("", stderr)
+    lines = [line for line in stderr.splitlines() if line.strip()]
     if logs_first:
         lines = [line for line in lines if not STARTUP_LOG.match(line)]
     assert "Traceback" not in out.stderr, out.stderr
     assert len(lines) == 1, out.stderr
-    assert out.stderr.strip().splitlines()[-1] == lines[0], out.stderr
+    assert stderr.strip().splitlines()[-1] == lines[0], out.stderr
     assert out.returncode == code, (out.returncode, out.stderr)
     for needle in needles:
         assert needle in lines[0], (needle, lines[0])
