@@ -4,8 +4,8 @@ the model's own layers, without transformers' module calls, wrappers and mask bu
 Why: a small draft's step is mostly that overhead, and the draft's step bounds how soon a block is
 ready after a rejection nothing foresaw. The demo draft (one layer, width 128), one thread, a
 forward over a 100-token cache: one row 0.62 -> 0.40 ms, two rows 0.79 -> 0.58 ms (bit-identical
-logits); served A/B against the model's own forward, one client: greedy specbranch 1.03x / 1.04x
-(both server orders), temperature 1 1.02x, 8 greedy clients 1.04x.
+logits); served A/B against the model's own forward (per-trial medians): greedy specbranch 1.07x /
+1.05x (both server orders), temperature 1 1.02x, 8 greedy clients 1.03x, greedy sequential 1.07x.
 
 `lean_forward(model)` returns the function, or None when the model is not one it reproduces: not
 the Llama or Qwen2 classes (Qwen2 is Llama with biased q/k/v projections, which the code takes as
