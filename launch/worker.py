@@ -12,7 +12,6 @@ from __future__ import annotations
 import argparse
 import logging
 import os
-from pathlib import Path
 
 import torch
 import zmq
@@ -390,7 +389,7 @@ def proposal_table(config: WorkerConfig) -> ProposalTemperatures:
         table = ProposalTemperatures.uniform(config.temperature_scale)
     else:
         try:
-            found = load_table(config.model) if config.drafter == "model" and Path(config.model).is_dir() else None
+            found = load_table(config.model) if config.drafter == "model" else None
         except ValueError as err:  # a file there that is not a table: the user's to fix
             raise UsageError(
                 f"{err}: refit it with `specpipe calibrate-draft`, or pass --temperature-scale 1"

@@ -355,11 +355,7 @@ def _try_split_forward(model, model_type: str, sequences, expected, device) -> N
     base, head = getattr(model, "base_model", model), model.get_output_embeddings()
     if base is model or head is None:
         return
-    model.__dict__[SPLIT_FORWARD] = (base, head)  # (not a registered submodule: a plain attribute)
-    try:
-        _check_packed(model, model_type, sequences, expected, device)
-    except UnsupportedModel:
-        del model.__dict__[SPLIT_FORWARD]
+    _keep_if_exact(model, SPLIT_FORWARD, (base, head), model_type, sequences, expected, device)
 
 
 def _try_lean_forward(model, model_type: str, sequences, expected, device) -> None:
@@ -368,13 +364,18 @@ def _try_lean_forward(model, model_type: str, sequences, expected, device) -> No
     from specpipe.lean_forward import lean_forward
 
     forward = lean_forward(model)
-    if forward is None:
-        return
-    model.__dict__[LEAN_FORWARD] = forward
+    if forward is not None:
+        _keep_if_exact(model, LEAN_FORWARD, forward, model_type, sequences, expected, device)
+
+
+def _keep_if_exact(model, name: str, value, model_type: str, sequences, expected, device) -> None:
+    """Set the model attribute `name` (a plain attribute, not a registered submodule), and keep it
+    only if packed forwards still give the model's own logits (`_check_packed`) with it."""
+    model.__dict__[name] = value
     try:
         _check_packed(model, model_type, sequences, expected, device)
     except UnsupportedModel:
-        del model.__dict__[LEAN_FORWARD]
+        del model.__dict__[name]
 
 
 def bytes_per_position(model) -> int:
