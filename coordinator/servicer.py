@@ -33,6 +33,7 @@ from dataclasses import dataclass
 
 import grpc
 import numpy as np
+from grpc._cython import cygrpc
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
@@ -327,8 +328,10 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                 "INTERNAL", f"internal error ({type(err).__name__}) in request {plan.request_id}"
             ) from None
         finally:
-            producer.cancel()  # (a no-op once it is done) before the release: no command after it
-            await asyncio.wait({producer})
+            # Cancelled before the release, it sends nothing after it (nothing in a schedule catches
+            # a cancellation); not awaited: a second cancellation of this task (the client's, after
+            # a failed write) must not skip the release.
+            producer.cancel()
             del self.live[plan.request_id]
             await run.release()
             self.metrics.observe_run(run.stats)
@@ -346,9 +349,11 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         async def send(response: specpipe_pb2.GenerateResponse) -> None:
             try:
                 await context.write(response)
-            except Exception:
-                # The client went away, or its deadline passed, while the write waited on it.
-                if context.cancelled() or gone() == "DEADLINE_EXCEEDED":
+            except Exception as err:
+                # The client went away, or its deadline passed, while the write waited on it (a
+                # write the call refuses, ExecuteBatchError, is that too: the call is over, the
+                # client's cancel not yet seen here).
+                if context.cancelled() or gone() == "DEADLINE_EXCEEDED" or isinstance(err, cygrpc.ExecuteBatchError):
                     raise asyncio.CancelledError from None
                 raise
 

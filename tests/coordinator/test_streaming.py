@@ -112,3 +112,40 @@ def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatc
     assert tokens == expected
     assert len(sent) == 2 and sent[-1].finish_reason in ("length", "eos")
     assert sent[-1].stats.generated_tokens == len(expected)
+
+
+@pytest.mark.parametrize("cancels", [1, 2])
+def test_a_request_cancelled_while_its_send_waits_is_released_on_both_workers(tokenizer, monkeypatch, cancels):
+    """The client goes away while a send waits on it (cancelled once; or twice, as a transport may
+    when a write fails under a cancel): the run stops and both workers are told to release it, with
+    nothing sent after the release."""
+    workers = FakeWorkers(seed=2)
+
+    def channel(plan, draft, target):
+        made = RequestChannel(plan.request_id, draft, target, use_draft=True)
+        made.inbox = YieldingInbox(workers)
+        return made
+
+    monkeypatch.setattr(servicer_module, "open_channel", channel)
+    limits = ServingLimits(len(tokenizer), 512, 100, "specbranch", PolicyConfig(kind="fixed", num_draft_tokens=4))
+    servicer = SpecPipeServicer(tokenizer, limits, workers.draft, workers.target)
+    request = specpipe_pb2.GenerateRequest(prompt_ids=PROMPT, max_new_tokens=100, request_id="r")
+    stuck = asyncio.Event()
+
+    async def main():
+        async def send(message):
+            stuck.set()
+            await asyncio.Event().wait()  # a client that never reads
+
+        task = asyncio.create_task(servicer.execute(request, send))
+        await stuck.wait()
+        for _ in range(cancels):
+            task.cancel()
+            await asyncio.sleep(0)
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        await asyncio.sleep(0.01)  # (the run's task ends too)
+
+    asyncio.run(main())
+    assert workers.commands[-2:] == ["target:release", "draft:release"]
+    assert servicer.finished["cancelled"] == 1 and not servicer.live

@@ -181,6 +181,7 @@ def test_the_token_and_tls_let_clients_in_and_health_is_open(server):
 def test_over_capacity_is_429_whichever_transport_holds_the_slot(server):
     """The only slot held by a gRPC request: HTTP gets 429; held by an HTTP stream: gRPC gets
     RESOURCE_EXHAUSTED. One admission queue."""
+    before = grpc_client(server).stats().finished
     holder = HeldRequest(server, prompt_ids=PROMPTS[0], max_new_tokens=480, mode="autoregressive").first()
     try:
         response = post(server, "/v1/completions", {"prompt": [1], "max_tokens": 2})
@@ -193,6 +194,9 @@ def test_over_capacity_is_429_whichever_transport_holds_the_slot(server):
         holder.cancel()
     client = grpc_client(server)
     wait_for(lambda: wait_idle(client, 0.0)[0], 2.0, "the held request to be freed")
+    # Cancelled while its write waited on the stalled client: counted as such, not as a failure.
+    wait_for(lambda: client.stats().finished["cancelled"] == before["cancelled"] + 1, 2.0, "the cancel counted")
+    assert client.stats().finished["internal"] == before["internal"]
     with httpx2.stream(
         "POST",
         server.http_url + "/v1/completions",
