@@ -33,6 +33,7 @@ class Event:
 @dataclass
 class Report:
     steps: dict[str, list[float]] = field(default_factory=dict)  # role -> compute step seconds
+    draft_rows: dict[int, list[float]] = field(default_factory=dict)  # branches advanced -> step seconds
     target_busy: float = 0.0  # share of the span from the first target forward to the last
     gaps: dict[str, list[float]] = field(default_factory=dict)  # cause -> target idle seconds
     rejection_hops: dict[str, list[float]] = field(default_factory=dict)  # hop -> seconds
@@ -51,9 +52,10 @@ def read_events(folder: Path) -> list[Event]:
     return events
 
 
-def forwards(events: list[Event], role: str) -> list[tuple[float, float]]:
-    """(begin, end) of each of `role`'s steps that ran a forward (fed tokens > 0)."""
-    spans, begin = [], None
+def forward_steps(events: list[Event], role: str) -> list[tuple[float, float, int]]:
+    """(begin, end, rows) of each of `role`'s steps that ran a forward (fed tokens > 0); rows: what
+    the step advanced (a draft's branches, a target's requests)."""
+    steps, begin = [], None
     for event in events:
         if event.role != role:
             continue
@@ -61,9 +63,23 @@ def forwards(events: list[Event], role: str) -> list[tuple[float, float]]:
             begin = event.time
         elif event.kind == "stepe" and begin is not None:
             if len(event.fields) > 1 and int(event.fields[1]) > 0:  # (fed tokens: not only stale answers)
-                spans.append((begin, event.time))
+                steps.append((begin, event.time, int(event.fields[0])))
             begin = None
-    return spans
+    return steps
+
+
+def forwards(events: list[Event], role: str) -> list[tuple[float, float]]:
+    """(begin, end) of each of `role`'s steps that ran a forward."""
+    return [(begin, end) for begin, end, _ in forward_steps(events, role)]
+
+
+def steps_by_rows(events: list[Event], role: str) -> dict[int, list[float]]:
+    """Seconds of each of `role`'s forward steps, by its rows: a served step set against the same
+    step alone (whether the worker's core is shared shows there)."""
+    by_rows: dict[int, list[float]] = {}
+    for begin, end, rows in forward_steps(events, role):
+        by_rows.setdefault(rows, []).append(end - begin)
+    return by_rows
 
 
 def gap_cause(between: list[Event]) -> str:
@@ -149,6 +165,7 @@ def report(folder: Path) -> Report:
     result = Report()
     by_role = {role: forwards(events, role) for role in ("draft", "target")}
     result.steps = {role: [end - begin for begin, end in spans] for role, spans in by_role.items() if spans}
+    result.draft_rows = steps_by_rows(events, "draft")
     spans = by_role["target"]
     if len(spans) > 1:
         result.gaps = target_gaps(events, spans)
@@ -167,6 +184,9 @@ def text(result: Report) -> str:
     lines = []
     for role, seconds in result.steps.items():
         lines.append(f"{role} forwards: {len(seconds)}, {_ms(seconds)}")
+        if role == "draft":
+            for rows, by_rows in sorted(result.draft_rows.items())[:4]:
+                lines.append(f"  {rows} row(s): {len(by_rows)}, {_ms(by_rows)}")
     lines.append(f"target busy: {result.target_busy:.1%} (pauses between requests left out)")
     total = sum(sum(v) for cause, v in result.gaps.items() if cause != "new request")
     for cause, seconds in sorted(result.gaps.items()):

@@ -63,9 +63,13 @@ COORDINATOR = """
 0.0395 send r 5 30 2 0
 """
 DRAFT = """
+0.0100 stepb
+0.0105 stepe 2 0
 0.0360 cmd sync
 0.0362 stepb
 0.0370 stepe 1 1
+0.0400 stepb
+0.0415 stepe 2 2
 """
 
 
@@ -74,7 +78,8 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
         (tmp_path / f"{name}.trace").write_text(body.lstrip())
     result = trace_report.report(tmp_path)
     assert [round(s * 1e3) for s in result.steps["target"]] == [10, 10, 10, 10, 10]
-    assert [round(s * 1e3) for s in result.steps["draft"]] == [1]
+    assert [round(s * 1e4) for s in result.steps["draft"]] == [8, 15]  # (one without a forward left out)
+    assert {rows: [round(s * 1e4) for s in v] for rows, v in result.draft_rows.items()} == {1: [8], 2: [15]}
     gaps = {cause: [round(s * 1e3) for s in seconds] for cause, seconds in result.gaps.items()}
     assert gaps == {
         "no wait": [1],
@@ -95,4 +100,5 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
         "total": [70],
     }
     text = trace_report.text(result)
+    assert "  2 row(s): 1, median   1.500 ms" in text
     assert "target busy: 82.0%" in text and "idle, unforeseen rejection: 1 gaps" in text
