@@ -102,6 +102,7 @@ class Chunks:
     def __init__(self):
         self.waiting: collections.deque[specpipe_pb2.GenerateResponse] = collections.deque()
         self.error: BaseException | None = None
+        self.ended = False
         self.changed = asyncio.Event()
 
     def put(self, response: specpipe_pb2.GenerateResponse) -> None:
@@ -113,10 +114,17 @@ class Chunks:
         self.error = error
         self.changed.set()
 
-    async def take(self) -> specpipe_pb2.GenerateResponse:
+    def end(self) -> None:
+        """The run ended: `take` returns None once the chunks before it are taken."""
+        self.ended = True
+        self.changed.set()
+
+    async def take(self) -> specpipe_pb2.GenerateResponse | None:
         while not self.waiting:
             if self.error is not None:
                 raise self.error
+            if self.ended:
+                return None
             self.changed.clear()
             await self.changed.wait()
         response = self.waiting.popleft()
@@ -312,8 +320,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         chunks = Chunks()
         producer = asyncio.create_task(self._produce(run, stop, arrived, chunks))
         try:
-            while not finish_reason:
-                response = await chunks.take()
+            while not finish_reason and (response := await chunks.take()) is not None:
                 await send(response)
                 finish_reason = response.finish_reason
         except (WorkerDown, WorkerFailed) as err:
@@ -368,6 +375,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         try:
             async for response in self._stream(run, stop, arrived):
                 chunks.put(response)
+            chunks.end()
         except BaseException as err:  # (cancelled from outside too: the sender must not wait on)
             chunks.fail(err)
             if not isinstance(err, Exception):

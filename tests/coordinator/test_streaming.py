@@ -42,7 +42,7 @@ def test_chunks_waiting_together_go_as_one_in_order_with_the_last_finish():
     asyncio.run(main())
 
 
-def test_take_waits_for_a_chunk_and_raises_a_failure_only_after_the_chunks_before_it():
+def test_take_waits_for_a_chunk_and_raises_a_failure_or_ends_only_after_the_chunks_before_it():
     async def main():
         chunks = Chunks()
         waiter = asyncio.create_task(chunks.take())
@@ -55,6 +55,11 @@ def test_take_waits_for_a_chunk_and_raises_a_failure_only_after_the_chunks_befor
         assert list((await chunks.take()).token_ids) == [8]
         with pytest.raises(WorkerDown):
             await chunks.take()
+        ended = Chunks()
+        ended.put(response([9], "z"))
+        ended.end()
+        assert list((await ended.take()).token_ids) == [9]
+        assert await ended.take() is None  # (a run that ends without a last chunk leaves no sender waiting)
 
     asyncio.run(main())
 
