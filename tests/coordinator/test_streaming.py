@@ -77,11 +77,8 @@ def tokenizer(tmp_path_factory):
     return build_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
-@pytest.mark.parametrize("mode", ["sequential", "specbranch"])
-def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatch, mode):
-    """The first send blocks until the run has committed every token: with the run waiting on the
-    send (as it did) this never ends; now the rest arrives as one message, exactly the target's."""
-    workers = FakeWorkers(seed=1)
+def fake_servicer(tokenizer, monkeypatch, workers: FakeWorkers, mode: str) -> SpecPipeServicer:
+    """A servicer whose requests run against `workers` (each event after a turn of the loop)."""
 
     def channel(plan, draft, target):
         made = RequestChannel(plan.request_id, draft, target, use_draft=True)
@@ -89,14 +86,17 @@ def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatc
         return made
 
     monkeypatch.setattr(servicer_module, "open_channel", channel)
-    limits = ServingLimits(
-        vocab_size=len(tokenizer),
-        context_length=512,
-        max_new_tokens_cap=100,
-        default_mode=mode,
-        policy=PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5),
-    )
-    servicer = SpecPipeServicer(tokenizer, limits, workers.draft, workers.target)
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5)
+    limits = ServingLimits(len(tokenizer), context_length=512, max_new_tokens_cap=100, default_mode=mode, policy=policy)
+    return SpecPipeServicer(tokenizer, limits, workers.draft, workers.target)
+
+
+@pytest.mark.parametrize("mode", ["sequential", "specbranch"])
+def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatch, mode):
+    """The first send blocks until the run has committed every token: with the run waiting on the
+    send (as it did) this never ends; now the rest arrives as one message, exactly the target's."""
+    workers = FakeWorkers(seed=1)
+    servicer = fake_servicer(tokenizer, monkeypatch, workers, mode)
     request = specpipe_pb2.GenerateRequest(prompt_ids=PROMPT, max_new_tokens=40, request_id="r")
     sent = []
 
@@ -125,15 +125,7 @@ def test_a_request_cancelled_while_its_send_waits_is_released_on_both_workers(to
     when a write fails under a cancel): the run stops and both workers are told to release it, with
     nothing sent after the release."""
     workers = FakeWorkers(seed=2)
-
-    def channel(plan, draft, target):
-        made = RequestChannel(plan.request_id, draft, target, use_draft=True)
-        made.inbox = YieldingInbox(workers)
-        return made
-
-    monkeypatch.setattr(servicer_module, "open_channel", channel)
-    limits = ServingLimits(len(tokenizer), 512, 100, "specbranch", PolicyConfig(kind="fixed", num_draft_tokens=4))
-    servicer = SpecPipeServicer(tokenizer, limits, workers.draft, workers.target)
+    servicer = fake_servicer(tokenizer, monkeypatch, workers, "specbranch")
     request = specpipe_pb2.GenerateRequest(prompt_ids=PROMPT, max_new_tokens=100, request_id="r")
     stuck = asyncio.Event()
 
