@@ -58,6 +58,7 @@ class RequestRun:
         schedule = SCHEDULES[plan.mode] if self.channel.uses_draft else Autoregressive
         self.schedule = schedule(plan, self.channel, self.policy, self.stats)
         self.started = time.monotonic()
+        self.released = False
 
     async def tokens(self):
         """Async iterator over lists of newly committed tokens."""
@@ -72,4 +73,7 @@ class RequestRun:
                 yield new_tokens
 
     async def release(self) -> None:
-        await self.channel.release()
+        """Free the request on both workers, once (when its run ends, and again at its end)."""
+        if not self.released:
+            self.released = True
+            await self.channel.release()

@@ -375,6 +375,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         try:
             async for response in self._stream(run, stop, arrived):
                 chunks.put(response)
+            await run.release()  # the run is over: its KV slots go now, however slowly the client reads
             chunks.end()
         except BaseException as err:  # (cancelled from outside too: the sender must not wait on)
             chunks.fail(err)

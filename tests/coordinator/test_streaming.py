@@ -93,8 +93,9 @@ def fake_servicer(tokenizer, monkeypatch, workers: FakeWorkers, mode: str) -> Sp
 
 @pytest.mark.parametrize("mode", ["sequential", "specbranch"])
 def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatch, mode):
-    """The first send blocks until the run has committed every token: with the run waiting on the
-    send (as it did) this never ends; now the rest arrives as one message, exactly the target's."""
+    """The first send blocks until the run has committed every token and freed both workers: with
+    the run waiting on the send (as it did) this never ends; now the rest arrives as one message,
+    exactly the target's, and the workers were told to release it once."""
     workers = FakeWorkers(seed=1)
     servicer = fake_servicer(tokenizer, monkeypatch, workers, mode)
     request = specpipe_pb2.GenerateRequest(prompt_ids=PROMPT, max_new_tokens=40, request_id="r")
@@ -104,7 +105,7 @@ def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatc
         async def send(message):
             sent.append(message)
             if len(sent) == 1:  # a client that reads nothing until the run is over
-                while len(workers.committed) < len(PROMPT) + 40:
+                while "draft:release" not in workers.commands:
                     await asyncio.sleep(0.001)
 
         await asyncio.wait_for(servicer.execute(request, send), timeout=10)
@@ -117,6 +118,7 @@ def test_a_client_that_does_not_read_does_not_stop_the_run(tokenizer, monkeypatc
     assert tokens == expected
     assert len(sent) == 2 and sent[-1].finish_reason in ("length", "eos")
     assert sent[-1].stats.generated_tokens == len(expected)
+    assert workers.commands.count("target:release") == workers.commands.count("draft:release") == 1
 
 
 @pytest.mark.parametrize("cancels", [1, 2])

@@ -3,9 +3,10 @@
 
 Its client opens a channel with a tiny HTTP/2 receive window and stops reading after the first
 chunk: the server's next `write` waits on flow control, so the request stays admitted (and holds
-its slot and tokens, and its state on both workers) until the test reads on or cancels it. Its run
-goes on meanwhile (a schedule never waits on a client's stream: coordinator/servicer.py, Chunks):
-a test that needs it still generating acts within what generating `max_new_tokens` takes.
+its slot and tokens) until the test reads on or cancels it. Its run goes on meanwhile (a schedule
+never waits on a client's stream: coordinator/servicer.py, Chunks) and frees its state on both
+workers when it ends: a test that needs it still generating, or still on the workers, acts within
+what generating `max_new_tokens` takes.
 """
 
 from __future__ import annotations

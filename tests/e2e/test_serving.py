@@ -23,7 +23,7 @@ from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
 from specpipe.launch.preflight import SHARED_CPU_NICE
 
-from checks import SERVE_DEFAULTS, internal_sockets, wait_idle
+from checks import FREED_S, SERVE_DEFAULTS, internal_sockets, wait_for, wait_idle
 from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
 from held import HeldRequest
 from tiny import PROMPTS
@@ -215,8 +215,9 @@ def test_invalid_requests_name_the_field(serve, params, message):
 
 
 def test_cancel_mid_stream_frees_both_workers(serve):
-    """A request held running (its client stops reading) is live on both workers; its client
-    cancels; the server counts it cancelled (not finished) and frees it on both workers."""
+    """A request whose client stops reading is live on both workers while it runs (400 tokens: the
+    check comes milliseconds after the first); its client cancels; the server counts it cancelled
+    (not finished) and frees it on both workers."""
     server = serve("draft")
     client = Client(server.addr)
     assert wait_idle(client)[0]
@@ -238,6 +239,29 @@ def test_cancel_mid_stream_frees_both_workers(serve):
     after = dict(stats.finished)
     moved = {reason: after.get(reason, 0) - before.get(reason, 0) for reason in set(after) | set(before)}
     assert {reason: n for reason, n in moved.items() if n} == {"cancelled": 1}
+
+
+def test_a_client_that_stops_reading_holds_no_worker_state_once_its_run_ends(serve, hf_greedy):
+    """A client stops reading after its first chunk: its run goes on to the end and frees both
+    workers' state (KV slots included) while the server keeps the rest of its stream for it (still
+    live); when it reads on it gets every token, exactly the target's."""
+    server = serve("draft")
+    client = Client(server.addr)
+    assert wait_idle(client)[0]
+    held = HeldRequest(server, prompt_ids=PROMPTS[0], max_new_tokens=400, mode="sequential").first()
+    try:
+
+        def freed():
+            stats = client.stats()
+            return stats if all(w.live_requests == 0 and w.kv_slots_used == 0 for w in stats.workers) else None
+
+        stats = wait_for(freed, FREED_S, "both workers freed")
+        assert stats.live_requests == 1, "the held request is still streaming"
+        tokens = held.rest()
+    finally:
+        held.cancel()
+    assert tokens == hf_greedy(PROMPTS[0], 400) and held.last.finish_reason in ("length", "eos")
+    assert wait_idle(client)[0]
 
 
 @pytest.mark.parametrize("policy", ["fixed", "adaptive", "predictor"])
