@@ -60,8 +60,11 @@ def test_identical_draft_accepts_everything(serve, hf_greedy):
 
 def test_eight_concurrent_requests_share_the_workers_forwards(serve, hf_greedy):
     """Every request's output is its own greedy output, and the workers batched them: the target's
-    forwards carried more than one request on average, the draft's more than one branch."""
-    client = Client(serve("draft").addr)
+    forwards carried more than one request on average, the draft's more than one branch. With the
+    fixed policy: the adaptive one may stop drafting for a request when, by what the shared server
+    learnt from earlier tests, the target alone looks faster (seen once in make test: the draft's
+    forwards then carried 1.14 rows), which is not what this test is about."""
+    client = Client(serve("draft", "--policy", "fixed").addr)
     before = {w.role: w for w in client.stats().workers}
     jobs = [(PROMPTS[i % len(PROMPTS)], MODES[i % len(MODES)]) for i in range(16)]
     with concurrent.futures.ThreadPoolExecutor(8) as pool:
