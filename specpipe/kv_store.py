@@ -346,6 +346,12 @@ def split_forward(model) -> tuple | None:
     return model.__dict__.get(SPLIT_FORWARD)
 
 
+def written_out_forward(model):
+    """The model's written-out packed forward (specpipe/lean_forward.py) when packed forwards run
+    it, else None."""
+    return model.__dict__.get(LEAN_FORWARD)
+
+
 def _try_split_forward(model, model_type: str, sequences, expected, device) -> None:
     """A packed forward may skip the causal LM's own forward (its wrappers cost a small model a
     tenth of its step: demo draft, one token, 0.87x the time) and run the base model, then the
@@ -406,6 +412,9 @@ def forward_packed(
     layout = PackedLayout(store, rows, device)
     assert input_ids.shape == (layout.num_tokens,), f"{tuple(input_ids.shape)} ids for {layout.num_tokens} tokens"
     keep_index = torch.tensor(keep, dtype=torch.long, device=device)
+    lean = written_out_forward(model)
+    if lean is not None and not want_hidden:
+        return PackedOutput(logits=lean(layout, input_ids, keep_index, PackedCache(layout), slot_attention).float())
     inputs = dict(
         input_ids=input_ids[None],
         position_ids=layout.positions[None],
@@ -413,9 +422,6 @@ def forward_packed(
         use_cache=True,
         specpipe_layout=layout,
     )
-    lean = model.__dict__.get(LEAN_FORWARD)
-    if lean is not None and not want_hidden:
-        return PackedOutput(logits=lean(layout, input_ids, keep_index, PackedCache(layout), slot_attention).float())
     split = split_forward(model)
     if split is not None and not want_hidden:
         base, head = split

@@ -26,10 +26,10 @@ from tiny import build_tokenizer
 CLI_TIMEOUT_S = 120
 # An address where nothing listens and nothing can: port 1 on loopback is refused at once.
 REFUSED = "http://127.0.0.1:1"
-# A start-up line at INFO (cli.py's format) of serve's own process (e.g. the gRPC bind it logs
-# before the workers load) or of a worker it spawned, and transformers' weight-loading progress.
 # One refresh of transformers' weight-loading progress bar (tqdm: no newline of its own).
 PROGRESS_BAR = re.compile(r"\r?Loading weights: [^\n]*?it/s\]")
+# A start-up line at INFO (cli.py's format) of serve's own process (e.g. the gRPC bind it logs
+# before the workers load) or of a worker it spawned, and transformers' weight-loading progress.
 STARTUP_LOG = re.compile(
     r"^(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d+ INFO (coordinator|draft-worker|target-worker) |Loading weights:)"
 )
