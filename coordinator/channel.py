@@ -127,8 +127,10 @@ class RequestChannel:
         )
 
     def target_busy(self) -> bool:
-        """The target has work queued (ours or other requests'): its next forward follows this one."""
-        return self.target.busy()
+        """The target has work queued by other requests (or a decode of ours): its next forward
+        follows this one. This request's own verifies are left out: its schedule counts those that
+        cost a forward (its live blocks); the rest are answered stale, with no forward."""
+        return self.target.busy(besides=self.wire_id)
 
     def drop_draft(self) -> None:
         """Stop listening to the draft (it went down): its late replies are dropped."""

@@ -188,10 +188,12 @@ class WorkerClient:
             self.outstanding.pop(kind["release"].request_id, None)
             self.decoding.discard(kind["release"].request_id)
 
-    def busy(self) -> bool:
+    def busy(self, besides: str | None = None) -> bool:
         """The worker has work of ours to do (target: a verify not yet answered, or a request
-        decoding by itself): its next forward starts as soon as this one ends."""
-        return bool(self.outstanding or self.decoding)
+        decoding by itself): its next forward starts as soon as this one ends. `besides`: leave
+        that request's verifies out (its schedule knows which of them cost a forward: after a
+        rejection, those queued behind it are answered stale with none)."""
+        return bool(self.decoding) or len(self.outstanding) > (besides in self.outstanding)
 
     # -- replies and heartbeats ---------------------------------------------------------------
     def _read(self) -> None:

@@ -127,3 +127,32 @@ def test_commands_sent_before_the_worker_is_connected_go_once_it_is_and_its_repl
     released, got, healthy = asyncio.run(run())
     assert released == ["x#1", "x#2"]
     assert [verdict.block_id for verdict in got] == [1, 1, 1] and healthy
+
+
+def test_a_requests_own_verifies_do_not_make_the_target_busy_for_it():
+    """The pipelined schedule cuts a block for an idle target at once, and waits for a fuller one
+    while the target is busy. Its own verifies are its schedule's to count (the live ones have their
+    expected end): after a rejection, the blocks it queued behind the rejected one are answered
+    stale with no forward, and until those answers come back the target looked busy, so the
+    promoted branch's block waited for more tokens while the target sat idle."""
+
+    async def run() -> None:
+        context = zmq.asyncio.Context()
+        draft, target = (WorkerClient(role, "", context, 0.5, 1.5) for role in ("draft", "target"))
+        try:
+            mine = RequestChannel("mine", draft, target, use_draft=True)
+            other = RequestChannel("other", draft, target, use_draft=True)
+            await mine.verify(worker_pb2.Verify(block_id=1))
+            await mine.verify(worker_pb2.Verify(block_id=2))
+            assert not mine.target_busy(), "only its own verifies are queued"
+            assert other.target_busy(), "another request's verifies are work the target does first"
+            target._on_verdicts(verdicts(mine.wire_id, mine.wire_id), [])
+            assert not other.target_busy()
+            await other.decode(max_length=20, until_block=True)
+            assert mine.target_busy() and other.target_busy(), "a decode is a forward, whoever asked"
+        finally:
+            for worker in (draft, target):
+                worker.socket.close(0)
+            context.term()
+
+    asyncio.run(run())
