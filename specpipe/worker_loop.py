@@ -121,8 +121,11 @@ class WorkerLoop:
             if timeout == IDLE_POLL_MS and self.should_stop():
                 break
             if timeout and not waiting:
-                waiting = True
-                trace("wait")  # nothing to compute: waiting for a command (once per wait)
+                if trace.on and poller.poll(0):  # a command is there already: no wait (the trace's gaps)
+                    timeout = 0
+                else:
+                    waiting = True
+                    trace("wait")  # nothing to compute: waiting for a command (once per wait)
             if self.socket in dict(poller.poll(timeout)):
                 self._drain()
             engine.poll()

@@ -227,6 +227,9 @@ class TargetEngine:
                 )
             if item is not None:
                 items.append(item)
+        # The blocks queued behind one this forward rejected go stale now, in the same message as
+        # its verdict: the coordinator learns the whole outcome at once (one message, one wake-up).
+        items += self._answer_stale()
         return items, {"batch_requests": len(fed), "batch_tokens": total, "forward_seconds": forward_s}
 
     def _answer_stale(self) -> list:

@@ -68,6 +68,13 @@ def step(engine):
     return verdicts, figures
 
 
+def answers(engine):
+    """One iteration: {block_id: verdict} of every verdict it sent, and its figures."""
+    assert engine.ready()
+    items, figures = engine.step()
+    return {item.block_id: item for _, item, _ in items}, figures
+
+
 def greedy(reference, tokens, count):
     out = list(tokens)
     for _ in range(count):
@@ -264,24 +271,28 @@ def test_verify_with_nothing_to_feed_uses_the_kept_logits(models):
     )
 
 
-def test_stale_block_is_answered_without_compute(models):
+def test_a_block_made_stale_by_a_verdict_is_answered_with_it_without_compute(models):
+    """The block queued behind a rejected one is answered stale in the rejection's own iteration,
+    after its verdict (one message: the coordinator learns the whole outcome at once); no
+    iteration is left to run for it."""
     model, reference = models
     engine = make_engine(model)
     prefill(engine, "r", [5, 6])
     verify(engine, "r", 2, [299, 298], emit_bonus=False)  # rejected at once
     verify(engine, "r", 4, [1], emit_bonus=False, block_id=2, expect_last_token=298)
-    first = step(engine)[0]["r"]
-    assert first.num_accepted == 0
-    second, figures = step(engine)
-    assert second["r"].stale and figures["batch_tokens"] == 0
+    items, figures = engine.step()
+    first, second = (item for _, item, _ in items)
+    assert (first.block_id, first.num_accepted, first.stale) == (1, 0, False)
+    assert (second.block_id, second.stale) == (2, True) and figures["batch_requests"] == 1
+    assert not engine.ready()
 
 
 @pytest.mark.parametrize("outcome", ["rejected at the fork", "fully accepted"])
 def test_the_block_prepared_for_the_verdicts_outcome_runs_next_and_the_others_are_stale(models, outcome):
     """Queued behind block 1: a block prepared for each outcome at its first position (the
     target's token there, or another), and block 1's successor. Whatever the verdict, exactly the
-    block made for it is verified in the next iteration, its stale neighbours answered in the
-    same iteration without compute, and the result equals greedy decoding."""
+    block made for it is verified in the next iteration; the blocks it excludes are answered stale
+    without compute with the verdict that decides them; the result equals greedy decoding."""
     model, reference = models
     engine = make_engine(model)
     prompt = [4, 8, 15, 16]
@@ -296,18 +307,17 @@ def test_the_block_prepared_for_the_verdicts_outcome_runs_next_and_the_others_ar
         verify(engine, "r", start + 1, tail, False, block_id=block_id, expect_last_token=token, after_block_id=1)
     successor = expected[2:5] if outcome == "fully accepted" else [3, 3]
     verify(engine, "r", start + 2, successor, False, block_id=4, expect_last_token=first[-1], after_block_id=1)
-    verdict = step(engine)[0]["r"]
-    assert verdict.num_accepted == (0 if outcome == "rejected at the fork" else 2)
-    items, figures = engine.step()
-    answered = {item.block_id: item for _, item, _ in items}
-    assert figures["batch_requests"] == 1
+    first, _ = answers(engine)
+    second, figures = answers(engine)
+    assert figures["batch_requests"] == 1 and not engine.ready()
     if outcome == "rejected at the fork":  # the correction is expected[0]: block 3 holds it
-        assert answered[2].stale and answered[3].num_accepted == 3 and not answered[3].stale
-        assert 4 not in answered, "the successor waits behind block 3 (answered with it next)"
-        assert step(engine)[0]["r"].stale
+        assert first[1].num_accepted == 0 and first[2].stale and set(first) == {1, 2}
+        assert second[3].num_accepted == 3 and not second[3].stale
+        assert second[4].stale, "the successor assumed block 1's verdict: answered with block 3's"
         assert engine.requests["r"].tokens == prompt + expected[:4]  # correction + block 3's three
     else:  # both prepared blocks are stale (the fork point was accepted); the successor runs
-        assert answered[2].stale and answered[3].stale and answered[4].num_accepted == 3
+        assert first[1].num_accepted == 2 and first[2].stale and first[3].stale and set(first) == {1, 2, 3}
+        assert set(second) == {4} and second[4].num_accepted == 3
         assert engine.requests["r"].tokens == prompt + expected[:5]
 
 
@@ -321,9 +331,10 @@ def test_a_block_is_stale_when_its_length_and_token_are_reached_by_another_path(
     verify(engine, "r", start + 1, expected[1:3], False, block_id=2, expect_last_token=expected[0], after_block_id=1)
     # Cut behind block 1, assuming it all accepted: the same length and last token as block 2 gives.
     verify(engine, "r", start + 3, expected[3:5], False, block_id=3, expect_last_token=expected[2], after_block_id=1)
-    assert step(engine)[0]["r"].num_accepted == 0
-    assert step(engine)[0]["r"].num_accepted == 2  # block 2: the request is at start + 3, ending expected[2]
-    assert step(engine)[0]["r"].stale  # block 3 assumed block 1's verdict
+    assert answers(engine)[0][1].num_accepted == 0
+    second, _ = answers(engine)
+    assert second[2].num_accepted == 2  # block 2: the request is at start + 3, ending expected[2]
+    assert second[3].stale  # block 3 assumed block 1's verdict
 
 
 def test_a_prompt_longer_than_a_slot_is_refused_and_slots_are_bounded(models):
