@@ -118,9 +118,10 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default="auto",
         choices=["auto", "none"],
         help="auto (default): when this server starts both workers on CPU and may use 2 x --threads "
-        "cores, the target gets cores of its own and the draft and the coordinator the next "
-        "ones (the benchmark's fastest layout); none: leave placement to the OS. Any --*-cpus "
-        "flag replaces the automatic layout",
+        "cores, the target gets cores of its own, the draft the next ones, and the coordinator a "
+        "spare core of its own if there is one, else the draft's, the draft then yielding to it "
+        "(the benchmark's fastest layout); none: leave placement to the OS. Any --*-cpus flag "
+        "replaces the automatic layout",
     )
     parser.add_argument(
         "--target-cpus",
@@ -427,7 +428,8 @@ def run_serve(args, plan, runtime) -> None:
     None when both run elsewhere), until SIGINT/SIGTERM."""
     from specpipe.launch import endpoints
     from specpipe.launch.local import WorkerOptions, serve, spawn_workers, start_together, stop_process
-    from specpipe.launch.preflight import check_tokenizers, worker_nice
+    from specpipe.launch.placement import worker_nice
+    from specpipe.launch.preflight import check_tokenizers
     from specpipe.launch.report import summary_lines
 
     os.environ["SPECPIPE_LOG_LEVEL"] = args.log_level  # the spawned workers log (and report) alike

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from specpipe.config import CoordinatorConfig, pin_cpus
 from specpipe.launch.errors import StartupError, UsageError
-from specpipe.launch.preflight import auto_pins
+from specpipe.launch.placement import auto_pins
 
 logger = logging.getLogger(__name__)
 
@@ -328,8 +328,9 @@ async def spawn_workers(
 
 def pin_flags() -> list[str]:
     """The flags of the layout `specpipe serve --pin auto` (its default) picks for CPU workers of
-    one thread: the target on a core of its own, the draft and the coordinator on another, when
-    this process may use two or more; else none (launch/preflight.py: auto_pins)."""
+    one thread: the target on a core of its own, the draft on another, the coordinator on a third
+    if there is one, else beside the draft, when this process may use two or more; else none
+    (launch/placement.py: auto_pins)."""
     pins, _ = auto_pins(threads=1, devices=["cpu"])
     return [word for role in ("target", "draft", "coordinator") if pins for word in (f"--{role}-cpus", pins[role])]
 

@@ -1,4 +1,4 @@
-"""What `specpipe serve` checks before it starts anything, and the CPU layout of `--pin auto`.
+"""What `specpipe serve` checks before it starts anything (the CPU layout: launch/placement.py).
 
 STYLE §5: a typo costs a second, not a model load. Each check raises
   UsageError   (exit code 2) when a flag's value is wrong: the message names the flag and the fix;
@@ -21,95 +21,15 @@ import urllib.parse
 from dataclasses import dataclass
 from pathlib import Path
 
-from specpipe.config import NGRAM_DRAFTER, parse_cpus
+from specpipe.config import NGRAM_DRAFTER
 from specpipe.launch import endpoints
 from specpipe.launch.errors import StartupError, UsageError
+from specpipe.launch.placement import check_cpu_lists, choose_pins
 
-# Where the kernel lists the CPUs a process may be pinned to: the cgroup's cpuset (a container's
-# share of the host), else every online CPU.
-CPU_SOURCES = ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/online")
 # How long the check of a hub id waits for a TCP connection to the model hub before it calls the
 # hub unreachable: a reachable hub answers in well under a second; no network fails at once.
 HUB_PROBE_TIMEOUT_S = 3.0
 DEFAULT_HUB = "https://huggingface.co"  # huggingface_hub's default endpoint (env HF_ENDPOINT)
-
-
-# -- CPU lists and the --pin auto layout -----------------------------------------------------------
-# The niceness a worker that shares the coordinator's CPUs runs at (worker_nice).
-SHARED_CPU_NICE = 10
-
-
-def host_cpus() -> set[int]:
-    """The CPUs this host lets a process be pinned to (whatever this process's own affinity)."""
-    for source in CPU_SOURCES:
-        try:
-            text = Path(source).read_text().strip()
-        except OSError:
-            continue
-        if text:
-            return parse_cpus(text)
-    return set(range(os.cpu_count() or 1))
-
-
-def cpu_list(cpus) -> str:
-    """{0, 1, 2, 5} -> "0-2,5" (what taskset and the --*-cpus flags take)."""
-    ordered, parts = sorted(cpus), []
-    start = prev = ordered[0]
-    for cpu in ordered[1:] + [None]:
-        if cpu is not None and cpu == prev + 1:
-            prev = cpu
-            continue
-        parts.append(str(start) if start == prev else f"{start}-{prev}")
-        if cpu is not None:
-            start = prev = cpu
-    return ",".join(parts)
-
-
-def check_cpu_lists(lists: dict[str, str]) -> None:
-    """{flag: CPU list}: each parses and names CPUs this host has."""
-    cpus_here = None
-    for flag, spec in lists.items():
-        if not spec:
-            continue
-        try:
-            cpus = parse_cpus(spec)
-        except ValueError as err:
-            raise UsageError(f"{flag}: {err}") from None
-        cpus_here = cpus_here or host_cpus()
-        missing = sorted(cpus - cpus_here)
-        if missing:
-            raise UsageError(
-                f"{flag} {spec}: this host has no CPU {missing[0]} (its CPUs: {cpu_list(cpus_here)}); "
-                f"name CPUs from that list"
-            )
-
-
-def auto_pins(threads: int, devices: list[str], usable: set[int] | None = None) -> tuple[dict[str, str], str]:
-    """The layout `--pin auto` gives the three processes when this server spawns both workers:
-    ({"target": list, "draft": list, "coordinator": list}, why) — the target on cores of its own,
-    the draft on the next ones, the coordinator (light, asleep on its sockets) beside the draft;
-    `threads` cores each. Empty (and why) when a worker runs on a GPU or the cores do not suffice.
-    What the benchmark measured fastest on a small CPU host (README, Performance)."""
-    if any(device not in ("cpu", "") for device in devices):
-        return {}, "a worker runs on an accelerator: CPU placement left to the OS"
-    if usable is None and not hasattr(os, "sched_getaffinity"):
-        return {}, "no CPU affinity on this OS: not pinned"
-    cores = sorted(usable if usable is not None else os.sched_getaffinity(0))
-    if len(cores) < 2 * threads:
-        return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
-    target, draft = cpu_list(cores[:threads]), cpu_list(cores[threads : 2 * threads])
-    return {"target": target, "draft": draft, "coordinator": draft}, "--pin auto"
-
-
-def worker_nice(pins: dict[str, str]) -> dict[str, int]:
-    """role -> the niceness added to a spawned worker that runs on exactly the coordinator's CPUs
-    (`--pin auto` puts the draft there). The coordinator sleeps on its sockets and wakes for each
-    verdict and draft step, and the next block waits on it; at equal priority it also waits for the
-    draft's time slice, while the draft, drafting ahead, gives up nothing it needs by yielding.
-    Measured on the demo pair, one client, interleaved: greedy specbranch 1.09x, pipelined
-    0.99-1.06x, sequential 1.05x, temperature 1 specbranch 1.06x; at 8 clients 1.00x."""
-    coordinator = pins.get("coordinator")
-    return {role: SHARED_CPU_NICE for role in ("target", "draft") if coordinator and pins.get(role) == coordinator}
 
 
 # -- files -----------------------------------------------------------------------------------------
@@ -390,27 +310,3 @@ def check_serve(args, demo_models) -> ServePlan:
         pair = (target, draft)
     pins, why = choose_pins(args, spawn_target and spawn_draft)
     return ServePlan(target, draft, pins, why, chat_template, pair)
-
-
-def choose_pins(args, spawns_both: bool) -> tuple[dict[str, str], str]:
-    """Any --*-cpus flag: exactly what they say. Else --pin auto: auto_pins when this server
-    starts both workers (the layout measured; a remote worker's host is not ours to lay out)."""
-    explicit = {"target": args.target_cpus, "draft": args.draft_cpus, "coordinator": args.coordinator_cpus}
-    if any(explicit.values()):
-        return explicit, "as the --*-cpus flags say"
-    if args.pin == "none":
-        return {}, "--pin none: placement left to the OS"
-    if not spawns_both:
-        return {}, "--pin auto pins only a server that starts both workers: not pinned"
-    return auto_pins(args.threads, [device_kind(args.target_device), device_kind(args.draft_device)])
-
-
-def device_kind(name: str) -> str:
-    """ "cpu", "cuda", ...: what a (checked) device name runs on; "auto" asks torch."""
-    if name in ("cpu", ""):
-        return "cpu"
-    import torch
-
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return torch.device(name).type

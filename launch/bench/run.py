@@ -148,9 +148,10 @@ def add_bench_args(parser: argparse.ArgumentParser) -> None:
         "--pin",
         default="auto",
         choices=["auto", "none"],
-        help="auto (default): with two or more usable cores, pin the target worker to the first "
-        "and the draft worker and coordinator to the second (the in-process Hugging Face "
-        "runs use one thread); none: leave placement to the OS",
+        help="auto (default): with two or more usable cores, pin the target worker to the first, "
+        "the draft worker to the second and the coordinator to a third if there is one, else "
+        "to the second, as `specpipe serve` does (the in-process Hugging Face runs use one "
+        "thread); none: leave placement to the OS",
     )
     parser.add_argument("--quick", action="store_true", help="fewer prompts, trials and tokens (about 2 minutes)")
     parser.add_argument("--out", default="bench-results", help="output folder (default bench-results/)")

@@ -21,7 +21,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from specpipe import Client
 from specpipe.sampling import SamplingParams, logits_to_probs
-from specpipe.launch.preflight import SHARED_CPU_NICE
+from specpipe.launch.placement import SHARED_CPU_NICE
 
 from checks import FREED_S, SERVE_DEFAULTS, internal_sockets, wait_for, wait_idle
 from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
@@ -398,23 +398,37 @@ def test_serve_defaults_are_what_the_tests_assume():
 
 def test_serve_pins_by_default_exactly_as_pin_auto(serve):
     """No placement flag: on a host that gives two or more cores, the layout of --pin auto, which
-    the demo and the bench use (pin_flags): the target alone on the first core, the draft and the
-    coordinator on the second, every thread."""
+    the demo and the bench use (pin_flags): the target alone on the first core, the draft on the
+    second, every thread; the coordinator on a spare core of its own where there is one (never
+    the target's SMT sibling), else beside the draft, which then yields it the core (nice)."""
     from specpipe.launch.local import pin_flags
+    from specpipe.launch.placement import auto_pins, core_siblings
 
     usable = sorted(os.sched_getaffinity(0))
     if len(usable) < 2:
         pytest.skip("one usable core: --pin auto pins nothing")
     first, second = usable[0], usable[1]
-    assert pin_flags() == ["--target-cpus", str(first), "--draft-cpus", str(second), "--coordinator-cpus", str(second)]
+    pins, _ = auto_pins(1, ["cpu", "cpu"])
+    coordinator = int(pins["coordinator"])
+    spare = [cpu for cpu in usable[2:] if not core_siblings(cpu) & core_siblings(first)]
+    assert (coordinator in spare) if spare else (coordinator == second), "a spare core is the coordinator's"
+    assert pin_flags() == [
+        "--target-cpus",
+        str(first),
+        "--draft-cpus",
+        str(second),
+        "--coordinator-cpus",
+        str(coordinator),
+    ]
     server = serve("draft")
     assert _affinities(server.process.pid) == {
-        "coordinator": {frozenset({second})},
+        "coordinator": {frozenset({coordinator})},
         "target": {frozenset({first})},
         "draft": {frozenset({second})},
     }
-    # The draft, on the coordinator's core, yields it to the coordinator (preflight.worker_nice).
-    assert _niceness(server.process.pid) == {"coordinator": 0, "target": 0, "draft": SHARED_CPU_NICE}
+    # A draft on the coordinator's core yields it to the coordinator (placement.worker_nice).
+    draft_nice = SHARED_CPU_NICE if coordinator == second else 0
+    assert _niceness(server.process.pid) == {"coordinator": 0, "target": 0, "draft": draft_nice}
 
 
 def test_pin_none_leaves_placement_to_the_os_and_the_summary_says_what_it_serves(tiny_models, capsys):
