@@ -102,3 +102,60 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
     text = trace_report.text(result)
     assert "  2 row(s): 1, median   1.500 ms" in text
     assert "target busy: 82.0%" in text and "idle, unforeseen rejection: 1 gaps" in text
+
+
+class Idle:
+    """A worker engine with nothing to compute (the loop's Engine protocol): the loop only waits
+    and answers commands."""
+
+    def handle(self, command, frames) -> None:
+        pass
+
+    def poll(self) -> None:
+        pass
+
+    def ready(self) -> bool:
+        return False
+
+    def waiting(self) -> bool:
+        return False
+
+    def fill_pong(self, pong) -> None:
+        pass
+
+    def sockets(self) -> list:
+        return []
+
+
+def test_a_command_already_there_is_not_traced_as_a_wait(tmp_path):
+    """A worker with nothing to compute logs `wait` when it starts waiting for a command; a command
+    that came while it computed is there already, and reading it is no wait (the report would
+    count the gap before the next forward as waited for)."""
+    import zmq
+
+    from specpipe import wire
+    from specpipe.proto.specpipe.worker.v1 import worker_pb2
+    from specpipe.trace import trace
+    from specpipe.worker_loop import WorkerLoop
+
+    context = zmq.Context()
+    asked = []
+    loop = WorkerLoop(
+        Idle(), "target", "tcp://127.0.0.1:0", context, should_stop=lambda: asked.append(1) or len(asked) > 2
+    )
+    client = context.socket(zmq.DEALER)
+    try:
+        client.connect(loop.endpoint)
+        client.send_multipart(wire.encode(worker_pb2.Command(ping=worker_pb2.Ping(nonce=1)), []))
+        assert loop.socket.poll(5000), "the ping reached the worker's socket"
+        trace.open("target", str(tmp_path))
+        loop.run()  # takes the ping, then waits until asked to stop
+        assert client.poll(5000) and wire.decode(worker_pb2.Reply, client.recv_multipart())[0].pong.nonce == 1
+    finally:
+        if trace.file is not None:
+            trace.file.close()
+            trace.file = None
+        client.close(0)
+        context.term()
+    events = [line.split()[1:] for line in (tmp_path / f"target-{os.getpid()}.trace").read_text().splitlines()]
+    assert events == [["cmd", "ping"], ["wait"]]
