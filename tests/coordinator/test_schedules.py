@@ -135,8 +135,15 @@ def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading
     them it does not, the main line is resynced there. The target is slow: the draft runs ahead
     (forks past the rejection are cancelled with the main line's tokens). Without prepared blocks:
     a block verified at once after its fork point's verdict has had no forks of its own."""
+    # Forks of a block's length (4): longer ones, in the misleading case, end unhit often enough
+    # that the policy turns forking down as not paying (FORK_MIN_HIT_RATE), not what this is about.
     policy = PolicyConfig(
-        kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32, prepare_branch_blocks=False
+        kind="fixed",
+        num_draft_tokens=4,
+        branch_confidence=0.5,
+        max_branches=32,
+        prepare_branch_blocks=False,
+        branch_lookahead=4,
     )
     for seed in SEEDS:
         tokens, request, _ = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
@@ -156,7 +163,9 @@ def test_prepared_blocks_take_the_target_on_from_the_verdicts_it_was_made_for(mi
     verdict emits it, the target verifies them next, with no round trip (a prepared hit), and
     answers the others stale; the output is the greedy output whatever the ordering of events.
     `misleading`: half of the forks hold a wrong token; their blocks are all answered stale."""
-    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32)
+    # Forks of a block's length (4): a longer fork ends its drafting later, and at some orderings
+    # every holder block is verified before it: nothing prepared, nothing answered stale.
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, max_branches=32, branch_lookahead=4)
     prepared = 0
     for seed in SEEDS:
         tokens, request, workers = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
