@@ -2,7 +2,8 @@
 
 Each iteration (`step`) takes the next piece of work of every request (target_worker/requests.py: a
 verify row of pending committed tokens plus draft tokens, a prefill chunk or a decode row; the
-stale blocks at the head of a request's queue are answered first, without compute), within the
+stale blocks at the head of a request's queue are answered without compute, before the forward
+and after it, with the verdicts that made them stale), within the
 budgets (`BatchLimits`: tokens fed and rows per forward), and runs them as ONE packed forward over
 the KV store (specpipe/kv_store.py: a slot per request, no copy of any cache). Each verify then
 gets its own accept/reject decision from the pure math in `verify.py`, with its own generator keyed
@@ -288,8 +289,8 @@ class TargetEngine:
         return msg is not None and (msg.want_features or (msg.want_prediction and self.predictor is not None))
 
     def _finish(self, work: Work, output, share_s: float):
-        """Apply the forward's rows to the request: the verdict item for a verify, stale answer or
-        decoded token; None for a prefill chunk (its time is reported with the first verdict)."""
+        """Apply the forward's rows to the request: the verdict item for a verify or a decoded
+        token; None for a prefill chunk (its time is reported with the first verdict)."""
         request = work.request
         prefill_s = share_s * work.fed_prompt / len(work.fed) if work.fed else 0.0
         request.unreported_prefill_s += prefill_s  # the prompt's part: reported as prefill
