@@ -2,7 +2,8 @@
 of `--pin auto` (launch/preflight.py checks the flags with it; launch/cli.py applies it).
 
 `--pin auto`, when this server spawns both workers on CPU: the target on cores of its own, the
-draft on the next ones. The coordinator (one busy thread: 16-18% of a core at one client on the
+draft on the next ones, each on physical cores of its own where the host has enough (never two
+workers on the SMT siblings of one core). The coordinator (one busy thread: 16-18% of a core at one client on the
 team's box, most of it right after each verdict, and every block waits on it) gets a core of its
 own when the host has one to spare, never an SMT sibling of the target's; else it shares the
 draft's cores, where the draft runs at nice 10 (`worker_nice`) so the coordinator runs as soon as
@@ -87,7 +88,8 @@ def auto_pins(
 ) -> tuple[dict[str, str], str]:
     """The layout `--pin auto` gives the three processes when this server spawns both workers:
     ({"target": list, "draft": list, "coordinator": list}, why): `threads` cores for each worker,
-    in order, and for the coordinator a spare core if any (the module's docstring says why).
+    in order (`worker_order`: physical cores apart), and for the coordinator a spare core if any
+    (the module's docstring says why).
     Empty (and why) when a worker runs on a GPU or the cores do not suffice. `siblings(cpu)`: its
     SMT siblings (read from the kernel by default)."""
     if any(device not in ("cpu", "") for device in devices):
@@ -97,7 +99,9 @@ def auto_pins(
     cores = sorted(usable if usable is not None else os.sched_getaffinity(0))
     if len(cores) < 2 * threads:
         return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
-    target, draft, spare = cores[:threads], cores[threads : 2 * threads], cores[2 * threads :]
+    order = worker_order(cores, siblings, 2 * threads)
+    target, draft = order[:threads], order[threads : 2 * threads]
+    spare = [cpu for cpu in cores if cpu not in target + draft]
     pins = {"target": cpu_list(target), "draft": cpu_list(draft)}
     beside = {
         role: set().union(*(siblings(cpu) for cpu in cpus)) for role, cpus in (("target", target), ("draft", draft))
@@ -108,6 +112,22 @@ def auto_pins(
     if own:
         return {**pins, "coordinator": str(own[0])}, "--pin auto: the coordinator on a core of its own"
     return {**pins, "coordinator": pins["draft"]}, "--pin auto: the coordinator beside the draft"
+
+
+def worker_order(cores: list[int], siblings, wanted: int) -> list[int]:
+    """`cores` in the order the workers' threads take them (`wanted` of them in all): where the
+    host has a physical core for each, one CPU of each physical core first (two threads on SMT
+    siblings share one core's units: the target and the draft would slow each other); else whole
+    physical cores in turn, so each worker's threads keep to cores of their own as far as they go.
+    Without SMT: `cores` as they are."""
+    groups: dict[int, list[int]] = {}
+    for cpu in cores:
+        groups.setdefault(min(siblings(cpu) & set(cores) | {cpu}), []).append(cpu)
+    physical = list(groups.values())
+    if len(physical) >= wanted:
+        firsts = [group[0] for group in physical]
+        return firsts + [cpu for group in physical for cpu in group[1:]]
+    return [cpu for group in physical for cpu in group]
 
 
 def worker_nice(pins: dict[str, str]) -> dict[str, int]:

@@ -399,18 +399,21 @@ def test_serve_defaults_are_what_the_tests_assume():
 def test_serve_pins_by_default_exactly_as_pin_auto(serve):
     """No placement flag: on a host that gives two or more cores, the layout of --pin auto, which
     the demo and the bench use (pin_flags): the target alone on the first core, the draft on the
-    second, every thread; the coordinator on a spare core of its own where there is one (never
-    the target's SMT sibling), else beside the draft, which then yields it the core (nice)."""
+    next (on another physical core where the host has two), every thread; the coordinator on a
+    spare core of its own where there is one (never the target's SMT sibling), else beside the
+    draft, which then yields it the core (nice)."""
     from specpipe.launch.local import pin_flags
     from specpipe.launch.placement import auto_pins, core_siblings
 
     usable = sorted(os.sched_getaffinity(0))
     if len(usable) < 2:
         pytest.skip("one usable core: --pin auto pins nothing")
-    first, second = usable[0], usable[1]
     pins, _ = auto_pins(1, ["cpu", "cpu"])
-    coordinator = int(pins["coordinator"])
-    spare = [cpu for cpu in usable[2:] if not core_siblings(cpu) & core_siblings(first)]
+    first, second, coordinator = (int(pins[role]) for role in ("target", "draft", "coordinator"))
+    assert first == usable[0]
+    if any(cpu not in core_siblings(first) for cpu in usable):
+        assert second not in core_siblings(first), "the workers on two physical cores"
+    spare = [cpu for cpu in usable if cpu not in (first, second) and not core_siblings(cpu) & core_siblings(first)]
     assert (coordinator in spare) if spare else (coordinator == second), "a spare core is the coordinator's"
     assert pin_flags() == [
         "--target-cpus",

@@ -53,6 +53,37 @@ def smt_pairs(*pairs: tuple[int, int]):
         ),
         (1, {0, 1, 2, 3}, ["cpu", "cpu"], smt_pairs((0, 2), (1, 3)), {"target": "0", "draft": "1", "coordinator": "3"}),
         (1, {0, 1, 2}, ["cpu", "cpu"], smt_pairs((0, 2), (1, 3)), {"target": "0", "draft": "1", "coordinator": "1"}),
+        # Siblings numbered side by side: the two workers never share a physical core.
+        (1, {0, 1, 2, 3}, ["cpu", "cpu"], smt_pairs((0, 1), (2, 3)), {"target": "0", "draft": "2", "coordinator": "3"}),
+        (
+            1,
+            {0, 1, 2, 3, 4, 5},
+            ["cpu", "cpu"],
+            smt_pairs((0, 1), (2, 3), (4, 5)),
+            {"target": "0", "draft": "2", "coordinator": "4"},
+        ),
+        (
+            2,
+            {0, 1, 2, 3, 4, 5, 6, 7},
+            ["cpu", "cpu"],
+            smt_pairs((0, 1), (2, 3), (4, 5), (6, 7)),
+            {"target": "0,2", "draft": "4,6", "coordinator": "5"},
+        ),
+        # Fewer physical cores than threads: whole physical cores each, the coordinator beside the draft.
+        (
+            2,
+            {0, 1, 2, 3},
+            ["cpu", "cpu"],
+            smt_pairs((0, 1), (2, 3)),
+            {"target": "0-1", "draft": "2-3", "coordinator": "2-3"},
+        ),
+        (
+            2,
+            {0, 1, 2, 3},
+            ["cpu", "cpu"],
+            smt_pairs((0, 2), (1, 3)),
+            {"target": "0,2", "draft": "1,3", "coordinator": "1,3"},
+        ),
         (1, {0}, ["cpu", "cpu"], no_smt, {}),  # one core: nothing to separate
         (2, {0, 1, 2}, ["cpu", "cpu"], no_smt, {}),  # fewer than 2 x threads
         (1, {0, 1, 2}, ["cuda", "cpu"], no_smt, {}),  # a GPU worker: placement is the device's
