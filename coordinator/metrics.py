@@ -103,6 +103,7 @@ METRIC_NAMES = [
     "specpipe:spec_decode_branch_rank_hits_total",
     "specpipe:spec_decode_num_prepared_hits_total",
     "specpipe:spec_decode_num_filled_tokens_total",
+    "specpipe:spec_decode_num_kept_tokens_total",
     "specpipe:mean_acceptance_length",
     "specpipe:worker_healthy",
     "specpipe:worker_busy_fraction",
@@ -226,6 +227,11 @@ class ServerMetrics:
             "spec_decode_num_filled_tokens",
             "Tokens the target decoded by itself while it waited for a redrafted block (--idle-decode).",
         )
+        self.kept_tokens = counter(
+            "spec_decode_num_kept_tokens",
+            "Draft tokens committed without a verification accepting them (a promoted branch's first token, "
+            "or one the target emitted or decoded by itself too).",
+        )
         self.rank_tried = counter(
             "spec_decode_branch_rank_tried",
             "Rejections where an alternative branch of this rank (0: the draft's second choice) was forked there.",
@@ -319,6 +325,7 @@ class ServerMetrics:
         self.rejections_at_fork.inc(stats.rejections_at_fork)
         self.prepared_hits.inc(stats.prepared_hits)
         self.filled_tokens.inc(stats.filled_tokens)
+        self.kept_tokens.inc(stats.kept_tokens)
         for rank, count in enumerate(stats.rank_tried):
             self.rank_tried.labels(str(rank)).inc(count)
         for rank, count in enumerate(stats.rank_hits):

@@ -171,6 +171,7 @@ class Pipelined(Schedule):
                 await self.prune(token.position)  # (it disagrees: resynced)
                 await self.keep_drafting()
                 return
+            self.stats.kept_tokens += 1  # (it agrees: kept, in no block)
         alternatives = self.policy.fork_candidates(token.prob, token.candidate_ids, token.candidate_probs)
         if alternatives:
             view.alternatives[token.position] = alternatives
@@ -318,6 +319,8 @@ class Pipelined(Schedule):
             live[0].done_at = time.monotonic() + forward_s
         main_before, epoch_before = self.main, self.epoch
         await self.prune(start)
+        if verdict.next_token_id >= 0 and self.epoch == epoch_before:
+            self.count_kept(len(self.tokens) - 1)
         assert armed is None or armed.branch_id == self.main, "the prepared block's branch is the main line"
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
@@ -353,7 +356,8 @@ class Pipelined(Schedule):
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
         main = self.branches[self.main]
-        if len(main.tokens) > start:
+        drafted, epoch_before = len(main.tokens) > start, self.epoch
+        if drafted:
             if main.tokens[start] != new_tokens[0]:
                 self.stats.main_rolled_back_tokens += len(main.tokens) - start
             await self.prune(start)
@@ -364,8 +368,17 @@ class Pipelined(Schedule):
                 block.doomed = stale or block.after in doomed
             if block.doomed:
                 doomed.add(block.block_id)
+        if drafted and self.epoch == epoch_before:
+            self.count_kept(start)
         await self.keep_drafting()
         return new_tokens
+
+    def count_kept(self, position: int) -> None:
+        """The target emitted (or decoded) the token at `position` and the main line, kept (or a
+        branch promoted by it), had drafted it: that drafted token is kept, not rolled back, unless
+        a block in flight holds it (its verdict counts it as accepted)."""
+        if not any(block.start <= position < block.start + len(block.token_ids) for block in self.live()):
+            self.stats.kept_tokens += 1
 
     def resolve_prepared(self, head: Block, rejected: bool) -> Block | None:
         """After `head`'s verdict, as the target sees it: the block prepared for this outcome of it

@@ -38,8 +38,11 @@ ROOT_BRANCH = 0
 class RunStats:
     """A request's counters. drafted_tokens: every token the draft produced for it (main line and
     branches); draft_tokens: those sent to the target for verification (part of drafted);
-    accepted_tokens: those the target accepted (part of draft_tokens); rolled_back_tokens: drafted
-    and thrown away (drafted_tokens - accepted_tokens: rejected, on a cancelled branch, or drafted
+    accepted_tokens: those the target accepted (part of draft_tokens); kept_tokens: drafted ones
+    committed without a verify accepting them (the token a promoted branch forked with, which the
+    target emitted as its correction or decoded by itself; a main-line token equal to a token the
+    target emitted or decoded past a block); rolled_back_tokens: drafted and thrown away
+    (drafted_tokens - accepted_tokens - kept_tokens: rejected, on a cancelled branch, or drafted
     past the end). rejections: verdicts that rejected a draft token; main_rolled_back_tokens: the
     main line's tokens they threw away (the rejected one and every one drafted past it, not the
     cancelled branches'). Specbranch: rejections_at_fork, those at a position with alternative
@@ -51,6 +54,7 @@ class RunStats:
     drafted_tokens: int = 0
     draft_tokens: int = 0
     accepted_tokens: int = 0
+    kept_tokens: int = 0
     verifications: int = 0
     branches_forked: int = 0
     branches_hit: int = 0
@@ -67,7 +71,7 @@ class RunStats:
 
     @property
     def rolled_back_tokens(self) -> int:
-        return self.drafted_tokens - self.accepted_tokens
+        return self.drafted_tokens - self.accepted_tokens - self.kept_tokens
 
     def on_verdict(self, verdict: worker_pb2.Verdict, num_draft: int, committed: int) -> None:
         self.target_seconds += verdict.verify_seconds + verdict.prefill_seconds

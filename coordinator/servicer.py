@@ -498,6 +498,7 @@ def stats_message(stats: RunStats, generated: int) -> specpipe_pb2.RequestStats:
         branch_rank_hits=stats.rank_hits,
         prepared_hits=stats.prepared_hits,
         filled_tokens=stats.filled_tokens,
+        kept_tokens=stats.kept_tokens,
         generated_tokens=generated,
         mean_accepted_length=sum(stats.committed_per_verification) / max(stats.verifications, 1),
         acceptance_rate=stats.accepted_tokens / stats.draft_tokens if stats.draft_tokens else 0.0,

@@ -75,8 +75,10 @@ def test_every_ordering_commits_the_target_greedy_tokens(mode, seed):
     assert tokens == greedy(PROMPT, MAX_NEW)
     stats = request.stats
     assert stats.accepted_tokens <= stats.draft_tokens <= stats.drafted_tokens
-    assert stats.rolled_back_tokens == stats.drafted_tokens - stats.accepted_tokens >= 0
+    assert stats.rolled_back_tokens == stats.drafted_tokens - stats.accepted_tokens - stats.kept_tokens >= 0
     assert stats.branches_hit <= stats.branches_forked
+    # A promoted branch's first token is the target's own: kept, not rolled back.
+    assert stats.branches_hit <= stats.kept_tokens
     if mode == "autoregressive":
         assert stats.drafted_tokens == 0 and stats.verifications == MAX_NEW
     else:
@@ -264,6 +266,11 @@ def test_the_target_filling_the_wait_after_a_rejection_keeps_every_ordering_exac
     assert stats.accepted_tokens <= stats.draft_tokens <= stats.drafted_tokens
     assert stats.rejections == workers.rejections
     assert stats.rejections <= stats.main_rolled_back_tokens <= stats.rolled_back_tokens
+    # Drafted tokens equal to those the target decoded by itself are kept, not rolled back: without
+    # branches, every token thrown away is the main line's.
+    assert stats.branches_hit <= stats.kept_tokens
+    if mode == "pipelined":
+        assert stats.main_rolled_back_tokens == stats.rolled_back_tokens
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])

@@ -438,6 +438,7 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
         ("num_rejections_at_fork", "rejections_at_fork"),
         ("num_prepared_hits", "prepared_hits"),
         ("num_filled_tokens", "filled_tokens"),
+        ("num_kept_tokens", "kept_tokens"),
     ):
         assert moved(f"specpipe:spec_decode_{name}_total") == sum(getattr(s, field) for s in stats), name
     for name, field in (("branch_rank_tried", "branch_rank_tried"), ("branch_rank_hits", "branch_rank_hits")):
@@ -454,6 +455,7 @@ def test_metrics_count_requests_and_speculation(server, hf_greedy):
         "main_rolled_back_tokens",
         "prepared_hits",
         "filled_tokens",
+        "kept_tokens",
     ):
         assert getattr(totals_after, field) - getattr(totals_before, field) == sum(getattr(s, field) for s in stats)
     for field in ("branch_rank_tried", "branch_rank_hits"):

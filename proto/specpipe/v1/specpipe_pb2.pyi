@@ -47,7 +47,7 @@ class GenerateRequest(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., prompt: _Optional[str] = ..., prompt_ids: _Optional[_Iterable[int]] = ..., max_new_tokens: _Optional[int] = ..., temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., stop: _Optional[_Iterable[str]] = ..., mode: _Optional[_Union[Mode, str]] = ..., drafter_invariant: _Optional[bool] = ...) -> None: ...
 
 class RequestStats(_message.Message):
-    __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction", "drafted_tokens", "batch_wait_s", "rejections", "main_rolled_back_tokens", "rejections_at_fork", "branch_rank_tried", "branch_rank_hits", "prepared_hits", "filled_tokens")
+    __slots__ = ("draft_tokens", "accepted_tokens", "rolled_back_tokens", "verifications", "branches_forked", "branches_hit", "time_to_first_token_s", "tokens_per_second", "mean_accepted_length", "acceptance_rate", "generated_tokens", "mode", "target_busy_fraction", "drafted_tokens", "batch_wait_s", "rejections", "main_rolled_back_tokens", "rejections_at_fork", "branch_rank_tried", "branch_rank_hits", "prepared_hits", "filled_tokens", "kept_tokens")
     DRAFT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ACCEPTED_TOKENS_FIELD_NUMBER: _ClassVar[int]
     ROLLED_BACK_TOKENS_FIELD_NUMBER: _ClassVar[int]
@@ -70,6 +70,7 @@ class RequestStats(_message.Message):
     BRANCH_RANK_HITS_FIELD_NUMBER: _ClassVar[int]
     PREPARED_HITS_FIELD_NUMBER: _ClassVar[int]
     FILLED_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    KEPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     draft_tokens: int
     accepted_tokens: int
     rolled_back_tokens: int
@@ -92,7 +93,8 @@ class RequestStats(_message.Message):
     branch_rank_hits: _containers.RepeatedScalarFieldContainer[int]
     prepared_hits: int
     filled_tokens: int
-    def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., branches_forked: _Optional[int] = ..., branches_hit: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., target_busy_fraction: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., batch_wait_s: _Optional[float] = ..., rejections: _Optional[int] = ..., main_rolled_back_tokens: _Optional[int] = ..., rejections_at_fork: _Optional[int] = ..., branch_rank_tried: _Optional[_Iterable[int]] = ..., branch_rank_hits: _Optional[_Iterable[int]] = ..., prepared_hits: _Optional[int] = ..., filled_tokens: _Optional[int] = ...) -> None: ...
+    kept_tokens: int
+    def __init__(self, draft_tokens: _Optional[int] = ..., accepted_tokens: _Optional[int] = ..., rolled_back_tokens: _Optional[int] = ..., verifications: _Optional[int] = ..., branches_forked: _Optional[int] = ..., branches_hit: _Optional[int] = ..., time_to_first_token_s: _Optional[float] = ..., tokens_per_second: _Optional[float] = ..., mean_accepted_length: _Optional[float] = ..., acceptance_rate: _Optional[float] = ..., generated_tokens: _Optional[int] = ..., mode: _Optional[_Union[Mode, str]] = ..., target_busy_fraction: _Optional[float] = ..., drafted_tokens: _Optional[int] = ..., batch_wait_s: _Optional[float] = ..., rejections: _Optional[int] = ..., main_rolled_back_tokens: _Optional[int] = ..., rejections_at_fork: _Optional[int] = ..., branch_rank_tried: _Optional[_Iterable[int]] = ..., branch_rank_hits: _Optional[_Iterable[int]] = ..., prepared_hits: _Optional[int] = ..., filled_tokens: _Optional[int] = ..., kept_tokens: _Optional[int] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("request_id", "token_ids", "text", "finish_reason", "stats")
