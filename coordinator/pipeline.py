@@ -179,7 +179,7 @@ class Pipelined(Schedule):
             view.job_end = len(view.tokens)
         if token.branch_id == self.main and alternatives:
             await self.fork_where_unsure()
-        elif view.fork_at is not None and not self.drafting(view):
+        elif view.fork_at is not None:
             await self.send_prepared()
 
     async def fork_where_unsure(self) -> None:
@@ -260,16 +260,18 @@ class Pipelined(Schedule):
         is in a main-line block in flight, conditional on the fork's token: the target verifies it
         right after that block's verdict if the verdict emits that token there (start and last token
         match), with no round trip through the coordinator, and otherwise answers it stale. Sent
-        once the fork's drafting job has ended."""
+        once the fork's drafting job has ended, or just in time: when its next token would come
+        after that block's verdict (the rest of the fork follows as the next block on a hit)."""
         if not self.policy.prepare_branch_blocks:
             return
-        live = self.live()
+        live, now = self.live(), time.monotonic()
+        next_token_at = now + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S
         for branch_id, view in self.branches.items():
             at = view.fork_at
-            if at is None or view.prepared or self.drafting(view) or len(view.tokens) <= at + 1:
+            if at is None or view.prepared or len(view.tokens) <= at + 1:
                 continue
             holder = next((b for b in live if b.start <= at < b.start + len(b.token_ids)), None)
-            if holder is None:
+            if holder is None or (self.drafting(view) and next_token_at < holder.done_at):
                 continue
             view.prepared = True
             block = Block(

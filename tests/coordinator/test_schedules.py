@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 
 import asyncio
+import time
 
 import pytest
 
@@ -179,6 +180,41 @@ def test_prepared_blocks_take_the_target_on_from_the_verdicts_it_was_made_for(mi
     assert prepared > 0, "no verdict went on to a prepared block"
     off = dataclasses.replace(policy, prepare_branch_blocks=False)
     assert all(run("specbranch", seed, policy=off)[1].stats.prepared_hits == 0 for seed in SEEDS)
+
+
+@pytest.mark.parametrize("verdict_in_s, sent", [(0.0, True), (10.0, False)])
+def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(verdict_in_s, sent):
+    """A fork's block goes to the target once its drafting job ends, or earlier, with the tokens it
+    has, when its next token would come after the verdict of the block holding its fork point: a
+    shorter prepared block beats a round trip through the coordinator (the rest of the fork follows
+    as the next block on a hit). Its holder's verdict far off, it drafts on."""
+    from specpipe.coordinator.pipeline import BranchView, Pipelined
+
+    workers = FakeWorkers(0)
+    plan = RequestPlan(
+        request_id="r",
+        prompt_ids=PROMPT,
+        max_new_tokens=MAX_NEW,
+        sampling=SamplingParams(),
+        seed=0,
+        mode="specbranch",
+        policy=PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5),
+    )
+    channel = RequestChannel("r", workers.draft, workers.target, use_draft=True)
+    schedule = Pipelined(plan, channel, DraftPolicy(plan.policy, "specbranch"), RunStats())
+    holder = Block(start=5, token_ids=[7, 8, 9], done_at=time.monotonic() + verdict_in_s)
+    schedule.in_flight.append(holder)
+    fork = BranchView(PROMPT + [7, 40, 41, 42], fork_at=6, job_end=6 + 8)  # 3 of its 8 tokens drafted
+    schedule.branches[2] = fork
+
+    asyncio.run(schedule.send_prepared())
+    assert fork.prepared == sent
+    if sent:
+        block = schedule.in_flight[-1]
+        assert (block.start, block.token_ids, block.expect, block.conditional) == (7, [41, 42], 40, True)
+        assert block.after == holder.block_id
+    else:
+        assert list(schedule.in_flight) == [holder]
 
 
 def test_a_prepared_block_verified_before_a_hand_over_is_committed_by_the_schedule_taking_over():
