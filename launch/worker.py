@@ -261,6 +261,7 @@ def start(config: WorkerConfig):
     """Everything before the loop runs: pin, secure, load the model, build the engine, bind.
     Returns (WorkerLoop, the ZAP authenticator or None, the READY line's extra fields)."""
     from specpipe.launch.endpoints import check_worker
+    from specpipe.models import ModelLoadError, load_model, resolve_device
     from specpipe.worker_loop import WorkerLoop, exit_with_parent
 
     try:
@@ -271,9 +272,6 @@ def start(config: WorkerConfig):
         raise UsageError(f"--nice: {config.nice} is outside 0..{MAX_NICE}")
     add_niceness(config.nice)
     check_worker(config)  # no plain text across hosts, no ipc socket others may reach
-    # (transformers only now: importing it takes seconds, and a mistaken flag above fails without it)
-    from specpipe.models import ModelLoadError, load_model, resolve_device
-
     if config.exit_with_parent:
         exit_with_parent()
     curve_keys, authenticator = secure(config)  # before any bind: see specpipe/curve.py
