@@ -270,7 +270,7 @@ class Pipelined(Schedule):
             at = view.fork_at
             if at is None or view.prepared or len(view.tokens) <= at + 1:
                 continue
-            holder = next((b for b in live if b.start <= at < b.start + len(b.token_ids)), None)
+            holder = self.block_holding(at, live)
             if holder is None or (self.drafting(view) and next_token_at < holder.done_at):
                 continue
             view.prepared = True
@@ -321,8 +321,8 @@ class Pipelined(Schedule):
             live[0].done_at = time.monotonic() + forward_s
         main_before, epoch_before = self.main, self.epoch
         await self.prune(start)
-        if verdict.next_token_id >= 0 and self.epoch == epoch_before:
-            self.count_kept(len(self.tokens) - 1)
+        if verdict.next_token_id >= 0:
+            self.count_kept(len(self.tokens) - 1, epoch_before)
         assert armed is None or armed.branch_id == self.main, "the prepared block's branch is the main line"
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
@@ -370,17 +370,23 @@ class Pipelined(Schedule):
                 block.doomed = stale or block.after in doomed
             if block.doomed:
                 doomed.add(block.block_id)
-        if drafted and self.epoch == epoch_before:
-            self.count_kept(start)
+        if drafted:
+            self.count_kept(start, epoch_before)
         await self.keep_drafting()
         return new_tokens
 
-    def count_kept(self, position: int) -> None:
-        """The target emitted (or decoded) the token at `position` and the main line, kept (or a
-        branch promoted by it), had drafted it: that drafted token is kept, not rolled back, unless
-        a block in flight holds it (its verdict counts it as accepted)."""
-        if not any(block.start <= position < block.start + len(block.token_ids) for block in self.live()):
+    def count_kept(self, position: int, epoch_before: int) -> None:
+        """The target emitted (or decoded) the token at `position`, and the main line had drafted
+        it there. If the line was kept (or a branch promoted by it: the epoch is still
+        `epoch_before`, no resync), that drafted token is kept, not rolled back, unless a block in
+        flight holds it (its verdict counts it as accepted)."""
+        if self.epoch == epoch_before and self.block_holding(position, self.live()) is None:
             self.stats.kept_tokens += 1
+
+    @staticmethod
+    def block_holding(position: int, blocks: list[Block]) -> Block | None:
+        """The block of `blocks` whose tokens cover `position`, if any."""
+        return next((b for b in blocks if b.start <= position < b.start + len(b.token_ids)), None)
 
     def resolve_prepared(self, head: Block, rejected: bool) -> Block | None:
         """After `head`'s verdict, as the target sees it: the block prepared for this outcome of it
