@@ -3,13 +3,21 @@ of `--pin auto` (launch/preflight.py checks the flags with it; launch/cli.py app
 
 `--pin auto`, when this server spawns both workers on CPU: the target on cores of its own, the
 draft on the next ones, each on physical cores of its own where the host has enough (never two
-workers on the SMT siblings of one core). The coordinator (one busy thread: 16-18% of a core at one client on the
-team's box, most of it right after each verdict, and every block waits on it) gets a core of its
-own when the host has one to spare, never an SMT sibling of the target's; else it shares the
-draft's cores, where the draft runs at nice 10 (`worker_nice`) so the coordinator runs as soon as
-it wakes. On two cores that sharing doubles a served draft step (one branch: 0.5 ms alone, 1.2
-served), and the coordinator pinned with the target instead made the whole run at 0.85x: a spare
-core is the layout without either cost (not measured yet: the team's box has two cores).
+workers on the SMT siblings of one core), and on cores of different last-level caches where the
+host has two with room (an EPYC's core complexes, a second socket): each target forward streams
+all its weights through its last-level cache, evicting the draft's. On the team's box (one 32 MiB
+L3 for both cores; the demo target's weights are 48 MiB) the demo draft's output layer, its
+largest matrix (4 MiB), took 0.41 ms for a step of four branches while cached, 0.94 ms right after
+one of the draft's own steps, 1.2 ms once 16 MiB had gone through the cache: a draft step's
+largest cost (not measured yet on a host with two caches).
+
+The coordinator (one busy thread: 16-18% of a core at one client on the team's box, most of it
+right after each verdict, and every block waits on it) gets a core of its own when the host has
+one to spare, never an SMT sibling of the target's; else it shares the draft's cores, where the
+draft runs at nice 10 (`worker_nice`) so the coordinator runs as soon as it wakes. On two cores
+that sharing doubles a served draft step (one branch: 0.5 ms alone, 1.2 served), and the
+coordinator pinned with the target instead made the whole run at 0.85x: a spare core is the
+layout without either cost (not measured yet: the team's box has two cores).
 """
 
 from __future__ import annotations
@@ -25,6 +33,8 @@ from specpipe.launch.errors import UsageError
 CPU_SOURCES = ("/sys/fs/cgroup/cpuset.cpus.effective", "/sys/devices/system/cpu/online")
 # A CPU's SMT siblings (itself included), as the kernel lists them.
 SIBLINGS = "/sys/devices/system/cpu/cpu{}/topology/thread_siblings_list"
+# A CPU's caches, one folder each (level, type, and the CPUs sharing it).
+CACHES = "/sys/devices/system/cpu/cpu{}/cache"
 # The niceness a worker that shares the coordinator's CPUs runs at (worker_nice).
 SHARED_CPU_NICE = 10
 
@@ -83,15 +93,29 @@ def core_siblings(cpu: int) -> set[int]:
         return {cpu}
 
 
+def cache_sharers(cpu: int) -> set[int] | None:
+    """The CPUs sharing `cpu`'s last-level cache (itself included); None where the kernel does not
+    say."""
+    levels = []
+    try:
+        for index in Path(CACHES.format(cpu)).glob("index*"):
+            if (index / "type").read_text().strip() != "Instruction":
+                levels.append((int((index / "level").read_text()), (index / "shared_cpu_list").read_text().strip()))
+        return parse_cpus(max(levels)[1]) | {cpu} if levels else None
+    except (OSError, ValueError):
+        return None
+
+
 def auto_pins(
-    threads: int, devices: list[str], usable: set[int] | None = None, siblings=core_siblings
+    threads: int, devices: list[str], usable: set[int] | None = None, siblings=core_siblings, caches=cache_sharers
 ) -> tuple[dict[str, str], str]:
     """The layout `--pin auto` gives the three processes when this server spawns both workers:
-    ({"target": list, "draft": list, "coordinator": list}, why): `threads` cores for each worker,
-    in order (`worker_order`: physical cores apart), and for the coordinator a spare core if any
-    (the module's docstring says why).
+    ({"target": list, "draft": list, "coordinator": list}, why): `threads` cores for each worker
+    (`worker_cores`: last-level caches and physical cores apart), and for the coordinator a spare
+    core if any (the module's docstring says why).
     Empty (and why) when a worker runs on a GPU or the cores do not suffice. `siblings(cpu)`: its
-    SMT siblings (read from the kernel by default)."""
+    SMT siblings; `caches(cpu)`: the CPUs sharing its last-level cache (both read from the kernel
+    by default)."""
     if any(device not in ("cpu", "") for device in devices):
         return {}, "a worker runs on an accelerator: CPU placement left to the OS"
     if usable is None and not hasattr(os, "sched_getaffinity"):
@@ -99,8 +123,7 @@ def auto_pins(
     cores = sorted(usable if usable is not None else os.sched_getaffinity(0))
     if len(cores) < 2 * threads:
         return {}, f"{len(cores)} usable core(s), fewer than 2 x --threads {threads}: not pinned"
-    order = worker_order(cores, siblings, 2 * threads)
-    target, draft = order[:threads], order[threads : 2 * threads]
+    target, draft = worker_cores(cores, threads, siblings, caches)
     spare = [cpu for cpu in cores if cpu not in target + draft]
     pins = {"target": cpu_list(target), "draft": cpu_list(draft)}
     beside = {
@@ -112,6 +135,25 @@ def auto_pins(
     if own:
         return {**pins, "coordinator": str(own[0])}, "--pin auto: the coordinator on a core of its own"
     return {**pins, "coordinator": pins["draft"]}, "--pin auto: the coordinator beside the draft"
+
+
+def worker_cores(cores: list[int], threads: int, siblings, caches) -> tuple[list[int], list[int]]:
+    """(the target's cores, the draft's): `threads` each, from two different last-level caches
+    where two of them have room for a worker's threads on physical cores of their own (the target
+    in the first such, by CPU number, the draft in the next); else from `cores` in `worker_order`.
+    A CPU whose cache the kernel does not name counts as sharing every other's."""
+    domains: dict[int, list[int]] = {}
+    for cpu in cores:
+        domains.setdefault(min((caches(cpu) or set(cores)) & set(cores) | {cpu}), []).append(cpu)
+    roomy = [
+        order
+        for order in (worker_order(domain, siblings, threads) for domain in domains.values())
+        if len({min(siblings(cpu) & set(order) | {cpu}) for cpu in order[:threads]}) == threads
+    ]
+    if len(roomy) >= 2:
+        return roomy[0][:threads], roomy[1][:threads]
+    order = worker_order(cores, siblings, 2 * threads)
+    return order[:threads], order[threads : 2 * threads]
 
 
 def worker_order(cores: list[int], siblings, wanted: int) -> list[int]:

@@ -12,6 +12,7 @@ from specpipe.config import parse_cpus
 from specpipe.launch.placement import (
     SHARED_CPU_NICE,
     auto_pins,
+    cache_sharers,
     choose_pins,
     core_siblings,
     cpu_list,
@@ -90,8 +91,80 @@ def smt_pairs(*pairs: tuple[int, int]):
     ],
 )
 def test_auto_pins(threads, usable, devices, siblings, want):
-    pins, why = auto_pins(threads, devices, usable, siblings)
+    pins, why = auto_pins(threads, devices, usable, siblings, one_cache)
     assert pins == want and why
+
+
+def one_cache(cpu: int) -> set[int]:
+    """caches() of a host whose CPUs all share one last-level cache (the hosts above)."""
+    return set(range(64))
+
+
+def caches_of(*groups: range):
+    """caches() of a host whose last-level caches are each shared by the CPUs of a group."""
+    return lambda cpu: next(set(group) for group in groups if cpu in group)
+
+
+def unknown_cache(cpu: int) -> None:
+    return None
+
+
+@pytest.mark.parametrize(
+    "threads, usable, siblings, caches, want",
+    [
+        # Two caches (core complexes, sockets): the target in one, the draft in the other, the coordinator
+        # on the first spare core.
+        (1, set(range(8)), no_smt, caches_of(range(4), range(4, 8)), {"target": "0", "draft": "4", "coordinator": "1"}),
+        (
+            2,
+            set(range(8)),
+            no_smt,
+            caches_of(range(4), range(4, 8)),
+            {"target": "0-1", "draft": "4-5", "coordinator": "2"},
+        ),
+        (
+            2,
+            set(range(16)),
+            smt_pairs(*[(cpu, cpu + 8) for cpu in range(8)]),
+            caches_of(range(0, 4), range(8, 12), range(4, 8), range(12, 16)),
+            {"target": "0-1", "draft": "4-5", "coordinator": "2"},
+        ),
+        # Only the CPUs this server may use count: here two in each cache.
+        (1, {2, 3, 4, 5}, no_smt, caches_of(range(4), range(4, 8)), {"target": "2", "draft": "4", "coordinator": "3"}),
+        # A cache without room for a worker's threads on physical cores of their own: as with one cache.
+        (
+            2,
+            {0, 1, 2, 4},
+            no_smt,
+            caches_of(range(4), range(4, 8)),
+            {"target": "0-1", "draft": "2,4", "coordinator": "2,4"},
+        ),
+        (
+            2,
+            set(range(8)),
+            smt_pairs((0, 1), (2, 3), (4, 5), (6, 7)),
+            caches_of(range(4), range(4, 8)),
+            {"target": "0,2", "draft": "4,6", "coordinator": "5"},
+        ),
+        (
+            2,
+            {0, 1, 4, 5},
+            smt_pairs((0, 1), (4, 5)),
+            caches_of(range(4), range(4, 8)),
+            {"target": "0-1", "draft": "4-5", "coordinator": "4-5"},
+        ),
+        # The kernel does not say: one cache for all, physical cores apart as before.
+        (1, {0, 1, 2, 3}, smt_pairs((0, 1), (2, 3)), unknown_cache, {"target": "0", "draft": "2", "coordinator": "3"}),
+    ],
+)
+def test_auto_pins_keeps_the_workers_on_last_level_caches_apart(threads, usable, siblings, caches, want):
+    pins, why = auto_pins(threads, ["cpu", "cpu"], usable, siblings, caches)
+    assert pins == want and why
+
+
+def test_a_cpus_last_level_cache_comes_from_the_kernel_or_is_unknown():
+    assert cache_sharers(0) is None or 0 in cache_sharers(0)
+    assert cache_sharers(10**6) is None
 
 
 def test_a_cpus_siblings_come_from_the_kernel_or_are_itself():
