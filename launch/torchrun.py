@@ -38,7 +38,7 @@ import sys
 import time
 
 from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, parse_scale, zmq_endpoint
-from specpipe.launch.cli import add_serve_args
+from specpipe.launch.serve_flags import add_serve_args
 from specpipe.launch.report import exit_code, known_errors, one_line
 
 logger = logging.getLogger(__name__)

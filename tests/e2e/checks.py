@@ -175,7 +175,7 @@ def internal_sockets(server) -> tuple[Path | None, dict[str, list[str]], bool]:
     return (Path(folder) if folder else None), endpoints, curve == "CURVE"
 
 
-# `specpipe serve`'s own defaults (launch/cli.py): a test that names one gets the server started
+# `specpipe serve`'s own defaults (launch/serve_flags.py): a test that names one gets the server started
 # without it, so tests that differ only in saying a default share one server (each start costs
 # seconds of the suite's budget). test_serving.py::test_serve_defaults_are_what_the_tests_assume checks them.
 SERVE_DEFAULTS = {"--policy": "adaptive", "--num-draft-tokens": "8", "--transport": "zmq"}

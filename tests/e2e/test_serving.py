@@ -388,7 +388,7 @@ def test_serve_defaults_are_what_the_tests_assume():
     be serve's defaults, or two tests would share a server started with other flags."""
     import argparse
 
-    from specpipe.launch.cli import add_serve_args
+    from specpipe.launch.serve_flags import add_serve_args
 
     parser = argparse.ArgumentParser()
     add_serve_args(parser)

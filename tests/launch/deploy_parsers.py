@@ -10,7 +10,7 @@ import pytest
 
 from specpipe.launch import torchrun as torchrun_entry
 from specpipe.launch import worker as worker_entry
-from specpipe.launch.cli import add_serve_args
+from specpipe.launch.serve_flags import add_serve_args
 
 # Environment variables the parsers take defaults from: the files must not depend on the test's.
 ADDRESS_ENV = (

@@ -11,7 +11,7 @@ import socket
 import pytest
 
 from specpipe.launch import torchrun
-from specpipe.launch.cli import add_serve_args
+from specpipe.launch.serve_flags import add_serve_args
 
 SUPPRESSED = {"--draft-addr", "--target-addr", "--target-data-port", "--target-data-addr"}
 

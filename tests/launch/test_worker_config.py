@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from specpipe.config import TWO_LAYOUT_MEMORY_SHARE, WorkerConfig
-from specpipe.launch.cli import add_serve_args, worker_flags
+from specpipe.launch.serve_flags import add_serve_args, worker_flags
 from specpipe.launch.errors import UsageError
 from specpipe.launch.worker import parse_config, proposal_table, weight_layout
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
