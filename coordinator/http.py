@@ -275,7 +275,7 @@ async def _send_json(send, response: JSONResponse) -> None:
 
 
 class _Uvicorn(uvicorn.Server):
-    """uvicorn without its signal handlers: the process's own (launch/local.py) stop everything."""
+    """uvicorn without its signal handlers: the process's own (launch/serve.py) stop everything."""
 
     @contextlib.contextmanager
     def capture_signals(self):

@@ -43,7 +43,8 @@ def run_serve(args, plan, runtime) -> None:
     """Run `specpipe serve` as checked (`plan`), its workers' sockets in `runtime` (a RuntimeDir;
     None when both run elsewhere), until SIGINT/SIGTERM."""
     from specpipe.launch import endpoints
-    from specpipe.launch.local import WorkerOptions, serve, spawn_workers, start_together, stop_process
+    from specpipe.launch.local import WorkerOptions, spawn_workers, start_together, stop_process
+    from specpipe.launch.serve import serve
     from specpipe.launch.placement import worker_nice
     from specpipe.launch.preflight import check_tokenizers
     from specpipe.launch.report import summary_lines
