@@ -2,15 +2,23 @@
 specpipe.tools.trace_report DIR` after serving requests with `SPECPIPE_TRACE_DIR=DIR`.
 
 It merges the processes' files into one timeline and prints each worker's step costs, the target's
-busy share, its idle gaps between forwards by cause, and the hops of the wait after a rejection no
+busy share, its idle gaps between forwards by cause, the hops of the wait after a rejection no
 prepared branch foresaw (the resync's way to the draft, the draft's redrafting, the new block's
-way to the target). The workers' events carry no request id: read the last two with one request
+way to the target), and the main line's blocks by what came before each (how long they were cut,
+how much of them was accepted: where tokens per verification are lost). The workers' events carry no request id: read the last two with one request
 in flight at a time (the benchmark's single-client runs); the gaps' causes hold for any load.
 
 Gap causes, between the end of one target forward and the start of the next: `no wait` (the
 target had its next work queued: the gap is its loop's own turn, sending the verdicts and reading
 commands), else it waited for a command: `new request` (a prefill reached it meanwhile: a client's
 own pause), `unforeseen rejection` (the coordinator saw one meanwhile), `waited for a block`.
+
+Block contexts, per request, from the coordinator's `send`, `verdict` and `unforeseen` events: `at
+the request's start` (its first block), `behind a block in flight` (cut while the target verified
+the one before: just in time, or full), else sent to a target done with this request's blocks:
+`after an unforeseen rejection`, `after a prepared hit` (a block queued for the outcome the last
+verdict reached was verified) or `after a verdict`. Prepared (conditional) blocks are not counted:
+the one verified joins the main line's verdicts.
 """
 
 from __future__ import annotations
@@ -37,6 +45,8 @@ class Report:
     target_busy: float = 0.0  # share of the span from the first target forward to the last
     gaps: dict[str, list[float]] = field(default_factory=dict)  # cause -> target idle seconds
     rejection_hops: dict[str, list[float]] = field(default_factory=dict)  # hop -> seconds
+    # context -> (tokens, accepted or None while stale / unanswered) of each main-line block
+    main_blocks: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)
 
 
 def read_events(folder: Path) -> list[Event]:
@@ -160,6 +170,38 @@ def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
     return hops
 
 
+def main_blocks(events: list[Event]) -> dict[str, list[tuple[int, int | None]]]:
+    """context -> (tokens, accepted) of each main-line block the coordinator sent (the module doc
+    names the contexts); accepted is None for a block answered stale or not answered."""
+    blocks: dict[str, list[tuple[int, int | None]]] = {}
+    requests: dict[str, dict] = {}  # request id -> its blocks in flight and what last happened
+    for event in events:
+        if event.role != "coordinator" or event.kind not in ("send", "verdict", "unforeseen"):
+            continue
+        state = requests.setdefault(event.fields[0], {"in_flight": {}, "last": "at the request's start"})
+        if event.kind == "unforeseen":
+            state["last"] = "after an unforeseen rejection"
+        elif event.kind == "send":
+            block_id, length, conditional = event.fields[1], int(event.fields[3]), event.fields[4] == "1"
+            if conditional:
+                state["in_flight"][block_id] = None
+                continue
+            main = [entry for entry in state["in_flight"].values() if entry is not None]
+            context = "behind a block in flight" if main else state["last"]
+            entry = [context, length, None]
+            state["in_flight"][block_id] = entry
+            blocks.setdefault(context, []).append(entry)
+        else:
+            entry = state["in_flight"].pop(event.fields[1], "unknown")
+            stale, accepted = event.fields[2] == "1", int(event.fields[3])
+            if entry is None and not stale:  # a prepared block verified: the outcome was foreseen
+                state["last"] = "after a prepared hit"
+            elif entry not in (None, "unknown") and not stale:
+                entry[2] = accepted
+                state["last"] = "after a verdict"
+    return {context: [(length, accepted) for _, length, accepted in entries] for context, entries in blocks.items()}
+
+
 def report(folder: Path) -> Report:
     events = read_events(folder)
     result = Report()
@@ -173,6 +215,7 @@ def report(folder: Path) -> Report:
         span = spans[-1][1] - spans[0][0] - requests
         result.target_busy = sum(end - begin for begin, end in spans) / span if span > 0 else 0.0
     result.rejection_hops = rejection_hops(events)
+    result.main_blocks = main_blocks(events)
     return result
 
 
@@ -197,6 +240,17 @@ def text(result: Report) -> str:
         lines.append(f"after a rejection no branch foresaw ({count}), until the target's next forward:")
         for hop, seconds in result.rejection_hops.items():
             lines.append(f"  {hop}: {_ms(seconds)}")
+    if result.main_blocks:
+        lines.append("main-line blocks by what came before (tokens: count; accepted: mean over the verified):")
+        for context, entries in sorted(result.main_blocks.items(), key=lambda item: -len(item[1])):
+            lengths = sorted({length for length, _ in entries})
+            verified = [accepted for _, accepted in entries if accepted is not None]
+            accepted = f"{statistics.fmean(verified):.2f}" if verified else "-"
+            by_length = ", ".join(f"{n}: {sum(length == n for length, _ in entries)}" for n in lengths)
+            lines.append(
+                f"  {context}: {len(entries)} blocks, mean {statistics.fmean(length for length, _ in entries):.2f} "
+                f"tokens, accepted {accepted} ({by_length})"
+            )
     return "\n".join(lines)
 
 

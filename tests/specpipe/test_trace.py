@@ -104,6 +104,43 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
     assert "target busy: 82.0%" in text and "idle, unforeseen rejection: 1 gaps" in text
 
 
+# Two requests' blocks as the coordinator sent them (send: id, start, tokens, conditional; verdict:
+# id, stale, accepted), one of each context.
+BLOCKS = """
+0.001 send a 1 10 2 0
+0.002 send a 2 12 6 0
+0.003 send a 3 15 3 1
+0.010 verdict a 1 0 2
+0.020 verdict a 2 0 3
+0.030 verdict a 3 0 3
+0.031 send a 4 19 5 0
+0.040 verdict a 4 0 1
+0.041 sync a 3
+0.041 unforeseen a 0
+0.045 send a 5 21 2 0
+0.046 send a 6 23 4 0
+0.050 verdict a 5 0 1
+0.051 verdict a 6 1 0
+0.052 send a 7 23 3 0
+0.053 send b 1 5 2 0
+"""
+
+
+def test_the_report_sorts_the_main_lines_blocks_by_what_came_before(tmp_path):
+    (tmp_path / "coordinator-1.trace").write_text(BLOCKS.lstrip())
+    result = trace_report.report(tmp_path)
+    assert result.main_blocks == {
+        "at the request's start": [(2, 2), (2, None)],  # (b's not answered yet)
+        "behind a block in flight": [(6, 3), (4, None)],  # (the second answered stale)
+        "after a prepared hit": [(5, 1)],  # (block 3, conditional, verified: not a main-line block)
+        "after an unforeseen rejection": [(2, 1)],
+        "after a verdict": [(3, None)],
+    }
+    text = trace_report.text(result)
+    assert "  behind a block in flight: 2 blocks, mean 5.00 tokens, accepted 3.00 (4: 1, 6: 1)" in text
+    assert "  after a verdict: 1 blocks, mean 3.00 tokens, accepted - (3: 1)" in text
+
+
 class Idle:
     """A worker engine with nothing to compute (the loop's Engine protocol): the loop only waits
     and answers commands."""
