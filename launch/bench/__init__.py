@@ -53,9 +53,9 @@ Outputs under --out: results.json (machine, config, every per-trial figure, summ
 results.md (tables for the README), speedup.png.
 
 The package: run.py (flags, the run, `main`), runners.py (the timed methods and the trial loop),
-report.py (summaries, bounds, the three outputs), link.py (the latency axis's link). It talks to
-the server only through `specpipe.Client` and starts it through launch/local.py's public helpers;
-it knows nothing of the wire protocol. E(a, k) is specpipe/acceptance.py's, shared with the
+report.py (summaries, bounds), tables.py (the three outputs and their tables), link.py (the
+latency axis's link). It talks to the server only through `specpipe.Client` and starts it
+through launch/local.py's public helpers; it knows nothing of the wire protocol. E(a, k) is specpipe/acceptance.py's, shared with the
 coordinator's policy.
 """
 

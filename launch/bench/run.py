@@ -1,7 +1,7 @@
 """`specpipe bench`, the run (the package docstring, launch/bench/__init__.py, is the glossary):
 flags -> BenchConfig, the reference outputs, the HF calibration, the interleaved trials through
 one `specpipe serve` child, the latency axis and the step costs, gathered as one raw results dict
-for report.py. Talks to the server only through `specpipe.Client`; tables and plots are report's.
+for report.py. Talks to the server only through `specpipe.Client`; tables and plots are tables.py's.
 """
 
 from __future__ import annotations
@@ -473,7 +473,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
     config = config_from_args(args, command_line)
     import torch
 
-    from specpipe.launch.bench import report
+    from specpipe.launch.bench import report, tables
 
     from transformers.utils import logging as hf_logging
 
@@ -486,7 +486,7 @@ def main(args: argparse.Namespace | list[str] | None = None) -> int:
         torch.set_num_threads(threads)
         hf_logging.set_verbosity(verbosity)
         hf_logging.enable_progress_bar()
-    paths = report.write_outputs(results, Path(config.out))
+    paths = tables.write_outputs(results, Path(config.out))
     print(f"wrote {', '.join(str(path) for path in paths)}")
     if not results["correctness"]["all_match"]:
         logger.error(

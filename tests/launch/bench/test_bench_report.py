@@ -1,11 +1,11 @@
-"""The benchmark's bounds (launch/bench/report.py) on numbers worked by hand, and the acceptance
-rate implied by a measured number of tokens per verification (the inverse of E(a, k), whose own
-values are checked in tests/specpipe/test_acceptance.py)."""
+"""The benchmark's bounds (launch/bench/report.py) and table rows (tables.py) on numbers worked by
+hand, and the acceptance rate implied by a measured number of tokens per verification (the inverse
+of E(a, k), whose own values are checked in tests/specpipe/test_acceptance.py)."""
 
 import pytest
 
 from specpipe.acceptance import expected_tokens
-from specpipe.launch.bench import report
+from specpipe.launch.bench import report, tables
 
 
 @pytest.mark.parametrize("a, k", [(0.5, 4), (0.8, 1), (0.93, 6), (0.05, 3)])
@@ -57,7 +57,7 @@ def test_rejections_and_hits_per_rank_are_summarised_per_trial_and_shown():
         {"tried": 1.0, "hits": 0.5, "rate": 0.5},
     ]
     summary["bound"] = None
-    row = report.method_row("specpipe_specbranch", summary)
+    row = tables.method_row("specpipe_specbranch", summary)
     assert "15 (main 10)" in row and "33% of forks, 40% of rejections; by rank 50% / 50%" in row
     hf = [dict(r, counters={k: v for k, v in r["counters"].items() if "rank" not in k and "reject" not in k})
           for r in records]  # fmt: skip
@@ -86,5 +86,5 @@ def test_side_by_side_ratios_are_taken_within_each_trial():
     assert pairs["specpipe_specbranch/specpipe_sequential"]["min"] == pytest.approx(1.2)
     assert pairs["specpipe_specbranch/hf_autoregressive"]["median"] == pytest.approx(2.4)
     assert pairs["specpipe_specbranch/hf_autoregressive"]["min"] == pytest.approx(1.5)
-    lines = report.pair_lines({"0": pairs, "1": {}})
+    lines = tables.pair_lines({"0": pairs, "1": {}})
     assert "| specpipe specbranch over specpipe sequential | 1.20 [1.20–1.20]× | – |" in lines
