@@ -37,7 +37,8 @@ from specpipe.coordinator.admission import Admission, AdmissionLimits
 from specpipe.coordinator.auth import BearerTokenInterceptor, read_token
 from specpipe.coordinator.http import HttpServer, HttpSettings, build_app
 from specpipe.coordinator.metrics import ServerMetrics
-from specpipe.coordinator.servicer import ServingLimits, SpecPipeServicer
+from specpipe.coordinator.servicer import SpecPipeServicer
+from specpipe.coordinator.validation import ServingLimits
 from specpipe.coordinator.workers import WorkerClient, WorkerDown
 from specpipe.curve import load_keys
 from specpipe.models import load_tokenizer

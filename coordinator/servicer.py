@@ -1,9 +1,10 @@
-"""The public gRPC service (DESIGN §7): validation, admission, tokenisation, streaming, stats.
+"""The public gRPC service (DESIGN §7): admission, streaming, stats; each request validated by
+coordinator/validation.py.
 
 The servicer holds references to the tokenizer, the two worker clients, the admission queue and
 the counters. A request's whole life is one transport-neutral coroutine, `execute`: build a
-RequestPlan, wait for admission, run the plan through a RequestRun and hand each committed chunk
-(a GenerateResponse) to the transport's `send`. Both public transports call it: gRPC's
+RequestPlan (`plan_request`), wait for admission, run the plan through a RequestRun and hand each
+committed chunk (a GenerateResponse) to the transport's `send`. Both public transports call it: gRPC's
 `Generate` here, and the OpenAI-compatible HTTP API (coordinator/openai_api.py), so they share one
 admission queue, one set of limits and one set of counters and metrics.
 
@@ -23,48 +24,30 @@ from __future__ import annotations
 import asyncio
 import collections
 import logging
-import math
-import secrets
 import time
-import uuid
 from collections import Counter
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 
 import grpc
-import numpy as np
 from grpc._cython import cygrpc
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
-from specpipe.coordinator.policy import AcceptanceModel, PolicyConfig
+from specpipe.coordinator.policy import AcceptanceModel
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, open_channel
 from specpipe.coordinator.schedules import RunStats
-from specpipe.coordinator.text import PromptEncoder, PromptTooLong, TextStream
+from specpipe.coordinator.text import PromptEncoder, TextStream
+from specpipe.coordinator.validation import InvalidRequest, ServingLimits, plan_request
 from specpipe.coordinator.workers import WorkerClient, WorkerDown, WorkerFailed
 from specpipe.modes import Mode
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
-from specpipe.sampling import SamplingParams
 
 logger = logging.getLogger(__name__)
 
-# Limits on the small fields: generous for real use, small enough that a request cannot make
-# the coordinator do unbounded work.
-MAX_REQUEST_ID_CHARS = 256
-MAX_STOP_STRINGS = 16
-MAX_STOP_CHARS = 256
-# The smallest temperature that samples: below it, logits / temperature overflows float32 for
-# logits that real models produce and the distribution turns to NaN (seen with 1e-38). vLLM's
-# sampling epsilon, rounded to float32 as the field arrives (so that 1e-5 itself passes); 0 is greedy.
-MIN_TEMPERATURE = float(np.float32(1e-5))
 # A gRPC client's own deadline timer fires, and cancels the call, a little before the server's
 # (which starts when the request arrives, from the time the client had left): a call cancelled
 # this close to its deadline expired.
 DEADLINE_SLACK_S = 0.25
-
-
-class InvalidRequest(ValueError):
-    """A request field is wrong; the message names it."""
 
 
 class Refused(Exception):
@@ -138,15 +121,6 @@ class Chunks:
         return response
 
 
-@dataclass(frozen=True)
-class ServingLimits:
-    vocab_size: int
-    context_length: int
-    max_new_tokens_cap: int
-    default_mode: str
-    policy: PolicyConfig
-
-
 class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
     def __init__(
         self,
@@ -171,80 +145,6 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         self.finished: Counter = Counter()
 
     # -- validation -----------------------------------------------------------------------------
-    async def plan(self, request: specpipe_pb2.GenerateRequest) -> tuple[RequestPlan, list[str]]:
-        """Validate a request (cheap checks first: a prompt is bounded before it is tokenised)."""
-        limits = self.limits
-        if len(request.request_id) > MAX_REQUEST_ID_CHARS:
-            raise InvalidRequest(f"request_id is longer than {MAX_REQUEST_ID_CHARS} characters")
-        if bool(request.prompt) == bool(request.prompt_ids):
-            raise InvalidRequest("exactly one of prompt / prompt_ids must be set")
-        if len(request.prompt_ids) > limits.context_length:
-            raise InvalidRequest(
-                f"prompt_ids has {len(request.prompt_ids)} tokens: more than the model context "
-                f"of {limits.context_length}"
-            )
-        if request.prompt:
-            try:
-                prompt_ids = await self.encoder.encode(request.prompt)
-            except PromptTooLong as err:
-                raise InvalidRequest(str(err)) from None
-            if not prompt_ids:
-                raise InvalidRequest("prompt tokenizes to no tokens")
-        else:
-            prompt_ids = list(request.prompt_ids)
-            for index, token_id in enumerate(prompt_ids):
-                if not 0 <= token_id < limits.vocab_size:
-                    raise InvalidRequest(
-                        f"prompt_ids[{index}] = {token_id} is outside the vocabulary [0, {limits.vocab_size})"
-                    )
-        if request.max_new_tokens == 0:
-            raise InvalidRequest("max_new_tokens is required and must be >= 1")
-        if request.max_new_tokens > limits.max_new_tokens_cap:
-            raise InvalidRequest(
-                f"max_new_tokens = {request.max_new_tokens} exceeds the server's cap of {limits.max_new_tokens_cap}"
-            )
-        if len(prompt_ids) + request.max_new_tokens > limits.context_length:
-            raise InvalidRequest(
-                f"prompt ({len(prompt_ids)} tokens) plus max_new_tokens "
-                f"({request.max_new_tokens}) exceeds the model context of "
-                f"{limits.context_length} tokens"
-            )
-        if not math.isfinite(request.temperature) or request.temperature < 0:
-            raise InvalidRequest(f"temperature must be a finite number >= 0, got {request.temperature}")
-        if 0 < request.temperature < MIN_TEMPERATURE:
-            raise InvalidRequest(
-                f"temperature must be 0 (greedy) or at least {MIN_TEMPERATURE:g}, got {request.temperature:g}"
-            )
-        if not math.isfinite(request.top_p) or not 0 <= request.top_p <= 1:
-            raise InvalidRequest(f"top_p must be in [0, 1], got {request.top_p}")
-        if len(request.stop) > MAX_STOP_STRINGS:
-            raise InvalidRequest(f"stop has {len(request.stop)} strings, at most {MAX_STOP_STRINGS} allowed")
-        for index, stop in enumerate(request.stop):
-            if not stop or len(stop) > MAX_STOP_CHARS:
-                raise InvalidRequest(f"stop[{index}] must be 1 to {MAX_STOP_CHARS} characters")
-        try:
-            mode = Mode.from_proto(request.mode) or Mode(limits.default_mode)
-        except ValueError:
-            raise InvalidRequest(f"mode = {request.mode} is not a known Mode") from None
-        top_p = request.top_p if 0 < request.top_p < 1 else 1.0
-        plan = RequestPlan(
-            request_id=request.request_id or uuid.uuid4().hex,
-            prompt_ids=prompt_ids,
-            max_new_tokens=request.max_new_tokens,
-            sampling=SamplingParams(
-                temperature=request.temperature,
-                top_k=request.top_k,
-                top_p=top_p,
-                drafter_invariant=request.drafter_invariant,
-            ),
-            seed=request.seed if request.HasField("seed") else secrets.randbits(63),
-            mode=mode,
-            policy=limits.policy,
-            seeded=request.HasField("seed"),
-            noise_vocab=limits.vocab_size,
-        )
-        return plan, list(request.stop)
-
     # -- the request lifecycle, for every transport --------------------------------------------
     async def execute(
         self, request: specpipe_pb2.GenerateRequest, send: Send, gone: Gone = lambda: "CANCELLED"
@@ -258,7 +158,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
         run at once instead of whenever an abandoned generator is collected."""
         arrived = time.monotonic()
         try:
-            plan, stop = await self.plan(request)
+            plan, stop = await plan_request(request, self.limits, self.encoder)
         except InvalidRequest as err:
             raise self._refused("INVALID_ARGUMENT", str(err)) from None
         log = RequestLog(logger, plan.request_id)

@@ -12,7 +12,8 @@ import pytest
 from specpipe.coordinator import servicer as servicer_module
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.policy import PolicyConfig
-from specpipe.coordinator.servicer import Chunks, ServingLimits, SpecPipeServicer
+from specpipe.coordinator.servicer import Chunks, SpecPipeServicer
+from specpipe.coordinator.validation import ServingLimits
 from specpipe.coordinator.workers import WorkerDown
 from specpipe.proto.specpipe.v1 import specpipe_pb2
 
