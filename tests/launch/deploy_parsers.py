@@ -9,7 +9,7 @@ import types
 import pytest
 
 from specpipe.launch import torchrun as torchrun_entry
-from specpipe.launch import worker as worker_entry
+from specpipe.launch import worker_flags as worker_entry
 from specpipe.launch.serve_flags import add_serve_args
 
 # Environment variables the parsers take defaults from: the files must not depend on the test's.

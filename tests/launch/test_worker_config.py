@@ -13,7 +13,8 @@ import torch
 from specpipe.config import TWO_LAYOUT_MEMORY_SHARE, WorkerConfig
 from specpipe.launch.serve_flags import add_serve_args, worker_flags
 from specpipe.launch.errors import UsageError
-from specpipe.launch.worker import parse_config, proposal_table, weight_layout
+from specpipe.launch.worker import proposal_table, weight_layout
+from specpipe.launch.worker_flags import parse_config
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
 from specpipe.proposal import ProposalTemperatures
 
