@@ -137,18 +137,24 @@ def auto_pins(
     return {**pins, "coordinator": pins["draft"]}, "--pin auto: the coordinator beside the draft"
 
 
+def grouped(cpus: list[int], sharers) -> list[list[int]]:
+    """`cpus` grouped by what they share (`sharers(cpu)`: a physical core, a cache; None: unknown,
+    so shared with every other), each group in `cpus`' order, groups by their first CPU."""
+    within, groups = set(cpus), {}
+    for cpu in cpus:
+        groups.setdefault(min((sharers(cpu) or within) & within | {cpu}), []).append(cpu)
+    return list(groups.values())
+
+
 def worker_cores(cores: list[int], threads: int, siblings, caches) -> tuple[list[int], list[int]]:
     """(the target's cores, the draft's): `threads` each, from two different last-level caches
     where two of them have room for a worker's threads on physical cores of their own (the target
     in the first such, by CPU number, the draft in the next); else from `cores` in `worker_order`.
     A CPU whose cache the kernel does not name counts as sharing every other's."""
-    domains: dict[int, list[int]] = {}
-    for cpu in cores:
-        domains.setdefault(min((caches(cpu) or set(cores)) & set(cores) | {cpu}), []).append(cpu)
     roomy = [
-        order
-        for order in (worker_order(domain, siblings, threads) for domain in domains.values())
-        if len({min(siblings(cpu) & set(order) | {cpu}) for cpu in order[:threads]}) == threads
+        worker_order(domain, siblings, threads)
+        for domain in grouped(cores, caches)
+        if len(grouped(domain, siblings)) >= threads
     ]
     if len(roomy) >= 2:
         return roomy[0][:threads], roomy[1][:threads]
@@ -162,10 +168,7 @@ def worker_order(cores: list[int], siblings, wanted: int) -> list[int]:
     siblings share one core's units: the target and the draft would slow each other); else whole
     physical cores in turn, so each worker's threads keep to cores of their own as far as they go.
     Without SMT: `cores` as they are."""
-    groups: dict[int, list[int]] = {}
-    for cpu in cores:
-        groups.setdefault(min(siblings(cpu) & set(cores) | {cpu}), []).append(cpu)
-    physical = list(groups.values())
+    physical = grouped(cores, siblings)
     if len(physical) >= wanted:
         firsts = [group[0] for group in physical]
         return firsts + [cpu for group in physical for cpu in group[1:]]

@@ -5,8 +5,9 @@ It merges the processes' files into one timeline and prints each worker's step c
 busy share, its idle gaps between forwards by cause, the hops of the wait after a rejection no
 prepared branch foresaw (the resync's way to the draft, the draft's redrafting, the new block's
 way to the target), and the main line's blocks by what came before each (how long they were cut,
-how much of them was accepted: where tokens per verification are lost). The workers' events carry no request id: read the last two with one request
-in flight at a time (the benchmark's single-client runs); the gaps' causes hold for any load.
+how much of them was accepted: where tokens per verification are lost). The workers' events carry
+no request id: read the hops and the blocks with one request in flight at a time (the
+benchmark's single-client runs); the gaps' causes hold for any load.
 
 Gap causes, between the end of one target forward and the start of the next: `no wait` (the
 target had its next work queued: the gap is its loop's own turn, sending the verdicts and reading
@@ -173,33 +174,34 @@ def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
 def main_blocks(events: list[Event]) -> dict[str, list[tuple[int, int | None]]]:
     """context -> (tokens, accepted) of each main-line block the coordinator sent (the module doc
     names the contexts); accepted is None for a block answered stale or not answered."""
-    blocks: dict[str, list[tuple[int, int | None]]] = {}
+    blocks: dict[str, list[list]] = {}  # context -> [tokens, accepted] of each block
     requests: dict[str, dict] = {}  # request id -> its blocks in flight and what last happened
     for event in events:
         if event.role != "coordinator" or event.kind not in ("send", "verdict", "unforeseen"):
             continue
-        state = requests.setdefault(event.fields[0], {"in_flight": {}, "last": "at the request's start"})
+        state = requests.setdefault(event.fields[0], {"main": {}, "prepared": set(), "last": "at the request's start"})
         if event.kind == "unforeseen":
             state["last"] = "after an unforeseen rejection"
         elif event.kind == "send":
             block_id, length, conditional = event.fields[1], int(event.fields[3]), event.fields[4] == "1"
             if conditional:
-                state["in_flight"][block_id] = None
+                state["prepared"].add(block_id)
                 continue
-            main = [entry for entry in state["in_flight"].values() if entry is not None]
-            context = "behind a block in flight" if main else state["last"]
-            entry = [context, length, None]
-            state["in_flight"][block_id] = entry
-            blocks.setdefault(context, []).append(entry)
+            context = "behind a block in flight" if state["main"] else state["last"]
+            state["main"][block_id] = [length, None]
+            blocks.setdefault(context, []).append(state["main"][block_id])
         else:
-            entry = state["in_flight"].pop(event.fields[1], "unknown")
-            stale, accepted = event.fields[2] == "1", int(event.fields[3])
-            if entry is None and not stale:  # a prepared block verified: the outcome was foreseen
+            block_id, stale, accepted = event.fields[1], event.fields[2] == "1", int(event.fields[3])
+            prepared, entry = block_id in state["prepared"], state["main"].pop(block_id, None)
+            state["prepared"].discard(block_id)
+            if stale:
+                continue
+            if prepared:  # a prepared block verified: the outcome was foreseen
                 state["last"] = "after a prepared hit"
-            elif entry not in (None, "unknown") and not stale:
-                entry[2] = accepted
+            elif entry is not None:
+                entry[1] = accepted
                 state["last"] = "after a verdict"
-    return {context: [(length, accepted) for _, length, accepted in entries] for context, entries in blocks.items()}
+    return {context: [(length, accepted) for length, accepted in entries] for context, entries in blocks.items()}
 
 
 def report(folder: Path) -> Report:
