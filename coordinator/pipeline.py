@@ -32,6 +32,11 @@ verifying, marked with the block whose verdict it assumes and the token it assum
 so the target goes from one to the next without waiting for the coordinator. If the first is not
 fully accepted, the queued one is answered `stale` (nothing computed) and dropped here.
 
+Forks cost the main line: every row of a draft step slows the step. So while the request has the
+workers to itself and the main line's next block is short of full with room on the target (it is
+what the target verifies next), only the nearest `urgent_fork_rows` forks draft beside it; the
+others pause (a Draft of 0 tokens) and draft on once that block is queued (`held_forks`).
+
 Outcome-keyed (prepared) blocks, specbranch: once a fork's drafting job ends and its fork point
 is in a block in flight, its drafted tokens are queued on the target too, conditional on that
 block's verdict emitting the fork's token there (`send_prepared`). The target checks every queued
@@ -79,6 +84,7 @@ class BranchView:
     stalled_at: int = -1  # length at which the drafter had nothing to propose
     rank: int = -1  # a fork: its token's rank among the alternatives at fork_at (0: the best)
     prepared: bool = False  # a fork: its block is queued on the target (conditional on its token)
+    paused: bool = False  # a fork held back while the main line's next block is urgent (it drafts on later)
 
 
 class Pipelined(Schedule):
@@ -135,12 +141,29 @@ class Pipelined(Schedule):
             unsure = [p for p in self.branches[self.main].alternatives if p >= len(self.tokens)]
             if unsure:
                 main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
-        by_need: dict[int, list[int]] = {}
+        wanting = {}  # branch -> its horizon, for every branch with tokens still to draft
         for branch_id, view in self.branches.items():
             horizon = (
                 main_horizon if view.fork_at is None else min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
             )
-            if view.job_end < horizon and len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
+            if len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
+                wanting[branch_id] = horizon
+        held = self.held_forks(wanting)
+        paused = []
+        for branch_id in wanting:
+            view = self.branches[branch_id]
+            if branch_id in held:
+                if self.drafting(view) and not view.paused:
+                    paused.append(branch_id)
+                view.job_end, view.paused = len(view.tokens), True
+            else:
+                view.paused = False
+        if paused:
+            await self.channel.draft_tokens(paused, self.epoch, 0, 0.0, 0, False)
+        by_need: dict[int, list[int]] = {}
+        for branch_id, horizon in wanting.items():
+            view = self.branches[branch_id]
+            if branch_id not in held and view.job_end < horizon:
                 by_need.setdefault(horizon - len(view.tokens), []).append(branch_id)
         for need, branch_ids in by_need.items():
             for branch_id in branch_ids:
@@ -150,9 +173,25 @@ class Pipelined(Schedule):
                 branch_ids, self.epoch, need, self.policy.min_confidence, self.policy.branch_width, self.sends_probs
             )
 
+    def held_forks(self, wanting: dict[int, int]) -> set[int]:
+        """Of the branches `wanting` tokens, the forks that pause now: while the main line's next
+        block is short of full and there is room for it on the target (the target verifies it
+        next), each fork's row in a draft step slows the main line's, so only the nearest
+        `urgent_fork_rows` fork points (then the best ranks) draft. The others draft on once the
+        block is sent (a paused fork is still prepared just in time for its holder's verdict)."""
+        cap = self.policy.urgent_fork_rows()
+        forks = [b for b in wanting if self.branches[b].fork_at is not None]
+        if cap is None or len(forks) <= cap or self.main not in wanting:
+            return set()
+        if len(self.live()) >= self.policy.lookahead_blocks():
+            return set()
+        forks.sort(key=lambda b: (self.branches[b].fork_at, self.branches[b].rank))
+        return set(forks[cap:])
+
     @staticmethod
     def drafting(view: BranchView) -> bool:
-        return view.job_end > len(view.tokens)
+        """Whether more of its tokens are to come (a paused fork's too: it drafts on later)."""
+        return view.paused or view.job_end > len(view.tokens)
 
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
         view = self.branches[token.branch_id]
@@ -179,8 +218,8 @@ class Pipelined(Schedule):
             view.job_end = len(view.tokens)
         if token.branch_id == self.main and alternatives:
             await self.fork_where_unsure()
-        elif view.fork_at is not None:
-            await self.send_prepared()
+        elif view.fork_at is not None or any(v.paused for v in self.branches.values()):
+            await self.send_prepared()  # (a paused fork is prepared just in time, as the main line drafts)
 
     async def fork_where_unsure(self) -> None:
         """Fork the main branch's alternatives at its unverified unsure positions, nearest first,
@@ -427,7 +466,7 @@ class Pipelined(Schedule):
         self.main = survivor
         self.main_ids.add(survivor)
         view = self.branches[survivor]
-        view.fork_at = None  # (promoted: it is the main line now)
+        view.fork_at, view.paused = None, False  # (promoted: it is the main line now)
         if survivor not in agree:  # nothing agrees: roll main back to the committed tokens
             self.epoch += 1
             # The draft keeps its tokens up to the first that differs (the correction's position;

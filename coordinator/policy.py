@@ -287,6 +287,13 @@ class DraftPolicy:
     def prepare_branch_blocks(self) -> bool:
         return self.config.prepare_branch_blocks and self.mode == Mode.SPECBRANCH
 
+    def urgent_fork_rows(self) -> int | None:
+        """How many forks draft beside the main line while its next block is urgent (specbranch,
+        `Pipelined.held_forks`); None: no cap. Only while the request has the workers to itself: in
+        a shared draft step its own forks are a small part of the step's cost."""
+        cap = self.config.urgent_fork_rows
+        return cap if self.mode == Mode.SPECBRANCH and self.alone() else None
+
     def fill_tokens(self) -> int:
         """How many tokens the target decodes by itself after a rejection while the draft redrafts
         (pipelined modes; `--idle-decode`: auto asks the acceptance model, on fills with at least
@@ -342,12 +349,18 @@ class DraftPolicy:
         verify costs little more per token) and the draft fills the next one meanwhile."""
         return min(self.block_length(), IDLE_SEND_TOKENS)
 
+    def alone(self) -> bool:
+        """Whether the request has the workers to itself, as measured: the target's batches hold
+        under ALONE_BATCH_ROWS requests on average."""
+        rows = self.model.batch_rows
+        return rows is not None and rows < ALONE_BATCH_ROWS
+
     def min_branch_prob(self) -> float:
         """The least draft probability of a candidate worth forking: lower while the request has the
         workers to itself (the draft idles most of the time; more forks meet more rejections), the
         configured bar while the target's batches hold other requests (forks cost the shared draft)."""
-        rows, config = self.model.batch_rows, self.config
-        if rows is not None and rows < ALONE_BATCH_ROWS:
+        config = self.config
+        if self.alone():
             return min(config.min_branch_prob, config.min_branch_prob_alone)
         return config.min_branch_prob
 

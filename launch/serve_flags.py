@@ -45,6 +45,19 @@ def probability_or_auto(text: str) -> float | None:
     return value
 
 
+def count_or_off(text: str) -> int | None:
+    """`off` -> None, else a count >= 0."""
+    if text == "off":
+        return None
+    try:
+        count = int(text)
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise argparse.ArgumentTypeError(f"want off or a count >= 0, got {text!r}")
+    return count
+
+
 def seconds(text: str) -> float:
     """A duration flag: a number of seconds >= 0."""
     try:
@@ -185,6 +198,15 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         help="specbranch mode: queue each drafted branch on the target behind the block holding its fork "
         "point, so that a verdict emitting the branch's token goes on to verify it without waiting for "
         "the coordinator (default: on)",
+    )
+    parser.add_argument(
+        "--urgent-fork-rows",
+        type=count_or_off,
+        default=PolicyConfig.urgent_fork_rows,
+        metavar="N|off",
+        help="specbranch mode, while a request has the workers to itself: when the main line's next "
+        "block is short of full and has room on the target, at most N forks draft beside it, the "
+        "nearest fork points first; the others pause (default: %(default)s; off: no cap)",
     )
     parser.add_argument(
         "--idle-decode",

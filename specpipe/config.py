@@ -142,6 +142,13 @@ class PolicyConfig:
     # specbranch: queue each drafted branch on the target behind the block holding its fork point,
     # verified there the moment the verdict emits the branch's token (no round trip through us).
     prepare_branch_blocks: bool = True
+    # specbranch, while a request has the workers to itself: when the main line's next block is short
+    # of full and has room on the target, at most this many forks draft beside it (the nearest fork
+    # points first; the rest pause: each fork's row slows the main line's draft step). None: no cap.
+    # Demo pair, one greedy client, served A/Bs against no cap: 2: 1.03-1.05x (four runs of 14-40
+    # trials); 1: 1.02x; 0: 0.95x; 3: 0.97x; T=1, 2: 1.02x. Not with other requests in the batches:
+    # there a request's own forks are a small share of a shared draft step (6 clients: 0.97x).
+    urgent_fork_rows: int | None = 2
     # Pipelined modes: after a rejection nothing foresaw, the target decodes by itself until the
     # redrafted block comes (greedy and drafter-invariant requests): auto (when the measured redraft
     # takes longer than a one-token forward), on, off. Off by default: on the demo pair, A/B against
@@ -154,6 +161,7 @@ class PolicyConfig:
         assert self.idle_decode in IDLE_DECODE, f"idle_decode must be one of {IDLE_DECODE}"
         assert self.num_draft_tokens >= 1, "num_draft_tokens must be >= 1"
         assert self.branch_lookahead >= 0 and self.max_branches >= 0, "branch budget must be >= 0"
+        assert self.urgent_fork_rows is None or self.urgent_fork_rows >= 0, "urgent_fork_rows must be >= 0"
         assert self.main_lookahead is None or self.main_lookahead >= 0, "main_lookahead must be >= 0"
 
 

@@ -79,6 +79,7 @@ class FakeWorkers:
         self.branches: dict[int, list[int]] = {}
         self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
         self.stale_answers = 0
+        self.pauses = 0  # branches told to stop drafting for now (a Draft of 0 tokens)
         self.last_block_id = 0  # the last block verified
         self.rejections = 0  # blocks answered with a draft token rejected
         self.commands: list[str] = []
@@ -113,8 +114,12 @@ class FakeWorkers:
         self.branches = {0: list(msg.token_ids)}
 
     def _draft_draft(self, msg) -> None:
-        for branch_id in msg.branch_ids:
-            self.jobs[branch_id] = [msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates]
+        for branch_id in msg.branch_ids:  # (max_tokens 0: the branch pauses, as on the draft worker)
+            if msg.max_tokens > 0:
+                self.jobs[branch_id] = [msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates]
+            else:
+                self.jobs.pop(branch_id, None)
+                self.pauses += 1
 
     def _draft_fork(self, msg) -> None:
         self.branches[msg.branch_id] = self.branches[msg.parent_branch_id][: msg.position] + list(msg.token_ids)

@@ -116,6 +116,22 @@ def test_the_candidate_bar_is_lower_while_a_request_has_the_workers_to_itself():
     assert policy.branch_candidates(*candidates) == [5]
 
 
+def test_forks_are_capped_beside_an_urgent_main_line_only_while_a_request_is_alone():
+    """urgent_fork_rows applies while the target's batches hold one request (its forks are then
+    most of a draft step), in specbranch only; not before a forward is measured nor once others
+    share the batches."""
+    policy = DraftPolicy(PolicyConfig(urgent_fork_rows=2), "specbranch")
+    assert policy.urgent_fork_rows() is None  # nothing measured yet
+    for _ in range(30):
+        policy.model.observe_forward(rows=1, tokens=7, seconds=0.017)
+    assert policy.urgent_fork_rows() == 2
+    assert DraftPolicy(PolicyConfig(urgent_fork_rows=None), "specbranch", policy.model).urgent_fork_rows() is None
+    assert DraftPolicy(PolicyConfig(urgent_fork_rows=2), "pipelined", policy.model).urgent_fork_rows() is None
+    for _ in range(30):
+        policy.model.observe_forward(rows=8, tokens=40, seconds=0.05)
+    assert policy.urgent_fork_rows() is None
+
+
 def test_fork_candidates_only_at_unsure_tokens_in_specbranch():
     config = PolicyConfig(branch_width=2, min_branch_prob=0.1, branch_confidence=0.8, max_branches=4)
     policy = DraftPolicy(config, "specbranch")

@@ -182,12 +182,14 @@ def test_prepared_blocks_take_the_target_on_from_the_verdicts_it_was_made_for(mi
     assert all(run("specbranch", seed, policy=off)[1].stats.prepared_hits == 0 for seed in SEEDS)
 
 
+@pytest.mark.parametrize("paused", [False, True])
 @pytest.mark.parametrize("verdict_in_s, sent", [(0.0, True), (10.0, False)])
-def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(verdict_in_s, sent):
+def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(verdict_in_s, sent, paused):
     """A fork's block goes to the target once its drafting job ends, or earlier, with the tokens it
     has, when its next token would come after the verdict of the block holding its fork point: a
     shorter prepared block beats a round trip through the coordinator (the rest of the fork follows
-    as the next block on a hit). Its holder's verdict far off, it drafts on."""
+    as the next block on a hit). Its holder's verdict far off, it drafts on. A paused fork
+    (urgent_fork_rows: no job now) is one still drafting: it drafts on later."""
     from specpipe.coordinator.pipeline import BranchView, Pipelined
 
     workers = FakeWorkers(0)
@@ -205,6 +207,8 @@ def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(
     holder = Block(start=5, token_ids=[7, 8, 9], done_at=time.monotonic() + verdict_in_s)
     schedule.in_flight.append(holder)
     fork = BranchView(PROMPT + [7, 40, 41, 42], fork_at=6, job_end=6 + 8)  # 3 of its 8 tokens drafted
+    if paused:
+        fork.job_end, fork.paused = len(fork.tokens), True
     schedule.branches[2] = fork
 
     asyncio.run(schedule.send_prepared())
@@ -215,6 +219,68 @@ def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(
         assert block.after == holder.block_id
     else:
         assert list(schedule.in_flight) == [holder]
+
+
+def alone_model() -> AcceptanceModel:
+    """A server-wide model that has seen the target's batches hold one request (urgent_fork_rows
+    applies)."""
+    model = AcceptanceModel()
+    for _ in range(30):
+        model.observe_forward(1, 5, 0.01)
+    return model
+
+
+def test_forks_pause_while_the_main_lines_next_block_is_urgent_and_draft_on_once_it_is_sent():
+    """While the main line's next block is short of full and has room on the target, only the
+    nearest `urgent_fork_rows` forks draft beside it (each fork's row slows the main line's draft
+    step): the others get no job, those drafting are paused (a Draft of 0 tokens); once the block
+    is queued the target's room is taken and they draft on, each to its horizon."""
+    from specpipe.coordinator.pipeline import BranchView, Pipelined
+
+    workers = FakeWorkers(0)
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, branch_lookahead=4)
+    plan = RequestPlan("r", PROMPT, MAX_NEW, SamplingParams(), seed=0, mode="specbranch", policy=policy)
+    channel = RequestChannel("r", workers.draft, workers.target, use_draft=True)
+    schedule = Pipelined(plan, channel, DraftPolicy(policy, "specbranch", alone_model()), RunStats())
+    head = Block(start=5, token_ids=[7, 8, 9], done_at=time.monotonic() + 10)
+    schedule.in_flight.append(head)
+    schedule.branches[0].tokens += [7, 8, 9, 10]  # one token of the next block drafted
+    forks = {2: (7, 1), 3: (9, 0), 4: (6, 1), 5: (6, 0)}  # branch -> (fork point, rank); 2 and 3 drafting
+    for branch_id, (at, rank) in forks.items():
+        schedule.branches[branch_id] = BranchView(
+            schedule.branches[0].tokens[:at] + [50 + branch_id], fork_at=at, rank=rank
+        )
+    workers.jobs = {2: [0, 3, 0.0, 2], 3: [0, 3, 0.0, 2]}
+    schedule.branches[2].job_end = schedule.branches[3].job_end = 12
+
+    asyncio.run(schedule.keep_drafting())
+    assert sorted(workers.jobs) == [0, 4, 5]  # main, and the two nearest fork points (6: both ranks)
+    assert schedule.branches[2].paused and schedule.branches[3].paused
+    assert "draft:draft" in workers.commands
+
+    schedule.in_flight.append(Block(start=8, token_ids=[10], done_at=time.monotonic() + 20))  # the block went
+    asyncio.run(schedule.keep_drafting())
+    assert sorted(workers.jobs) == [0, 2, 3, 4, 5]
+    assert not any(view.paused for view in schedule.branches.values())
+    assert workers.jobs[2][1] == 7 + 1 + 4 - len(schedule.branches[2].tokens)  # to its horizon
+
+
+def test_capped_forks_keep_every_ordering_exact():
+    """urgent_fork_rows pausing and resuming forks (the request alone): the committed tokens are the
+    target's greedy ones whatever the ordering, the counters keep their invariants, and paused forks
+    are still hit."""
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, urgent_fork_rows=1)
+    pauses = hits = 0
+    for seed in SEEDS:
+        tokens, request, workers = run(
+            "specbranch", seed, policy=policy, model=alone_model(), slow_target=seed % 2 == 1, misleading=seed % 3 > 0
+        )
+        assert tokens == greedy(PROMPT, MAX_NEW), seed
+        stats = request.stats
+        assert stats.rolled_back_tokens == stats.drafted_tokens - stats.accepted_tokens - stats.kept_tokens >= 0
+        assert stats.branches_hit <= stats.branches_forked
+        pauses, hits = pauses + workers.pauses, hits + stats.branches_hit
+    assert pauses > 0 and hits > 0
 
 
 def test_a_prepared_block_verified_before_a_hand_over_is_committed_by_the_schedule_taking_over():
