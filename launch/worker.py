@@ -232,7 +232,8 @@ def build_store(config: WorkerConfig, model, device, slots: int):
     its type and why), allocated now: on a GPU its memory is taken at once, so a store that does
     not fit fails at start-up naming the flags, never an out-of-memory error mid-request; on a CPU
     the OS backs only the pages sequences write. On a GPU the slots are cut to what fits."""
-    from specpipe.kv_store import KVStore, prepare_model, written_out_forward
+    from specpipe.kv_store import KVStore, written_out_forward
+    from specpipe.model_check import prepare_model
     from specpipe.models import context_length
 
     prepare_model(model, device, lean=config.role == "draft")

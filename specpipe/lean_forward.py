@@ -10,8 +10,8 @@ logits); served A/B against the model's own forward (per-trial medians): greedy 
 `lean_forward(model)` returns the function, or None when the model is not one it reproduces: not
 the Llama or Qwen2 classes (Qwen2 is Llama with biased q/k/v projections, which the code takes as
 they come), rotary embeddings other than the static kinds, an activation other than SiLU, biased
-MLPs, a layer with a sliding window. kv_store.prepare_model keeps it only where a packed forward through
-it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
+MLPs, a layer with a sliding window. model_check.prepare_model keeps it only where a packed forward
+through it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
 are long, and its Linear layers may pick between two weight layouts by token count, which the
 module calls here skip). Attention and the KV writes are kv_store's own (slot_attention,
 PackedCache, passed in), so the store's layout has one owner. Knows nothing of workers or sockets.

@@ -12,7 +12,8 @@ import torch
 
 from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter, lookup
 from specpipe.draft_worker.engine import DraftEngine
-from specpipe.kv_store import LEAN_FORWARD, KVStore, prepare_model
+from specpipe.kv_store import LEAN_FORWARD, KVStore
+from specpipe.model_check import prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
 

@@ -26,9 +26,9 @@ from specpipe.kv_store import (
     Row,
     UnsupportedModel,
     forward_packed,
-    prepare_model,
     split_forward,
 )
+from specpipe.model_check import prepare_model
 
 from tiny import ARCHITECTURES, fresh_logits, store_logits, tiny_architecture, twin
 

@@ -12,7 +12,8 @@ from transformers import AutoModelForCausalLM
 
 from specpipe import predictor, wire
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
-from specpipe.kv_store import KVStore, prepare_model
+from specpipe.kv_store import KVStore
+from specpipe.model_check import prepare_model
 from specpipe.target_worker.engine import TargetEngine
 from tiny import twin
 from specpipe.tools.train_predictor import train_predictor

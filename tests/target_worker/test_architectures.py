@@ -13,7 +13,8 @@ import random
 import pytest
 import torch
 
-from specpipe.kv_store import LEAN_FORWARD, KVStore, prepare_model
+from specpipe.kv_store import LEAN_FORWARD, KVStore
+from specpipe.model_check import prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import BatchLimits, TargetEngine
 

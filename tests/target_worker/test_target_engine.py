@@ -16,7 +16,8 @@ import time
 import pytest
 import torch
 
-from specpipe.kv_store import KVStore, prepare_model
+from specpipe.kv_store import KVStore
+from specpipe.model_check import prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import BatchLimits, TargetEngine
 from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
