@@ -438,6 +438,7 @@ class Pipelined(Schedule):
                 continue
             if block.after == head.block_id and block.start == len(self.tokens) and block.expect == self.tokens[-1]:
                 block.conditional, armed = False, block
+                trace("arm", self.plan.request_id, block.block_id)
             elif rejected or block.start <= len(self.tokens):
                 block.doomed = True
         return armed

@@ -14,9 +14,10 @@ target had its next work queued: the gap is its loop's own turn, sending the ver
 commands), else it waited for a command: `new request` (a prefill reached it meanwhile: a client's
 own pause), `unforeseen rejection` (the coordinator saw one meanwhile), `waited for a block`.
 
-Block contexts, per request, from the coordinator's `send`, `verdict` and `unforeseen` events: `at
-the request's start` (its first block), `behind a block in flight` (cut while the target verified
-the one before: just in time, or full), else sent to a target done with this request's blocks:
+Block contexts, per request, from the coordinator's `send`, `verdict`, `unforeseen` and `arm` events:
+`at the request's start` (its first block), `behind a block in flight` (cut while the target
+verified the one before, a main-line block or a prepared one a verdict armed: just in time, or
+full), else sent to a target done with this request's blocks:
 `after an unforeseen rejection`, `after a prepared hit` (a block queued for the outcome the last
 verdict reached was verified) or `after a verdict`. Prepared (conditional) blocks are not counted:
 the one verified joins the main line's verdicts.
@@ -177,23 +178,30 @@ def main_blocks(events: list[Event]) -> dict[str, list[tuple[int, int | None]]]:
     blocks: dict[str, list[list]] = {}  # context -> [tokens, accepted] of each block
     requests: dict[str, dict] = {}  # request id -> its blocks in flight and what last happened
     for event in events:
-        if event.role != "coordinator" or event.kind not in ("send", "verdict", "unforeseen"):
+        if event.role != "coordinator" or event.kind not in ("send", "verdict", "unforeseen", "arm"):
             continue
-        state = requests.setdefault(event.fields[0], {"main": {}, "prepared": set(), "last": "at the request's start"})
+        state = requests.setdefault(
+            event.fields[0], {"main": {}, "prepared": set(), "armed": set(), "last": "at the request's start"}
+        )
         if event.kind == "unforeseen":
             state["last"] = "after an unforeseen rejection"
+        elif event.kind == "arm":  # a prepared block the verdict made the main line's next
+            state["prepared"].discard(event.fields[1])
+            state["armed"].add(event.fields[1])
         elif event.kind == "send":
             block_id, length, conditional = event.fields[1], int(event.fields[3]), event.fields[4] == "1"
             if conditional:
                 state["prepared"].add(block_id)
                 continue
-            context = "behind a block in flight" if state["main"] else state["last"]
+            context = "behind a block in flight" if state["main"] or state["armed"] else state["last"]
             state["main"][block_id] = [length, None]
             blocks.setdefault(context, []).append(state["main"][block_id])
         else:
             block_id, stale, accepted = event.fields[1], event.fields[2] == "1", int(event.fields[3])
-            prepared, entry = block_id in state["prepared"], state["main"].pop(block_id, None)
+            prepared = block_id in state["prepared"] or block_id in state["armed"]
+            entry = state["main"].pop(block_id, None)
             state["prepared"].discard(block_id)
+            state["armed"].discard(block_id)
             if stale:
                 continue
             if prepared:  # a prepared block verified: the outcome was foreseen

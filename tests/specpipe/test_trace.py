@@ -123,6 +123,14 @@ BLOCKS = """
 0.051 verdict a 6 1 0
 0.052 send a 7 23 3 0
 0.053 send b 1 5 2 0
+0.055 verdict b 1 0 2
+0.060 send b 2 7 4 0
+0.061 send b 3 9 3 1
+0.070 verdict b 2 0 1
+0.070 arm b 3
+0.071 send b 4 12 5 0
+0.080 verdict b 3 0 3
+0.090 verdict b 4 0 5
 """
 
 
@@ -130,15 +138,16 @@ def test_the_report_sorts_the_main_lines_blocks_by_what_came_before(tmp_path):
     (tmp_path / "coordinator-1.trace").write_text(BLOCKS.lstrip())
     result = trace_report.report(tmp_path)
     assert result.main_blocks == {
-        "at the request's start": [(2, 2), (2, None)],  # (b's not answered yet)
-        "behind a block in flight": [(6, 3), (4, None)],  # (the second answered stale)
+        "at the request's start": [(2, 2), (2, 2)],
+        # (a's second answered stale; b's block 4 went behind b's prepared block 3, armed by b 2's verdict)
+        "behind a block in flight": [(6, 3), (4, None), (5, 5)],
         "after a prepared hit": [(5, 1)],  # (block 3, conditional, verified: not a main-line block)
         "after an unforeseen rejection": [(2, 1)],
-        "after a verdict": [(3, None)],
+        "after a verdict": [(3, None), (4, 1)],
     }
     text = trace_report.text(result)
-    assert "  behind a block in flight: 2 blocks, mean 5.00 tokens, accepted 3.00 (4: 1, 6: 1)" in text
-    assert "  after a verdict: 1 blocks, mean 3.00 tokens, accepted - (3: 1)" in text
+    assert "  behind a block in flight: 3 blocks, mean 5.00 tokens, accepted 4.00 (4: 1, 5: 1, 6: 1)" in text
+    assert "  after a verdict: 2 blocks, mean 3.50 tokens, accepted 1.00 (3: 1, 4: 1)" in text
 
 
 class Idle:
