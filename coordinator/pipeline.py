@@ -158,8 +158,10 @@ class Pipelined(Schedule):
                 view.job_end, view.paused = len(view.tokens), True
             else:
                 view.paused = False
-        if paused:
-            await self.channel.draft_tokens(paused, self.epoch, 0, 0.0, 0, False)
+        if paused:  # (a job of no tokens: the draft stops drafting them for now)
+            await self.channel.draft_tokens(
+                paused, self.epoch, max_tokens=0, min_confidence=0.0, num_candidates=0, send_probs=False
+            )
         by_need: dict[int, list[int]] = {}
         for branch_id, horizon in wanting.items():
             view = self.branches[branch_id]
