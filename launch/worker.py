@@ -20,7 +20,6 @@ from specpipe.config import (
     add_niceness,
     DEFAULT_DRAFT_SLOTS,
     DEFAULT_TARGET_SLOTS,
-    TWO_LAYOUT_MEMORY_SHARE,
     WorkerConfig,
     pin_cpus,
 )
@@ -65,22 +64,13 @@ def bind_error(flags: tuple[str, str], endpoint: str, err: Exception) -> UsageEr
     return UsageError(f"{flags[0]}: cannot bind {endpoint} ({err}): pick a free port, or 0 for any")
 
 
-def weight_layout(config: WorkerConfig, device: torch.device, copy_bytes: int = 0, memory_bytes: int = 0) -> str:
-    """The Linear weights' memory order for this worker: as configured, or (auto) on the CPU: for a
-    target both orders (row-major for its 1-2-token forwards, column-major for blocks: see
-    specpipe/models.py) when the second copy, `copy_bytes`, takes at most
-    TWO_LAYOUT_MEMORY_SHARE of the machine's `memory_bytes` (default: this machine's), else
-    column-major alone; for the draft column-major (a small model's step is dominated by its
-    vocabulary projection, which multiplies a few rows faster column-major); row-major on GPUs
-    (their kernels take either)."""
+def weight_layout(config: WorkerConfig, device: torch.device) -> str:
+    """The Linear weights' memory order for this worker: as configured, or (auto) column-major on
+    the CPU, for the target and the draft alike (see specpipe/models.py: column-major multiplies
+    one token and blocks of tokens faster there), row-major on GPUs (their kernels take either)."""
     if config.weight_layout != "auto":
         return config.weight_layout
-    if device.type != "cpu":
-        return "row"
-    if config.role != "target":
-        return "column"
-    memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    return "both" if copy_bytes <= TWO_LAYOUT_MEMORY_SHARE * memory_bytes else "column"
+    return "column" if device.type == "cpu" else "row"
 
 
 def start(config: WorkerConfig):
@@ -165,10 +155,10 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`), so
     every launch (serve, a worker alone, torchrun) gets the same."""
     from specpipe import dataplane
-    from specpipe.models import linear_weight_bytes, use_weight_layout
+    from specpipe.models import use_weight_layout
 
     if model is not None:
-        layout = weight_layout(config, torch.device(device), linear_weight_bytes(model))
+        layout = weight_layout(config, torch.device(device))
         changed = use_weight_layout(model, layout)
         logging.getLogger(__name__).info("%s: %d Linear weights laid out %s-major", config.role, changed, layout)
 
@@ -236,7 +226,7 @@ def build_store(config: WorkerConfig, model, device, slots: int):
     from specpipe.model_check import prepare_model
     from specpipe.models import context_length
 
-    prepare_model(model, device, lean=config.role == "draft")
+    prepare_model(model, device)
     if written_out_forward(model) is not None:
         logging.getLogger(__name__).info(
             "%s: packed forwards run the layers written out (lean_forward.py)", config.role

@@ -19,7 +19,6 @@ from specpipe.config import (
     DEFAULT_TARGET_PORT,
     DEFAULT_TARGET_SLOTS,
     ENV_CURVE_KEYS,
-    TWO_LAYOUT_MEMORY_SHARE,
     WEIGHT_LAYOUTS,
     WorkerConfig,
     parse_scale,
@@ -66,11 +65,10 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         "--weight-layout",
         choices=WEIGHT_LAYOUTS,
         default="auto",
-        help="memory order of the model's Linear weights: column (faster on the CPU for forwards of "
-        "several tokens), row (for 1-2 tokens), both (a column-major copy beside the row-major "
-        "weights: twice their memory, each forward takes the faster); auto: both for a target on the "
-        f"CPU when the copy takes at most {TWO_LAYOUT_MEMORY_SHARE * 100:g}%% of the machine's memory, else "
-        "column; column for a draft on the CPU; row on GPUs",
+        help="memory order of the model's Linear weights: column (the faster on the CPU where measured), "
+        "row, both (a column-major copy beside the row-major weights: twice their memory; forwards of "
+        "1-2 tokens take the row-major, for a CPU whose kernels multiply one token faster that way); "
+        "auto (default): column on the CPU, row on GPUs",
     )
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"

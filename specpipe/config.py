@@ -106,9 +106,6 @@ def _cpuset_text() -> str:
 
 POLICIES = ("fixed", "confidence", "adaptive", "predictor")  # the kinds (coordinator/policy.py explains each)
 WEIGHT_LAYOUTS = ("auto", "row", "column", "both")  # WorkerConfig.weight_layout
-# auto keeps a CPU target's Linear weights in both memory orders when the second copy takes at most
-# this share of the machine's memory (launch/worker.py, weight_layout); larger models: column only.
-TWO_LAYOUT_MEMORY_SHARE = 0.05
 IDLE_DECODE = ("auto", "on", "off")  # PolicyConfig.idle_decode
 
 
@@ -176,9 +173,7 @@ class WorkerConfig:
     dtype: str = "float32"
     num_threads: int = 1  # torch threads: one core per worker so both run in parallel
     # How each Linear's weight is laid out in memory (specpipe/models.py, use_weight_layout): auto
-    # is both orders for a target on the CPU (row-major for 1-2 tokens, column-major for its blocks)
-    # where the copy fits TWO_LAYOUT_MEMORY_SHARE, else column-major; column-major for a draft on
-    # the CPU (its vocabulary projection of a few rows); row on GPUs.
+    # is column-major on the CPU (target and draft), row-major on GPUs.
     weight_layout: str = "auto"
     exit_with_parent: bool = False
     transport: str = "zmq"  # data plane for the draft's q: zmq or torch (torch.distributed)

@@ -1,20 +1,21 @@
-"""A packed forward written out for Llama- and Qwen2-architecture drafts: the same arithmetic as
+"""A packed forward written out for Llama- and Qwen2-architecture models: the same arithmetic as
 the model's own layers, without transformers' module calls, wrappers and mask builders around each op.
 
-Why: a small draft's step is mostly that overhead, and the draft's step bounds how soon a block is
-ready after a rejection nothing foresaw. The demo draft (one layer, width 128), one thread, a
-forward over a 100-token cache: one row 0.62 -> 0.40 ms, two rows 0.79 -> 0.58 ms (bit-identical
-logits); served A/B against the model's own forward (per-trial medians): greedy specbranch 1.07x /
-1.05x (both server orders), temperature 1 1.02x, 8 greedy clients 1.03x, greedy sequential 1.07x.
+Why: a small model's forward is mostly that overhead. The demo draft (one layer, width 128), one
+thread, a forward over a 100-token cache: one row 0.62 -> 0.40 ms, two rows 0.79 -> 0.58 ms
+(bit-identical logits); the demo target (20 layers, width 192), one thread, interleaved, column-major
+weights, a 60-token cache: 1 token 6.64 -> 5.50 ms, 2 tokens 8.01 -> 6.62 ms, 9 tokens 11.3 -> 9.55 ms.
+Both workers run it (the draft's step bounds how soon a block is ready after a rejection nothing
+foresaw; the target's forward is every mode's critical path).
 
 `lean_forward(model)` returns the function, or None when the model is not one it reproduces: not
 the Llama or Qwen2 classes (Qwen2 is Llama with biased q/k/v projections, which the code takes as
 they come), rotary embeddings other than the static kinds, an activation other than SiLU, biased
 MLPs, a layer with a sliding window. model_check.prepare_model keeps it only where a packed forward
-through it gives the model's own logits (its start-up check), and only for drafts (the target's forwards
-are long, and its Linear layers may pick between two weight layouts by token count, which the
-module calls here skip). Attention and the KV writes are kv_store's own (slot_attention,
-PackedCache, passed in), so the store's layout has one owner. Knows nothing of workers or sockets.
+through it gives the model's own logits (its start-up check). Each projection is called through its
+own `forward`, so a Linear that picks between weight layouts by token count (models.TwoLayoutLinear)
+still does. Attention and the KV writes are kv_store's own (slot_attention, PackedCache, passed in),
+so the store's layout has one owner. Knows nothing of workers or sockets.
 """
 
 from __future__ import annotations
@@ -66,9 +67,9 @@ def lean_forward(model):
         for index, layer in enumerate(layers):
             attention, mlp = layer.self_attn, layer.mlp
             x = norm(hidden, layer.input_layernorm.weight)
-            query = F.linear(x, attention.q_proj.weight, attention.q_proj.bias).view(tokens, heads, head_dim)
-            key = F.linear(x, attention.k_proj.weight, attention.k_proj.bias).view(tokens, kv_heads, head_dim)
-            value = F.linear(x, attention.v_proj.weight, attention.v_proj.bias).view(tokens, kv_heads, head_dim)
+            query = attention.q_proj.forward(x).view(tokens, heads, head_dim)
+            key = attention.k_proj.forward(x).view(tokens, kv_heads, head_dim)
+            value = attention.v_proj.forward(x).view(tokens, kv_heads, head_dim)
             query, key = rotate(query, cos, sin), rotate(key, cos, sin)
             keys, values = cache.update(key.transpose(0, 1)[None], value.transpose(0, 1)[None], index)
             out, _ = attend(
@@ -80,12 +81,10 @@ def lean_forward(model):
                 scaling=attention.scaling,
                 specpipe_layout=layout,
             )  # [1, T, heads, head_dim]
-            hidden = hidden + F.linear(
-                out.reshape(tokens, heads * head_dim), attention.o_proj.weight, attention.o_proj.bias
-            )
+            hidden = hidden + attention.o_proj.forward(out.reshape(tokens, heads * head_dim))
             x = norm(hidden, layer.post_attention_layernorm.weight)
-            gated = F.silu(F.linear(x, mlp.gate_proj.weight)) * F.linear(x, mlp.up_proj.weight)
-            hidden = hidden + F.linear(gated, mlp.down_proj.weight)
-        return F.linear(norm(hidden[keep], base.norm.weight), lm_head.weight, lm_head.bias)
+            gated = F.silu(mlp.gate_proj.forward(x)) * mlp.up_proj.forward(x)
+            hidden = hidden + mlp.down_proj.forward(gated)
+        return lm_head.forward(norm(hidden[keep], base.norm.weight))
 
     return forward

@@ -5,8 +5,8 @@ be: its layer kinds (attention only: a recurrent or linear-attention layer canno
 to an arbitrary length by forgetting positions), its use of transformers' AttentionInterface, and
 a packed forward over two random sequences, in two steps of unequal rows, that reproduces its own
 plain forward; else UnsupportedModel names the model type and why. Then it keeps the faster
-packed forwards (the base model and output embedding called directly; a draft's layers written
-out, specpipe/lean_forward.py) only where they give the model's own logits too.
+packed forwards (the base model and output embedding called directly; the layers written out,
+specpipe/lean_forward.py) only where they give the model's own logits too.
 """
 
 from __future__ import annotations
@@ -32,12 +32,13 @@ SUPPORTED_LAYER_TYPES = {"full_attention", "sliding_attention"}
 CHECK_ATOL = 1e-3
 
 
-def prepare_model(model, device: torch.device | str = "cpu", lean: bool = False) -> None:
+def prepare_model(model, device: torch.device | str = "cpu", lean: bool = True) -> None:
     """Route the model's attention through the slot store, after checking that it can be: its
     layer kinds, its use of the AttentionInterface, and a packed forward that reproduces its own
     plain forward (else UnsupportedModel naming the model type and why). Then, where it gives the
     same logits, let packed forwards call the base model and the output embedding directly
-    (`split_forward`), and with `lean` (drafts) run the layers written out (lean_forward.py)."""
+    (`split_forward`), and with `lean` (both workers' default) run the layers written out
+    (lean_forward.py)."""
     check_layer_types(model)
     model_type = model.config.get_text_config(decoder=True).model_type
     if not model._can_set_attn_implementation():

@@ -86,8 +86,8 @@ def load_model(path: str | Path, device: str = "cpu", dtype: str = "float32") ->
 
 
 # A forward of at most this many tokens multiplies by the row-major weight when a Linear keeps both
-# orders ("both"); longer ones by the column-major copy (demo target, one thread, interleaved:
-# column-major is 0.93x as fast as row-major at 1 token and 0.97x at 2, 1.05-1.17x from 6 up).
+# orders ("both"); longer ones by the column-major copy (for a CPU whose kernels multiply one or two
+# tokens faster row-major: one host measured 0.93x column against row at 1 token and 0.97x at 2).
 ROW_MAJOR_MAX_TOKENS = 2
 
 
@@ -104,12 +104,6 @@ class TwoLayoutLinear(torch.nn.Linear):
         return torch.nn.functional.linear(x, self.weight if small else self.column_weight, self.bias)
 
 
-def linear_weight_bytes(model: PreTrainedModel) -> int:
-    """Bytes of the model's Linear weights: what a second, column-major copy of them costs."""
-    weights = {id(m.weight): m.weight for m in model.modules() if isinstance(m, torch.nn.Linear)}
-    return sum(w.numel() * w.element_size() for w in weights.values())
-
-
 def use_weight_layout(model: PreTrainedModel, layout: str) -> int:
     """Lay every Linear's weight out in memory as `layout` says: "column" stores it transposed (a
     contiguous [in, out] buffer, seen as the same [out, in] weight; the same values, the same
@@ -119,11 +113,13 @@ def use_weight_layout(model: PreTrainedModel, layout: str) -> int:
 
     Why: on the CPU, a Linear over several tokens multiplies faster with the weight in column-major
     order (torch 2.13, MKL/oneDNN; demo target, one thread, interleaved: a forward of 6 tokens
-    1.08x, 9 tokens 1.12x, 17-64 tokens 1.17x faster), and a forward of 1-2 tokens slower (0.93x
-    at 1 token). Served, target only, column against row: one greedy specbranch client 1.055x, 8
-    clients 1.09x, 8 autoregressive clients 1.12x, one autoregressive client 0.95x. A tied output
-    embedding is laid out with its input embedding (the lookup of a few rows does not mind the
-    order)."""
+    1.08x, 9 tokens 1.12x, 17-64 tokens 1.17x faster). At 1-2 tokens hosts differ: an earlier
+    host measured column-major 0.93x at 1 token (hence "both"); the AMD EPYC of 2026-12-02 (one
+    thread, interleaved, the demo target's forward) 1.27x at 1 token, 1.21x at 2, 1.02x at 9
+    through the model's own layers, and served, one autoregressive client with the target's layers
+    written out (lean_forward.py), "column" 1.28x of "both". Column-major is auto's choice on the
+    CPU (launch/worker.py, weight_layout). A tied output embedding is laid out with its input
+    embedding (the lookup of a few rows does not mind the order)."""
     if layout == "row":
         return 0
     changed = 0

@@ -24,7 +24,7 @@ ATOL = 1e-4
 def models(tiny_models):
     reference = load(tiny_models["draft"])
     model = twin(reference)
-    prepare_model(model, lean=True)  # as the draft worker does: the layers written out (lean_forward.py)
+    prepare_model(model, lean=True)  # as the workers do: the layers written out (lean_forward.py)
     assert LEAN_FORWARD in model.__dict__
     return model, reference
 

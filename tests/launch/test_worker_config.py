@@ -1,6 +1,5 @@
-"""A worker's settings from its flags: the Linear weights' memory order (auto: both orders for a
-target on the CPU whose copy fits TWO_LAYOUT_MEMORY_SHARE of the memory, else column-major;
-column-major for a draft on the CPU; row-major on GPUs; an explicit choice is kept), and the
+"""A worker's settings from its flags: the Linear weights' memory order (auto: column-major for
+the target and the draft on the CPU; row-major on GPUs; an explicit choice is kept), and the
 draft's proposal temperature (--temperature-scale, serve's --draft-temperature-scale, the table
 a draft worker starts with: the flag's factor, else the file beside a model draft's weights, else 1)."""
 
@@ -10,7 +9,7 @@ import json
 import pytest
 import torch
 
-from specpipe.config import TWO_LAYOUT_MEMORY_SHARE, WorkerConfig
+from specpipe.config import WorkerConfig
 from specpipe.launch.serve_flags import add_serve_args, worker_flags
 from specpipe.launch.errors import UsageError
 from specpipe.launch.worker import proposal_table, weight_layout
@@ -22,7 +21,7 @@ from specpipe.proposal import ProposalTemperatures
 @pytest.mark.parametrize(
     "role, flags, device, layout",
     [
-        ("target", [], "cpu", "both"),
+        ("target", [], "cpu", "column"),
         ("draft", [], "cpu", "column"),
         ("target", [], "cuda:0", "row"),
         ("draft", [], "cuda:0", "row"),
@@ -33,15 +32,7 @@ from specpipe.proposal import ProposalTemperatures
 )
 def test_weight_layout(role, flags, device, layout):
     config = parse_config(role, ["--model", "m", *flags])
-    assert weight_layout(config, torch.device(device), copy_bytes=10**6) == layout
-
-
-def test_a_cpu_target_keeps_both_layouts_only_while_the_copy_fits_its_share_of_memory():
-    config = parse_config("target", ["--model", "m"])
-    memory = 10**9
-    fits = int(TWO_LAYOUT_MEMORY_SHARE * memory)
-    assert weight_layout(config, torch.device("cpu"), copy_bytes=fits, memory_bytes=memory) == "both"
-    assert weight_layout(config, torch.device("cpu"), copy_bytes=fits + 1, memory_bytes=memory) == "column"
+    assert weight_layout(config, torch.device(device)) == layout
 
 
 def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
@@ -50,11 +41,11 @@ def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
     assert "--weight-layout" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("role, both", [("target", True), ("draft", False)])
-def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role, both):
+@pytest.mark.parametrize("role", ["target", "draft"])
+def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role):
     """build_engine (shared by `serve`'s workers, a worker alone and torchrun) lays the model's
-    Linear weights out by the rule above before the engine takes the model: the target keeps its
-    row-major parameters beside column-major copies, the draft's parameters become column-major."""
+    Linear weights out by the rule above before the engine takes the model: on the CPU both
+    workers' parameters become column-major (transposed buffers, no second copy)."""
     from specpipe.launch.worker import build_engine
     from specpipe.models import load_model
 
@@ -62,8 +53,8 @@ def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_model
     model = load_model(config.model)
     build_engine(config, model, "cpu")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
-    assert linears and all(hasattr(m, "column_weight") == both for m in linears)
-    assert all(m.weight.is_contiguous() == both for m in linears)  # (the draft's: transposed buffers)
+    assert linears and not any(hasattr(m, "column_weight") for m in linears)
+    assert not any(m.weight.is_contiguous() for m in linears) and all(m.weight.t().is_contiguous() for m in linears)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -5,7 +5,7 @@ a sliding window shorter than the sequences, Phi-3, GPT-2, GPT-NeoX, OPT), a twi
 routed through the store and compared, to float tolerance, with the plain model's logits over
 the same tokens: rows of unequal starts and lengths packed together, slots dense and scattered
 (the gather path), rollback by forgetting positions then feeding others, a fork by copying a
-prefix. Llama runs these once more through the written-out forward drafts use (lean_forward.py),
+prefix. Llama runs these once more through the written-out forward both workers use (lean_forward.py),
 which is kept only for the models it reproduces. Models whose layers are not attention (recurrent, linear attention) or whose attention
 the store cannot express are refused, naming their type.
 """
@@ -138,8 +138,8 @@ def test_packed_forwards_skip_the_causal_lm_forward_only_where_its_logits_stay_t
 
     plain, scaled = twin(reference), twin(reference)
     scaled.__class__ = ScaledHead
-    prepare_model(plain)
-    prepare_model(scaled)
+    prepare_model(plain, lean=False)
+    prepare_model(scaled, lean=False)
     assert split_forward(plain) is not None and split_forward(scaled) is None
     tokens = [3, 4, 5]
     for model, factor in ((plain, 1), (scaled, 2)):
@@ -267,3 +267,32 @@ def test_the_written_out_forward_is_kept_only_for_the_models_it_reproduces(monke
     model = twin(tiny_architecture("llama"))
     prepare_model(model, lean=True)
     assert LEAN_FORWARD not in model.__dict__
+
+
+def test_the_written_out_forward_multiplies_through_each_linear_s_own_layout():
+    """A Linear that picks between weight layouts by token count (use_weight_layout "both") still
+    picks in the written-out forward: a forward of 1 token multiplies the row-major weights (the
+    model's own logits), one of more than ROW_MAJOR_MAX_TOKENS the column-major copies (told apart
+    by zeroing the copies: the layers' projections then give 0, as in a model whose layers' weights
+    are 0; the output layer, over the one position kept, still multiplies row-major)."""
+    from specpipe.models import ROW_MAJOR_MAX_TOKENS, TwoLayoutLinear, use_weight_layout
+
+    reference = tiny_architecture("llama")
+    model = twin(reference)
+    use_weight_layout(model, "both")
+    prepare_model(model, lean=True)
+    assert LEAN_FORWARD in model.__dict__
+    for module in model.modules():
+        if isinstance(module, TwoLayoutLinear):
+            module.column_weight = torch.zeros_like(module.column_weight)
+    store = KVStore(num_slots=4, slot_len=32)
+    tokens = [5, 9, 2, 7, 11]
+    one = store_logits(model, store, store.allocate(), 0, tokens[:1])
+    torch.testing.assert_close(one, fresh_logits(reference, tokens[:1]), atol=ATOL, rtol=0)
+    many = tokens[: ROW_MAJOR_MAX_TOKENS + 1]
+    layers_off = twin(reference)
+    for name, module in layers_off.named_modules():
+        if isinstance(module, torch.nn.Linear) and name.startswith("model.layers"):
+            module.weight.data.zero_()
+    zeroed = store_logits(model, store, store.allocate(), 0, many)
+    torch.testing.assert_close(zeroed, fresh_logits(layers_off, many), atol=ATOL, rtol=0)

@@ -1,6 +1,6 @@
 """The batched target serves the model families people bring (issue 13): for tiny random Llama,
 Qwen2, Qwen3, Mistral (a sliding window shorter than the sequences), Phi-3, GPT-2, GPT-NeoX and
-OPT (and Llama and Qwen2 once more through the written-out packed forward drafts use,
+OPT (and Llama and Qwen2 once more through the written-out packed forward both workers use,
 lean_forward.py), 8 requests of different prompt lengths run together in one engine, each step one forward
 over all of them, and each request's greedy output equals Hugging Face `generate` on it alone:
 decoded by the target alone, and verified in blocks of draft tokens (right and wrong ones mixed).
@@ -25,7 +25,7 @@ NEW_TOKENS = 20
 GREEDY_MARGIN = 1e-3
 LENGTHS = [1, 3, 5, 7, 9, 11, 13, 15]
 # Each family on the CPU, and on a GPU where one is (marked `gpu`: `pytest -m gpu` runs those).
-LEAN_FAMILIES = ("llama", "qwen2")  # the families drafts run written out (lean_forward.py)
+LEAN_FAMILIES = ("llama", "qwen2")  # the families run written out (lean_forward.py)
 GPU = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 CASES = (
     [pytest.param((name, "cpu", False), id=name) for name in ARCHITECTURES]
