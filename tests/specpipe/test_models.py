@@ -9,9 +9,12 @@ from specpipe.models import (
     check_same_tokenizer,
     context_length,
     load_model,
+    PREPACKED_MIN_ROWS,
     ROW_MAJOR_MAX_TOKENS,
+    PrepackedLinear,
     TwoLayoutLinear,
     load_tokenizer,
+    prepack_output_embedding,
     use_weight_layout,
     vocab_size,
 )
@@ -123,3 +126,47 @@ def test_a_two_layout_linear_takes_the_row_major_weight_for_short_forwards_only(
     with torch.no_grad():
         torch.testing.assert_close(module(short), short @ module.weight.t() + module.bias)
         torch.testing.assert_close(module(long), module.bias.expand(1, ROW_MAJOR_MAX_TOKENS + 1, 4))
+
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (torch's CPU build)")
+
+
+@needs_onednn
+@pytest.mark.parametrize("layout", ["row", "column"])
+def test_a_prepacked_output_embedding_gives_the_plain_logits(tiny_models, layout):
+    """prepack_output_embedding: the head becomes a PrepackedLinear, the state dict is unchanged,
+    and every row count gives the plain multiply's logits (to rounding), 2-D or 3-D input."""
+    model = load_model(tiny_models["draft"])  # (a tied head: the embedding keeps its own weight)
+    use_weight_layout(model, layout)
+    keys = set(model.state_dict())
+    head = model.get_output_embeddings()
+    assert prepack_output_embedding(model) and type(head) is PrepackedLinear
+    assert set(model.state_dict()) == keys and not prepack_output_embedding(model)  # (done once)
+    with torch.no_grad():
+        for rows in range(1, 10):
+            x = torch.randn(rows, head.in_features)
+            plain = torch.nn.functional.linear(x, head.weight, head.bias)
+            torch.testing.assert_close(head(x), plain, atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(head(x[None]), plain[None], atol=1e-4, rtol=1e-5)
+
+
+@needs_onednn
+def test_a_prepacked_output_embedding_multiplies_the_packed_copy_from_its_row_count():
+    """Under PREPACKED_MIN_ROWS rows the plain weight multiplies, from there the prepacked copy
+    (told apart here by prepacking zeros)."""
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 32, bias=False)
+    model = torch.nn.Module()
+    model.get_output_embeddings = lambda: head
+    assert prepack_output_embedding(model)
+    head.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(32, 8))
+    short, long = torch.randn(PREPACKED_MIN_ROWS - 1, 8), torch.randn(PREPACKED_MIN_ROWS, 8)
+    with torch.no_grad():
+        torch.testing.assert_close(head(short), short @ head.weight.t())
+        assert torch.count_nonzero(head(long)) == 0
+
+
+def test_only_a_float32_cpu_linear_head_is_prepacked(tiny_models):
+    model = load_model(tiny_models["target"], dtype="bfloat16")
+    assert not prepack_output_embedding(model)
+    assert type(model.get_output_embeddings()) is torch.nn.Linear
