@@ -226,8 +226,9 @@ class DraftEngine:
     def _choose(self, active: list[BranchKey], proposals: dict) -> list:
         """Turn each proposal into the branch's next token: argmax (greedy) or a draw from q. A
         branch the drafter cannot advance (None) ends its job; one it is still feeding waits. The
-        rows of one sampling kind are processed together: one softmax, one argmax (greedy), one
-        gather of the chosen tokens' probabilities and one top-k for the fork candidates."""
+        rows of one sampling kind are processed together: one softmax and one top-k, whose first
+        entry is the greedy token and its probability and the rest the fork candidates (sampled: a
+        gather of the drawn tokens' probabilities and a top-k for the candidates)."""
         items, sent_keys, sent_probs = [], [], []
         by_sampling: dict[SamplingParams, list[BranchKey]] = {}
         for key in active:
@@ -239,17 +240,20 @@ class DraftEngine:
                 by_sampling.setdefault(self.requests[key[0]].sampling, []).append(key)
         for sampling, keys in by_sampling.items():
             logits = torch.stack([proposals[key] for key in keys])  # [n, vocab]
-            probs = torch.softmax(logits.float(), -1) if sampling.greedy else logits_to_probs(logits, sampling)
-            if sampling.greedy:
-                token_ids = torch.argmax(logits, dim=-1).tolist()
-            else:
-                token_ids = [self._draw(key, row_probs) for key, row_probs in zip(keys, probs)]
-            chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])[:, 0].tolist()
             width = max(self.requests[key[0]].branches[key[1]].job.num_candidates for key in keys)
             top_ids = top_probs = None
-            if width:
+            if sampling.greedy:  # one top-k gives the token (its first), its probability and the candidates
+                probs = torch.softmax(logits.float(), -1)
                 top = torch.topk(probs, min(width + 1, probs.shape[-1]), dim=-1)
                 top_ids, top_probs = top.indices.tolist(), top.values.tolist()
+                token_ids, chosen = [row[0] for row in top_ids], [row[0] for row in top_probs]
+            else:
+                probs = logits_to_probs(logits, sampling)
+                token_ids = [self._draw(key, row_probs) for key, row_probs in zip(keys, probs)]
+                chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])[:, 0].tolist()
+                if width:
+                    top = torch.topk(probs, min(width + 1, probs.shape[-1]), dim=-1)
+                    top_ids, top_probs = top.indices.tolist(), top.values.tolist()
             for i, key in enumerate(keys):
                 top_row = (top_ids[i], top_probs[i]) if top_ids is not None else None
                 token, probs_key = self._emit(key, token_ids[i], chosen[i], top_row)
