@@ -12,7 +12,6 @@ prints what it serves before `specpipe serving on HOST:PORT`.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
 import functools
@@ -21,6 +20,7 @@ import os
 import signal
 import sys
 
+from specpipe.launch.errors import OneLineParser
 from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, CoordinatorConfig, PolicyConfig
 from specpipe.launch.report import is_debug, reporting
 from specpipe.launch.serve_flags import DEMO_MODEL_NAME, add_serve_args, demo_models, log_level, worker_flags
@@ -284,7 +284,7 @@ def add_tool_commands(sub) -> None:
 
 
 def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
+    parser = OneLineParser(prog="specpipe", description="Distributed, pipelined speculative decoding.")
     parser.add_argument(
         "--log-level",
         type=log_level,

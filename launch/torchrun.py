@@ -38,6 +38,7 @@ import sys
 import time
 
 from specpipe.config import DEFAULT_STARTUP_TIMEOUT_S, WorkerConfig, parse_scale, zmq_endpoint
+from specpipe.launch.errors import OneLineParser
 from specpipe.launch.serve_flags import add_serve_args
 from specpipe.launch.report import exit_code, known_errors, one_line
 
@@ -81,7 +82,7 @@ RANK_FLAGS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="torchrun --nproc-per-node 2 -m specpipe.launch.torchrun",
         allow_abbrev=False,
         description="specpipe under torchrun: rank 0 runs the target worker and the coordinator (gRPC), "

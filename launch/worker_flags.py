@@ -6,10 +6,10 @@ flags (launch/serve_flags.py `worker_flags`).
 
 from __future__ import annotations
 
-import argparse
 import logging
 import os
 
+from specpipe.launch.errors import OneLineParser
 from specpipe.config import (
     DEFAULT_DATA_PORT,
     DEFAULT_DRAFT_PORT,
@@ -29,7 +29,7 @@ from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
 
 def parse_config(role: str, argv=None) -> WorkerConfig:
     default_port = DEFAULT_DRAFT_PORT if role == "draft" else DEFAULT_TARGET_PORT
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog=f"python -m specpipe.{role}_worker", description=f"The specpipe {role} worker (one process, one model)."
     )
     parser.add_argument("--model", required=True, help="model folder or hub id")

@@ -4,7 +4,6 @@ parsers, made strict, so every command line in a file is read as the program wou
 from __future__ import annotations
 
 import argparse
-import types
 
 import pytest
 
@@ -37,11 +36,11 @@ class StrictParser(argparse.ArgumentParser):
 
 @pytest.fixture
 def strict_parsers(monkeypatch):
-    """The worker and torchrun entries build their own parsers: make those strict too (through
-    those modules' view of argparse only), and clear the environment defaults."""
-    strict = types.SimpleNamespace(**{**vars(argparse), "ArgumentParser": StrictParser})
-    monkeypatch.setattr(worker_entry, "argparse", strict)
-    monkeypatch.setattr(torchrun_entry, "argparse", strict)
+    """The worker and torchrun entries build their own parsers (launch/errors.py's OneLineParser):
+    make those strict too (through those modules' view of it only), and clear the environment
+    defaults."""
+    monkeypatch.setattr(worker_entry, "OneLineParser", StrictParser)
+    monkeypatch.setattr(torchrun_entry, "OneLineParser", StrictParser)
     for name in ADDRESS_ENV:
         monkeypatch.delenv(name, raising=False)
 

@@ -255,6 +255,29 @@ def test_worker_alone_says_one_line(tiny_models, tmp_path):
     )
 
 
+@pytest.mark.parametrize(
+    "args, module, needles",
+    [
+        (
+            ("serve", "--urgent-fork-rows", "-1"),
+            "specpipe.launch.cli",
+            ("specpipe serve: error:", "--urgent-fork-rows"),
+        ),
+        (("serve", "--threads", "two"), "specpipe.launch.cli", ("specpipe serve: error:", "--threads", "'two'")),
+        (("serve", "--no-such-flag"), "specpipe.launch.cli", ("error: unrecognized arguments: --no-such-flag",)),
+        (("generate",), "specpipe.launch.cli", ("specpipe generate: error:", "prompt")),
+        (("--model", "m", "--threads", "two"), "specpipe.target_worker", ("--threads", "'two'")),
+    ],
+    ids=["a value its type refuses", "not a number", "an unknown flag", "a missing argument", "a worker's flag"],
+)
+def test_a_flag_argparse_cannot_read_is_one_line(args, module, needles):
+    """argparse's own mistakes (a value a flag's type refuses, an unknown flag, a missing argument)
+    are one line too, naming the flag and where the usage is, exit code 2 (launch/errors.py,
+    OneLineParser): no usage block before it."""
+    line = one_line(run_cli(*args, module=module), 2, *needles)
+    assert line.endswith("--help)"), line
+
+
 def test_debug_shows_the_traceback(tiny_models, tmp_path):
     out = run_cli("--log-level", "debug", *serve_args(tiny_models, "--target-cpus", "0-x"))
     assert out.returncode == 2 and "Traceback" in out.stderr and "bad CPU list" in out.stderr
