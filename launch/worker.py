@@ -153,17 +153,17 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     """The role's engine wired to its data plane; returns (engine, data endpoint or "").
     `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs). `model`:
     None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`; on the
-    CPU the output embedding prepacked too, models.prepack_output_embedding), so every launch
-    (serve, a worker alone, torchrun) gets the same."""
+    CPU prepacked for oneDNN too, models.prepack_linears: the output embedding, and for a target
+    every Linear), so every launch (serve, a worker alone, torchrun) gets the same."""
     from specpipe import dataplane
-    from specpipe.models import prepack_output_embedding, use_weight_layout
+    from specpipe.models import prepack_linears, use_weight_layout
 
     if model is not None:
         layout = weight_layout(config, torch.device(device))
         changed = use_weight_layout(model, layout)
         logging.getLogger(__name__).info("%s: %d Linear weights laid out %s-major", config.role, changed, layout)
-        if prepack_output_embedding(model):
-            logging.getLogger(__name__).info("%s: the output embedding is prepacked for oneDNN", config.role)
+        prepacked = prepack_linears(model, layers=config.role == "target")
+        logging.getLogger(__name__).info("%s: %d Linear weights prepacked for oneDNN", config.role, prepacked)
 
     group = None
     if config.transport == "torch":

@@ -45,8 +45,8 @@ def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
 def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role):
     """build_engine (shared by `serve`'s workers, a worker alone and torchrun) lays the model's
     Linear weights out by the rule above before the engine takes the model: on the CPU both
-    workers' parameters become column-major (transposed buffers, no second copy), and the output
-    embedding gets a copy prepacked for oneDNN."""
+    workers' parameters become column-major (transposed buffers, no second copy), and a copy
+    prepacked for oneDNN is added: the target's every Linear, the draft's output embedding."""
     from specpipe.launch.worker import build_engine
     from specpipe.models import load_model
 
@@ -56,8 +56,10 @@ def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and not any(hasattr(m, "column_weight") for m in linears)
     assert not any(m.weight.is_contiguous() for m in linears) and all(m.weight.t().is_contiguous() for m in linears)
-    if torch.backends.mkldnn.is_available():  # (and the output embedding prepacked for oneDNN)
+    if torch.backends.mkldnn.is_available():  # (and prepacked for oneDNN: a target's every Linear, a draft's head)
+        packed = [type(m).__name__ == "PrepackedLinear" for m in linears]
         assert type(model.get_output_embeddings()).__name__ == "PrepackedLinear"
+        assert all(packed) if role == "target" else sum(packed) == 1
 
 
 # ---------------------------------------------------------------------------------------------

@@ -9,12 +9,14 @@ from specpipe.models import (
     check_same_tokenizer,
     context_length,
     load_model,
+    PREPACK_MEMORY_SHARE,
+    PREPACKED_LAYER_MIN_ROWS,
     PREPACKED_MIN_ROWS,
     ROW_MAJOR_MAX_TOKENS,
     PrepackedLinear,
     TwoLayoutLinear,
     load_tokenizer,
-    prepack_output_embedding,
+    prepack_linears,
     use_weight_layout,
     vocab_size,
 )
@@ -134,14 +136,14 @@ needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reas
 @needs_onednn
 @pytest.mark.parametrize("layout", ["row", "column"])
 def test_a_prepacked_output_embedding_gives_the_plain_logits(tiny_models, layout):
-    """prepack_output_embedding: the head becomes a PrepackedLinear, the state dict is unchanged,
-    and every row count gives the plain multiply's logits (to rounding), 2-D or 3-D input."""
+    """prepack_linears: the head becomes a PrepackedLinear, the state dict is unchanged, and every
+    row count gives the plain multiply's logits (to rounding), 2-D or 3-D input."""
     model = load_model(tiny_models["draft"])  # (a tied head: the embedding keeps its own weight)
     use_weight_layout(model, layout)
     keys = set(model.state_dict())
     head = model.get_output_embeddings()
-    assert prepack_output_embedding(model) and type(head) is PrepackedLinear
-    assert set(model.state_dict()) == keys and not prepack_output_embedding(model)  # (done once)
+    assert prepack_linears(model) == 1 and type(head) is PrepackedLinear
+    assert set(model.state_dict()) == keys and not prepack_linears(model)  # (done once)
     with torch.no_grad():
         for rows in range(1, 10):
             x = torch.randn(rows, head.in_features)
@@ -158,7 +160,7 @@ def test_a_prepacked_output_embedding_multiplies_the_packed_copy_from_its_row_co
     head = torch.nn.Linear(8, 32, bias=False)
     model = torch.nn.Module()
     model.get_output_embeddings = lambda: head
-    assert prepack_output_embedding(model)
+    assert prepack_linears(model) == 1
     head.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros(32, 8))
     short, long = torch.randn(PREPACKED_MIN_ROWS - 1, 8), torch.randn(PREPACKED_MIN_ROWS, 8)
     with torch.no_grad():
@@ -168,5 +170,33 @@ def test_a_prepacked_output_embedding_multiplies_the_packed_copy_from_its_row_co
 
 def test_only_a_float32_cpu_linear_head_is_prepacked(tiny_models):
     model = load_model(tiny_models["target"], dtype="bfloat16")
-    assert not prepack_output_embedding(model)
-    assert type(model.get_output_embeddings()) is torch.nn.Linear
+    assert not prepack_linears(model, layers=True)
+    assert not any(isinstance(m, PrepackedLinear) for m in model.modules())
+
+
+@needs_onednn
+def test_a_target_s_layers_are_prepacked_from_more_rows_while_the_copies_fit():
+    """With `layers`, every plain Linear is prepacked, the output embedding used from
+    PREPACKED_MIN_ROWS rows, the others from PREPACKED_LAYER_MIN_ROWS (told apart by prepacking
+    zeros), each giving the plain logits otherwise; past PREPACK_MEMORY_SHARE of the memory only
+    the output embedding is."""
+    from tiny import tiny_architecture
+
+    model = tiny_architecture("llama")
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    head = model.get_output_embeddings()
+    weights = sum(m.weight.numel() * 4 for m in linears if m is not head)
+    assert prepack_linears(model, layers=True, memory_bytes=int(weights / PREPACK_MEMORY_SHARE)) == len(linears)
+    layer = model.model.layers[0].mlp.up_proj
+    assert type(layer) is PrepackedLinear and layer.min_rows == PREPACKED_LAYER_MIN_ROWS
+    assert head.min_rows == PREPACKED_MIN_ROWS
+    layer.packed_weight = torch.ops.mkldnn._reorder_linear_weight(torch.zeros_like(layer.weight))
+    short = torch.randn(PREPACKED_LAYER_MIN_ROWS - 1, layer.in_features)
+    long = torch.randn(PREPACKED_LAYER_MIN_ROWS, layer.in_features)
+    with torch.no_grad():
+        torch.testing.assert_close(layer(short), short @ layer.weight.t(), atol=1e-4, rtol=1e-5)
+        assert torch.count_nonzero(layer(long)) == 0
+    too_big = tiny_architecture("llama")
+    assert prepack_linears(too_big, layers=True, memory_bytes=int(weights / PREPACK_MEMORY_SHARE) - 1) == 1
+    assert type(too_big.get_output_embeddings()) is PrepackedLinear
+    assert type(too_big.model.layers[0].mlp.up_proj) is torch.nn.Linear
