@@ -200,3 +200,23 @@ def test_a_target_s_layers_are_prepacked_from_more_rows_while_the_copies_fit():
     assert prepack_linears(too_big, layers=True, memory_bytes=int(weights / PREPACK_MEMORY_SHARE) - 1) == 1
     assert type(too_big.get_output_embeddings()) is PrepackedLinear
     assert type(too_big.model.layers[0].mlp.up_proj) is torch.nn.Linear
+
+
+@needs_onednn
+@pytest.mark.parametrize("name", ["llama", "qwen2", "phi3", "gpt_neox", "opt"])
+def test_a_model_with_its_linears_prepacked_gives_its_own_logits(name):
+    """Every family's Linears prepacked (biased ones too: Qwen2's q/k/v, OPT's, GPT-NeoX's), the
+    model's own forward over 1 to 12 tokens gives the plain model's logits (to rounding): the
+    prepacked multiply is the same function, used from its row thresholds on."""
+    from tiny import tiny_architecture, twin
+
+    reference = tiny_architecture(name)
+    model = twin(reference)
+    assert prepack_linears(model, layers=True, memory_bytes=1 << 40) > 1
+    assert any(isinstance(m, PrepackedLinear) and m.bias is not None for m in model.modules()) == (
+        name in ("qwen2", "gpt_neox", "opt")
+    )
+    with torch.no_grad():
+        for length in (1, 3, 8, 12):
+            ids = torch.arange(5, 5 + length)[None]
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
