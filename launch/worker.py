@@ -152,9 +152,10 @@ def secure(config: WorkerConfig):
 def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     """The role's engine wired to its data plane; returns (engine, data endpoint or "").
     `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs). `model`:
-    None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`; on the
-    CPU prepacked for oneDNN too, models.prepack_linears: the output embedding, and for a target
-    every Linear), so every launch (serve, a worker alone, torchrun) gets the same."""
+    None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`; with
+    the auto layout, on the CPU, prepacked for oneDNN too, models.prepack_linears: the output
+    embedding, and for a target every Linear), so every launch (serve, a worker alone, torchrun)
+    gets the same."""
     from specpipe import dataplane
     from specpipe.models import prepack_linears, use_weight_layout
 
@@ -162,8 +163,9 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
         layout = weight_layout(config, torch.device(device))
         changed = use_weight_layout(model, layout)
         logging.getLogger(__name__).info("%s: %d Linear weights laid out %s-major", config.role, changed, layout)
-        prepacked = prepack_linears(model, layers=config.role == "target")
-        logging.getLogger(__name__).info("%s: %d Linear weights prepacked for oneDNN", config.role, prepacked)
+        if config.weight_layout == "auto":  # (a layout asked for by name is kept as it is: no copies)
+            prepacked = prepack_linears(model, layers=config.role == "target")
+            logging.getLogger(__name__).info("%s: %d Linear weights prepacked for oneDNN", config.role, prepacked)
 
     group = None
     if config.transport == "torch":

@@ -150,3 +150,16 @@ def test_serve_passes_an_explicit_draft_temperature_scale_to_the_draft_only():
 def test_serve_passes_no_temperature_scale_when_auto(argv):
     flags = worker_flags(parse_serve(argv))
     assert "--temperature-scale" not in flags["draft"] + flags["target"]
+
+
+def test_a_layout_named_on_the_command_line_gets_no_prepacked_copies(tiny_models):
+    """Only the auto layout adds oneDNN's prepacked copies: `--weight-layout column` is the plain
+    column-major layout (the way out should oneDNN misbehave on a host)."""
+    from specpipe.launch.worker import build_engine
+    from specpipe.models import load_model
+
+    config = parse_config("target", ["--model", str(tiny_models["target"]), "--port", "0", "--weight-layout", "column"])
+    model = load_model(config.model)
+    build_engine(config, model, "cpu")
+    linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(type(m) is torch.nn.Linear and not m.weight.is_contiguous() for m in linears)
