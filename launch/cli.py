@@ -20,8 +20,8 @@ import os
 import signal
 import sys
 
-from specpipe.launch.errors import OneLineParser
 from specpipe.config import DEFAULT_GRPC_PORT, DEFAULT_HOST, CoordinatorConfig, PolicyConfig
+from specpipe.launch.errors import OneLineParser
 from specpipe.launch.report import is_debug, reporting
 from specpipe.launch.serve_flags import DEMO_MODEL_NAME, add_serve_args, demo_models, log_level, worker_flags
 from specpipe.modes import MODE_NAMES, Mode

@@ -3,7 +3,6 @@
 whose own mistakes (a flag argparse cannot read) are one line too."""
 
 import argparse
-import sys
 
 
 class UsageError(Exception):
@@ -25,5 +24,4 @@ class OneLineParser(argparse.ArgumentParser):
     (add_subparsers makes them of the parser's own class)."""
 
     def error(self, message: str):
-        sys.stderr.write(f"{self.prog}: error: {message} (see {self.prog} --help)\n")
-        sys.exit(2)
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

@@ -9,7 +9,6 @@ from __future__ import annotations
 import logging
 import os
 
-from specpipe.launch.errors import OneLineParser
 from specpipe.config import (
     DEFAULT_DATA_PORT,
     DEFAULT_DRAFT_PORT,
@@ -24,6 +23,7 @@ from specpipe.config import (
     parse_scale,
     zmq_endpoint,
 )
+from specpipe.launch.errors import OneLineParser
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
 
 

@@ -148,14 +148,14 @@ def prepack_linears(model: PreTrainedModel, layers: bool = False, memory_bytes: 
     autoregressive clients 1.02x. The logits differ from the plain multiply's by rounding (the
     start-up check in model_check holds them to the model's own)."""
     head = model.get_output_embeddings()
-    chosen = {id(head): head} if type(head) is torch.nn.Linear else {}
+    chosen = [head] if type(head) is torch.nn.Linear else []
     if layers:
-        others = {id(m): m for m in model.modules() if type(m) is torch.nn.Linear and id(m) not in chosen}
-        copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in others.values())
+        others = [m for m in model.modules() if type(m) is torch.nn.Linear and m is not head]
+        copy_bytes = sum(m.weight.numel() * m.weight.element_size() for m in others)
         memory_bytes = memory_bytes or os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
         if copy_bytes <= PREPACK_MEMORY_SHARE * memory_bytes:
-            chosen.update(others)
-    modules = [m for m in chosen.values() if m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
+            chosen += others
+    modules = [m for m in chosen if m.weight.device.type == "cpu" and m.weight.dtype == torch.float32]
     if not modules or not torch.backends.mkldnn.is_available():
         return 0
     try:
