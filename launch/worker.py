@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import os
+import time
 
 import torch
 import zmq
@@ -32,6 +33,9 @@ from specpipe.proposal import ProposalTemperatures, load_table
 ENV_STARTUP_REPORT = "SPECPIPE_STARTUP_REPORT"
 # The most a worker's niceness may be raised by (Linux's range ends at 19).
 MAX_NICE = 19
+# The context behind the forwards that time the prepacked copies at start-up (tune_prepacked_here):
+# a short prompt's worth, as the forwards of a served request see.
+TUNE_CONTEXT = 64
 
 
 def main(role: str, argv=None) -> None:
@@ -242,7 +246,40 @@ def build_store(config: WorkerConfig, model, device, slots: int):
     store = KVStore(slots, slot_len, device)
     store.reserve(model)
     logging.getLogger(__name__).info("KV store: %d slots of %d positions", slots, slot_len)
+    chosen = tune_prepacked_here(model, store)
+    for group, min_rows in chosen.items():
+        use = (
+            f"oneDNN copies from {min_rows} rows" if min_rows else "plain weights (oneDNN copies slower here: dropped)"
+        )
+        logging.getLogger(__name__).info("%s, %s: %s", config.role, group, use)
     return store
+
+
+def tune_prepacked_here(model, store) -> dict[str, int | None]:
+    """models.tune_prepacked, timed with the worker's own packed forwards: n tokens behind a
+    context of TUNE_CONTEXT in a slot of the store borrowed meanwhile. Nothing to time (and {})
+    where the model has no prepacked copies."""
+    from specpipe.kv_store import Row, forward_packed
+    from specpipe.models import PREPACK_TUNE_TOKENS, PrepackedLinear, tune_prepacked
+
+    tokens = [n for n in PREPACK_TUNE_TOKENS if n < store.slot_len]
+    if not tokens or not any(isinstance(module, PrepackedLinear) for module in model.modules()):
+        return {}
+    context = min(TUNE_CONTEXT, store.slot_len - max(tokens))
+    ids = torch.zeros(context + max(tokens), dtype=torch.long, device=store.device)
+    slot = store.allocate()
+
+    def forward_seconds(n: int) -> float:
+        start = time.perf_counter()
+        forward_packed(model, store, [Row(slot, context, n)], ids[context : context + n], keep=list(range(n)))
+        return time.perf_counter() - start
+
+    try:
+        with torch.inference_mode():
+            forward_packed(model, store, [Row(slot, 0, context)], ids[:context], keep=[context - 1])
+            return tune_prepacked(model, forward_seconds)
+    finally:
+        store.free(slot)
 
 
 def slots_that_fit(model, device, slots: int, slot_len: int) -> int:

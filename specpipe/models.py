@@ -9,6 +9,9 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
+import sys
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -169,6 +172,64 @@ def prepack_linears(model: PreTrainedModel, layers: bool = False, memory_bytes: 
         if module is not head:
             module.min_rows = PREPACKED_LAYER_MIN_ROWS
     return len(modules)
+
+
+# What `tune_prepacked` times: forwards of these many tokens (every token's logits kept), each
+# this many times per copy's use, interleaved; the median decides.
+PREPACK_TUNE_TOKENS = (1, 2, 3, 4, 8, 16)
+PREPACK_TUNE_REPEATS = 5
+
+
+def tune_prepacked(
+    model: PreTrainedModel,
+    forward_seconds: Callable[[int], float],
+    tokens: Sequence[int] = PREPACK_TUNE_TOKENS,
+    repeats: int = PREPACK_TUNE_REPEATS,
+) -> dict[str, int | None]:
+    """Measure on this host whether the model's prepacked copies (`prepack_linears`) pay, and
+    from how many rows: for each group, the output embedding then the other Linears, the forward
+    of each count in `tokens` is timed (`forward_seconds(n)`: one forward of n tokens, every
+    token's logits kept) with the group multiplying its copies and its plain weights, interleaved,
+    `repeats` times each. The group takes its copies from the smallest count from which they were
+    faster at every larger count measured; where they never were, its copies are dropped (their
+    memory freed) and it is a plain Linear again. Returns {group: its min_rows, or None where
+    dropped} for the groups the model has.
+
+    Why measured: hosts disagree. The demo target's layers, one thread, a forward of 9 tokens:
+    the AMD EPYC of 2026-12-02 (05:00) 1.04x faster with their copies, the Intel Xeon (AMX) of
+    2026-12-02 (11:00) 0.79x; served there, one greedy specbranch client, 1.20x without them."""
+    head = model.get_output_embeddings()
+    packed = [module for module in model.modules() if isinstance(module, PrepackedLinear)]
+    groups = {
+        "layers": [module for module in packed if module is not head],
+        "output embedding": [module for module in packed if module is head],
+    }
+    chosen: dict[str, int | None] = {}
+    for name, modules in groups.items():
+        if not modules:
+            continue
+        forward_seconds(max(tokens))  # (warm-up: allocations, caches)
+        times: dict[tuple[int, bool], list[float]] = {(n, on): [] for n in tokens for on in (True, False)}
+        for _ in range(repeats):
+            for n in tokens:
+                for on in (True, False):
+                    for module in modules:
+                        module.min_rows = 1 if on else sys.maxsize
+                    times[n, on].append(forward_seconds(n))
+        min_rows = None
+        for n in sorted(tokens, reverse=True):  # from the largest count down, while the copies win
+            if statistics.median(times[n, True]) >= statistics.median(times[n, False]):
+                break
+            min_rows = n
+        for module in modules:
+            if min_rows is None:
+                del module.packed_weight
+                module.__dict__.pop("min_rows", None)
+                module.__class__ = torch.nn.Linear
+            else:
+                module.min_rows = min_rows
+        chosen[name] = min_rows
+    return chosen
 
 
 def use_weight_layout(model: PreTrainedModel, layout: str) -> int:

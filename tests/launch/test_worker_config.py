@@ -45,8 +45,9 @@ def test_an_unknown_weight_layout_is_refused_with_the_flag_named(capsys):
 def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_models, role):
     """build_engine (shared by `serve`'s workers, a worker alone and torchrun) lays the model's
     Linear weights out by the rule above before the engine takes the model: on the CPU both
-    workers' parameters become column-major (transposed buffers, no second copy), and a copy
-    prepacked for oneDNN is added: the target's every Linear, the draft's output embedding."""
+    workers' parameters become column-major (transposed buffers, no second copy), and copies
+    prepacked for oneDNN may be added (kept where measured faster, below): any of the target's
+    Linears, only the draft's output embedding."""
     from specpipe.launch.worker import build_engine
     from specpipe.models import load_model
 
@@ -56,10 +57,9 @@ def test_every_launch_lays_the_weights_out_where_it_builds_the_engine(tiny_model
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and not any(hasattr(m, "column_weight") for m in linears)
     assert not any(m.weight.is_contiguous() for m in linears) and all(m.weight.t().is_contiguous() for m in linears)
-    if torch.backends.mkldnn.is_available():  # (and prepacked for oneDNN: a target's every Linear, a draft's head)
-        packed = [type(m).__name__ == "PrepackedLinear" for m in linears]
-        assert type(model.get_output_embeddings()).__name__ == "PrepackedLinear"
-        assert all(packed) if role == "target" else sum(packed) == 1
+    head = model.get_output_embeddings()
+    packed = [m for m in linears if type(m).__name__ == "PrepackedLinear"]
+    assert all(role == "target" or m is head for m in packed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -163,3 +163,21 @@ def test_a_layout_named_on_the_command_line_gets_no_prepacked_copies(tiny_models
     build_engine(config, model, "cpu")
     linears = [m for m in model.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(type(m) is torch.nn.Linear and not m.weight.is_contiguous() for m in linears)
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (torch's CPU build)")
+@pytest.mark.parametrize("role, groups", [("target", ["layers", "output embedding"]), ("draft", ["output embedding"])])
+def test_the_auto_layout_measures_its_prepacked_copies_on_this_host(tiny_models, role, groups, caplog):
+    """With the auto layout each worker times its packed forward with and without each group of
+    oneDNN copies at start-up (models.tune_prepacked) and says what it chose: a group it keeps
+    takes its copies from a count it measured."""
+    from specpipe.launch.worker import build_engine
+    from specpipe.models import PREPACK_TUNE_TOKENS, PrepackedLinear, load_model
+
+    config = parse_config(role, ["--model", str(tiny_models[role]), "--port", "0"])
+    model = load_model(config.model)
+    with caplog.at_level("INFO", logger="specpipe.launch.worker"):
+        build_engine(config, model, "cpu")
+    chosen = [r.getMessage() for r in caplog.records if "oneDNN copies" in r.getMessage()]
+    assert [message.split(":")[0] for message in chosen] == [f"{role}, {group}" for group in groups]
+    assert all(m.min_rows in PREPACK_TUNE_TOKENS for m in model.modules() if isinstance(m, PrepackedLinear))

@@ -17,6 +17,7 @@ from specpipe.models import (
     TwoLayoutLinear,
     load_tokenizer,
     prepack_linears,
+    tune_prepacked,
     use_weight_layout,
     vocab_size,
 )
@@ -220,3 +221,58 @@ def test_a_model_with_its_linears_prepacked_gives_its_own_logits(name):
         for length in (1, 3, 8, 12):
             ids = torch.arange(5, 5 + length)[None]
             torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def copies_used(modules, rows: int) -> bool:
+    return all(isinstance(m, PrepackedLinear) and rows >= m.min_rows for m in modules)
+
+
+@needs_onednn
+@pytest.mark.parametrize(
+    "layers_win, head_win, expected",
+    [
+        # The layers' copies faster from 4 rows, the head's never: the head is plain again.
+        ({4, 8, 16}, set(), {"layers": 4, "output embedding": None}),
+        # Faster at 1-2 rows, slower at 3, faster from 4: from 4 (every larger count must win).
+        ({1, 2, 4, 8, 16}, {16}, {"layers": 4, "output embedding": 16}),
+        # Faster everywhere but at the largest count: never.
+        ({1, 2, 3, 4, 8}, {1, 2, 3, 4, 8, 16}, {"layers": None, "output embedding": 1}),
+    ],
+)
+def test_prepacked_copies_are_used_from_the_rows_they_were_measured_faster(layers_win, head_win, expected):
+    """tune_prepacked: each group (the layers, then the output embedding) takes its copies from
+    the smallest measured count from which they were faster at every larger one, or drops them
+    (a plain Linear again, its copy's memory freed); the model still gives its own logits. The
+    clock here is made up from which copies a forward of n tokens multiplies."""
+    from tiny import tiny_architecture, twin
+
+    reference = tiny_architecture("llama")
+    model = twin(reference)
+    assert prepack_linears(model, layers=True, memory_bytes=1 << 40) > 1
+    head = model.get_output_embeddings()
+    layers = [m for m in model.modules() if isinstance(m, PrepackedLinear) and m is not head]
+
+    def forward_seconds(n: int) -> float:
+        seconds = 1.0
+        for modules, wins in ((layers, layers_win), ([head], head_win)):
+            if copies_used(modules, n):
+                seconds += -0.1 if n in wins else 0.1
+        return seconds
+
+    assert tune_prepacked(model, forward_seconds) == expected
+    for modules, name in ((layers, "layers"), ([head], "output embedding")):
+        min_rows = expected[name]
+        for m in modules:
+            if min_rows is None:
+                assert type(m) is torch.nn.Linear and not hasattr(m, "packed_weight")
+            else:
+                assert type(m) is PrepackedLinear and m.min_rows == min_rows
+    with torch.no_grad():
+        for length in (1, 3, 8, 12):
+            ids = torch.arange(5, 5 + length)[None]
+            torch.testing.assert_close(model(ids).logits, reference(ids).logits, atol=1e-4, rtol=1e-4)
+
+
+def test_nothing_to_tune_without_prepacked_copies(tiny_models):
+    model = load_model(tiny_models["target"])
+    assert tune_prepacked(model, lambda n: pytest.fail("timed a forward with nothing to tune")) == {}
