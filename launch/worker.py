@@ -158,7 +158,8 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     `curve_keys`: the zmq data plane runs over CURVE (the authenticator already runs). `model`:
     None for the ngram drafter; its Linear weights are laid out here first (`weight_layout`; with
     the auto layout, on the CPU, prepacked for oneDNN too, models.prepack_linears: the output
-    embedding, and for a target every Linear), so every launch (serve, a worker alone, torchrun)
+    embedding, and for a target every Linear; build_store then keeps the copies only where it
+    times them faster, tune_prepacked_here), so every launch (serve, a worker alone, torchrun)
     gets the same."""
     from specpipe import dataplane
     from specpipe.models import prepack_linears, use_weight_layout

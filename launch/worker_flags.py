@@ -69,7 +69,8 @@ def parse_config(role: str, argv=None) -> WorkerConfig:
         "row, both (a column-major copy beside the row-major weights: twice their memory; forwards of "
         "1-2 tokens take the row-major, for a CPU whose kernels multiply one token faster that way); "
         "auto (default): column on the CPU, with copies prepacked for oneDNN (the output embedding; a "
-        "target's every Linear), row on GPUs; a layout named here is used as it is, with no copies",
+        "target's every Linear) kept where timed faster at start-up, row on GPUs; a layout named here "
+        "is used as it is, with no copies",
     )
     parser.add_argument(
         "--cpus", default="", metavar="LIST", help="pin the process to these CPUs, e.g. 0 or 2-3 (default: not pinned)"

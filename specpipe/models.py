@@ -139,7 +139,8 @@ def prepack_linears(model: PreTrainedModel, layers: bool = False, memory_bytes: 
     (`PrepackedLinear`, from PREPACKED_MIN_ROWS rows), and with `layers` every other plain Linear
     too (from PREPACKED_LAYER_MIN_ROWS rows) while their copies take at most PREPACK_MEMORY_SHARE
     of `memory_bytes` (default: this machine's). Returns how many it prepacked (none where oneDNN
-    is missing or the model is not a float32 one on the CPU).
+    is missing or the model is not a float32 one on the CPU). The row counts are starting points: a
+    worker then times the copies on its host (`tune_prepacked`) and keeps them where they pay.
 
     Why: MKL's multiply of a few rows repacks the whole weight at every call, worst for the wide
     vocabulary projection. Demo pair, one thread, interleaved, the whole forward, the output
