@@ -19,8 +19,9 @@ logger = logging.getLogger(__name__)
 
 # 2: the concurrency axis ("load"); 3: the sampling-rules axis ("rules"); 4: rejections, main-line
 # rollback, hits per rank; 5: prepared hits (hits verified with no coordinator round trip); 6: the
-# side-by-side ratios ("pairs")
-SCHEMA_VERSION = 6
+# side-by-side ratios ("pairs"); 7: HF assisted calibrated over thread counts too
+# (hf_assisted_grid: tokens_per_second by threads then k, and the best's "threads")
+SCHEMA_VERSION = 7
 BASELINE = "hf_autoregressive"
 LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
@@ -44,15 +45,19 @@ BOUND_KIND = {
     "specpipe_specbranch": "overlapped",
 }
 # Side by side: (method, over method), each ratio taken within one trial, where the two ran minutes
-# apart at most, so a box that slows between trials moves both alike. In table order.
+# apart at most, so a box that slows between trials moves both alike. In table order. HF
+# autoregressive at both its thread counts: the baseline at its best setting (the server's two
+# workers use two cores).
 PAIRS = (
     ("specpipe_autoregressive", "hf_autoregressive"),
+    ("specpipe_autoregressive", "hf_autoregressive_2threads"),
     ("specpipe_sequential", "hf_assisted_best"),
     ("specpipe_pipelined", "specpipe_sequential"),
     ("specpipe_specbranch", "specpipe_sequential"),
     ("specpipe_specbranch", "specpipe_pipelined"),
     ("specpipe_specbranch", "hf_assisted_best"),
     ("specpipe_specbranch", "hf_autoregressive"),
+    ("specpipe_specbranch", "hf_autoregressive_2threads"),
 )
 RESULT_KEYS = (
     "schema_version",

@@ -19,6 +19,7 @@ from pathlib import Path
 from specpipe.launch.bench.link import QUIET_ENV, choose_link
 from specpipe.launch.bench.load import run_load_axis
 from specpipe.launch.bench.runners import (
+    HF_THREADS,
     HFRunner,
     TrialRunner,
     describe_error,
@@ -361,7 +362,7 @@ def progress_total(config: BenchConfig, num_prompts: int) -> int:
     methods = 4 + len(config.modes)
     per_prompt = (
         1
-        + len(config.temperatures) * (len(config.assistant_grid) + config.trials * methods)
+        + len(config.temperatures) * (len(HF_THREADS) * len(config.assistant_grid) + config.trials * methods)
         + config.trials * len(config.latencies_ms) * len(latency_modes)
     )
     load = len(config.clients) * len(config.temperatures) * len(config.modes)

@@ -21,6 +21,9 @@ from specpipe.modes import Mode
 
 logger = logging.getLogger(__name__)
 
+# The thread counts HF's baselines run at; each HF method's best is taken over them (a baseline at
+# its best setting: the server's two workers use two cores).
+HF_THREADS = (1, 2)
 COST_REPEATS = 30  # interleaved repeats per micro-timing (medians), after specpipe.tools.timing's warm-up
 
 
@@ -170,19 +173,22 @@ class HFRunner:
         self,
         name: str,
         max_new_tokens: int,
-        threads: int = 1,
+        threads: int | Callable[[float], int] = 1,
         assisted: bool = False,
         num_draft_tokens: Callable[[float], int | None] = lambda temperature: None,
     ) -> Method:
+        """`threads`: a count, or the count for a temperature (the calibrated best)."""
+
         def run(prompt_ids: list[int], temperature: float, seed: int) -> Outcome:
             if assisted:
                 self.configure_assistant(num_draft_tokens(temperature))
-            return self.generate(prompt_ids, max_new_tokens, temperature, seed, threads, assisted)
+            count = threads(temperature) if callable(threads) else threads
+            return self.generate(prompt_ids, max_new_tokens, temperature, seed, count, assisted)
 
         return Method(name, run, num_draft_tokens)
 
     def methods(self, max_new_tokens: int, grid: dict) -> list[Method]:
-        """The four HF methods; `hf_assisted_best` uses the calibrated k of each temperature."""
+        """The four HF methods; `hf_assisted_best` uses the calibrated k and threads of each temperature."""
         return [
             self.method("hf_autoregressive", max_new_tokens),
             self.method("hf_autoregressive_2threads", max_new_tokens, threads=2),
@@ -192,6 +198,7 @@ class HFRunner:
                 max_new_tokens,
                 assisted=True,
                 num_draft_tokens=lambda temperature: grid[f"{temperature:g}"]["best"],
+                threads=lambda temperature: grid[f"{temperature:g}"]["threads"] or 1,
             ),
         ]
 
@@ -386,28 +393,29 @@ def interleaved(runner: TrialRunner, jobs: list[tuple], trials: int, seed: int, 
 
 
 def tune_assistant(hf: HFRunner, runner: TrialRunner, temperatures, max_new_tokens: int, ks: tuple[int, ...]) -> dict:
-    """HF assisted generation's best fixed num_assistant_tokens per temperature: tokens/s over
-    all prompts for each of `ks`, before the first trial. A failure fails hf_assisted_best."""
+    """HF assisted generation's best fixed num_assistant_tokens and thread count (HF_THREADS) per
+    temperature: tokens/s over all prompts for each pair, before the first trial. A failure fails
+    hf_assisted_best. {temperature: {"tokens_per_second": {threads: {k: tokens/s}}, "best": k,
+    "threads": its thread count}}."""
     grid: dict = {}
     for temperature in temperatures:
-        speeds = {}
+        speeds: dict[str, dict[str, float]] = {}
         try:
-            for k in ks:
-                hf.configure_assistant(k)
-                start, tokens = time.perf_counter(), 0
-                for index, prompt_ids in enumerate(runner.prompts):
-                    tokens += len(
-                        hf.generate(
-                            prompt_ids, max_new_tokens, temperature, request_seed(runner.seed, -1, index), assisted=True
-                        ).token_ids
-                    )
-                    runner.bar.update(1)
-                speeds[str(k)] = tokens / (time.perf_counter() - start)
+            for threads in HF_THREADS:
+                for k in ks:
+                    hf.configure_assistant(k)
+                    start, tokens = time.perf_counter(), 0
+                    for index, prompt_ids in enumerate(runner.prompts):
+                        seed = request_seed(runner.seed, -1, index)
+                        tokens += len(
+                            hf.generate(prompt_ids, max_new_tokens, temperature, seed, threads, assisted=True).token_ids
+                        )
+                        runner.bar.update(1)
+                    speeds.setdefault(str(threads), {})[str(k)] = tokens / (time.perf_counter() - start)
         except Exception as err:
             runner.failed["hf_assisted_best"] = f"calibration failed: {describe_error(err)}"
             logger.error("HF assisted calibration failed at T=%g: %s", temperature, runner.failed["hf_assisted_best"])
-        grid[f"{temperature:g}"] = {
-            "tokens_per_second": speeds,
-            "best": int(max(speeds, key=speeds.get)) if speeds else None,
-        }
+        pairs = [(tps, int(threads), int(k)) for threads, by_k in speeds.items() for k, tps in by_k.items()]
+        _, threads, k = max(pairs) if pairs else (None, None, None)
+        grid[f"{temperature:g}"] = {"tokens_per_second": speeds, "best": k, "threads": threads}
     return grid

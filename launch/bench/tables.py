@@ -265,8 +265,12 @@ def cost_lines(results: dict) -> list[str]:
         "",
     ]
     for temperature, entry in grid.items():
-        speeds = ", ".join(f"k={k}: {tps:.1f}" for k, tps in entry["tokens_per_second"].items())
-        lines.append(f"HF assisted calibration at T={temperature} (tokens/s): {speeds}; best k = {entry['best']}.")
+        speeds = "; ".join(
+            f"{threads} thread{'s' * (threads != '1')}: " + ", ".join(f"k={k}: {tps:.1f}" for k, tps in by_k.items())
+            for threads, by_k in entry["tokens_per_second"].items()
+        )
+        best = f"best k = {entry['best']}, {entry['threads']} thread{'s' * (entry['threads'] != 1)}"
+        lines.append(f"HF assisted calibration at T={temperature} (tokens/s): {speeds}; {best}.")
     if "error" in server:
         return lines + ["", f"Server: {_cell(server['error'])}.", ""]
     workers = ", ".join(f"{w['role']} busy {w['busy_fraction']:.0%}" for w in server["workers"])

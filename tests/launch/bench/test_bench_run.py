@@ -14,6 +14,7 @@ import pytest
 
 from specpipe.launch import bench
 from specpipe.launch.bench import report, run
+from specpipe.launch.bench.runners import HF_THREADS
 
 PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
 ALWAYS_RUN = {
@@ -170,7 +171,13 @@ def test_json_has_every_documented_field(bench_run):
         greedy_only = {"matches_autoregressive"} if record["temperature"] == 0 else set()
         assert record["error"] or set(record) == RECORD_FIELDS | greedy_only, record["method"]
     assert set(results["costs"]) == {"context_tokens", "repeats", "t_ar_s", "t_draft_s", "t_verify_s"}
-    assert set(results["hf_assisted_grid"]["0"]["tokens_per_second"]) == {str(k) for k in run.QUICK["assistant_grid"]}
+    for entry in results["hf_assisted_grid"].values():  # every k at every thread count; the best among them
+        speeds = entry["tokens_per_second"]
+        assert set(speeds) == {str(t) for t in HF_THREADS}
+        assert all(set(by_k) == {str(k) for k in run.QUICK["assistant_grid"]} for by_k in speeds.values())
+        assert speeds[str(entry["threads"])][str(entry["best"])] == max(
+            v for by_k in speeds.values() for v in by_k.values()
+        )
     assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
     assert results["server"]["leaked"] is False
     assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
@@ -248,6 +255,8 @@ def test_markdown_and_plot_exist(bench_run):
         "## Costs and bounds",
         "## Side by side",
         "| specpipe autoregressive over HF autoregressive, 1 thread |",
+        "| specpipe autoregressive over HF autoregressive, 2 threads |",
+        "| specpipe specbranch over HF autoregressive, 2 threads |",
         results["command_line"],
     ):
         assert heading in markdown
