@@ -27,7 +27,7 @@ LABELS = {  # table order
     "hf_autoregressive": "HF autoregressive, 1 thread (baseline)",
     "hf_autoregressive_2threads": "HF autoregressive, 2 threads",
     "hf_assisted_default": "HF assisted, default settings",
-    "hf_assisted_best": "HF assisted, best fixed k",
+    "hf_assisted_best": "HF assisted, best fixed k and threads",
     "specpipe_autoregressive": "specpipe autoregressive",
     "specpipe_sequential": "specpipe sequential",
     "specpipe_pipelined": "specpipe pipelined",
