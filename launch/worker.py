@@ -278,7 +278,7 @@ def tune_prepacked_here(model, store) -> dict[str, int | None]:
     try:
         with torch.inference_mode():
             forward_packed(model, store, [Row(slot, 0, context)], ids[:context], keep=[context - 1])
-            return tune_prepacked(model, forward_seconds)
+            return tune_prepacked(model, forward_seconds, tokens)
     finally:
         store.free(slot)
 

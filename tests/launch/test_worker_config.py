@@ -166,15 +166,22 @@ def test_a_layout_named_on_the_command_line_gets_no_prepacked_copies(tiny_models
 
 
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="needs oneDNN (torch's CPU build)")
-@pytest.mark.parametrize("role, groups", [("target", ["layers", "output embedding"]), ("draft", ["output embedding"])])
-def test_the_auto_layout_measures_its_prepacked_copies_on_this_host(tiny_models, role, groups, caplog):
+@pytest.mark.parametrize(
+    "role, groups, flags",
+    [
+        ("target", ["layers", "output embedding"], []),
+        ("draft", ["output embedding"], []),
+        ("target", ["layers", "output embedding"], ["--max-seq-len", "8"]),  # (slots shorter than the longest timing)
+    ],
+)
+def test_the_auto_layout_measures_its_prepacked_copies_on_this_host(tiny_models, role, groups, flags, caplog):
     """With the auto layout each worker times its packed forward with and without each group of
     oneDNN copies at start-up (models.tune_prepacked) and says what it chose: a group it keeps
     takes its copies from a count it measured."""
     from specpipe.launch.worker import build_engine
     from specpipe.models import PREPACK_TUNE_TOKENS, PrepackedLinear, load_model
 
-    config = parse_config(role, ["--model", str(tiny_models[role]), "--port", "0"])
+    config = parse_config(role, ["--model", str(tiny_models[role]), "--port", "0", *flags])
     model = load_model(config.model)
     with caplog.at_level("INFO", logger="specpipe.launch.worker"):
         build_engine(config, model, "cpu")
