@@ -231,7 +231,9 @@ def build_store(config: WorkerConfig, model, device, slots: int):
     """The model's KV store (after checking the model can run over it: an UnsupportedModel names
     its type and why), allocated now: on a GPU its memory is taken at once, so a store that does
     not fit fails at start-up naming the flags, never an out-of-memory error mid-request; on a CPU
-    the OS backs only the pages sequences write. On a GPU the slots are cut to what fits."""
+    the OS backs only the pages sequences write. On a GPU the slots are cut to what fits. The
+    model's prepacked copies, if any, are then timed over it and kept where they pay
+    (tune_prepacked_here: the first forwards over the store, so here)."""
     from specpipe.kv_store import KVStore, written_out_forward
     from specpipe.model_check import prepare_model
     from specpipe.models import context_length

@@ -188,7 +188,7 @@ def tune_prepacked(
     repeats: int = PREPACK_TUNE_REPEATS,
 ) -> dict[str, int | None]:
     """Measure on this host whether the model's prepacked copies (`prepack_linears`) pay, and
-    from how many rows: for each group, the output embedding then the other Linears, the forward
+    from how many rows: for each group, the other Linears then the output embedding, the forward
     of each count in `tokens` is timed (`forward_seconds(n)`: one forward of n tokens, every
     token's logits kept) with the group multiplying its copies and its plain weights, interleaved,
     `repeats` times each. The group takes its copies from the smallest count from which they were
