@@ -293,6 +293,7 @@ class Pipelined(Schedule):
             expect_last_token=view.tokens[start - 1] if live else None,
             after=live[-1] if live else None,
         )
+        trace("due", self.plan.request_id, block.block_id, f"{block.done_at:.6f}")  # (the cut's clock)
         await self.send_prepared()
         await self.keep_drafting()
 
@@ -360,6 +361,7 @@ class Pipelined(Schedule):
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
+            trace("due", self.plan.request_id, live[0].block_id, f"{live[0].done_at:.6f}")
         main_before, epoch_before = self.main, self.epoch
         await self.prune(start)
         if verdict.next_token_id >= 0:

@@ -8,8 +8,10 @@ files merge into one timeline (`python -m specpipe.tools.trace_report DIR` summa
 Events: every worker logs each command it takes (`cmd KIND`), each iteration's compute (`stepb`
 / `stepe ITEMS FED_TOKENS`) and the start of each wait with nothing to compute (`wait`); the
 coordinator logs each block it sends (`send`), each verdict (`verdict`), each draft step it reads
-(`dtoks`), each resync of the main line (`sync`), each prepared block a verdict armed (`arm`) and
-each rejection no prepared branch foresaw (`unforeseen`). Without the variable every call is a no-op (one attribute test): the trace costs
+(`dtoks`), each resync of the main line (`sync`), each prepared block a verdict armed (`arm`),
+each rejection no prepared branch foresaw (`unforeseen`) and when it expects the forward holding
+a main-line block to end (`due REQUEST BLOCK TIME`: as the block is sent, and again as the forward
+before it ends). Without the variable every call is a no-op (one attribute test): the trace costs
 the serving path nothing unless asked for.
 """
 

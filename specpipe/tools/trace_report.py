@@ -9,6 +9,14 @@ how much of them was accepted: where tokens per verification are lost). The work
 no request id: read the hops and the blocks with one request in flight at a time (the
 benchmark's single-client runs); the gaps' causes hold for any load.
 
+How late the workers' messages reach the coordinator: from the end of each draft step to the
+coordinator's `dtoks` of it (in order; the steps before a request's prefill reached the draft that
+never came, the last request's, are dropped), and from the end of each target forward to the first
+`verdict` after it (before the next forward ended). And how well the coordinator's clock foresaw
+the target (`due`: when it expected the forward holding a block to end, set as the block is sent
+and again when the forward before it ends): the expected end less the end of the forward that
+verified the block (positive: it ended earlier than expected, a block cut just in time came late).
+
 Gap causes, between the end of one target forward and the start of the next: `no wait` (the
 target had its next work queued: the gap is its loop's own turn, sending the verdicts and reading
 commands), else it waited for a command: `new request` (a prefill reached it meanwhile: a client's
@@ -49,6 +57,8 @@ class Report:
     rejection_hops: dict[str, list[float]] = field(default_factory=dict)  # hop -> seconds
     # context -> (tokens, accepted or None while stale / unanswered) of each main-line block
     main_blocks: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)
+    lags: dict[str, list[float]] = field(default_factory=dict)  # message -> seconds to the coordinator
+    due_errors: list[float] = field(default_factory=list)  # expected less actual end of a block's forward
 
 
 def read_events(folder: Path) -> list[Event]:
@@ -172,6 +182,49 @@ def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
     return hops
 
 
+def message_lags(events: list[Event]) -> dict[str, list[float]]:
+    """Seconds from a worker's step to the coordinator's event of it (one request in flight at a
+    time): each draft step with a forward to its `dtoks`, in order (reset at each prefill the draft
+    takes: the last request's late steps were dropped); each target forward to the first `verdict`
+    after it, if it came before the next forward ended."""
+    lags: dict[str, list[float]] = {}
+    pending: list[float] = []  # draft step ends whose tokens have not reached the coordinator yet
+    for event in events:
+        if event.role == "draft" and event.kind == "cmd" and event.fields[:1] == ["prefill"]:
+            pending.clear()
+        elif event.role == "draft" and event.kind == "stepe" and len(event.fields) > 1 and int(event.fields[1]) > 0:
+            pending.append(event.time)
+        elif event.role == "coordinator" and event.kind == "dtoks" and pending:
+            lags.setdefault("a draft step to the coordinator", []).append(event.time - pending.pop(0))
+    ends = [end for _, end in forwards(events, "target")]
+    verdicts = [e.time for e in events if e.role == "coordinator" and e.kind == "verdict"]
+    j = 0
+    for end, next_end in zip(ends, ends[1:] + [float("inf")]):
+        while j < len(verdicts) and verdicts[j] < end:
+            j += 1
+        if j < len(verdicts) and verdicts[j] < next_end:
+            lags.setdefault("a verdict to the coordinator", []).append(verdicts[j] - end)
+    return lags
+
+
+def due_errors(events: list[Event]) -> list[float]:
+    """For each block verified (not stale), the coordinator's last expected end of its forward
+    (`due`) less the end of the forward whose verdict it was (the last to end before the verdict
+    reached the coordinator)."""
+    due: dict[tuple[str, str], float] = {}
+    errors, last_end = [], None
+    for event in events:
+        if _forward_end(event):
+            last_end = event.time
+        elif event.role == "coordinator" and event.kind == "due":
+            due[(event.fields[0], event.fields[1])] = float(event.fields[2])
+        elif event.role == "coordinator" and event.kind == "verdict" and event.fields[2] == "0":
+            expected = due.pop((event.fields[0], event.fields[1]), None)
+            if expected is not None and last_end is not None:
+                errors.append(expected - last_end)
+    return errors
+
+
 def main_blocks(events: list[Event]) -> dict[str, list[tuple[int, int | None]]]:
     """context -> (tokens, accepted) of each main-line block the coordinator sent (the module doc
     names the contexts); accepted is None for a block answered stale or not answered."""
@@ -226,11 +279,22 @@ def report(folder: Path) -> Report:
         result.target_busy = sum(end - begin for begin, end in spans) / span if span > 0 else 0.0
     result.rejection_hops = rejection_hops(events)
     result.main_blocks = main_blocks(events)
+    result.lags = message_lags(events)
+    result.due_errors = due_errors(events)
     return result
 
 
 def _ms(values: list[float]) -> str:
     return f"median {1e3 * statistics.median(values):7.3f} ms, mean {1e3 * statistics.fmean(values):7.3f} ms"
+
+
+def _tail(values: list[float]) -> str:
+    """Percentiles in milliseconds: where a distribution's tail is (nearest rank)."""
+    ordered = sorted(values)
+    marks = ", ".join(
+        f"p{q} {1e3 * ordered[min(len(ordered) - 1, q * len(ordered) // 100)]:.2f}" for q in (10, 50, 90, 99)
+    )
+    return f"{marks} ms"
 
 
 def text(result: Report) -> str:
@@ -250,6 +314,14 @@ def text(result: Report) -> str:
         lines.append(f"after a rejection no branch foresaw ({count}), until the target's next forward:")
         for hop, seconds in result.rejection_hops.items():
             lines.append(f"  {hop}: {_ms(seconds)}")
+    for message, seconds in result.lags.items():
+        late = sum(s > 0.001 for s in seconds) / len(seconds)
+        lines.append(f"{message}: {len(seconds)} messages, {_tail(seconds)}; over 1 ms: {late:.1%}")
+    if result.due_errors:
+        lines.append(
+            f"a block's forward, expected end less actual (the cut's clock): {len(result.due_errors)} blocks, "
+            f"{_tail(result.due_errors)}"
+        )
     if result.main_blocks:
         lines.append("main-line blocks by what came before (tokens: count; accepted: mean over the verified):")
         for context, entries in sorted(result.main_blocks.items(), key=lambda item: -len(item[1])):

@@ -150,6 +150,50 @@ def test_the_report_sorts_the_main_lines_blocks_by_what_came_before(tmp_path):
     assert "  after a verdict: 2 blocks, mean 3.50 tokens, accepted 1.00 (3: 1, 4: 1)" in text
 
 
+# A draft step whose tokens the coordinator dropped (its request ended), then a new request: two
+# steps read at once (a late coordinator), one on time. The target: two forwards, each block's
+# verdict after it; the coordinator expected the first to end 1 ms later than it did, the second
+# 2 ms earlier; the stale verdict is not a forward's.
+LAGS_DRAFT = """
+0.0000 stepe 1 1
+0.0100 cmd prefill
+0.0110 stepe 1 1
+0.0120 stepe 1 1
+0.0140 stepe 1 1
+"""
+LAGS_TARGET = """
+0.0200 stepb
+0.0300 stepe 1 5
+0.0310 stepb
+0.0400 stepe 1 5
+"""
+LAGS_COORDINATOR = """
+0.0130 dtoks r 0:1:5
+0.0131 dtoks r 0:1:6
+0.0143 dtoks r 0:1:7
+0.0150 due r 1 0.031000
+0.0302 verdict r 1 0 4
+0.0303 due r 2 0.038000
+0.0304 verdict r 9 1 0
+0.0407 verdict r 2 0 4
+"""
+
+
+def test_the_report_measures_the_messages_way_and_the_cut_clocks_error(tmp_path):
+    for name, body in (("draft-1", LAGS_DRAFT), ("target-2", LAGS_TARGET), ("coordinator-3", LAGS_COORDINATOR)):
+        (tmp_path / f"{name}.trace").write_text(body.lstrip())
+    result = trace_report.report(tmp_path)
+    lags = {message: [round(s * 1e4) for s in seconds] for message, seconds in result.lags.items()}
+    assert lags == {  # (tenths of a millisecond)
+        "a draft step to the coordinator": [20, 11, 3],
+        "a verdict to the coordinator": [2, 7],
+    }
+    assert [round(s * 1e3) for s in result.due_errors] == [1, -2]
+    text = trace_report.text(result)
+    assert "a draft step to the coordinator: 3 messages, p10 0.30, p50 1.10, p90 2.00, p99 2.00 ms; over 1 ms: 66.7%" in text
+    assert "(the cut's clock): 2 blocks, p10 -2.00, p50 1.00" in text
+
+
 class Idle:
     """A worker engine with nothing to compute (the loop's Engine protocol): the loop only waits
     and answers commands."""
