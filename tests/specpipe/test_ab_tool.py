@@ -1,0 +1,76 @@
+"""The served A/B tool (specpipe/tools/ab.py): an arm runs its git ref's code, not the checkout's,
+and a run prints every arm against the first. Real servers (the demo pair), a short run."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from specpipe.tools import ab
+
+
+def git(*args: str) -> str:
+    return subprocess.run(["git", "-C", str(ab.REPO), *args], check=True, capture_output=True, text=True).stdout
+
+
+def test_an_overlay_is_the_refs_code_laid_out_as_the_installed_package(tmp_path):
+    folder = ab.overlay("HEAD", tmp_path / "code")
+    pipeline = folder / "specpipe" / "coordinator" / "pipeline.py"
+    assert pipeline.read_text() == git("show", "HEAD:coordinator/pipeline.py")
+    assert (folder / "specpipe" / "proto" / "specpipe" / "v1" / "specpipe_pb2.py").is_file()
+    assert not (folder / "coordinator").exists() and not (folder / "source").exists()
+    # On PYTHONPATH, run outside the checkout (as ab.serve runs a server: `python -m` and `-c` put
+    # the working folder first), it is what a server and its workers import, the installed
+    # checkout besides; from inside the checkout it would not be.
+    env = dict(os.environ, PYTHONPATH=str(folder))
+    probe = "import specpipe.coordinator.pipeline as p, specpipe.launch.cli as c; print(p.__file__); print(c.__file__)"
+    for where, theirs in ((tmp_path, True), (ab.REPO, False)):
+        found = subprocess.run(
+            [sys.executable, "-c", probe], env=env, cwd=where, check=True, capture_output=True, text=True
+        )
+        assert all(line.startswith(str(folder)) == theirs for line in found.stdout.split()), found.stdout
+
+
+def test_arms_need_distinct_names_and_flags_an_arm(capsys):
+    for argv in (
+        ["--arm", "a=HEAD"],
+        ["--arm", "a=HEAD", "--arm", "a=."],
+        ["--arm", "a=HEAD", "--arm", "b=."] + ["--flags", "c=--x"],
+    ):
+        with pytest.raises(SystemExit):
+            ab.parse(argv)
+    args = ab.parse(["--arm", "a=HEAD", "--arm", "b=.", "--flags", "b=--urgent-fork-rows 1"])
+    assert [(arm.name, arm.ref, arm.flags) for arm in args.arms] == [
+        ("a", "HEAD", []),
+        ("b", ".", ["--urgent-fork-rows", "1"]),
+    ]
+
+
+def test_a_run_prints_every_arm_against_the_first(tmp_path, capsys):
+    out = tmp_path / "ab.json"
+    ab.main(
+        [
+            "--arm",
+            "head=HEAD",
+            "--arm",
+            "here=.",
+            "--rounds",
+            "1",
+            "--prompts",
+            "2",
+            "--max-new-tokens",
+            "4",
+            "--json",
+            str(out),
+        ]
+    )
+    rows = json.loads(out.read_text())
+    assert [row["arm"] for row in rows] == ["head", "here"]
+    assert rows[0]["round_ratio"] == rows[0]["request_ratio"] == 1.0
+    assert all(row["tokens_per_second"] > 0 and row["round_ratio"] > 0 for row in rows)
+    printed = capsys.readouterr().out
+    assert "round 1: head " in printed and "ratios against head" in printed and "here (.)" in printed
