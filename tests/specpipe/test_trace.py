@@ -190,7 +190,10 @@ def test_the_report_measures_the_messages_way_and_the_cut_clocks_error(tmp_path)
     }
     assert [round(s * 1e3) for s in result.due_errors] == [1, -2]
     text = trace_report.text(result)
-    assert "a draft step to the coordinator: 3 messages, p10 0.30, p50 1.10, p90 2.00, p99 2.00 ms; over 1 ms: 66.7%" in text
+    assert (
+        "a draft step to the coordinator: 3 messages, p10 0.30, p50 1.10, p90 2.00, p99 2.00 ms; over 1 ms: 66.7%"
+        in text
+    )
     assert "(the cut's clock): 2 blocks, p10 -2.00, p50 1.00" in text
 
 
