@@ -1,5 +1,5 @@
 """The served A/B tool (specpipe/tools/ab.py): an arm runs its git ref's code, not the checkout's,
-and a run prints every arm against the first. Real servers (the demo pair), a short run."""
+and every arm is set against the first. The whole run (real servers, the demo pair) is `slow`."""
 
 from __future__ import annotations
 
@@ -50,6 +50,21 @@ def test_arms_need_distinct_names_and_flags_an_arm(capsys):
     ]
 
 
+def test_each_arm_is_set_against_the_first_by_round_and_by_paired_request():
+    arms = [ab.Arm("a", "HEAD"), ab.Arm("b", ".", ["--urgent-fork-rows", "1"])]
+    arms[0].speeds, arms[0].requests = [100.0, 200.0, 100.0], [10.0, 20.0, 30.0, 40.0]
+    arms[1].speeds, arms[1].requests = [110.0, 180.0, 130.0], [11.0, 20.0, 36.0, 36.0]
+    rows = ab.summary(arms)
+    assert rows[0]["round_ratio"] == rows[0]["request_ratio"] == 1.0
+    assert rows[1]["tokens_per_second"] == 130.0
+    assert rows[1]["round_ratio"] == pytest.approx(1.1) and rows[1]["round_ratio_range"] == pytest.approx([0.9, 1.3])
+    assert rows[1]["request_ratio"] == pytest.approx((1.0 + 1.1) / 2)  # (of 1.1, 1.0, 1.2, 0.9)
+    assert "b (. --urgent-fork-rows 1):   130.0 tok/s, per round 1.100 (0.90-1.30), per request 1.050" in ab.text(
+        rows, 3
+    )
+
+
+@pytest.mark.slow  # (two servers on two cores: ~40 s; the overlay they run on is checked above)
 def test_a_run_prints_every_arm_against_the_first(tmp_path, capsys):
     out = tmp_path / "ab.json"
     ab.main(
