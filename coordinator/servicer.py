@@ -357,6 +357,7 @@ class SpecPipeServicer(specpipe_pb2_grpc.SpecPipeServicer):
                     pong.kv_slot_len,
                 )
                 stats.last_batch_rows, stats.last_batch_tokens = pong.last_batch_rows, pong.last_batch_tokens
+                stats.setup.extend(pong.setup)
         response.totals.CopyFrom(stats_message(self.totals, self.totals_generated))
         response.finished.update(self.finished)
         response.status = server_status(self.draft.healthy, self.target.healthy)

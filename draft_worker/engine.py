@@ -75,6 +75,7 @@ class DraftEngine:
         self.requests: dict[str, DraftRequest] = {}
         self._turn = 0
         self.last_batch = (0, 0)
+        self.setup: list[str] = []  # its start-up choices, one line each (launch/worker.py): in its Pongs
 
     # -- commands -----------------------------------------------------------------------------
     def handle(self, command, frames) -> None:
@@ -180,6 +181,7 @@ class DraftEngine:
         pong.live_branches = sum(len(r.branches) for r in self.requests.values())
         pong.kv_slots, pong.kv_slots_used, pong.kv_slot_len = self.drafter.capacity()
         pong.last_batch_rows, pong.last_batch_tokens = self.last_batch
+        pong.setup.extend(self.setup)
 
     # -- one step -----------------------------------------------------------------------------
     def step(self) -> tuple[list, dict]:

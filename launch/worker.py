@@ -160,17 +160,19 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     the auto layout, on the CPU, prepacked for oneDNN too, models.prepack_linears: the output
     embedding, and for a target every Linear; build_store then keeps the copies only where it
     times them faster, tune_prepacked_here), so every launch (serve, a worker alone, torchrun)
-    gets the same."""
+    gets the same. Each choice is logged and kept in the engine's `setup` (its Pongs carry it to
+    GetStats)."""
     from specpipe import dataplane
     from specpipe.models import prepack_linears, use_weight_layout
 
+    setup: list[str] = []
     if model is not None:
         layout = weight_layout(config, torch.device(device))
         changed = use_weight_layout(model, layout)
-        logging.getLogger(__name__).info("%s: %d Linear weights laid out %s-major", config.role, changed, layout)
+        say(config.role, setup, f"{changed} Linear weights laid out {layout}-major")
         if config.weight_layout == "auto":  # (a layout asked for by name is kept as it is: no copies)
             prepacked = prepack_linears(model, layers=config.role == "target")
-            logging.getLogger(__name__).info("%s: %d Linear weights prepacked for oneDNN", config.role, prepacked)
+            say(config.role, setup, f"{prepacked} Linear weights prepacked for oneDNN")
 
     group = None
     if config.transport == "torch":
@@ -186,9 +188,11 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
             sender = (
                 dataplane.ZmqSender(config.target_data_addr, curve_keys=curve_keys) if config.target_data_addr else None
             )
-        return DraftEngine(
-            build_drafter(config, model, device), probs_sender=sender, proposal=proposal_table(config)
-        ), ""
+        engine = DraftEngine(
+            build_drafter(config, model, device, setup), probs_sender=sender, proposal=proposal_table(config)
+        )
+        engine.setup = setup
+        return engine, ""
     from specpipe.models import vocab_size
     from specpipe.predictor import load_predictor
     from specpipe.target_worker.engine import BatchLimits, TargetEngine
@@ -197,7 +201,7 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
     if predictor is not None:
         logging.getLogger(__name__).info("acceptance-length predictor loaded: %r", predictor)
     limits = BatchLimits(config.max_batch_tokens, config.max_batch_requests, config.prefill_chunk)
-    store = build_store(config, model, device, config.kv_slots or DEFAULT_TARGET_SLOTS)
+    store = build_store(config, model, device, config.kv_slots or DEFAULT_TARGET_SLOTS, setup)
     data_endpoint = ""
     if group is not None:
         receiver = dataplane.TorchReceiver(group.draft_rank, vocab_size(model), device, group.data_group)
@@ -205,7 +209,15 @@ def build_engine(config: WorkerConfig, model, device, curve_keys=None):
         receiver = dataplane.ZmqReceiver(config.data_bind, curve_keys=curve_keys)
         data_endpoint = receiver.endpoint
     engine = TargetEngine(model, store, device, limits, probs_receiver=receiver, predictor=predictor)
+    engine.setup = setup
     return engine, data_endpoint
+
+
+def say(role: str, setup: list[str] | None, line: str) -> None:
+    """Log one of the worker's start-up choices (`ROLE: line`) and keep it in `setup`."""
+    logging.getLogger(__name__).info("%s: %s", role, line)
+    if setup is not None:
+        setup.append(line)
 
 
 def proposal_table(config: WorkerConfig) -> ProposalTemperatures:
@@ -227,7 +239,7 @@ def proposal_table(config: WorkerConfig) -> ProposalTemperatures:
     return table
 
 
-def build_store(config: WorkerConfig, model, device, slots: int):
+def build_store(config: WorkerConfig, model, device, slots: int, setup: list[str] | None = None):
     """The model's KV store (after checking the model can run over it: an UnsupportedModel names
     its type and why), allocated now: on a GPU its memory is taken at once, so a store that does
     not fit fails at start-up naming the flags, never an out-of-memory error mid-request; on a CPU
@@ -240,21 +252,19 @@ def build_store(config: WorkerConfig, model, device, slots: int):
 
     prepare_model(model, device)
     if written_out_forward(model) is not None:
-        logging.getLogger(__name__).info(
-            "%s: packed forwards run the layers written out (lean_forward.py)", config.role
-        )
+        say(config.role, setup, "packed forwards run the layers written out (lean_forward.py)")
     slot_len = min(config.max_seq_len or context_length(model), context_length(model))
     if torch.device(device).type == "cuda":
         slots = slots_that_fit(model, device, slots, slot_len)
     store = KVStore(slots, slot_len, device)
     store.reserve(model)
-    logging.getLogger(__name__).info("KV store: %d slots of %d positions", slots, slot_len)
+    say(config.role, setup, f"KV store: {slots} slots of {slot_len} positions")
     chosen = tune_prepacked_here(model, store)
     for group, min_rows in chosen.items():
         use = (
             f"oneDNN copies from {min_rows} rows" if min_rows else "plain weights (oneDNN copies slower here: dropped)"
         )
-        logging.getLogger(__name__).info("%s, %s: %s", config.role, group, use)
+        say(config.role, setup, f"{group}: {use}")
     return store
 
 
@@ -303,7 +313,7 @@ def slots_that_fit(model, device, slots: int, slot_len: int) -> int:
     return min(slots, fitting)
 
 
-def build_drafter(config: WorkerConfig, model, device):
+def build_drafter(config: WorkerConfig, model, device, setup: list[str] | None = None):
     from specpipe.draft_worker.drafter import ModelDrafter, NgramDrafter
 
     if config.drafter == "ngram":
@@ -311,5 +321,5 @@ def build_drafter(config: WorkerConfig, model, device):
 
         text_config = AutoConfig.from_pretrained(config.model).get_text_config(decoder=True)
         return NgramDrafter(text_config.vocab_size, config.max_seq_len or 1 << 20)
-    store = build_store(config, model, device, config.kv_slots or DEFAULT_DRAFT_SLOTS)
+    store = build_store(config, model, device, config.kv_slots or DEFAULT_DRAFT_SLOTS, setup)
     return ModelDrafter(model, store, device, config.prefill_chunk)

@@ -67,7 +67,7 @@ class Engine(Protocol):
         """One message holding `items` (of one connection) and the iteration's figures."""
 
     def fill_pong(self, pong: worker_pb2.Pong) -> None:
-        """Live counts, KV store and last-batch figures for a heartbeat."""
+        """Live counts, KV store and last-batch figures, and its start-up setup, for a heartbeat."""
 
     def sockets(self) -> list:
         """Sockets besides the control socket whose input `poll` takes (the loop waits on them)."""

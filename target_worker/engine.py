@@ -93,6 +93,7 @@ class TargetEngine:
         self.table = ProbsTable(getattr(probs_receiver, "recycle", None))
         self._turn = 0
         self.last_batch = (0, 0)  # rows, tokens of the last forward
+        self.setup: list[str] = []  # its start-up choices, one line each (launch/worker.py): in its Pongs
 
     # -- commands -----------------------------------------------------------------------------
     def handle(self, command, frames) -> None:
@@ -171,6 +172,7 @@ class TargetEngine:
             self.store.slot_len,
         )
         pong.last_batch_rows, pong.last_batch_tokens = self.last_batch
+        pong.setup.extend(self.setup)
 
     def _probs_ready(self, request: TargetRequest, msg) -> bool:
         positions = range(msg.start_length, msg.start_length + len(msg.draft_token_ids))

@@ -257,6 +257,7 @@ def server_snapshot(client, coordinator_pid: int, cpu_start: float | None) -> di
             "live_requests": w.live_requests,
             "live_branches": w.live_branches,
             "busy_fraction": w.busy_fraction,
+            "setup": list(w.setup),
         }
         for w in stats.workers
     ]

@@ -281,6 +281,8 @@ def cost_lines(results: dict) -> list[str]:
         "",
         f"Server over the run: {workers}; coordinator CPU {share} while serving; "
         f"{'state LEAKED on a worker' if server['leaked'] else 'no state left on the workers'}.",
-        "",
     ]
-    return lines
+    for worker in server["workers"]:  # (results before the setup was recorded have none)
+        if worker.get("setup"):
+            lines.append(f"The {worker['role']} worker's setup: {'; '.join(worker['setup'])}.")
+    return lines + [""]

@@ -217,6 +217,16 @@ def test_invalid_requests_name_the_field(serve, params, message):
     assert client.complete(prompt_ids=[1, 2], max_new_tokens=3)[2].finish_reason in ("length", "eos")
 
 
+def test_stats_say_how_each_worker_runs_its_model(serve):
+    """GetStats carries each worker's start-up choices, as its log says them: the weights' layout,
+    the KV store (and, on a CPU with oneDNN, the prepacked copies it kept)."""
+    stats = Client(serve("draft").addr).stats()
+    assert [w.role for w in stats.workers] == ["draft", "target"]
+    for worker in stats.workers:
+        assert any("Linear weights laid out" in line for line in worker.setup), worker
+        assert any(line.startswith("KV store: ") for line in worker.setup), worker
+
+
 def test_cancel_mid_stream_frees_both_workers(serve):
     """A request whose client stops reading is live on both workers while it runs (400 tokens: the
     check comes milliseconds after the first); its client cancels; the server counts it cancelled

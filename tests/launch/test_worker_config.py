@@ -15,6 +15,7 @@ from specpipe.launch.errors import UsageError
 from specpipe.launch.worker import proposal_table, weight_layout
 from specpipe.launch.worker_flags import parse_config
 from specpipe.proposal import FILE_NAME as PROPOSAL_FILE
+from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.proposal import ProposalTemperatures
 
 
@@ -184,7 +185,14 @@ def test_the_auto_layout_measures_its_prepacked_copies_on_this_host(tiny_models,
     config = parse_config(role, ["--model", str(tiny_models[role]), "--port", "0", *flags])
     model = load_model(config.model)
     with caplog.at_level("INFO", logger="specpipe.launch.worker"):
-        build_engine(config, model, "cpu")
+        engine, _ = build_engine(config, model, "cpu")
     chosen = [r.getMessage() for r in caplog.records if "oneDNN copies" in r.getMessage()]
-    assert [message.split(":")[0] for message in chosen] == [f"{role}, {group}" for group in groups]
+    assert [message.split(":")[1].strip() for message in chosen] == groups
+    assert all(message.startswith(f"{role}: ") for message in chosen)
     assert all(m.min_rows in PREPACK_TUNE_TOKENS for m in model.modules() if isinstance(m, PrepackedLinear))
+    # What it logged, its Pongs carry (GetStats shows it per worker): the layout, the copies, the store.
+    pong = worker_pb2.Pong()
+    engine.fill_pong(pong)
+    assert [f"{role}: {line}" for line in pong.setup if "oneDNN copies" in line] == chosen
+    assert any("laid out column-major" in line for line in pong.setup)
+    assert any(line.startswith("KV store: ") for line in pong.setup)

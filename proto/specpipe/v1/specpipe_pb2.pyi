@@ -115,7 +115,7 @@ class StatsRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class WorkerStats(_message.Message):
-    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens", "forwards", "forward_rows", "forward_tokens")
+    __slots__ = ("role", "healthy", "live_requests", "live_branches", "busy_fraction", "status", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens", "forwards", "forward_rows", "forward_tokens", "setup")
     ROLE_FIELD_NUMBER: _ClassVar[int]
     HEALTHY_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -131,6 +131,7 @@ class WorkerStats(_message.Message):
     FORWARDS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_ROWS_FIELD_NUMBER: _ClassVar[int]
     FORWARD_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
     role: str
     healthy: bool
     live_requests: int
@@ -146,7 +147,8 @@ class WorkerStats(_message.Message):
     forwards: int
     forward_rows: int
     forward_tokens: int
-    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ..., forwards: _Optional[int] = ..., forward_rows: _Optional[int] = ..., forward_tokens: _Optional[int] = ...) -> None: ...
+    setup: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, role: _Optional[str] = ..., healthy: _Optional[bool] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_fraction: _Optional[float] = ..., status: _Optional[str] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ..., forwards: _Optional[int] = ..., forward_rows: _Optional[int] = ..., forward_tokens: _Optional[int] = ..., setup: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class StatsResponse(_message.Message):
     __slots__ = ("live_requests", "workers", "totals", "finished", "default_mode", "status", "policy")

@@ -180,6 +180,8 @@ def test_json_has_every_documented_field(bench_run):
         )
     assert set(results["server"]) == {"workers", "live_requests", "leaked", "coordinator_cpu_s"}
     assert results["server"]["leaked"] is False
+    for worker in results["server"]["workers"]:  # (how each worker ran its model: its GetStats setup)
+        assert any(line.startswith("KV store: ") for line in worker["setup"]), worker
     assert results["latency"] == {"skipped": "no latencies asked for (--latencies none)"}
     for temperature, pairs in results["pairs"].items():  # both methods of each pair ran in both trials
         ran = {name for name, s in results["summary"][temperature].items() if s["trials"] == 2}
@@ -258,6 +260,7 @@ def test_markdown_and_plot_exist(bench_run):
         "| specpipe autoregressive over HF autoregressive, 2 threads |",
         "| specpipe specbranch over HF autoregressive, 2 threads |",
         results["command_line"],
+        "The target worker's setup: ",
     ):
         assert heading in markdown
     assert "MISMATCH" not in markdown

@@ -251,7 +251,7 @@ class Verdicts(_message.Message):
     def __init__(self, verdicts: _Optional[_Iterable[_Union[Verdict, _Mapping]]] = ..., batch_requests: _Optional[int] = ..., batch_tokens: _Optional[int] = ..., forward_seconds: _Optional[float] = ...) -> None: ...
 
 class Pong(_message.Message):
-    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens")
+    __slots__ = ("nonce", "role", "live_requests", "live_branches", "busy_seconds", "uptime_seconds", "pid", "kv_slots", "kv_slots_used", "kv_slot_len", "last_batch_rows", "last_batch_tokens", "setup")
     NONCE_FIELD_NUMBER: _ClassVar[int]
     ROLE_FIELD_NUMBER: _ClassVar[int]
     LIVE_REQUESTS_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +264,7 @@ class Pong(_message.Message):
     KV_SLOT_LEN_FIELD_NUMBER: _ClassVar[int]
     LAST_BATCH_ROWS_FIELD_NUMBER: _ClassVar[int]
     LAST_BATCH_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    SETUP_FIELD_NUMBER: _ClassVar[int]
     nonce: int
     role: str
     live_requests: int
@@ -276,7 +277,8 @@ class Pong(_message.Message):
     kv_slot_len: int
     last_batch_rows: int
     last_batch_tokens: int
-    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ...) -> None: ...
+    setup: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, nonce: _Optional[int] = ..., role: _Optional[str] = ..., live_requests: _Optional[int] = ..., live_branches: _Optional[int] = ..., busy_seconds: _Optional[float] = ..., uptime_seconds: _Optional[float] = ..., pid: _Optional[int] = ..., kv_slots: _Optional[int] = ..., kv_slots_used: _Optional[int] = ..., kv_slot_len: _Optional[int] = ..., last_batch_rows: _Optional[int] = ..., last_batch_tokens: _Optional[int] = ..., setup: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class Error(_message.Message):
     __slots__ = ("request_id", "message", "command")
