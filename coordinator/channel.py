@@ -82,7 +82,9 @@ class RequestChannel:
         min_confidence: float,
         num_candidates: int,
         send_probs: bool,
+        report_when_done: bool = False,
     ) -> None:
+        """`report_when_done`: the job's tokens come in one event, at its end (Draft.report_when_done)."""
         await self.draft.command(
             draft=worker_pb2.Draft(
                 request_id=self.wire_id,
@@ -92,6 +94,7 @@ class RequestChannel:
                 min_confidence=min_confidence,
                 num_candidates=num_candidates,
                 send_probs=send_probs,
+                report_when_done=report_when_done,
             )
         )
 

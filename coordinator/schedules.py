@@ -8,7 +8,8 @@ against a fake one. Every count in the request's stats is updated here, in one p
 
 - `Autoregressive`: the target alone; one Decode command, then one committed token per verdict
   (the target decodes by itself, batched with everything else: no round trip per token).
-- `Sequential`: draft a block on branch 0, verify it, sync the draft to the verdict, repeat.
+- `Sequential`: draft a block on branch 0 (its tokens come in one message, at its end:
+  Draft.report_when_done), verify it, sync the draft to the verdict, repeat.
 - `TargetOnly`: what any schedule becomes when the draft goes down, or when speculation stops
   paying for the request (its measured acceptance makes the target alone faster: `DraftPolicy.
   speculation_pays`): the verdicts of blocks already in flight are still awaited and applied, then
@@ -281,8 +282,14 @@ class Sequential(Schedule):
             num_draft = self.draft_budget()
             if num_draft:
                 self.epoch += 1
-                await self.channel.draft_tokens(
-                    [ROOT_BRANCH], self.epoch, num_draft, self.policy.min_confidence, 0, self.sends_probs
+                await self.channel.draft_tokens(  # (the block waits for its last token: reported then, at once)
+                    [ROOT_BRANCH],
+                    self.epoch,
+                    num_draft,
+                    self.policy.min_confidence,
+                    0,
+                    self.sends_probs,
+                    report_when_done=True,
                 )
                 while not block.done:
                     for token in self.observe_draft(await self.channel.next_event("draft_tokens")):

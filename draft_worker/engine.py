@@ -49,6 +49,8 @@ class DraftJob:
     min_confidence: float
     num_candidates: int
     send_probs: bool
+    report_when_done: bool = False
+    held: list = field(default_factory=list)  # its items not reported yet (report_when_done)
 
 
 @dataclass
@@ -112,7 +114,14 @@ class DraftEngine:
             if branch is None:  # a fork refused for want of a slot (or cancelled meanwhile): nothing to draft
                 continue
             branch.job = (
-                DraftJob(msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates, msg.send_probs)
+                DraftJob(
+                    msg.epoch,
+                    msg.max_tokens,
+                    msg.min_confidence,
+                    msg.num_candidates,
+                    msg.send_probs,
+                    msg.report_when_done,
+                )
                 if msg.max_tokens > 0
                 else None
             )
@@ -237,7 +246,7 @@ class DraftEngine:
             if key not in proposals:
                 continue
             if proposals[key] is None:
-                items.append(self._stop(key))
+                items += self._stop(key)
             else:
                 by_sampling.setdefault(self.requests[key[0]].sampling, []).append(key)
         for sampling, keys in by_sampling.items():
@@ -258,8 +267,8 @@ class DraftEngine:
                     top_ids, top_probs = top.indices.tolist(), top.values.tolist()
             for i, key in enumerate(keys):
                 top_row = (top_ids[i], top_probs[i]) if top_ids is not None else None
-                token, probs_key = self._emit(key, token_ids[i], chosen[i], top_row)
-                items.append(token)
+                reported, probs_key = self._emit(key, token_ids[i], chosen[i], top_row)
+                items += reported
                 if probs_key is not None:
                     sent_keys.append(probs_key)
                     sent_probs.append(probs[i])
@@ -267,22 +276,21 @@ class DraftEngine:
             self.probs_sender.send(sent_keys, torch.stack(sent_probs))
         return items
 
-    def _stop(self, key: BranchKey):
+    def _stop(self, key: BranchKey) -> list:
+        """The branch's job ends with no token (the drafter has none): its held items and an
+        end-of-job marker."""
         request_id, branch_id = key
         branch = self.requests[request_id].branches[branch_id]
-        epoch, branch.job = branch.job.epoch, None
-        return (
-            request_id,
-            worker_pb2.DraftToken(
-                request_id=request_id,
-                branch_id=branch_id,
-                epoch=epoch,
-                position=len(branch.tokens),
-                token_id=-1,
-                last=True,
-            ),
-            [],
+        job, branch.job = branch.job, None
+        end = worker_pb2.DraftToken(
+            request_id=request_id,
+            branch_id=branch_id,
+            epoch=job.epoch,
+            position=len(branch.tokens),
+            token_id=-1,
+            last=True,
         )
+        return job.held + [(request_id, end, [])]
 
     def _draw(self, key: BranchKey, probs: torch.Tensor) -> int:
         """A sampled request's token at the branch's next position from its processed q [vocab]."""
@@ -297,7 +305,9 @@ class DraftEngine:
 
     def _emit(self, key: BranchKey, token_id: int, prob: float, top: tuple[list, list] | None):
         """Append the chosen token (of draft probability `prob`) to the branch and report it, with
-        its next-best candidates from `top` (the row's top-k ids and probabilities)."""
+        its next-best candidates from `top` (the row's top-k ids and probabilities): the items to
+        report now (none while a report_when_done job goes on; at its end, all of its tokens), and
+        the key of its q on the data plane, if they go."""
         request_id, branch_id = key
         request = self.requests[request_id]
         branch, job = request.branches[branch_id], request.branches[branch_id].job
@@ -319,9 +329,13 @@ class DraftEngine:
             msg.candidate_ids[:] = [t for t, _ in pairs]
             msg.candidate_probs[:] = [p for _, p in pairs]
         probs_key = (request.handle, branch_id, job.epoch, position) if job.send_probs else None
+        job.held.append((request_id, msg, []))
+        if job.report_when_done and not last:
+            return [], probs_key
+        reported, job.held = job.held, []
         if last:
             branch.job = None
-        return (request_id, msg, []), probs_key
+        return reported, probs_key
 
     # -- the loop's message -------------------------------------------------------------------
     @staticmethod

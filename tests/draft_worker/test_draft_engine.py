@@ -164,6 +164,43 @@ def test_one_step_advances_every_branch_of_every_request(models):
     assert figures["batch_tokens"] == 3 * (4 + 4)
 
 
+def test_a_job_reported_when_done_sends_its_tokens_once_at_its_end(models):
+    """Draft.report_when_done: no item while the job goes on, then all of its tokens, in order, in
+    the step of its last one (its max_tokens; or one under min_confidence; or the drafter's end);
+    a job beside it that reports every step still does."""
+    model, _ = models
+    engine, plain = make_engine(model), make_engine(model)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    for each, when_done in ((engine, True), (plain, False)):
+        for request_id in ("r", "s"):
+            command(each, prefill=pb.Prefill(request_id=request_id, token_ids=prompt))
+        command(each, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=4, report_when_done=when_done))
+        command(each, draft=pb.Draft(request_id="s", branch_ids=[0], epoch=1, max_tokens=4))
+    reported, every_step = [], []
+    while engine.ready():
+        items, _ = engine.step()
+        reported.append([(t.position, t.token_id, t.last) for rid, t, _ in items if rid == "r"])
+        assert [t.position for rid, t, _ in items if rid == "s"] == [len(prompt) + len(reported) - 1]
+    while plain.ready():
+        every_step += [(t.position, t.token_id, t.last) for rid, t, _ in plain.step()[0] if rid == "r"]
+    assert reported[:-1] == [[], [], []] and reported[-1] == every_step
+    assert [position for position, *_ in every_step] == [8, 9, 10, 11] and every_step[-1][2]
+    # A job that ends early reports at once: a token under min_confidence, or nothing to propose.
+    command(
+        engine,
+        draft=pb.Draft(
+            request_id="r", branch_ids=[0], epoch=2, max_tokens=4, min_confidence=1.0, report_when_done=True
+        ),
+    )
+    items, _ = engine.step()
+    assert [(t.position, t.last) for _, t, _ in items] == [(12, True)]
+    ngram = DraftEngine(NgramDrafter(64, 256))
+    command(ngram, prefill=pb.Prefill(request_id="n", token_ids=[1, 2, 3]))  # (no n-gram repeats: nothing)
+    command(ngram, draft=pb.Draft(request_id="n", branch_ids=[0], epoch=1, max_tokens=4, report_when_done=True))
+    items, _ = ngram.step()
+    assert [(t.token_id, t.last) for _, t, _ in items] == [(-1, True)] and not ngram.ready()
+
+
 def test_a_step_feeds_its_branches_in_slot_order_whatever_the_turn(models, monkeypatch):
     """Branches take turns from a rotating start, but each step's forward packs them in slot order
     (one token per branch over contiguous slots then needs no scatter)."""

@@ -47,7 +47,7 @@ class Prefill(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., handle: _Optional[int] = ..., hold_seconds: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs")
+    __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs", "report_when_done")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_IDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -55,6 +55,7 @@ class Draft(_message.Message):
     MIN_CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SEND_PROBS_FIELD_NUMBER: _ClassVar[int]
+    REPORT_WHEN_DONE_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     branch_ids: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
@@ -62,7 +63,8 @@ class Draft(_message.Message):
     min_confidence: float
     num_candidates: int
     send_probs: bool
-    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., num_candidates: _Optional[int] = ..., send_probs: _Optional[bool] = ...) -> None: ...
+    report_when_done: bool
+    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., num_candidates: _Optional[int] = ..., send_probs: _Optional[bool] = ..., report_when_done: _Optional[bool] = ...) -> None: ...
 
 class Fork(_message.Message):
     __slots__ = ("request_id", "parent_branch_id", "branch_id", "position", "token_ids")
