@@ -61,13 +61,8 @@ def overlay(ref: str, folder: Path, repo: Path = REPO) -> Path:
     with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
         tar.extractall(source, filter="data")
     layout = tomllib.loads((source / "pyproject.toml").read_text())["tool"]["setuptools"]["package-dir"]
-    for package, directory in sorted(layout.items()):  # (specpipe before specpipe.x)
-        target = folder.joinpath(*package.split("."))
-        if package == "specpipe":
-            shutil.copytree(source / directory, target)
-        else:
-            shutil.rmtree(target, ignore_errors=True)
-            shutil.copytree(source / directory, target)
+    for package, directory in sorted(layout.items()):  # (specpipe before specpipe.x, its folder)
+        shutil.copytree(source / directory, folder.joinpath(*package.split(".")))
     shutil.rmtree(source)
     return folder
 

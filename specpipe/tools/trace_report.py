@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import sys
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -135,8 +136,9 @@ def _previous(events: list[Event], start: int, test) -> int | None:
     return next((j for j in range(start, -1, -1) if test(events[j])), None)
 
 
-def _forward_end(event: Event) -> bool:
-    return event.role == "target" and event.kind == "stepe" and len(event.fields) > 1 and int(event.fields[1]) > 0
+def _forward_end(event: Event, role: str = "target") -> bool:
+    """The end of one of `role`'s steps that ran a forward (fed tokens: not only stale answers)."""
+    return event.role == role and event.kind == "stepe" and len(event.fields) > 1 and int(event.fields[1]) > 0
 
 
 def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
@@ -185,17 +187,21 @@ def rejection_hops(events: list[Event]) -> dict[str, list[float]]:
 def message_lags(events: list[Event]) -> dict[str, list[float]]:
     """Seconds from a worker's step to the coordinator's event of it (one request in flight at a
     time): each draft step with a forward to its `dtoks`, in order (reset at each prefill the draft
-    takes: the last request's late steps were dropped); each target forward to the first `verdict`
-    after it, if it came before the next forward ended."""
+    takes: the last request's late steps were dropped; a `dtoks` holding several tokens of one
+    branch, a sequential block reported at its end, stands for that many steps, timed from the
+    last); each target forward to the first `verdict` after it, if it came before the next forward
+    ended."""
     lags: dict[str, list[float]] = {}
     pending: list[float] = []  # draft step ends whose tokens have not reached the coordinator yet
     for event in events:
         if event.role == "draft" and event.kind == "cmd" and event.fields[:1] == ["prefill"]:
             pending.clear()
-        elif event.role == "draft" and event.kind == "stepe" and len(event.fields) > 1 and int(event.fields[1]) > 0:
+        elif _forward_end(event, "draft"):
             pending.append(event.time)
         elif event.role == "coordinator" and event.kind == "dtoks" and pending:
-            lags.setdefault("a draft step to the coordinator", []).append(event.time - pending.pop(0))
+            steps = max(Counter(token.split(":")[0] for token in event.fields[1].split(",")).values())
+            taken, pending = pending[:steps], pending[steps:]
+            lags.setdefault("a draft step to the coordinator", []).append(event.time - taken[-1])
     ends = [end for _, end in forwards(events, "target")]
     verdicts = [e.time for e in events if e.role == "coordinator" and e.kind == "verdict"]
     j = 0

@@ -197,6 +197,17 @@ def test_the_report_measures_the_messages_way_and_the_cut_clocks_error(tmp_path)
     assert "(the cut's clock): 2 blocks, p10 -2.00, p50 1.00" in text
 
 
+def test_a_block_reported_at_its_end_is_timed_from_its_last_step(tmp_path):
+    """The sequential schedule's draft reports a block once, at its end (Draft.report_when_done):
+    its `dtoks` stands for the block's steps, and the lag is the last one's."""
+    draft = "0.0000 cmd prefill\n0.0010 stepe 1 1\n0.0020 stepe 1 1\n0.0030 stepe 1 1\n0.0050 stepe 1 1\n"
+    coordinator = "0.0032 dtoks r 0:1:5,0:1:6,0:1:7\n0.0051 dtoks r 0:1:8\n"
+    for name, body in (("draft-1", draft), ("coordinator-2", coordinator)):
+        (tmp_path / f"{name}.trace").write_text(body)
+    lags = trace_report.report(tmp_path).lags
+    assert [round(s * 1e4) for s in lags["a draft step to the coordinator"]] == [2, 1]
+
+
 class Idle:
     """A worker engine with nothing to compute (the loop's Engine protocol): the loop only waits
     and answers commands."""
