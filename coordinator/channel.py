@@ -83,8 +83,13 @@ class RequestChannel:
         num_candidates: int,
         send_probs: bool,
         report_when_done: bool = False,
+        report_in_s: float = 0.0,
+        end_position: int = 0,
+        reports_only: bool = False,
     ) -> None:
-        """`report_when_done`: the job's tokens come in one event, at its end (Draft.report_when_done)."""
+        """`report_when_done`: the job's tokens come in one event, at its end; `report_in_s`: they
+        come when the schedule acts on them; `end_position`: where the job ends, whatever the draft
+        holds; `reports_only`: only the moment they come moves (Draft's fields of those names)."""
         await self.draft.command(
             draft=worker_pb2.Draft(
                 request_id=self.wire_id,
@@ -95,6 +100,9 @@ class RequestChannel:
                 num_candidates=num_candidates,
                 send_probs=send_probs,
                 report_when_done=report_when_done,
+                report_in_s=report_in_s,
+                end_position=end_position,
+                reports_only=reports_only,
             )
         )
 

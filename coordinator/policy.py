@@ -284,6 +284,10 @@ class DraftPolicy:
         return self.config.main_lookahead
 
     @property
+    def hold_draft_reports(self) -> bool:
+        return self.config.hold_draft_reports and self.mode in (Mode.PIPELINED, Mode.SPECBRANCH)
+
+    @property
     def prepare_branch_blocks(self) -> bool:
         return self.config.prepare_branch_blocks and self.mode == Mode.SPECBRANCH
 

@@ -216,7 +216,8 @@ class Schedule:
         if trace.on:
             trace("dtoks", self.plan.request_id, ",".join(f"{t.branch_id}:{t.epoch}:{t.position}" for t in tokens))
         self.stats.drafted_tokens += sum(t.token_id >= 0 for t in tokens)
-        self.policy.observe_draft_step(event.step_seconds)
+        if event.step_seconds > 0:  # (0: held tokens of a stopped job, reported with no step)
+            self.policy.observe_draft_step(event.step_seconds)
         return tokens
 
     def commit(self, verdict: worker_pb2.Verdict) -> list[int]:

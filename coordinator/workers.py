@@ -242,7 +242,8 @@ class WorkerClient:
             by_request.setdefault(token.request_id, []).append(token)
         for request_id, tokens in by_request.items():
             self._deliver(request_id, Event(self.role, "draft_tokens", tokens, step_seconds=step.step_seconds))
-        self._count_batch(step.batch_branches, step.batch_tokens, step.step_seconds)
+        if step.batch_branches:  # (none: held tokens of stopped jobs, no forward)
+            self._count_batch(step.batch_branches, step.batch_tokens, step.step_seconds)
 
     def _on_verdicts(self, batch: worker_pb2.Verdicts, frames: list[bytes]) -> None:
         for verdict in batch.verdicts:

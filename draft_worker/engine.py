@@ -50,7 +50,9 @@ class DraftJob:
     num_candidates: int
     send_probs: bool
     report_when_done: bool = False
-    held: list = field(default_factory=list)  # its items not reported yet (report_when_done)
+    held: list = field(default_factory=list)  # its items not reported yet (report_when_done, report_at)
+    # Held until (this worker's monotonic clock; None: every token at once): see `_holds`.
+    report_at: float | None = None
 
 
 @dataclass
@@ -77,6 +79,9 @@ class DraftEngine:
         self.requests: dict[str, DraftRequest] = {}
         self._turn = 0
         self.last_batch = (0, 0)
+        # Held tokens of jobs stopped or cut short (a pause, a sync): reported with the next step.
+        self._orphans: list = []
+        self._step_end, self._step_s = 0.0, 0.0  # the step being chosen: when it ended, how long it took
         self.setup: list[str] = []  # its start-up choices, one line each (launch/worker.py): in its Pongs
 
     # -- commands -----------------------------------------------------------------------------
@@ -109,22 +114,35 @@ class DraftEngine:
                 "sampling needs the data plane to the target: start the draft worker with "
                 "--target-data-addr (zmq) or under torch.distributed (--transport torch)"
             )
+        report_at = time.monotonic() + msg.report_in_s if msg.report_in_s > 0 else None
         for branch_id in msg.branch_ids:
             branch = request.branches.get(branch_id)
             if branch is None:  # a fork refused for want of a slot (or cancelled meanwhile): nothing to draft
                 continue
+            if msg.reports_only:
+                if branch.job is not None:
+                    branch.job.report_at = report_at
+                continue
+            remaining = msg.end_position - len(branch.tokens) if msg.end_position else msg.max_tokens
+            old = branch.job
             branch.job = (
                 DraftJob(
                     msg.epoch,
-                    msg.max_tokens,
+                    remaining,
                     msg.min_confidence,
                     msg.num_candidates,
                     msg.send_probs,
                     msg.report_when_done,
+                    report_at=report_at,
                 )
-                if msg.max_tokens > 0
+                if msg.max_tokens > 0 and remaining > 0
                 else None
             )
+            if old is not None and old.held and not old.report_when_done:  # (held ones are taken over)
+                if branch.job is not None:
+                    branch.job.held = old.held
+                else:
+                    self._orphans += old.held
 
     def _on_fork(self, msg) -> None:
         request = self._request(msg.request_id)
@@ -145,6 +163,8 @@ class DraftEngine:
         branch.tokens = branch.tokens[: msg.keep_length] + list(msg.append_token_ids)
         assert branch.tokens, "a branch cannot be emptied"
         self.drafter.truncate((msg.request_id, msg.branch_id), min(msg.keep_length, len(branch.tokens) - 1))
+        if branch.job is not None and branch.job.held and not branch.job.report_when_done:
+            self._orphans += branch.job.held  # (of the old epoch: the schedule counts them as thrown away)
         branch.job = None
 
     def _on_cancel(self, msg) -> None:
@@ -180,7 +200,7 @@ class DraftEngine:
         pass
 
     def ready(self) -> bool:
-        return any(b.job for r in self.requests.values() for b in r.branches.values())
+        return bool(self._orphans) or any(b.job for r in self.requests.values() for b in r.branches.values())
 
     def waiting(self) -> bool:
         return False
@@ -202,6 +222,9 @@ class DraftEngine:
             for branch_id, b in r.branches.items()
             if b.job
         ]
+        orphans, self._orphans = self._orphans, []
+        if not active:  # (only held tokens of stopped jobs to report)
+            return orphans, {}
         start = self._turn % len(active)
         self._turn += 1
         active = (active[start:] + active[:start])[:MAX_STEP_BRANCHES]
@@ -210,7 +233,9 @@ class DraftEngine:
             proposals = self.drafter.propose([(key, self.requests[key[0]].branches[key[1]].tokens) for key in active])
         except Exception as err:
             return self._failed(active, err), {}
-        items = self._choose(active, proposals)
+        self._step_end = time.monotonic()
+        self._step_s = time.perf_counter() - begin
+        items = orphans + self._choose(active, proposals)
         elapsed = time.perf_counter() - begin
         self.last_batch = (len(active), self.drafter.fed_tokens())
         return items, {
@@ -330,12 +355,20 @@ class DraftEngine:
             msg.candidate_probs[:] = [p for _, p in pairs]
         probs_key = (request.handle, branch_id, job.epoch, position) if job.send_probs else None
         job.held.append((request_id, msg, []))
-        if job.report_when_done and not last:
+        if not last and self._holds(job):
             return [], probs_key
         reported, job.held = job.held, []
         if last:
             branch.job = None
         return reported, probs_key
+
+    def _holds(self, job: DraftJob) -> bool:
+        """Whether a job's token (not its last) waits to be reported with later ones: always for
+        report_when_done; with report_at, until the step after which the next step (as long as this
+        one) would end past it."""
+        if job.report_when_done:
+            return True
+        return job.report_at is not None and self._step_end + self._step_s < job.report_at
 
     # -- the loop's message -------------------------------------------------------------------
     @staticmethod

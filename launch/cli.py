@@ -91,6 +91,7 @@ def run_serve(args, plan, runtime) -> None:
             max_branches=args.max_branches,
             main_lookahead=args.main_lookahead,
             prepare_branch_blocks=args.prepare_branch_blocks,
+            hold_draft_reports=args.hold_draft_reports,
             urgent_fork_rows=args.urgent_fork_rows,
             idle_decode=args.idle_decode,
         ),

@@ -192,6 +192,14 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "first unsure token (default: no cap; fewer rolled-back tokens, but slower here)",
     )
     parser.add_argument(
+        "--hold-draft-reports",
+        action=argparse.BooleanOptionalAction,
+        default=PolicyConfig.hold_draft_reports,
+        help="pipelined modes: behind a block in flight, the draft reports its tokens when the coordinator "
+        "acts on them (the job's end, a step before the next block is cut), several in one message, not "
+        "one message per draft step (default: on)",
+    )
+    parser.add_argument(
         "--prepare-branch-blocks",
         action=argparse.BooleanOptionalAction,
         default=PolicyConfig.prepare_branch_blocks,

@@ -7,7 +7,10 @@ right most of the time would propose (`draft_next`, unsure where it is wrong, wi
 token among its next-best candidates, so branches can be promoted). Its inbox decides, with a
 seeded random choice, whether the next event the schedule sees is the draft's step or the
 target's verdict: every test seed is another ordering of late verdicts, early drafts and stale
-blocks. `draft_down_after=N` makes the draft go down after its N-th step. Like the real target, it
+blocks. A job told to hold its reports (Draft.report_in_s) holds its tokens and reports them
+together at its last token or at a seeded random step, as the draft worker does when the schedule's
+moment comes; held tokens of a job paused or synced come with the next step. `draft_down_after=N`
+makes the draft go down after its N-th step. Like the real target, it
 fills the wait after a rejection by decoding by itself when asked to
 (Decode.until_block), and verifies what is left of a block that starts behind those tokens.
 """
@@ -77,7 +80,10 @@ class FakeWorkers:
         self.decoded = 0  # tokens decoded by itself since the last block verified
         self.fills = 0  # tokens decoded so
         self.branches: dict[int, list[int]] = {}
-        self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates]
+        self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates, holds]
+        self.held: dict[int, list] = {}  # branch_id -> its job's tokens not reported yet
+        self.orphans: list = []  # held tokens of stopped jobs: reported with the next step
+        self.drafts: list = []  # every Draft command, as sent
         self.stale_answers = 0
         self.pauses = 0  # branches told to stop drafting for now (a Draft of 0 tokens)
         self.last_block_id = 0  # the last block verified
@@ -114,12 +120,27 @@ class FakeWorkers:
         self.branches = {0: list(msg.token_ids)}
 
     def _draft_draft(self, msg) -> None:
+        self.drafts.append(msg)
         for branch_id in msg.branch_ids:  # (max_tokens 0: the branch pauses, as on the draft worker)
-            if msg.max_tokens > 0:
-                self.jobs[branch_id] = [msg.epoch, msg.max_tokens, msg.min_confidence, msg.num_candidates]
+            if msg.reports_only:  # (only when it reports moves: this fake's moment is random anyway)
+                if branch_id in self.jobs:
+                    self.jobs[branch_id][4] = msg.report_in_s > 0
+                continue
+            # end_position: the job ends there, however far the draft is (as on the draft worker)
+            sequence = self.branches.get(branch_id)
+            remaining = msg.end_position - len(sequence) if msg.end_position and sequence else msg.max_tokens
+            if msg.max_tokens > 0 and remaining > 0:
+                self.jobs[branch_id] = [
+                    msg.epoch,
+                    remaining,
+                    msg.min_confidence,
+                    msg.num_candidates,
+                    msg.report_in_s > 0,
+                ]
             else:
                 self.jobs.pop(branch_id, None)
-                self.pauses += 1
+                self.orphans += self.held.pop(branch_id, [])
+                self.pauses += msg.max_tokens == 0
 
     def _draft_fork(self, msg) -> None:
         self.branches[msg.branch_id] = self.branches[msg.parent_branch_id][: msg.position] + list(msg.token_ids)
@@ -127,15 +148,19 @@ class FakeWorkers:
     def _draft_sync(self, msg) -> None:
         self.branches[msg.branch_id] = self.branches[msg.branch_id][: msg.keep_length] + list(msg.append_token_ids)
         self.jobs.pop(msg.branch_id, None)
+        self.orphans += self.held.pop(msg.branch_id, [])
 
     def _draft_cancel(self, msg) -> None:
         for branch_id in msg.branch_ids:
             self.branches.pop(branch_id, None)
             self.jobs.pop(branch_id, None)
+            self.held.pop(branch_id, None)
 
     def _draft_release(self, msg) -> None:
         self.branches.clear()
         self.jobs.clear()
+        self.held.clear()
+        self.orphans.clear()
 
     # -- what the channel receives --------------------------------------------------------------
     def next_event(self) -> Event:
@@ -145,7 +170,7 @@ class FakeWorkers:
             choices = []
             if self.draft_outbox:
                 choices.append("deliver")
-            if self.jobs and not self.draft_down and len(self.draft_outbox) < DRAFT_AHEAD:
+            if (self.jobs or self.orphans) and not self.draft_down and len(self.draft_outbox) < DRAFT_AHEAD:
                 choices.append("draft")
             if self.verifies or self.decodes_to() > len(self.committed):
                 choices.append("verdict")
@@ -168,12 +193,13 @@ class FakeWorkers:
             self.draft_down = True
             self.jobs.clear()
             return Event("draft", "down")
-        tokens = []
+        tokens, self.orphans = self.orphans, []
         for branch_id, job in list(self.jobs.items()):
-            epoch, remaining, min_confidence, num_candidates = job
+            epoch, remaining, min_confidence, num_candidates, holds = job
             sequence = self.branches[branch_id]
             if self.stalls and (sum(sequence) * 3 + len(sequence)) % 5 == 1:  # nothing to propose here
                 self.stalled.append((epoch, branch_id, len(sequence)))
+                tokens += self.held.pop(branch_id, [])
                 tokens.append(
                     worker_pb2.DraftToken(
                         request_id=self.request_id,
@@ -191,7 +217,8 @@ class FakeWorkers:
                 candidates = [(candidate + 3) % VOCAB for candidate in candidates]
             job[1] = remaining = remaining - 1
             last = remaining <= 0 or prob < min_confidence
-            tokens.append(
+            held = self.held.setdefault(branch_id, [])
+            held.append(
                 worker_pb2.DraftToken(
                     request_id=self.request_id,
                     branch_id=branch_id,
@@ -205,6 +232,8 @@ class FakeWorkers:
                 )
             )
             sequence.append(token)
+            if last or not holds or self.rng.random() < 0.3:  # (held: till its end, or the moment comes)
+                tokens += self.held.pop(branch_id)
             if last:
                 del self.jobs[branch_id]
         return Event("draft", "draft_tokens", tokens, step_seconds=0.001)

@@ -265,6 +265,53 @@ def test_forks_pause_while_the_main_lines_next_block_is_urgent_and_draft_on_once
     assert workers.jobs[2][1] == 7 + 1 + 4 - len(schedule.branches[2].tokens)  # to its horizon
 
 
+def test_behind_a_block_in_flight_the_draft_holds_its_reports_until_a_step_before_its_verdict():
+    """Pipelined, --hold-draft-reports: behind a block in flight the main line's job tells the draft
+    to hold its tokens until one draft step (and a hop) before that block's expected verdict, when
+    the next block is cut just in time, and where the job ends (end_position: the schedule does not
+    see the held tokens yet); with nothing in flight (the target waits for this block) every token
+    comes at once. A verdict expected sooner moves only the moment (reports_only), a later one
+    nothing; off, no job holds."""
+    from specpipe.coordinator.pipeline import HOP_S, Pipelined
+
+    def schedule_with(policy):
+        workers = FakeWorkers(0)
+        plan = RequestPlan("r", PROMPT, MAX_NEW, SamplingParams(), seed=0, mode="pipelined", policy=policy)
+        channel = RequestChannel("r", workers.draft, workers.target, use_draft=True)
+        schedule = Pipelined(plan, channel, DraftPolicy(policy, "pipelined", AcceptanceModel()), RunStats())
+        schedule.policy.model.t_draft = 0.001
+        return schedule, workers
+
+    policy = PolicyConfig(kind="fixed", num_draft_tokens=4)
+    schedule, workers = schedule_with(policy)
+    asyncio.run(schedule.keep_drafting())  # nothing in flight
+    first = workers.drafts[-1]
+    assert first.report_in_s == 0 and first.end_position == len(PROMPT) + 4
+    done_at = time.monotonic() + 0.050
+    schedule.branches[0].tokens += [7, 8, 9, 10]  # the block drafted, and sent
+    schedule.in_flight.append(Block(start=len(PROMPT), token_ids=[7, 8, 9, 10], done_at=done_at))
+    before = time.monotonic()
+    asyncio.run(schedule.keep_drafting())
+    job = workers.drafts[-1]
+    assert job.end_position == len(PROMPT) + 8 and not job.reports_only
+    assert done_at - 0.001 - HOP_S - time.monotonic() <= job.report_in_s <= done_at - 0.001 - HOP_S - before
+    count = len(workers.drafts)
+    schedule.in_flight[0].done_at = done_at + 0.010  # expected later: nothing goes
+    asyncio.run(schedule.keep_drafting())
+    assert len(workers.drafts) == count
+    schedule.in_flight[0].done_at = done_at - 0.020  # sooner: the moment moves, the job stays
+    asyncio.run(schedule.keep_drafting())
+    moved = workers.drafts[-1]
+    assert moved.reports_only and 0 < moved.report_in_s < job.report_in_s - 0.015
+    assert workers.jobs[0][1] == 4  # (the job as it was)
+
+    off, workers = schedule_with(dataclasses.replace(policy, hold_draft_reports=False))
+    off.branches[0].tokens += [7, 8, 9, 10]
+    off.in_flight.append(Block(start=len(PROMPT), token_ids=[7, 8, 9, 10], done_at=done_at))
+    asyncio.run(off.keep_drafting())
+    assert all(d.report_in_s == 0 and d.end_position == 0 for d in workers.drafts)
+
+
 def test_capped_forks_keep_every_ordering_exact():
     """urgent_fork_rows pausing and resuming forks (the request alone): the committed tokens are the
     target's greedy ones whatever the ordering, the counters keep their invariants, and paused forks

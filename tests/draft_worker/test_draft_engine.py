@@ -201,6 +201,54 @@ def test_a_job_reported_when_done_sends_its_tokens_once_at_its_end(models):
     assert [(t.token_id, t.last) for _, t, _ in items] == [(-1, True)] and not ngram.ready()
 
 
+def test_a_holding_job_reports_its_tokens_together_and_loses_none(models):
+    """Draft.report_in_s: a job's tokens wait until the step after which the next one would end past
+    the moment (or its last token), then come together, in order, and every later one at once; a
+    `reports_only` Draft moves that moment (and gives a branch with no job none); a job replacing a
+    holding one takes over its held tokens and ends at `end_position`, however far the draft is; a
+    job paused or synced reports them with the next step, with nothing else drafting. Every token is
+    the one a job reporting each step drafts, each reported once."""
+    model, _ = models
+    engine, plain = make_engine(model), make_engine(model)
+    prompt = [5, 6, 7, 5, 6, 7, 5, 6]
+    for each in (engine, plain):
+        command(each, prefill=pb.Prefill(request_id="r", token_ids=prompt))
+    command(plain, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=8))
+    expected = [(t.position, t.token_id) for t in run_jobs(plain)[0]]
+    end = len(prompt) + 6
+
+    def step() -> list[tuple[int, int]]:
+        return [(t.position, t.token_id) for _, t, _ in engine.step()[0]]
+
+    command(
+        engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=6, report_in_s=60, end_position=end)
+    )
+    assert step() == [] and step() == []
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, report_in_s=1e-9, reports_only=True))
+    assert step() == expected[:3]  # (the moment came: the held ones and this step's)
+    assert step() == expected[3:4]  # (then each at once)
+    # A holding job replaced by another: it takes over the held token, and ends at end_position
+    # (not 9 tokens on), all of them coming with its last.
+    hold_to_end = pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=9, report_in_s=60, end_position=end)
+    command(engine, draft=hold_to_end)
+    assert step() == []
+    command(engine, draft=hold_to_end)
+    assert step() == expected[4:6] and not engine.ready()
+    # Paused while holding: the held token comes with the next step, though nothing drafts.
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=4, report_in_s=60))
+    assert step() == []
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=0))
+    assert engine.ready() and step() == expected[6:7] and not engine.ready()
+    # Synced while holding: likewise (of the old epoch: the schedule drops them).
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, max_tokens=4, report_in_s=60))
+    assert step() == []
+    command(engine, sync=pb.Sync(request_id="r", branch_id=0, keep_length=end + 1))
+    assert step() == expected[7:8] and not engine.ready()
+    # A reports_only Draft gives a branch with no job none.
+    command(engine, draft=pb.Draft(request_id="r", branch_ids=[0], epoch=1, report_in_s=60, reports_only=True))
+    assert not engine.ready()
+
+
 def test_a_step_feeds_its_branches_in_slot_order_whatever_the_turn(models, monkeypatch):
     """Branches take turns from a rotating start, but each step's forward packs them in slot order
     (one token per branch over contiguous slots then needs no scatter)."""

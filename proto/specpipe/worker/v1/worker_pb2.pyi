@@ -47,7 +47,7 @@ class Prefill(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., token_ids: _Optional[_Iterable[int]] = ..., sampling: _Optional[_Union[Sampling, _Mapping]] = ..., handle: _Optional[int] = ..., hold_seconds: _Optional[float] = ...) -> None: ...
 
 class Draft(_message.Message):
-    __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs", "report_when_done")
+    __slots__ = ("request_id", "branch_ids", "epoch", "max_tokens", "min_confidence", "num_candidates", "send_probs", "report_when_done", "report_in_s", "end_position", "reports_only")
     REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
     BRANCH_IDS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
@@ -56,6 +56,9 @@ class Draft(_message.Message):
     NUM_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     SEND_PROBS_FIELD_NUMBER: _ClassVar[int]
     REPORT_WHEN_DONE_FIELD_NUMBER: _ClassVar[int]
+    REPORT_IN_S_FIELD_NUMBER: _ClassVar[int]
+    END_POSITION_FIELD_NUMBER: _ClassVar[int]
+    REPORTS_ONLY_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     branch_ids: _containers.RepeatedScalarFieldContainer[int]
     epoch: int
@@ -64,7 +67,10 @@ class Draft(_message.Message):
     num_candidates: int
     send_probs: bool
     report_when_done: bool
-    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., num_candidates: _Optional[int] = ..., send_probs: _Optional[bool] = ..., report_when_done: _Optional[bool] = ...) -> None: ...
+    report_in_s: float
+    end_position: int
+    reports_only: bool
+    def __init__(self, request_id: _Optional[str] = ..., branch_ids: _Optional[_Iterable[int]] = ..., epoch: _Optional[int] = ..., max_tokens: _Optional[int] = ..., min_confidence: _Optional[float] = ..., num_candidates: _Optional[int] = ..., send_probs: _Optional[bool] = ..., report_when_done: _Optional[bool] = ..., report_in_s: _Optional[float] = ..., end_position: _Optional[int] = ..., reports_only: _Optional[bool] = ...) -> None: ...
 
 class Fork(_message.Message):
     __slots__ = ("request_id", "parent_branch_id", "branch_id", "position", "token_ids")
