@@ -12,20 +12,11 @@ few tokens are drafted. When the target is shared by many requests (its batches 
 ahead only wastes the draft's time: the policy's lookahead (`DraftPolicy.lookahead_blocks`) then
 keeps at most one block in flight, as the sequential schedule does.
 
-SpecBranch: at each of the main branch's unverified positions where the draft is unsure (its
-token's probability under the policy's branch threshold), the schedule forks alternative
-branches, one per next-best candidate, up to a budget of live branches. Each branch drafts a few
-tokens past its fork point, in the same batched forward as every other branch. When a verdict
-rejects the main branch at such a position, the branch starting with the target's correction is
-promoted: its tokens are already drafted and go to the target at once, instead of the target
-idling while the draft redrafts. Rollback-aware, when asked (`--main-lookahead N`): past its first
-unverified unsure position the main branch drafts only N more tokens.
-
-After every verdict the branch tree is pruned to the branches that agree with the committed
-tokens: if the main branch agrees it goes on; else a branch that starts with the target's
-correction is promoted; every other branch is cancelled on the draft worker, which frees its KV
-slot. If none agrees, the main branch is synced back to the committed tokens under a new epoch
-(its stale tokens still in flight are dropped) and drafting restarts.
+SpecBranch: at the main line's unsure positions the schedule forks alternative branches, and a
+verdict that rejects the main line where a branch foresaw it promotes that branch; a fork's drafted
+tokens may wait on the target as a block prepared for that outcome (the branch tree, pruning and
+prepared blocks: coordinator/branches.py). Rollback-aware, when asked (`--main-lookahead N`): past
+its first unverified unsure position the main branch drafts only N more tokens.
 
 Two blocks may be in flight: the next block is queued on the target behind the one it is
 verifying, marked with the block whose verdict it assumes and the token it assumes at its start,
@@ -37,13 +28,10 @@ workers to itself and the main line's next block is short of full with room on t
 what the target verifies next), only the nearest `urgent_fork_rows` forks draft beside it; the
 others pause (a Draft of 0 tokens) and draft on once that block is queued (`held_forks`).
 
-Outcome-keyed (prepared) blocks, specbranch: once a fork's drafting job ends and its fork point
-is in a block in flight, its drafted tokens are queued on the target too, conditional on that
-block's verdict emitting the fork's token there (`send_prepared`). The target checks every queued
-block against its own verdict: the one made for the outcome it reached runs in its next
-iteration, the others are answered stale in the same iteration, so a rejection a branch foresaw
-costs no round trip through the coordinator. Here the verdict arms that block (it joins the main
-line; `resolve_prepared`) and the branch is promoted as before.
+Prepared blocks: the target checks every queued block against its own verdict; the one made for
+the outcome it reached runs in its next iteration, the others are answered stale in the same
+iteration. Here the verdict arms that block (it joins the main line; `resolve_prepared`) and the
+branch is promoted as before.
 
 Sampling stays exact: a promoted branch starts with exactly the token the rejection sampler
 emitted (it agrees with the committed tokens), and the q sent for its tokens are those the draft
@@ -54,11 +42,11 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, field
 
 from specpipe.blocks import left_to_verify
 from specpipe.modes import Mode
-from specpipe.coordinator.schedules import ROOT_BRANCH, Block, Schedule
+from specpipe.coordinator.branches import BranchTree, BranchView
+from specpipe.coordinator.schedules import Block, Schedule, block_holding
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.trace import trace
 
@@ -70,32 +58,11 @@ HOP_S = 0.0005
 DEFAULT_VERIFY_S, DEFAULT_DRAFT_STEP_S = 0.010, 0.001
 
 
-@dataclass
-class BranchView:
-    """The schedule's mirror of one draft branch."""
-
-    tokens: list[int]  # full sequence, prompt included
-    fork_at: int | None = None  # position of its first own token; None: main line
-    epoch: int = 0  # epoch its unverified tokens were drafted in
-    job_end: int = 0  # length its current drafting job runs to
-    alternatives: dict[int, list[int]] = field(default_factory=dict)  # unsure position -> tokens to fork
-    probs: dict[int, float] = field(default_factory=dict)  # unverified position -> the draft's probability
-    forked: set[int] = field(default_factory=set)  # positions already forked (main line)
-    stalled_at: int = -1  # length at which the drafter had nothing to propose
-    rank: int = -1  # a fork: its token's rank among the alternatives at fork_at (0: the best)
-    prepared: bool = False  # a fork: its block is queued on the target (conditional on its token)
-    paused: bool = False  # a fork held back while the main line's next block is urgent (it drafts on later)
-    report_by: float = 0.0  # until when the draft holds its tokens (time.monotonic; 0: every token at once)
-
-
 class Pipelined(Schedule):
     def __init__(self, plan, channel, policy, stats):
         super().__init__(plan, channel, policy, stats)
         self.branching = plan.mode == Mode.SPECBRANCH
-        self.branches = {ROOT_BRANCH: BranchView(list(self.tokens), job_end=len(self.tokens))}
-        self.main = ROOT_BRANCH
-        self.main_ids = {ROOT_BRANCH}  # every branch that was the main line (for its late tokens)
-        self.next_branch_id = ROOT_BRANCH + 1
+        self.tree = BranchTree(self.tokens)
         # Since when the target waits for a block after a rejection nothing foresaw (not filled).
         self.waiting_since: float | None = None
 
@@ -110,9 +77,9 @@ class Pipelined(Schedule):
             event = await self.channel.next_event("draft_tokens", "verdict")
             if event.kind == "draft_tokens":
                 for token in self.observe_draft(event):
-                    if token.epoch == self.epoch and token.branch_id in self.branches:
+                    if token.epoch == self.epoch and token.branch_id in self.tree.branches:
                         await self.on_draft_token(token)
-                    elif token.branch_id in self.main_ids and token.token_id >= 0:
+                    elif token.branch_id in self.tree.main_ids and token.token_id >= 0:
                         # Drafted on the main line before a resync or promotion reached the draft.
                         self.stats.main_rolled_back_tokens += 1
             else:
@@ -139,11 +106,11 @@ class Pipelined(Schedule):
         anchor = self.anchor()
         main_horizon = min(self.end, anchor + self.policy.block_length())
         if self.branching and self.policy.main_lookahead is not None:  # rollback-aware: hedge past a likely break
-            unsure = [p for p in self.branches[self.main].alternatives if p >= len(self.tokens)]
+            unsure = [p for p in self.tree.branches[self.tree.main].alternatives if p >= len(self.tokens)]
             if unsure:
                 main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
         wanting = {}  # branch -> its horizon, for every branch with tokens still to draft
-        for branch_id, view in self.branches.items():
+        for branch_id, view in self.tree.branches.items():
             horizon = (
                 main_horizon if view.fork_at is None else min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
             )
@@ -152,9 +119,9 @@ class Pipelined(Schedule):
         held = self.held_forks(wanting)
         paused = []
         for branch_id in wanting:
-            view = self.branches[branch_id]
+            view = self.tree.branches[branch_id]
             if branch_id in held:
-                if self.drafting(view) and not view.paused:
+                if view.drafting and not view.paused:
                     paused.append(branch_id)
                 view.job_end, view.paused = len(view.tokens), True
             else:
@@ -166,18 +133,18 @@ class Pipelined(Schedule):
         now, live = time.monotonic(), self.live()
         jobs: dict[tuple[int, int, float], list[int]] = {}  # (tokens to go, end, report_by) -> branches
         for branch_id, horizon in wanting.items():
-            view = self.branches[branch_id]
+            view = self.tree.branches[branch_id]
             if branch_id in held:
                 continue
             report_by = self.report_by(view, live, now)
             if view.job_end < horizon:
                 jobs.setdefault((horizon - len(view.tokens), horizon, report_by), []).append(branch_id)
-            elif self.drafting(view) and self.report_moved(view, report_by, now):
+            elif view.drafting and self.report_moved(view, report_by, now):
                 jobs.setdefault((0, 0, report_by), []).append(branch_id)  # (its reports only)
         holding = self.policy.hold_draft_reports
         for (need, end, report_by), branch_ids in jobs.items():
             for branch_id in branch_ids:
-                view = self.branches[branch_id]
+                view = self.tree.branches[branch_id]
                 view.job_end, view.report_by = max(view.job_end, end), report_by
             await self.channel.draft_tokens(
                 branch_ids,
@@ -200,7 +167,7 @@ class Pipelined(Schedule):
         too: forked a few steps later, served A/B 1.03x against reporting them at once (1.01x)."""
         if not (self.policy.hold_draft_reports and live):
             return 0.0
-        holder = self.block_holding(view.fork_at, live) if view.fork_at is not None else None
+        holder = block_holding(view.fork_at, live) if view.fork_at is not None else None
         t_draft = self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S
         by = (holder or live[-1]).done_at - t_draft - HOP_S
         return by if by > now else 0.0
@@ -212,12 +179,12 @@ class Pipelined(Schedule):
         `urgent_fork_rows` fork points (then the best ranks) draft. The others draft on once the
         block is sent (a paused fork is still prepared just in time for its holder's verdict)."""
         cap = self.policy.urgent_fork_rows()
-        forks = [b for b in wanting if self.branches[b].fork_at is not None]
-        if cap is None or len(forks) <= cap or self.main not in wanting:
+        forks = [b for b in wanting if self.tree.branches[b].fork_at is not None]
+        if cap is None or len(forks) <= cap or self.tree.main not in wanting:
             return set()
         if len(self.live()) >= self.policy.lookahead_blocks():
             return set()
-        forks.sort(key=lambda b: (self.branches[b].fork_at, self.branches[b].rank))
+        forks.sort(key=lambda b: (self.tree.branches[b].fork_at, self.tree.branches[b].rank))
         return set(forks[cap:])
 
     @staticmethod
@@ -227,13 +194,8 @@ class Pipelined(Schedule):
         longer (they come a little early then)."""
         return view.report_by > now and (not report_by or report_by < view.report_by - HOP_S)
 
-    @staticmethod
-    def drafting(view: BranchView) -> bool:
-        """Whether more of its tokens are to come (a paused fork's too: it drafts on later)."""
-        return view.paused or view.job_end > len(view.tokens)
-
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
-        view = self.branches[token.branch_id]
+        view = self.tree.branches[token.branch_id]
         if token.token_id < 0:  # its job ended with no token (the drafter had none)
             view.job_end = view.stalled_at = len(view.tokens)
             return
@@ -243,7 +205,7 @@ class Pipelined(Schedule):
         view.tokens.append(token.token_id)
         view.probs[token.position] = token.prob
         view.epoch = token.epoch
-        if token.branch_id == self.main and token.position < len(self.tokens):  # catching up with decoded tokens
+        if token.branch_id == self.tree.main and token.position < len(self.tokens):  # catching up with decoded tokens
             if token.token_id != self.tokens[token.position]:
                 self.stats.main_rolled_back_tokens += 1
                 await self.prune(token.position)  # (it disagrees: resynced)
@@ -255,38 +217,21 @@ class Pipelined(Schedule):
             view.alternatives[token.position] = alternatives
         if token.last:
             view.job_end = len(view.tokens)
-        if token.branch_id == self.main and alternatives:
+        if token.branch_id == self.tree.main and alternatives:
             await self.fork_where_unsure()
-        elif view.fork_at is not None or any(v.paused for v in self.branches.values()):
+        elif view.fork_at is not None or any(v.paused for v in self.tree.branches.values()):
             await self.send_prepared()  # (a paused fork is prepared just in time, as the main line drafts)
 
     async def fork_where_unsure(self) -> None:
         """Fork the main branch's alternatives at its unverified unsure positions, nearest first,
         while the branch budget lasts (SpecBranch)."""
-        view = self.branches[self.main]
-        budget = self.policy.max_branches - (len(self.branches) - 1)
-        forked = False
-        for position in sorted(view.alternatives):
-            if budget <= 0:
-                break
-            if position < len(self.tokens) or position in view.forked:
-                continue
-            view.forked.add(position)
-            for rank, token_id in enumerate(view.alternatives[position][:budget]):
-                branch_id, self.next_branch_id = self.next_branch_id, self.next_branch_id + 1
-                await self.channel.fork(self.main, branch_id, position, [token_id])
-                self.branches[branch_id] = BranchView(
-                    view.tokens[:position] + [token_id],
-                    fork_at=position,
-                    epoch=view.epoch,
-                    job_end=position + 1,
-                    rank=rank,
-                )
-                self.stats.branches_forked += 1
-                self.stats.drafted_tokens += 1  # its first token: proposed, kept only on a hit
-                budget -= 1
-                forked = True
-        if forked:
+        forks = self.tree.forks_to_make(len(self.tokens), self.policy.max_branches)
+        for position, rank, token_id in forks:
+            branch_id = self.tree.add_fork(position, rank, token_id)
+            await self.channel.fork(self.tree.main, branch_id, position, [token_id])
+            self.stats.branches_forked += 1
+            self.stats.drafted_tokens += 1  # its first token: proposed, kept only on a hit
+        if forks:
             await self.keep_drafting()
 
     # -- verification -----------------------------------------------------------------------------
@@ -296,7 +241,7 @@ class Pipelined(Schedule):
         live = self.live()
         if len(live) >= self.policy.lookahead_blocks() or (live and not live[-1].token_ids):
             return
-        view = self.branches[self.main]
+        view = self.tree.branches[self.tree.main]
         start = self.anchor()
         stop = min(start + self.policy.block_length(), self.end)
         if stop <= start:
@@ -308,7 +253,7 @@ class Pipelined(Schedule):
                 await self.send_verify(Block(start=start, epoch=view.epoch), emit_bonus=True)  # the target goes on
             return  # (else more tokens are on their way)
         now = time.monotonic()
-        if len(block_ids) < stop - start and self.drafting(view):
+        if len(block_ids) < stop - start and view.drafting:
             deadline = self.send_deadline(live, now)
             if deadline is None:  # an idle target: a few tokens are worth a forward
                 if len(block_ids) < self.policy.send_length():
@@ -319,7 +264,7 @@ class Pipelined(Schedule):
         iteration_end = self.policy.model.iteration_end(now) if self.channel.target_busy() else None
         begins = max(now + HOP_S, live[-1].done_at if live else 0.0, iteration_end or 0.0)
         block = Block(
-            start=start, token_ids=block_ids, branch_id=self.main, epoch=view.epoch, done_at=begins + forward_s
+            start=start, token_ids=block_ids, branch_id=self.tree.main, epoch=view.epoch, done_at=begins + forward_s
         )
         if self.waiting_since is not None:  # the first block after a rejection nothing foresaw
             self.policy.model.observe_redraft_wait(now - self.waiting_since)
@@ -343,16 +288,9 @@ class Pipelined(Schedule):
         after that block's verdict (the rest of the fork follows as the next block on a hit)."""
         if not self.policy.prepare_branch_blocks:
             return
-        live, now = self.live(), time.monotonic()
-        next_token_at = now + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S
-        for branch_id, view in self.branches.items():
+        next_token_at = time.monotonic() + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S
+        for branch_id, view, holder in self.tree.ready_to_prepare(self.live(), next_token_at):
             at = view.fork_at
-            if at is None or view.prepared or len(view.tokens) <= at + 1:
-                continue
-            holder = self.block_holding(at, live)
-            if holder is None or (self.drafting(view) and next_token_at < holder.done_at):
-                continue
-            view.prepared = True
             block = Block(
                 start=at + 1,
                 token_ids=view.tokens[at + 1 :],
@@ -383,7 +321,7 @@ class Pipelined(Schedule):
         forked_ranks = None
         if verdict.num_accepted < len(head.token_ids):
             at = head.start + verdict.num_accepted
-            main = self.branches[self.main]
+            main = self.tree.branches[self.tree.main]
             rejected = main.probs.get(at)
             if rejected is not None:  # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
@@ -392,22 +330,22 @@ class Pipelined(Schedule):
                     block.doomed = True  # the target will answer them stale
             # The main line's tokens past the verified block go too (commit counted the block's).
             self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (head.start + len(head.token_ids)))
-            forked_ranks = [view.rank for view in self.branches.values() if view.fork_at == at]
+            forked_ranks = [view.rank for view in self.tree.branches.values() if view.fork_at == at]
         armed = self.resolve_prepared(head, rejected=verdict.num_accepted < len(head.token_ids))
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
             trace("due", self.plan.request_id, live[0].block_id, f"{live[0].done_at:.6f}")
-        main_before, epoch_before = self.main, self.epoch
+        main_before, epoch_before = self.tree.main, self.epoch
         await self.prune(start)
         if verdict.next_token_id >= 0:
             self.count_kept(len(self.tokens) - 1, epoch_before)
-        assert armed is None or armed.branch_id == self.main, "the prepared block's branch is the main line"
+        assert armed is None or armed.branch_id == self.tree.main, "the prepared block's branch is the main line"
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
-            promoted = self.main != main_before
-            self.stats.on_forked_rejection(forked_ranks, self.branches[self.main].rank if promoted else None)
+            promoted = self.tree.main != main_before
+            self.stats.on_forked_rejection(forked_ranks, self.tree.branches[self.tree.main].rank if promoted else None)
         if forked_ranks is not None and not live and self.epoch != epoch_before:
             await self.fill_or_wait()  # nothing foresaw this rejection: the draft redrafts from scratch
         await self.keep_drafting()
@@ -437,7 +375,7 @@ class Pipelined(Schedule):
         first tokens are not the decoded ones, and every block behind it, will be answered stale."""
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
-        main = self.branches[self.main]
+        main = self.tree.branches[self.tree.main]
         drafted, epoch_before = len(main.tokens) > start, self.epoch
         if drafted:
             if main.tokens[start] != new_tokens[0]:
@@ -460,13 +398,8 @@ class Pipelined(Schedule):
         it there. If the line was kept (or a branch promoted by it: the epoch is still
         `epoch_before`, no resync), that drafted token is kept, not rolled back, unless a block in
         flight holds it (its verdict counts it as accepted)."""
-        if self.epoch == epoch_before and self.block_holding(position, self.live()) is None:
+        if self.epoch == epoch_before and block_holding(position, self.live()) is None:
             self.stats.kept_tokens += 1
-
-    @staticmethod
-    def block_holding(position: int, blocks: list[Block]) -> Block | None:
-        """The block of `blocks` whose tokens cover `position`, if any."""
-        return next((b for b in blocks if b.start <= position < b.start + len(b.token_ids)), None)
 
     def resolve_prepared(self, head: Block, rejected: bool) -> Block | None:
         """After `head`'s verdict, as the target sees it: the block prepared for this outcome of it
@@ -485,45 +418,20 @@ class Pipelined(Schedule):
         return armed
 
     async def prune(self, start: int) -> None:
-        """Keep the branches that agree with the committed tokens; promote or resync main."""
-        committed, length = self.tokens[start:], len(self.tokens)
-        agree = {b for b, view in self.branches.items() if view.tokens[start:length] == committed}
-        if self.main in agree:
-            survivor = self.main
-        elif agree:
-            survivor = max(agree, key=lambda b: len(self.branches[b].tokens))
+        """Keep the branches that agree with the committed tokens; promote or resync main
+        (`BranchTree.prune`); cancel the rest on the draft."""
+        pruned = self.tree.prune(self.tokens, start)
+        for _ in range(pruned.forks_lost):  # forks cancelled: they did not pay
+            self.policy.observe_fork(hit=False)
+        if pruned.promoted:
             self.stats.branches_hit += 1
-        else:
-            survivor = self.main
-        losers = [b for b in self.branches if b != survivor and b not in agree]
-        for branch_id in losers:  # forks cancelled: they did not pay
-            if self.branches[branch_id].fork_at is not None:
-                self.policy.observe_fork(hit=False)
-        if survivor != self.main:
             self.policy.observe_fork(hit=True)
-        if losers:
-            await self.channel.cancel(losers)
-            for branch_id in losers:
-                del self.branches[branch_id]
-        self.main = survivor
-        self.main_ids.add(survivor)
-        view = self.branches[survivor]
-        view.fork_at, view.paused = None, False  # (promoted: it is the main line now)
-        if survivor not in agree:  # nothing agrees: roll main back to the committed tokens
+        if pruned.losers:
+            await self.channel.cancel(pruned.losers)
+        if pruned.sync_keep is not None:  # nothing agrees: main rolled back to the committed tokens
             self.epoch += 1
-            # The draft keeps its tokens up to the first that differs (the correction's position;
-            # earlier when it had not drafted as far as the tokens the target decoded by itself).
-            drafted = view.tokens
-            keep = min(len(drafted), length - 1)
-            keep = next((i for i in range(start, keep) if drafted[i] != self.tokens[i]), keep)
-            view.tokens, view.job_end = list(self.tokens), length
-            view.alternatives.clear()
-            view.probs.clear()
-            view.forked.clear()  # (its forks were cancelled: the redrafted positions fork afresh)
-            await self.channel.sync(survivor, keep_length=keep, append=self.tokens[keep:])
+            keep = pruned.sync_keep
+            await self.channel.sync(self.tree.main, keep_length=keep, append=self.tokens[keep:])
             trace("sync", self.plan.request_id, self.epoch)
-        view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
-        view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
-        view.forked = {p for p in view.forked if p >= length}
         if self.branching:
             await self.fork_where_unsure()

@@ -145,6 +145,11 @@ class Block:
         self.branch_id, self.epoch, self.done = token.branch_id, token.epoch, token.last
 
 
+def block_holding(position: int, blocks: list[Block]) -> Block | None:
+    """The block of `blocks` whose tokens cover `position`, if any."""
+    return next((b for b in blocks if b.start <= position < b.start + len(b.token_ids)), None)
+
+
 class Schedule:
     """The state and the steps every schedule shares; `run` is the schedule itself."""
 

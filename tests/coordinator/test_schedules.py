@@ -190,7 +190,8 @@ def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(
     shorter prepared block beats a round trip through the coordinator (the rest of the fork follows
     as the next block on a hit). Its holder's verdict far off, it drafts on. A paused fork
     (urgent_fork_rows: no job now) is one still drafting: it drafts on later."""
-    from specpipe.coordinator.pipeline import BranchView, Pipelined
+    from specpipe.coordinator.branches import BranchView
+    from specpipe.coordinator.pipeline import Pipelined
 
     workers = FakeWorkers(0)
     plan = RequestPlan(
@@ -209,7 +210,7 @@ def test_a_fork_still_drafting_is_prepared_just_in_time_for_its_holders_verdict(
     fork = BranchView(PROMPT + [7, 40, 41, 42], fork_at=6, job_end=6 + 8)  # 3 of its 8 tokens drafted
     if paused:
         fork.job_end, fork.paused = len(fork.tokens), True
-    schedule.branches[2] = fork
+    schedule.tree.branches[2] = fork
 
     asyncio.run(schedule.send_prepared())
     assert fork.prepared == sent
@@ -235,7 +236,8 @@ def test_forks_pause_while_the_main_lines_next_block_is_urgent_and_draft_on_once
     nearest `urgent_fork_rows` forks draft beside it (each fork's row slows the main line's draft
     step): the others get no job, those drafting are paused (a Draft of 0 tokens); once the block
     is queued the target's room is taken and they draft on, each to its horizon."""
-    from specpipe.coordinator.pipeline import BranchView, Pipelined
+    from specpipe.coordinator.branches import BranchView
+    from specpipe.coordinator.pipeline import Pipelined
 
     workers = FakeWorkers(0)
     policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, branch_lookahead=4)
@@ -244,25 +246,25 @@ def test_forks_pause_while_the_main_lines_next_block_is_urgent_and_draft_on_once
     schedule = Pipelined(plan, channel, DraftPolicy(policy, "specbranch", alone_model()), RunStats())
     head = Block(start=5, token_ids=[7, 8, 9], done_at=time.monotonic() + 10)
     schedule.in_flight.append(head)
-    schedule.branches[0].tokens += [7, 8, 9, 10]  # one token of the next block drafted
+    schedule.tree.branches[0].tokens += [7, 8, 9, 10]  # one token of the next block drafted
     forks = {2: (7, 1), 3: (9, 0), 4: (6, 1), 5: (6, 0)}  # branch -> (fork point, rank); 2 and 3 drafting
     for branch_id, (at, rank) in forks.items():
-        schedule.branches[branch_id] = BranchView(
-            schedule.branches[0].tokens[:at] + [50 + branch_id], fork_at=at, rank=rank
+        schedule.tree.branches[branch_id] = BranchView(
+            schedule.tree.branches[0].tokens[:at] + [50 + branch_id], fork_at=at, rank=rank
         )
     workers.jobs = {2: [0, 3, 0.0, 2], 3: [0, 3, 0.0, 2]}
-    schedule.branches[2].job_end = schedule.branches[3].job_end = 12
+    schedule.tree.branches[2].job_end = schedule.tree.branches[3].job_end = 12
 
     asyncio.run(schedule.keep_drafting())
     assert sorted(workers.jobs) == [0, 4, 5]  # main, and the two nearest fork points (6: both ranks)
-    assert schedule.branches[2].paused and schedule.branches[3].paused
+    assert schedule.tree.branches[2].paused and schedule.tree.branches[3].paused
     assert "draft:draft" in workers.commands
 
     schedule.in_flight.append(Block(start=8, token_ids=[10], done_at=time.monotonic() + 20))  # the block went
     asyncio.run(schedule.keep_drafting())
     assert sorted(workers.jobs) == [0, 2, 3, 4, 5]
-    assert not any(view.paused for view in schedule.branches.values())
-    assert workers.jobs[2][1] == 7 + 1 + 4 - len(schedule.branches[2].tokens)  # to its horizon
+    assert not any(view.paused for view in schedule.tree.branches.values())
+    assert workers.jobs[2][1] == 7 + 1 + 4 - len(schedule.tree.branches[2].tokens)  # to its horizon
 
 
 def test_behind_a_block_in_flight_the_draft_holds_its_reports_until_a_step_before_its_verdict():
@@ -288,7 +290,7 @@ def test_behind_a_block_in_flight_the_draft_holds_its_reports_until_a_step_befor
     first = workers.drafts[-1]
     assert first.report_in_s == 0 and first.end_position == len(PROMPT) + 4
     done_at = time.monotonic() + 0.050
-    schedule.branches[0].tokens += [7, 8, 9, 10]  # the block drafted, and sent
+    schedule.tree.branches[0].tokens += [7, 8, 9, 10]  # the block drafted, and sent
     schedule.in_flight.append(Block(start=len(PROMPT), token_ids=[7, 8, 9, 10], done_at=done_at))
     before = time.monotonic()
     asyncio.run(schedule.keep_drafting())
@@ -306,7 +308,7 @@ def test_behind_a_block_in_flight_the_draft_holds_its_reports_until_a_step_befor
     assert workers.jobs[0][1] == 4  # (the job as it was)
 
     off, workers = schedule_with(dataclasses.replace(policy, hold_draft_reports=False))
-    off.branches[0].tokens += [7, 8, 9, 10]
+    off.tree.branches[0].tokens += [7, 8, 9, 10]
     off.in_flight.append(Block(start=len(PROMPT), token_ids=[7, 8, 9, 10], done_at=done_at))
     asyncio.run(off.keep_drafting())
     assert all(d.report_in_s == 0 and d.end_position == 0 for d in workers.drafts)
