@@ -11,6 +11,7 @@ raised as a UsageError (code 2) or StartupError, which `specpipe serve` reports 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import queue
@@ -197,9 +198,17 @@ def spawn_worker(role: str, model: str, **options) -> WorkerProcess:
 
 
 def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as probe:
-        probe.bind((host, 0))
-        return probe.getsockname()[1]
+    return free_ports(1, host)[0]
+
+
+def free_ports(count: int, host: str = "127.0.0.1") -> list[int]:
+    """`count` distinct ports free now: each probe stays bound until all are (ports taken one at a
+    time can repeat, as the system may hand out a port again once its probe is closed)."""
+    with contextlib.ExitStack() as stack:
+        probes = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for probe in probes:
+            probe.bind((host, 0))
+        return [probe.getsockname()[1] for probe in probes]
 
 
 @dataclass

@@ -36,7 +36,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from zmq.utils.monitor import recv_monitor_message
 
 from specpipe import Client, wire
-from specpipe.launch.local import ServerProcess, free_port
+from specpipe.launch.local import ServerProcess, free_ports
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 
 from checks import (
@@ -75,7 +75,7 @@ SAMPLED = dict(prompt_ids=PROMPTS[1], max_new_tokens=24, temperature=1.0, seed=5
 @pytest.fixture(scope="module")
 def server(tiny_models, tmp_path_factory):
     log_path = tmp_path_factory.mktemp("failures") / "serve.log"
-    metrics_port, data_port = free_port(), free_port()
+    metrics_port, data_port = free_ports(2)
     with (
         open(log_path, "w") as log,
         ServerProcess(

@@ -15,7 +15,6 @@ longer when the first token did not arrive in time (MID_GENERATION_DEADLINES_S).
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
 import sys
 import threading
@@ -29,7 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 
 from specpipe import Client
-from specpipe.launch.local import ServerProcess
+from specpipe.launch.local import ServerProcess, free_ports
 from specpipe.proto.specpipe.v1 import specpipe_pb2, specpipe_pb2_grpc
 
 from certificates import make_certificates
@@ -48,12 +47,6 @@ QUEUED_DEADLINE_S = 2.0
 MID_GENERATION_DEADLINES_S = (0.3, 0.6, 1.2, 2.4)
 # A stream whose deadline passed ends this soon after, as the client sees it (only a hang is caught).
 CLIENT_BOUND_S = 15.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def scrape(port: int) -> dict[tuple[str, tuple], float]:
@@ -123,7 +116,7 @@ def server(tiny_models, tmp_path_factory):
     flight: two LONG requests (968 tokens) leave room for a third only if it is small."""
     folder = make_certificates(tmp_path_factory.mktemp("tls"))
     (folder / "token").write_text(TOKEN + "\n")
-    port, health_port = free_port(), free_port()
+    port, health_port = free_ports(2)
     server = LoggedServer(
         [
             "--target",

@@ -25,7 +25,7 @@ import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from specpipe import Client
-from specpipe.launch.local import free_port, stop_process
+from specpipe.launch.local import free_ports, stop_process
 
 from tiny import PROMPTS
 
@@ -95,7 +95,8 @@ def processes(tmp_path):
 
 
 def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_models, hf_greedy, processes):
-    ports = {name: free_port() for name in ("grpc", "health", "target", "data", "draft")}
+    names = ("grpc", "health", "target", "data", "draft")
+    ports = dict(zip(names, free_ports(len(names))))
     target, draft = str(tiny_models["target"]), str(tiny_models["draft_same"])
     draft_endpoint = f"tcp://127.0.0.1:{ports['draft']}"
     serve = processes.start(
@@ -182,6 +183,7 @@ def test_late_target_then_late_draft_are_admitted_without_serve_exiting(tiny_mod
 
 
 def test_target_that_never_answers_ends_serve_naming_the_flag(tiny_models, processes):
+    target_port, draft_port = free_ports(2)
     serve = processes.start(
         "serve",
         [
@@ -195,9 +197,9 @@ def test_target_that_never_answers_ends_serve_naming_the_flag(tiny_models, proce
             "--port",
             "0",
             "--target-addr",
-            f"tcp://127.0.0.1:{free_port()}",
+            f"tcp://127.0.0.1:{target_port}",
             "--draft-addr",
-            f"tcp://127.0.0.1:{free_port()}",
+            f"tcp://127.0.0.1:{draft_port}",
             "--target-startup-timeout",
             "2",
         ],
