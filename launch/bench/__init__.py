@@ -52,13 +52,14 @@ draft worker; the link's delay is changed between requests so latencies interlea
 Outputs under --out: results.json (machine, config, every per-trial figure, summaries),
 results.md (tables for the README), speedup.png.
 
-The package: run.py (flags, the run, `main`), runners.py (the timed methods and the trial loop),
+The package: config.py (flags, presets, BenchConfig), run.py (the run, `main`), runners.py (the timed methods and the trial loop),
 report.py (summaries, bounds), tables.py (the three outputs and their tables), link.py (the
 latency axis's link). It talks to the server only through `specpipe.Client` and starts it
 through launch/local.py's public helpers; it knows nothing of the wire protocol. E(a, k) is specpipe/acceptance.py's, shared with the
 coordinator's policy.
 """
 
-from specpipe.launch.bench.run import add_bench_args, main
+from specpipe.launch.bench.config import add_bench_args
+from specpipe.launch.bench.run import main
 
 __all__ = ["add_bench_args", "main"]

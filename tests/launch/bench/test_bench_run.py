@@ -13,7 +13,7 @@ import json
 import pytest
 
 from specpipe.launch import bench
-from specpipe.launch.bench import report, run
+from specpipe.launch.bench import config as bench_config, report, run
 from specpipe.launch.bench.runners import HF_THREADS
 
 PROMPTS = ["def fib(n):\n", "class Point:\n    def __init__(self, x, y):"]
@@ -174,7 +174,7 @@ def test_json_has_every_documented_field(bench_run):
     for entry in results["hf_assisted_grid"].values():  # every k at every thread count; the best among them
         speeds = entry["tokens_per_second"]
         assert set(speeds) == {str(t) for t in HF_THREADS}
-        assert all(set(by_k) == {str(k) for k in run.QUICK["assistant_grid"]} for by_k in speeds.values())
+        assert all(set(by_k) == {str(k) for k in bench_config.QUICK["assistant_grid"]} for by_k in speeds.values())
         assert speeds[str(entry["threads"])][str(entry["best"])] == max(
             v for by_k in speeds.values() for v in by_k.values()
         )
@@ -274,8 +274,10 @@ def test_the_devices_reach_every_server_and_the_hf_models(bench_run):
     assert results["config"]["target_device"] == results["config"]["draft_device"] == "cpu"
     assert "on cpu" in (out / "results.md").read_text()
     parser = argparse.ArgumentParser()
-    run.add_bench_args(parser)
-    config = run.config_from_args(parser.parse_args(["--target-device", "cuda:0", "--draft-device", "cuda:1"]), "")
+    bench_config.add_bench_args(parser)
+    config = bench_config.config_from_args(
+        parser.parse_args(["--target-device", "cuda:0", "--draft-device", "cuda:1"]), ""
+    )
     flags = run.server_flags(config, "T", "D")
     assert (
         flags[flags.index("--target-device") + 1] == "cuda:0" and flags[flags.index("--draft-device") + 1] == "cuda:1"
