@@ -196,7 +196,19 @@ def gumbel_noise(seed: int, position: int, vocab: int) -> torch.Tensor:
 def gumbel_argmax(probs: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
     """[..., vocab] processed probabilities and noise of the same width -> [...] int64
     argmax(log p + noise): tokens of probability 0 (masked by top-k / top-p) never win."""
-    return (torch.log(probs.double()) + noise.to(probs.device)).argmax(dim=-1)
+    return first_argmax(torch.log(probs.double()) + noise.to(probs.device))
+
+
+def first_argmax(values: torch.Tensor) -> torch.Tensor:
+    """[..., vocab] -> [...] int64 on the same device: the index of each row's maximum, the first
+    one on ties (and the first NaN where there is one), as torch.argmax(dim=-1). On a CPU, float32
+    and float64 rows go through NumPy's argmax, which has the same rule and is vectorised: torch's
+    CPU kernel is scalar, 105 against 5 us for a 9-row block over a vocabulary of 8k (2.13, AVX-512),
+    and the target pays it for every verify and decoded token, request by request."""
+    if values.device.type == "cpu" and values.dtype in (torch.float32, torch.float64) and values.shape[-1]:
+        indices = values.detach().numpy().argmax(axis=-1)  # (a NumPy scalar for one row: as_tensor)
+        return torch.as_tensor(indices, dtype=torch.int64)
+    return values.argmax(dim=-1)
 
 
 def _splitmix64(state: int) -> int:

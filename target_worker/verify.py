@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-from specpipe.sampling import Generators, draw_uniforms, inverse_cdf
+from specpipe.sampling import Generators, draw_uniforms, first_argmax, inverse_cdf
 
 
 @dataclass(frozen=True)
@@ -56,10 +56,10 @@ def verify_greedy(
 ) -> VerifyResult:
     """Accept while the draft token equals the target's argmax; the next token is the argmax at
     the first mismatch (correction) or at the last row (bonus). Ties go to the lowest token id
-    (torch.argmax's first maximum), as on the draft side."""
+    (the first maximum, as torch.argmax), as on the draft side."""
     _check_block(draft_token_ids, target_logits)
     num_draft_tokens = draft_token_ids.shape[1]
-    target_token_ids = target_logits.argmax(dim=-1)  # [batch, num_draft_tokens + 1]
+    target_token_ids = first_argmax(target_logits)  # [batch, num_draft_tokens + 1]
     matches = draft_token_ids == target_token_ids[:, :num_draft_tokens]
     num_accepted = _accepted_prefix_length(matches)
     # Row num_accepted is the first mismatch, or the bonus row when everything matched.

@@ -17,6 +17,7 @@ from specpipe.sampling import (
     STREAM_VERIFY,
     SamplingParams,
     draw_uniforms,
+    first_argmax,
     logits_to_probs,
     make_generator,
     mix_seed,
@@ -286,3 +287,42 @@ def test_per_row_generators_make_a_row_independent_of_its_neighbours():
     uniforms = draw_uniforms([make_generator(1), make_generator(2)], 2, 3, "cpu")
     assert torch.equal(uniforms[1], torch.rand(3, generator=make_generator(2), dtype=torch.float64))
     assert draw_uniforms([], 0, 3, "cpu").shape == (0, 3)
+
+
+# ---------------------------------------------------------------------------------------------
+# first_argmax: torch.argmax's rule (the first maximum; the first NaN), faster on a CPU
+
+
+NAN, INF = float("nan"), float("inf")
+
+
+@pytest.mark.parametrize(
+    "row, expected",
+    [
+        ([1.0, 3.0, 3.0, 0.0], 1),  # a tie: the first
+        ([2.0, 2.0, 2.0, 2.0], 0),
+        ([NAN, 1.0, NAN, 5.0], 0),  # a NaN wins, the first of them
+        ([2.0, NAN, 9.0, NAN], 1),
+        ([-INF, -INF, -INF], 0),
+        ([INF, 1.0, INF], 0),
+        ([0.0, -0.0, 1e-45], 2),  # a denormal above zero
+    ],
+)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_first_argmax_takes_the_first_maximum_as_torch_argmax(row, expected, dtype):
+    values = torch.tensor([row], dtype=dtype)
+    if dtype in (torch.bfloat16, torch.float16) and expected == 2 and row[2] == 1e-45:
+        expected = 0  # (1e-45 underflows to 0 in a half type: three equal zeros)
+    assert first_argmax(values).tolist() == values.argmax(dim=-1).tolist() == [expected]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_first_argmax_equals_torch_argmax_on_blocks_of_any_layout(dtype):
+    generator = torch.Generator().manual_seed(0)
+    blocks = torch.randn(4, 9, 8192, generator=generator).to(dtype)
+    blocks[:, :, 100] = blocks.amax(dim=-1)  # ties with a later maximum in every row
+    with torch.inference_mode():  # (the target's forwards run so)
+        for values in (blocks, blocks[:, ::2], blocks.transpose(0, 1), blocks[0, :, :0].T, blocks[1, 2]):
+            result = first_argmax(values)
+            assert result.dtype == torch.int64 and result.device == values.device
+            assert torch.equal(result, values.argmax(dim=-1)), f"shape {tuple(values.shape)}"
