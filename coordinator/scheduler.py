@@ -15,7 +15,8 @@ from dataclasses import dataclass
 from specpipe.modes import Mode
 from specpipe.coordinator.channel import DraftDown, RequestChannel
 from specpipe.coordinator.pipeline import Pipelined
-from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
+from specpipe.coordinator.acceptance_model import AcceptanceModel
+from specpipe.coordinator.policy import DraftPolicy, PolicyConfig
 from specpipe.coordinator.schedules import Autoregressive, RunStats, Sequential, SpeculationStopped, TargetOnly
 from specpipe.coordinator.workers import WorkerClient
 from specpipe.sampling import SamplingParams

@@ -33,7 +33,7 @@ from grpc._cython import cygrpc
 
 from specpipe.coordinator.admission import Admission, AdmissionLimits, Overloaded
 from specpipe.coordinator.metrics import ServerMetrics
-from specpipe.coordinator.policy import AcceptanceModel
+from specpipe.coordinator.acceptance_model import AcceptanceModel
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun, open_channel
 from specpipe.coordinator.schedules import RunStats
 from specpipe.coordinator.text import PromptEncoder, TextStream

@@ -7,7 +7,7 @@ import random
 import pytest
 
 from specpipe.config import PolicyConfig
-from specpipe.coordinator.policy import (
+from specpipe.coordinator.acceptance_model import (
     BRANCH_CAPTURE,
     BRANCH_MIN_SEEN,
     BRANCH_PRIOR,
@@ -17,10 +17,9 @@ from specpipe.coordinator.policy import (
     FORK_WINDOW,
     FILL_EXPLORE,
     FILL_MAX_TOKENS,
-    MIN_VERDICTS_TO_STOP,
     AcceptanceModel,
-    DraftPolicy,
 )
+from specpipe.coordinator.policy import MIN_VERDICTS_TO_STOP, DraftPolicy
 from specpipe.modes import Mode
 
 

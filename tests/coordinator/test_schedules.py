@@ -18,7 +18,8 @@ import time
 import pytest
 
 from specpipe.coordinator.channel import RequestChannel
-from specpipe.coordinator.policy import AcceptanceModel, DraftPolicy, PolicyConfig
+from specpipe.coordinator.acceptance_model import AcceptanceModel
+from specpipe.coordinator.policy import DraftPolicy, PolicyConfig
 from specpipe.coordinator.scheduler import RequestPlan, RequestRun
 from specpipe.coordinator.schedules import Block, RunStats, Schedule
 from specpipe.proto.specpipe.worker.v1 import worker_pb2

@@ -12,7 +12,7 @@ import torch
 from transformers import AutoModelForCausalLM
 
 from specpipe import Client
-from specpipe.coordinator.policy import BRANCH_MIN_SEEN, BRANCH_PRIOR
+from specpipe.coordinator.acceptance_model import BRANCH_MIN_SEEN, BRANCH_PRIOR
 from specpipe.sampling import SamplingParams, logits_to_probs
 
 from goodness import P_VALUE_THRESHOLD, chi_square_power, chi_square_pvalue
