@@ -132,12 +132,12 @@ class BranchTree:
             keep = min(len(view.tokens), length - 1)
             sync_keep = next((i for i in range(start, keep) if view.tokens[i] != tokens[i]), keep)
             view.tokens, view.job_end = list(tokens), length
-            view.alternatives.clear()
-            view.probs.clear()
-            view.forked.clear()  # (its forks were cancelled: the redrafted positions fork afresh)
-        view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
-        view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
-        view.forked = {p for p in view.forked if p >= length}
+            # (its forks were cancelled: the redrafted positions fork afresh)
+            view.alternatives, view.probs, view.forked = {}, {}, set()
+        else:  # the verified positions are no branch points any more
+            view.alternatives = {p: a for p, a in view.alternatives.items() if p >= length}
+            view.probs = {p: prob for p, prob in view.probs.items() if p >= length}
+            view.forked = {p for p in view.forked if p >= length}
         return Pruned(losers, forks_lost, promoted, sync_keep)
 
     def ready_to_prepare(self, live: list[Block], next_token_at: float) -> list[tuple[int, BranchView, Block]]:

@@ -106,7 +106,7 @@ class Pipelined(Schedule):
         anchor = self.anchor()
         main_horizon = min(self.end, anchor + self.policy.block_length())
         if self.branching and self.policy.main_lookahead is not None:  # rollback-aware: hedge past a likely break
-            unsure = [p for p in self.tree.branches[self.tree.main].alternatives if p >= len(self.tokens)]
+            unsure = [p for p in self.tree.main_view.alternatives if p >= len(self.tokens)]
             if unsure:
                 main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
         wanting = {}  # branch -> its horizon, for every branch with tokens still to draft
@@ -241,7 +241,7 @@ class Pipelined(Schedule):
         live = self.live()
         if len(live) >= self.policy.lookahead_blocks() or (live and not live[-1].token_ids):
             return
-        view = self.tree.branches[self.tree.main]
+        view = self.tree.main_view
         start = self.anchor()
         stop = min(start + self.policy.block_length(), self.end)
         if stop <= start:
@@ -321,7 +321,7 @@ class Pipelined(Schedule):
         forked_ranks = None
         if verdict.num_accepted < len(head.token_ids):
             at = head.start + verdict.num_accepted
-            main = self.tree.branches[self.tree.main]
+            main = self.tree.main_view
             rejected = main.probs.get(at)
             if rejected is not None:  # (a promoted branch's first token has none)
                 self.policy.observe_rejected_prob(rejected)
@@ -345,7 +345,7 @@ class Pipelined(Schedule):
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
             promoted = self.tree.main != main_before
-            self.stats.on_forked_rejection(forked_ranks, self.tree.branches[self.tree.main].rank if promoted else None)
+            self.stats.on_forked_rejection(forked_ranks, self.tree.main_view.rank if promoted else None)
         if forked_ranks is not None and not live and self.epoch != epoch_before:
             await self.fill_or_wait()  # nothing foresaw this rejection: the draft redrafts from scratch
         await self.keep_drafting()
@@ -375,7 +375,7 @@ class Pipelined(Schedule):
         first tokens are not the decoded ones, and every block behind it, will be answered stale."""
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
-        main = self.tree.branches[self.tree.main]
+        main = self.tree.main_view
         drafted, epoch_before = len(main.tokens) > start, self.epoch
         if drafted:
             if main.tokens[start] != new_tokens[0]:
