@@ -21,6 +21,7 @@ import asyncio
 import collections
 import itertools
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -94,7 +95,8 @@ class WorkerClient:
         self.on_batch = None  # on_batch(role, rows, tokens, seconds): told of every batched forward
         self.forwards = self.forward_rows = self.forward_tokens = 0  # batched forwards seen, and their sizes
         self.outstanding: dict[str, int] = {}  # request_id -> its verifies not answered yet
-        self.decoding: set[str] = set()  # requests the target decodes by itself
+        self.decoding: set[str] = set()  # requests the target decodes by itself to their end
+        self.filling: dict[str, int] = {}  # request_id -> the length it decodes to until a block comes
         self._pending = worker_pb2.Command()  # commands queued this loop turn (in its batch)
         self._flush_scheduled = False
         self._outbox: collections.deque[bytes] = collections.deque()  # messages not sent yet, in order
@@ -178,22 +180,29 @@ class WorkerClient:
             self._loop.call_soon(self._read)
 
     def _count_work(self, kind: dict) -> None:
-        """What the target has to do: verifies sent and not answered, requests decoding alone."""
+        """What the target has to do: verifies sent and not answered, requests decoding alone (to
+        their end, or filling a wait: until a block comes or their decode's length is reached)."""
         if "verify" in kind:
             request_id = kind["verify"].request_id
             self.outstanding[request_id] = self.outstanding.get(request_id, 0) + 1
+            self.filling.pop(request_id, None)  # (the target verifies it instead)
         elif "decode" in kind:
-            self.decoding.add(kind["decode"].request_id)
+            decode = kind["decode"]
+            if decode.until_block:
+                self.filling[decode.request_id] = decode.max_length
+            else:
+                self.decoding.add(decode.request_id)
         elif "release" in kind:
             self.outstanding.pop(kind["release"].request_id, None)
             self.decoding.discard(kind["release"].request_id)
+            self.filling.pop(kind["release"].request_id, None)
 
     def busy(self, besides: str | None = None) -> bool:
         """The worker has work of ours to do (target: a verify not yet answered, or a request
         decoding by itself): its next forward starts as soon as this one ends. `besides`: leave
         that request's verifies out (its schedule knows which of them cost a forward: after a
         rejection, those queued behind it are answered stale with none)."""
-        return bool(self.decoding) or len(self.outstanding) > (besides in self.outstanding)
+        return bool(self.decoding or self.filling) or len(self.outstanding) > (besides in self.outstanding)
 
     # -- replies and heartbeats ---------------------------------------------------------------
     def _read(self) -> None:
@@ -247,11 +256,15 @@ class WorkerClient:
 
     def _on_verdicts(self, batch: worker_pb2.Verdicts, frames: list[bytes]) -> None:
         for verdict in batch.verdicts:
-            left = self.outstanding.get(verdict.request_id, 0) - 1
-            if left > 0:
-                self.outstanding[verdict.request_id] = left
+            if verdict.decoded:  # (no verify's answer: a token decoded by itself)
+                if verdict.committed_length + 1 >= self.filling.get(verdict.request_id, math.inf):
+                    del self.filling[verdict.request_id]  # (its wait's fill is done)
             else:
-                self.outstanding.pop(verdict.request_id, None)
+                left = self.outstanding.get(verdict.request_id, 0) - 1
+                if left > 0:
+                    self.outstanding[verdict.request_id] = left
+                else:
+                    self.outstanding.pop(verdict.request_id, None)
             self._deliver(verdict.request_id, Event(self.role, "verdict", verdict, frames))
         if batch.batch_requests:
             self._count_batch(batch.batch_requests, batch.batch_tokens, batch.forward_seconds)
@@ -311,6 +324,7 @@ class WorkerClient:
         self.last_seen = 0.0
         self.outstanding.clear()
         self.decoding.clear()
+        self.filling.clear()
         logger.error("%s worker at %s %s: marked down", self.role, self.address, why)
         for inbox in list(self.inboxes.values()):
             inbox.put_nowait(Event(self.role, "down"))

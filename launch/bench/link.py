@@ -84,12 +84,13 @@ class NetnsLink:
     simulated = False
     kind = "network namespace, veth pair, tc netem on both ends, CURVE on the sockets"
 
-    def __init__(self, draft_model: str, device: str = "cpu"):
+    def __init__(self, draft_model: str, device: str = "cpu", index: int = 0):
+        """`index`: this process's link number (each gets its own namespace, devices and subnet)."""
         from specpipe import curve
         from specpipe.launch.local import stop_process
         from specpipe.launch.runtime_dir import RuntimeDir
 
-        tag = os.getpid() % 100_000
+        tag = (os.getpid() + index) % 100_000
         self.namespace, self.host_dev, self.ns_dev = f"spbench-{tag}", f"spbh{tag}", f"spbn{tag}"
         subnet = f"{NETNS_SUBNET}.{tag % 250 + 1}"
         self.in_ns = ("ip", "netns", "exec", self.namespace)
@@ -146,7 +147,7 @@ class ProxyLink:
     kind = "userspace TCP delay relay on loopback"
     serve_flags: list[str] = []  # loopback only: nothing crosses hosts
 
-    def __init__(self, draft_model: str, device: str = "cpu"):
+    def __init__(self, draft_model: str, device: str = "cpu", index: int = 0):
         self.worker, endpoint = _start_draft_worker((), draft_model, "127.0.0.1", 0, ("--device", device))
         host, port = endpoint.removeprefix("tcp://").rsplit(":", 1)
         self.upstream, self.delay_ms, self.server = (host, int(port)), 0.0, None

@@ -15,6 +15,10 @@ run of the same prompt in the same round). Read them against an A/A run (`--arm 
 on the 2-core VMs this project is developed on, two identical servers differ by 2-3% at the
 median and 0.8-1.25x between rounds, so only an effect well outside that means anything; the
 benchmark (`specpipe bench`) is what goes in the README.
+
+`--latency-ms MS` puts each arm's draft worker behind a link of that one-way latency (the
+benchmark's latency axis: a network namespace with netem where it works, else a delay relay),
+served with `--draft-addr`; those draft workers run the working tree's code, whatever the arm's ref.
 """
 
 from __future__ import annotations
@@ -76,6 +80,28 @@ def serve(arm: Arm, port: int, path: Path | None, log: Path) -> subprocess.Popen
         env["PYTHONPATH"] = os.pathsep.join([str(path), env.get("PYTHONPATH", "")]).rstrip(os.pathsep)
     command = [sys.executable, "-m", "specpipe.launch.cli", "serve", "--port", str(port), *arm.flags]
     return subprocess.Popen(command, env=env, cwd=log.parent, stdout=log.open("w"), stderr=subprocess.STDOUT)
+
+
+def start_links(arms: list[Arm], latency_ms: float) -> list:
+    """A draft worker behind a link of `latency_ms` per arm (the demo pair's draft), its endpoint
+    added to the arm's serve flags."""
+    from specpipe.demo_pair import demo_pair_dir
+    from specpipe.launch.bench.link import choose_link
+
+    link_class, _ = choose_link("auto", (latency_ms,))
+    links = []
+    try:
+        for index, arm in enumerate(arms):
+            link = link_class(str(demo_pair_dir() / "draft"), index=index)
+            links.append(link)
+            link.set_delay(latency_ms)
+            arm.flags = [*arm.flags, "--draft-addr", link.endpoint, *link.serve_flags]
+            print(f"arm {arm.name}: draft behind a {latency_ms:g} ms link ({link.kind})", flush=True)
+    except BaseException:
+        for link in links:
+            link.close()
+        raise
+    return links
 
 
 def wait_ready(client: Client, process: subprocess.Popen, name: str) -> None:
@@ -177,6 +203,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--temperature", type=float, default=0.0)
     parser.add_argument("--clients", type=int, default=1, help="requests at once per arm")
     parser.add_argument("--json", type=Path, help="also write the summary here")
+    parser.add_argument(
+        "--latency-ms", type=float, help="each arm's draft behind a link of this one-way latency (netns or a relay)"
+    )
     args = parser.parse_args(argv)
     if len(args.arm) < 2:
         parser.error("--arm: give two or more")
@@ -201,8 +230,10 @@ def main(argv=None) -> None:
     prompts = load_heldout_prompts()[: args.prompts]
     params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mode": args.mode}
     with tempfile.TemporaryDirectory(prefix="specpipe-ab-") as scratch:
-        scratch, processes, clients = Path(scratch), [], {}
+        scratch, processes, clients, links = Path(scratch), [], {}, []
         try:
+            if args.latency_ms is not None:
+                links = start_links(arms, args.latency_ms)
             for index, arm in enumerate(arms):
                 path = None if arm.ref == WORKTREE else overlay(arm.ref, scratch / f"code-{index}")
                 log = scratch / f"serve-{arm.name}.log"
@@ -232,6 +263,8 @@ def main(argv=None) -> None:
                     process.wait(30)
                 except subprocess.TimeoutExpired:
                     process.kill()
+            for link in links:
+                link.close()
     rows = summary(arms)
     print(text(rows, args.rounds))
     if args.json:

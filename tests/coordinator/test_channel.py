@@ -156,3 +156,50 @@ def test_a_requests_own_verifies_do_not_make_the_target_busy_for_it():
             context.term()
 
     asyncio.run(run())
+
+
+def decoded(wire_id: str, committed_length: int) -> worker_pb2.Verdicts:
+    return worker_pb2.Verdicts(
+        verdicts=[worker_pb2.Verdict(request_id=wire_id, committed_length=committed_length, decoded=True)]
+    )
+
+
+def test_a_fill_keeps_the_target_busy_only_until_its_tokens_are_decoded_or_a_block_comes():
+    """A decode that fills a wait (Decode.until_block) is work of the target's until it decoded up to
+    its length, or a block of the request reached it (the target verifies that instead). Before, the
+    client counted it as work until the request's release: every later block of the request was cut
+    for a target it thought busy (full, or just in time for a forward that never came) while the
+    target sat idle, and every other request's too. A token decoded by itself answers no verify."""
+
+    async def run() -> None:
+        context = zmq.asyncio.Context()
+        draft, target = (WorkerClient(role, "", context, 0.5, 1.5) for role in ("draft", "target"))
+        try:
+            mine = RequestChannel("mine", draft, target, use_draft=True)
+            other = RequestChannel("other", draft, target, use_draft=True)
+            await mine.decode(max_length=12, until_block=True)  # two tokens, from 10 committed
+            assert mine.target_busy() and other.target_busy()
+            target._on_verdicts(decoded(mine.wire_id, 10), [])
+            assert mine.target_busy(), "one of its two tokens is still to decode"
+            target._on_verdicts(decoded(mine.wire_id, 11), [])
+            assert not mine.target_busy() and not other.target_busy(), "the fill is done"
+
+            await mine.decode(max_length=16, until_block=True)
+            await mine.verify(worker_pb2.Verify(block_id=3))
+            assert not mine.target_busy(), "its block came: the target verifies it, its own to count"
+            await other.verify(worker_pb2.Verify(block_id=1))
+            target._on_verdicts(decoded(mine.wire_id, 12), [])  # (decoded before the block reached it)
+            assert mine.target_busy(), "a decoded token answers no verify: the other's is still queued"
+
+            await other.decode(max_length=99)  # to its end: work until it is released
+            target._on_verdicts(verdicts(other.wire_id), [])
+            target._on_verdicts(decoded(other.wire_id, 98), [])
+            assert mine.target_busy()
+            await other.release()
+            assert not mine.target_busy()
+        finally:
+            for worker in (draft, target):
+                worker.socket.close(0)
+            context.term()
+
+    asyncio.run(run())
