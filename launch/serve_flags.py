@@ -222,7 +222,7 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         default=PolicyConfig.idle_decode,
         help="pipelined modes: after a rejection no prepared block foresaw, the target decodes by itself "
         "until the redrafted block comes (greedy and drafter-invariant requests); auto: when the measured "
-        "redraft takes longer than a one-token forward (default: off: it did not pay on the demo pair)",
+        "redraft takes longer than a one-token forward, e.g. a draft across hosts (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument(

@@ -148,10 +148,10 @@ class PolicyConfig:
     urgent_fork_rows: int | None = 2
     # Pipelined modes: after a rejection nothing foresaw, the target decodes by itself until the
     # redrafted block comes (greedy and drafter-invariant requests): auto (when the measured redraft
-    # takes longer than a one-token forward), on, off. Off by default: on the demo pair, A/B against
-    # off, auto 0.997x with the draft on this host (it never fills there) and 0.95x twice with the
-    # draft behind a 10 ms one-way link (where it fills); on 0.97-0.98x.
-    idle_decode: str = "off"
+    # takes longer than a one-token forward), on, off. Auto by default: on the demo pair, A/B against
+    # off (launch/bench/ab.py), 0.991x with the draft on this host (it never fills there: noise), 1.016x behind
+    # a 5 ms and 1.023x behind a 10 ms one-way link (every round above 1.0).
+    idle_decode: str = "auto"
     # Pipelined modes, behind a block in flight: the draft holds its tokens until the schedule acts
     # on them (the job's end, or a step before the next block is cut; Draft.report_in_s) and reports
     # them in one message, instead of one per step: each report wakes this process on the draft's

@@ -277,7 +277,7 @@ def test_the_target_fills_a_wait_only_where_the_redraft_takes_longer_than_its_ow
     one does, except one wait in FILL_EXPLORE (measured afresh); never while the target's batches
     hold other requests; on fills at least one token, off none, and only the pipelined modes fill."""
     model = AcceptanceModel()
-    assert PolicyConfig().idle_decode == "off"
+    assert PolicyConfig().idle_decode == "auto"
     auto = DraftPolicy(PolicyConfig(idle_decode="auto"), Mode.SPECBRANCH, model)
     assert auto.fill_tokens() == 0
     for _ in range(20):

@@ -1,4 +1,4 @@
-"""The served A/B tool (specpipe/tools/ab.py): an arm runs its git ref's code, not the checkout's,
+"""The served A/B tool (launch/bench/ab.py): an arm runs its git ref's code, not the checkout's,
 and every arm is set against the first. The whole run (real servers, the demo pair) is `slow`."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from specpipe.tools import ab
+from specpipe.launch.bench import ab
 
 
 def git(*args: str) -> str:
@@ -64,6 +64,24 @@ def test_each_arm_is_set_against_the_first_by_round_and_by_paired_request():
     )
 
 
+def test_latency_ms_puts_each_arms_draft_behind_a_link_of_its_own(capsys):
+    """--latency-ms: a draft worker per arm behind the bench's link (a namespace with netem where
+    it works, else the relay), reached by the arm's server through --draft-addr."""
+    arms = [ab.Arm("a", "HEAD"), ab.Arm("b", ".", ["--urgent-fork-rows", "1"])]
+    links = ab.start_links(arms, 2.0)
+    try:
+        assert [link.delay_ms for link in links] == [2.0, 2.0]
+        endpoints = [arm.flags[arm.flags.index("--draft-addr") + 1] for arm in arms]
+        assert endpoints == [link.endpoint for link in links] and len(set(endpoints)) == 2
+        assert arms[1].flags[:2] == ["--urgent-fork-rows", "1"]
+        assert all(link.worker.poll() is None for link in links), "each arm's draft worker runs"
+    finally:
+        for link in links:
+            link.close()
+    assert all(link.worker.poll() is not None for link in links)
+    assert capsys.readouterr().out.count("draft behind a 2 ms link") == 2
+
+
 @pytest.mark.slow  # (two servers on two cores: ~40 s; the overlay they run on is checked above)
 def test_a_run_prints_every_arm_against_the_first(tmp_path, capsys):
     out = tmp_path / "ab.json"
@@ -81,6 +99,8 @@ def test_a_run_prints_every_arm_against_the_first(tmp_path, capsys):
             "4",
             "--json",
             str(out),
+            "--latency-ms",
+            "1",
         ]
     )
     rows = json.loads(out.read_text())
@@ -88,4 +108,4 @@ def test_a_run_prints_every_arm_against_the_first(tmp_path, capsys):
     assert rows[0]["round_ratio"] == rows[0]["request_ratio"] == 1.0
     assert all(row["tokens_per_second"] > 0 and row["round_ratio"] > 0 for row in rows)
     printed = capsys.readouterr().out
-    assert "round 1: head " in printed and "ratios against head" in printed and "here (.)" in printed
+    assert "round 1: head " in printed and "ratios against head" in printed and "here (. --draft-addr" in printed

@@ -1,4 +1,4 @@
-"""Served A/B of code versions on one host: `python -m specpipe.tools.ab --arm old=HEAD~3 --arm new=.`
+"""Served A/B of code versions on one host: `python -m specpipe.launch.bench.ab --arm old=HEAD~3 --arm new=.`
 
 Each arm is a git ref of this repository (`.`: the working tree as it is) and, optionally, serve
 flags of its own (`--flags new="--urgent-fork-rows 1"`): one `specpipe serve` per arm, all started
