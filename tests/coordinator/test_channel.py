@@ -10,6 +10,7 @@ request, whose schedule had no block in flight for it (IndexError, the request e
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 import zmq
 import zmq.asyncio
@@ -129,6 +130,23 @@ def test_commands_sent_before_the_worker_is_connected_go_once_it_is_and_its_repl
     assert [verdict.block_id for verdict in got] == [1, 1, 1] and healthy
 
 
+@contextlib.contextmanager
+def two_requests():
+    """(target, mine, other): the channels of two requests on real WorkerClients (unconnected)."""
+    context = zmq.asyncio.Context()
+    draft, target = (WorkerClient(role, "", context, 0.5, 1.5) for role in ("draft", "target"))
+    try:
+        yield (
+            target,
+            RequestChannel("mine", draft, target, use_draft=True),
+            RequestChannel("other", draft, target, use_draft=True),
+        )
+    finally:
+        for worker in (draft, target):
+            worker.socket.close(0)
+        context.term()
+
+
 def test_a_requests_own_verifies_do_not_make_the_target_busy_for_it():
     """The pipelined schedule cuts a block for an idle target at once, and waits for a fuller one
     while the target is busy. Its own verifies are its schedule's to count (the live ones have their
@@ -137,11 +155,7 @@ def test_a_requests_own_verifies_do_not_make_the_target_busy_for_it():
     promoted branch's block waited for more tokens while the target sat idle."""
 
     async def run() -> None:
-        context = zmq.asyncio.Context()
-        draft, target = (WorkerClient(role, "", context, 0.5, 1.5) for role in ("draft", "target"))
-        try:
-            mine = RequestChannel("mine", draft, target, use_draft=True)
-            other = RequestChannel("other", draft, target, use_draft=True)
+        with two_requests() as (target, mine, other):
             await mine.verify(worker_pb2.Verify(block_id=1))
             await mine.verify(worker_pb2.Verify(block_id=2))
             assert not mine.target_busy(), "only its own verifies are queued"
@@ -150,10 +164,6 @@ def test_a_requests_own_verifies_do_not_make_the_target_busy_for_it():
             assert not other.target_busy()
             await other.decode(max_length=20, until_block=True)
             assert mine.target_busy() and other.target_busy(), "a decode is a forward, whoever asked"
-        finally:
-            for worker in (draft, target):
-                worker.socket.close(0)
-            context.term()
 
     asyncio.run(run())
 
@@ -172,11 +182,7 @@ def test_a_fill_keeps_the_target_busy_only_until_its_tokens_are_decoded_or_a_blo
     target sat idle, and every other request's too. A token decoded by itself answers no verify."""
 
     async def run() -> None:
-        context = zmq.asyncio.Context()
-        draft, target = (WorkerClient(role, "", context, 0.5, 1.5) for role in ("draft", "target"))
-        try:
-            mine = RequestChannel("mine", draft, target, use_draft=True)
-            other = RequestChannel("other", draft, target, use_draft=True)
+        with two_requests() as (target, mine, other):
             await mine.decode(max_length=12, until_block=True)  # two tokens, from 10 committed
             assert mine.target_busy() and other.target_busy()
             target._on_verdicts(decoded(mine.wire_id, 10), [])
@@ -197,9 +203,5 @@ def test_a_fill_keeps_the_target_busy_only_until_its_tokens_are_decoded_or_a_blo
             assert mine.target_busy()
             await other.release()
             assert not mine.target_busy()
-        finally:
-            for worker in (draft, target):
-                worker.socket.close(0)
-            context.term()
 
     asyncio.run(run())
