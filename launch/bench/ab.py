@@ -199,8 +199,9 @@ def parse(argv=None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=8)
     parser.add_argument("--prompts", type=int, default=12, help="held-out prompts per round")
     parser.add_argument("--max-new-tokens", type=int, default=64)
-    parser.add_argument("--mode", default="specbranch")
+    parser.add_argument("--mode", default="specbranch", help="the requests' mode; default: name none (the server's)")
     parser.add_argument("--temperature", type=float, default=0.0)
+    parser.add_argument("--seed", type=int, help="every request with this seed (default: none, the server draws one)")
     parser.add_argument("--clients", type=int, default=1, help="requests at once per arm")
     parser.add_argument("--json", type=Path, help="also write the summary here")
     parser.add_argument(
@@ -224,11 +225,21 @@ def parse(argv=None) -> argparse.Namespace:
     return args
 
 
+def request_params(args: argparse.Namespace) -> dict:
+    """Every request's parameters besides its prompt (`--mode default`: no mode, the server's)."""
+    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature}
+    if args.mode != "default":
+        params["mode"] = args.mode
+    if args.seed is not None:
+        params["seed"] = args.seed
+    return params
+
+
 def main(argv=None) -> None:
     args = parse(argv)
     arms = args.arms
     prompts = load_heldout_prompts()[: args.prompts]
-    params = {"max_new_tokens": args.max_new_tokens, "temperature": args.temperature, "mode": args.mode}
+    params = request_params(args)
     with tempfile.TemporaryDirectory(prefix="specpipe-ab-") as scratch:
         scratch, processes, clients, links = Path(scratch), [], {}, []
         try:

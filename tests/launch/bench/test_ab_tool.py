@@ -50,6 +50,13 @@ def test_arms_need_distinct_names_and_flags_an_arm(capsys):
     ]
 
 
+def test_requests_name_the_mode_and_seed_asked_for():
+    args = ab.parse(["--arm", "a=HEAD", "--arm", "b=.", "--temperature", "1"])
+    assert ab.request_params(args) == {"max_new_tokens": 64, "temperature": 1.0, "mode": "specbranch"}
+    args = ab.parse(["--arm", "a=HEAD", "--arm", "b=.", "--mode", "default", "--seed", "5"])
+    assert ab.request_params(args) == {"max_new_tokens": 64, "temperature": 0.0, "seed": 5}  # (the server's mode)
+
+
 def test_each_arm_is_set_against_the_first_by_round_and_by_paired_request():
     arms = [ab.Arm("a", "HEAD"), ab.Arm("b", ".", ["--urgent-fork-rows", "1"])]
     arms[0].speeds, arms[0].requests = [100.0, 200.0, 100.0], [10.0, 20.0, 30.0, 40.0]
