@@ -86,7 +86,7 @@ def start_links(arms: list[Arm], latency_ms: float) -> list:
     """A draft worker behind a link of `latency_ms` per arm (the demo pair's draft), its endpoint
     added to the arm's serve flags."""
     from specpipe.demo_pair import demo_pair_dir
-    from specpipe.launch.bench.link import choose_link
+    from specpipe.launch.bench.link import choose_link, serve_args
 
     link_class, _ = choose_link("auto", (latency_ms,))
     links = []
@@ -95,7 +95,7 @@ def start_links(arms: list[Arm], latency_ms: float) -> list:
             link = link_class(str(demo_pair_dir() / "draft"), index=index)
             links.append(link)
             link.set_delay(latency_ms)
-            arm.flags = [*arm.flags, "--draft-addr", link.endpoint, *link.serve_flags]
+            arm.flags = [*arm.flags, *serve_args(link)]
             print(f"arm {arm.name}: draft behind a {latency_ms:g} ms link ({link.kind})", flush=True)
     except BaseException:
         for link in links:

@@ -8,7 +8,7 @@ deployment across hosts (issue 23: every local user could reach the veth address
 folder in a private runtime folder, given to the draft and to serve. Everything it creates it
 deletes in `close()`; it touches no other namespace. ProxyLink, the fallback where netem is
 missing: the draft worker on loopback behind a TCP relay in this process, labelled simulated. Both
-expose `endpoint` and `serve_flags` (for `specpipe serve --draft-addr ENDPOINT *serve_flags`),
+expose `endpoint` and `serve_flags` (`serve_args(link)`: `specpipe serve --draft-addr ENDPOINT *serve_flags`),
 `set_delay(ms)` (between requests) and `close()`.
 """
 
@@ -196,6 +196,12 @@ class ProxyLink:
             self.loop.call_soon_threadsafe(self.server.close)
         self.loop.call_soon_threadsafe(self.loop.stop)
         stop_process(self.worker)
+
+
+def serve_args(link) -> list[str]:
+    """`specpipe serve`'s flags for a server whose draft is `link`'s worker: its endpoint, and what
+    its sockets need (the namespace's CURVE keys)."""
+    return ["--draft-addr", link.endpoint, *link.serve_flags]
 
 
 def choose_link(choice: str, latencies_ms: tuple[float, ...]) -> tuple[type, str | None]:

@@ -15,7 +15,7 @@ import sys
 import time
 from pathlib import Path
 
-from specpipe.launch.bench.link import QUIET_ENV, choose_link
+from specpipe.launch.bench.link import QUIET_ENV, choose_link, serve_args
 from specpipe.launch.bench.load import run_load_axis
 from specpipe.launch.bench.runners import (
     HF_THREADS,
@@ -126,7 +126,7 @@ def run_latency_axis(
     try:
         result["trials"], result["server"] = serve_and_run(
             config,
-            [*serve_flags, "--draft-addr", link.endpoint, *link.serve_flags],
+            [*serve_flags, *serve_args(link)],
             runner,
             modes,
             seed=config.seed + 1,
