@@ -67,9 +67,7 @@ class Pipelined(Schedule):
         self.waiting_since: float | None = None
 
     async def run(self):
-        # The first block goes as soon as a few tokens are drafted (the target looks idle): the target
-        # waits for it to feed the prompt with it, for at most what a forward of its own would cost.
-        await self.prefill(hold_s=self.policy.model.verify_seconds(1) or DEFAULT_VERIFY_S)
+        await self.start()
         self.epoch = 1
         await self.keep_drafting()
         while True:
@@ -87,6 +85,20 @@ class Pipelined(Schedule):
                 if new_tokens:
                     yield new_tokens
                 self.stop_if_unpaid()
+
+    async def start(self) -> None:
+        """Start the request on both workers. Where the target's decoded token is the one a verify
+        would emit (greedy and drafter-invariant) and the policy fills waits, the prompt's forward
+        decodes the first token (Decode.until_block, in the prefill's message: one forward): the
+        draft's first block, drafted meanwhile, is verified past it (`on_decoded`). Otherwise the
+        first block goes as soon as a few tokens are drafted (the target looks idle), and the
+        target holds the prompt for it, to feed both in one forward, for at most what a forward of
+        its own would cost."""
+        if self.plan.sampling.drafter_free and self.policy.fills_start():
+            await self.prefill()
+            await self.channel.decode(min(self.end, len(self.tokens) + 1), until_block=True)
+        else:
+            await self.prefill(hold_s=self.policy.model.verify_seconds(1) or DEFAULT_VERIFY_S)
 
     def live(self) -> list[Block]:
         """The main line's blocks in flight (not doomed, not waiting on an outcome)."""

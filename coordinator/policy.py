@@ -118,6 +118,13 @@ class DraftPolicy:
         tokens = self.model.fill_tokens()
         return max(1, tokens) if setting == "on" else tokens
 
+    def fills_start(self) -> bool:
+        """Whether the prompt's forward decodes the request's first token by itself (pipelined
+        modes, `--idle-decode` auto or on) instead of waiting for the draft's first block to go
+        with it (off, `Prefill.hold_seconds`): the first token comes a hold sooner, and the block
+        is verified past it."""
+        return self.config.idle_decode != "off" and self.mode in (Mode.PIPELINED, Mode.SPECBRANCH)
+
     @property
     def wants_prediction(self) -> bool:
         """Ask the target for its acceptance-length prediction with each verify."""

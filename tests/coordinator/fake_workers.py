@@ -79,6 +79,7 @@ class FakeWorkers:
         self.fill_until = 0  # after a rejection: decode by itself up to this length until a block comes
         self.decoded = 0  # tokens decoded by itself since the last block verified
         self.fills = 0  # tokens decoded so
+        self.hold_seconds = 0.0  # the prompt's (Prefill.hold_seconds)
         self.branches: dict[int, list[int]] = {}
         self.jobs: dict[int, list] = {}  # branch_id -> [epoch, remaining, min_confidence, num_candidates, holds]
         self.held: dict[int, list] = {}  # branch_id -> its job's tokens not reported yet
@@ -102,6 +103,7 @@ class FakeWorkers:
 
     def _target_prefill(self, msg) -> None:
         self.request_id, self.committed = msg.request_id, list(msg.token_ids)
+        self.hold_seconds = msg.hold_seconds
 
     def _target_verify(self, msg) -> None:
         self.decode_until = 0

@@ -299,3 +299,17 @@ def test_the_target_fills_a_wait_only_where_the_redraft_takes_longer_than_its_ow
     assert DraftPolicy(PolicyConfig(idle_decode="on"), Mode.SEQUENTIAL, model).fill_tokens() == 0
     with pytest.raises(AssertionError, match="idle_decode"):
         PolicyConfig(idle_decode="sometimes")
+
+
+def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off():
+    """At a request's start the target would wait for the draft's first block (the prompt held for
+    it): with --idle-decode auto or on the prompt's forward decodes the first token instead, in the
+    pipelined modes; off holds the prompt, and the sequential mode never fills."""
+    for setting, mode, fills in (
+        ("auto", Mode.SPECBRANCH, True),
+        ("auto", Mode.PIPELINED, True),
+        ("on", Mode.SPECBRANCH, True),
+        ("off", Mode.SPECBRANCH, False),
+        ("auto", Mode.SEQUENTIAL, False),
+    ):
+        assert DraftPolicy(PolicyConfig(idle_decode=setting), mode, AcceptanceModel()).fills_start() is fills

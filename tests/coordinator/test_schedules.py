@@ -427,10 +427,22 @@ def test_the_target_filling_the_wait_after_a_rejection_keeps_every_ordering_exac
 
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
 def test_the_target_fills_waits_only_when_asked(mode):
-    """On: over the seeds, the target decodes by itself in some waits (the test above covers the
-    path); off (and auto before any wait is measured): never."""
-    fills = {}
+    """On: over the seeds, the target decodes by itself in some waits after rejections (the test
+    above covers the path) and at the start; auto, before any wait after a rejection is measured:
+    only at the start, where the prompt goes alone, and its forward decodes the first token unless
+    the first block is queued by then (no hold: the decode is until a block comes); off: never, the
+    prompt waits for the first block."""
+    fills, holds = {}, {}
     for setting in ("on", "off", "auto"):
         policy = PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5, idle_decode=setting)
-        fills[setting] = sum(run(mode, seed, policy=policy, misleading=True)[2].fills for seed in SEEDS)
-    assert fills["on"] > 0 and fills["off"] == fills["auto"] == 0
+        runs = [run(mode, seed, policy=policy, misleading=True) for seed in SEEDS]
+        fills[setting] = [workers.fills for _, _, workers in runs]
+        holds[setting] = {workers.hold_seconds for _, _, workers in runs}
+        for tokens, request, workers in runs:
+            assert tokens == greedy(PROMPT, MAX_NEW) and request.stats.filled_tokens == workers.fills
+            if setting != "off":  # the fill goes with the prefill (one loop turn: one message)
+                to_target = [command for command in workers.commands if command.startswith("target:")]
+                assert to_target[:2] == ["target:prefill", "target:decode"], workers.commands[:4]
+    assert sum(fills["on"]) > sum(fills["auto"]) > 0 and sum(fills["off"]) == 0
+    assert max(fills["auto"]) == 1, "auto: only the first token, before any wait is measured"
+    assert holds["auto"] == holds["on"] == {0.0} and min(holds["off"]) > 0

@@ -205,6 +205,30 @@ def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
     assert not policy.branch_threshold_learnt and policy.branch_threshold == pytest.approx(0.95)
 
 
+def test_by_default_the_prompts_forward_decodes_the_first_token_and_stays_exact(serve, hf_greedy):
+    """--idle-decode auto (the default): a pipelined request's prompt goes to the target at once and
+    its forward decodes the first token while the draft drafts the first block, which is verified
+    past it (or answered stale, and the draft resynced): greedy output is still Hugging Face greedy,
+    drafter-invariant sampling still the autoregressive tokens of the seed, and the requests report
+    the tokens decoded so (also those of waits after rejections: that the start is asked to decode
+    is tests/coordinator/test_schedules.py's). Off: the prompt waits for the first block, nothing
+    is decoded."""
+    filled = {}
+    for setting in ("auto", "off"):
+        client = Client(serve("draft", "--idle-decode", setting).addr)
+        filled[setting] = 0
+        for prompt_ids, mode in itertools.product(PROMPTS, ("pipelined", "specbranch")):
+            token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=24, mode=mode)
+            assert token_ids == hf_greedy(prompt_ids, 24), f"prompt {prompt_ids}, {mode}, {setting}"
+            filled[setting] += last.stats.filled_tokens
+            coupled = {"temperature": 1.0, "drafter_invariant": True, "seed": 3, "max_new_tokens": 24}
+            alone = client.complete(prompt_ids=prompt_ids, mode="autoregressive", **coupled)[0]
+            token_ids, _, last = client.complete(prompt_ids=prompt_ids, mode=mode, **coupled)
+            assert token_ids == alone, f"prompt {prompt_ids}, {mode}, {setting}"
+            filled[setting] += last.stats.filled_tokens
+    assert filled["auto"] > 0 and filled["off"] == 0, filled
+
+
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
 def test_the_target_fills_the_wait_after_a_rejection_and_stays_exact(serve, hf_greedy, mode):
     """--idle-decode on: after each rejection nothing foresaw, the target decodes by itself while

@@ -228,6 +228,36 @@ def test_a_held_prompt_goes_in_its_first_block_s_forward_and_a_hold_that_runs_ou
     assert not verdicts and figures["batch_tokens"] == len(prompt) - 1  # fed alone, keeping the last
 
 
+@pytest.mark.parametrize("first_block", ["after the forward", "before the forward"])
+def test_a_prompt_filled_at_the_start_decodes_the_first_token_in_its_own_forward(models, first_block):
+    """Prefill with Decode.until_block to one token past the prompt (a pipelined request's start,
+    `--idle-decode` auto): the prompt's forward decodes the target's first token (one forward, the
+    whole prompt, no hold), and the draft's first block, cut at the prompt's end, is verified past
+    it. A block already queued when the forward is planned goes with the prompt instead (the fill
+    is until a block comes): the same tokens either way."""
+    model, reference = models
+    engine = make_engine(model)
+    prompt = [5, 9, 14, 3, 8, 2]
+    expected = greedy(reference, prompt, 5)
+    prefill(engine, "r", prompt)
+    fill(engine, "r", len(prompt) + 1)
+    if first_block == "before the forward":
+        verify(engine, "r", len(prompt), expected[:4], emit_bonus=False)
+        verdicts, figures = step(engine)
+        assert not verdicts["r"].decoded and verdicts["r"].num_accepted == 4
+        assert figures["batch_tokens"] == len(prompt) + 4, "prompt and block in one forward"
+        assert engine.requests["r"].tokens == prompt + expected[:4]
+        return
+    verdicts, figures = step(engine)
+    assert verdicts["r"].decoded and verdicts["r"].next_token_id == expected[0]
+    assert figures["batch_tokens"] == len(prompt), "the whole prompt in one forward, its first token decoded"
+    assert not engine.ready(), "one token: then it waits for the block"
+    verify(engine, "r", len(prompt), expected[:4], emit_bonus=False)  # drafted from the prompt meanwhile
+    verdicts, figures = step(engine)
+    assert verdicts["r"].num_accepted == 4 and figures["batch_tokens"] == 1 + 3, "verified past the decoded token"
+    assert engine.requests["r"].tokens == prompt + expected[:4]
+
+
 def test_decode_runs_alone_and_answers_queued_verifies_stale(models):
     model, reference = models
     engine = make_engine(model)
