@@ -130,13 +130,17 @@ class AcceptanceModel:
         other requests (a forward is theirs too), and for one wait in FILL_EXPLORE, which is
         measured afresh."""
         one = self.verify_seconds(1)  # (the decoded token's forward: its pending token alone)
-        alone = self.batch_rows is None or self.batch_rows < ALONE_BATCH_ROWS
-        if self.redraft_wait is None or not one or not alone or self.redraft_wait <= FILL_MARGIN * one:
+        if self.redraft_wait is None or not one or not self.few_rows() or self.redraft_wait <= FILL_MARGIN * one:
             return 0
         self._fill_turn += 1
         if self._fill_turn % FILL_EXPLORE == 0:
             return 0
         return max(1, min(FILL_MAX_TOKENS, int(self.redraft_wait / one)))
+
+    def few_rows(self) -> bool:
+        """The target's batches hold under ALONE_BATCH_ROWS requests on average, or none was
+        measured yet: a forward of one request's is not the other requests' too."""
+        return self.batch_rows is None or self.batch_rows < ALONE_BATCH_ROWS
 
     def observe_verify(self, num_fed: int, seconds: float) -> None:
         sums = [FORGET * s for s in self._verify]

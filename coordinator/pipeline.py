@@ -65,6 +65,8 @@ class Pipelined(Schedule):
         self.tree = BranchTree(self.tokens)
         # Since when the target waits for a block after a rejection nothing foresaw (not filled).
         self.waiting_since: float | None = None
+        # When the prompt's forward is expected to end, where it decodes the first token (`start`).
+        self.start_done_at = 0.0
 
     async def run(self):
         await self.start()
@@ -97,6 +99,8 @@ class Pipelined(Schedule):
         if self.plan.sampling.drafter_free and self.policy.fills_start():
             await self.prefill()
             await self.channel.decode(min(self.end, len(self.tokens) + 1), until_block=True)
+            forward_s = self.policy.model.verify_seconds(len(self.tokens)) or DEFAULT_VERIFY_S
+            self.start_done_at = time.monotonic() + HOP_S + forward_s
         else:
             await self.prefill(hold_s=self.policy.model.verify_seconds(1) or DEFAULT_VERIFY_S)
 
@@ -273,8 +277,7 @@ class Pipelined(Schedule):
             elif now + (self.policy.model.t_draft or DEFAULT_DRAFT_STEP_S) + HOP_S < deadline:
                 return  # the next token still comes in time
         forward_s = self.policy.model.forward_seconds(len(block_ids) + 1) or DEFAULT_VERIFY_S
-        iteration_end = self.policy.model.iteration_end(now) if self.channel.target_busy() else None
-        begins = max(now + HOP_S, live[-1].done_at if live else 0.0, iteration_end or 0.0)
+        begins = max(now + HOP_S, live[-1].done_at if live else 0.0, self.target_free_at(now) or 0.0)
         block = Block(
             start=start, token_ids=block_ids, branch_id=self.tree.main, epoch=view.epoch, done_at=begins + forward_s
         )
@@ -320,7 +323,15 @@ class Pipelined(Schedule):
         queued); None when the target is idle."""
         if live:
             return live[-1].done_at
-        return self.policy.model.iteration_end(now) if self.channel.target_busy() else None
+        return self.target_free_at(now)
+
+    def target_free_at(self, now: float) -> float | None:
+        """When the target's forward in progress should end (its next starts then, taking what
+        is queued), or None when it is idle: by the iteration clock, and not before the end of the
+        prompt's forward that decodes the first token (its start goes by no other clock)."""
+        if not self.channel.target_busy():
+            return None
+        return max(self.policy.model.iteration_end(now), self.start_done_at)
 
     async def on_verdict(self, verdict: worker_pb2.Verdict) -> list[int]:
         if verdict.decoded:
@@ -388,11 +399,16 @@ class Pipelined(Schedule):
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
         main = self.tree.main_view
-        drafted, epoch_before = len(main.tokens) > start, self.epoch
+        drafted, epoch_before, main_before = len(main.tokens) > start, self.epoch, self.tree.main
         if drafted:
+            forked_ranks = []
             if main.tokens[start] != new_tokens[0]:
                 self.stats.main_rolled_back_tokens += len(main.tokens) - start
+                forked_ranks = [view.rank for view in self.tree.branches.values() if view.fork_at == start]
             await self.prune(start)
+            if forked_ranks:  # (not a rejection: no verify; the forks' ranks count all the same)
+                promoted = self.tree.main != main_before
+                self.stats.on_fork_point_decided(forked_ranks, self.tree.main_view.rank if promoted else None)
         doomed = set()  # (a block queued behind a doomed one assumes its verdict: doomed too)
         for block in self.in_flight:
             if not block.doomed and not block.conditional:

@@ -47,10 +47,12 @@ class RunStats:
     past the end). rejections: verdicts that rejected a draft token; main_rolled_back_tokens: the
     main line's tokens they threw away (the rejected one and every one drafted past it, not the
     cancelled branches'). Specbranch: rejections_at_fork, those at a position with alternative
-    branches forked; rank_tried[r] / rank_hits[r], rejections where a branch of rank r (0: the
+    branches forked; rank_tried[r] / rank_hits[r], positions where the target's token differed from
+    the main line's (rejections, and tokens it decoded by itself) and a branch of rank r (0: the
     draft's second choice there) existed / held the target's token; prepared_hits, verifications
     of a block prepared for the outcome of the verdict before it (no round trip through us);
-    filled_tokens, tokens the target decoded by itself while it waited for a redrafted block."""
+    filled_tokens, tokens the target decoded by itself while it would have waited for a block (the
+    first token, in the prompt's forward; after a rejection, while the draft redrafts)."""
 
     drafted_tokens: int = 0
     draft_tokens: int = 0
@@ -65,7 +67,7 @@ class RunStats:
     rank_tried: list[int] = field(default_factory=list)
     rank_hits: list[int] = field(default_factory=list)
     prepared_hits: int = 0
-    filled_tokens: int = 0  # tokens the target decoded by itself while it waited for a block
+    filled_tokens: int = 0  # tokens the target decoded by itself where it would wait for a block
     target_seconds: float = 0.0  # target compute spent on this request (its share of batches)
     queue_seconds: float = 0.0  # time its blocks waited, ready, for a place in a batch
     committed_per_verification: list[int] = field(default_factory=list)
@@ -104,6 +106,11 @@ class RunStats:
         """A rejection at a position where branches of `ranks` were forked; `hit_rank`: the rank of
         the one promoted (it held the target's token), None if none did."""
         self.rejections_at_fork += 1
+        self.on_fork_point_decided(ranks, hit_rank)
+
+    def on_fork_point_decided(self, ranks: list[int], hit_rank: int | None) -> None:
+        """The target's token at a position where branches of `ranks` were forked differed from the
+        main line's (rejected in a verify, or decoded by itself); `hit_rank` as above."""
         for rank in ranks:
             grow(self.rank_tried, rank)[rank] += 1
         if hit_rank is not None:

@@ -304,12 +304,17 @@ def test_the_target_fills_a_wait_only_where_the_redraft_takes_longer_than_its_ow
 def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off():
     """At a request's start the target would wait for the draft's first block (the prompt held for
     it): with --idle-decode auto or on the prompt's forward decodes the first token instead, in the
-    pipelined modes; off holds the prompt, and the sequential mode never fills."""
-    for setting, mode, fills in (
-        ("auto", Mode.SPECBRANCH, True),
-        ("auto", Mode.PIPELINED, True),
-        ("on", Mode.SPECBRANCH, True),
-        ("off", Mode.SPECBRANCH, False),
-        ("auto", Mode.SEQUENTIAL, False),
+    pipelined modes; auto only while the target's batches hold few requests (there the prompt
+    waits for a forward anyway, and the first block would often miss it); off holds the prompt, and
+    the sequential mode never fills."""
+    crowded = AcceptanceModel()
+    crowded.batch_rows = 4.0
+    for setting, mode, model, fills in (
+        ("auto", Mode.SPECBRANCH, AcceptanceModel(), True),
+        ("auto", Mode.PIPELINED, AcceptanceModel(), True),
+        ("auto", Mode.SPECBRANCH, crowded, False),
+        ("on", Mode.SPECBRANCH, crowded, True),
+        ("off", Mode.SPECBRANCH, AcceptanceModel(), False),
+        ("auto", Mode.SEQUENTIAL, AcceptanceModel(), False),
     ):
-        assert DraftPolicy(PolicyConfig(idle_decode=setting), mode, AcceptanceModel()).fills_start() is fills
+        assert DraftPolicy(PolicyConfig(idle_decode=setting), mode, model).fills_start() is fills, (setting, mode)

@@ -141,6 +141,7 @@ def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading
     a block verified at once after its fork point's verdict has had no forks of its own."""
     # Forks of a block's length (4): longer ones, in the misleading case, end unhit often enough
     # that the policy turns forking down as not paying (FORK_MIN_HIT_RATE), not what this is about.
+    # No fills: a token the target decodes by itself decides a fork point too, with no rejection.
     policy = PolicyConfig(
         kind="fixed",
         num_draft_tokens=4,
@@ -148,6 +149,7 @@ def test_with_budget_to_spare_every_rejection_meets_a_prepared_branch(misleading
         max_branches=32,
         prepare_branch_blocks=False,
         branch_lookahead=4,
+        idle_decode="off",
     )
     for seed in SEEDS:
         tokens, request, _ = run("specbranch", seed, policy=policy, misleading=misleading, slow_target=True)
