@@ -119,16 +119,17 @@ class DraftPolicy:
         return max(1, tokens) if setting == "on" else tokens
 
     def fills_start(self) -> bool:
-        """Whether the prompt's forward decodes the request's first token by itself (pipelined
-        modes; `--idle-decode` on, or auto while the target's batches hold few requests) instead
-        of waiting for the draft's first block to go with it (`Prefill.hold_seconds`): the first
-        token comes a hold sooner, and the block is verified past it. Not in full batches: there
-        the prompt waits for a forward anyway, and the draft's first block, later behind the
-        other requests' draft steps, would often miss it (8 clients: 0.96x)."""
+        """Whether the prompt's forward decodes the request's first token by itself (`--idle-decode`
+        auto or on), the first block verified past it. Sequential: always then (its prompt goes
+        alone anyway, while the draft drafts the whole block). Pipelined modes: on, or auto while
+        the target's batches hold few requests, instead of the prompt waiting for the draft's first
+        block to go with it (`Prefill.hold_seconds`): the first token comes a hold sooner. Not in
+        full batches: there the prompt waits for a forward anyway, and the draft's first block,
+        later behind the other requests' draft steps, would often miss it."""
         setting = self.config.idle_decode
-        if setting == "off" or self.mode not in (Mode.PIPELINED, Mode.SPECBRANCH):
+        if setting == "off" or self.mode == Mode.AUTOREGRESSIVE:
             return False
-        return setting == "on" or self.model.few_rows()
+        return setting == "on" or self.mode == Mode.SEQUENTIAL or self.model.few_rows()
 
     @property
     def wants_prediction(self) -> bool:

@@ -25,6 +25,7 @@ import logging
 from collections import deque
 from dataclasses import dataclass, field, fields
 
+from specpipe.blocks import left_to_verify
 from specpipe.coordinator.channel import RequestChannel
 from specpipe.coordinator.policy import DraftPolicy
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
@@ -288,8 +289,17 @@ async def decode_rest(schedule: Schedule):
 
 
 class Sequential(Schedule):
+    """Draft a block, verify it (with the bonus), sync the draft to the verdict, again. The prompt
+    goes to the target at once (no hold: the target would wait for the whole block); where the
+    target's decoded token is the one a verify would emit (greedy and drafter-invariant) and the
+    policy fills waits, the prompt's forward also decodes the first token (`Decode.until_block`):
+    it streams while the draft drafts, and the first block is verified past it, or dropped and
+    redrafted if it does not start with it."""
+
     async def run(self):
         await self.prefill()
+        if self.plan.sampling.drafter_free and self.policy.fills_start():
+            await self.channel.decode(min(self.end, len(self.tokens) + 1), until_block=True)
         while True:
             block = Block(start=len(self.tokens))
             num_draft = self.draft_budget()
@@ -305,15 +315,34 @@ class Sequential(Schedule):
                     report_when_done=True,
                 )
                 while not block.done:
-                    for token in self.observe_draft(await self.channel.next_event("draft_tokens")):
+                    event = await self.channel.next_event("draft_tokens", "verdict")
+                    if event.kind == "verdict":  # the first token, decoded in the prompt's forward
+                        yield self.commit(event.payload)
+                        continue
+                    for token in self.observe_draft(event):
                         if token.epoch == self.epoch:
                             block.add(token)
+                if left_to_verify(block.start, block.token_ids, self.tokens) is None:
+                    # It does not start with the decoded token (or that is all of it): redraft.
+                    self.stats.main_rolled_back_tokens += len(block.token_ids)
+                    await self.resync()
+                    continue
             await self.send_verify(block, emit_bonus=True)
-            new_tokens = self.commit((await self.channel.next_event("verdict")).payload)
+            while (verdict := (await self.channel.next_event("verdict")).payload).decoded:
+                # Decoded before the block reached the target: the block is verified past it, or stale.
+                yield self.commit(verdict)
+                block.doomed = left_to_verify(block.start, block.token_ids, self.tokens) is None
+            new_tokens = self.commit(verdict)
+            if verdict.stale:
+                self.stats.main_rolled_back_tokens += len(block.token_ids)
+            await self.resync()
             if new_tokens:
-                await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=new_tokens[-1:])
                 yield new_tokens
             self.stop_if_unpaid()
+
+    async def resync(self) -> None:
+        """The draft keeps what it drafted up to the last committed token, which it takes from us."""
+        await self.channel.sync(ROOT_BRANCH, keep_length=len(self.tokens) - 1, append=self.tokens[-1:])
 
 
 class TargetOnly(Schedule):

@@ -220,9 +220,9 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--idle-decode",
         choices=IDLE_DECODE,
         default=PolicyConfig.idle_decode,
-        help="pipelined modes, greedy and drafter-invariant requests: the target decodes by itself where it "
-        "would wait for a block: the first token, in the prompt's forward (auto: while its batches hold few "
-        "requests), and after a rejection no prepared block foresaw, until the redrafted block comes (auto: "
+        help="speculative modes, greedy and drafter-invariant requests: the target decodes by itself where it "
+        "would wait for a block: the first token, in the prompt's forward (auto, pipelined modes: while its "
+        "batches hold few requests), and after a rejection no prepared block foresaw, until the redrafted block comes (auto: "
         "when the measured redraft takes longer than a one-token forward, e.g. a draft across hosts); off: "
         "the prompt waits for the first block (default: %(default)s)",
     )

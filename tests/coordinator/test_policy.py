@@ -305,8 +305,8 @@ def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off()
     """At a request's start the target would wait for the draft's first block (the prompt held for
     it): with --idle-decode auto or on the prompt's forward decodes the first token instead, in the
     pipelined modes; auto only while the target's batches hold few requests (there the prompt
-    waits for a forward anyway, and the first block would often miss it); off holds the prompt, and
-    the sequential mode never fills."""
+    waits for a forward anyway, and the first block would often miss it); the sequential mode's
+    prompt goes alone anyway: it always decodes then; off: never."""
     crowded = AcceptanceModel()
     crowded.batch_rows = 4.0
     for setting, mode, model, fills in (
@@ -315,6 +315,8 @@ def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off()
         ("auto", Mode.SPECBRANCH, crowded, False),
         ("on", Mode.SPECBRANCH, crowded, True),
         ("off", Mode.SPECBRANCH, AcceptanceModel(), False),
-        ("auto", Mode.SEQUENTIAL, AcceptanceModel(), False),
+        ("auto", Mode.SEQUENTIAL, crowded, True),
+        ("off", Mode.SEQUENTIAL, AcceptanceModel(), False),
+        ("on", Mode.AUTOREGRESSIVE, AcceptanceModel(), False),
     ):
         assert DraftPolicy(PolicyConfig(idle_decode=setting), mode, model).fills_start() is fills, (setting, mode)

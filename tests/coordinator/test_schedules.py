@@ -42,12 +42,13 @@ def run(
     model: AcceptanceModel | None = None,
     misleading: bool = False,
     slow_target: bool = False,
+    prompt: list[int] = PROMPT,
 ):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
     workers = FakeWorkers(seed, draft_down_after, stalls, misleading, slow_target)
     plan = RequestPlan(
         request_id="r",
-        prompt_ids=PROMPT,
+        prompt_ids=prompt,
         max_new_tokens=MAX_NEW,
         sampling=SamplingParams(),
         seed=seed,
@@ -425,6 +426,27 @@ def test_the_target_filling_the_wait_after_a_rejection_keeps_every_ordering_exac
     assert stats.branches_hit <= stats.kept_tokens
     if mode == "pipelined":
         assert stats.main_rolled_back_tokens == stats.rolled_back_tokens
+
+
+@pytest.mark.parametrize("prompt", [PROMPT, PROMPT + [9]], ids=["draft wrong first", "draft right first"])
+def test_the_sequential_prompt_decodes_the_first_token_and_a_block_that_misses_it_is_redrafted(prompt):
+    """Sequential, --idle-decode auto (on alike): the prompt's forward decodes the first token while
+    the draft drafts the first block; a block that starts with it is verified past it, one that
+    does not (the fake draft is wrong at the end of the first prompt, right at the second's) is
+    dropped and the draft resynced before any verify, its tokens rolled back. Off: nothing decoded.
+    Exact either way, whatever the ordering."""
+    for setting in ("auto", "on", "off"):
+        policy = PolicyConfig(kind="fixed", num_draft_tokens=4, idle_decode=setting)
+        for seed in SEEDS:
+            tokens, request, workers = run("sequential", seed, policy=policy, prompt=prompt)
+            assert tokens == greedy(prompt, MAX_NEW), (setting, seed)
+            assert workers.fills == request.stats.filled_tokens == (setting != "off"), (setting, seed)
+            assert workers.hold_seconds == 0.0
+            first_verify = workers.commands.index("target:verify")
+            dropped = workers.commands[:first_verify].count("draft:sync")
+            assert dropped == (setting != "off" and prompt == PROMPT), (setting, seed)
+            stats = request.stats
+            assert stats.main_rolled_back_tokens == stats.rolled_back_tokens, "every drafted token is main line's"
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])

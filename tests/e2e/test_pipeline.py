@@ -206,9 +206,9 @@ def test_branch_threshold_is_learnt_from_rejections_and_reported(serve):
 
 
 def test_by_default_the_prompts_forward_decodes_the_first_token_and_stays_exact(serve, hf_greedy):
-    """--idle-decode auto (the default): a pipelined request's prompt goes to the target at once and
+    """--idle-decode auto (the default): a speculative request's prompt goes to the target at once and
     its forward decodes the first token while the draft drafts the first block, which is verified
-    past it (or answered stale, and the draft resynced): greedy output is still Hugging Face greedy,
+    past it (or answered stale, or dropped before it is sent, and the draft resynced): greedy output is still Hugging Face greedy,
     drafter-invariant sampling still the autoregressive tokens of the seed, and the requests report
     the tokens decoded so (also those of waits after rejections: that the start is asked to decode
     is tests/coordinator/test_schedules.py's). Off: the prompt waits for the first block, nothing
@@ -217,7 +217,7 @@ def test_by_default_the_prompts_forward_decodes_the_first_token_and_stays_exact(
     for setting in ("auto", "off"):
         client = Client(serve("draft", "--idle-decode", setting).addr)
         filled[setting] = 0
-        for prompt_ids, mode in itertools.product(PROMPTS, ("pipelined", "specbranch")):
+        for prompt_ids, mode in itertools.product(PROMPTS, ("sequential", "pipelined", "specbranch")):
             token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=24, mode=mode)
             assert token_ids == hf_greedy(prompt_ids, 24), f"prompt {prompt_ids}, {mode}, {setting}"
             filled[setting] += last.stats.filled_tokens

@@ -49,7 +49,9 @@ def test_greedy_equals_hf_greedy(serve, hf_greedy, draft, mode):
 
 
 def test_identical_draft_accepts_everything(serve, hf_greedy):
-    client = Client(serve("draft_same", "--policy", "fixed", "--num-draft-tokens", "4").addr)
+    """Every block of 4 accepted, and its bonus. (Idle-decode off: by default the prompt's forward
+    decodes the first token, and the first block, verified past it, commits one token fewer.)"""
+    client = Client(serve("draft_same", "--policy", "fixed", "--num-draft-tokens", "4", "--idle-decode", "off").addr)
     token_ids, _, last = client.complete(prompt_ids=PROMPTS[0], max_new_tokens=MAX_NEW, mode="sequential")
     stats = last.stats
     assert token_ids == hf_greedy(PROMPTS[0], MAX_NEW)
