@@ -60,12 +60,16 @@ class FakeWorkers:
         stalls: bool = False,
         misleading: bool = False,
         slow_target: bool = False,
+        crossing: bool = False,
     ):
         """`stalls`: the draft has nothing to propose at some positions (as prompt lookup does).
         `misleading`: at half of its wrong positions the draft's alternatives miss the target's
         token too (a fork there is not hit: the main line is resynced). `slow_target`: the target
-        answers one time in four that it could, so the draft runs further ahead."""
-        self.misleading, self.slow_target = misleading, slow_target
+        answers one time in four that it could, so the draft runs further ahead. `crossing`: the
+        target's answers may wait in its outbox too (one at most), so a command can cross an answer
+        computed before it (a decoded token and the block sent before the schedule read it)."""
+        self.misleading, self.slow_target, self.crossing = misleading, slow_target, crossing
+        self.target_outbox: deque = deque()
         self.rng = random.Random(seed)
         self.stalls = stalls
         self.stalled: list[tuple] = []  # (epoch, branch, position) of each "nothing to propose"
@@ -174,8 +178,10 @@ class FakeWorkers:
                 choices.append("deliver")
             if (self.jobs or self.orphans) and not self.draft_down and len(self.draft_outbox) < DRAFT_AHEAD:
                 choices.append("draft")
-            if self.verifies or self.decodes_to() > len(self.committed):
-                choices.append("verdict")
+            if self.target_outbox:  # (in order: the next answer waits for this one's delivery)
+                choices.append("deliver verdict")
+            elif self.verifies or self.decodes_to() > len(self.committed):
+                choices.append("answer" if self.crossing else "verdict")
             assert choices, f"the schedule waits, but no worker has anything to send ({self.commands[-6:]})"
             weights = [0.25 if self.slow_target and c == "verdict" else 1.0 for c in choices]
             choice = self.rng.choices(choices, weights)[0]
@@ -183,6 +189,10 @@ class FakeWorkers:
                 self.draft_outbox.append(self._draft_step())
             elif choice == "deliver":
                 return self.draft_outbox.popleft()
+            elif choice == "answer":
+                self.target_outbox.append(self._verdict())
+            elif choice == "deliver verdict":
+                return self.target_outbox.popleft()
             else:
                 return self._verdict()
 

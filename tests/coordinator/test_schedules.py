@@ -43,9 +43,10 @@ def run(
     misleading: bool = False,
     slow_target: bool = False,
     prompt: list[int] = PROMPT,
+    crossing: bool = False,
 ):
     """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
-    workers = FakeWorkers(seed, draft_down_after, stalls, misleading, slow_target)
+    workers = FakeWorkers(seed, draft_down_after, stalls, misleading, slow_target, crossing)
     plan = RequestPlan(
         request_id="r",
         prompt_ids=prompt,
@@ -447,6 +448,22 @@ def test_the_sequential_prompt_decodes_the_first_token_and_a_block_that_misses_i
             assert dropped == (setting != "off" and prompt == PROMPT), (setting, seed)
             stats = request.stats
             assert stats.main_rolled_back_tokens == stats.rolled_back_tokens, "every drafted token is main line's"
+
+
+@pytest.mark.parametrize("mode", MODES)
+def test_answers_that_cross_the_schedules_commands_keep_every_mode_exact(mode):
+    """The target's answer may be on its way while the schedule sends its next command (the fake's
+    `crossing`): every mode still commits the target's greedy tokens. Sequential, with the first
+    token decoded in the prompt's forward: a block sent before that token is read is verified past
+    it, or answered stale when it does not start with it (the draft wrong at the first prompt's end),
+    and the draft resynced."""
+    stale = 0
+    for prompt in (PROMPT, PROMPT + [9]):
+        for seed in range(60 if mode == "sequential" else 12):
+            tokens, _, workers = run(mode, seed, prompt=prompt, crossing=True, slow_target=True)
+            assert tokens == greedy(prompt, MAX_NEW), (prompt, seed)
+            stale += workers.stale_answers if prompt == PROMPT else 0
+    assert mode != "sequential" or stale > 0, "no block crossed the decoded first token"
 
 
 @pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
