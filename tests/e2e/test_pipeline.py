@@ -213,18 +213,21 @@ def test_by_default_the_prompts_forward_decodes_the_first_token_and_stays_exact(
     the tokens decoded so (also those of waits after rejections: that the start is asked to decode
     is tests/coordinator/test_schedules.py's). Off: the prompt waits for the first block, nothing
     is decoded."""
+    coupled = {"temperature": 1.0, "drafter_invariant": True, "seed": 3, "max_new_tokens": 16}
+    alone = {}  # prompt -> the target's own tokens of that seed
     filled = {}
     for setting in ("auto", "off"):
         client = Client(serve("draft", "--idle-decode", setting).addr)
         filled[setting] = 0
-        for prompt_ids, mode in itertools.product(PROMPTS, ("sequential", "pipelined", "specbranch")):
-            token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=24, mode=mode)
-            assert token_ids == hf_greedy(prompt_ids, 24), f"prompt {prompt_ids}, {mode}, {setting}"
+        for prompt_ids, mode in itertools.product(PROMPTS, ("sequential", "specbranch")):
+            token_ids, _, last = client.complete(prompt_ids=prompt_ids, max_new_tokens=16, mode=mode)
+            assert token_ids == hf_greedy(prompt_ids, 16), f"prompt {prompt_ids}, {mode}, {setting}"
             filled[setting] += last.stats.filled_tokens
-            coupled = {"temperature": 1.0, "drafter_invariant": True, "seed": 3, "max_new_tokens": 24}
-            alone = client.complete(prompt_ids=prompt_ids, mode="autoregressive", **coupled)[0]
+            key = tuple(prompt_ids)
+            if key not in alone:
+                alone[key] = client.complete(prompt_ids=prompt_ids, mode="autoregressive", **coupled)[0]
             token_ids, _, last = client.complete(prompt_ids=prompt_ids, mode=mode, **coupled)
-            assert token_ids == alone, f"prompt {prompt_ids}, {mode}, {setting}"
+            assert token_ids == alone[key], f"prompt {prompt_ids}, {mode}, {setting}"
             filled[setting] += last.stats.filled_tokens
     assert filled["auto"] > 0 and filled["off"] == 0, filled
 
