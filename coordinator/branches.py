@@ -98,6 +98,10 @@ class BranchTree:
                 budget -= 1
         return forks
 
+    def fork_ranks_at(self, position: int) -> list[int]:
+        """The ranks of the forks at `position` (0: the draft's second choice there)."""
+        return [view.rank for view in self.branches.values() if view.fork_at == position]
+
     def add_fork(self, position: int, rank: int, token_id: int) -> int:
         """A new branch off the main line: its tokens up to `position`, then `token_id`."""
         view = self.main_view

@@ -96,9 +96,9 @@ class Pipelined(Schedule):
         first block goes as soon as a few tokens are drafted (the target looks idle), and the
         target holds the prompt for it, to feed both in one forward, for at most what a forward of
         its own would cost."""
-        if self.plan.sampling.drafter_free and self.policy.fills_start():
+        if self.fills_start():
             await self.prefill()
-            await self.channel.decode(min(self.end, len(self.tokens) + 1), until_block=True)
+            await self.fill(1)
             forward_s = self.policy.model.verify_seconds(len(self.tokens)) or DEFAULT_VERIFY_S
             self.start_done_at = time.monotonic() + HOP_S + forward_s
         else:
@@ -353,22 +353,21 @@ class Pipelined(Schedule):
                     block.doomed = True  # the target will answer them stale
             # The main line's tokens past the verified block go too (commit counted the block's).
             self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (head.start + len(head.token_ids)))
-            forked_ranks = [view.rank for view in self.tree.branches.values() if view.fork_at == at]
+            forked_ranks = self.tree.fork_ranks_at(at)
         armed = self.resolve_prepared(head, rejected=verdict.num_accepted < len(head.token_ids))
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
             live[0].done_at = time.monotonic() + forward_s
             trace("due", self.plan.request_id, live[0].block_id, f"{live[0].done_at:.6f}")
-        main_before, epoch_before = self.tree.main, self.epoch
-        await self.prune(start)
+        epoch_before = self.epoch
+        hit_rank = await self.prune(start)
         if verdict.next_token_id >= 0:
             self.count_kept(len(self.tokens) - 1, epoch_before)
         assert armed is None or armed.branch_id == self.tree.main, "the prepared block's branch is the main line"
         self.stats.prepared_hits += armed is not None
         if forked_ranks:
-            promoted = self.tree.main != main_before
-            self.stats.on_forked_rejection(forked_ranks, self.tree.main_view.rank if promoted else None)
+            self.stats.on_forked_rejection(forked_ranks, hit_rank)
         if forked_ranks is not None and not live and self.epoch != epoch_before:
             await self.fill_or_wait()  # nothing foresaw this rejection: the draft redrafts from scratch
         await self.keep_drafting()
@@ -385,7 +384,7 @@ class Pipelined(Schedule):
         count = self.policy.fill_tokens() if self.plan.sampling.drafter_free else 0
         trace("unforeseen", self.plan.request_id, count)
         if count:
-            await self.channel.decode(min(self.end, len(self.tokens) + count), until_block=True)
+            await self.fill(count)
         else:
             self.waiting_since = time.monotonic()
 
@@ -399,16 +398,15 @@ class Pipelined(Schedule):
         start = len(self.tokens)
         new_tokens = self.commit(verdict)
         main = self.tree.main_view
-        drafted, epoch_before, main_before = len(main.tokens) > start, self.epoch, self.tree.main
+        drafted, epoch_before = len(main.tokens) > start, self.epoch
         if drafted:
             forked_ranks = []
             if main.tokens[start] != new_tokens[0]:
                 self.stats.main_rolled_back_tokens += len(main.tokens) - start
-                forked_ranks = [view.rank for view in self.tree.branches.values() if view.fork_at == start]
-            await self.prune(start)
+                forked_ranks = self.tree.fork_ranks_at(start)
+            hit_rank = await self.prune(start)
             if forked_ranks:  # (not a rejection: no verify; the forks' ranks count all the same)
-                promoted = self.tree.main != main_before
-                self.stats.on_fork_point_decided(forked_ranks, self.tree.main_view.rank if promoted else None)
+                self.stats.on_fork_point_decided(forked_ranks, hit_rank)
         doomed = set()  # (a block queued behind a doomed one assumes its verdict: doomed too)
         for block in self.in_flight:
             if not block.doomed and not block.conditional:
@@ -445,10 +443,12 @@ class Pipelined(Schedule):
                 block.doomed = True
         return armed
 
-    async def prune(self, start: int) -> None:
+    async def prune(self, start: int) -> int | None:
         """Keep the branches that agree with the committed tokens; promote or resync main
-        (`BranchTree.prune`); cancel the rest on the draft."""
+        (`BranchTree.prune`); cancel the rest on the draft. Returns the promoted fork's rank (None:
+        the main line went on, or was resynced)."""
         pruned = self.tree.prune(self.tokens, start)
+        hit_rank = self.tree.main_view.rank if pruned.promoted else None
         for _ in range(pruned.forks_lost):  # forks cancelled: they did not pay
             self.policy.observe_fork(hit=False)
         if pruned.promoted:
@@ -463,3 +463,4 @@ class Pipelined(Schedule):
             trace("sync", self.plan.request_id, self.epoch)
         if self.branching:
             await self.fork_where_unsure()
+        return hit_rank

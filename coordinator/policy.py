@@ -37,7 +37,7 @@ from __future__ import annotations
 
 from specpipe.modes import Mode
 from specpipe.config import PolicyConfig  # the settings (and the kinds, POLICIES) live in the shared core
-from specpipe.coordinator.acceptance_model import ALONE_BATCH_ROWS, AcceptanceModel
+from specpipe.coordinator.acceptance_model import AcceptanceModel
 
 # Drafted tokens an idle target waits for before it gets a block (pipelined modes).
 IDLE_SEND_TOKENS = 2
@@ -179,8 +179,7 @@ class DraftPolicy:
     def alone(self) -> bool:
         """Whether the request has the workers to itself, as measured: the target's batches hold
         under ALONE_BATCH_ROWS requests on average."""
-        rows = self.model.batch_rows
-        return rows is not None and rows < ALONE_BATCH_ROWS
+        return self.model.batch_rows is not None and self.model.few_rows()
 
     def min_branch_prob(self) -> float:
         """The least draft probability of a candidate worth forking: lower while the request has the

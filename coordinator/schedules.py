@@ -181,6 +181,16 @@ class Schedule:
             self.plan.prompt_ids, self.plan.sampling, self.plan.seed, self.plan.noise_vocab, hold_s=hold_s
         )
 
+    def fills_start(self) -> bool:
+        """The prompt's forward decodes the first token (`fill`): where the target's decoded token
+        is the one a verify would emit (greedy and drafter-invariant) and the policy says so."""
+        return self.plan.sampling.drafter_free and self.policy.fills_start()
+
+    async def fill(self, count: int) -> None:
+        """The target decodes up to `count` tokens by itself until a block of ours comes
+        (Decode.until_block); one it verifies then starts behind them."""
+        await self.channel.decode(min(self.end, len(self.tokens) + count), until_block=True)
+
     @property
     def sends_probs(self) -> bool:
         """The draft's q go to the target (the default sampling rule needs them; greedy and the
@@ -298,8 +308,8 @@ class Sequential(Schedule):
 
     async def run(self):
         await self.prefill()
-        if self.plan.sampling.drafter_free and self.policy.fills_start():
-            await self.channel.decode(min(self.end, len(self.tokens) + 1), until_block=True)
+        if self.fills_start():
+            await self.fill(1)
         while True:
             block = Block(start=len(self.tokens))
             num_draft = self.draft_budget()
