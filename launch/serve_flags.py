@@ -220,11 +220,12 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         "--idle-decode",
         choices=IDLE_DECODE,
         default=PolicyConfig.idle_decode,
-        help="speculative modes, greedy and drafter-invariant requests: the target decodes by itself where it "
-        "would wait for a block: the first token, in the prompt's forward (auto, pipelined modes: while its "
-        "batches hold few requests), and in the pipelined modes after a rejection no prepared block "
-        "foresaw, until the redrafted block comes (auto: when the measured redraft takes longer than a "
-        "one-token forward, e.g. a draft across hosts); off: neither (default: %(default)s)",
+        help="speculative modes: the target decodes by itself where it would wait for a block: the first "
+        "token, in the prompt's forward (auto, pipelined modes: while its batches hold few requests; not for "
+        "seeded requests under the default sampling rule), and in the pipelined modes, for greedy and "
+        "drafter-invariant requests, after a rejection no prepared block foresaw, until the redrafted block "
+        "comes (auto: when the measured redraft takes longer than a one-token forward, e.g. a draft across "
+        "hosts); off: neither (default: %(default)s)",
     )
     parser.add_argument("--max-new-tokens-cap", type=int, default=4096, help="largest max_new_tokens accepted")
     parser.add_argument(

@@ -91,8 +91,11 @@ class TargetEngine:
                 request.decode_until = 0
                 request.verifies.append((msg, time.monotonic()))
             elif msg.until_block:
-                if not request.sampling.drafter_free:
-                    raise ValueError("Decode.until_block needs a greedy or drafter-invariant request")
+                if not request.may_fill(msg.max_length):
+                    raise ValueError(
+                        "Decode.until_block needs a greedy or drafter-invariant request, or the first token of "
+                        "an unseeded one"
+                    )
                 request.fill_until = min(msg.max_length, self.store.slot_len)
             else:
                 request.decode_until = msg.max_length
@@ -123,6 +126,8 @@ class TargetEngine:
             wire_sampling.seed,
             msg.handle,
             noise_vocab=wire_sampling.noise_vocab,
+            seeded=wire_sampling.seeded,
+            prompt_length=len(msg.token_ids),
             prompt_left=len(msg.token_ids) - 1,
             hold_until=time.monotonic() + max(0.0, min(msg.hold_seconds, MAX_HOLD_S)),
         )

@@ -47,6 +47,8 @@ class TargetRequest:
     decoded: int = 0  # committed tokens it decoded by itself since it last verified a block
     decode_until: int = 0  # decode by itself up to this many tokens (Decode)
     fill_until: int = 0  # decode by itself up to this length until a block comes (Decode.until_block)
+    seeded: bool = True  # the client fixed the seed (Sampling.seeded)
+    prompt_length: int = 0
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
     ready_since: float | None = None  # when its head work became ready (queue time)
@@ -64,8 +66,25 @@ class TargetRequest:
 
     def decodes_to(self) -> int:
         """The length it decodes to by itself now (0: none): `decode_until`, or `fill_until` while
-        no block is queued for it."""
-        return self.decode_until or (0 if self.verifies else self.fill_until)
+        no block is queued for it; for a request whose decoded token is not the one a verify would
+        emit, `fill_until` all the same (`may_fill`: which of the two decides its first token must
+        not hang on when the draft's block came)."""
+        if self.decode_until:
+            return self.decode_until
+        return 0 if self.verifies and self.sampling.drafter_free else self.fill_until
+
+    def may_fill(self, max_length: int) -> bool:
+        """Whether it may decode by itself up to `max_length` until a block comes (Decode.until_block),
+        and have the block verified past what it decoded: greedy and drafter-invariant requests, whose
+        decoded token is the very token a verify would emit; an unseeded request under the default
+        rule only its first token, in the prompt's forward. That token is drawn from the target's
+        law, and a block starting with it verifies on exactly (its next tokens were drafted given
+        that token, its other blocks are stale). A verify would draw another token there, so a
+        seeded request would not be reproducible; and later, when to decode would depend on the
+        request's earlier draws, so the choice must be made before any: at its start."""
+        if self.sampling.drafter_free:
+            return True
+        return not self.seeded and len(self.tokens) == self.prompt_length and max_length <= self.prompt_length + 1
 
 
 @dataclass
@@ -131,11 +150,12 @@ def next_work(
 ) -> Work | None:
     """The request's next piece of work within `token_budget` fed tokens, or None (nothing ready).
     `probs_ready(request, verify)`: whether the draft's q of a sampled block have arrived."""
-    pending = request.pending
-    if request.verifies:
+    pending, decodes = request.pending, request.decodes_to() > len(request.tokens)
+    if request.verifies and head_is_stale(request):
         msg, queued_at = request.verifies[0]
-        if head_is_stale(request):
-            return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
+        return Work(request_id, request, "stale", verify=msg, queued_at=queued_at)
+    if request.verifies and not decodes:
+        msg, queued_at = request.verifies[0]
         if len(pending) <= prefill_chunk:
             draft = left_to_verify(msg.start_length, msg.draft_token_ids, request.tokens) or []
             fed = pending + draft
@@ -148,7 +168,7 @@ def next_work(
             )
             if (sampled_ok or waited_out) and (fed or request.next_logits is not None) and len(fed) <= token_budget:
                 return Work(request_id, request, "verify", fed=fed, verify=msg, queued_at=queued_at, draft=draft)
-    elif request.decodes_to() > len(request.tokens) and len(pending) <= prefill_chunk:
+    elif decodes and len(pending) <= prefill_chunk:
         if len(pending) <= token_budget and (pending or request.next_logits is not None):
             return Work(request_id, request, "decode", fed=pending)
     if len(pending) > 1:  # prompt or piled-up tokens: a chunk, keeping the last pending

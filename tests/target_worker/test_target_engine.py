@@ -17,80 +17,12 @@ import pytest
 import torch
 
 from specpipe.kv_store import KVStore
-from specpipe.model_check import prepare_model
 from specpipe.proto.specpipe.worker.v1 import worker_pb2 as pb
 from specpipe.target_worker.engine import BatchLimits, TargetEngine
-from tiny import fresh_logits, in_slot_order, load, record_packed_rows, store_logits, twin
+from engine_commands import answers, greedy, make_engine, one_request, prefill, step, verify
+from tiny import fresh_logits, in_slot_order, record_packed_rows, store_logits
 
 ATOL = 1e-4
-
-
-@pytest.fixture(scope="module")
-def models(tiny_models):
-    """(engine model routed through the store, plain reference)."""
-    reference = load(tiny_models["target"])
-    model = twin(reference)
-    prepare_model(model)
-    return model, reference
-
-
-def make_engine(model, limits=BatchLimits(), slots: int = 8) -> TargetEngine:
-    return TargetEngine(model, KVStore(slots, 256), limits=limits)
-
-
-def prefill(engine, request_id, tokens):
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id=request_id, token_ids=tokens)), [])
-
-
-def verify(engine, request_id, start_length, draft, emit_bonus, block_id=1, **fields):
-    engine.handle(
-        pb.Command(
-            verify=pb.Verify(
-                request_id=request_id,
-                block_id=block_id,
-                start_length=start_length,
-                draft_token_ids=draft,
-                emit_bonus=emit_bonus,
-                **fields,
-            )
-        ),
-        [],
-    )
-
-
-def step(engine):
-    """One iteration: {request_id: verdict} and the iteration's figures."""
-    assert engine.ready()
-    items, figures = engine.step()
-    verdicts = {}
-    for request_id, item, _ in items:
-        assert isinstance(item, pb.Verdict), item
-        verdicts[request_id] = item
-    return verdicts, figures
-
-
-def answers(engine):
-    """One iteration: {block_id: verdict} of every verdict it sent, and its figures."""
-    assert engine.ready()
-    items, figures = engine.step()
-    return {item.block_id: item for _, item, _ in items}, figures
-
-
-def greedy(reference, tokens, count):
-    out = list(tokens)
-    for _ in range(count):
-        out.append(int(torch.argmax(fresh_logits(reference, out))))
-    return out[len(tokens) :]
-
-
-def one_request(models, count):
-    """(engine model, a fresh engine holding request "r" with its prompt prefilled, the prompt, the
-    target's `count` greedy tokens after it)."""
-    model, reference = models
-    engine = make_engine(model)
-    prompt = [4, 8, 15, 16]
-    prefill(engine, "r", prompt)
-    return model, engine, prompt, greedy(reference, prompt, count)
 
 
 def test_cache_and_commits_after_random_verifies(models):
@@ -228,36 +160,6 @@ def test_a_held_prompt_goes_in_its_first_block_s_forward_and_a_hold_that_runs_ou
     assert not verdicts and figures["batch_tokens"] == len(prompt) - 1  # fed alone, keeping the last
 
 
-@pytest.mark.parametrize("first_block", ["after the forward", "before the forward"])
-def test_a_prompt_filled_at_the_start_decodes_the_first_token_in_its_own_forward(models, first_block):
-    """Prefill with Decode.until_block to one token past the prompt (a pipelined request's start,
-    `--idle-decode` auto): the prompt's forward decodes the target's first token (one forward, the
-    whole prompt, no hold), and the draft's first block, cut at the prompt's end, is verified past
-    it. A block already queued when the forward is planned goes with the prompt instead (the fill
-    is until a block comes): the same tokens either way."""
-    model, reference = models
-    engine = make_engine(model)
-    prompt = [5, 9, 14, 3, 8, 2]
-    expected = greedy(reference, prompt, 5)
-    prefill(engine, "r", prompt)
-    fill(engine, "r", len(prompt) + 1)
-    if first_block == "before the forward":
-        verify(engine, "r", len(prompt), expected[:4], emit_bonus=False)
-        verdicts, figures = step(engine)
-        assert not verdicts["r"].decoded and verdicts["r"].num_accepted == 4
-        assert figures["batch_tokens"] == len(prompt) + 4, "prompt and block in one forward"
-        assert engine.requests["r"].tokens == prompt + expected[:4]
-        return
-    verdicts, figures = step(engine)
-    assert verdicts["r"].decoded and verdicts["r"].next_token_id == expected[0]
-    assert figures["batch_tokens"] == len(prompt), "the whole prompt in one forward, its first token decoded"
-    assert not engine.ready(), "one token: then it waits for the block"
-    verify(engine, "r", len(prompt), expected[:4], emit_bonus=False)  # drafted from the prompt meanwhile
-    verdicts, figures = step(engine)
-    assert verdicts["r"].num_accepted == 4 and figures["batch_tokens"] == 1 + 3, "verified past the decoded token"
-    assert engine.requests["r"].tokens == prompt + expected[:4]
-
-
 def test_decode_runs_alone_and_answers_queued_verifies_stale(models):
     model, reference = models
     engine = make_engine(model)
@@ -376,98 +278,6 @@ def test_a_prompt_longer_than_a_slot_is_refused_and_slots_are_bounded(models):
     prefill(engine, "a", [1, 2])
     with pytest.raises(MemoryError, match="all 1 KV slots are in use"):
         prefill(engine, "b", [1, 2])
-
-
-def fill(engine, request_id, max_length):
-    engine.handle(pb.Command(decode=pb.Decode(request_id=request_id, max_length=max_length, until_block=True)), [])
-
-
-@pytest.mark.parametrize("sampling", ["greedy", "drafter-invariant"])
-def test_after_a_rejection_the_target_decodes_by_itself_until_a_block_comes(models, sampling):
-    """Decode.until_block after a rejected block: the target decodes the request by itself, one
-    `decoded` verdict per iteration, the token a verify would emit there (greedy: its argmax;
-    drafter-invariant: the same coupled draw), up to the length asked; a block that comes ends it."""
-    model, _ = models
-    engine = make_engine(model)
-    prompt = [4, 8, 15, 16]
-    fields = {
-        "greedy": {},
-        "drafter-invariant": {"temperature": 1.0, "drafter_invariant": True, "seed": 5, "noise_vocab": 256},
-    }[sampling]
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=prompt, sampling=pb.Sampling(**fields))), [])
-    # The reference: the same request decoded by the target alone (Decode), in a second engine.
-    alone = make_engine(model)
-    alone.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=prompt, sampling=pb.Sampling(**fields))), [])
-    alone.handle(pb.Command(decode=pb.Decode(request_id="r", max_length=len(prompt) + 6)), [])
-    expected = []
-    while alone.ready():
-        expected.append(step(alone)[0]["r"].next_token_id)
-    assert len(expected) == 6
-    wrong = (expected[0] + 1) % 250
-    verify(engine, "r", len(prompt), [wrong, 7], emit_bonus=False)
-    rejected = step(engine)[0]["r"]
-    assert (rejected.num_accepted, rejected.next_token_id, rejected.decoded) == (0, expected[0], False)
-    assert not engine.ready(), "without being asked, the target waits for the next block"
-    fill(engine, "r", len(prompt) + 3)
-    decoded = []
-    while engine.ready():
-        verdict = step(engine)[0]["r"]
-        assert verdict.decoded and verdict.block_id == 0 and verdict.num_accepted == 0
-        decoded.append(verdict.next_token_id)
-    assert decoded == expected[1:3], "it decodes up to max_length, the tokens a verify would emit"
-    fill(engine, "r", len(prompt) + 6)
-    verify(engine, "r", len(prompt) + 3, expected[3:5], emit_bonus=False, block_id=2)
-    assert step(engine)[0]["r"].block_id == 2 and not engine.ready(), "a block that comes ends it"
-    assert engine.requests["r"].tokens == prompt + expected[:5]
-
-
-def test_filling_a_wait_is_refused_for_the_default_sampling_rule(models):
-    """The default rule's decoded token would not be the one a verify emits: refused, naming why."""
-    model, _ = models
-    engine = make_engine(model)
-    sampling = pb.Sampling(temperature=1.0, seed=5)
-    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[4, 8, 15], sampling=sampling)), [])
-    with pytest.raises(ValueError, match="greedy or drafter-invariant"):
-        fill(engine, "r", 9)
-
-
-@pytest.mark.parametrize("case", ["agrees", "disagrees", "covered"])
-def test_a_block_that_starts_behind_decoded_tokens_is_verified_past_them_or_stale(models, case):
-    """The target decoded by itself while the block was on its way, so the block starts behind
-    the committed end. If its first tokens are the decoded ones, only the rest is verified (in the
-    same forward's budget: the skipped tokens are not fed) and num_accepted counts from the
-    block's start; if they differ, or nothing of it is left, it is answered stale. The result is
-    greedy decoding either way, and the cache matches a fresh forward."""
-    model, engine, prompt, expected = one_request(models, 8)
-    reference = models[1]
-    start = len(prompt)
-    verify(engine, "r", start, [(expected[0] + 1) % 250], emit_bonus=False)
-    assert step(engine)[0]["r"].next_token_id == expected[0]
-    fill(engine, "r", start + 3)
-    assert step(engine)[0]["r"].decoded  # expected[1], decoded by itself
-    # The block cut when the committed end was start + 1 (after the correction).
-    block = {
-        "agrees": expected[1:5],
-        "disagrees": [(expected[1] + 1) % 250] + expected[2:5],
-        "covered": expected[1:2],
-    }[case]
-    verify(engine, "r", start + 1, block, emit_bonus=False, block_id=2, expect_last_token=expected[0], after_block_id=1)
-    items, figures = engine.step()
-    verdict = items[0][1]
-    state = engine.requests["r"]
-    if case == "agrees":
-        assert len(items) == 1 and not verdict.stale and verdict.block_id == 2 and verdict.num_accepted == 4
-        assert figures["batch_tokens"] == 1 + 3, "the decoded token and the three left, not the skipped one"
-        assert state.tokens == prompt + expected[:5]
-    else:  # answered stale, and in the same iteration it goes on by itself (up to max_length)
-        assert verdict.stale and verdict.block_id == 2 and items[1][1].decoded and len(items) == 2
-        assert state.tokens == prompt + expected[:3] and not engine.ready()
-    torch.testing.assert_close(
-        store_logits(model, engine.store, state.slot, min(state.cached, len(state.tokens) - 1), state.tokens),
-        fresh_logits(reference, state.tokens),
-        atol=ATOL,
-        rtol=0,
-    )
 
 
 def test_a_block_may_not_start_behind_verified_tokens(models):
