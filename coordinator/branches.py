@@ -1,6 +1,7 @@
 """The pipelined schedule's mirror of one request's draft branches (DESIGN §1), and the decisions
-that need nothing but the mirror: where to fork, which branch a verdict keeps, how much of its
-tokens the draft keeps on a resync, which forks are ready to go to the target as prepared blocks.
+that need nothing but the mirror: where to fork, which forks pause, which branch a verdict keeps,
+how much of its tokens the draft keeps on a resync, which forks are ready to go to the target as
+prepared blocks, and which prepared block a verdict arms.
 
 SpecBranch: at each of the main branch's unverified positions where the draft is unsure (its
 token's probability under the policy's branch threshold), the schedule forks alternative
@@ -54,6 +55,12 @@ class BranchView:
         """Whether more of its tokens are to come (a paused fork's too: it drafts on later)."""
         return self.paused or self.job_end > len(self.tokens)
 
+    def report_moved(self, report_by: float, now: float, slack: float) -> bool:
+        """Whether its drafting job goes again because its held tokens must come sooner than it was
+        told (`report_by`: the verdict is expected earlier by more than `slack`, or the target now
+        waits for them: 0); not when they may wait longer (they come a little early then)."""
+        return self.report_by > now and (not report_by or report_by < self.report_by - slack)
+
 
 @dataclass
 class Pruned:
@@ -101,6 +108,16 @@ class BranchTree:
     def fork_ranks_at(self, position: int) -> list[int]:
         """The ranks of the forks at `position` (0: the draft's second choice there)."""
         return [view.rank for view in self.branches.values() if view.fork_at == position]
+
+    def forks_to_pause(self, wanting: dict[int, int], cap: int) -> set[int]:
+        """Of the branches `wanting` tokens (the main line among them), the forks past the nearest
+        `cap` fork points (then the best ranks): they pause while the main line's next block is
+        urgent (each fork's row slows its draft step)."""
+        forks = [b for b in wanting if self.branches[b].fork_at is not None]
+        if len(forks) <= cap or self.main not in wanting:
+            return set()
+        forks.sort(key=lambda b: (self.branches[b].fork_at, self.branches[b].rank))
+        return set(forks[cap:])
 
     def add_fork(self, position: int, rank: int, token_id: int) -> int:
         """A new branch off the main line: its tokens up to `position`, then `token_id`."""
@@ -159,3 +176,20 @@ class BranchTree:
             view.prepared = True
             ready.append((branch_id, view, holder))
         return ready
+
+
+def arm_prepared(in_flight: list[Block], head: Block, tokens: list[int], rejected: bool) -> Block | None:
+    """After `head`'s verdict (committed `tokens`; `rejected`: it rejected a draft token), as the
+    target sees it: the block prepared for this outcome (queued after `head`, its start and token
+    match the committed tokens) is on the main line now (the target verifies it next: returned);
+    the others whose fork point is decided, or all of them past a rejection, are doomed (the target
+    answers them stale)."""
+    armed = None
+    for block in in_flight:
+        if not block.conditional or block.doomed:
+            continue
+        if block.after == head.block_id and block.start == len(tokens) and block.expect == tokens[-1]:
+            block.conditional, armed = False, block
+        elif rejected or block.start <= len(tokens):
+            block.doomed = True
+    return armed

@@ -30,7 +30,7 @@ others pause (a Draft of 0 tokens) and draft on once that block is queued (`held
 
 Prepared blocks: the target checks every queued block against its own verdict; the one made for
 the outcome it reached runs in its next iteration, the others are answered stale in the same
-iteration. Here the verdict arms that block (it joins the main line; `resolve_prepared`) and the
+iteration. Here the verdict arms that block (it joins the main line; `arm_prepared`) and the
 branch is promoted as before.
 
 Sampling stays exact: a promoted branch starts with exactly the token the rejection sampler
@@ -45,7 +45,7 @@ import time
 
 from specpipe.blocks import left_to_verify
 from specpipe.modes import Mode
-from specpipe.coordinator.branches import BranchTree, BranchView
+from specpipe.coordinator.branches import BranchTree, BranchView, arm_prepared
 from specpipe.coordinator.schedules import Block, Schedule, block_holding
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
 from specpipe.trace import trace
@@ -119,19 +119,7 @@ class Pipelined(Schedule):
         anchor, an alternative branch its lookahead past its fork point. A branch whose job ends
         short of its horizon gets a longer one before it stops (a new job replaces the old), so
         the draft never idles waiting for the coordinator."""
-        anchor = self.anchor()
-        main_horizon = min(self.end, anchor + self.policy.block_length())
-        if self.branching and self.policy.main_lookahead is not None:  # rollback-aware: hedge past a likely break
-            unsure = [p for p in self.tree.main_view.alternatives if p >= len(self.tokens)]
-            if unsure:
-                main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
-        wanting = {}  # branch -> its horizon, for every branch with tokens still to draft
-        for branch_id, view in self.tree.branches.items():
-            horizon = (
-                main_horizon if view.fork_at is None else min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
-            )
-            if len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
-                wanting[branch_id] = horizon
+        wanting = self.wanting()
         held = self.held_forks(wanting)
         paused = []
         for branch_id in wanting:
@@ -155,7 +143,7 @@ class Pipelined(Schedule):
             report_by = self.report_by(view, live, now)
             if view.job_end < horizon:
                 jobs.setdefault((horizon - len(view.tokens), horizon, report_by), []).append(branch_id)
-            elif view.drafting and self.report_moved(view, report_by, now):
+            elif view.drafting and view.report_moved(report_by, now, HOP_S):
                 jobs.setdefault((0, 0, report_by), []).append(branch_id)  # (its reports only)
         holding = self.policy.hold_draft_reports
         for (need, end, report_by), branch_ids in jobs.items():
@@ -174,6 +162,23 @@ class Pipelined(Schedule):
                 reports_only=not need,
             )
 
+    def wanting(self) -> dict[int, int]:
+        """{branch: its horizon} of every branch with tokens still to draft (not stalled)."""
+        anchor = self.anchor()
+        main_horizon = min(self.end, anchor + self.policy.block_length())
+        if self.branching and self.policy.main_lookahead is not None:  # rollback-aware: hedge past a likely break
+            unsure = [p for p in self.tree.main_view.alternatives if p >= len(self.tokens)]
+            if unsure:
+                main_horizon = min(main_horizon, max(anchor, min(unsure) + 1 + self.policy.main_lookahead))
+        wanting = {}
+        for branch_id, view in self.tree.branches.items():
+            horizon = (
+                main_horizon if view.fork_at is None else min(self.end, view.fork_at + 1 + self.policy.branch_lookahead)
+            )
+            if len(view.tokens) < horizon and view.stalled_at != len(view.tokens):
+                wanting[branch_id] = horizon
+        return wanting
+
     def report_by(self, view: BranchView, live: list[Block], now: float) -> float:
         """Until when the draft may hold a branch's tokens (time.monotonic; 0: report each at once):
         a step before the verdict they wait for (the main line: of the last block in flight, when
@@ -191,24 +196,13 @@ class Pipelined(Schedule):
     def held_forks(self, wanting: dict[int, int]) -> set[int]:
         """Of the branches `wanting` tokens, the forks that pause now: while the main line's next
         block is short of full and there is room for it on the target (the target verifies it
-        next), each fork's row in a draft step slows the main line's, so only the nearest
-        `urgent_fork_rows` fork points (then the best ranks) draft. The others draft on once the
-        block is sent (a paused fork is still prepared just in time for its holder's verdict)."""
+        next), only the nearest `urgent_fork_rows` fork points draft (`BranchTree.forks_to_pause`).
+        The others draft on once the block is sent (a paused fork is still prepared just in time
+        for its holder's verdict)."""
         cap = self.policy.urgent_fork_rows()
-        forks = [b for b in wanting if self.tree.branches[b].fork_at is not None]
-        if cap is None or len(forks) <= cap or self.tree.main not in wanting:
+        if cap is None or len(self.live()) >= self.policy.lookahead_blocks():
             return set()
-        if len(self.live()) >= self.policy.lookahead_blocks():
-            return set()
-        forks.sort(key=lambda b: (self.tree.branches[b].fork_at, self.tree.branches[b].rank))
-        return set(forks[cap:])
-
-    @staticmethod
-    def report_moved(view: BranchView, report_by: float, now: float) -> bool:
-        """A drafting branch's job goes again when its held tokens must come sooner than it was told
-        (the verdict is expected earlier, or the target now waits for them); not when they may wait
-        longer (they come a little early then)."""
-        return view.report_by > now and (not report_by or report_by < view.report_by - HOP_S)
+        return self.tree.forks_to_pause(wanting, cap)
 
     async def on_draft_token(self, token: worker_pb2.DraftToken) -> None:
         view = self.tree.branches[token.branch_id]
@@ -354,7 +348,9 @@ class Pipelined(Schedule):
             # The main line's tokens past the verified block go too (commit counted the block's).
             self.stats.main_rolled_back_tokens += max(0, len(main.tokens) - (head.start + len(head.token_ids)))
             forked_ranks = self.tree.fork_ranks_at(at)
-        armed = self.resolve_prepared(head, rejected=verdict.num_accepted < len(head.token_ids))
+        armed = arm_prepared(self.in_flight, head, self.tokens, rejected=verdict.num_accepted < len(head.token_ids))
+        if armed is not None:
+            trace("arm", self.plan.request_id, armed.block_id)
         live = self.live()
         if live:  # the target is on the next block now
             forward_s = self.policy.model.forward_seconds(len(live[0].token_ids) + 1) or DEFAULT_VERIFY_S
@@ -426,22 +422,6 @@ class Pipelined(Schedule):
         flight holds it (its verdict counts it as accepted)."""
         if self.epoch == epoch_before and block_holding(position, self.live()) is None:
             self.stats.kept_tokens += 1
-
-    def resolve_prepared(self, head: Block, rejected: bool) -> Block | None:
-        """After `head`'s verdict, as the target sees it: the block prepared for this outcome of it
-        (its start and token match the committed tokens) is on the main line now (the target
-        verifies it next: returned); the others whose fork point is decided, or past a rejection,
-        will be answered stale."""
-        armed = None
-        for block in self.in_flight:
-            if not block.conditional or block.doomed:
-                continue
-            if block.after == head.block_id and block.start == len(self.tokens) and block.expect == self.tokens[-1]:
-                block.conditional, armed = False, block
-                trace("arm", self.plan.request_id, block.block_id)
-            elif rejected or block.start <= len(self.tokens):
-                block.doomed = True
-        return armed
 
     async def prune(self, start: int) -> int | None:
         """Keep the branches that agree with the committed tokens; promote or resync main
