@@ -4,8 +4,9 @@ A `TargetRequest` owns the request's committed tokens, its KV slot and how many 
 tokens are cached there (`cached`; the rest are pending: fed with the next forward), the logits at
 the next position when a block was kept without a bonus (`next_logits`), its queued verifies (run
 in order: a queued block's staleness depends on the one before) and the length up to which it
-decodes by itself (autoregressive, or target-only after the draft went down: `decode_until`; or,
-after a rejection, until the next block comes: `fill_until`).
+decodes by itself (autoregressive, or target-only after the draft went down: `decode_until`; or
+its first token, or after a rejection, until the next block comes: `fill_until`, as `may_fill`
+allows).
 
 `next_work` turns the request's state into at most one piece of work for an iteration: answer a
 stale block (no compute), a prefill chunk (the prompt, or committed tokens piled up, fed in chunks
