@@ -50,17 +50,10 @@ class RequestChannel:
 
     # -- commands -----------------------------------------------------------------------------
     async def prefill(
-        self,
-        prompt_ids: list[int],
-        sampling: SamplingParams,
-        seed: int,
-        noise_vocab: int = 0,
-        hold_s: float = 0.0,
-        seeded: bool = True,
+        self, prompt_ids: list[int], sampling: SamplingParams, seed: int, noise_vocab: int = 0, hold_s: float = 0.0
     ) -> None:
         """Start the request on both workers. `hold_s`: how long the target may keep the prompt
-        waiting for the first block, to feed both in one forward; `seeded`: the client fixed
-        `seed` (its tokens must not depend on the schedule)."""
+        waiting for the first block, to feed both in one forward."""
         wire_sampling = worker_pb2.Sampling(
             temperature=sampling.temperature,
             top_k=sampling.top_k,
@@ -68,7 +61,6 @@ class RequestChannel:
             seed=seed,
             drafter_invariant=sampling.drafter_invariant,
             noise_vocab=noise_vocab,
-            seeded=seeded,
         )
         message = worker_pb2.Prefill(
             request_id=self.wire_id,

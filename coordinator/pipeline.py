@@ -89,9 +89,9 @@ class Pipelined(Schedule):
                 self.stop_if_unpaid()
 
     async def start(self) -> None:
-        """Start the request on both workers. Where the policy fills waits and the target may decode
-        the first token (`fills_start`: not a seeded request under the default rule), the prompt's
-        forward decodes it (Decode.until_block, in the prefill's message: one forward): the
+        """Start the request on both workers. Where the policy fills waits (`fills_start`), the
+        prompt's forward decodes the first token (Decode.until_block, in the prefill's message: one
+        forward): the
         draft's first block, drafted meanwhile, is verified past it (`on_decoded`). Otherwise the
         first block goes as soon as a few tokens are drafted (the target looks idle), and the
         target holds the prompt for it, to feed both in one forward, for at most what a forward of

@@ -118,18 +118,19 @@ class DraftPolicy:
         tokens = self.model.fill_tokens()
         return max(1, tokens) if setting == "on" else tokens
 
-    def fills_start(self) -> bool:
+    def fills_start(self, whatever_the_load: bool = False) -> bool:
         """Whether the prompt's forward decodes the request's first token by itself (`--idle-decode`
         auto or on), the first block verified past it. Sequential: always then (its prompt goes
         alone anyway, while the draft drafts the whole block). Pipelined modes: on, or auto while
         the target's batches hold few requests, instead of the prompt waiting for the draft's first
         block to go with it (`Prefill.hold_seconds`): the first token comes a hold sooner. Not in
         full batches: there the prompt waits for a forward anyway, and the draft's first block,
-        later behind the other requests' draft steps, would often miss it."""
+        later behind the other requests' draft steps, would often miss it. `whatever_the_load`:
+        auto fills in full batches too (a seeded request whose first token the choice decides)."""
         setting = self.config.idle_decode
         if setting == "off" or self.mode == Mode.AUTOREGRESSIVE:
             return False
-        return setting == "on" or self.mode == Mode.SEQUENTIAL or self.model.few_rows()
+        return setting == "on" or self.mode == Mode.SEQUENTIAL or whatever_the_load or self.model.few_rows()
 
     @property
     def wants_prediction(self) -> bool:

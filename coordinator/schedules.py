@@ -177,18 +177,19 @@ class Schedule:
     async def prefill(self, hold_s: float = 0.0) -> None:
         """`hold_s`: the target may keep the prompt waiting that long for the first block (both
         then go in one forward)."""
-        plan = self.plan
         await self.channel.prefill(
-            plan.prompt_ids, plan.sampling, plan.seed, plan.noise_vocab, hold_s=hold_s, seeded=plan.seeded
+            self.plan.prompt_ids, self.plan.sampling, self.plan.seed, self.plan.noise_vocab, hold_s=hold_s
         )
 
     def fills_start(self) -> bool:
-        """The prompt's forward decodes the first token (`fill`), where the policy says so: for
-        greedy and drafter-invariant requests (the decoded token is the one a verify would emit),
-        and for unseeded ones under the default rule (a token drawn from the target's law, before
-        any block: target_worker/requests.py, `may_fill`). Not for a seeded request under the
-        default rule: a verify draws its first token otherwise, and its seed fixes its tokens."""
-        return (self.plan.sampling.drafter_free or not self.plan.seeded) and self.policy.fills_start()
+        """The prompt's forward decodes the first token (`fill`), where the policy says so. Under
+        the default sampling rule the decoded token is a draw from the target's law, decoded before
+        any block (target_worker/requests.py, `may_fill`), not the draw a verify makes there; so
+        for a seeded request, whose seed must fix its tokens alone or among others, the choice is
+        the setting's alone, never the load's. (Greedy and drafter-invariant: the decoded token is
+        the one a verify would emit.)"""
+        plan = self.plan
+        return self.policy.fills_start(whatever_the_load=plan.seeded and not plan.sampling.drafter_free)
 
     async def fill(self, count: int) -> None:
         """The target decodes up to `count` tokens by itself until a block of ours comes
@@ -305,8 +306,8 @@ async def decode_rest(schedule: Schedule):
 class Sequential(Schedule):
     """Draft a block, verify it (with the bonus), sync the draft to the verdict, again. The prompt
     goes to the target at once (no hold: the target would wait for the whole block); where the
-    policy fills waits and the target may decode the first token (`fills_start`), the prompt's
-    forward also decodes it (`Decode.until_block`):
+    policy fills waits (`fills_start`), the prompt's forward also decodes the first token
+    (`Decode.until_block`):
     it streams while the draft drafts, and the first block is verified past it, or dropped and
     redrafted if it does not start with it."""
 

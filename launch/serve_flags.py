@@ -221,8 +221,8 @@ def add_serve_args(parser: argparse.ArgumentParser) -> None:
         choices=IDLE_DECODE,
         default=PolicyConfig.idle_decode,
         help="speculative modes: the target decodes by itself where it would wait for a block: the first "
-        "token, in the prompt's forward (auto, pipelined modes: while its batches hold few requests; not for "
-        "seeded requests under the default sampling rule), and in the pipelined modes, for greedy and "
+        "token, in the prompt's forward (auto, pipelined modes: while its batches hold few requests, or "
+        "always for seeded requests under the default sampling rule), and in the pipelined modes, for greedy and "
         "drafter-invariant requests, after a rejection no prepared block foresaw, until the redrafted block "
         "comes (auto: when the measured redraft takes longer than a one-token forward, e.g. a draft across "
         "hosts); off: neither (default: %(default)s)",

@@ -151,10 +151,10 @@ class PolicyConfig:
     # hold few requests, sequential always; on) the prompt's forward decodes the first token, instead
     # of a pipelined prompt held for the draft's first block (off): demo pair, one greedy client,
     # time to the first token specbranch 27 -> 22 ms, sequential 41 -> 24 ms (the autoregressive
-    # mode's: 22), tokens/s 0.995x and 1.003x; also unseeded requests under the default sampling
-    # rule (the decoded token is a draw from the target's law; a seeded one keeps the hold: its seed
-    # fixes its tokens): T=1, specbranch 22.8 -> 17.2 ms, sequential 22.7 -> 15.9 ms (autoregressive
-    # 15.5), tokens/s 1.05x and 1.035x against off. Pipelined modes, greedy and drafter-invariant, after a rejection nothing foresaw,
+    # mode's: 22), tokens/s 0.995x and 1.003x; also requests under the default sampling rule (the
+    # decoded token is the target's own draw; a seeded one's always, whatever the load, so that its
+    # seed alone fixes it): T=1 unseeded, specbranch 22.8 -> 17.2 ms, sequential 22.7 -> 15.9 ms
+    # (autoregressive 15.5), tokens/s 1.05x and 1.035x against off; seeded specbranch 1.05x. Pipelined modes, greedy and drafter-invariant, after a rejection nothing foresaw,
     # until the redrafted block comes: auto (when the measured redraft takes longer than a one-token
     # forward), on. A/B of that against off (launch/bench/ab.py): 0.991x with the draft on this host (it never fills there: noise), 1.016x
     # behind a 5 ms and 1.023x behind a 10 ms one-way link (every round above 1.0).

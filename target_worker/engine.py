@@ -93,8 +93,7 @@ class TargetEngine:
             elif msg.until_block:
                 if not request.may_fill(msg.max_length):
                     raise ValueError(
-                        "Decode.until_block needs a greedy or drafter-invariant request, or the first token of "
-                        "an unseeded one"
+                        "Decode.until_block needs a greedy or drafter-invariant request, or a request's first token"
                     )
                 request.fill_until = min(msg.max_length, self.store.slot_len)
             else:
@@ -126,7 +125,6 @@ class TargetEngine:
             wire_sampling.seed,
             msg.handle,
             noise_vocab=wire_sampling.noise_vocab,
-            seeded=wire_sampling.seeded,
             prompt_length=len(msg.token_ids),
             prompt_left=len(msg.token_ids) - 1,
             hold_until=time.monotonic() + max(0.0, min(msg.hold_seconds, MAX_HOLD_S)),

@@ -48,7 +48,6 @@ class TargetRequest:
     decoded: int = 0  # committed tokens it decoded by itself since it last verified a block
     decode_until: int = 0  # decode by itself up to this many tokens (Decode)
     fill_until: int = 0  # decode by itself up to this length until a block comes (Decode.until_block)
-    seeded: bool = True  # the client fixed the seed (Sampling.seeded)
     prompt_length: int = 0
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
@@ -77,15 +76,16 @@ class TargetRequest:
     def may_fill(self, max_length: int) -> bool:
         """Whether it may decode by itself up to `max_length` until a block comes (Decode.until_block),
         and have the block verified past what it decoded: greedy and drafter-invariant requests, whose
-        decoded token is the very token a verify would emit; an unseeded request under the default
-        rule only its first token, in the prompt's forward. That token is drawn from the target's
-        law, and a block starting with it verifies on exactly (its next tokens were drafted given
-        that token, its other blocks are stale). A verify would draw another token there, so a
-        seeded request would not be reproducible; and later, when to decode would depend on the
-        request's earlier draws, so the choice must be made before any: at its start."""
+        decoded token is the very token a verify would emit; a request under the default rule only
+        its first token, in the prompt's forward. That token is drawn from the target's law (by
+        its seed at that position), and a block starting with it verifies on exactly (its next
+        tokens were drafted given that token, its other blocks are stale). A verify would draw
+        another token there, so whether to decode must not depend on the request's draws: decided
+        before any, at its start (later, it would lean on its earlier ones); and, for a seeded
+        request, not on the load either (the coordinator's part: its seed fixes its tokens)."""
         if self.sampling.drafter_free:
             return True
-        return not self.seeded and len(self.tokens) == self.prompt_length and max_length <= self.prompt_length + 1
+        return len(self.tokens) == self.prompt_length and max_length <= self.prompt_length + 1
 
 
 @dataclass

@@ -305,8 +305,10 @@ def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off()
     """At a request's start the target would wait for the draft's first block (the prompt held for
     it): with --idle-decode auto or on the prompt's forward decodes the first token instead, in the
     pipelined modes; auto only while the target's batches hold few requests (there the prompt
-    waits for a forward anyway, and the first block would often miss it); the sequential mode's
-    prompt goes alone anyway: it always decodes then; off: never."""
+    waits for a forward anyway, and the first block would often miss it), unless asked to fill
+    whatever the load (a seeded request under the default rule: its seed, not the load, must fix
+    its first token); the sequential mode's prompt goes alone anyway: it always decodes then; off:
+    never."""
     crowded = AcceptanceModel()
     crowded.batch_rows = 4.0
     for setting, mode, model, fills in (
@@ -320,3 +322,10 @@ def test_the_prompts_forward_decodes_the_first_token_unless_idle_decode_is_off()
         ("on", Mode.AUTOREGRESSIVE, AcceptanceModel(), False),
     ):
         assert DraftPolicy(PolicyConfig(idle_decode=setting), mode, model).fills_start() is fills, (setting, mode)
+    for setting, mode, fills in (
+        ("auto", Mode.SPECBRANCH, True),
+        ("off", Mode.SPECBRANCH, False),
+        ("auto", Mode.AUTOREGRESSIVE, False),
+    ):
+        policy = DraftPolicy(PolicyConfig(idle_decode=setting), mode, crowded)
+        assert policy.fills_start(whatever_the_load=True) is fills, (setting, mode)

@@ -44,17 +44,21 @@ def run(
     slow_target: bool = False,
     prompt: list[int] = PROMPT,
     crossing: bool = False,
+    sampling: SamplingParams = SamplingParams(),
+    seeded: bool = False,
 ):
-    """Run one request to the end: (its committed tokens, the RequestRun, the fake workers)."""
+    """Run one request to the end: (its committed tokens, the RequestRun, the fake workers). The
+    fake workers decide greedily whatever `sampling` says (it changes only what the schedule asks)."""
     workers = FakeWorkers(seed, draft_down_after, stalls, misleading, slow_target, crossing)
     plan = RequestPlan(
         request_id="r",
         prompt_ids=prompt,
         max_new_tokens=MAX_NEW,
-        sampling=SamplingParams(),
+        sampling=sampling,
         seed=seed,
         mode=mode,
         policy=policy or PolicyConfig(kind="fixed", num_draft_tokens=4, branch_confidence=0.5),
+        seeded=seeded,
     )
     channel = RequestChannel("r", workers.draft, workers.target, use_draft=mode != "autoregressive")
     channel.inbox = FakeInbox(workers)
@@ -487,3 +491,23 @@ def test_the_target_fills_waits_only_when_asked(mode):
     assert sum(fills["on"]) > sum(fills["auto"]) > 0 and sum(fills["off"]) == 0
     assert max(fills["auto"]) == 1, "auto: only the first token, before any wait is measured"
     assert holds["auto"] == holds["on"] == {0.0} and min(holds["off"]) > 0
+
+
+@pytest.mark.parametrize("mode", ["pipelined", "specbranch"])
+def test_under_load_a_seeded_sampled_request_still_decodes_its_first_token(mode):
+    """Full batches (auto): a pipelined prompt waits for its first block instead of decoding its
+    first token, unless the request is seeded and sampled by the default rule: there the decoded
+    token is the target's own draw, not a verify's, and its seed, not the load, must fix it."""
+    crowded = AcceptanceModel()
+    crowded.batch_rows = 64.0
+    for sampling, seeded, decodes in (
+        (SamplingParams(), True, False),  # greedy: the same token either way
+        (SamplingParams(temperature=1.0), False, False),
+        (SamplingParams(temperature=1.0), True, True),
+        (SamplingParams(temperature=1.0, drafter_invariant=True), True, False),
+    ):
+        tokens, _, workers = run(mode, 0, model=crowded, sampling=sampling, seeded=seeded)
+        to_target = [command for command in workers.commands if command.startswith("target:")]
+        assert (to_target[1] == "target:decode") is decodes, (sampling, seeded, workers.commands[:4])
+        assert (workers.hold_seconds == 0) is decodes
+        assert tokens == greedy(PROMPT, MAX_NEW)

@@ -162,8 +162,10 @@ def test_sampling_follows_target_distribution(serve, tiny_models, draft):
     it): chi-square against the exact law of the pair (temperature 1, top-k 6), through a draft
     far from the target (top-6 apart: every first token a correction, none accepted) and one close
     to it (both paths). The same samples reject each law of broken plumbing that differs from the
-    exact one, and the test has the power to (computed for NUM_SEEDS samples)."""
-    client = Client(serve(draft).addr)
+    exact one, and the test has the power to (computed for NUM_SEEDS samples). `--idle-decode off`:
+    by default the prompt's forward draws the first token itself, and no block verifies it (that
+    law is tests/target_worker/test_fills.py's)."""
+    client = Client(serve(draft, "--idle-decode", "off").addr)
     prompt_ids, sampling = PROMPTS[0], SamplingParams(temperature=1.0, top_k=6)
     target_probs = first_token_probs(tiny_models["target"], prompt_ids, sampling)
     laws = first_token_laws(target_probs, first_token_probs(tiny_models[draft], prompt_ids, sampling))

@@ -1,8 +1,8 @@
 """The target decoding by itself while it waits for a block (Decode.until_block), driven
 in-process with real protobuf commands over the tiny target: the prompt's forward decodes the
 first token; after a rejection the target decodes until a block comes; a block that starts behind
-decoded tokens is verified past them or answered stale; the default sampling rule fills only the
-first token of an unseeded request, always before any block, and the tokens keep the target's law.
+decoded tokens is verified past them or answered stale; the default sampling rule fills only a
+request's first token, always before any block, and the tokens keep the target's law.
 """
 
 import pytest
@@ -86,25 +86,20 @@ def test_after_a_rejection_the_target_decodes_by_itself_until_a_block_comes(mode
     assert engine.requests["r"].tokens == prompt + expected[:5]
 
 
-def test_filling_is_refused_where_a_decoded_token_would_change_the_output(models):
-    """Under the default rule a decoded token is another draw than a verify's: a seeded request
-    (its seed fixes its tokens) may not fill at all, an unseeded one its first token only (later,
-    when to decode would hang on its earlier draws); refused, naming why."""
+def test_under_the_default_rule_only_the_first_token_may_be_filled(models):
+    """Under the default rule a decoded token is another draw than a verify's, so whether to decode
+    it must be settled before any of the request's draws: only its first token, in the prompt's
+    forward, seeded or not; two tokens, or a token later, are refused, naming why."""
     model, _ = models
     engine = make_engine(model)
-    for request_id, seeded in (("seeded", True), ("unseeded", False)):
-        sampling = pb.Sampling(temperature=1.0, seed=5, seeded=seeded)
-        engine.handle(
-            pb.Command(prefill=pb.Prefill(request_id=request_id, token_ids=[4, 8, 15], sampling=sampling)), []
-        )
-    with pytest.raises(ValueError, match="greedy or drafter-invariant request, or the first token of an unseeded"):
-        fill(engine, "seeded", 4)
+    sampling = pb.Sampling(temperature=1.0, seed=5)
+    engine.handle(pb.Command(prefill=pb.Prefill(request_id="r", token_ids=[4, 8, 15], sampling=sampling)), [])
+    with pytest.raises(ValueError, match="greedy or drafter-invariant request, or a request's first token"):
+        fill(engine, "r", 5)  # two tokens
+    fill(engine, "r", 4)
+    assert step(engine)[0]["r"].decoded
     with pytest.raises(ValueError, match="greedy or drafter-invariant"):
-        fill(engine, "unseeded", 5)  # two tokens
-    fill(engine, "unseeded", 4)
-    assert step(engine)[0]["unseeded"].decoded
-    with pytest.raises(ValueError, match="greedy or drafter-invariant"):
-        fill(engine, "unseeded", 5)  # no longer its first token
+        fill(engine, "r", 5)  # no longer its first token
 
 
 @pytest.mark.parametrize("case", ["agrees", "disagrees", "covered"])
@@ -146,7 +141,7 @@ def test_a_block_that_starts_behind_decoded_tokens_is_verified_past_them_or_stal
     )
 
 
-def test_an_unseeded_sampled_request_decodes_its_first_token_before_a_queued_block(models):
+def test_a_sampled_request_decodes_its_first_token_before_a_queued_block(models):
     """Under the default rule the first token is decoded in the prompt's forward even when the
     draft's first block is already queued (for greedy it would go with the prompt instead): which
     of the two decides the token must not hang on the block's timing. The block is verified past
@@ -159,7 +154,7 @@ def test_an_unseeded_sampled_request_decodes_its_first_token_before_a_queued_blo
     seen = set()
     for seed in range(12):
         request_id = f"r{seed}"
-        sampling = pb.Sampling(temperature=1.0, top_k=3, seed=seed)  # (unseeded: the seed is the coordinator's)
+        sampling = pb.Sampling(temperature=1.0, top_k=3, seed=seed)
         command = pb.Prefill(request_id=request_id, token_ids=prompt, handle=seed + 1, sampling=sampling)
         engine.handle(pb.Command(prefill=command), [])
         fill(engine, request_id, len(prompt) + 1)
@@ -191,9 +186,8 @@ DRAFT_LAW = (0.7, 0.2, 0.1)
 
 
 @pytest.mark.parametrize("first_block", ["queued before the forward", "after the decoded token"])
-def test_the_first_two_tokens_of_unseeded_requests_follow_the_target_law(models, first_block):
-    """Seeded statistics: NUM_TRIALS unseeded requests (temperature 1, top-k 3; the engine's seed
-    is trial's) decode their first token in the prompt's forward while the draft's first block
+def test_the_first_two_tokens_of_filled_sampled_requests_follow_the_target_law(models, first_block):
+    """Seeded statistics: NUM_TRIALS requests (temperature 1, top-k 3; seeds 0...) decode their first token in the prompt's forward while the draft's first block
     [d1, d2] (d1 from DRAFT_LAW over the target's top 3, d2 the same given d1, their q on the table)
     comes before or after that forward. When d1 is the decoded token, the block is verified past
     it; otherwise it is stale, and a block redrafted from the decoded token is verified. The joint

@@ -17,22 +17,20 @@ class Tensor(_message.Message):
     def __init__(self, dtype: _Optional[str] = ..., shape: _Optional[_Iterable[int]] = ..., frame: _Optional[int] = ...) -> None: ...
 
 class Sampling(_message.Message):
-    __slots__ = ("temperature", "top_k", "top_p", "seed", "drafter_invariant", "noise_vocab", "seeded")
+    __slots__ = ("temperature", "top_k", "top_p", "seed", "drafter_invariant", "noise_vocab")
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     TOP_P_FIELD_NUMBER: _ClassVar[int]
     SEED_FIELD_NUMBER: _ClassVar[int]
     DRAFTER_INVARIANT_FIELD_NUMBER: _ClassVar[int]
     NOISE_VOCAB_FIELD_NUMBER: _ClassVar[int]
-    SEEDED_FIELD_NUMBER: _ClassVar[int]
     temperature: float
     top_k: int
     top_p: float
     seed: int
     drafter_invariant: bool
     noise_vocab: int
-    seeded: bool
-    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., drafter_invariant: _Optional[bool] = ..., noise_vocab: _Optional[int] = ..., seeded: _Optional[bool] = ...) -> None: ...
+    def __init__(self, temperature: _Optional[float] = ..., top_k: _Optional[int] = ..., top_p: _Optional[float] = ..., seed: _Optional[int] = ..., drafter_invariant: _Optional[bool] = ..., noise_vocab: _Optional[int] = ...) -> None: ...
 
 class Prefill(_message.Message):
     __slots__ = ("request_id", "token_ids", "sampling", "handle", "hold_seconds")
