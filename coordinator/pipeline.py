@@ -91,9 +91,8 @@ class Pipelined(Schedule):
     async def start(self) -> None:
         """Start the request on both workers. Where the policy fills waits (`fills_start`), the
         prompt's forward decodes the first token (Decode.until_block, in the prefill's message: one
-        forward): the
-        draft's first block, drafted meanwhile, is verified past it (`on_decoded`). Otherwise the
-        first block goes as soon as a few tokens are drafted (the target looks idle), and the
+        forward): the draft's first block, drafted meanwhile, is verified past it (`on_decoded`).
+        Otherwise the first block goes as soon as a few tokens are drafted (the target looks idle), and the
         target holds the prompt for it, to feed both in one forward, for at most what a forward of
         its own would cost."""
         if self.fills_start():

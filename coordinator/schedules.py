@@ -307,9 +307,8 @@ class Sequential(Schedule):
     """Draft a block, verify it (with the bonus), sync the draft to the verdict, again. The prompt
     goes to the target at once (no hold: the target would wait for the whole block); where the
     policy fills waits (`fills_start`), the prompt's forward also decodes the first token
-    (`Decode.until_block`):
-    it streams while the draft drafts, and the first block is verified past it, or dropped and
-    redrafted if it does not start with it."""
+    (`Decode.until_block`): it streams while the draft drafts, and the first block is verified past
+    it, or dropped and redrafted if it does not start with it."""
 
     async def run(self):
         await self.prefill()

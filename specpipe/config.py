@@ -146,17 +146,18 @@ class PolicyConfig:
     # trials); 1: 1.02x; 0: 0.95x; 3: 0.97x; T=1, 2: 1.02x. Not with other requests in the batches:
     # there a request's own forks are a small share of a shared draft step (6 clients: 0.97x).
     urgent_fork_rows: int | None = 2
-    # Speculative modes: the target decodes by itself where it
-    # would wait for a block. At a request's start (auto: pipelined modes while the target's batches
-    # hold few requests, sequential always; on) the prompt's forward decodes the first token, instead
-    # of a pipelined prompt held for the draft's first block (off): demo pair, one greedy client,
-    # time to the first token specbranch 27 -> 22 ms, sequential 41 -> 24 ms (the autoregressive
-    # mode's: 22), tokens/s 0.995x and 1.003x; also requests under the default sampling rule (the
-    # decoded token is the target's own draw; a seeded one's always, whatever the load, so that its
-    # seed alone fixes it): T=1 unseeded, specbranch 22.8 -> 17.2 ms, sequential 22.7 -> 15.9 ms
-    # (autoregressive 15.5), tokens/s 1.05x and 1.035x against off; seeded specbranch 1.05x. Pipelined modes, greedy and drafter-invariant, after a rejection nothing foresaw,
-    # until the redrafted block comes: auto (when the measured redraft takes longer than a one-token
-    # forward), on. A/B of that against off (launch/bench/ab.py): 0.991x with the draft on this host (it never fills there: noise), 1.016x
+    # Speculative modes: the target decodes by itself where it would wait for a block. At a
+    # request's start (auto: pipelined modes while the target's batches hold few requests,
+    # sequential always; on) the prompt's forward decodes the first token, instead of a pipelined
+    # prompt held for the draft's first block (off): demo pair, one greedy client, time to the first
+    # token specbranch 27 -> 22 ms, sequential 41 -> 24 ms (the autoregressive mode's: 22), tokens/s
+    # 0.995x and 1.003x. Also under the default sampling rule (the decoded token is the target's own
+    # draw; a seeded request's always, whatever the load, so that its seed alone fixes it): T=1
+    # unseeded, specbranch 22.8 -> 17.2 ms, sequential 22.7 -> 15.9 ms (autoregressive 15.5),
+    # tokens/s 1.05x and 1.035x against off; seeded specbranch 1.05x. Pipelined modes, greedy and
+    # drafter-invariant, after a rejection nothing foresaw, until the redrafted block comes: auto
+    # (when the measured redraft takes longer than a one-token forward), on. A/B of that against off
+    # (launch/bench/ab.py): 0.991x with the draft on this host (it never fills there: noise), 1.016x
     # behind a 5 ms and 1.023x behind a 10 ms one-way link (every round above 1.0).
     idle_decode: str = "auto"
     # Pipelined modes, behind a block in flight: the draft holds its tokens until the schedule acts

@@ -48,7 +48,7 @@ class TargetRequest:
     decoded: int = 0  # committed tokens it decoded by itself since it last verified a block
     decode_until: int = 0  # decode by itself up to this many tokens (Decode)
     fill_until: int = 0  # decode by itself up to this length until a block comes (Decode.until_block)
-    prompt_length: int = 0
+    prompt_length: int = 0  # (its start: nothing decided past the prompt yet, `may_fill`)
     prompt_left: int = 0  # prompt tokens not fed yet (their compute is prefill)
     unreported_prefill_s: float = 0.0  # prefill compute not yet sent with a verdict
     ready_since: float | None = None  # when its head work became ready (queue time)
@@ -66,9 +66,9 @@ class TargetRequest:
 
     def decodes_to(self) -> int:
         """The length it decodes to by itself now (0: none): `decode_until`, or `fill_until` while
-        no block is queued for it; for a request whose decoded token is not the one a verify would
-        emit, `fill_until` all the same (`may_fill`: which of the two decides its first token must
-        not hang on when the draft's block came)."""
+        no block is queued for it; under the default sampling rule `fill_until` even with a block
+        queued (its first token, `may_fill`: whether a decode or a verify draws it must not hang on
+        when the draft's block came)."""
         if self.decode_until:
             return self.decode_until
         return 0 if self.verifies and self.sampling.drafter_free else self.fill_until
