@@ -4,12 +4,13 @@ forward): the verify of a block, accepted or rejected by the rule its sampling p
 the accepted prefix; or a token the target decoded by itself, a verification of an empty block.
 
 Randomness is keyed by the sequence position a draw decides (specpipe.sampling): the uniform that
-accepts or rejects the draft token at position t by (seed, t, STREAM_ACCEPT), the draw of the
-target's own token at t by (seed, t, STREAM_FINAL), the drafter-invariant noise at t by (seed, t);
-so a seeded request's tokens do not depend on where its blocks were cut or what ran beside it. A
-decoded token at position t is a verification of an empty block there: for greedy and
-drafter-invariant requests the very token a verify would emit, which is why only they may fill the
-wait for a block by decoding (Decode.until_block) and have the block verified past those tokens.
+accepts or rejects the draft token at position t by (seed, t, STREAM_ACCEPT), the race that draws
+the target's own token at t by (seed, t, STREAM_FINAL), the drafter-invariant noise at t by
+(seed, t); so a seeded request's tokens do not depend on where its blocks were cut or what ran
+beside it. A decoded token at position t is a verification of an empty block there: for greedy
+and drafter-invariant requests the very token a verify would emit, which is why only they may fill
+the wait for a block by decoding (Decode.until_block) and have the block verified past those
+tokens.
 
 For sampling, the draft's q of a block come from the data plane's table (specpipe.dataplane); the
 engine runs a block once they are all in, or once DATA_TIMEOUT_S has passed, and then it fails here.
@@ -22,7 +23,14 @@ import torch
 from specpipe import wire
 from specpipe.dataplane import ProbsTable
 from specpipe.proto.specpipe.worker.v1 import worker_pb2
-from specpipe.sampling import STREAM_ACCEPT, STREAM_FINAL, gumbel_noise, logits_to_probs, position_uniforms
+from specpipe.sampling import (
+    STREAM_ACCEPT,
+    STREAM_FINAL,
+    gumbel_noise,
+    logits_to_probs,
+    make_generator,
+    position_uniforms,
+)
 from specpipe.target_worker.requests import TargetRequest, Work
 from specpipe.target_worker.verify import rejection_sample_at, verify_coupled, verify_greedy
 
@@ -128,8 +136,11 @@ def decide(
         target_probs = logits_to_probs(rows, sampling)[None]
         draft_probs = draft_probs_of(table, request, msg, range(start, start + len(draft)), rows)
         accept = position_uniforms(request.seed, range(start, start + len(draft)), STREAM_ACCEPT).to(device)
-        final = position_uniforms(request.seed, range(start, start + len(draft) + 1), STREAM_FINAL).to(device)
-        result = rejection_sample_at(draft_ids, draft_probs, target_probs, accept[None], final[None])
+
+        def final_at(num_accepted: torch.Tensor) -> list[torch.Generator]:  # (where the draw falls)
+            return [make_generator(request.seed, start + int(num_accepted[0]), STREAM_FINAL)]
+
+        result = rejection_sample_at(draft_ids, draft_probs, target_probs, accept[None], final_at)
     return int(result.num_accepted[0]), int(result.next_token_ids[0])
 
 

@@ -18,10 +18,10 @@ Decoding", Algorithm 1; the same words as vLLM's RejectionSampler):
 Each round therefore emits num_accepted + 1 tokens: the accepted draft tokens, then
 `next_token_ids` (the correction or the bonus).
 
-Randomness: `rejection_sample` draws from generators (per block); `rejection_sample_at` takes the
-uniforms explicitly, one per position (`accept_uniforms`: the accept test at each draft position;
-`final_uniforms`: the draw of the correction or bonus, at whichever position it falls), so the
-caller can key them by sequence position and a seed fixes the output however blocks are cut.
+Randomness: `rejection_sample` draws from generators (per block); `rejection_sample_at` takes it
+explicitly, by position (`accept_uniforms`: the accept test at each draft position; `final_at`: the
+generator of the draw of the correction or bonus, at whichever position it falls), so the caller
+can key them by sequence position and a seed fixes the output however blocks are cut.
 
 - coupled (drafter-invariant; Daliri, Musco and Suresh 2024, "Coupling without communication and
   drafter-invariant speculative decoding"): with Gumbel noise g shared by both sides at each
@@ -34,11 +34,16 @@ law the draft token was actually drawn from: then every emitted token is distrib
 the target would sample it alone.
 """
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 
-from specpipe.sampling import Generators, draw_uniforms, first_argmax, inverse_cdf
+from specpipe.sampling import Generators, draw_uniforms, first_argmax, sample_from_probs
+
+# num_accepted [batch] -> one generator per row: the one of each row's final draw, at the
+# position it falls at (start + num_accepted).
+FinalGenerators = Callable[[torch.Tensor], Generators]
 
 
 @dataclass(frozen=True)
@@ -81,10 +86,10 @@ def rejection_sample(
     are accepted the bonus is drawn from p at row num_draft_tokens. num_draft_tokens may be 0.
 
     Order of draws, so that a seed reproduces a result: per generator, first the accept uniforms,
-    then one uniform for the final (correction or bonus) draw. With one generator that is
-    torch.rand(batch, num_draft_tokens, float64), then torch.rand(batch, 1, float64) consumed by
-    sample_from_probs (inverse CDF); with one generator per row, row i draws num_draft_tokens
-    uniforms then one from its own generator. The number of draws never depends on the outcome.
+    then the final (correction or bonus) draw's race (sample_from_probs). With one generator that
+    is torch.rand(batch, num_draft_tokens, float64), then the race's exponentials for the batch;
+    with one generator per row, row i draws num_draft_tokens uniforms then its race from its own
+    generator. The number of draws never depends on the outcome.
 
     Edge cases:
     - q_i(x) = 0 for a proposed token: the test accepts iff p_i(x) > 0 (the limit of min(1, p/q) as
@@ -99,10 +104,7 @@ def rejection_sample(
     batch, num_draft_tokens = draft_token_ids.shape
     device = target_probs.device
     accept_uniforms = draw_uniforms(generator, batch, num_draft_tokens, device)  # [batch, k]
-    final_uniforms = draw_uniforms(generator, batch, 1, device)  # [batch, 1]
-    return _rejection(
-        draft_token_ids, draft_probs, target_probs, accept_uniforms, lambda num_accepted: final_uniforms[:, 0]
-    )
+    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, lambda num_accepted: generator)
 
 
 def rejection_sample_at(
@@ -110,17 +112,10 @@ def rejection_sample_at(
     draft_probs: torch.Tensor,  # [batch, num_draft_tokens, vocab] q, processed
     target_probs: torch.Tensor,  # [batch, num_draft_tokens + 1, vocab] p, processed
     accept_uniforms: torch.Tensor,  # [batch, num_draft_tokens] float64: position i's accept test
-    final_uniforms: torch.Tensor,  # [batch, num_draft_tokens + 1] float64: the final draw if it falls at i
+    final_at: FinalGenerators,  # the final draw's generator per row, where it falls
 ) -> VerifyResult:
-    """Algorithm 1 as `rejection_sample`, with the uniforms given per position."""
-    assert final_uniforms.shape == (draft_token_ids.shape[0], draft_token_ids.shape[1] + 1), "a final uniform per row"
-    return _rejection(
-        draft_token_ids,
-        draft_probs,
-        target_probs,
-        accept_uniforms,
-        lambda num_accepted: final_uniforms.gather(1, num_accepted[:, None])[:, 0],
-    )
+    """Algorithm 1 as `rejection_sample`, with the randomness given per position."""
+    return _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_at)
 
 
 def verify_coupled(
@@ -133,7 +128,7 @@ def verify_coupled(
     return verify_greedy(draft_token_ids, torch.log(target_probs.double()) + noise)
 
 
-def _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_uniform_at) -> VerifyResult:
+def _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_at) -> VerifyResult:
     _check_block(draft_token_ids, target_probs)
     batch, num_draft_tokens = draft_token_ids.shape
     assert draft_probs.shape == (batch, num_draft_tokens, target_probs.shape[-1]), (
@@ -159,7 +154,7 @@ def _rejection(draft_token_ids, draft_probs, target_probs, accept_uniforms, fina
     residual = (final_target_probs - final_draft_probs).clamp_(min=0.0)  # [batch, vocab]
     residual_is_empty = residual.sum(dim=-1, keepdim=True) == 0
     residual = torch.where(residual_is_empty, final_target_probs, residual)
-    next_token_ids = inverse_cdf(residual, final_uniform_at(num_accepted))  # normalises each row itself
+    next_token_ids = sample_from_probs(residual, final_at(num_accepted))  # (unnormalised rows are fine)
     return VerifyResult(num_accepted=num_accepted, next_token_ids=next_token_ids)
 
 

@@ -164,10 +164,18 @@ def test_empty_residual_falls_back_to_p():
 # Rejection sampling: the vectorised arithmetic equals Algorithm 1 written as a loop
 
 
-def reference_rejection_sample(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_uniforms):
-    """Algorithm 1, one row and one position at a time, in float64, fed explicit uniforms."""
+def final_at(seed: int, batch: int, start: int = 0):
+    """`final_at` for rejection_sample_at: row r's final draw at block position j from the generator
+    keyed by (seed, r, start + j), as the target keys it by sequence position."""
+    return lambda num_accepted: [make_generator(seed, row, start + int(j)) for row, j in enumerate(num_accepted)]
+
+
+def reference_rejection_sample(draft_token_ids, draft_probs, target_probs, accept_uniforms, final_generators):
+    """Algorithm 1, one row and one position at a time, in float64, fed explicit uniforms and the
+    final draws (corrections and bonuses) made at once by `sample_from_probs` from
+    `final_generators(num_accepted)` (its race is test_sampling's to check)."""
     batch, num_draft_tokens = draft_token_ids.shape
-    num_accepted, next_token_ids = [], []
+    num_accepted, final_weights = [], []
     for row in range(batch):
         weights = target_probs[row, num_draft_tokens].double()  # bonus, unless a rejection
         accepted = num_draft_tokens
@@ -182,10 +190,10 @@ def reference_rejection_sample(draft_token_ids, draft_probs, target_probs, accep
                 weights = residual if residual.sum() > 0 else target_row
                 accepted = position
                 break
-        cdf = weights.cumsum(0)
         num_accepted.append(accepted)
-        next_token_ids.append(int((cdf <= final_uniforms[row].item() * cdf[-1]).sum()))
-    return num_accepted, next_token_ids
+        final_weights.append(weights)
+    next_token_ids = sample_from_probs(torch.stack(final_weights), final_generators(torch.tensor(num_accepted)))
+    return num_accepted, next_token_ids.tolist()
 
 
 def random_block(batch, num_draft_tokens, vocab, seed):
@@ -208,10 +216,9 @@ def test_matches_reference_loop_with_one_generator(num_draft_tokens, seed):
     batch = 64
     block = random_block(batch, num_draft_tokens, vocab=12, seed=seed)
     result = rejection_sample(*block, make_generator(seed, STREAM_VERIFY))
-    replay = make_generator(seed, STREAM_VERIFY)  # the documented order: accept uniforms, then one per row
+    replay = make_generator(seed, STREAM_VERIFY)  # the documented order: accept uniforms, then each row's race
     accept_uniforms = torch.rand(batch, num_draft_tokens, generator=replay, dtype=torch.float64)
-    final_uniforms = torch.rand(batch, 1, generator=replay, dtype=torch.float64)
-    num_accepted, next_token_ids = reference_rejection_sample(*block, accept_uniforms, final_uniforms)
+    num_accepted, next_token_ids = reference_rejection_sample(*block, accept_uniforms, lambda _: replay)
     assert result.num_accepted.tolist() == num_accepted
     assert result.next_token_ids.tolist() == next_token_ids
 
@@ -222,8 +229,7 @@ def test_matches_reference_loop_with_one_generator_per_row():
     result = rejection_sample(*block, [make_generator(5, row) for row in range(batch)])
     replays = [make_generator(5, row) for row in range(batch)]
     accept_uniforms = torch.stack([torch.rand(num_draft_tokens, generator=g, dtype=torch.float64) for g in replays])
-    final_uniforms = torch.stack([torch.rand(1, generator=g, dtype=torch.float64) for g in replays])
-    num_accepted, next_token_ids = reference_rejection_sample(*block, accept_uniforms, final_uniforms)
+    num_accepted, next_token_ids = reference_rejection_sample(*block, accept_uniforms, lambda _: replays)
     assert result.num_accepted.tolist() == num_accepted
     assert result.next_token_ids.tolist() == next_token_ids
 
@@ -458,20 +464,17 @@ def test_joint_chi_square_rejects_biased_samplers(sampler):
 
 
 # ---------------------------------------------------------------------------------------------
-# Uniforms per position: a seed fixes the output however the positions are cut into blocks
+# Randomness per position: a seed fixes the output however the positions are cut into blocks
 
 
 @pytest.mark.parametrize("num_draft_tokens", [0, 1, 4])
 @pytest.mark.parametrize("seed", [0, 1])
-def test_positional_uniforms_match_the_reference_loop(num_draft_tokens, seed):
+def test_positional_draws_match_the_reference_loop(num_draft_tokens, seed):
     block = random_block(64, num_draft_tokens, vocab=9, seed=seed)
     generator = torch.Generator().manual_seed(seed + 100)
     accept = torch.rand(64, num_draft_tokens, generator=generator, dtype=torch.float64)
-    final = torch.rand(64, num_draft_tokens + 1, generator=generator, dtype=torch.float64)
-    result = rejection_sample_at(*block, accept, final)
-    num_accepted, next_token_ids = reference_rejection_sample(
-        *block, accept, final.gather(1, result.num_accepted[:, None])[:, 0]
-    )
+    result = rejection_sample_at(*block, accept, final_at(seed, 64))
+    num_accepted, next_token_ids = reference_rejection_sample(*block, accept, final_at(seed, 64))
     assert result.num_accepted.tolist() == num_accepted and result.next_token_ids.tolist() == next_token_ids
 
 
@@ -483,16 +486,15 @@ def test_block_cuts_do_not_change_the_outcome_of_a_position():
         draft_ids, draft_probs, target_probs = random_block(1, 6, vocab, seed)
         generator = torch.Generator().manual_seed(seed)
         accept = torch.rand(1, 6, generator=generator, dtype=torch.float64)
-        final = torch.rand(1, 7, generator=generator, dtype=torch.float64)
-        whole = rejection_sample_at(draft_ids, draft_probs, target_probs, accept, final)
+        whole = rejection_sample_at(draft_ids, draft_probs, target_probs, accept, final_at(seed, 1))
         first = rejection_sample_at(
-            draft_ids[:, :3], draft_probs[:, :3], target_probs[:, :4], accept[:, :3], final[:, :4]
+            draft_ids[:, :3], draft_probs[:, :3], target_probs[:, :4], accept[:, :3], final_at(seed, 1)
         )
         if first.num_accepted[0] < 3:
             assert (first.num_accepted, first.next_token_ids) == (whole.num_accepted, whole.next_token_ids)
             continue
         second = rejection_sample_at(
-            draft_ids[:, 3:], draft_probs[:, 3:], target_probs[:, 3:], accept[:, 3:], final[:, 3:]
+            draft_ids[:, 3:], draft_probs[:, 3:], target_probs[:, 3:], accept[:, 3:], final_at(seed, 1, start=3)
         )
         assert 3 + int(second.num_accepted[0]) == int(whole.num_accepted[0])
         assert second.next_token_ids.tolist() == whole.next_token_ids.tolist()
@@ -504,7 +506,7 @@ def test_positional_first_token_is_distributed_as_p(law):
     draft_token_ids, draft_probs = draft_block(draft_row, 3, NUM_TRIALS, seed=5)
     generator = torch.Generator().manual_seed(6)
     accept = torch.rand(NUM_TRIALS, 3, generator=generator, dtype=torch.float64)
-    final = torch.rand(NUM_TRIALS, 4, generator=generator, dtype=torch.float64)
+    final = final_at(6, NUM_TRIALS)
     result = rejection_sample_at(draft_token_ids, draft_probs, target_row.expand(NUM_TRIALS, 4, -1), accept, final)
     tokens = torch.where(result.num_accepted > 0, draft_token_ids[:, 0], result.next_token_ids)
     assert token_pvalue(tokens, target_row) > P_VALUE_THRESHOLD
