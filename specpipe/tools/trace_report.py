@@ -20,7 +20,11 @@ verified the block (positive: it ended earlier than expected, a block cut just i
 Gap causes, between the end of one target forward and the start of the next: `no wait` (the
 target had its next work queued: the gap is its loop's own turn, sending the verdicts and reading
 commands), else it waited for a command: `new request` (a prefill reached it meanwhile: a client's
-own pause), `unforeseen rejection` (the coordinator saw one meanwhile), `waited for a block`.
+own pause), `unforeseen rejection` (the coordinator saw one meanwhile), `waited for a block`. The
+waits for a block go by the last verdict the coordinator read meanwhile: `after a full acceptance`
+(the next block, cut just in time, came late), `after a rejection a fork held` (its block was not
+queued yet), `after a rejection in a prepared block` (the block a fork's outcome queued was
+verified and rejected, with nothing queued behind it), or `no verdict read meanwhile`.
 
 Block contexts, per request, from the coordinator's `send`, `verdict`, `unforeseen` and `arm` events:
 `at the request's start` (its first block), `behind a block in flight` (cut while the target
@@ -55,6 +59,7 @@ class Report:
     draft_rows: dict[int, list[float]] = field(default_factory=dict)  # branches advanced -> step seconds
     target_busy: float = 0.0  # share of the span from the first target forward to the last
     gaps: dict[str, list[float]] = field(default_factory=dict)  # cause -> target idle seconds
+    waits: dict[str, list[float]] = field(default_factory=dict)  # a wait for a block: by the verdict before
     rejection_hops: dict[str, list[float]] = field(default_factory=dict)  # hop -> seconds
     # context -> (tokens, accepted or None while stale / unanswered) of each main-line block
     main_blocks: dict[str, list[tuple[int, int | None]]] = field(default_factory=dict)
@@ -115,8 +120,30 @@ def gap_cause(between: list[Event]) -> str:
     return "waited for a block"
 
 
-def target_gaps(events: list[Event], spans: list[tuple[float, float]]) -> dict[str, list[float]]:
+def wait_kind(between: list[Event], blocks: dict[tuple[str, str], tuple[int, bool]]) -> str:
+    """What the last verdict the coordinator read during a wait for a block was (module doc);
+    `blocks`: (request, block id) -> (tokens, conditional) of every block sent."""
+    verified = [e for e in between if e.role == "coordinator" and e.kind == "verdict" and e.fields[2] == "0"]
+    if not verified:
+        return "no verdict read meanwhile"
+    last = verified[-1]
+    length, conditional = blocks.get((last.fields[0], last.fields[1]), (None, False))
+    if length is not None and int(last.fields[3]) >= length:
+        return "after a full acceptance"
+    return "after a rejection in a prepared block" if conditional else "after a rejection a fork held"
+
+
+def target_gaps(
+    events: list[Event], spans: list[tuple[float, float]]
+) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """({cause: idle seconds}, {kind of wait for a block: idle seconds}) between the spans."""
+    blocks = {
+        (e.fields[0], e.fields[1]): (int(e.fields[3]), e.fields[4] == "1")
+        for e in events
+        if e.role == "coordinator" and e.kind == "send"
+    }
     gaps: dict[str, list[float]] = {}
+    waits: dict[str, list[float]] = {}
     i = 0
     for (_, end), (begin, _) in zip(spans, spans[1:]):
         while i < len(events) and events[i].time < end:
@@ -124,8 +151,11 @@ def target_gaps(events: list[Event], spans: list[tuple[float, float]]) -> dict[s
         j = i
         while j < len(events) and events[j].time < begin:
             j += 1
-        gaps.setdefault(gap_cause(events[i:j]), []).append(begin - end)
-    return gaps
+        cause = gap_cause(events[i:j])
+        gaps.setdefault(cause, []).append(begin - end)
+        if cause == "waited for a block":
+            waits.setdefault(wait_kind(events[i:j], blocks), []).append(begin - end)
+    return gaps, waits
 
 
 def _next(events: list[Event], start: int, test) -> int | None:
@@ -279,7 +309,7 @@ def report(folder: Path) -> Report:
     result.draft_rows = steps_by_rows(events, "draft")
     spans = by_role["target"]
     if len(spans) > 1:
-        result.gaps = target_gaps(events, spans)
+        result.gaps, result.waits = target_gaps(events, spans)
         requests = sum(result.gaps.get("new request", []))
         span = spans[-1][1] - spans[0][0] - requests
         result.target_busy = sum(end - begin for begin, end in spans) / span if span > 0 else 0.0
@@ -315,6 +345,9 @@ def text(result: Report) -> str:
     for cause, seconds in sorted(result.gaps.items()):
         share = "" if cause == "new request" else f", {sum(seconds) / total:.0%} of the idle time" if total else ""
         lines.append(f"  idle, {cause}: {len(seconds)} gaps, {_ms(seconds)}{share}")
+        if cause == "waited for a block":
+            for kind, waits in sorted(result.waits.items(), key=lambda item: -sum(item[1])):
+                lines.append(f"    {kind}: {len(waits)}, {_ms(waits)}")
     if result.rejection_hops:
         count = len(result.rejection_hops["total"])
         lines.append(f"after a rejection no branch foresaw ({count}), until the target's next forward:")

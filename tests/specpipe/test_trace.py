@@ -104,6 +104,56 @@ def test_the_report_finds_every_gap_s_cause_and_every_hop(tmp_path):
     assert "target busy: 82.0%" in text and "idle, unforeseen rejection: 1 gaps" in text
 
 
+# Four waits for a block (target forwards, ms: 0-10, 12-22, 25-35, 40-50, 51-61), each after
+# another verdict: block 1 (4 tokens) accepted whole, block 2 (4) rejected at its second token with
+# no resync (a fork held the token), prepared block 3 (2) rejected at its first, then none.
+WAITS_TARGET = """
+0.000 stepb
+0.010 stepe 1 4
+0.0101 wait
+0.0115 cmd verify
+0.012 stepb
+0.022 stepe 1 5
+0.0221 wait
+0.0245 cmd verify
+0.025 stepb
+0.035 stepe 1 3
+0.0351 wait
+0.0395 cmd verify
+0.040 stepb
+0.050 stepe 1 3
+0.0501 wait
+0.0505 cmd verify
+0.051 stepb
+0.061 stepe 1 2
+"""
+WAITS_COORDINATOR = """
+0.001 send r 1 10 4 0
+0.0103 verdict r 1 0 4
+0.011 send r 2 15 4 0
+0.0223 verdict r 2 0 1
+0.024 send r 3 17 2 1
+0.0353 verdict r 3 0 0
+0.039 send r 4 18 3 0
+"""
+
+
+def test_the_report_sorts_the_waits_for_a_block_by_the_verdict_before(tmp_path):
+    (tmp_path / "target-1.trace").write_text(WAITS_TARGET.lstrip())
+    (tmp_path / "coordinator-2.trace").write_text(WAITS_COORDINATOR.lstrip())
+    result = trace_report.report(tmp_path)
+    assert {cause: [round(s * 1e3) for s in v] for cause, v in result.gaps.items()} == {
+        "waited for a block": [2, 3, 5, 1]
+    }
+    assert {kind: [round(s * 1e3) for s in v] for kind, v in result.waits.items()} == {
+        "after a full acceptance": [2],
+        "after a rejection a fork held": [3],
+        "after a rejection in a prepared block": [5],
+        "no verdict read meanwhile": [1],
+    }
+    assert "    after a rejection in a prepared block: 1, median   5.000 ms" in trace_report.text(result)
+
+
 # Two requests' blocks as the coordinator sent them (send: id, start, tokens, conditional; verdict:
 # id, stale, accepted), one of each context.
 BLOCKS = """
