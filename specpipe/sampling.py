@@ -170,14 +170,21 @@ def draw_uniforms(generator: Generators, batch: int, count: int, device) -> torc
 
 def draw_exponentials(generator: Generators, batch: int, count: int, device) -> torch.Tensor:
     """[batch, count] float32 standard exponentials -log U, U ~ U[0, 1) from the generator(s) as
-    in `draw_uniforms` (U = 0 gives +inf: that entrant cannot win its race), moved to `device`."""
+    in `draw_uniforms` (`exponentials_of` them), moved to `device`."""
     if isinstance(generator, torch.Generator):
         uniforms = torch.rand(batch, count, generator=generator, device=generator.device)
     else:
         assert len(generator) == batch, f"{len(generator)} generators for {batch} rows"
         rows = [torch.rand(count, generator=g, device=g.device) for g in generator]
         uniforms = torch.stack(rows) if rows else torch.empty(0, count)
-    return uniforms.log_().neg_().to(device)
+    return exponentials_of(uniforms).to(device)
+
+
+def exponentials_of(uniforms: torch.Tensor) -> torch.Tensor:
+    """-log U of uniforms in [0, 1) (in place), U = 0 (a 2**-24 chance in float32) taken as the
+    least positive float: -log U stays finite, so a positive rate always beats a rate of 0, even
+    when it is the only one (a one-hot row never draws a token of weight 0)."""
+    return uniforms.clamp_(min=torch.finfo(uniforms.dtype).tiny).log_().neg_()
 
 
 def race(rates: torch.Tensor, exponentials: torch.Tensor) -> torch.Tensor:

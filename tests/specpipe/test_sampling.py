@@ -19,10 +19,12 @@ from specpipe.sampling import (
     SamplingParams,
     draw_exponentials,
     draw_uniforms,
+    exponentials_of,
     first_argmax,
     logits_to_probs,
     make_generator,
     mix_seed,
+    race,
     sample_from_probs,
 )
 
@@ -282,6 +284,14 @@ def test_each_row_is_a_two_stage_exponential_race():
         expected.append(block * RACE_BLOCK + int(torch.argmax(padded[block] / stage_two[row])))
     assert token_ids.tolist() == expected
     assert torch.equal(draw_exponentials(make_generator(5), 6, 3, "cpu"), stage_one)
+
+
+def test_a_zero_uniform_still_lets_a_positive_weight_win():
+    """U = 0 would make -log U infinite and every score of a one-hot row 0, and the first token,
+    of weight 0, would win: it is taken as the least positive float instead."""
+    exponentials = exponentials_of(torch.tensor([0.3, 0.0, 0.7]))
+    assert torch.isfinite(exponentials).all()
+    assert int(race(torch.tensor([0.0, 1.0, 0.0]), exponentials)) == 1
 
 
 def test_draws_over_many_blocks_follow_the_probabilities():
