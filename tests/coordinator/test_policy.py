@@ -203,8 +203,21 @@ def test_forwards_feed_the_cost_line_the_batch_and_the_iteration_clock():
     assert model.verify_seconds(60) == pytest.approx(0.007 + 0.0005 * 60, rel=1e-6)
     assert 8 < model.batch_rows < 16 and 40 < model.batch_tokens < 96
     # The forward in progress ends one forward of the running mean batch after the last one ended.
-    assert model.iteration_end(100.001) == pytest.approx(100.0 + model.forward_seconds(1))
-    assert model.forward_seconds(500) == pytest.approx(0.007 + 0.0005 * 500)
+    assert model.iteration_end(100.001) == pytest.approx(100.0 + model.verify_seconds(round(model.batch_tokens)))
+    assert model.mean_forward_seconds() == pytest.approx(model.iteration_end(100.0) - 100.0)
+    # A block's forward: the block and the other rows' share of the mean batch.
+    others = model.batch_tokens * (model.batch_rows - 1) / model.batch_rows
+    assert model.forward_seconds(500) == pytest.approx(0.007 + 0.0005 * round(others + 500))
+
+
+def test_a_request_alone_is_timed_by_its_own_block():
+    """Alone (one row a forward), a short block's forward is the verify line at its own tokens,
+    not at the mean batch: here blocks of 9 tokens on average, and a block of 2 costs 3.5 ms less."""
+    model = AcceptanceModel()
+    for tokens in [9, 9, 8, 10, 9] * 20:
+        model.observe_forward(1, tokens, 0.007 + 0.0005 * tokens, now=100.0)
+    assert model.forward_seconds(2) == pytest.approx(0.007 + 0.0005 * 2, rel=1e-6)
+    assert model.forward_seconds(9) - model.forward_seconds(2) == pytest.approx(0.0035, rel=1e-6)
 
 
 @pytest.mark.parametrize("rows", [1, 4, 16])
