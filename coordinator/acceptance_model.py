@@ -20,6 +20,7 @@ is a line fitted to measured verify times over n fed tokens.
 
 from __future__ import annotations
 
+import math
 import time
 from collections import deque
 
@@ -45,9 +46,13 @@ ALONE_BATCH_ROWS = 1.5
 # the last BRANCH_WINDOW rejected tokens; until BRANCH_MIN_SEEN are seen, BRANCH_PRIOR.
 BRANCH_CAPTURE, BRANCH_WINDOW, BRANCH_MIN_SEEN, BRANCH_PRIOR = 0.8, 256, 16, 0.5
 # Forks that do not pay: over the last FORK_WINDOW forks that ended (promoted, or cancelled; kept
-# apart for greedy and sampled requests), a hit rate under FORK_MIN_HIT_RATE (once FORK_MIN_SEEN
-# have ended) turns forking down to one branch point in FORK_EXPLORE, which keeps the estimate fresh.
-FORK_WINDOW, FORK_MIN_SEEN, FORK_MIN_HIT_RATE, FORK_EXPLORE = 200, 40, 0.05, 50
+# apart for greedy and sampled requests), a hit rate surely under FORK_MIN_HIT_RATE (even the upper
+# end of its FORK_BOUND_Z Wilson interval is under) turns forking down to one branch point in
+# FORK_EXPLORE, which keeps the estimate fresh. The bound, not the rate itself: forks are hit in
+# runs (a prompt's hard stretch), and a rate of 0.1 showed 1 hit in its first 40 forks often enough
+# that the point estimate turned forking down, and one fork in 50 brought it back only after
+# hundreds of requests. The rate is reported once FORK_MIN_SEEN forks have ended.
+FORK_WINDOW, FORK_MIN_SEEN, FORK_MIN_HIT_RATE, FORK_EXPLORE, FORK_BOUND_Z = 200, 40, 0.05, 50, 1.96
 
 
 class AcceptanceModel:
@@ -110,10 +115,10 @@ class AcceptanceModel:
         return sum(outcomes) / len(outcomes) if len(outcomes) >= FORK_MIN_SEEN else None
 
     def forking_pays(self, greedy: bool) -> bool:
-        """Fork at this branch point? Yes while forks are hit often enough (or too few are known);
-        else only at one point in FORK_EXPLORE."""
-        rate = self.fork_hit_rate(greedy)
-        if rate is None or rate >= FORK_MIN_HIT_RATE:
+        """Fork at this branch point? Yes unless the forks that ended show a hit rate surely under
+        FORK_MIN_HIT_RATE; then only at one point in FORK_EXPLORE."""
+        outcomes = self.fork_outcomes[greedy]
+        if wilson_upper(sum(outcomes), len(outcomes), FORK_BOUND_Z) >= FORK_MIN_HIT_RATE:
             return True
         self._unpaid_points += 1
         return self._unpaid_points % FORK_EXPLORE == 0
@@ -218,3 +223,13 @@ class AcceptanceModel:
         costs are known)."""
         rates = [self.tokens_per_second(k, pipelined, rate) for k in range(1, most + 1)]
         return 1 + rates.index(max(rates)) if max(rates) > 0 else most
+
+
+def wilson_upper(hits: int, trials: int, z: float) -> float:
+    """The upper end of the Wilson score interval of a rate seen as `hits` of `trials` (1.0 for no
+    trials): where the rate may still be, at z standard errors."""
+    if trials == 0:
+        return 1.0
+    rate, z2 = hits / trials, z * z
+    spread = z * math.sqrt(rate * (1 - rate) / trials + z2 / (4 * trials * trials))
+    return (rate + z2 / (2 * trials) + spread) / (1 + z2 / trials)

@@ -12,12 +12,15 @@ from specpipe.coordinator.acceptance_model import (
     BRANCH_MIN_SEEN,
     BRANCH_PRIOR,
     BRANCH_WINDOW,
-    FORK_EXPLORE,
-    FORK_MIN_SEEN,
-    FORK_WINDOW,
     FILL_EXPLORE,
     FILL_MAX_TOKENS,
+    FORK_BOUND_Z,
+    FORK_EXPLORE,
+    FORK_MIN_HIT_RATE,
+    FORK_MIN_SEEN,
+    FORK_WINDOW,
     AcceptanceModel,
+    wilson_upper,
 )
 from specpipe.coordinator.policy import MIN_VERDICTS_TO_STOP, DraftPolicy
 from specpipe.modes import Mode
@@ -167,8 +170,9 @@ def test_learnt_branch_threshold_flags_most_rejections():
 
 def test_forks_that_do_not_pay_are_turned_down_per_kind_of_request():
     """Under FORK_MIN_HIT_RATE promoted forks (sampled requests, where the rejection sampler's
-    correction is rarely the draft's next-best token), specbranch forks at one branch point in
-    FORK_EXPLORE only; greedy requests, judged apart, keep forking; hits turn it back on."""
+    correction is rarely the draft's next-best token), surely (the upper end of the rate's Wilson
+    interval is under), specbranch forks at one branch point in FORK_EXPLORE only; greedy
+    requests, judged apart, keep forking; hits turn it back on."""
     model = AcceptanceModel()
     config = PolicyConfig(branch_confidence=0.9, branch_width=1, min_branch_prob=0.0)
     sampled = DraftPolicy(config, "specbranch", model, greedy=False)
@@ -177,6 +181,13 @@ def test_forks_that_do_not_pay_are_turned_down_per_kind_of_request():
     for _ in range(FORK_MIN_SEEN):
         sampled.observe_fork(hit=False)
     assert model.fork_hit_rate(False) == 0.0 and model.fork_hit_rate(True) is None
+    # 0 of 40 is what a rate of 0.1 shows one time in 70: not sure enough to stop forking
+    assert all(sampled.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
+    misses = FORK_MIN_SEEN
+    while wilson_upper(0, misses, FORK_BOUND_Z) >= FORK_MIN_HIT_RATE:
+        sampled.observe_fork(hit=False)
+        misses += 1
+    assert misses == 73  # 1.96 standard errors: 0 of 73 puts the rate under 0.05
     forked = sum(bool(sampled.fork_candidates(0.5, [7], [0.3])) for _ in range(10 * FORK_EXPLORE))
     assert forked == 10
     assert all(greedy.fork_candidates(0.5, [7], [0.3]) == [7] for _ in range(20))
