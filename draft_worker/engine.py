@@ -285,7 +285,7 @@ class DraftEngine:
                 token_ids, chosen = [row[0] for row in top_ids], [row[0] for row in top_probs]
             else:
                 probs = logits_to_probs(logits, sampling)
-                token_ids = [self._draw(key, row_probs) for key, row_probs in zip(keys, probs)]
+                token_ids = self._draw(keys, probs, sampling)
                 chosen = probs.gather(1, torch.tensor(token_ids, device=probs.device)[:, None])[:, 0].tolist()
                 if width:
                     top = torch.topk(probs, min(width + 1, probs.shape[-1]), dim=-1)
@@ -317,16 +317,22 @@ class DraftEngine:
         )
         return job.held + [(request_id, end, [])]
 
-    def _draw(self, key: BranchKey, probs: torch.Tensor) -> int:
-        """A sampled request's token at the branch's next position from its processed q [vocab]."""
-        request = self.requests[key[0]]
-        position = len(request.branches[key[1]].tokens)
-        if request.sampling.coupled:  # argmax(log q + g): the same g the target uses at this position
-            width = request.noise_vocab or probs.shape[-1]
-            coupled = torch.nn.functional.pad(probs, (0, max(0, width - probs.shape[-1])))[:width]
-            return int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width)))
-        generator = make_generator(request.seed, position, STREAM_DRAFT)
-        return int(sample_from_probs(probs[None], generator)[0])
+    def _draw(self, keys: list[BranchKey], probs: torch.Tensor, sampling: SamplingParams) -> list[int]:
+        """Sampled requests' tokens at their branches' next positions from their processed q [n,
+        vocab], all of one `sampling`: one race over the rows, each from its own generator keyed by
+        (seed, position) (a row's draw is the one it gets alone); drafter-invariant: argmax(log q +
+        g) row by row, g keyed by the same."""
+        positions = [len(self.requests[request_id].branches[branch_id].tokens) for request_id, branch_id in keys]
+        requests = [self.requests[request_id] for request_id, _ in keys]
+        if sampling.coupled:  # the same g the target uses at this position
+            token_ids = []
+            for request, position, row_probs in zip(requests, positions, probs):
+                width = request.noise_vocab or row_probs.shape[-1]
+                coupled = torch.nn.functional.pad(row_probs, (0, max(0, width - row_probs.shape[-1])))[:width]
+                token_ids.append(int(gumbel_argmax(coupled, gumbel_noise(request.seed, position, width))))
+            return token_ids
+        generators = [make_generator(r.seed, position, STREAM_DRAFT) for r, position in zip(requests, positions)]
+        return sample_from_probs(probs, generators).tolist()
 
     def _emit(self, key: BranchKey, token_id: int, prob: float, top: tuple[list, list] | None):
         """Append the chosen token (of draft probability `prob`) to the branch and report it, with

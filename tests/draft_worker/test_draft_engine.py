@@ -376,3 +376,31 @@ def test_a_sampled_request_is_drafted_at_the_proposal_temperature_and_its_q_sent
         assert (sent - logits_to_probs(logits, SamplingParams(temperature=0.8, top_k=20))).abs().max() > 1e-3
         assert sent[token.token_id] > 0 and token.prob == pytest.approx(float(sent[token.token_id]), abs=1e-5)
         sequence.append(token.token_id)
+
+
+def test_sampled_rows_drafted_together_draw_what_each_draws_alone(models):
+    """One step draws every sampled row of one law in one race, each row from its own generator
+    keyed by (seed, position): four seeded requests drafted side by side (and a drafter-invariant
+    one beside them) get, token for token, what each gets drafted alone."""
+    model, _ = models
+    laws = {f"s{seed}": pb.Sampling(temperature=1.0, top_k=50, seed=seed) for seed in (1, 2, 3, 2**40 + 5)}
+    laws["coupled"] = pb.Sampling(temperature=1.0, drafter_invariant=True, noise_vocab=300, seed=9)
+    prompts = {request_id: [5 + index, 6, 7 + 2 * index] for index, request_id in enumerate(laws)}
+
+    def draft(request_ids):
+        engine = make_engine(model)
+        for request_id in request_ids:
+            prefill = pb.Prefill(request_id=request_id, token_ids=prompts[request_id], sampling=laws[request_id])
+            command(engine, prefill=prefill)
+            command(engine, draft=pb.Draft(request_id=request_id, branch_ids=[0], epoch=1, max_tokens=6))
+        tokens, steps = run_jobs(engine)
+        return {
+            request_id: [t.token_id for t in tokens if t.request_id == request_id] for request_id in request_ids
+        }, steps
+
+    together, steps = draft(list(laws))
+    assert max(step.get("batch_branches", 0) for step in steps) == len(laws)  # one step held them all
+    alone = {request_id: draft([request_id])[0][request_id] for request_id in laws}
+    assert together == alone
+    assert all(len(ids) == 6 for ids in alone.values())
+    assert len({tuple(ids) for ids in alone.values()}) == len(laws)  # (the seeds drew apart)
