@@ -1,4 +1,4 @@
-"""specpipe.sampling: logits processing (hand-computed tables), seeding and the inverse-CDF draw.
+"""specpipe.sampling: logits processing (hand-computed tables), seeding and the two-stage exponential race.
 
 Method: every mask case is a row of a table with the logits, the params and the token ids that
 must survive; the expected probabilities are recomputed in float64 from the definition. The
