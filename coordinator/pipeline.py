@@ -85,6 +85,7 @@ class Pipelined(Schedule):
             else:
                 new_tokens = await self.on_verdict(event.payload)
                 if new_tokens:
+                    await self.maybe_send_block()  # (before the client's stream is written: RequestRun)
                     yield new_tokens
                 self.stop_if_unpaid()
 

@@ -65,12 +65,14 @@ class RequestRun:
         """Async iterator over lists of newly committed tokens."""
         try:
             async for new_tokens in self.schedule.run():
+                await self.channel.commands_go()
                 yield new_tokens
         except (DraftDown, SpeculationStopped) as why:
             draft_down = isinstance(why, DraftDown)
             self.fell_back = self.fell_back or draft_down
             self.schedule = TargetOnly(self.schedule, draft_down=draft_down)
             async for new_tokens in self.schedule.run():
+                await self.channel.commands_go()
                 yield new_tokens
 
     async def release(self) -> None:

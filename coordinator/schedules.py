@@ -314,20 +314,9 @@ class Sequential(Schedule):
         await self.prefill()
         if self.fills_start():
             await self.fill(1)
+        block, drafting = await self.start_block()
         while True:
-            block = Block(start=len(self.tokens))
-            num_draft = self.draft_budget()
-            if num_draft:
-                self.epoch += 1
-                await self.channel.draft_tokens(  # (the block waits for its last token: reported then, at once)
-                    [ROOT_BRANCH],
-                    self.epoch,
-                    num_draft,
-                    self.policy.min_confidence,
-                    0,
-                    self.sends_probs,
-                    report_when_done=True,
-                )
+            if drafting:
                 while not block.done:
                     event = await self.channel.next_event("draft_tokens", "verdict")
                     if event.kind == "verdict":  # the first token, decoded in the prompt's forward
@@ -340,6 +329,7 @@ class Sequential(Schedule):
                     # It does not start with the decoded token (or that is all of it): redraft.
                     self.stats.main_rolled_back_tokens += len(block.token_ids)
                     await self.resync()
+                    block, drafting = await self.start_block()
                     continue
             await self.send_verify(block, emit_bonus=True)
             while (verdict := (await self.channel.next_event("verdict")).payload).decoded:
@@ -350,9 +340,27 @@ class Sequential(Schedule):
             if verdict.stale:
                 self.stats.main_rolled_back_tokens += len(block.token_ids)
             await self.resync()
+            block, drafting = await self.start_block()  # (with the sync, before the client's stream is written)
             if new_tokens:
                 yield new_tokens
             self.stop_if_unpaid()
+
+    async def start_block(self) -> tuple[Block, bool]:
+        """The next block, from the committed tokens, and whether the draft drafts it (its job
+        starts now; the block waits for its last token: reported then, at once)."""
+        block, num_draft = Block(start=len(self.tokens)), self.draft_budget()
+        if num_draft:
+            self.epoch += 1
+            await self.channel.draft_tokens(
+                [ROOT_BRANCH],
+                self.epoch,
+                num_draft,
+                self.policy.min_confidence,
+                0,
+                self.sends_probs,
+                report_when_done=True,
+            )
+        return block, bool(num_draft)
 
     async def resync(self) -> None:
         """The draft keeps what it drafted up to the last committed token, which it takes from us."""

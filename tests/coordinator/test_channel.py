@@ -205,3 +205,46 @@ def test_a_fill_keeps_the_target_busy_only_until_its_tokens_are_decoded_or_a_blo
             assert not mine.target_busy()
 
     asyncio.run(run())
+
+
+def test_commands_go_before_a_request_goes_on_and_woken_requests_still_share_one_message():
+    """A schedule that committed tokens lets its commands leave (`commands_go`) before the servicer
+    detokenises and writes the client's stream: when it returns, the worker can read them (its
+    socket polled without giving the loop a turn); two requests woken in one turn, as by one
+    Verdicts reply, still send theirs as one message."""
+
+    async def run() -> list[worker_pb2.Command]:
+        context = zmq.asyncio.Context()
+        worker = zmq.Context.instance().socket(zmq.ROUTER)  # (blocking: polled without the loop)
+        port = worker.bind_to_random_port("tcp://127.0.0.1")
+        draft = WorkerClient("draft", f"tcp://127.0.0.1:{port}", context, 0.5, 1.5)
+        try:
+            await draft.command(ping=worker_pb2.Ping(nonce=1))  # connected: one message through
+            await asyncio.sleep(0)
+            assert worker.poll(10_000), "the ping never came"
+            worker.recv_multipart()
+            woken = asyncio.Event()
+            readable = []
+
+            async def request(name: str) -> None:
+                await woken.wait()
+                await draft.command(sync=worker_pb2.Sync(request_id=name, branch_id=0, keep_length=3))
+                await RequestChannel.commands_go()
+                readable.append(worker.poll(2000))  # (blocks the loop: nothing else runs meanwhile)
+
+            tasks = [asyncio.create_task(request(name)) for name in ("a#1", "b#2")]
+            await asyncio.sleep(0)
+            woken.set()  # both wake in one turn
+            await asyncio.gather(*tasks)
+            assert readable == [True, True]
+            received = [wire.decode(worker_pb2.Command, worker.recv_multipart()[1:])[0]]
+            assert not worker.poll(200), "more messages than turns"
+            return received
+        finally:
+            draft.socket.close(0)
+            worker.close(0)
+            context.term()
+
+    (message,) = asyncio.run(run())
+    assert message.WhichOneof("kind") == "batch"
+    assert [command.sync.request_id for command in message.batch.commands] == ["a#1", "b#2"]
